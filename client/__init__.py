@@ -1,0 +1,1 @@
+"""The site side of fedscdd: a thin Flower ClientApp over `shared/`."""

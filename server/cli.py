@@ -1,0 +1,107 @@
+"""`scdd`: the command line of fedscdd (checks, single-site distillation, benchmark, federation, certs)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from shared.errors import FedscddError
+
+logger = logging.getLogger(__name__)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        msg = f"expected comma-separated integers like 1,10,50, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not values or min(values) < 1:
+        msg = f"expected positive integers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return values
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="validate a site's .h5ad before joining a federation")
+    p.add_argument("file")
+    p.add_argument("--label-key", default="cell_type")
+    p.add_argument("--expect", choices=["auto", "counts", "lognorm"], default="auto", help="what X should hold (default: detect)")
+    p.add_argument("--min-cells-per-class", type=int, default=2)
+
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="single site, no federation: .h5ad in, synthetic .h5ad out")
+    p.add_argument("file")
+    p.add_argument("--label-key", default="cell_type")
+    p.add_argument("--expect", choices=["auto", "counts", "lognorm"], default="auto")
+    p.add_argument("--k", type=int, default=10, help="codes (synthetic cells) per class")
+    p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--n-genes", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="synthetic .h5ad to write")
+
+
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("benchmark", help="in-process benchmark of scdd against baselines (DESIGN section 7)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--label-key", default="cell_type")
+    p.add_argument("--site-key", default="batch", help="obs column naming sites; absent -> Dirichlet split")
+    p.add_argument("--sites", type=int, default=3, help="sites for the Dirichlet(0.5) split")
+    p.add_argument("--k", type=_ints, default=(1, 10, 50))
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--methods", default=None, help="comma-separated subset of methods")
+    p.add_argument("--evaluators", default="mlp,logreg,knn")
+    p.add_argument("--iterations", type=int, default=200, help="scdd distillation iterations")
+    p.add_argument("--dm-iterations", type=int, default=500)
+    p.add_argument("--pretrain-steps", type=_ints, default=None, help="VAE,SCDG steps (default 1500,2000)")
+    p.add_argument("--n-genes", type=int, default=2000)
+    p.add_argument("--out", required=True, help="output directory (results.md, results.json)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `scdd` argument parser."""
+    parser = argparse.ArgumentParser(prog="scdd", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_check(sub)
+    _add_distill(sub)
+    _add_benchmark(sub)
+    sub.add_parser("certs", help="CA, SuperLink certificate and site keys (see `scdd certs --help`)", add_help=False)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from server import commands
+
+    return int(getattr(commands, args.command)(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `scdd` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["certs"]:
+        from shared.certs import main as certs_main
+
+        return certs_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("numba", "matplotlib", "h5py", "flwr"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    try:
+        return _run(args)
+    except FedscddError as exc:
+        print(f"scdd {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"scdd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,7 @@
+"""Plain PyTorch models: latent VAE, single-step conditional diffusion generator, MLP classifier."""
+
+from shared.models.classifier import MLPClassifier, MLPConfig
+from shared.models.scdg import SCDG, SCDGConfig
+from shared.models.vae import VAE, VAEConfig
+
+__all__ = ["MLPClassifier", "MLPConfig", "SCDG", "SCDGConfig", "VAE", "VAEConfig"]

@@ -1,0 +1,103 @@
+"""Split one AnnData into sites and prepare them on a shared gene and label vocabulary (in-process)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+from shared.data import PreparedSite, align_genes, gene_stats, prepare_site, select_variable_genes
+from shared.errors import SiteDataError
+
+logger = logging.getLogger(__name__)
+
+
+def dirichlet_split(labels: np.ndarray, n_sites: int, *, alpha: float = 0.5, seed: int = 0) -> np.ndarray:
+    """Assign cells to n_sites with Dirichlet(alpha) label skew; return a site index per cell."""
+    rng = np.random.default_rng(seed)
+    site = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        p = rng.dirichlet(np.full(n_sites, alpha))
+        cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+        for s, part in enumerate(np.split(idx, cuts)):
+            site[part] = s
+    return site
+
+
+def split_sites(adata: ad.AnnData, *, label_key: str, site_key: str | None = None, n_sites: int = 3, seed: int = 0) -> dict[str, ad.AnnData]:
+    """Split by `site_key` when given and present, else by a Dirichlet(0.5) label-skewed split."""
+    if site_key and site_key in adata.obs:
+        col = adata.obs[site_key].astype(str).to_numpy()
+        return {s: adata[col == s].copy() for s in sorted(set(col))}
+    if site_key:
+        logger.info("obs[%r] not found: splitting into %d sites by Dirichlet(0.5) label skew", site_key, n_sites)
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    assign = dirichlet_split(labels, n_sites, seed=seed)
+    return {f"site{s}": adata[assign == s].copy() for s in range(n_sites) if (assign == s).any()}
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Sites prepared on one gene vocabulary and one label vocabulary (global class ids)."""
+
+    names: tuple[str, ...]
+    sites: tuple[PreparedSite, ...]
+    X: tuple[sp.csr_matrix, ...]  # each site's matrix aligned to `genes`
+    y: tuple[np.ndarray, ...]  # each site's labels as global class ids
+    genes: tuple[str, ...]
+    classes: tuple[str, ...]
+
+    def train(self, i: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Training cells and global labels of site i."""
+        idx = self.sites[i].train_idx
+        return self.X[i][idx], self.y[i][idx]
+
+    def test(self, i: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Held-out cells and global labels of site i."""
+        idx = self.sites[i].test_idx
+        return self.X[i][idx], self.y[i][idx]
+
+    def pooled(self, part: str) -> tuple[sp.csr_matrix, np.ndarray]:
+        """All sites' 'train' or 'test' cells stacked."""
+        pieces = [self.train(i) if part == "train" else self.test(i) for i in range(len(self.sites))]
+        return sp.vstack([p[0] for p in pieces]).tocsr(), np.concatenate([p[1] for p in pieces])
+
+
+def plan_genes(sites: Sequence[PreparedSite], n_genes: int) -> list[str]:
+    """Top variable genes from the sites' TRAINING cells only (summed per-gene statistics)."""
+    genes = list(sites[0].genes)
+    common = set(genes).intersection(*(s.genes for s in sites[1:]))
+    genes = [g for g in genes if g in common]
+    total = [np.zeros(len(genes)), np.zeros(len(genes)), np.zeros(len(genes), np.int64)]
+    n = 0
+    for s in sites:
+        X, _ = align_genes(s.X[s.train_idx], s.genes, genes, min_coverage=0.0)
+        for acc, part in zip(total, gene_stats(X), strict=True):
+            acc += part
+        n += len(s.train_idx)
+    return select_variable_genes(genes, total[0], total[1], total[2], n, n_top=n_genes)
+
+
+def prepare_federation(parts: dict[str, ad.AnnData], *, label_key: str, n_genes: int = 2000, seed: int = 0) -> Federation:
+    """Prepare every site (contract checks, normalisation, split) and align them to one plan."""
+    names, sites = [], []
+    for name, adata in parts.items():
+        try:
+            sites.append(prepare_site(adata, label_key=label_key, seed=seed))
+            names.append(name)
+        except SiteDataError as exc:
+            logger.warning("site %s skipped: %s", name, exc)
+    if not sites:
+        msg = "no site has usable data; run `scdd check` on the file to see why"
+        raise SiteDataError(msg)
+    genes = plan_genes(sites, n_genes)
+    classes = sorted(set().union(*(s.classes for s in sites)))
+    lookup = {c: i for i, c in enumerate(classes)}
+    X = tuple(align_genes(s.X, s.genes, genes, min_coverage=0.0)[0] for s in sites)
+    y = tuple(np.array([lookup[s.classes[j]] for j in s.labels], dtype=np.int64) for s in sites)
+    return Federation(tuple(names), tuple(sites), X, y, tuple(genes), tuple(classes))

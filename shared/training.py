@@ -1,0 +1,132 @@
+"""Training loops for the latent VAE and the SCDG (plain functions, usable in FedAvg rounds)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from shared.models import SCDG, VAE
+
+logger = logging.getLogger(__name__)
+
+Matrix = sp.csr_matrix | np.ndarray
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation budget of one training call (steps, not epochs: time does not grow with n)."""
+
+    steps: int = 2000
+    lr: float = 1e-3
+    batch_size: int = 256
+    weight_decay: float = 1e-5
+    seed: int = 0
+    warmup_fraction: float = 0.3  # KL warm-up for the VAE
+
+
+def dense_rows(X: Matrix, idx: np.ndarray) -> torch.Tensor:
+    """Rows `idx` of a sparse or dense matrix as a float32 tensor (densifies the batch only)."""
+    rows = X[idx]
+    if sp.issparse(rows):
+        rows = rows.toarray()
+    return torch.from_numpy(np.asarray(rows, dtype=np.float32))
+
+
+def _batches(n: int, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, n, size=min(cfg.batch_size, n))
+
+
+def fit_vae(
+    model: VAE,
+    X: Matrix,
+    labels: np.ndarray | None,
+    cfg: TrainConfig,
+    *,
+    aux: np.ndarray | None = None,
+    progress: Progress | None = None,
+) -> list[float]:
+    """Train `model` in place for cfg.steps minibatch steps; return the loss every 100 steps."""
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    y = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
+    a = torch.as_tensor(aux, dtype=torch.float32) if aux is not None else None
+    model.train()
+    history: list[float] = []
+    warm = max(1, int(cfg.steps * cfg.warmup_fraction))
+    for step in range(cfg.steps):
+        idx = _batches(X.shape[0], cfg, rng)
+        out = model.loss(
+            dense_rows(X, idx),
+            y[idx] if y is not None else None,
+            a[idx] if a is not None else None,
+            beta_scale=min(1.0, (step + 1) / warm),
+        )
+        opt.zero_grad(set_to_none=True)
+        out.total.backward()
+        opt.step()
+        if step % 100 == 0 or step == cfg.steps - 1:
+            history.append(out.total.item())
+            if progress is not None:
+                progress(step + 1, cfg.steps)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def encode(model: VAE, X: Matrix, batch_size: int = 1024) -> np.ndarray:
+    """Posterior means (n, d) of all rows of X, in batches."""
+    model.eval()
+    out = [model.encode(dense_rows(X, np.arange(i, min(i + batch_size, X.shape[0]))))[0] for i in range(0, X.shape[0], batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.config.latent_dim), np.float32)
+
+
+@torch.no_grad()
+def set_latent_stats(model: SCDG, mean: np.ndarray, std: np.ndarray) -> None:
+    """Store the latent standardisation statistics in the generator's buffers."""
+    model.z_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+    model.z_std.copy_(torch.as_tensor(np.maximum(std, 1e-4), dtype=torch.float32))
+
+
+def fit_scdg(
+    model: SCDG,
+    Z: np.ndarray,
+    labels: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    anchor: dict[str, torch.Tensor] | None = None,
+    anchor_weight: float = 0.0,
+    progress: Progress | None = None,
+) -> list[float]:
+    """Train the generator in place on encoder latents Z (n, d) with class ids; return losses.
+
+    With `anchor` (a state dict) an L2 pull toward those weights bounds fine-tuning drift.
+    """
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    zs = model.standardize(torch.as_tensor(Z, dtype=torch.float32))
+    y = torch.as_tensor(labels, dtype=torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = dict(model.named_parameters())
+    model.train()
+    history: list[float] = []
+    for step in range(cfg.steps):
+        idx = torch.as_tensor(_batches(len(zs), cfg, rng))
+        total, _, _ = model.loss(zs[idx], y[idx])
+        if anchor is not None and anchor_weight > 0:
+            total = total + anchor_weight * sum(((params[k] - anchor[k]) ** 2).sum() for k in params)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        if step % 100 == 0 or step == cfg.steps - 1:
+            history.append(total.item())
+            if progress is not None:
+                progress(step + 1, cfg.steps)
+    model.eval()
+    return history
