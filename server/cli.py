@@ -42,6 +42,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=10, help="codes (synthetic cells) per class")
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--n-genes", type=int, default=2000)
+    p.add_argument("--pretrain-steps", type=_ints, default=None, help="VAE,SCDG pretraining steps (default 1000,1500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="synthetic .h5ad to write")
 
@@ -58,9 +59,27 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--evaluators", default="mlp,logreg,knn")
     p.add_argument("--iterations", type=int, default=200, help="scdd distillation iterations")
     p.add_argument("--dm-iterations", type=int, default=500)
-    p.add_argument("--pretrain-steps", type=_ints, default=None, help="VAE,SCDG steps (default 1500,2000)")
+    p.add_argument("--pretrain-steps", type=_ints, default=None, help="VAE,SCDG pretraining steps (default 1000,1500)")
     p.add_argument("--n-genes", type=int, default=2000)
     p.add_argument("--out", required=True, help="output directory (results.md, results.json)")
+
+
+def _add_federation(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="a federation from one file split into sites, in this process (no Ray)")
+    p.add_argument("--data", required=True, help=".h5ad shared out to the simulated sites")
+    p.add_argument("--site-key", default="batch", help="obs column naming sites; absent -> Dirichlet(0.5) label-skew split")
+    p.add_argument("--label-key", default="cell_type")
+    p.add_argument("--k", type=int, default=10, help="codes (synthetic cells) per class per site")
+    p.add_argument("--rounds", type=int, default=None, help="distillation rounds (default: num-distill-rounds of the app config)")
+    p.add_argument("--num-sites", type=int, default=3, help="sites of the Dirichlet split")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="any run-config key (repeatable), e.g. --set vae-local-steps=200")
+    p.add_argument("--out", required=True, help="run directory to write (config.json, metrics.json, synthetic.h5ad, report.html, ...)")
+    p = sub.add_parser("demo", help="the real Flower simulation (flwr run, Ray) on the bundled example data")
+    p.add_argument("--out", default="runs/demo", help="run directory (Flower's state goes to <out>/.flwr)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is stopped and reported as failed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="extra run-config values")
+    p = sub.add_parser("report", help="(re)write report.html of a run directory")
+    p.add_argument("run_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_distill(sub)
     _add_benchmark(sub)
+    _add_federation(sub)
     sub.add_parser("certs", help="CA, SuperLink certificate and site keys (see `scdd certs --help`)", add_help=False)
     return parser
 

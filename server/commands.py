@@ -29,7 +29,6 @@ def check(args: argparse.Namespace) -> int:
 def distill(args: argparse.Namespace) -> int:
     """`scdd distill FILE --out synth.h5ad`: single-site distillation with numbers."""
     from shared.distill import DistillConfig
-    from shared.pretrain import PretrainConfig
     from shared.single_site import distill_file
 
     out = Path(args.out)
@@ -39,7 +38,7 @@ def distill(args: argparse.Namespace) -> int:
         expect=args.expect,
         n_genes=args.n_genes,
         distill=DistillConfig(k=args.k, iterations=args.iterations, seed=args.seed),
-        pretrain_cfg=PretrainConfig(seed=args.seed),
+        pretrain_cfg=_pretrain_config(args.pretrain_steps, args.seed),
         seed=args.seed,
     )
     write_h5ad(out, report.synthetic)
@@ -48,17 +47,25 @@ def distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_config(steps: tuple[int, ...] | None, seed: int):  # noqa: ANN202
+    """PretrainConfig with optional (VAE, SCDG) step counts."""
+    from dataclasses import replace
+
+    from shared.pretrain import PretrainConfig
+
+    pre = PretrainConfig(seed=seed)
+    if not steps:
+        return pre
+    vae_steps, scdg_steps = (steps * 2)[:2]
+    return replace(pre, vae=replace(pre.vae, steps=vae_steps, seed=seed), scdg=replace(pre.scdg, steps=scdg_steps, seed=seed))
+
+
 def _benchmark_config(args: argparse.Namespace):  # noqa: ANN202 - local import of the return type
     from shared.benchmark import METHODS, BenchmarkConfig
     from shared.distill import DistillConfig
-    from shared.pretrain import PretrainConfig
-    from shared.training import TrainConfig
 
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
-    pre = PretrainConfig()
-    if args.pretrain_steps:
-        vae_steps, scdg_steps = (args.pretrain_steps * 2)[:2]
-        pre = PretrainConfig(vae=TrainConfig(steps=vae_steps, lr=pre.vae.lr, batch_size=pre.vae.batch_size), scdg=TrainConfig(steps=scdg_steps, lr=pre.scdg.lr, batch_size=pre.scdg.batch_size))
+    pre = _pretrain_config(args.pretrain_steps, 0)
     return BenchmarkConfig(
         methods=methods,
         ks=args.k,
@@ -114,4 +121,50 @@ def benchmark(args: argparse.Namespace) -> int:
         print(md)
     write_json(out / "summary.json", summary)
     print(f"wrote {out}/<dataset>/results.md and results.json")
+    return 0
+
+
+def _outputs(run_dir: Path) -> None:
+    for name in ("report.html", "synthetic.h5ad", "metrics.json"):
+        if (run_dir / name).is_file():
+            print(f"{name:>15}: {run_dir / name}")
+
+
+def simulate(args: argparse.Namespace) -> int:
+    """`scdd simulate --data FILE --out DIR`: the federation in this process (no Ray), one fake node per site."""
+    from server.simulation import parse_overrides, simulate_file
+
+    overrides = {"sim-site-key": args.site_key, "label-key": args.label_key, "cells-per-class": args.k, "sim-num-sites": args.num_sites}
+    if args.rounds is not None:
+        overrides["num-distill-rounds"] = args.rounds
+    overrides |= parse_overrides(args.overrides)
+    t0 = time.perf_counter()
+    run_dir = simulate_file(Path(args.data), out=Path(args.out), overrides=overrides)
+    print(f"federated run finished in {time.perf_counter() - t0:.1f} s")
+    _outputs(run_dir)
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """`scdd demo`: the real Flower simulation (flwr run, Ray) on the bundled example data; non-zero unless it completed."""
+    import sys
+
+    from server.demo import DemoFailed, run_demo
+    from server.simulation import parse_overrides
+
+    try:
+        result = run_demo(Path(args.out), timeout_s=args.timeout, overrides=parse_overrides(args.overrides), echo=print)
+    except DemoFailed as exc:
+        print(f"\n*** scdd demo FAILED: {exc}", file=sys.stderr)
+        return 2
+    print(f"\nFlower run {result.flower_run_id}: {result.status} in {result.seconds:.0f} s")
+    _outputs(result.run_dir)
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """`scdd report RUN_DIR`: (re)write report.html."""
+    from server.report import write_report
+
+    print(f"wrote {write_report(Path(args.run_dir))}")
     return 0

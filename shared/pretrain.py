@@ -20,8 +20,8 @@ class PretrainConfig:
     """Model sizes and step budgets for pretraining."""
 
     latent_dim: int = 64
-    vae: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, lr=1e-3))
-    scdg: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000, lr=1e-3, batch_size=512))
+    vae: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, lr=1e-3, batch_size=128))
+    scdg: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, lr=1e-3, batch_size=256))
     seed: int = 0
 
 

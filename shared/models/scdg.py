@@ -22,7 +22,7 @@ class SCDGConfig:
     latent_dim: int
     n_classes: int
     hidden: int = 256
-    n_blocks: int = 3
+    n_blocks: int = 2
     time_dim: int = 64
     timesteps: int = 1000
     p_uncond: float = 0.1  # probability of training with the null class (guidance)

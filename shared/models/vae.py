@@ -18,7 +18,7 @@ class VAEConfig:
 
     n_genes: int
     latent_dim: int = 64
-    hidden: tuple[int, ...] = (512, 256)
+    hidden: tuple[int, ...] = (256, 128)
     dropout: float = 0.1
     n_classes: int = 0  # > 0 adds a label head on z (semi-supervised latent space)
     n_aux: int = 0  # > 0 adds a head predicting an external foundation-model embedding

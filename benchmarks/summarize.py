@@ -1,0 +1,70 @@
+"""Summarise benchmark results across datasets: mean MLP accuracy per method and k, gaps, bytes, time.
+
+Usage: python benchmarks/summarize.py benchmarks/results   (writes SUMMARY.md there and prints it)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def load(root: Path) -> dict[str, list[dict]]:
+    """dataset -> rows of its results.json."""
+    return {p.parent.name: json.loads(p.read_text())["rows"] for p in sorted(root.glob("*/results.json"))}
+
+
+def lookup(rows: list[dict], method: str, k: int | None, ev: str = "mlp") -> dict | None:
+    """The row of (method, k, evaluator), or None."""
+    return next((r for r in rows if r["method"] == method and r["k"] == k and r["evaluator"] == ev), None)
+
+
+def summary(results: dict[str, list[dict]], ev: str = "mlp") -> str:
+    """Markdown: per-dataset table and cross-dataset means."""
+    ks = sorted({r["k"] for rows in results.values() for r in rows if r["k"] is not None})
+    methods = list(dict.fromkeys(r["method"] for rows in results.values() for r in rows))
+    cols = [(m, k) for m in methods for k in ([None] if m in ("local", "centralized") else ks)]
+    head = "| dataset | " + " | ".join(f"{m}" + (f" k={k}" if k else "") for m, k in cols) + " |"
+    lines = [f"## {ev} accuracy per dataset", "", head, "|---" * (len(cols) + 1) + "|"]
+    means: dict[tuple[str, int | None], list[float]] = {c: [] for c in cols}
+    for name, rows in results.items():
+        vals = []
+        for c in cols:
+            r = lookup(rows, *c, ev)
+            vals.append(f"{r['accuracy_mean']:.3f}" if r else "")
+            if r:
+                means[c].append(r["accuracy_mean"])
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    lines.append(f"| **mean ({len(results)} sets)** | " + " | ".join(f"**{np.mean(v):.3f}**" if v else "" for v in means.values()) + " |")
+    lines += ["", "## scdd vs dm and centralized (MLP), bytes and seconds per site", "", "| dataset | k | scdd | dm | gap to centralized | bytes scdd/dm | seconds scdd/dm |", "|---|---|---|---|---|---|---|"]
+    for name, rows in results.items():
+        cen = lookup(rows, "centralized", None, ev)
+        for k in ks:
+            s, d = lookup(rows, "scdd", k, ev), lookup(rows, "dm", k, ev)
+            if not (s and d and cen):
+                continue
+            lines.append(
+                f"| {name} | {k} | {s['accuracy_mean']:.3f} | {d['accuracy_mean']:.3f} | {cen['accuracy_mean'] - s['accuracy_mean']:+.3f} | "
+                f"1/{d['upload_bytes_per_site'] / s['upload_bytes_per_site']:.1f} | {s['distill_seconds']:.1f}/{d['distill_seconds']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    """Entry point."""
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
+    results = load(root)
+    if not results:
+        print(f"no */results.json under {root}")
+        return 1
+    text = "# Benchmark summary\n\n" + summary(results, "mlp") + "\n" + summary(results, "logreg") + "\n" + summary(results, "knn")
+    (root / "SUMMARY.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""The fedscdd ClientApp: one thin handler per message type (decode -> client.tasks -> encode).
+
+Exception text travels to the coordinator, so handlers re-raise fedscdd errors (whose messages
+never hold data values) as they are and replace any other exception by its type name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client import tasks
+from client.site import SiteData, cache_dir, load_site, resolve_source
+from shared.errors import FedscddError
+from shared.protocol import DistillRequest, EvaluateRequest, Plan, PretrainRequest, ProfileRequest, SiteSpec
+
+logger = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+class SiteTaskError(RuntimeError):
+    """A site task failed for a reason that is not a fedscdd error; the text names the type only."""
+
+
+@contextmanager
+def safe_errors(action: str) -> Iterator[None]:
+    """Let fedscdd errors through; turn any other exception into a message that carries no data."""
+    try:
+        yield
+    except FedscddError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - deliberately broad: nothing unvetted may reach the server
+        logger.error("%s failed at this site with %s", action, type(exc).__name__)
+        msg = f"{action} failed at the site with {type(exc).__name__}; the site operator can see the site's log"
+        raise SiteTaskError(msg) from None
+
+
+def _site(context: Context, spec: SiteSpec, plan: Plan | None = None) -> SiteData:
+    """This node's prepared data (aligned to the plan's genes when given)."""
+    threads = int(context.run_config.get("torch-threads", 1))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    source = resolve_source(context.node_config, context.run_config)
+    genes = plan.genes if plan is not None else None
+    return load_site(source, spec, genes, cache=cache_dir(context.node_config))
+
+
+@app.query("profile")
+def profile(msg: Message, context: Context) -> Message:
+    """query.profile: per-gene and per-label aggregates of the training cells."""
+    with safe_errors("query.profile"):
+        req = ProfileRequest.from_record(msg.content)
+        reply = tasks.profile_site(_site(context, req.spec))
+    return Message(reply.to_record(), reply_to=msg)
+
+
+@app.train("pretrain")
+def pretrain(msg: Message, context: Context) -> Message:
+    """train.pretrain: local VAE/SCDG steps, or latent moments."""
+    with safe_errors("train.pretrain"):
+        req = PretrainRequest.from_record(msg.content)
+        reply = tasks.pretrain_site(_site(context, req.plan.spec, req.plan), req)
+    return Message(reply.to_record(), reply_to=msg)
+
+
+@app.train("distill")
+def distill(msg: Message, context: Context) -> Message:
+    """train.distill: k codes per local class (warm start kept in context.state)."""
+    with safe_errors("train.distill"):
+        req = DistillRequest.from_record(msg.content)
+        reply = tasks.distill_site(_site(context, req.plan.spec, req.plan), req, context.state)
+    return Message(reply.to_record(), reply_to=msg)
+
+
+@app.evaluate("models")
+def evaluate(msg: Message, context: Context) -> Message:
+    """evaluate.models: score the server's models on held-out real cells."""
+    with safe_errors("evaluate.models"):
+        req = EvaluateRequest.from_record(msg.content)
+        reply = tasks.evaluate_site(_site(context, req.plan.spec, req.plan), req)
+    return Message(reply.to_record(), reply_to=msg)

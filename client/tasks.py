@@ -1,0 +1,156 @@
+"""What a site computes for each message: plain functions from a decoded request and the site's data to a reply.
+
+Replies carry aggregates, model weights, codes and scores only: never an expression row, a cell
+id or a per-cell value.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import fields
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from client.site import SiteData
+from shared.checkpoint import build_model
+from shared.data import gene_stats
+from shared.distill import Codes, DistillConfig, distill_codes
+from shared.errors import CheckpointError, ProtocolError
+from shared.evaluation import fidelity, fit_predict, membership_auc, predict_mlp, score
+from shared.protocol import (
+    EVALUATORS, DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, EvaluatorScores, Plan, PretrainReply,
+    PretrainRequest, ProfileReply, StateDict,
+)
+from shared.training import TrainConfig, encode, fit_scdg, fit_vae
+
+logger = logging.getLogger(__name__)
+
+WARM_CODES = "fedscdd.warm-codes"  # context.state keys (never leave the node)
+WARM_META = "fedscdd.warm-meta"
+
+
+def profile_site(site: SiteData) -> ProfileReply:
+    """Per-gene sums / sums of squares / detection counts and cells per label, over training cells."""
+    X = site.X[site.train_idx]
+    sums, sumsq, detected = gene_stats(X)
+    counts = np.bincount(site.labels[site.train_idx], minlength=len(site.classes)).astype(np.int64)
+    keep = counts > 0
+    return ProfileReply(site_name=site.name, genes=site.genes, sums=sums, sumsq=sumsq, detected=detected, n_cells=int(X.shape[0]),
+                        label_names=tuple(c for c, k in zip(site.classes, keep, strict=True) if k), label_counts=counts[keep])
+
+
+def _model(kind: str, config_json: str, weights: StateDict) -> torch.nn.Module:
+    """A model of ``kind`` from a JSON config and a state dict; protocol errors for anything that does not fit."""
+    try:
+        model = build_model(kind, json.loads(config_json))
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    except (CheckpointError, json.JSONDecodeError, TypeError, ValueError, RuntimeError) as exc:
+        msg = f"cannot build the {kind} model from the message ({type(exc).__name__}); server and site run different fedscdd versions?"
+        raise ProtocolError(msg) from None
+    model.eval()
+    return model
+
+
+def _state(model: torch.nn.Module) -> StateDict:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _train_cells(site: SiteData, plan: Plan):  # noqa: ANN202 - (csr, labels)
+    """Training cells whose class is in the plan, with plan class ids."""
+    y, ok = site.global_labels(plan.classes)
+    idx = site.train_idx[ok[site.train_idx]]
+    if idx.size == 0:
+        msg = "no training cells of the plan's classes at this site"
+        raise ProtocolError(msg)
+    return site.X[idx], y[idx]
+
+
+def pretrain_site(site: SiteData, req: PretrainRequest) -> PretrainReply:
+    """Local steps of the requested stage (or latent moments for 'latent-stats')."""
+    X, y = _train_cells(site, req.plan)
+    cfg = TrainConfig(steps=req.steps, lr=req.lr, batch_size=req.batch_size, seed=req.seed, warmup_fraction=req.warmup_fraction)
+    if req.stage == "latent-stats":
+        Z = encode(_model("vae", req.model_config, req.weights), X).astype(np.float64)
+        return PretrainReply("latent-stats", req.round, int(X.shape[0]), 0.0, latent_sum=Z.sum(0), latent_sumsq=(Z**2).sum(0))
+    if req.stage == "vae":
+        model = _model("vae", req.model_config, req.weights)
+        losses = fit_vae(model, X, y, cfg)
+    else:
+        vae = _model("vae", req.encoder_config, req.encoder or {})
+        model = _model("scdg", req.model_config, req.weights)
+        losses = fit_scdg(model, encode(vae, X), y, cfg)
+    loss = float(losses[-1]) if losses else 0.0
+    return PretrainReply(req.stage, req.round, int(X.shape[0]), loss, weights=_state(model))
+
+
+def _distill_config(req: DistillRequest) -> DistillConfig:
+    known = {f.name for f in fields(DistillConfig)}
+    unknown = sorted(set(req.distill) - known)
+    if unknown:
+        msg = f"unknown distillation settings {unknown}; server and site run different fedscdd versions"
+        raise ProtocolError(msg)
+    return DistillConfig(**{**req.distill, "seed": req.seed})
+
+
+def _warm_codes(state: RecordDict, plan: Plan, k: int) -> Codes | None:
+    """Last round's codes kept in context.state, if they were made for this plan and k."""
+    meta = state.get(WARM_META)
+    if meta is None or meta.get("plan") != plan.digest() or meta.get("k") != k or WARM_CODES not in state:
+        return None
+    arrays = state[WARM_CODES]
+    return Codes(arrays["codes"].numpy(), arrays["labels"].numpy().astype(np.int64), int(meta["t-star"]), float(meta["guidance"]))
+
+
+def distill_site(site: SiteData, req: DistillRequest, state: RecordDict) -> DistillReply:
+    """k codes per local class through the frozen generator; warm start from last round's codes."""
+    X, y = _train_cells(site, req.plan)
+    cfg = _distill_config(req)
+    vae = _model("vae", req.vae_config, req.vae)
+    scdg = _model("scdg", req.scdg_config, req.scdg)
+    init = _warm_codes(state, req.plan, cfg.k) if req.warm_start else None
+    t0 = time.perf_counter()
+    codes = distill_codes(vae, scdg, X, y, cfg, init_codes=init)
+    seconds = time.perf_counter() - t0
+    state[WARM_CODES] = ArrayRecord({"codes": Array(codes.codes), "labels": Array(codes.labels)})
+    state[WARM_META] = ConfigRecord({"plan": req.plan.digest(), "k": cfg.k, "round": req.round, "t-star": codes.t_star, "guidance": float(codes.guidance)})
+    counts = np.bincount(y, minlength=len(req.plan.classes)).astype(np.int64)
+    logger.info("distilled %d codes for %d classes in %.1f s (warm start: %s)", len(codes.labels), len(np.unique(y)), seconds, init is not None)
+    return DistillReply(req.round, codes.codes.astype(np.float32), codes.labels.astype(np.int32), counts, seconds)
+
+
+def _predict_logreg(X: np.ndarray, coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Predictions of a fitted multinomial/binary logistic regression from its coefficients."""
+    scores = X @ coef.T + intercept
+    if coef.shape[0] == 1 and classes.size == 2:
+        return classes[(scores[:, 0] > 0).astype(int)]
+    if coef.shape[0] != classes.size:
+        msg = f"logistic regression has {coef.shape[0]} rows for {classes.size} classes"
+        raise ProtocolError(msg)
+    return classes[np.argmax(scores, axis=1)]
+
+
+def evaluate_site(site: SiteData, req: EvaluateRequest) -> EvaluateReply:
+    """Score the server's models on held-out real cells; fidelity and membership-inference audit."""
+    n_classes = len(req.plan.classes)
+    y_all, ok = site.global_labels(req.plan.classes)
+    test, train = site.test_idx[ok[site.test_idx]], site.train_idx[ok[site.train_idx]]
+    if req.X.shape[1] != len(site.genes) or test.size == 0:
+        msg = "synthetic cells do not match the plan's genes, or no held-out cells of the plan's classes"
+        raise ProtocolError(msg)
+    X_test, y_test = site.X[test].toarray(), y_all[test]
+    y_syn = req.labels.astype(np.int64)
+    preds = {"mlp": predict_mlp(_model("mlp", req.mlp_config, req.mlp), X_test),
+             "logreg": _predict_logreg(X_test, req.logreg_coef, req.logreg_intercept, req.logreg_classes),
+             "knn": fit_predict("knn", req.X, y_syn, X_test, n_classes, seed=req.seed)}
+    scores = {}
+    for ev in EVALUATORS:
+        s = score(y_test, np.asarray(preds[ev]))
+        recall = tuple(s.per_class_recall.get(c, float("nan")) for c in range(n_classes))
+        scores[ev] = EvaluatorScores(s.accuracy, s.macro_f1, recall)
+    fid = fidelity(X_test, y_test, req.X, y_syn, seed=req.seed)
+    mia = membership_auc(site.X[train], site.X[test], req.X, seed=req.seed)
+    return EvaluateReply(req.round, int(test.size), scores, fid.mmd_pca, fid.mean_corr, fid.zero_fraction_real, fid.zero_fraction_synthetic, mia)

@@ -1,0 +1,31 @@
+"""The fedscdd ServerApp: read the typed config, run the orchestrator."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server import orchestration
+from server.config import FederationConfig
+
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation described by the run config (an empty run config works)."""
+    cfg = FederationConfig.from_run_config(context.run_config)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    run_dir = orchestration.run(grid, cfg, run_id=f"run-{context.run_id}")
+    logger.info("outputs in %s", run_dir)

@@ -1,0 +1,138 @@
+"""Typed federation config: kebab-case run-config keys -> a frozen dataclass, unknown keys and bad ranges refused.
+
+Defaults make an EMPTY run config work (``run_simulation`` passes none). Values of -1 / "" mean
+"use the library default" where the library default is still being tuned (PretrainConfig,
+DistillConfig), so the federation never pins a number that the benchmark would move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigError
+from shared.protocol import SiteSpec
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Everything the ServerApp reads from the run config (client-only keys included, so none is unknown)."""
+
+    # data (the sim-* keys are read by simulated sites; deployed sites use their node config)
+    sim_data_path: str = ""
+    sim_site_key: str = "batch"
+    sim_num_sites: int = 3
+    label_key: str = "cell_type"
+    expect: str = "auto"
+    min_cells_per_class: int = 2
+    test_fraction: float = 0.2
+    min_coverage: float = 0.5
+    # plan and models
+    n_genes: int = 2000
+    latent_dim: int = 64
+    # federated pretraining (FedAvg): rounds x local steps per site
+    pretrained_path: str = ""
+    num_pretrain_rounds: int = 4
+    vae_local_steps: int = 100
+    scdg_local_steps: int = 150
+    pretrain_lr: float = -1.0  # -1: PretrainConfig default
+    vae_batch_size: int = -1
+    scdg_batch_size: int = -1
+    # distillation rounds
+    cells_per_class: int = 10
+    num_distill_rounds: int = 2
+    distill_iterations: int = -1  # -1: DistillConfig default
+    distill_t_star: int = -1  # -1: chosen from k by shared.distill
+    distill_init: str = ""  # "": DistillConfig default ("real" or "noise")
+    distill_warm_start: bool = True  # rounds >= 2 start from each site's previous codes
+    # server-side fine-tuning and evaluation models
+    finetune_steps: int = 50
+    finetune_lr: float = 1e-4
+    finetune_anchor_weight: float = 1e-3
+    mlp_steps: int = 400
+    # participation and deadlines
+    min_sites: int = 2
+    expected_sites: int = 0  # 0: start as soon as min-sites SuperNodes are connected
+    site_wait_s: float = 300.0
+    round_timeout_s: float = 600.0
+    # outputs
+    out_dir: str = ""  # "": ./scdd-out
+    run_id: str = ""  # "": run-<flower run id>
+    resume: bool = False
+    report: bool = True
+    seed: int = 0
+    torch_threads: int = 1  # 0: torch default (all cores)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.n_genes >= 10, "n-genes must be >= 10"), (self.latent_dim >= 2, "latent-dim must be >= 2"),
+            (self.cells_per_class >= 1, "cells-per-class must be >= 1"), (self.num_distill_rounds >= 1, "num-distill-rounds must be >= 1"),
+            (self.num_pretrain_rounds >= 0, "num-pretrain-rounds must be >= 0"),
+            (self.vae_local_steps >= 1 and self.scdg_local_steps >= 1, "vae-local-steps and scdg-local-steps must be >= 1"),
+            (self.min_sites >= 1, "min-sites must be >= 1"), (self.expected_sites >= 0, "expected-sites must be >= 0"),
+            (self.site_wait_s > 0 and self.round_timeout_s > 0, "site-wait-s and round-timeout-s must be > 0"),
+            (0 <= self.test_fraction < 1, "test-fraction must be in [0, 1)"), (self.min_cells_per_class >= 1, "min-cells-per-class must be >= 1"),
+            (0 <= self.min_coverage <= 1, "min-coverage must be in [0, 1]"), (self.expect in ("auto", "counts", "lognorm"), "expect must be auto, counts or lognorm"),
+            (self.distill_init in ("", "real", "noise"), "distill-init must be '', 'real' or 'noise'"),
+            (self.finetune_steps >= 0 and self.mlp_steps >= 1, "finetune-steps must be >= 0 and mlp-steps >= 1"),
+            (self.finetune_lr > 0 and self.finetune_anchor_weight >= 0, "finetune-lr must be > 0, finetune-anchor-weight >= 0"),
+            (self.sim_num_sites >= 1 and self.torch_threads >= 0, "sim-num-sites must be >= 1, torch-threads >= 0"),
+            (self.pretrained_path != "" or self.num_pretrain_rounds >= 1, "num-pretrain-rounds must be >= 1 unless pretrained-path is set"),
+        ]
+        errors = [text for ok, text in checks if not ok]
+        if errors:
+            msg = "invalid run config: " + "; ".join(errors) + "; fix the values in [tool.flwr.app.config] or --run-config"
+            raise ConfigError(msg)
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """All run-config keys, kebab-case."""
+        return tuple(f.name.replace("_", "-") for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
+        """Map kebab-case keys to fields, refusing unknown keys and values of the wrong type."""
+        types = {f.name: type(f.default) for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in run_config if k.replace("-", "_") not in types)
+        if unknown:
+            msg = f"unknown run-config keys {unknown}; known keys: {', '.join(cls.keys())}"
+            raise ConfigError(msg)
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            values[name] = _coerce(key, value, types[name])
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Kebab-case dict (config.json, subprocess runs)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def spec(self) -> SiteSpec:
+        """How sites prepare their data."""
+        return SiteSpec(label_key=self.label_key, expect=self.expect, min_cells_per_class=self.min_cells_per_class,
+                        test_fraction=self.test_fraction, split_seed=self.seed, min_coverage=self.min_coverage)
+
+    def run_dir(self, run_id: str) -> Path:
+        """out-dir/<run-id>, absolute."""
+        return (Path(self.out_dir or "scdd-out").expanduser() / (self.run_id or run_id)).resolve()
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Run-config value -> field type (TOML ints are accepted for floats; nothing else is converted)."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        msg = f"run-config key '{key}' must be a {kind.__name__}, got {type(value).__name__} {value!r}"
+        raise ConfigError(msg)
+    return value

@@ -1,0 +1,123 @@
+"""Pure aggregation on the server: plan vocabulary, FedAvg of state dicts, latent moments, metric aggregation.
+
+No Flower, no I/O: inputs are numpy arrays and plain values (profiles and replies are read through
+their attributes only), so every function is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from shared.data import select_variable_genes
+
+
+class GeneProfile(Protocol):
+    """What the plan needs from a site's profile (``shared.protocol.ProfileReply`` fits)."""
+
+    site_name: str
+    genes: tuple[str, ...]
+    sums: np.ndarray
+    sumsq: np.ndarray
+    detected: np.ndarray
+    n_cells: int
+    label_names: tuple[str, ...]
+
+
+def plan_vocabulary(profiles: Sequence[GeneProfile], *, n_genes: int) -> tuple[list[str], list[str]]:
+    """Return (genes, classes): the top ``n_genes`` variable genes among genes every site has, and the label union.
+
+    Sites are taken in site-name order; genes keep the first site's order.
+    """
+    if not profiles:
+        msg = "no site profiles to plan from"
+        raise ValueError(msg)
+    ordered = sorted(profiles, key=lambda p: p.site_name)
+    common = set(ordered[0].genes).intersection(*(p.genes for p in ordered[1:]))
+    genes = [g for g in ordered[0].genes if g in common]
+    if not genes:
+        msg = "the sites share no gene names; check that all sites use the same gene identifiers (symbols vs Ensembl IDs)"
+        raise ValueError(msg)
+    sums, sumsq, detected = np.zeros(len(genes)), np.zeros(len(genes)), np.zeros(len(genes), np.int64)
+    for p in ordered:
+        pos = {g: i for i, g in enumerate(p.genes)}
+        idx = np.array([pos[g] for g in genes], dtype=np.int64)
+        sums += np.asarray(p.sums, np.float64)[idx]
+        sumsq += np.asarray(p.sumsq, np.float64)[idx]
+        detected += np.asarray(p.detected, np.int64)[idx]
+    n_cells = int(sum(p.n_cells for p in ordered))
+    chosen = select_variable_genes(genes, sums, sumsq, detected, n_cells, n_top=n_genes)
+    classes = sorted(set().union(*(p.label_names for p in ordered)))
+    return chosen, classes
+
+
+def fedavg(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """Weighted average of state dicts (float64 accumulation, original dtypes kept; non-float entries from the first)."""
+    if not states or len(states) != len(weights):
+        msg = f"need one weight per state dict, got {len(states)} states and {len(weights)} weights"
+        raise ValueError(msg)
+    w = np.asarray(weights, dtype=np.float64)
+    if np.any(w < 0) or w.sum() <= 0:
+        msg = "FedAvg weights must be non-negative with a positive sum"
+        raise ValueError(msg)
+    w = w / w.sum()
+    out: dict[str, np.ndarray] = {}
+    for key, first in states[0].items():
+        if np.asarray(first).dtype.kind != "f":
+            out[key] = np.array(first, copy=True)
+            continue
+        acc = np.zeros(np.shape(first), dtype=np.float64)
+        for wi, state in zip(w, states, strict=True):
+            acc += wi * np.asarray(state[key], dtype=np.float64)
+        out[key] = acc.astype(np.asarray(first).dtype)
+    return out
+
+
+def latent_moments(sums: Sequence[np.ndarray], sumsqs: Sequence[np.ndarray], counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled per-dimension mean and (population) standard deviation from per-site sums."""
+    n = float(sum(counts))
+    if n <= 0:
+        msg = "no cells behind the latent statistics"
+        raise ValueError(msg)
+    mean = np.sum(np.asarray(sums, np.float64), axis=0) / n
+    var = np.sum(np.asarray(sumsqs, np.float64), axis=0) / n - mean**2
+    return mean, np.sqrt(np.maximum(var, 0.0))
+
+
+def _nanmean(values: Sequence[float], weights: Sequence[float] | None = None) -> float:
+    v = np.asarray(values, np.float64)
+    w = np.ones_like(v) if weights is None else np.asarray(weights, np.float64)
+    ok = np.isfinite(v) & (w > 0)
+    return float(np.sum(v[ok] * w[ok]) / np.sum(w[ok])) if ok.any() else float("nan")
+
+
+def aggregate_scores(per_site: Mapping[str, Mapping[str, Any]], evaluators: Sequence[str]) -> dict[str, Any]:
+    """Aggregate per-site results (``site_result`` dicts) into cell-weighted and macro (mean over sites) numbers."""
+    sites = sorted(per_site)
+    n = [float(per_site[s]["n_test"]) for s in sites]
+    out: dict[str, Any] = {"cell_weighted": {}, "macro": {}, "n_sites": len(sites), "n_test": int(sum(n))}
+    for ev in evaluators:
+        for metric in ("accuracy", "macro_f1"):
+            vals = [per_site[s]["scores"][ev][metric] for s in sites]
+            out["cell_weighted"].setdefault(ev, {})[metric] = _nanmean(vals, n)
+            out["macro"].setdefault(ev, {})[metric] = _nanmean(vals)
+    for key in ("mmd_pca", "mean_corr", "zero_fraction_real", "zero_fraction_synthetic", "mia_auc"):
+        vals = [per_site[s][key] for s in sites]
+        out["macro"][key] = _nanmean(vals)
+        out["cell_weighted"][key] = _nanmean(vals, n)
+    aucs = [per_site[s]["mia_auc"] for s in sites if math.isfinite(per_site[s]["mia_auc"])]
+    out["mia_auc_max"] = max(aucs) if aucs else float("nan")
+    return out
+
+
+def site_result(reply: Any) -> dict[str, Any]:
+    """An ``EvaluateReply`` as a JSON-ready dict (NaN kept; json writes it as NaN)."""
+    return {
+        "n_test": int(reply.n_test),
+        "scores": {ev: {"accuracy": s.accuracy, "macro_f1": s.macro_f1, "per_class_recall": list(s.recall)} for ev, s in reply.scores.items()},
+        "mmd_pca": reply.mmd_pca, "mean_corr": reply.mean_corr, "zero_fraction_real": reply.zero_fraction_real,
+        "zero_fraction_synthetic": reply.zero_fraction_synthetic, "mia_auc": reply.mia_auc,
+    }

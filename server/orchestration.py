@@ -1,0 +1,263 @@
+"""The federated run as named phases around ``grid.send_and_receive``.
+
+wait for sites -> profile -> plan -> pretrain (FedAvg or checkpoint) -> for r in 1..R: distill ->
+validate -> decode and fuse -> fine-tune the SCDG -> train MLP + logistic regression -> evaluate at
+the sites -> aggregate. After every completed phase the server state is checkpointed, so that
+``resume=true`` continues from the last one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import RecordDict
+from flwr.serverapp import Grid
+
+from server import pretraining
+from server.config import FederationConfig
+from server.errors import NO_PLAN, RESUME_MISMATCH, FederationStopped
+from server.fusion import aggregate_scores, plan_vocabulary, site_result
+from server.messaging import Link, wait_for_nodes
+from server.run_store import RESUME_FREE, RunStore
+from server.training import SiteCodes, finetune_generator, fresh_models, fuse_round, model_json, provenance, state_of, train_evaluators
+from server.validation import decode, validate_distill, validate_evaluate, validate_profile
+from shared.checkpoint import load_model
+from shared.distill import Codes, DistillConfig, resolve_t_star
+from shared.errors import ConfigError
+from shared.models import SCDG, VAE
+from shared.protocol import (
+    EVALUATORS, MSG_DISTILL, MSG_EVALUATE, MSG_PROFILE, DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, Plan,
+    ProfileReply, ProfileRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Mutable state of one run (what a checkpoint saves, plus the live link)."""
+
+    cfg: FederationConfig
+    link: Link
+    store: RunStore
+    plan: Plan | None = None
+    vae: VAE | None = None
+    scdg: SCDG | None = None
+    site_classes: dict[str, set[int]] = field(default_factory=dict)
+    completed: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=lambda: {"rounds": [], "phase_seconds": {}, "upload_bytes": {}, "dropped": []})
+
+    def checkpoint(self, phase: str) -> None:
+        """Mark ``phase`` completed and persist the state."""
+        self.completed.append(phase)
+        self._sync_metrics()
+        assert self.plan is not None and self.vae is not None and self.scdg is not None
+        self.store.write_metrics(self.metrics)
+        self.store.checkpoint(self.completed, plan=self.plan, metrics=self.metrics, config=_resume_config(self.cfg), vae=self.vae, scdg=self.scdg)
+
+    def _sync_metrics(self) -> None:
+        for site, per_type in self.link.upload.items():
+            totals = self.metrics["upload_bytes"].setdefault(site, {})
+            for kind, n in per_type.items():
+                totals[kind] = totals.get(kind, 0) + n
+        self.link.upload.clear()
+        self.metrics["dropped"].extend(self.link.dropped)
+        self.link.dropped.clear()
+
+
+def _resume_config(cfg: FederationConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_run_config().items() if k not in RESUME_FREE}
+
+
+def _timed(run: Run, phase: str, t0: float) -> None:
+    run.metrics["phase_seconds"][phase] = round(time.perf_counter() - t0, 3)
+
+
+def collect_profiles(link: Link, nodes: list[int], cfg: FederationConfig) -> list[ProfileReply]:
+    """query.profile to every node; names the nodes after their sites (duplicates rejected)."""
+    def check(node: int, rd: RecordDict, wire: int) -> ProfileReply:
+        reply = decode(rd, ProfileReply)
+        validate_profile(reply, seen_sites=set(link.nodes.values()))
+        link.nodes[node] = reply.site_name
+        return reply
+
+    replies = link.exchange(MSG_PROFILE, {n: ProfileRequest(cfg.spec).to_record() for n in nodes}, "profile", check)
+    for gone in set(link.nodes) - {r.node_id for r in replies}:
+        link.nodes.pop(gone)
+    return [r.payload for r in replies]
+
+
+def make_plan(profiles: list[ProfileReply], cfg: FederationConfig) -> Plan:
+    """Gene vocabulary (top variable genes every site has) and label vocabulary (union), or a pretrained run's plan."""
+    if cfg.pretrained_path:
+        import json
+
+        path = Path(cfg.pretrained_path).expanduser() / "plan.json"
+        if not path.is_file():
+            msg = f"pretrained-path needs plan.json, vae.pt and scdg.pt (a previous run's directory); {path} is missing"
+            raise ConfigError(msg)
+        return dataclasses.replace(Plan.from_json(json.loads(path.read_text(encoding="utf-8"))), spec=cfg.spec)
+    try:
+        genes, classes = plan_vocabulary(profiles, n_genes=cfg.n_genes)
+    except ValueError as exc:
+        raise FederationStopped(NO_PLAN, str(exc)) from None
+    return Plan(tuple(genes), tuple(classes), cfg.spec)
+
+
+def pretrain(run: Run) -> None:
+    """FedAvg pretraining across the sites, or the checkpoints under pretrained-path."""
+    assert run.plan is not None
+    cfg = run.cfg
+    if cfg.pretrained_path:
+        base = Path(cfg.pretrained_path).expanduser()
+        run.vae, run.scdg = load_model(base / "vae.pt", "vae"), load_model(base / "scdg.pt", "scdg")  # type: ignore[assignment]
+        run.metrics["pretrain"] = {"source": "checkpoint", "path": str(base)}
+        return
+    run.vae, run.scdg = fresh_models(run.plan, latent_dim=cfg.latent_dim, seed=cfg.seed)
+    run.metrics["pretrain"] = pretraining.fedavg_pretrain(run.link, run.plan, cfg, run.vae, run.scdg)
+
+
+def distill_config(cfg: FederationConfig) -> DistillConfig:
+    """DistillConfig from the run config over the library's defaults (seed set per site later)."""
+    over: dict[str, Any] = {"k": cfg.cells_per_class, "t_star": cfg.distill_t_star}
+    if cfg.distill_iterations >= 0:
+        over["iterations"] = cfg.distill_iterations
+    if cfg.distill_init:
+        over["init"] = cfg.distill_init
+    return DistillConfig(**over)
+
+
+def distill(run: Run, rnd: int) -> list[SiteCodes]:
+    """train.distill at every site; validated codes per site."""
+    assert run.plan is not None and run.vae is not None and run.scdg is not None
+    dcfg = distill_config(run.cfg)
+    fields = {k: v for k, v in dataclasses.asdict(dcfg).items() if k != "seed"}
+    vae_state, scdg_state, vae_json, scdg_json = state_of(run.vae), state_of(run.scdg), model_json(run.vae), model_json(run.scdg)
+    requests = {node: DistillRequest(rnd, vae_state, vae_json, scdg_state, scdg_json, run.plan, fields,
+                                     pretraining.site_seed(run.cfg.seed + 7, run.link, node, 100 * rnd), run.cfg.distill_warm_start)
+                for node in sorted(run.link.nodes)}
+
+    def check(node: int, rd: RecordDict, wire: int) -> DistillReply:
+        reply = decode(rd, DistillReply)
+        validate_distill(reply, requests[node], latent_dim=run.cfg.latent_dim, site_classes=run.site_classes.get(run.link.name(node), set()), wire=wire)
+        return reply
+
+    replies = run.link.exchange(MSG_DISTILL, {n: r.to_record() for n, r in requests.items()}, f"distill-{rnd}", check)
+    t_star = resolve_t_star(dcfg, run.scdg.config.timesteps)
+    return [SiteCodes(r.site, Codes(r.payload.codes, r.payload.labels.astype(np.int64), t_star, dcfg.guidance), r.payload.distill_seconds, r.wire)
+            for r in replies]
+
+
+def evaluate(run: Run, rnd: int, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Train the evaluation models on the fused cells, have every site score them, aggregate."""
+    assert run.plan is not None
+    n_classes = len(run.plan.classes)
+    models = train_evaluators(X, y, n_classes, mlp_steps=run.cfg.mlp_steps, seed=run.cfg.seed + rnd)
+    req = EvaluateRequest(rnd, X, y.astype(np.int32), state_of(models.mlp), model_json(models.mlp), models.coef, models.intercept,
+                          models.classes, run.plan, run.cfg.seed + rnd)
+    def check(node: int, rd: RecordDict, wire: int) -> EvaluateReply:
+        reply = decode(rd, EvaluateReply)
+        validate_evaluate(reply, round_=rnd, n_classes=n_classes)
+        return reply
+
+    replies = run.link.exchange(MSG_EVALUATE, {n: req.to_record() for n in sorted(run.link.nodes)}, f"evaluate-{rnd}", check)
+    per_site = {r.site: site_result(r.payload) for r in replies}
+    run.store.save_models(mlp=models.mlp)
+    return {"sites": per_site, "aggregate": aggregate_scores(per_site, EVALUATORS)}
+
+
+def run_round(run: Run, rnd: int) -> None:
+    """One distillation round: distill, fuse, fine-tune, evaluate, store."""
+    assert run.plan is not None and run.vae is not None and run.scdg is not None
+    t0 = time.perf_counter()
+    parts = distill(run, rnd)
+    prov = provenance(run.vae, run.scdg, round_=rnd, sites=[p.site for p in parts], distill=dataclasses.asdict(distill_config(run.cfg)))
+    fused = fuse_round(parts, run.vae, run.scdg, run.plan, round_=rnd, provenance=prov)
+    t1 = time.perf_counter()
+    losses = finetune_generator(run.scdg, parts, steps=run.cfg.finetune_steps, lr=run.cfg.finetune_lr,
+                                anchor_weight=run.cfg.finetune_anchor_weight, seed=run.cfg.seed + rnd)
+    t2 = time.perf_counter()
+    X = np.asarray(fused.X.toarray(), dtype=np.float32)
+    y = np.asarray(fused.obs[run.plan.spec.label_key].cat.codes, dtype=np.int64)
+    result = evaluate(run, rnd, X, y)
+    final = rnd == run.cfg.num_distill_rounds
+    run.store.write_synthetic(fused, round_=rnd, final=final)
+    agg = result["aggregate"]["cell_weighted"]["mlp"]
+    result |= {"round": rnd, "n_synthetic": int(fused.n_obs), "sites_distilled": [p.site for p in parts], "finetune_loss": losses[-1] if losses else None,
+               "distill_seconds": {p.site: p.distill_seconds for p in parts}, "distill_upload_bytes": {p.site: p.upload_bytes for p in parts},
+               "seconds": {"distill_fuse": t1 - t0, "finetune": t2 - t1, "evaluate": time.perf_counter() - t2}}
+    run.metrics["rounds"].append(result)
+    logger.info("round %d: %d synthetic cells from %d sites; MLP accuracy %.3f (cell-weighted), macro-F1 %.3f",
+                rnd, fused.n_obs, len(parts), agg["accuracy"], agg["macro_f1"])
+    _timed(run, f"round-{rnd}", t0)
+    run.store.save_models(vae=run.vae, scdg=run.scdg)
+    run.checkpoint(f"round-{rnd}")
+
+
+def _start(run: Run, grid: Grid, run_id: str) -> list[int]:
+    """Fresh start or resume; returns the connected node ids."""
+    cfg = run.cfg
+    state = run.store.load_checkpoint() if cfg.resume else None
+    if cfg.resume and state is None:
+        logger.info("resume=true but no checkpoint in %s: starting afresh", run.store.dir)
+    if state is None:
+        run.store.clear()
+    else:
+        if state.config != _resume_config(cfg):
+            changed = sorted(k for k in set(state.config) | set(_resume_config(cfg)) if state.config.get(k) != _resume_config(cfg).get(k))
+            raise FederationStopped(RESUME_MISMATCH, f"config keys changed since the checkpoint: {changed}")
+        run.completed, run.plan, run.metrics, run.vae, run.scdg = list(state.completed), state.plan, state.metrics, state.vae, state.scdg
+        logger.info("resuming run %s after phase %s", run_id, state.completed[-1])
+    run.store.write_config(cfg.to_run_config(), run_id=run_id)
+    return wait_for_nodes(grid, min_sites=cfg.min_sites, expected=cfg.expected_sites, deadline_s=cfg.site_wait_s)
+
+
+def run(grid: Grid, cfg: FederationConfig, *, run_id: str) -> Path:
+    """The whole federated run; returns the run directory."""
+    store = RunStore(cfg.run_dir(run_id))
+    link = Link(grid, cfg.round_timeout_s, cfg.min_sites)
+    r = Run(cfg, link, store)
+    try:
+        _phases(r, grid, run_id)
+    except FederationStopped as exc:
+        r.metrics["stopped"] = {"reason": exc.reason, "detail": exc.detail}
+        r._sync_metrics()  # noqa: SLF001 - same module
+        store.write_metrics(r.metrics)
+        logger.error("%s", exc)
+        raise
+    logger.info("run %s complete: %s", run_id, store.dir)
+    return store.dir
+
+
+def _phases(r: Run, grid: Grid, run_id: str) -> None:
+    """Every phase in order, skipping those a resumed checkpoint completed."""
+    cfg, link, store = r.cfg, r.link, r.store
+    nodes = _start(r, grid, run_id)
+    t0 = time.perf_counter()
+    profiles = collect_profiles(link, nodes, cfg)
+    if r.plan is None:
+        r.plan = make_plan(profiles, cfg)
+        store.write_plan(r.plan)
+    lookup = {c: i for i, c in enumerate(r.plan.classes)}
+    r.site_classes = {p.site_name: {lookup[c] for c in p.label_names if c in lookup} for p in profiles}
+    r.metrics["sites"] = sorted(r.site_classes)
+    logger.info("plan: %d genes, %d classes, %d sites (%s)", len(r.plan.genes), len(r.plan.classes), len(profiles), ", ".join(r.metrics["sites"]))
+    _timed(r, "profile-plan", t0)
+    if "pretrain" not in r.completed:
+        t0 = time.perf_counter()
+        pretrain(r)
+        _timed(r, "pretrain", t0)
+        r.checkpoint("pretrain")
+    for rnd in range(1, cfg.num_distill_rounds + 1):
+        if f"round-{rnd}" not in r.completed:
+            run_round(r, rnd)
+    if cfg.report:
+        from server.report import write_report
+
+        write_report(store.dir)

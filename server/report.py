@@ -1,0 +1,135 @@
+"""report.html of a run directory: self-contained (base64 PNGs), written from synthetic.h5ad and metrics.json."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.io import write_text
+
+logger = logging.getLogger(__name__)
+
+MIA_GUIDE = "0.5 = no membership signal; higher = synthetic cells sit closer to the cells they came from"
+
+
+def _png(fig: Any) -> str:
+    """A matplotlib figure as an <img> tag with a base64 PNG."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
+
+
+def _embedding(adata: Any) -> tuple[np.ndarray, str]:
+    """UMAP of the fused synthetic cells (scanpy), or PCA when UMAP cannot run (too few cells)."""
+    import scanpy as sc
+
+    a = adata.copy()
+    n_comps = max(2, min(30, a.n_obs - 1, a.n_vars - 1))
+    sc.pp.pca(a, n_comps=n_comps)
+    try:
+        sc.pp.neighbors(a, n_neighbors=max(2, min(15, a.n_obs - 1)), use_rep="X_pca")
+        sc.tl.umap(a, random_state=0)
+        return np.asarray(a.obsm["X_umap"]), "UMAP"
+    except Exception as exc:  # noqa: BLE001 - a plot must never fail a finished run
+        logger.warning("UMAP failed (%s); plotting PCA instead", type(exc).__name__)
+        return np.asarray(a.obsm["X_pca"][:, :2]), "PCA"
+
+
+def _scatter(adata: Any, label_key: str) -> str:
+    import matplotlib.pyplot as plt
+
+    xy, name = _embedding(adata)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, col in zip(axes, (label_key, "site"), strict=True):
+        values = adata.obs[col].astype(str).to_numpy()
+        for v in sorted(set(values)):
+            m = values == v
+            ax.scatter(xy[m, 0], xy[m, 1], s=12, label=v)
+        ax.set_title(f"{name} of the fused synthetic cells, coloured by {col}")
+        ax.legend(fontsize=7, markerscale=1.5, loc="best")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _png(fig)
+
+
+def _curves(rounds: list[dict[str, Any]]) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    r = [x["round"] for x in rounds]
+    for ev in ("mlp", "logreg", "knn"):
+        axes[0].plot(r, [x["aggregate"]["cell_weighted"][ev]["accuracy"] for x in rounds], marker="o", label=ev)
+    axes[0].set(title="accuracy on held-out real cells (cell-weighted over sites)", xlabel="round", ylabel="accuracy")
+    sites = sorted({s for x in rounds for s in x["sites"]})
+    for s in sites:
+        axes[1].plot(r, [x["sites"].get(s, {}).get("scores", {}).get("mlp", {}).get("accuracy", math.nan) for x in rounds], marker="o", label=s)
+    axes[1].set(title="MLP accuracy per site", xlabel="round", ylabel="accuracy")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.set_xticks(r)
+    return _png(fig)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else ("n/a" if isinstance(v, float) else html.escape(str(v)))
+
+
+def _site_table(last: dict[str, Any], upload: dict[str, dict[str, int]]) -> str:
+    head = "<tr><th>site</th><th>held-out cells</th><th>MLP acc</th><th>LR acc</th><th>kNN acc</th><th>membership AUC</th><th>zero fraction real / synthetic</th><th>uploaded bytes</th></tr>"
+    rows = []
+    for site, m in sorted(last["sites"].items()):
+        sc = m["scores"]
+        rows.append(f"<tr><td>{html.escape(site)}</td><td>{m['n_test']}</td><td>{_fmt(sc['mlp']['accuracy'])}</td><td>{_fmt(sc['logreg']['accuracy'])}</td>"
+                    f"<td>{_fmt(sc['knn']['accuracy'])}</td><td>{_fmt(m['mia_auc'])}</td><td>{_fmt(m['zero_fraction_real'])} / "
+                    f"{_fmt(m['zero_fraction_synthetic'])}</td><td>{sum(upload.get(site, {}).values())}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def render(metrics: dict[str, Any], synthetic: Any, *, label_key: str) -> str:
+    """The report as one HTML string."""
+    rounds = metrics.get("rounds", [])
+    parts = ["<h1>fedscdd run report</h1>", f"<p>sites: {html.escape(', '.join(metrics.get('sites', [])))}; "
+             f"{synthetic.n_obs} synthetic cells x {synthetic.n_vars} genes in the final fused set.</p>"]
+    if rounds:
+        agg = rounds[-1]["aggregate"]
+        parts.append(f"<p>Final round: MLP accuracy {_fmt(agg['cell_weighted']['mlp']['accuracy'])} (cell-weighted), "
+                     f"{_fmt(agg['macro']['mlp']['accuracy'])} (mean over sites).</p>")
+        parts += ["<h2>Accuracy per round and per site</h2>", _curves(rounds)]
+        parts += ["<h2>Per site, last round (membership inference audit)</h2>", f"<p><b>Membership-inference AUC:</b> {MIA_GUIDE}.</p>",
+                  _site_table(rounds[-1], metrics.get("upload_bytes", {}))]
+    parts += ["<h2>Fused synthetic cells</h2>", _scatter(synthetic, label_key)]
+    if metrics.get("dropped"):
+        items = "".join(f"<li>{html.escape(str(d['site']))} / {html.escape(str(d['phase']))}: {html.escape(str(d['reason']))}</li>" for d in metrics["dropped"])
+        parts += ["<h2>Dropped sites</h2>", f"<ul>{items}</ul>"]
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>fedscdd report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write run_dir/report.html from the run's synthetic.h5ad and metrics.json."""
+    import anndata as ad
+
+    run_dir = Path(run_dir)
+    for need in ("metrics.json", "synthetic.h5ad", "plan.json"):
+        if not (run_dir / need).is_file():
+            from shared.errors import ConfigError
+
+            msg = f"{run_dir} has no {need}; pass the directory of a completed run (out-dir/<run-id>)"
+            raise ConfigError(msg)
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    plan = json.loads((run_dir / "plan.json").read_text(encoding="utf-8"))
+    synthetic = ad.read_h5ad(run_dir / "synthetic.h5ad")
+    out = write_text(run_dir / "report.html", render(metrics, synthetic, label_key=plan["spec"]["label-key"]))
+    logger.info("report written: %s", out)
+    return out

@@ -1,0 +1,115 @@
+"""The run directory ``out-dir/<run-id>/``: every output written atomically, plus a resumable server checkpoint.
+
+Layout: config.json, plan.json, metrics.json, synthetic_round<r>.h5ad, synthetic.h5ad, vae.pt,
+scdg.pt, mlp.pt, report.html; ``state/`` holds the checkpoint after the last completed phase
+(state.json + the generator pair), from which ``resume=true`` continues.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+
+from shared.checkpoint import load_model, save_model
+from shared.io import write_h5ad, write_json
+from shared.models import SCDG, VAE
+from shared.protocol import SCHEMA_VERSION, Plan
+
+logger = logging.getLogger(__name__)
+
+PACKAGES = ("flwr", "torch", "anndata", "scanpy", "numpy", "scikit-learn", "fedscdd")
+# Keys that may change between an interrupted run and its resumption (they do not change what was computed).
+RESUME_FREE = frozenset({"resume", "round-timeout-s", "site-wait-s", "out-dir", "report", "torch-threads", "num-distill-rounds", "expected-sites"})
+OUTPUTS = ("config.json", "plan.json", "metrics.json", "synthetic.h5ad", "vae.pt", "scdg.pt", "mlp.pt", "report.html")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a run's numbers."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """Server state after the last completed phase."""
+
+    completed: tuple[str, ...]
+    plan: Plan
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    vae: VAE
+    scdg: SCDG
+
+
+class RunStore:
+    """Reads and writes one run directory."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = Path(run_dir)
+        self.state_dir = self.dir / "state"
+
+    def clear(self) -> None:
+        """Remove a previous run's outputs and checkpoint from this directory (a fresh start)."""
+        if not self.dir.exists():
+            return
+        stale = [self.dir / n for n in OUTPUTS] + list(self.dir.glob("synthetic_round*.h5ad"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        logger.info("starting afresh in %s (previous outputs removed)", self.dir)
+
+    def write_config(self, run_config: Mapping[str, Any], *, run_id: str) -> None:
+        """config.json: the resolved config, run id, schema and package versions."""
+        write_json(self.dir / "config.json", {"run_id": run_id, "run_config": dict(run_config), "schema_version": SCHEMA_VERSION,
+                                              "versions": package_versions()})
+
+    def write_plan(self, plan: Plan) -> None:
+        """plan.json."""
+        write_json(self.dir / "plan.json", plan.to_json())
+
+    def write_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """metrics.json."""
+        write_json(self.dir / "metrics.json", dict(metrics))
+
+    def write_synthetic(self, adata: ad.AnnData, *, round_: int, final: bool) -> None:
+        """synthetic_round<r>.h5ad, and synthetic.h5ad when ``final``."""
+        write_h5ad(self.dir / f"synthetic_round{round_}.h5ad", adata)
+        if final:
+            write_h5ad(self.dir / "synthetic.h5ad", adata)
+
+    def save_models(self, **models: Any) -> None:
+        """<name>.pt for each model (config travels with the weights)."""
+        for name, model in models.items():
+            save_model(model, self.dir / f"{name}.pt")
+
+    def checkpoint(self, completed: Sequence[str], *, plan: Plan, metrics: Mapping[str, Any], config: Mapping[str, Any], vae: VAE, scdg: SCDG) -> None:
+        """Write the state after a completed phase (models first, state.json last: it marks the checkpoint valid)."""
+        save_model(vae, self.state_dir / "vae.pt")
+        save_model(scdg, self.state_dir / "scdg.pt")
+        write_json(self.state_dir / "state.json", {"completed": list(completed), "plan": plan.to_json(), "metrics": dict(metrics),
+                                                   "config": dict(config), "schema_version": SCHEMA_VERSION})
+        logger.info("checkpoint written after %s", completed[-1] if completed else "start")
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        """The last checkpoint, or None when there is none."""
+        import json
+
+        path = self.state_dir / "state.json"
+        if not path.is_file():
+            return None
+        state = json.loads(path.read_text(encoding="utf-8"))
+        vae, scdg = load_model(self.state_dir / "vae.pt", "vae"), load_model(self.state_dir / "scdg.pt", "scdg")
+        return Checkpoint(tuple(state["completed"]), Plan.from_json(state["plan"]), state["metrics"], state["config"], vae, scdg)  # type: ignore[arg-type]

@@ -1,0 +1,120 @@
+"""Coordinator-side model work: fresh models, decoding and fusing codes, fine-tuning the SCDG, evaluation models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from shared.checkpoint import config_to_dict, model_hash
+from shared.distill import Codes, generate
+from shared.evaluation import train_mlp
+from shared.models import SCDG, VAE, MLPClassifier
+from shared.pretrain import new_models
+from shared.protocol import Plan, StateDict
+from shared.synthetic import fuse, to_anndata
+from shared.training import TrainConfig, fit_scdg
+
+logger = logging.getLogger(__name__)
+
+
+def fresh_models(plan: Plan, *, latent_dim: int, seed: int) -> tuple[VAE, SCDG]:
+    """A new VAE and SCDG for the plan's genes and classes (seeded)."""
+    torch.manual_seed(seed)
+    vae, scdg = new_models(len(plan.genes), len(plan.classes), latent_dim)
+    vae.eval()
+    scdg.eval()
+    return vae, scdg
+
+
+def model_json(model: torch.nn.Module) -> str:
+    """The model's config dataclass as JSON (travels with its weights)."""
+    return json.dumps(config_to_dict(model.config), sort_keys=True)  # type: ignore[arg-type]
+
+
+def state_of(model: torch.nn.Module) -> StateDict:
+    """Detached numpy copy of a model's state dict."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_state(model: torch.nn.Module, state: StateDict) -> None:
+    """Load a numpy state dict into ``model`` in place."""
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    model.eval()
+
+
+@dataclass(frozen=True)
+class SiteCodes:
+    """One site's validated codes of one round."""
+
+    site: str
+    codes: Codes
+    distill_seconds: float = float("nan")
+    upload_bytes: int = 0
+
+
+def fuse_round(parts: Sequence[SiteCodes], vae: VAE, scdg: SCDG, plan: Plan, *, round_: int, provenance: dict[str, Any]) -> ad.AnnData:
+    """Decode every site's codes with the generator they were made with and fuse them into one AnnData."""
+    pieces = []
+    for part in sorted(parts, key=lambda p: p.site):
+        cells = generate(vae, scdg, part.codes, mode="expected")
+        pieces.append(to_anndata(cells, part.codes.labels, class_names=plan.classes, genes=plan.genes, label_key=plan.spec.label_key,
+                                 site=part.site, round_=round_, provenance=provenance))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # anndata: duplicate obs names before fuse() renames them
+        fused = fuse(pieces)
+    fused.uns["fedscdd"] = pieces[0].uns["fedscdd"]
+    return fused
+
+
+def finetune_generator(scdg: SCDG, parts: Sequence[SiteCodes], *, steps: int, lr: float, anchor_weight: float, seed: int) -> list[float]:
+    """Fine-tune the SCDG on the fused one-step estimates ẑ₀ of all codes, pulled toward its pre-round weights."""
+    if steps <= 0 or not parts:
+        return []
+    with torch.no_grad():
+        zs, ys = [], []
+        for p in parts:
+            w = torch.as_tensor(p.codes.codes, dtype=torch.float32)
+            y = torch.as_tensor(p.codes.labels, dtype=torch.long)
+            zs.append(scdg.unstandardize(scdg.one_step(w, p.codes.t_star, y, p.codes.guidance)))
+            ys.append(y)
+        Z, labels = torch.cat(zs).numpy(), torch.cat(ys).numpy()
+    anchor = {k: v.detach().clone() for k, v in scdg.state_dict().items()}
+    cfg = TrainConfig(steps=steps, lr=lr, batch_size=256, seed=seed)
+    return fit_scdg(scdg, Z, labels, cfg, anchor=anchor, anchor_weight=anchor_weight)
+
+
+@dataclass(frozen=True, eq=False)
+class EvalModels:
+    """Models trained on the fused synthetic cells, in the form sent to the sites."""
+
+    mlp: MLPClassifier
+    coef: np.ndarray
+    intercept: np.ndarray
+    classes: np.ndarray
+
+
+def train_evaluators(X: np.ndarray, y: np.ndarray, n_classes: int, *, mlp_steps: int, seed: int) -> EvalModels:
+    """The MLP and a logistic regression, trained on synthetic cells only."""
+    mlp = train_mlp(X, y, n_classes, seed=seed, steps=mlp_steps)
+    present = np.unique(y)
+    if present.size < 2:
+        coef, icpt = np.zeros((1, X.shape[1])), np.zeros(1)
+    else:
+        lr = LogisticRegression(max_iter=300, C=1.0, random_state=seed).fit(X, y)
+        coef, icpt = lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64)
+    return EvalModels(mlp, coef, icpt, present.astype(np.int64))
+
+
+def provenance(vae: VAE, scdg: SCDG, *, round_: int, sites: Sequence[str], distill: dict[str, Any]) -> dict[str, Any]:
+    """What made a fused synthetic set (stored in uns)."""
+    return {"method": "fedscdd", "round": round_, "sites": list(sites), "distill": distill,
+            "vae_hash": model_hash(vae), "scdg_hash": model_hash(scdg)}

@@ -1,0 +1,126 @@
+"""Validate every site reply against the plan and the request before the server uses it.
+
+Schema checks (records, keys, dtypes, ranks, finiteness, version) happen in ``from_record``; the
+checks here need the run's context: plan sizes, what was sent, what the site reported. Any failure
+raises ``ProtocolError`` with a short reason; the orchestrator drops that site for the round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from typing import TypeVar
+
+import numpy as np
+from flwr.app import RecordDict
+
+from shared.errors import ProtocolError
+from shared.protocol import (
+    DistillReply, DistillRequest, EvaluateReply, PretrainReply, PretrainRequest, ProfileReply, StateDict,
+)
+
+BUDGET_SLACK_BYTES = 4096
+P = TypeVar("P")
+
+
+def distill_budget(k: int, n_classes: int, latent_dim: int) -> int:
+    """Most bytes a distill reply may occupy on the wire: k·C·d float32 values plus 4096 bytes."""
+    return k * n_classes * latent_dim * 4 + BUDGET_SLACK_BYTES
+
+
+def decode(content: RecordDict, payload: type[P]) -> P:
+    """``payload.from_record(content)``, turning unexpected decoder failures into ProtocolError."""
+    try:
+        return payload.from_record(content)  # type: ignore[attr-defined,no-any-return]
+    except ProtocolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed input must never crash the server
+        msg = f"{payload.__name__} could not be decoded ({type(exc).__name__})"
+        raise ProtocolError(msg) from None
+
+
+def _reject(reason: str) -> ProtocolError:
+    return ProtocolError(reason)
+
+
+def validate_profile(reply: ProfileReply, *, seen_sites: Collection[str]) -> None:
+    """Per-gene aggregates must be consistent with n-cells; the site name must be new in this run."""
+    if reply.site_name in seen_sites:
+        raise _reject(f"duplicated site name {reply.site_name!r}: another SuperNode already answered as this site")
+    if np.any(reply.sums < 0) or np.any(reply.sumsq < 0):
+        raise _reject("negative per-gene sums or sums of squares (log-normalised data is non-negative)")
+    if np.any(reply.detected < 0) or np.any(reply.detected > reply.n_cells):
+        raise _reject("per-gene detection counts outside [0, n-cells]")
+    if np.any(reply.label_counts <= 0) or int(reply.label_counts.sum()) > reply.n_cells:
+        raise _reject("label counts must be positive and sum to at most n-cells")
+
+
+def _same_state(got: StateDict, sent: Mapping[str, np.ndarray], what: str) -> None:
+    if list(got) != list(sent):
+        missing, extra = sorted(set(sent) - set(got)), sorted(set(got) - set(sent))
+        raise _reject(f"{what} weights: keys differ from the sent state dict (missing {missing[:3]}, unexpected {extra[:3]})")
+    for key, ref in sent.items():
+        if got[key].shape != ref.shape or got[key].dtype != ref.dtype:
+            raise _reject(f"{what} weights: {key!r} is {got[key].dtype}{list(got[key].shape)}, expected {ref.dtype}{list(ref.shape)}")
+
+
+def validate_pretrain(reply: PretrainReply, req: PretrainRequest, *, latent_dim: int) -> None:
+    """Stage and round must echo the request; weights must match the sent state dict; counts positive."""
+    if reply.stage != req.stage or reply.round != req.round:
+        raise _reject(f"reply is for stage {reply.stage!r} round {reply.round}, expected {req.stage!r} round {req.round}")
+    if reply.num_examples <= 0:
+        raise _reject(f"num-examples must be > 0, got {reply.num_examples}")
+    if reply.stage == "latent-stats":
+        s, q = reply.latent_sum, reply.latent_sumsq
+        if s is None or q is None or s.shape != (latent_dim,) or q.shape != (latent_dim,) or np.any(q < 0):
+            raise _reject(f"latent statistics must be two length-{latent_dim} vectors with non-negative sums of squares")
+        return
+    _same_state(reply.weights or {}, req.weights, req.stage)
+
+
+def validate_distill(reply: DistillReply, req: DistillRequest, *, latent_dim: int, site_classes: Collection[int], wire: int) -> None:
+    """Codes (n, d) for classes the site reported, at most k per class, counts of length C, within the byte budget."""
+    n_classes, k = len(req.plan.classes), req.k
+    budget = distill_budget(k, n_classes, latent_dim)
+    if wire > budget:
+        raise _reject(f"distill reply is {wire} bytes, over the budget of {budget} (k·C·d·4 + {BUDGET_SLACK_BYTES})")
+    if reply.round != req.round:
+        raise _reject(f"reply is for round {reply.round}, expected {req.round}")
+    if reply.codes.shape[1] != latent_dim:
+        raise _reject(f"codes have {reply.codes.shape[1]} dimensions, expected the latent dimension {latent_dim}")
+    labels = reply.labels.astype(np.int64)
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise _reject(f"code labels outside the plan's {n_classes} class ids")
+    unreported = sorted(set(np.unique(labels).tolist()) - set(site_classes))
+    if unreported:
+        raise _reject(f"codes for {len(unreported)} class(es) this site did not report in its profile")
+    per_class = np.bincount(labels, minlength=n_classes)
+    if per_class.max() > k:
+        raise _reject(f"{int(per_class.max())} codes for one class, at most k={k} allowed")
+    counts = reply.class_counts
+    if counts.shape != (n_classes,) or np.any(counts < 0):
+        raise _reject(f"class counts must be {n_classes} non-negative integers")
+    if np.any((per_class > 0) & (counts == 0)):
+        raise _reject("codes for a class with zero reported cells")
+    if not math.isfinite(reply.distill_seconds) or reply.distill_seconds < 0:
+        raise _reject("distill-seconds must be a non-negative number")
+
+
+def validate_evaluate(reply: EvaluateReply, *, round_: int, n_classes: int) -> None:
+    """Scores in [0, 1] (NaN only where a metric is undefined), recall of length C, n-test positive."""
+    if reply.round != round_:
+        raise _reject(f"reply is for round {reply.round}, expected {round_}")
+    if reply.n_test <= 0:
+        raise _reject(f"n-test must be > 0, got {reply.n_test}")
+
+    def unit(v: float, *, allow_nan: bool = False) -> bool:
+        return (allow_nan and math.isnan(v)) or (math.isfinite(v) and 0.0 <= v <= 1.0)
+
+    for ev, s in reply.scores.items():
+        if len(s.recall) != n_classes:
+            raise _reject(f"{ev} recall has {len(s.recall)} entries, expected one per plan class ({n_classes})")
+        if not (unit(s.accuracy) and unit(s.macro_f1) and all(unit(r, allow_nan=True) for r in s.recall)):
+            raise _reject(f"{ev} scores outside [0, 1]")
+    fractions = (reply.zero_fraction_real, reply.zero_fraction_synthetic, reply.mia_auc)
+    if not all(unit(v, allow_nan=True) for v in fractions) or reply.mmd_pca < 0 or reply.mean_corr < -1 or reply.mean_corr > 1:
+        raise _reject("fidelity or membership-inference numbers out of range")

@@ -1,0 +1,264 @@
+"""Codec helpers, record keys, the site spec and the plan of the federation protocol.
+
+Every payload is a frozen dataclass with ``to_record()`` and ``from_record()``; decoding is strict
+(exact record and key sets, schema version, dtypes, ranks, finite floats) and raises
+``ProtocolError`` with a short reason. Plan-dependent checks (shapes against the plan, label ids,
+byte budgets) live in ``server/validation.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from shared.errors import ProtocolError
+
+SCHEMA_VERSION = 1
+MSG_PROFILE = "query.profile"
+MSG_PRETRAIN = "train.pretrain"
+MSG_DISTILL = "train.distill"
+MSG_EVALUATE = "evaluate.models"
+MESSAGE_TYPES = (MSG_PROFILE, MSG_PRETRAIN, MSG_DISTILL, MSG_EVALUATE)
+
+SCHEMA_KEY = "schema-version"
+KEY_CONFIG = "config"  # ConfigRecord of every payload
+KEY_METRICS = "metrics"  # MetricRecord of replies
+KEY_SPEC = "site-spec"  # ConfigRecord: how a site prepares its data
+KEY_PLAN = "plan"  # ConfigRecord: spec + classes of the plan
+KEY_PLAN_GENES = "plan-genes"  # ArrayRecord: the plan's gene names (utf-8 bytes)
+KEY_STATS = "site-stats"  # ArrayRecord: per-gene and per-label aggregates
+KEY_WEIGHTS = "weights"
+KEY_ENCODER = "encoder-weights"
+KEY_VAE = "vae-weights"
+KEY_SCDG = "scdg-weights"
+KEY_MLP = "mlp-weights"
+KEY_LOGREG = "logreg"
+KEY_LATENT = "latent-stats"
+KEY_CODES = "codes"
+KEY_DISTILL = "distill-config"  # ConfigRecord: DistillConfig fields
+KEY_SYNTHETIC = "synthetic"
+
+Stage = Literal["vae", "latent-stats", "scdg"]
+STAGES: tuple[Stage, ...] = ("vae", "latent-stats", "scdg")
+EVALUATORS = ("mlp", "logreg", "knn")
+ABSENT = -1.0  # wire value of a missing non-negative metric (NaN in Python)
+ABSENT_CORR = -2.0  # wire value of a missing correlation
+_SEP = "\n"
+T = TypeVar("T")
+StateDict = dict[str, np.ndarray]
+
+
+# ----------------------------------------------------------------------------- helpers
+def fail(where: str, what: str) -> ProtocolError:
+    return ProtocolError(f"{where}: {what}")
+
+
+def config_record(values: Mapping[str, Any]) -> ConfigRecord:
+    return ConfigRecord({SCHEMA_KEY: SCHEMA_VERSION, **values})
+
+
+def check_records(rd: RecordDict, where: str, *, arrays: Iterable[str] = (), configs: Iterable[str] = (), metrics: Iterable[str] = ()) -> None:
+    """Check that rd holds exactly the named records, of the right kinds, with our schema version."""
+    if not isinstance(rd, RecordDict):
+        raise fail(where, f"expected a RecordDict, got {type(rd).__name__}")
+    kinds = {**{k: ArrayRecord for k in arrays}, **{k: ConfigRecord for k in configs}, **{k: MetricRecord for k in metrics}}
+    missing, extra = sorted(set(kinds) - set(rd.keys())), sorted(set(rd.keys()) - set(kinds))
+    if missing or extra:
+        raise fail(where, f"records differ from the schema (missing {missing}, unexpected {extra})")
+    for name, kind in kinds.items():
+        if not isinstance(rd[name], kind):
+            raise fail(where, f"record {name!r} is a {type(rd[name]).__name__}, expected {kind.__name__}")
+        if kind is ConfigRecord and rd[name].get(SCHEMA_KEY) != SCHEMA_VERSION:
+            raise fail(where, f"record {name!r} has schema version {rd[name].get(SCHEMA_KEY)!r}, expected {SCHEMA_VERSION}; update fedscdd on both sides")
+
+
+def check_keys(record: Mapping[str, Any], expected: Iterable[str], where: str) -> None:
+    exp = set(expected)
+    missing, extra = sorted(exp - set(record)), sorted(set(record) - exp)
+    if missing or extra:
+        raise fail(where, f"keys differ from the schema (missing {missing}, unexpected {extra})")
+
+
+def get_value(record: Mapping[str, Any], key: str, kind: type[T], where: str) -> T:
+    """Scalar of exactly type ``kind`` (bool is not an int; ints are accepted as floats); floats finite."""
+    v = record[key]
+    ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+    if kind is float and isinstance(v, int) and not isinstance(v, bool):
+        v, ok = float(v), True
+    if not ok:
+        raise fail(where, f"{key!r} is {type(v).__name__}, expected {kind.__name__}")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise fail(where, f"{key!r} is not finite")
+    return v  # type: ignore[return-value]
+
+
+def get_float_list(record: Mapping[str, Any], key: str, where: str) -> tuple[float, ...]:
+    v = record[key]
+    if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        raise fail(where, f"{key!r} must be a list of numbers")
+    if not all(math.isfinite(x) for x in v):
+        raise fail(where, f"{key!r} holds non-finite values")
+    return tuple(float(x) for x in v)
+
+
+def get_str_list(record: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    v = record[key]
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
+        raise fail(where, f"{key!r} must be a non-empty list of strings")
+    return tuple(v)
+
+
+def get_array(record: ArrayRecord, key: str, dtype: str, ndim: int, where: str) -> np.ndarray:
+    """The numpy array under ``key``, refusing other dtypes, ranks and non-finite floats."""
+    try:
+        arr = record[key].numpy()
+    except Exception as exc:  # noqa: BLE001 - any decode failure is a protocol error
+        raise fail(where, f"array {key!r} cannot be decoded ({type(exc).__name__})") from None
+    if arr.dtype != np.dtype(dtype):
+        raise fail(where, f"array {key!r} has dtype {arr.dtype}, expected {dtype}")
+    if arr.ndim != ndim:
+        raise fail(where, f"array {key!r} has {arr.ndim} dimensions, expected {ndim}")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise fail(where, f"array {key!r} holds NaN or Inf")
+    return arr
+
+
+def encode_strings(names: Iterable[str]) -> np.ndarray:
+    """Names -> uint8 array of newline-joined UTF-8 (names must not contain newlines)."""
+    names = list(names)
+    if any(_SEP in n for n in names):
+        msg = "names must not contain newlines"
+        raise ProtocolError(msg)
+    return np.frombuffer(_SEP.join(names).encode("utf-8"), dtype=np.uint8).copy()
+
+
+def decode_strings(arr: np.ndarray, where: str) -> tuple[str, ...]:
+    """Inverse of ``encode_strings``; refuses empty lists, undecodable bytes and duplicates."""
+    try:
+        names = tuple(arr.tobytes().decode("utf-8").split(_SEP)) if arr.size else ()
+    except UnicodeDecodeError:
+        raise fail(where, "names are not valid UTF-8") from None
+    if not names or len(set(names)) != len(names) or "" in names:
+        raise fail(where, "names must be non-empty, unique and not blank")
+    return names
+
+
+def state_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """A state dict (name -> array) as an ArrayRecord, order kept."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def state_from_record(record: ArrayRecord, where: str) -> StateDict:
+    """ArrayRecord -> state dict of finite float arrays (any rank)."""
+    out: StateDict = {}
+    for k in record:
+        arr = record[k].numpy()
+        out[k] = get_array(record, k, str(arr.dtype), arr.ndim, where) if arr.dtype.kind == "f" else arr
+    return out
+
+
+def wire_bytes(content: RecordDict) -> int:
+    """Bytes the content occupies on the wire: every serialised object of its tree, data chunks included."""
+    total, stack = 0, [content]
+    while stack:
+        obj = stack.pop()
+        total += len(obj.deflate())
+        stack.extend((getattr(obj, "children", None) or {}).values())
+    return total
+
+
+def nan_to_wire(v: float, absent: float = ABSENT) -> float:
+    return absent if not math.isfinite(v) else float(v)
+
+
+def wire_to_nan(v: float, absent: float = ABSENT) -> float:
+    return float("nan") if v == absent else v
+
+
+# ----------------------------------------------------------------------------- site spec and plan
+@dataclass(frozen=True)
+class SiteSpec:
+    """How every site reads and splits its data (same for all sites of a run)."""
+
+    label_key: str = "cell_type"
+    expect: str = "auto"
+    min_cells_per_class: int = 2
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    min_coverage: float = 0.5
+
+    def items(self) -> dict[str, Any]:
+        """Wire items of the spec."""
+        return {"label-key": self.label_key, "expect": self.expect, "min-cells-per-class": self.min_cells_per_class,
+                "test-fraction": float(self.test_fraction), "split-seed": self.split_seed, "min-coverage": float(self.min_coverage)}
+
+    @classmethod
+    def parse(cls, rec: Mapping[str, Any], where: str) -> SiteSpec:
+        """Decode and range-check a spec record."""
+        spec = cls(label_key=get_value(rec, "label-key", str, where), expect=get_value(rec, "expect", str, where),
+                   min_cells_per_class=get_value(rec, "min-cells-per-class", int, where), test_fraction=get_value(rec, "test-fraction", float, where),
+                   split_seed=get_value(rec, "split-seed", int, where), min_coverage=get_value(rec, "min-coverage", float, where))
+        if spec.expect not in ("auto", "counts", "lognorm") or spec.min_cells_per_class < 1 or not 0 <= spec.test_fraction < 1:
+            raise fail(where, "site spec out of range (expect, min-cells-per-class >= 1, 0 <= test-fraction < 1)")
+        return spec
+
+
+SPEC_KEYS = {SCHEMA_KEY, *SiteSpec().items()}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run's gene vocabulary, label vocabulary and data spec, sent with every training message."""
+
+    genes: tuple[str, ...]
+    classes: tuple[str, ...]
+    spec: SiteSpec = field(default_factory=SiteSpec)
+
+    def digest(self) -> str:
+        """Short SHA-256 of the plan (cache keys, warm-start checks)."""
+        blob = json.dumps([self.genes, self.classes, self.spec.items()], sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def records(self) -> dict[str, ConfigRecord | ArrayRecord]:
+        """The plan's two records."""
+        return {KEY_PLAN: config_record({**self.spec.items(), "classes": list(self.classes)}),
+                KEY_PLAN_GENES: ArrayRecord({"names": Array(encode_strings(self.genes))})}
+
+    @classmethod
+    def from_records(cls, rd: RecordDict, where: str) -> Plan:
+        """Decode the plan's records (caller checked the record set)."""
+        rec = rd[KEY_PLAN]
+        check_keys(rec, SPEC_KEYS | {"classes"}, where)
+        check_keys(rd[KEY_PLAN_GENES], {"names"}, where)
+        genes = decode_strings(get_array(rd[KEY_PLAN_GENES], "names", "uint8", 1, where), where)
+        classes = get_str_list(rec, "classes", where)
+        if len(set(classes)) != len(classes):
+            raise fail(where, "plan classes are not unique")
+        return cls(genes=genes, classes=classes, spec=SiteSpec.parse(rec, where))
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain dict for plan.json."""
+        return {"genes": list(self.genes), "classes": list(self.classes), "spec": self.spec.items(), "digest": self.digest()}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Plan:
+        """Inverse of ``to_json``."""
+        s = obj["spec"]
+        spec = SiteSpec(s["label-key"], s["expect"], int(s["min-cells-per-class"]), float(s["test-fraction"]), int(s["split-seed"]), float(s["min-coverage"]))
+        return cls(tuple(obj["genes"]), tuple(obj["classes"]), spec)
+
+
+PLAN_RECORDS = (KEY_PLAN, KEY_PLAN_GENES)
+
+
+def check_round(rnd: int, where: str) -> int:
+    if rnd < 0:
+        raise fail(where, f"round must be >= 0, got {rnd}")
+    return rnd

@@ -1,0 +1,171 @@
+"""Payloads of query.profile and train.pretrain: frozen dataclasses with strict to_record/from_record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from shared.protocol.codec import (
+    SPEC_KEYS, KEY_CONFIG, KEY_ENCODER, KEY_LATENT, KEY_METRICS, KEY_PLAN, KEY_PLAN_GENES, KEY_SPEC, KEY_STATS, KEY_WEIGHTS,
+    SCHEMA_KEY, STAGES, check_round, Plan, SiteSpec, Stage, StateDict, get_array, config_record, fail, check_keys, check_records, get_str_list, get_value,
+    decode_strings, encode_strings, state_from_record, state_record,
+)
+
+
+# ----------------------------------------------------------------------------- query.profile
+@dataclass(frozen=True)
+class ProfileRequest:
+    """Server -> site: send your per-gene and per-label aggregates (training cells only)."""
+
+    spec: SiteSpec
+
+    def to_record(self) -> RecordDict:
+        """Encode."""
+        return RecordDict({KEY_SPEC: config_record(self.spec.items())})
+
+    @classmethod
+    def from_record(cls, rd: RecordDict) -> ProfileRequest:
+        """Decode strictly."""
+        where = "profile request"
+        check_records(rd, where, configs=[KEY_SPEC])
+        check_keys(rd[KEY_SPEC], SPEC_KEYS, where)
+        return cls(SiteSpec.parse(rd[KEY_SPEC], where))
+
+
+@dataclass(frozen=True, eq=False)
+class ProfileReply:
+    """Site -> server: gene names, per-gene sums / sums of squares / detection counts, cells per label."""
+
+    site_name: str
+    genes: tuple[str, ...]
+    sums: np.ndarray  # float64 (G,)
+    sumsq: np.ndarray  # float64 (G,)
+    detected: np.ndarray  # int64 (G,)
+    n_cells: int
+    label_names: tuple[str, ...]
+    label_counts: np.ndarray  # int64 (L,)
+
+    def to_record(self) -> RecordDict:
+        """Encode."""
+        stats = ArrayRecord({"gene-names": Array(encode_strings(self.genes)), "sums": Array(np.asarray(self.sums, np.float64)),
+                             "sumsq": Array(np.asarray(self.sumsq, np.float64)), "detected": Array(np.asarray(self.detected, np.int64)),
+                             "label-counts": Array(np.asarray(self.label_counts, np.int64))})
+        cfg = config_record({"site-name": self.site_name, "n-cells": int(self.n_cells), "label-names": list(self.label_names)})
+        return RecordDict({KEY_CONFIG: cfg, KEY_STATS: stats})
+
+    @classmethod
+    def from_record(cls, rd: RecordDict) -> ProfileReply:
+        """Decode strictly."""
+        where = "profile reply"
+        check_records(rd, where, configs=[KEY_CONFIG], arrays=[KEY_STATS])
+        cfg, stats = rd[KEY_CONFIG], rd[KEY_STATS]
+        check_keys(cfg, {SCHEMA_KEY, "site-name", "n-cells", "label-names"}, where)
+        check_keys(stats, {"gene-names", "sums", "sumsq", "detected", "label-counts"}, where)
+        genes = decode_strings(get_array(stats, "gene-names", "uint8", 1, where), where)
+        vecs = [get_array(stats, k, dt, 1, where) for k, dt in (("sums", "float64"), ("sumsq", "float64"), ("detected", "int64"))]
+        if any(v.size != len(genes) for v in vecs):
+            raise fail(where, f"per-gene arrays must all have length {len(genes)} (one per gene name)")
+        labels = get_str_list(cfg, "label-names", where)
+        counts = get_array(stats, "label-counts", "int64", 1, where)
+        n_cells = get_value(cfg, "n-cells", int, where)
+        name = get_value(cfg, "site-name", str, where)
+        if counts.size != len(labels) or len(set(labels)) != len(labels) or n_cells < 1 or not name.strip():
+            raise fail(where, "label names/counts inconsistent, duplicated labels, n-cells < 1 or blank site name")
+        return cls(name, genes, vecs[0], vecs[1], vecs[2], n_cells, labels, counts)
+
+
+# ----------------------------------------------------------------------------- train.pretrain
+@dataclass(frozen=True, eq=False)
+class PretrainRequest:
+    """Server -> site: run local steps of one pretraining stage on these weights (or report latent moments)."""
+
+    stage: Stage
+    round: int
+    weights: StateDict
+    model_config: str  # JSON of the model's config dataclass
+    plan: Plan
+    steps: int
+    lr: float
+    batch_size: int
+    warmup_fraction: float
+    seed: int
+    encoder: StateDict | None = None  # the VAE, for the "scdg" stage
+    encoder_config: str = ""
+
+    def to_record(self) -> RecordDict:
+        """Encode."""
+        cfg = config_record({"stage": self.stage, "round": self.round, "model-config": self.model_config, "steps": self.steps, "lr": float(self.lr),
+                       "batch-size": self.batch_size, "warmup-fraction": float(self.warmup_fraction), "seed": self.seed, "encoder-config": self.encoder_config})
+        rd = RecordDict({KEY_CONFIG: cfg, KEY_WEIGHTS: state_record(self.weights), **self.plan.records()})
+        if self.stage == "scdg":
+            rd[KEY_ENCODER] = state_record(self.encoder or {})
+        return rd
+
+    @classmethod
+    def from_record(cls, rd: RecordDict) -> PretrainRequest:
+        """Decode strictly."""
+        where = "pretrain request"
+        cfg = rd.get(KEY_CONFIG, {})
+        stage = cfg.get("stage") if isinstance(cfg, ConfigRecord) else None
+        if stage not in STAGES:
+            raise fail(where, f"stage {stage!r} unknown; expected one of {STAGES}")
+        check_records(rd, where, configs=[KEY_CONFIG, KEY_PLAN], arrays=[KEY_WEIGHTS, KEY_PLAN_GENES, *([KEY_ENCODER] if stage == "scdg" else [])])
+        check_keys(cfg, {SCHEMA_KEY, "stage", "round", "model-config", "steps", "lr", "batch-size", "warmup-fraction", "seed", "encoder-config"}, where)
+        req = cls(stage=stage, round=check_round(get_value(cfg, "round", int, where), where), weights=state_from_record(rd[KEY_WEIGHTS], where),
+                  model_config=get_value(cfg, "model-config", str, where), plan=Plan.from_records(rd, where), steps=get_value(cfg, "steps", int, where),
+                  lr=get_value(cfg, "lr", float, where), batch_size=get_value(cfg, "batch-size", int, where),
+                  warmup_fraction=get_value(cfg, "warmup-fraction", float, where), seed=get_value(cfg, "seed", int, where),
+                  encoder=state_from_record(rd[KEY_ENCODER], where) if stage == "scdg" else None,
+                  encoder_config=get_value(cfg, "encoder-config", str, where))
+        if req.steps < 0 or req.lr <= 0 or req.batch_size < 1 or not 0 <= req.warmup_fraction <= 1:
+            raise fail(where, "steps >= 0, lr > 0, batch-size >= 1 and 0 <= warmup-fraction <= 1 required")
+        return req
+
+
+@dataclass(frozen=True, eq=False)
+class PretrainReply:
+    """Site -> server: updated weights (vae/scdg stages) or per-dimension latent sums (latent-stats stage)."""
+
+    stage: Stage
+    round: int
+    num_examples: int
+    loss: float
+    weights: StateDict | None = None
+    latent_sum: np.ndarray | None = None  # float64 (d,)
+    latent_sumsq: np.ndarray | None = None  # float64 (d,)
+
+    def to_record(self) -> RecordDict:
+        """Encode."""
+        rd = RecordDict({KEY_CONFIG: config_record({"stage": self.stage, "round": self.round}),
+                         KEY_METRICS: MetricRecord({"num-examples": int(self.num_examples), "loss": float(self.loss)})})
+        if self.stage == "latent-stats":
+            rd[KEY_LATENT] = ArrayRecord({"sum": Array(np.asarray(self.latent_sum, np.float64)), "sumsq": Array(np.asarray(self.latent_sumsq, np.float64))})
+        else:
+            rd[KEY_WEIGHTS] = state_record(self.weights or {})
+        return rd
+
+    @classmethod
+    def from_record(cls, rd: RecordDict) -> PretrainReply:
+        """Decode strictly."""
+        where = "pretrain reply"
+        cfg = rd.get(KEY_CONFIG, {})
+        stage = cfg.get("stage") if isinstance(cfg, ConfigRecord) else None
+        if stage not in STAGES:
+            raise fail(where, f"stage {stage!r} unknown; expected one of {STAGES}")
+        payload = KEY_LATENT if stage == "latent-stats" else KEY_WEIGHTS
+        check_records(rd, where, configs=[KEY_CONFIG], metrics=[KEY_METRICS], arrays=[payload])
+        check_keys(cfg, {SCHEMA_KEY, "stage", "round"}, where)
+        check_keys(rd[KEY_METRICS], {"num-examples", "loss"}, where)
+        out: dict[str, Any] = {}
+        if stage == "latent-stats":
+            check_keys(rd[KEY_LATENT], {"sum", "sumsq"}, where)
+            out = {"latent_sum": get_array(rd[KEY_LATENT], "sum", "float64", 1, where), "latent_sumsq": get_array(rd[KEY_LATENT], "sumsq", "float64", 1, where)}
+            if out["latent_sum"].shape != out["latent_sumsq"].shape:
+                raise fail(where, "latent sum and sumsq differ in length")
+        else:
+            out = {"weights": state_from_record(rd[KEY_WEIGHTS], where)}
+        return cls(stage=stage, round=check_round(get_value(cfg, "round", int, where), where),
+                   num_examples=get_value(rd[KEY_METRICS], "num-examples", int, where), loss=get_value(rd[KEY_METRICS], "loss", float, where), **out)

@@ -1,0 +1,190 @@
+"""Payloads of train.distill and evaluate.models: frozen dataclasses with strict to_record/from_record."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from shared.protocol.codec import (
+    ABSENT, ABSENT_CORR, EVALUATORS, KEY_CODES, KEY_CONFIG, KEY_DISTILL, KEY_LOGREG, KEY_METRICS, KEY_MLP, KEY_PLAN,
+    KEY_PLAN_GENES, KEY_SCDG, KEY_SYNTHETIC, KEY_VAE, SCHEMA_KEY, Plan, StateDict, check_keys, check_records,
+    check_round, config_record, fail, get_array, get_float_list, get_value, nan_to_wire, state_from_record, state_record,
+    wire_to_nan,
+)
+
+DistillValue = int | float | str | bool
+
+
+# ----------------------------------------------------------------------------- train.distill
+@dataclass(frozen=True, eq=False)
+class DistillRequest:
+    """Server -> site: distill k codes per local class through these generator weights."""
+
+    round: int
+    vae: StateDict
+    vae_config: str
+    scdg: StateDict
+    scdg_config: str
+    plan: Plan
+    distill: Mapping[str, DistillValue]  # DistillConfig fields (k, iterations, ...), seed excluded
+    seed: int
+    warm_start: bool = True  # start from the site's codes of the previous round (kept at the site)
+
+    def to_record(self) -> RecordDict:
+        """Encode."""
+        cfg = config_record({"round": self.round, "vae-config": self.vae_config, "scdg-config": self.scdg_config, "seed": self.seed,
+                             "warm-start": bool(self.warm_start)})
+        return RecordDict({KEY_CONFIG: cfg, KEY_DISTILL: config_record(dict(self.distill)), KEY_VAE: state_record(self.vae),
+                           KEY_SCDG: state_record(self.scdg), **self.plan.records()})
+
+    @classmethod
+    def from_record(cls, rd: RecordDict) -> DistillRequest:
+        """Decode strictly."""
+        where = "distill request"
+        check_records(rd, where, configs=[KEY_CONFIG, KEY_DISTILL, KEY_PLAN], arrays=[KEY_VAE, KEY_SCDG, KEY_PLAN_GENES])
+        cfg = rd[KEY_CONFIG]
+        check_keys(cfg, {SCHEMA_KEY, "round", "vae-config", "scdg-config", "seed", "warm-start"}, where)
+        distill = {k: v for k, v in rd[KEY_DISTILL].items() if k != SCHEMA_KEY}
+        bad = [k for k, v in distill.items() if not isinstance(v, (int, float, str, bool)) or (isinstance(v, float) and not math.isfinite(v))]
+        if bad or not isinstance(distill.get("k"), int) or distill["k"] < 1:
+            raise fail(where, f"distill config needs an integer k >= 1 and finite scalar values (bad: {sorted(bad)})")
+        return cls(round=check_round(get_value(cfg, "round", int, where), where), vae=state_from_record(rd[KEY_VAE], where),
+                   vae_config=get_value(cfg, "vae-config", str, where), scdg=state_from_record(rd[KEY_SCDG], where),
+                   scdg_config=get_value(cfg, "scdg-config", str, where), plan=Plan.from_records(rd, where), distill=distill,
+                   seed=get_value(cfg, "seed", int, where), warm_start=get_value(cfg, "warm-start", bool, where))
+
+    @property
+    def k(self) -> int:
+        """Codes per class."""
+        return int(self.distill["k"])
+
+
+@dataclass(frozen=True, eq=False)
+class DistillReply:
+    """Site -> server: codes (n, d) float32, their global class ids, training cells per plan class."""
+
+    round: int
+    codes: np.ndarray  # float32 (n, d)
+    labels: np.ndarray  # int32 (n,)
+    class_counts: np.ndarray  # int64 (C,)
+    distill_seconds: float
+
+    def to_record(self) -> RecordDict:
+        """Encode."""
+        arrays = ArrayRecord({"codes": Array(np.ascontiguousarray(self.codes, np.float32)), "labels": Array(np.asarray(self.labels, np.int32)),
+                              "class-counts": Array(np.asarray(self.class_counts, np.int64))})
+        return RecordDict({KEY_CONFIG: config_record({"round": self.round}), KEY_CODES: arrays,
+                           KEY_METRICS: MetricRecord({"distill-seconds": float(self.distill_seconds)})})
+
+    @classmethod
+    def from_record(cls, rd: RecordDict) -> DistillReply:
+        """Decode strictly."""
+        where = "distill reply"
+        check_records(rd, where, configs=[KEY_CONFIG], arrays=[KEY_CODES], metrics=[KEY_METRICS])
+        check_keys(rd[KEY_CONFIG], {SCHEMA_KEY, "round"}, where)
+        check_keys(rd[KEY_CODES], {"codes", "labels", "class-counts"}, where)
+        check_keys(rd[KEY_METRICS], {"distill-seconds"}, where)
+        codes = get_array(rd[KEY_CODES], "codes", "float32", 2, where)
+        labels = get_array(rd[KEY_CODES], "labels", "int32", 1, where)
+        if labels.shape[0] != codes.shape[0] or codes.shape[0] == 0:
+            raise fail(where, f"{codes.shape[0]} codes but {labels.shape[0]} labels (need one label per code, at least one code)")
+        return cls(round=check_round(get_value(rd[KEY_CONFIG], "round", int, where), where), codes=codes, labels=labels,
+                   class_counts=get_array(rd[KEY_CODES], "class-counts", "int64", 1, where),
+                   distill_seconds=get_value(rd[KEY_METRICS], "distill-seconds", float, where))
+
+
+# ----------------------------------------------------------------------------- evaluate.models
+@dataclass(frozen=True, eq=False)
+class EvaluateRequest:
+    """Server -> site: score these models (trained on the fused synthetic cells, which are sent too)."""
+
+    round: int
+    X: np.ndarray  # float32 (n, G) synthetic cells
+    labels: np.ndarray  # int32 (n,)
+    mlp: StateDict
+    mlp_config: str
+    logreg_coef: np.ndarray  # float64 (r, G)
+    logreg_intercept: np.ndarray  # float64 (r,)
+    logreg_classes: np.ndarray  # int64 (m,) global ids the logistic regression was fitted on
+    plan: Plan
+    seed: int
+
+    def to_record(self) -> RecordDict:
+        """Encode."""
+        syn = ArrayRecord({"X": Array(np.ascontiguousarray(self.X, np.float32)), "labels": Array(np.asarray(self.labels, np.int32))})
+        lr = ArrayRecord({"coef": Array(np.ascontiguousarray(self.logreg_coef, np.float64)), "intercept": Array(np.asarray(self.logreg_intercept, np.float64)),
+                          "classes": Array(np.asarray(self.logreg_classes, np.int64))})
+        cfg = config_record({"round": self.round, "mlp-config": self.mlp_config, "seed": self.seed})
+        return RecordDict({KEY_CONFIG: cfg, KEY_SYNTHETIC: syn, KEY_MLP: state_record(self.mlp), KEY_LOGREG: lr, **self.plan.records()})
+
+    @classmethod
+    def from_record(cls, rd: RecordDict) -> EvaluateRequest:
+        """Decode strictly."""
+        where = "evaluate request"
+        check_records(rd, where, configs=[KEY_CONFIG, KEY_PLAN], arrays=[KEY_SYNTHETIC, KEY_MLP, KEY_LOGREG, KEY_PLAN_GENES])
+        cfg, syn, lr = rd[KEY_CONFIG], rd[KEY_SYNTHETIC], rd[KEY_LOGREG]
+        check_keys(cfg, {SCHEMA_KEY, "round", "mlp-config", "seed"}, where)
+        check_keys(syn, {"X", "labels"}, where)
+        check_keys(lr, {"coef", "intercept", "classes"}, where)
+        X, labels = get_array(syn, "X", "float32", 2, where), get_array(syn, "labels", "int32", 1, where)
+        coef, icpt = get_array(lr, "coef", "float64", 2, where), get_array(lr, "intercept", "float64", 1, where)
+        classes = get_array(lr, "classes", "int64", 1, where)
+        if X.shape[0] != labels.shape[0] or X.shape[0] == 0 or coef.shape[0] != icpt.shape[0] or coef.shape[1] != X.shape[1]:
+            raise fail(where, "synthetic cells/labels or logistic-regression shapes are inconsistent")
+        return cls(round=check_round(get_value(cfg, "round", int, where), where), X=X, labels=labels, mlp=state_from_record(rd[KEY_MLP], where),
+                   mlp_config=get_value(cfg, "mlp-config", str, where), logreg_coef=coef, logreg_intercept=icpt, logreg_classes=classes,
+                   plan=Plan.from_records(rd, where), seed=get_value(cfg, "seed", int, where))
+
+
+@dataclass(frozen=True)
+class EvaluatorScores:
+    """One evaluator's scores on a site's held-out real cells (NaN recall = class absent there)."""
+
+    accuracy: float
+    macro_f1: float
+    recall: tuple[float, ...]  # length C
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    """Site -> server: scores per evaluator, fidelity and membership-inference AUC (NaN = not computable)."""
+
+    round: int
+    n_test: int
+    scores: Mapping[str, EvaluatorScores]  # keys: EVALUATORS
+    mmd_pca: float
+    mean_corr: float
+    zero_fraction_real: float
+    zero_fraction_synthetic: float
+    mia_auc: float
+
+    _FIDELITY = ("mmd-pca", "mean-corr", "zero-fraction-real", "zero-fraction-synthetic", "mia-auc")
+
+    def to_record(self) -> RecordDict:
+        """Encode (NaN travels as ABSENT / ABSENT_CORR)."""
+        m: dict[str, Any] = {"n-test": int(self.n_test)}
+        for ev in EVALUATORS:
+            s = self.scores[ev]
+            m |= {f"{ev}-accuracy": float(s.accuracy), f"{ev}-macro-f1": float(s.macro_f1), f"{ev}-recall": [nan_to_wire(r) for r in s.recall]}
+        values = (self.mmd_pca, self.mean_corr, self.zero_fraction_real, self.zero_fraction_synthetic, self.mia_auc)
+        for key, v in zip(self._FIDELITY, values, strict=True):
+            m[key] = nan_to_wire(v, ABSENT_CORR if key == "mean-corr" else ABSENT)
+        return RecordDict({KEY_CONFIG: config_record({"round": self.round}), KEY_METRICS: MetricRecord(m)})
+
+    @classmethod
+    def from_record(cls, rd: RecordDict) -> EvaluateReply:
+        """Decode strictly."""
+        where = "evaluate reply"
+        check_records(rd, where, configs=[KEY_CONFIG], metrics=[KEY_METRICS])
+        check_keys(rd[KEY_CONFIG], {SCHEMA_KEY, "round"}, where)
+        m = rd[KEY_METRICS]
+        check_keys(m, {"n-test", *cls._FIDELITY, *(f"{ev}-{part}" for ev in EVALUATORS for part in ("accuracy", "macro-f1", "recall"))}, where)
+        scores = {ev: EvaluatorScores(get_value(m, f"{ev}-accuracy", float, where), get_value(m, f"{ev}-macro-f1", float, where),
+                                      tuple(wire_to_nan(r) for r in get_float_list(m, f"{ev}-recall", where))) for ev in EVALUATORS}
+        fid = [wire_to_nan(get_value(m, k, float, where), ABSENT_CORR if k == "mean-corr" else ABSENT) for k in cls._FIDELITY]
+        return cls(check_round(get_value(rd[KEY_CONFIG], "round", int, where), where), get_value(m, "n-test", int, where), scores, *fid)

@@ -1,0 +1,148 @@
+"""Distillation, baselines and evaluation on real (bundled) data with small budgets."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from shared.baselines import coreset, distribution_matching, gaussian
+from shared.data import read_h5ad
+from shared.distill import Codes, DistillConfig, distill_codes, generate, resolve_t_star
+from shared.errors import ConfigError
+from shared.evaluation import fidelity, fit_predict, membership_auc, score
+from shared.pretrain import PretrainConfig, pretrain
+from shared.sites import Federation, prepare_federation, split_sites
+from shared.synthetic import fuse, provenance, to_anndata
+from shared.training import TrainConfig
+
+SMALL = PretrainConfig(vae=TrainConfig(steps=500, batch_size=128), scdg=TrainConfig(steps=600, batch_size=256))
+
+
+@pytest.fixture(scope="module")
+def fed(example_path) -> Federation:
+    parts = split_sites(read_h5ad(example_path), label_key="cell_type", site_key="batch")
+    return prepare_federation(parts, label_key="cell_type", n_genes=500, seed=0)
+
+
+@pytest.fixture(scope="module")
+def pre(fed: Federation):
+    X, y = fed.pooled("train")
+    return pretrain(X, y, len(fed.classes), SMALL)
+
+
+def test_federation_split_by_batch(fed: Federation) -> None:
+    assert fed.names == ("ctrl101", "ctrl107", "stim101", "stim107")
+    assert len(fed.genes) == 500
+    assert fed.classes == ("B cells", "CD14+ Monocytes", "CD4 T cells", "CD8 T cells", "FCGR3A+ Monocytes")
+    for i in range(4):
+        X, y = fed.train(i)
+        assert X.shape[1] == 500 and len(y) == X.shape[0]
+
+
+def test_codes_have_the_promised_shape_and_size(fed: Federation, pre) -> None:
+    X, y = fed.train(0)
+    cfg = DistillConfig(k=3, iterations=5)
+    codes = distill_codes(pre.vae, pre.scdg, X, y, cfg)
+    n_cls = len(np.unique(y))
+    assert codes.codes.shape == (3 * n_cls, 64) and codes.codes.dtype == np.float32
+    assert sorted(np.unique(codes.labels)) == sorted(np.unique(y))
+    assert codes.nbytes == 3 * n_cls * 64 * 4 + 3 * n_cls * 4
+    cells = generate(pre.vae, pre.scdg, codes, mode="expected")
+    assert cells.shape == (3 * n_cls, 500) and np.isfinite(cells).all() and (cells >= 0).all()
+
+
+def test_optimisation_moves_codes_and_lowers_no_generator_weight(fed: Federation, pre) -> None:
+    X, y = fed.train(1)
+    before = {k: v.clone() for k, v in pre.scdg.state_dict().items()}
+    c0 = distill_codes(pre.vae, pre.scdg, X, y, DistillConfig(k=2, iterations=0, seed=3))
+    c1 = distill_codes(pre.vae, pre.scdg, X, y, DistillConfig(k=2, iterations=20, seed=3))
+    assert not np.allclose(c0.codes, c1.codes)
+    for k, v in pre.scdg.state_dict().items():
+        assert torch.equal(v, before[k]), f"generator weight {k} changed during distillation"
+
+
+def test_warm_start_uses_previous_codes(fed: Federation, pre) -> None:
+    X, y = fed.train(2)
+    first = distill_codes(pre.vae, pre.scdg, X, y, DistillConfig(k=2, iterations=0, seed=1))
+    again = distill_codes(pre.vae, pre.scdg, X, y, DistillConfig(k=2, iterations=0, seed=99), init_codes=first)
+    np.testing.assert_allclose(again.codes, first.codes[np.argsort(first.labels, kind="stable")])
+
+
+def test_t_star_resolution_and_config_errors() -> None:
+    assert resolve_t_star(DistillConfig(k=1)) > resolve_t_star(DistillConfig(k=10))
+    assert resolve_t_star(DistillConfig(k=10, t_star=123)) == 123
+    with pytest.raises(ConfigError, match="t_star"):
+        resolve_t_star(DistillConfig(t_star=5000))
+    with pytest.raises(ConfigError, match="k >= 1"):
+        DistillConfig(k=0)
+    with pytest.raises(ConfigError, match="init"):
+        DistillConfig(init="zeros")  # type: ignore[arg-type]
+
+
+def test_scdd_beats_random_real_cells_at_k1(fed: Federation, pre) -> None:
+    X_test, y_test = fed.pooled("test")
+    acc = {"scdd": [], "random": []}
+    for seed in range(2):
+        parts = [distill_codes(pre.vae, pre.scdg, *fed.train(i), DistillConfig(k=1, iterations=100, seed=seed)) for i in range(4)]
+        codes = Codes(np.concatenate([p.codes for p in parts]), np.concatenate([p.labels for p in parts]), parts[0].t_star, parts[0].guidance)
+        cells = generate(pre.vae, pre.scdg, codes, mode="expected")
+        acc["scdd"].append(score(y_test, fit_predict("mlp", cells, codes.labels, X_test, 5, seed=seed)).accuracy)
+        rand = [coreset(*fed.train(i), 1, method="random", seed=seed) for i in range(4)]
+        acc["random"].append(score(y_test, fit_predict("mlp", np.concatenate([r.X for r in rand]), np.concatenate([r.labels for r in rand]), X_test, 5, seed=seed)).accuracy)
+    assert np.mean(acc["scdd"]) > np.mean(acc["random"]) + 0.05, acc
+
+
+def test_baselines_shapes_and_bytes(fed: Federation) -> None:
+    X, y = fed.train(0)
+    n_cls = len(np.unique(y))
+    for method in ("random", "herding", "kcenter"):
+        s = coreset(X, y, 4, method=method, seed=0)
+        assert s.X.shape == (4 * n_cls, 500) and s.upload_bytes == s.X.nbytes + 4 * len(s.labels)
+    g = gaussian(X, y, 4, seed=0)
+    assert g.X.shape == (4 * n_cls, 500) and (g.X >= 0).all()
+    dm = distribution_matching(X, y, 2, iterations=5, seed=0)
+    assert dm.X.shape == (2 * n_cls, 500) and (dm.X >= 0).all()
+    with pytest.raises(ValueError, match="unknown coreset"):
+        coreset(X, y, 4, method="nope")
+
+
+def test_herding_picks_a_mean_preserving_set() -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 60)).astype(np.float32)
+    y = np.zeros(300, dtype=np.int64)
+    herd = coreset(X, y, 10, method="herding", seed=0)
+    rand = coreset(X, y, 10, method="random", seed=0)
+    assert np.linalg.norm(herd.X.mean(0) - X.mean(0)) < np.linalg.norm(rand.X.mean(0) - X.mean(0))
+
+
+def test_membership_auc_detects_copies_and_not_fresh_samples() -> None:
+    rng = np.random.default_rng(0)
+    train, hold = rng.normal(size=(200, 20)), rng.normal(size=(200, 20))
+    assert membership_auc(train, hold, train[:150].astype(np.float32)) > 0.8
+    assert abs(membership_auc(train, hold, rng.normal(size=(150, 20)).astype(np.float32)) - 0.5) < 0.1
+
+
+def test_fidelity_prefers_matching_cells() -> None:
+    rng = np.random.default_rng(0)
+    real = np.maximum(rng.normal(1, 1, size=(100, 30)), 0).astype(np.float32)
+    y = np.repeat([0, 1], 50)
+    good = fidelity(real, y, real[::2] + 0.01, y[::2])
+    bad = fidelity(real, y, rng.normal(5, 1, size=(50, 30)).astype(np.float32), y[::2])
+    assert good.mmd_pca < bad.mmd_pca and good.mean_corr > bad.mean_corr
+    assert 0 < good.zero_fraction_real < 1
+
+
+def test_synthetic_anndata_is_scanpy_ready_and_fuses(fed: Federation) -> None:
+    X = np.abs(np.random.default_rng(0).normal(size=(6, len(fed.genes)))).astype(np.float32)
+    a = to_anndata(X, np.array([0, 0, 1, 1, 2, 2]), class_names=fed.classes, genes=fed.genes, site="A", round_=1, provenance={"k": 2})
+    b = to_anndata(X, np.array([3, 3, 4, 4, 4, 4]), class_names=fed.classes, genes=fed.genes, site="B", round_=1, provenance={"k": 2})
+    fused = fuse([a, b])
+    assert fused.n_obs == 12 and list(fused.var_names) == list(fed.genes)
+    assert set(fused.obs["site"]) == {"A", "B"} and fused.obs["synthetic"].all()
+    assert fused.obs["cell_type"].value_counts()["FCGR3A+ Monocytes"] == 4
+    assert provenance(fused) == {"k": 2}
+    assert fused.obs_names.is_unique
+    assert replace(DistillConfig(), k=3).k == 3

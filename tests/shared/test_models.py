@@ -1,0 +1,118 @@
+"""Models: shapes, schedule maths, single-step gradients, checkpoint round-trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shared.checkpoint import load_model, model_hash, save_model
+from shared.errors import CheckpointError
+from shared.models import SCDG, VAE, MLPClassifier, MLPConfig, SCDGConfig, VAEConfig
+from shared.models.scdg import cosine_alpha_bar
+
+
+def test_cosine_schedule_is_monotone_from_one_to_zero() -> None:
+    ab = cosine_alpha_bar(1000)
+    assert ab.shape == (1000,)
+    assert float(ab[0]) == pytest.approx(1.0, abs=1e-3)
+    assert float(ab[-1]) < 1e-3
+    assert bool((ab[1:] <= ab[:-1]).all())
+    # closed form of the cosine schedule at the midpoint (s = 0.008)
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    assert float(ab[499]) == pytest.approx(f(500) / f(0), rel=2e-2)
+
+
+def test_one_step_inverts_forward_noise_given_the_true_noise() -> None:
+    torch.manual_seed(0)
+    g = SCDG(SCDGConfig(latent_dim=8, n_classes=3))
+    z0 = torch.randn(5, 8)
+    noise = torch.randn(5, 8)
+    t = torch.full((5,), 300)
+    z_t = g.q_sample(z0, t, noise)
+    ab = g.alpha_bar[300]
+    recovered = (z_t - (1 - ab).sqrt() * noise) / ab.sqrt()
+    assert torch.allclose(recovered, z0, atol=1e-5)
+
+
+def test_single_step_gradient_reaches_the_codes() -> None:
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(n_genes=30, latent_dim=8, hidden=(16,)))
+    g = SCDG(SCDGConfig(latent_dim=8, n_classes=3))
+    torch.nn.init.normal_(g.out[1].weight, std=0.1)  # a trained-like denoiser (zero-init would be identity)
+    w = torch.randn(6, 8, requires_grad=True)
+    c = torch.tensor([0, 0, 1, 1, 2, 2])
+    cells = vae.decode(g.unstandardize(g.one_step(w, 400, c, guidance=2.0)))
+    cells.sum().backward()
+    assert w.grad is not None
+    assert torch.isfinite(w.grad).all()
+    assert float(w.grad.abs().sum()) > 0
+    assert cells.shape == (6, 30)
+
+
+def test_guidance_zero_equals_conditional_prediction() -> None:
+    torch.manual_seed(0)
+    g = SCDG(SCDGConfig(latent_dim=4, n_classes=2))
+    torch.nn.init.normal_(g.out[1].weight, std=0.5)
+    z = torch.randn(3, 4)
+    t = torch.full((3,), 100)
+    c = torch.tensor([0, 1, 1])
+    assert torch.allclose(g.guided_eps(z, t, c, 0.0), g.eps(z, t, c))
+    assert not torch.allclose(g.guided_eps(z, t, c, 2.0), g.eps(z, t, c))
+
+
+def test_vae_decodes_non_negative_and_sparse_mode_has_zeros() -> None:
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(n_genes=50, latent_dim=4, hidden=(16,)))
+    z = torch.randn(10, 4)
+    dense, sparse = vae.decode(z, "expected"), vae.decode(z, "sparse")
+    assert (dense >= 0).all() and (sparse >= 0).all()
+    assert (sparse == 0).float().mean() > 0.1
+
+
+def test_vae_loss_terms_are_finite_and_label_head_trains() -> None:
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(n_genes=20, latent_dim=4, hidden=(16,), n_classes=2, n_aux=3))
+    x = torch.rand(8, 20) * (torch.rand(8, 20) > 0.5)
+    out = vae.loss(x, torch.tensor([0, 1] * 4), torch.randn(8, 3))
+    for term in (out.total, out.recon, out.kl, out.label, out.aux):
+        assert torch.isfinite(term)
+    assert out.label.item() > 0 and out.aux.item() > 0
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        VAE(VAEConfig(n_genes=12, latent_dim=3, hidden=(8, 4), n_classes=2)),
+        SCDG(SCDGConfig(latent_dim=3, n_classes=2, hidden=16, n_blocks=1)),
+        MLPClassifier(MLPConfig(n_genes=12, n_classes=2)),
+    ],
+)
+def test_checkpoint_round_trip_keeps_config_and_weights(model: torch.nn.Module, tmp_path) -> None:
+    path = save_model(model, tmp_path / "m.pt")
+    loaded = load_model(path)
+    assert type(loaded) is type(model)
+    assert loaded.config == model.config
+    assert model_hash(loaded) == model_hash(model)
+
+
+def test_checkpoint_refuses_wrong_kind_and_garbage(tmp_path) -> None:
+    path = save_model(MLPClassifier(MLPConfig(n_genes=4, n_classes=2)), tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="expected 'vae'"):
+        load_model(path, kind="vae")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a fedscdd checkpoint"):
+        load_model(bad)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_model_hash_changes_with_weights() -> None:
+    m = MLPClassifier(MLPConfig(n_genes=4, n_classes=2))
+    h = model_hash(m)
+    with torch.no_grad():
+        next(m.parameters()).add_(1.0)
+    assert model_hash(m) != h
+    assert len(h) == 16 and all(ch in "0123456789abcdef" for ch in h)
