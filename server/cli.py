@@ -43,6 +43,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--n-genes", type=int, default=2000)
     p.add_argument("--pretrain-steps", type=_ints, default=None, help="VAE,SCDG pretraining steps (default 1000,1500)")
+    p.add_argument("--embedding-key", default=None, help="obsm key of an external foundation-model embedding to align the latent space with")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="synthetic .h5ad to write")
 

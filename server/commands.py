@@ -39,6 +39,7 @@ def distill(args: argparse.Namespace) -> int:
         n_genes=args.n_genes,
         distill=DistillConfig(k=args.k, iterations=args.iterations, seed=args.seed),
         pretrain_cfg=_pretrain_config(args.pretrain_steps, args.seed),
+        embedding_key=args.embedding_key,
         seed=args.seed,
     )
     write_h5ad(out, report.synthetic)

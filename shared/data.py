@@ -354,6 +354,7 @@ class PreparedSite:
     test_idx: np.ndarray
     n_dropped_cells: int
     coverage: float
+    rows: np.ndarray | None = None  # positions (not ids) of the kept cells in the input AnnData
 
 
 def _select_rows(X: Any, keep: np.ndarray) -> Any:
@@ -403,6 +404,7 @@ def prepare_site(
     site = PreparedSite(
         X=X, labels=labels, classes=tuple(str(c) for c in categories.categories), genes=genes, kind=kind,
         train_idx=train_idx, test_idx=test_idx, n_dropped_cells=int(adata.n_obs - keep.size), coverage=coverage,
+        rows=keep,
     )
     logger.info("site prepared: %d cells x %d genes, %d classes, input %s, %d cells dropped, coverage %.3f",
                 X.shape[0], X.shape[1], len(site.classes), kind, site.n_dropped_cells, coverage)

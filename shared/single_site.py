@@ -11,7 +11,8 @@ import anndata as ad
 import numpy as np
 
 from shared.checkpoint import model_hash
-from shared.data import Expect, prepare_site, read_h5ad
+from shared.data import Expect, PreparedSite, prepare_site, read_h5ad
+from shared.errors import SiteDataError
 from shared.distill import DistillConfig, distill_codes, generate
 from shared.evaluation import fit_predict, score
 from shared.pretrain import PretrainConfig, pretrain
@@ -58,6 +59,7 @@ def distill_file(
     n_genes: int = 2000,
     distill: DistillConfig | None = None,
     pretrain_cfg: PretrainConfig | None = None,
+    embedding_key: str | None = None,
     seed: int = 0,
 ) -> DistillReport:
     """Prepare one site, pretrain VAE + SCDG on its training cells, distill codes, decode, evaluate."""
@@ -69,14 +71,15 @@ def distill_file(
     X_tr, y_tr = fed.train(0)
     X_te, y_te = fed.test(0)
     n_classes = len(fed.classes)
-    pre = pretrain(X_tr, y_tr, n_classes, pretrain_cfg)
+    aux = foundation_embedding(adata, fed.sites[0], embedding_key) if embedding_key else None
+    pre = pretrain(X_tr, y_tr, n_classes, pretrain_cfg, aux=aux)
     t0 = time.perf_counter()
     codes = distill_codes(pre.vae, pre.scdg, X_tr, y_tr, distill)
     cells = generate(pre.vae, pre.scdg, codes, mode="expected")
     seconds = time.perf_counter() - t0
     acc_syn = score(y_te, fit_predict("mlp", cells, codes.labels, X_te, n_classes, seed=seed)).accuracy
     acc_real = score(y_te, fit_predict("mlp", X_tr, y_tr, X_te, n_classes, seed=seed)).accuracy
-    prov = {"method": "scdd", "distill": distill.__dict__, "t_star": codes.t_star, "vae_hash": model_hash(pre.vae), "scdg_hash": model_hash(pre.scdg), "source": Path(path).name}
+    prov = {"embedding_key": embedding_key, "method": "scdd", "distill": distill.__dict__, "t_star": codes.t_star, "vae_hash": model_hash(pre.vae), "scdg_hash": model_hash(pre.scdg), "source": Path(path).name}
     synth = to_anndata(cells, codes.labels, class_names=fed.classes, genes=fed.genes, label_key=label_key, site=fed.names[0], provenance=prov)
     return DistillReport(
         n_train=X_tr.shape[0],
@@ -91,6 +94,20 @@ def distill_file(
         accuracy_real=acc_real,
         synthetic=synth,
     )
+
+
+def foundation_embedding(adata: ad.AnnData, site: PreparedSite, key: str) -> np.ndarray:
+    """The training cells' rows of `adata.obsm[key]` (an external foundation-model embedding), standardised."""
+    if key not in adata.obsm:
+        msg = f"obsm[{key!r}] not found; available obsm keys: {sorted(adata.obsm)}; compute the embedding with its own tool (scGPT, Geneformer, UCE, ...) and store it there"
+        raise SiteDataError(msg)
+    emb = np.asarray(adata.obsm[key].toarray() if hasattr(adata.obsm[key], "toarray") else adata.obsm[key], dtype=np.float32)
+    if emb.ndim != 2 or not np.isfinite(emb).all():
+        msg = f"obsm[{key!r}] must be a finite 2-D array (cells x dims); got ndim={emb.ndim} with non-finite entries={int((~np.isfinite(emb)).sum())}"
+        raise SiteDataError(msg)
+    assert site.rows is not None
+    rows = emb[site.rows][site.train_idx]
+    return (rows - rows.mean(0)) / np.maximum(rows.std(0), 1e-6)
 
 
 def class_counts(labels: np.ndarray) -> dict[int, int]:
