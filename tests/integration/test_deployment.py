@@ -1,0 +1,258 @@
+"""Loopback deployment: TLS SuperLink with SuperNode authentication, two registered sites, one refused intruder, a real run.
+
+Everything runs on 127.0.0.1 with free ports, separate FLWR_HOMEs and certificates from
+``shared.certs``; the sites hold the bundled Kang PBMC file split by donor. Every process this
+test starts is stopped by PID (its whole process group) in the fixture teardown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import anndata as ad
+import pytest
+
+import deploy_helpers as dh  # beside this file; pytest's default "prepend" import mode puts tests/integration/ on sys.path
+from shared.certs import generate_all
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "shared" / "example_data" / "kang_pbmc_muscat.h5ad"
+CONNECTION = "tls-test"
+SITES = {"site-a": ("ctrl101", "stim101"), "site-b": ("ctrl107", "stim107")}
+INTRUDER = "intruder"
+
+STARTUP_S = 60.0  # SuperLink health, SuperNodes online, intruder refused
+CLI_S = 60.0  # one flwr CLI call
+RUN_S = 420.0  # the whole federated run (6 round trips on 2 busy cores)
+
+# Smallest budgets the ServerApp accepts: 1 pretraining round per stage, 1 distillation round
+# -> profile, VAE, latent stats, SCDG, distill, evaluate = 6 round trips (one ClientApp process each).
+N_GENES = 100
+RUN_CONFIG = {
+    "label-key": '"cell_type"',
+    "n-genes": str(N_GENES),
+    "latent-dim": "16",
+    "num-pretrain-rounds": "1",
+    "vae-local-steps": "10",
+    "scdg-local-steps": "10",
+    "vae-batch-size": "64",
+    "scdg-batch-size": "64",
+    "cells-per-class": "2",
+    "num-distill-rounds": "1",
+    "distill-iterations": "5",
+    "finetune-steps": "2",
+    "mlp-steps": "10",
+    "min-sites": "2",
+    "expected-sites": "2",
+    "site-wait-s": "60.0",
+    "round-timeout-s": "180.0",
+    "report": "true",
+    "torch-threads": "1",
+}
+
+
+@pytest.fixture
+def procs() -> Iterator[list[dh.Proc]]:
+    """Processes this test started; all stopped (SIGTERM, then SIGKILL to the group) at teardown, newest first."""
+    started: list[dh.Proc] = []
+    yield started
+    for proc in reversed(started):
+        dh.stop(proc)
+    still = [p.name for p in started if p.alive()]
+    assert not still, f"processes survived teardown: {still}"
+
+
+def _split_example(out: Path) -> dict[str, Path]:
+    adata = ad.read_h5ad(EXAMPLE)
+    paths: dict[str, Path] = {}
+    for site, batches in SITES.items():
+        part = adata[adata.obs["batch"].astype(str).isin(batches).to_numpy()].copy()
+        assert part.n_obs > 0, f"no cells for {site} ({batches})"
+        paths[site] = out / f"{site}.h5ad"
+        part.write_h5ad(paths[site])
+    return paths
+
+
+def _build_fab(out: Path) -> Path:
+    """`flwr build` of the checkout into ``out`` (the same builder `flwr run` uses); the .fab path."""
+    out.mkdir()
+    res = dh.flwr(["build", "--app", str(REPO)], dh.flower_env(out / "home"), timeout=CLI_S, cwd=out)
+    fabs = sorted(out.glob("*.fab"))
+    hint = ""
+    if "- .gitignore" in res.stderr:
+        # flwr 1.42 keeps /.gitignore as a candidate file, then rejects it as soon as fab-include or fab-exclude is set
+        hint = 'add ".gitignore" to fab-exclude in [tool.flwr.app] of pyproject.toml; '
+    assert res.returncode == 0 and len(fabs) == 1, (
+        f"the app does not build into a FAB, so `flwr run` cannot start it ({hint}check [tool.flwr.app] "
+        f"fab-include/fab-exclude in pyproject.toml):\n{res.describe()}")
+    return fabs[0]
+
+
+def _node_status(cli_env: dict[str, str]) -> dict[str, str]:
+    res = dh.flwr(["supernode", "list", CONNECTION, "--format", "json"], cli_env, timeout=CLI_S)
+    assert res.returncode == 0, res.describe()
+    return {str(n["node-id"]): str(n["status"]) for n in dh.json_from_output(res.stdout)["nodes"]}
+
+
+def _runs(cli_env: dict[str, str], run_id: int | None = None) -> list[dict]:
+    args = ["ls", CONNECTION, "--format", "json"] + (["--run-id", str(run_id)] if run_id is not None else [])
+    res = dh.flwr(args, cli_env, timeout=CLI_S)
+    assert res.returncode == 0, res.describe()
+    data = dh.json_from_output(res.stdout)
+    assert data.get("success") is True, res.describe()
+    return list(data["runs"])
+
+
+def test_tls_authenticated_deployment_runs_the_app_on_two_sites(tmp_path: Path, procs: list[dh.Proc]) -> None:
+    t_start = time.monotonic()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    # 1. certificates and keys
+    certs = tmp_path / "certs"
+    generate_all(certs, sans=["127.0.0.1", "localhost"], site_names=[*SITES, INTRUDER])
+    ca = certs / "ca.crt"
+    keys = certs / "sites"
+
+    # 2. ports
+    link_port, *node_ports = dh.free_ports(1 + len(SITES) + 1)
+    address = f"{dh.HOST}:{link_port}"
+
+    # 3. SuperLink: HTTPS + SuperNode auth + database, 127.0.0.1 only
+    link = dh.start("superlink", [
+        dh.executable("flower-superlink"),
+        "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
+        "--enable-supernode-auth", "--database", str(tmp_path / "state.db"), "--disable-runtime-dependency-installation",
+        "--host", dh.HOST, "--port", str(link_port),
+    ], dh.flower_env(tmp_path / "home-superlink"), logs, cwd=tmp_path)
+    procs.append(link)
+
+    # while it starts: the FAB that `flwr run` will ship builds from the checkout and holds code only ...
+    fab = _build_fab(tmp_path / "fab")
+    with zipfile.ZipFile(fab) as zf:
+        names = zf.namelist()
+    assert {"server/app.py", "client/app.py", "pyproject.toml"} <= set(names), names
+    leaked = [n for n in names if n.startswith(("tests/", "deploy/", "benchmarks/")) or n.endswith((".h5ad", ".pt", ".pem", ".key"))]
+    assert not leaked, f"the FAB ships files it should not: {leaked}"
+    # ... and the real data is split by donor into the two sites' files
+    data = _split_example(tmp_path)
+
+    healthy = dh.wait_until(lambda: dh.https_ok(f"https://{address}/health", ca), STARTUP_S, procs=[link])
+    assert healthy, f"SuperLink not healthy after {STARTUP_S:g} s:\n{link.tail()}"
+
+    def diagnostics() -> str:
+        return "\n".join(dh.iter_logs(procs))
+
+    # 4. flwr CLI connection + registration of the two site keys (not the intruder's)
+    cli_home = tmp_path / "home-cli"
+    cli_env = dh.flower_env(cli_home)
+    dh.write_connection(cli_home, CONNECTION, address, ca)
+    registered: dict[str, str] = {}
+    for site in SITES:
+        res = dh.flwr(["supernode", "register", str(keys / f"{site}.pub"), CONNECTION, "--name", site], cli_env, timeout=CLI_S)
+        assert res.returncode == 0, res.describe()
+        m = re.search(r"SuperNode (\d+) registered", res.stdout)
+        assert m, res.describe()
+        registered[site] = m.group(1)
+    assert set(_node_status(cli_env)) == set(registered.values())
+
+    # 5. two registered SuperNodes and one intruder whose key was never registered
+    nodes: dict[str, dh.Proc] = {}
+    for name, port in zip([*SITES, INTRUDER], node_ports, strict=True):
+        data_path = data.get(name, data["site-a"])  # the intruder claims a plausible data file; it must never get a task
+        node_config = f'data-path="{data_path.resolve()}" site-name="{name}" cache-dir="{(tmp_path / f"cache-{name}").resolve()}"'
+        nodes[name] = dh.start(f"supernode-{name}", [
+            dh.executable("flower-supernode"), "--superlink", address, "--root-certificates", str(ca),
+            "--auth-supernode-private-key", str(keys / name), "--port", str(port), "--node-config", node_config,
+        ], dh.flower_env(tmp_path / f"home-{name}"), logs, cwd=tmp_path)
+        procs.append(nodes[name])
+
+    rc = dh.wait_exit(nodes[INTRUDER], STARTUP_S)
+    intruder_log = nodes[INTRUDER].log_text()
+    assert rc is not None and rc != 0, f"unregistered SuperNode was not refused (rc={rc}):\n{diagnostics()}"
+    assert "Failed to activate SuperNode" in intruder_log, intruder_log
+    assert "No SuperNode found with the given public key" in link.log_text()
+
+    seen: dict[str, str] = {}
+
+    def sites_online() -> bool:
+        seen.clear()
+        seen.update(_node_status(cli_env))
+        return all(seen.get(node) == "online" for node in registered.values())
+
+    online = dh.wait_until(sites_online, STARTUP_S, interval=1.0, procs=[link, nodes["site-a"], nodes["site-b"]])
+    assert online, f"registered SuperNodes not online after {STARTUP_S:g} s: {seen}\n{diagnostics()}"
+    assert set(seen) == set(registered.values()), seen  # the intruder left no node behind
+
+    # 6. the run, from the repository (the FAB is built from it; fab-exclude keeps tests/ etc. out)
+    out_dir = (tmp_path / "out").resolve()
+    overrides = {**RUN_CONFIG, "out-dir": f'"{out_dir}"'}
+    run_config = " ".join(f"{k}={v}" for k, v in overrides.items())
+    t_run = time.monotonic()
+    res = dh.flwr(["run", str(REPO), CONNECTION, "--stream", "--run-config", run_config], cli_env, timeout=RUN_S, cwd=tmp_path)
+    (logs / "flwr-run.log").write_text(res.describe(), encoding="utf-8")
+    run_seconds = time.monotonic() - t_run
+
+    m = re.search(r"Successfully started run (\d+)", res.stdout)
+    runs = _runs(cli_env)
+    assert len(runs) == 1, f"expected exactly one run: {runs}\n{res.describe()}"
+    run_id = int(runs[0]["run-id"])
+    assert m is not None and int(m.group(1)) == run_id, res.describe()
+    # --stream returns when the run ends, and exits 0 even when it failed: the status decides (bounded re-poll).
+    run = runs[0]
+
+    def finished() -> bool:
+        nonlocal run
+        run = _runs(cli_env, run_id)[0]
+        return str(run["status"]).startswith("finished")
+
+    if not str(run["status"]).startswith("finished"):
+        dh.wait_until(finished, 30.0, interval=2.0)
+    if run["status"] != "finished:completed":
+        app_log = dh.flwr(["log", str(run_id), CONNECTION, "--show"], cli_env, timeout=CLI_S)
+        if not run["status"].startswith("finished"):
+            dh.flwr(["stop", str(run_id), CONNECTION], cli_env, timeout=CLI_S)
+        pytest.fail(f"run {run_id} status {run['status']!r} after {run_seconds:.0f} s\n{res.describe()}\n"
+                    f"===== flwr log {run_id} --show\n{app_log.describe()}\n{diagnostics()}")
+    assert res.returncode == 0, res.describe()
+    assert all(nodes[s].alive() for s in SITES) and link.alive(), diagnostics()
+
+    # the run shipped exactly the FAB built from the checkout above, and each site installed it under its hash
+    fab_hash = hashlib.sha256(fab.read_bytes()).hexdigest()
+    assert run["fab-hash"] == fab_hash, (run, fab_hash)
+    for site in SITES:
+        installed = sorted(p.name for p in (tmp_path / f"home-{site}" / "apps").glob(f"*.{fab_hash[:8]}"))
+        assert len(installed) == 1, f"{site}: no app installed for FAB {fab_hash[:8]}"
+
+    # outputs: out-dir/run-<flower run id>/ (server/app.py + server/run_store.py)
+    run_dir = out_dir / f"run-{run_id}"
+    for name in ("synthetic.h5ad", "metrics.json", "report.html", "config.json", "plan.json"):
+        assert (run_dir / name).is_file(), f"{name} missing in {run_dir}: {sorted(p.name for p in run_dir.glob('*'))}"
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["sites"] == sorted(SITES)
+    assert metrics["dropped"] == [], metrics["dropped"]
+    assert [r["round"] for r in metrics["rounds"]] == [1]
+    last = metrics["rounds"][-1]
+    assert set(last["sites"]) == set(SITES) and set(last["sites_distilled"]) == set(SITES)
+    for site in SITES:
+        assert last["sites"][site]["n_test"] > 0
+        acc = last["sites"][site]["scores"]["mlp"]["accuracy"]
+        assert math.isfinite(acc) and 0.0 <= acc <= 1.0
+        assert set(metrics["upload_bytes"][site]) >= {"query.profile", "train.pretrain", "train.distill", "evaluate.models"}
+    synth = ad.read_h5ad(run_dir / "synthetic.h5ad")
+    assert synth.n_obs == last["n_synthetic"] > 0 and synth.n_vars == N_GENES
+    assert set(synth.obs["site"].astype(str)) == set(SITES)
+    assert "<html" in (run_dir / "report.html").read_text(encoding="utf-8").lower()
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["run_config"]["out-dir"] == str(out_dir) and config["run_config"]["num-distill-rounds"] == 1
+
+    print(f"\ndeployment test: run {run_id} took {run_seconds:.1f} s, whole test {time.monotonic() - t_start:.1f} s")
