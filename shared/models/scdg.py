@@ -58,8 +58,9 @@ class _ResBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(hidden, hidden * 2), nn.SiLU(), nn.Linear(hidden * 2, hidden))
         self.cond = nn.Linear(hidden, hidden * 2)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.cond(emb).chunk(2, dim=1)
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """`cond` = self.cond(embedding), (n, 2h): FiLM scale and shift."""
+        scale, shift = cond.chunk(2, dim=1)
         return h + self.ff(self.norm(h) * (1 + scale) + shift)
 
 
@@ -101,10 +102,15 @@ class SCDG(nn.Module):
 
     def eps(self, z_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Predict the noise in z_t (n, d) at integer steps t (n,) for classes c (n,)."""
-        emb = self.time_mlp(timestep_embedding(t, self.config.time_dim)) + self.class_emb(c)
+        # Conditioning depends only on (t, c): compute it once per distinct pair (distillation uses
+        # one t* and few classes for many codes), then gather per row.
+        key = t * (self.config.n_classes + 1) + c
+        uniq, inv = torch.unique(key, return_inverse=True)
+        t_u, c_u = uniq // (self.config.n_classes + 1), uniq % (self.config.n_classes + 1)
+        emb = self.time_mlp(timestep_embedding(t_u, self.config.time_dim)) + self.class_emb(c_u)
         h = self.inp(z_t)
         for block in self.blocks:
-            h = block(h, emb)
+            h = block(h, block.cond(emb)[inv])
         return self.out(h)
 
     def guided_eps(self, z_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor, guidance: float) -> torch.Tensor:
