@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("scdd", "scdd_noopt", "dm", "random", "herding", "kcenter", "gaussian", "local", "centralized")
 K_FREE = ("local", "centralized")
+DECODE_MODE = "sample"  # how scdd codes become cells (see shared.distill.generate)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def _site_synthetic(method: str, fed: Federation, pre: Pretrained, k: int, seed:
         if method in ("scdd", "scdd_noopt"):
             dcfg = DistillConfig(**{**cfg.distill.__dict__, "k": k, "seed": seed + 1000 * i, "iterations": 0 if method == "scdd_noopt" else cfg.distill.iterations})
             codes = distill_codes(pre.vae, pre.scdg, X, y, dcfg)
-            part = SyntheticSet(generate(pre.vae, pre.scdg, codes, mode="expected"), codes.labels, codes.nbytes)
+            part = SyntheticSet(generate(pre.vae, pre.scdg, codes, mode=DECODE_MODE, seed=seed), codes.labels, codes.nbytes)
         elif method == "dm":
             part = distribution_matching(X, y, k, iterations=cfg.dm_iterations, seed=seed + 1000 * i)
         elif method == "gaussian":

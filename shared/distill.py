@@ -249,11 +249,17 @@ def _objective(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, tg: _Targets
 
 
 @torch.no_grad()
-def generate(vae: VAE, scdg: SCDG, codes: Codes, *, mode: DecodeMode = "sparse") -> np.ndarray:
-    """Decode codes into synthetic log-normalised cells (n, G) float32."""
+def generate(vae: VAE, scdg: SCDG, codes: Codes, *, mode: DecodeMode = "sample", seed: int = 0) -> np.ndarray:
+    """Decode codes into synthetic log-normalised cells (n, G) float32.
+
+    The default "sample" draws each gene's detection from the decoder's zero-inflation head:
+    on kang at k=10/50 it scored as well as the smooth "expected" cells (MLP 0.899/0.921 vs
+    0.899/0.913) with a real-like zero fraction (0.71 vs 0.70 real, 0.00 smooth).
+    """
     vae.eval()
     scdg.eval()
     w = torch.as_tensor(codes.codes, dtype=torch.float32)
     y = torch.as_tensor(codes.labels, dtype=torch.long)
-    _, cells = synthesize(vae, scdg, w, y, t_star=codes.t_star, guidance=codes.guidance, mode=mode)
-    return cells.numpy().astype(np.float32)
+    zs0 = scdg.one_step(w, codes.t_star, y, codes.guidance)
+    gen = torch.Generator().manual_seed(seed)
+    return vae.decode(scdg.unstandardize(zs0), mode=mode, generator=gen).numpy().astype(np.float32)

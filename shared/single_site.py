@@ -75,7 +75,7 @@ def distill_file(
     pre = pretrain(X_tr, y_tr, n_classes, pretrain_cfg, aux=aux)
     t0 = time.perf_counter()
     codes = distill_codes(pre.vae, pre.scdg, X_tr, y_tr, distill)
-    cells = generate(pre.vae, pre.scdg, codes, mode="expected")
+    cells = generate(pre.vae, pre.scdg, codes, seed=seed)
     seconds = time.perf_counter() - t0
     acc_syn = score(y_te, fit_predict("mlp", cells, codes.labels, X_te, n_classes, seed=seed)).accuracy
     acc_real = score(y_te, fit_predict("mlp", X_tr, y_tr, X_te, n_classes, seed=seed)).accuracy

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DecodeMode = Literal["expected", "sparse"]
+DecodeMode = Literal["expected", "sparse", "sample"]
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,18 @@ class VAE(nn.Module):
         h = self.decoder(z)
         return F.softplus(self.to_mean(h)), self.to_logit(h)
 
-    def decode(self, z: torch.Tensor, mode: DecodeMode = "expected") -> torch.Tensor:
-        """Decode latents to log-normalised expression (n, G)."""
+    def decode(self, z: torch.Tensor, mode: DecodeMode = "expected", generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decode latents to log-normalised expression (n, G).
+
+        expected: sigmoid(logit) * mean (smooth, differentiable); sparse: mean where logit > 0;
+        sample: mean where a Bernoulli(sigmoid(logit)) draw says the gene is detected (cell-like
+        zero fraction; seeded through `generator`).
+        """
         mean, logit = self.decode_parts(z)
         if mode == "expected":
             return torch.sigmoid(logit) * mean
+        if mode == "sample":
+            return mean * torch.bernoulli(torch.sigmoid(logit), generator=generator)
         return torch.where(logit > 0, mean, torch.zeros_like(mean))
 
     def loss(

@@ -116,3 +116,18 @@ def test_model_hash_changes_with_weights() -> None:
         next(m.parameters()).add_(1.0)
     assert model_hash(m) != h
     assert len(h) == 16 and all(ch in "0123456789abcdef" for ch in h)
+
+
+def test_sample_mode_is_seeded_and_cell_like() -> None:
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(n_genes=200, latent_dim=4, hidden=(16,)))
+    z = torch.randn(20, 4)
+    a = vae.decode(z, "sample", generator=torch.Generator().manual_seed(1))
+    b = vae.decode(z, "sample", generator=torch.Generator().manual_seed(1))
+    c = vae.decode(z, "sample", generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    mean, logit = vae.decode_parts(z)
+    zero_frac = float((a == 0).float().mean())
+    expected_zero = float((1 - torch.sigmoid(logit)).mean())
+    assert abs(zero_frac - expected_zero) < 0.05
+    assert torch.all((a == 0) | torch.isclose(a, mean))
