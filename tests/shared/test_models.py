@@ -120,7 +120,7 @@ def test_model_hash_changes_with_weights() -> None:
 
 def test_sample_mode_is_seeded_and_cell_like() -> None:
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(n_genes=200, latent_dim=4, hidden=(16,)))
+    vae = VAE(VAEConfig(n_genes=200, latent_dim=4, hidden=(16,))).eval()
     z = torch.randn(20, 4)
     a = vae.decode(z, "sample", generator=torch.Generator().manual_seed(1))
     b = vae.decode(z, "sample", generator=torch.Generator().manual_seed(1))
