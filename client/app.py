@@ -35,14 +35,14 @@ def safe_errors(action: str) -> Iterator[None]:
         yield
     except FedscddError:
         raise
-    except Exception as exc:  # noqa: BLE001 - deliberately broad: nothing unvetted may reach the server
+    except Exception as exc:  # deliberately broad: nothing unvetted may reach the server
         logger.error("%s failed at this site with %s", action, type(exc).__name__)
         msg = f"{action} failed at the site with {type(exc).__name__}; the site operator can see the site's log"
         raise SiteTaskError(msg) from None
 
 
 def _site(context: Context, spec: SiteSpec, plan: Plan | None = None) -> SiteData:
-    """This node's prepared data (aligned to the plan's genes when given)."""
+    """Return the node's prepared data (aligned to the plan's genes when given)."""
     threads = int(context.run_config.get("torch-threads", 1))
     if threads > 0:
         torch.set_num_threads(threads)

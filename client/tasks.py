@@ -106,7 +106,7 @@ def _warm_codes(state: RecordDict, plan: Plan, k: int) -> Codes | None:
 
 
 def distill_site(site: SiteData, req: DistillRequest, state: RecordDict) -> DistillReply:
-    """k codes per local class through the frozen generator; warm start from last round's codes."""
+    """Distill k codes per local class through the frozen generator; warm start from last round's codes."""
     X, y = _train_cells(site, req.plan)
     cfg = _distill_config(req)
     vae = _model("vae", req.vae_config, req.vae)

@@ -18,9 +18,22 @@ logger = logging.getLogger(__name__)
 app = ServerApp()
 
 
+def _progress_to_run_log() -> None:
+    """Show the coordinator's phase lines in Flower's run log (flwr run --stream, flwr log) when nothing else logs them."""
+    if logging.getLogger().hasHandlers():
+        return
+    log = logging.getLogger("server")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config (an empty run config works)."""
+    _progress_to_run_log()
     cfg = FederationConfig.from_run_config(context.run_config)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

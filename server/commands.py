@@ -113,6 +113,7 @@ def benchmark(args: argparse.Namespace) -> int:
             "n_classes": len(fed.classes),
             "wall_seconds": time.perf_counter() - t0,
             "pretraining": "pooled",
+            "scdd_decode_mode": bm.DECODE_MODE,
             "python": platform.python_version(),
         }
         write_json(out / name / "results.json", result)

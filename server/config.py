@@ -48,9 +48,10 @@ class FederationConfig:
     distill_t_star: int = -1  # -1: chosen from k by shared.distill
     distill_init: str = ""  # "": DistillConfig default ("real" or "noise")
     distill_warm_start: bool = True  # rounds >= 2 start from each site's previous codes
+    decode_mode: str = ""  # how codes become cells: "" = shared.distill.decode_mode(k) (as the benchmark), "expected", "sample"
     # server-side fine-tuning and evaluation models
-    finetune_steps: int = 50
-    finetune_lr: float = 1e-4
+    finetune_steps: int = 20
+    finetune_lr: float = 1e-5
     finetune_anchor_weight: float = 1e-3
     mlp_steps: int = 400
     # participation and deadlines
@@ -75,8 +76,10 @@ class FederationConfig:
             (self.min_sites >= 1, "min-sites must be >= 1"), (self.expected_sites >= 0, "expected-sites must be >= 0"),
             (self.site_wait_s > 0 and self.round_timeout_s > 0, "site-wait-s and round-timeout-s must be > 0"),
             (0 <= self.test_fraction < 1, "test-fraction must be in [0, 1)"), (self.min_cells_per_class >= 1, "min-cells-per-class must be >= 1"),
-            (0 <= self.min_coverage <= 1, "min-coverage must be in [0, 1]"), (self.expect in ("auto", "counts", "lognorm"), "expect must be auto, counts or lognorm"),
+            (0 <= self.min_coverage <= 1, "min-coverage must be in [0, 1]"),
+            (self.expect in ("auto", "counts", "lognorm"), "expect must be auto, counts or lognorm"),
             (self.distill_init in ("", "real", "noise"), "distill-init must be '', 'real' or 'noise'"),
+            (self.decode_mode in ("", "expected", "sample", "sparse"), "decode-mode must be '', 'expected', 'sample' or 'sparse'"),
             (self.finetune_steps >= 0 and self.mlp_steps >= 1, "finetune-steps must be >= 0 and mlp-steps >= 1"),
             (self.finetune_lr > 0 and self.finetune_anchor_weight >= 0, "finetune-lr must be > 0, finetune-anchor-weight >= 0"),
             (self.sim_num_sites >= 1 and self.torch_threads >= 0, "sim-num-sites must be >= 1, torch-threads >= 0"),
@@ -96,7 +99,7 @@ class FederationConfig:
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
         """Map kebab-case keys to fields, refusing unknown keys and values of the wrong type."""
         types = {f.name: type(f.default) for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in run_config if k.replace("-", "_") not in types)
+        unknown = sorted(k for k in run_config if "_" in k or k.replace("-", "_") not in types)
         if unknown:
             msg = f"unknown run-config keys {unknown}; known keys: {', '.join(cls.keys())}"
             raise ConfigError(msg)

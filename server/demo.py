@@ -6,13 +6,14 @@ a ``local`` connection at it, and stop exactly the processes of that session by 
 ``flwr run --stream`` exits 0 even when the run fails, so the verdict comes from ``flwr ls``.
 
 flwr 1.42 refuses to build a FAB from a directory holding both a root ``.gitignore`` and a
-``fab-exclude`` list ("1 file(s) matched fab-include but were removed ... .gitignore"), so the
-demo runs a staged copy of the app: exactly the files a FAB carries (.py/.toml/.md of shared/,
-server/, client/) and the pyproject without the then-unneeded ``fab-exclude``.
+``fab-exclude`` list but no ``fab-include`` ("1 file(s) matched fab-include but were removed ...
+.gitignore"). Where that happens the demo runs a staged copy of the app: exactly the files a FAB
+carries (.py/.toml/.md of shared/, server/, client/) and the pyproject without ``fab-exclude``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -81,6 +82,19 @@ def stage_app(dest: Path) -> Path:
     return dest
 
 
+def app_dir(home: Path) -> Path:
+    """The checkout itself when flwr can build a FAB from it, else a staged copy (see the module docstring)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    try:
+        build_fab_from_disk(REPO)
+        return REPO
+    except ValueError as exc:
+        logger.warning("flwr cannot build a FAB from %s (%s); running a staged copy. Fix: add "
+                       'fab-include = ["**/*.py", "**/*.toml", "**/*.md"] to [tool.flwr.app]', REPO, str(exc).splitlines()[0])
+        return stage_app(home / "app")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,7 +127,7 @@ def start_superlink(home: Path, port: int, env: Mapping[str, str]) -> subprocess
             msg = f"flower-superlink exited with code {proc.returncode}; see {home / 'superlink.log'}"
             raise DemoFailed(msg)
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:  # noqa: S310 - loopback only
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:  # loopback only
                 if r.status == 200:
                     logger.info("SuperLink pid %d ready on 127.0.0.1:%d", proc.pid, port)
                     return proc
@@ -125,7 +139,7 @@ def start_superlink(home: Path, port: int, env: Mapping[str, str]) -> subprocess
 
 
 def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, session id) of every process, from /proc."""
+    """Map every process id to (parent pid, session id), from /proc."""
     table = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -138,7 +152,7 @@ def _proc_table() -> dict[int, tuple[int, int]]:
 
 
 def started_pids(leader: int) -> list[int]:
-    """PIDs the ``leader`` process started: its descendants and every process in a session one of them leads, leader last.
+    """Return the PIDs the ``leader`` process started: its descendants and every process in a session one of them leads, leader last.
 
     The SuperLink's SuperExec opens its own session, and Ray workers outlive their parents there,
     so descendants alone would miss them.
@@ -161,10 +175,8 @@ def stop_session(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> list[i
     pids = started_pids(proc.pid)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         end = time.monotonic() + grace_s
         while time.monotonic() < end and any(_alive(p) for p in pids):
             time.sleep(0.2)
@@ -242,7 +254,7 @@ def run_demo(out: Path, *, timeout_s: float = 900.0, overrides: Mapping[str, Any
     home = out / ".flwr"
     env = flower_env(home)
     run_config = {"sim-data-path": str(data), "out-dir": str(out.parent), "run-id": out.name, "expected-sites": NUM_SUPERNODES, **(overrides or {})}
-    app = stage_app(home / "app")
+    app = app_dir(home)
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(app), "local", "--stream", "--federation-config", FEDERATION_CONFIG,
            "--run-config", " ".join(f"{k}={_toml_str(v)}" for k, v in run_config.items())]
     t0 = time.perf_counter()

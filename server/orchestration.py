@@ -28,7 +28,7 @@ from server.run_store import RESUME_FREE, RunStore
 from server.training import SiteCodes, finetune_generator, fresh_models, fuse_round, model_json, provenance, state_of, train_evaluators
 from server.validation import decode, validate_distill, validate_evaluate, validate_profile
 from shared.checkpoint import load_model
-from shared.distill import Codes, DistillConfig, resolve_t_star
+from shared.distill import Codes, DistillConfig, decode_mode, resolve_t_star
 from shared.errors import ConfigError
 from shared.models import SCDG, VAE
 from shared.protocol import (
@@ -53,13 +53,20 @@ class Run:
     completed: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=lambda: {"rounds": [], "phase_seconds": {}, "upload_bytes": {}, "dropped": []})
 
+    def ready(self) -> tuple[Plan, VAE, SCDG]:
+        """The plan and generator pair (set once pretraining is done)."""
+        if self.plan is None or self.vae is None or self.scdg is None:
+            msg = "the run has no plan or generator yet; phases ran out of order"
+            raise RuntimeError(msg)
+        return self.plan, self.vae, self.scdg
+
     def checkpoint(self, phase: str) -> None:
         """Mark ``phase`` completed and persist the state."""
+        plan, vae, scdg = self.ready()
         self.completed.append(phase)
         self._sync_metrics()
-        assert self.plan is not None and self.vae is not None and self.scdg is not None
         self.store.write_metrics(self.metrics)
-        self.store.checkpoint(self.completed, plan=self.plan, metrics=self.metrics, config=_resume_config(self.cfg), vae=self.vae, scdg=self.scdg)
+        self.store.checkpoint(self.completed, plan=plan, metrics=self.metrics, config=_resume_config(self.cfg), vae=vae, scdg=scdg)
 
     def _sync_metrics(self) -> None:
         for site, per_type in self.link.upload.items():
@@ -112,7 +119,9 @@ def make_plan(profiles: list[ProfileReply], cfg: FederationConfig) -> Plan:
 
 def pretrain(run: Run) -> None:
     """FedAvg pretraining across the sites, or the checkpoints under pretrained-path."""
-    assert run.plan is not None
+    if run.plan is None:
+        msg = "pretraining needs the plan"
+        raise RuntimeError(msg)
     cfg = run.cfg
     if cfg.pretrained_path:
         base = Path(cfg.pretrained_path).expanduser()
@@ -135,11 +144,11 @@ def distill_config(cfg: FederationConfig) -> DistillConfig:
 
 def distill(run: Run, rnd: int) -> list[SiteCodes]:
     """train.distill at every site; validated codes per site."""
-    assert run.plan is not None and run.vae is not None and run.scdg is not None
+    plan, vae, scdg = run.ready()
     dcfg = distill_config(run.cfg)
     fields = {k: v for k, v in dataclasses.asdict(dcfg).items() if k != "seed"}
-    vae_state, scdg_state, vae_json, scdg_json = state_of(run.vae), state_of(run.scdg), model_json(run.vae), model_json(run.scdg)
-    requests = {node: DistillRequest(rnd, vae_state, vae_json, scdg_state, scdg_json, run.plan, fields,
+    vae_state, scdg_state, vae_json, scdg_json = state_of(vae), state_of(scdg), model_json(vae), model_json(scdg)
+    requests = {node: DistillRequest(rnd, vae_state, vae_json, scdg_state, scdg_json, plan, fields,
                                      pretraining.site_seed(run.cfg.seed + 7, run.link, node, 100 * rnd), run.cfg.distill_warm_start)
                 for node in sorted(run.link.nodes)}
 
@@ -149,18 +158,18 @@ def distill(run: Run, rnd: int) -> list[SiteCodes]:
         return reply
 
     replies = run.link.exchange(MSG_DISTILL, {n: r.to_record() for n, r in requests.items()}, f"distill-{rnd}", check)
-    t_star = resolve_t_star(dcfg, run.scdg.config.timesteps)
+    t_star = resolve_t_star(dcfg, scdg.config.timesteps)
     return [SiteCodes(r.site, Codes(r.payload.codes, r.payload.labels.astype(np.int64), t_star, dcfg.guidance), r.payload.distill_seconds, r.wire)
             for r in replies]
 
 
 def evaluate(run: Run, rnd: int, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """Train the evaluation models on the fused cells, have every site score them, aggregate."""
-    assert run.plan is not None
-    n_classes = len(run.plan.classes)
+    plan = run.ready()[0]
+    n_classes = len(plan.classes)
     models = train_evaluators(X, y, n_classes, mlp_steps=run.cfg.mlp_steps, seed=run.cfg.seed + rnd)
     req = EvaluateRequest(rnd, X, y.astype(np.int32), state_of(models.mlp), model_json(models.mlp), models.coef, models.intercept,
-                          models.classes, run.plan, run.cfg.seed + rnd)
+                          models.classes, plan, run.cfg.seed + rnd)
     def check(node: int, rd: RecordDict, wire: int) -> EvaluateReply:
         reply = decode(rd, EvaluateReply)
         validate_evaluate(reply, round_=rnd, n_classes=n_classes)
@@ -174,17 +183,18 @@ def evaluate(run: Run, rnd: int, X: np.ndarray, y: np.ndarray) -> dict[str, Any]
 
 def run_round(run: Run, rnd: int) -> None:
     """One distillation round: distill, fuse, fine-tune, evaluate, store."""
-    assert run.plan is not None and run.vae is not None and run.scdg is not None
+    plan, vae, scdg = run.ready()
     t0 = time.perf_counter()
     parts = distill(run, rnd)
-    prov = provenance(run.vae, run.scdg, round_=rnd, sites=[p.site for p in parts], distill=dataclasses.asdict(distill_config(run.cfg)))
-    fused = fuse_round(parts, run.vae, run.scdg, run.plan, round_=rnd, provenance=prov)
+    mode = run.cfg.decode_mode or decode_mode(run.cfg.cells_per_class)
+    prov = provenance(vae, scdg, round_=rnd, sites=[p.site for p in parts], distill=dataclasses.asdict(distill_config(run.cfg)), decode=mode)
+    fused = fuse_round(parts, vae, scdg, plan, round_=rnd, provenance=prov, mode=mode, seed=run.cfg.seed + 10 * rnd)  # type: ignore[arg-type]
     t1 = time.perf_counter()
-    losses = finetune_generator(run.scdg, parts, steps=run.cfg.finetune_steps, lr=run.cfg.finetune_lr,
+    losses = finetune_generator(scdg, parts, steps=run.cfg.finetune_steps, lr=run.cfg.finetune_lr,
                                 anchor_weight=run.cfg.finetune_anchor_weight, seed=run.cfg.seed + rnd)
     t2 = time.perf_counter()
     X = np.asarray(fused.X.toarray(), dtype=np.float32)
-    y = np.asarray(fused.obs[run.plan.spec.label_key].cat.codes, dtype=np.int64)
+    y = np.asarray(fused.obs[plan.spec.label_key].cat.codes, dtype=np.int64)
     result = evaluate(run, rnd, X, y)
     final = rnd == run.cfg.num_distill_rounds
     run.store.write_synthetic(fused, round_=rnd, final=final)
@@ -196,7 +206,7 @@ def run_round(run: Run, rnd: int) -> None:
     logger.info("round %d: %d synthetic cells from %d sites; MLP accuracy %.3f (cell-weighted), macro-F1 %.3f",
                 rnd, fused.n_obs, len(parts), agg["accuracy"], agg["macro_f1"])
     _timed(run, f"round-{rnd}", t0)
-    run.store.save_models(vae=run.vae, scdg=run.scdg)
+    run.store.save_models(vae=vae, scdg=scdg)
     run.checkpoint(f"round-{rnd}")
 
 
@@ -223,11 +233,12 @@ def run(grid: Grid, cfg: FederationConfig, *, run_id: str) -> Path:
     store = RunStore(cfg.run_dir(run_id))
     link = Link(grid, cfg.round_timeout_s, cfg.min_sites)
     r = Run(cfg, link, store)
+    nodes = _start(r, grid, run_id)
     try:
-        _phases(r, grid, run_id)
+        _phases(r, nodes)
     except FederationStopped as exc:
         r.metrics["stopped"] = {"reason": exc.reason, "detail": exc.detail}
-        r._sync_metrics()  # noqa: SLF001 - same module
+        r._sync_metrics()
         store.write_metrics(r.metrics)
         logger.error("%s", exc)
         raise
@@ -235,10 +246,9 @@ def run(grid: Grid, cfg: FederationConfig, *, run_id: str) -> Path:
     return store.dir
 
 
-def _phases(r: Run, grid: Grid, run_id: str) -> None:
+def _phases(r: Run, nodes: list[int]) -> None:
     """Every phase in order, skipping those a resumed checkpoint completed."""
     cfg, link, store = r.cfg, r.link, r.store
-    nodes = _start(r, grid, run_id)
     t0 = time.perf_counter()
     profiles = collect_profiles(link, nodes, cfg)
     if r.plan is None:

@@ -41,12 +41,12 @@ def _embedding(adata: Any) -> tuple[np.ndarray, str]:
         sc.pp.neighbors(a, n_neighbors=max(2, min(15, a.n_obs - 1)), use_rep="X_pca")
         sc.tl.umap(a, random_state=0)
         return np.asarray(a.obsm["X_umap"]), "UMAP"
-    except Exception as exc:  # noqa: BLE001 - a plot must never fail a finished run
+    except Exception as exc:  # a plot must never fail a finished run
         logger.warning("UMAP failed (%s); plotting PCA instead", type(exc).__name__)
         return np.asarray(a.obsm["X_pca"][:, :2]), "PCA"
 
 
-def _scatter(adata: Any, label_key: str) -> str:
+def _scatter(adata: Any, label_key: str) -> tuple[str, str]:
     import matplotlib.pyplot as plt
 
     xy, name = _embedding(adata)
@@ -60,7 +60,7 @@ def _scatter(adata: Any, label_key: str) -> str:
         ax.legend(fontsize=7, markerscale=1.5, loc="best")
         ax.set_xticks([])
         ax.set_yticks([])
-    return _png(fig)
+    return _png(fig), name
 
 
 def _curves(rounds: list[dict[str, Any]]) -> str:
@@ -86,7 +86,8 @@ def _fmt(v: Any) -> str:
 
 
 def _site_table(last: dict[str, Any], upload: dict[str, dict[str, int]]) -> str:
-    head = "<tr><th>site</th><th>held-out cells</th><th>MLP acc</th><th>LR acc</th><th>kNN acc</th><th>membership AUC</th><th>zero fraction real / synthetic</th><th>uploaded bytes</th></tr>"
+    cols = ("site", "held-out cells", "MLP acc", "LR acc", "kNN acc", "membership AUC", "zero fraction real / synthetic", "uploaded bytes")
+    head = "<tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
     rows = []
     for site, m in sorted(last["sites"].items()):
         sc = m["scores"]
@@ -108,7 +109,9 @@ def render(metrics: dict[str, Any], synthetic: Any, *, label_key: str) -> str:
         parts += ["<h2>Accuracy per round and per site</h2>", _curves(rounds)]
         parts += ["<h2>Per site, last round (membership inference audit)</h2>", f"<p><b>Membership-inference AUC:</b> {MIA_GUIDE}.</p>",
                   _site_table(rounds[-1], metrics.get("upload_bytes", {}))]
-    parts += ["<h2>Fused synthetic cells</h2>", _scatter(synthetic, label_key)]
+    img, method = _scatter(synthetic, label_key)
+    how = "scanpy sc.pp.pca, sc.pp.neighbors, sc.tl.umap" if method == "UMAP" else "scanpy sc.pp.pca (UMAP could not run)"
+    parts += ["<h2>Fused synthetic cells</h2>", f"<p>{method} of the final fused synthetic set ({how}), coloured by class and by site.</p>", img]
     if metrics.get("dropped"):
         items = "".join(f"<li>{html.escape(str(d['site']))} / {html.escape(str(d['phase']))}: {html.escape(str(d['reason']))}</li>" for d in metrics["dropped"])
         parts += ["<h2>Dropped sites</h2>", f"<ul>{items}</ul>"]

@@ -60,12 +60,12 @@ def task_identity(run_id: int = 1, node_id: int = 0) -> Iterator[None]:
     """Set Flower's (internal) task identity so that Messages can be built outside a Flower runtime."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)  # noqa: SLF001 - pinned flwr 1.42
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)  # internal API of the pinned flwr 1.42
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, node_id, 1
     try:
         yield
     finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old  # noqa: SLF001
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,9 @@ class InProcessGrid(Grid):
     """A Grid whose nodes are Contexts in this process; ``push_messages`` runs the ClientApp synchronously."""
 
     def __init__(self, client_app: ClientAppFn, *, num_nodes: int, run_config: Mapping[str, Any],
-                 node_configs: Sequence[Mapping[str, Any]] | None = None, run_id: int = 1) -> None:
+                 node_configs: Sequence[Mapping[str, Any]] | None = None, run_id: int = 1, record: bool = False) -> None:
         self._client_app = client_app
+        self._record = record  # keep every exchange in .log (tests; costs the memory of every message)
         self._run = Run.create_empty(run_id)
         self.contexts: dict[int, Context] = {}
         for i in range(num_nodes):
@@ -117,7 +118,7 @@ class InProcessGrid(Grid):
             return None
         try:
             return self._client_app(msg, ctx)
-        except Exception as exc:  # noqa: BLE001 - mirrors Flower: any ClientApp exception becomes an error reply
+        except Exception as exc:  # mirrors Flower: any ClientApp exception becomes an error reply
             return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -126,7 +127,8 @@ class InProcessGrid(Grid):
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             reply = self._call(msg)
-            self.log.append(Exchange(msg.metadata.dst_node_id, msg.metadata.message_type, msg, reply))
+            if self._record:
+                self.log.append(Exchange(msg.metadata.dst_node_id, msg.metadata.message_type, msg, reply))
             if reply is not None:
                 self._pending[msg.metadata.message_id] = reply
             ids.append(msg.metadata.message_id)
@@ -142,11 +144,11 @@ class InProcessGrid(Grid):
 
 
 def run_in_process(run_config: Mapping[str, Any], *, num_nodes: int, node_configs: Sequence[Mapping[str, Any]] | None = None,
-                   client_app: ClientAppFn | None = None) -> InProcessGrid:
-    """Run the ServerApp against ``num_nodes`` in-process ClientApps; return the grid (its log holds every exchange)."""
+                   client_app: ClientAppFn | None = None, record: bool = False) -> InProcessGrid:
+    """Run the ServerApp against ``num_nodes`` in-process ClientApps; return the grid (with ``record``, its log holds every exchange)."""
     client = client_app or load_component(component_ref("clientapp"))
     server = load_component(component_ref("serverapp"))
-    grid = InProcessGrid(client, num_nodes=num_nodes, run_config=run_config, node_configs=node_configs)
+    grid = InProcessGrid(client, num_nodes=num_nodes, run_config=run_config, node_configs=node_configs, record=record)
     with task_identity():
         server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
     return grid

@@ -12,12 +12,14 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from shared.checkpoint import config_to_dict, model_hash
 from shared.distill import Codes, generate
 from shared.evaluation import train_mlp
 from shared.models import SCDG, VAE, MLPClassifier
+from shared.models.vae import DecodeMode
 from shared.pretrain import new_models
 from shared.protocol import Plan, StateDict
 from shared.synthetic import fuse, to_anndata
@@ -61,11 +63,12 @@ class SiteCodes:
     upload_bytes: int = 0
 
 
-def fuse_round(parts: Sequence[SiteCodes], vae: VAE, scdg: SCDG, plan: Plan, *, round_: int, provenance: dict[str, Any]) -> ad.AnnData:
+def fuse_round(parts: Sequence[SiteCodes], vae: VAE, scdg: SCDG, plan: Plan, *, round_: int, provenance: dict[str, Any],
+               mode: DecodeMode, seed: int) -> ad.AnnData:
     """Decode every site's codes with the generator they were made with and fuse them into one AnnData."""
     pieces = []
-    for part in sorted(parts, key=lambda p: p.site):
-        cells = generate(vae, scdg, part.codes, mode="expected")
+    for i, part in enumerate(sorted(parts, key=lambda p: p.site)):
+        cells = generate(vae, scdg, part.codes, mode=mode, seed=seed + 1000 * i)
         pieces.append(to_anndata(cells, part.codes.labels, class_names=plan.classes, genes=plan.genes, label_key=plan.spec.label_key,
                                  site=part.site, round_=round_, provenance=provenance))
     with warnings.catch_warnings():
@@ -109,12 +112,14 @@ def train_evaluators(X: np.ndarray, y: np.ndarray, n_classes: int, *, mlp_steps:
     if present.size < 2:
         coef, icpt = np.zeros((1, X.shape[1])), np.zeros(1)
     else:
-        lr = LogisticRegression(max_iter=300, C=1.0, random_state=seed).fit(X, y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # 300 lbfgs iterations, as in shared.evaluation
+            lr = LogisticRegression(max_iter=300, C=1.0, random_state=seed).fit(X, y)
         coef, icpt = lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64)
     return EvalModels(mlp, coef, icpt, present.astype(np.int64))
 
 
-def provenance(vae: VAE, scdg: SCDG, *, round_: int, sites: Sequence[str], distill: dict[str, Any]) -> dict[str, Any]:
+def provenance(vae: VAE, scdg: SCDG, *, round_: int, sites: Sequence[str], distill: dict[str, Any], decode: str) -> dict[str, Any]:
     """What made a fused synthetic set (stored in uns)."""
-    return {"method": "fedscdd", "round": round_, "sites": list(sites), "distill": distill,
+    return {"method": "fedscdd", "round": round_, "sites": list(sites), "distill": distill, "decode_mode": decode,
             "vae_hash": model_hash(vae), "scdg_hash": model_hash(scdg)}

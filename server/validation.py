@@ -34,46 +34,51 @@ def decode(content: RecordDict, payload: type[P]) -> P:
         return payload.from_record(content)  # type: ignore[attr-defined,no-any-return]
     except ProtocolError:
         raise
-    except Exception as exc:  # noqa: BLE001 - malformed input must never crash the server
+    except Exception as exc:  # malformed input must never crash the server
         msg = f"{payload.__name__} could not be decoded ({type(exc).__name__})"
         raise ProtocolError(msg) from None
-
-
-def _reject(reason: str) -> ProtocolError:
-    return ProtocolError(reason)
 
 
 def validate_profile(reply: ProfileReply, *, seen_sites: Collection[str]) -> None:
     """Per-gene aggregates must be consistent with n-cells; the site name must be new in this run."""
     if reply.site_name in seen_sites:
-        raise _reject(f"duplicated site name {reply.site_name!r}: another SuperNode already answered as this site")
+        msg = f"duplicated site name {reply.site_name!r}: another SuperNode already answered as this site"
+        raise ProtocolError(msg)
     if np.any(reply.sums < 0) or np.any(reply.sumsq < 0):
-        raise _reject("negative per-gene sums or sums of squares (log-normalised data is non-negative)")
+        msg = "negative per-gene sums or sums of squares (log-normalised data is non-negative)"
+        raise ProtocolError(msg)
     if np.any(reply.detected < 0) or np.any(reply.detected > reply.n_cells):
-        raise _reject("per-gene detection counts outside [0, n-cells]")
+        msg = "per-gene detection counts outside [0, n-cells]"
+        raise ProtocolError(msg)
     if np.any(reply.label_counts <= 0) or int(reply.label_counts.sum()) > reply.n_cells:
-        raise _reject("label counts must be positive and sum to at most n-cells")
+        msg = "label counts must be positive and sum to at most n-cells"
+        raise ProtocolError(msg)
 
 
 def _same_state(got: StateDict, sent: Mapping[str, np.ndarray], what: str) -> None:
     if list(got) != list(sent):
         missing, extra = sorted(set(sent) - set(got)), sorted(set(got) - set(sent))
-        raise _reject(f"{what} weights: keys differ from the sent state dict (missing {missing[:3]}, unexpected {extra[:3]})")
+        msg = f"{what} weights: keys differ from the sent state dict (missing {missing[:3]}, unexpected {extra[:3]})"
+        raise ProtocolError(msg)
     for key, ref in sent.items():
         if got[key].shape != ref.shape or got[key].dtype != ref.dtype:
-            raise _reject(f"{what} weights: {key!r} is {got[key].dtype}{list(got[key].shape)}, expected {ref.dtype}{list(ref.shape)}")
+            msg = f"{what} weights: {key!r} is {got[key].dtype}{list(got[key].shape)}, expected {ref.dtype}{list(ref.shape)}"
+            raise ProtocolError(msg)
 
 
 def validate_pretrain(reply: PretrainReply, req: PretrainRequest, *, latent_dim: int) -> None:
     """Stage and round must echo the request; weights must match the sent state dict; counts positive."""
     if reply.stage != req.stage or reply.round != req.round:
-        raise _reject(f"reply is for stage {reply.stage!r} round {reply.round}, expected {req.stage!r} round {req.round}")
+        msg = f"reply is for stage {reply.stage!r} round {reply.round}, expected {req.stage!r} round {req.round}"
+        raise ProtocolError(msg)
     if reply.num_examples <= 0:
-        raise _reject(f"num-examples must be > 0, got {reply.num_examples}")
+        msg = f"num-examples must be > 0, got {reply.num_examples}"
+        raise ProtocolError(msg)
     if reply.stage == "latent-stats":
         s, q = reply.latent_sum, reply.latent_sumsq
         if s is None or q is None or s.shape != (latent_dim,) or q.shape != (latent_dim,) or np.any(q < 0):
-            raise _reject(f"latent statistics must be two length-{latent_dim} vectors with non-negative sums of squares")
+            msg = f"latent statistics must be two length-{latent_dim} vectors with non-negative sums of squares"
+            raise ProtocolError(msg)
         return
     _same_state(reply.weights or {}, req.weights, req.stage)
 
@@ -83,44 +88,58 @@ def validate_distill(reply: DistillReply, req: DistillRequest, *, latent_dim: in
     n_classes, k = len(req.plan.classes), req.k
     budget = distill_budget(k, n_classes, latent_dim)
     if wire > budget:
-        raise _reject(f"distill reply is {wire} bytes, over the budget of {budget} (k·C·d·4 + {BUDGET_SLACK_BYTES})")
+        msg = f"distill reply is {wire} bytes, over the budget of {budget} (k·C·d·4 + {BUDGET_SLACK_BYTES})"
+        raise ProtocolError(msg)
     if reply.round != req.round:
-        raise _reject(f"reply is for round {reply.round}, expected {req.round}")
+        msg = f"reply is for round {reply.round}, expected {req.round}"
+        raise ProtocolError(msg)
     if reply.codes.shape[1] != latent_dim:
-        raise _reject(f"codes have {reply.codes.shape[1]} dimensions, expected the latent dimension {latent_dim}")
+        msg = f"codes have {reply.codes.shape[1]} dimensions, expected the latent dimension {latent_dim}"
+        raise ProtocolError(msg)
     labels = reply.labels.astype(np.int64)
     if labels.min() < 0 or labels.max() >= n_classes:
-        raise _reject(f"code labels outside the plan's {n_classes} class ids")
+        msg = f"code labels outside the plan's {n_classes} class ids"
+        raise ProtocolError(msg)
     unreported = sorted(set(np.unique(labels).tolist()) - set(site_classes))
     if unreported:
-        raise _reject(f"codes for {len(unreported)} class(es) this site did not report in its profile")
+        msg = f"codes for {len(unreported)} class(es) this site did not report in its profile"
+        raise ProtocolError(msg)
     per_class = np.bincount(labels, minlength=n_classes)
     if per_class.max() > k:
-        raise _reject(f"{int(per_class.max())} codes for one class, at most k={k} allowed")
+        msg = f"{int(per_class.max())} codes for one class, at most k={k} allowed"
+        raise ProtocolError(msg)
     counts = reply.class_counts
     if counts.shape != (n_classes,) or np.any(counts < 0):
-        raise _reject(f"class counts must be {n_classes} non-negative integers")
+        msg = f"class counts must be {n_classes} non-negative integers"
+        raise ProtocolError(msg)
     if np.any((per_class > 0) & (counts == 0)):
-        raise _reject("codes for a class with zero reported cells")
+        msg = "codes for a class with zero reported cells"
+        raise ProtocolError(msg)
     if not math.isfinite(reply.distill_seconds) or reply.distill_seconds < 0:
-        raise _reject("distill-seconds must be a non-negative number")
+        msg = "distill-seconds must be a non-negative number"
+        raise ProtocolError(msg)
 
 
 def validate_evaluate(reply: EvaluateReply, *, round_: int, n_classes: int) -> None:
     """Scores in [0, 1] (NaN only where a metric is undefined), recall of length C, n-test positive."""
     if reply.round != round_:
-        raise _reject(f"reply is for round {reply.round}, expected {round_}")
+        msg = f"reply is for round {reply.round}, expected {round_}"
+        raise ProtocolError(msg)
     if reply.n_test <= 0:
-        raise _reject(f"n-test must be > 0, got {reply.n_test}")
+        msg = f"n-test must be > 0, got {reply.n_test}"
+        raise ProtocolError(msg)
 
     def unit(v: float, *, allow_nan: bool = False) -> bool:
         return (allow_nan and math.isnan(v)) or (math.isfinite(v) and 0.0 <= v <= 1.0)
 
     for ev, s in reply.scores.items():
         if len(s.recall) != n_classes:
-            raise _reject(f"{ev} recall has {len(s.recall)} entries, expected one per plan class ({n_classes})")
+            msg = f"{ev} recall has {len(s.recall)} entries, expected one per plan class ({n_classes})"
+            raise ProtocolError(msg)
         if not (unit(s.accuracy) and unit(s.macro_f1) and all(unit(r, allow_nan=True) for r in s.recall)):
-            raise _reject(f"{ev} scores outside [0, 1]")
+            msg = f"{ev} scores outside [0, 1]"
+            raise ProtocolError(msg)
     fractions = (reply.zero_fraction_real, reply.zero_fraction_synthetic, reply.mia_auc)
     if not all(unit(v, allow_nan=True) for v in fractions) or reply.mmd_pca < 0 or reply.mean_corr < -1 or reply.mean_corr > 1:
-        raise _reject("fidelity or membership-inference numbers out of range")
+        msg = "fidelity or membership-inference numbers out of range"
+        raise ProtocolError(msg)

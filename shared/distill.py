@@ -248,6 +248,11 @@ def _objective(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, tg: _Targets
     return total
 
 
+def decode_mode(k: int) -> DecodeMode:
+    """Smooth prototypes for k <= 2 (one or two cells per class), sampled cell-like cells above."""
+    return "expected" if k <= 2 else "sample"
+
+
 @torch.no_grad()
 def generate(vae: VAE, scdg: SCDG, codes: Codes, *, mode: DecodeMode = "sample", seed: int = 0) -> np.ndarray:
     """Decode codes into synthetic log-normalised cells (n, G) float32.

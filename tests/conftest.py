@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -28,3 +32,52 @@ def team_data() -> Path:
     if not TEAM_DATA.is_dir():
         pytest.skip("../shared/data not present (team datasets are not part of a user clone)")
     return TEAM_DATA
+
+
+# ----------------------------------------------------------------------------- federation fixtures
+@pytest.fixture(autouse=True)
+def flower_task_identity() -> Iterator[None]:
+    """Let tests build Flower Messages outside a Flower runtime (flwr 1.42 internal API); seed global RNGs."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    random.seed(0)
+    np.random.seed(0)
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+SITES = ("site_a", "site_b", "site_c")
+
+
+@pytest.fixture(scope="session")
+def three_site_h5ad(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic raw-count file with 3 sites in obs['site'] (3 classes, 60 genes, 270 cells)."""
+    from shared.testing import make_site_adata
+
+    adata = make_site_adata(n_cells=270, n_genes=60, n_labels=3, seed=3)
+    adata.obs["site"] = pd.Categorical([SITES[i % 3] for i in range(adata.n_obs)])
+    path = tmp_path_factory.mktemp("fed") / "three_sites.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def _tiny_run_config(data: Path, out: Path, **extra: object) -> dict[str, object]:
+    """Run config of a seconds-long federation on `three_site_h5ad` (plumbing, not quality)."""
+    return {"sim-data-path": str(data), "sim-site-key": "site", "out-dir": str(out), "run-id": "tiny", "n-genes": 40, "latent-dim": 8,
+            "num-pretrain-rounds": 1, "vae-local-steps": 5, "scdg-local-steps": 5, "vae-batch-size": 64, "scdg-batch-size": 64,
+            "cells-per-class": 2, "distill-iterations": 2, "num-distill-rounds": 2, "finetune-steps": 2, "mlp-steps": 5,
+            "report": False, "min-sites": 2, **extra}
+
+
+@pytest.fixture
+def tiny_config(three_site_h5ad: Path, tmp_path: Path) -> dict[str, object]:
+    """A seconds-long federation's run config on `three_site_h5ad`, with a per-test output folder."""
+    return _tiny_run_config(three_site_h5ad, tmp_path / "out")
+
+
+@pytest.fixture
+def site_cache(tmp_path: Path) -> dict[str, str]:
+    """node_config entry pointing the site cache at a per-test folder."""
+    return {"cache-dir": str(tmp_path / "site-cache")}

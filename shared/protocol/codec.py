@@ -57,10 +57,12 @@ StateDict = dict[str, np.ndarray]
 
 # ----------------------------------------------------------------------------- helpers
 def fail(where: str, what: str) -> ProtocolError:
+    """A ProtocolError naming the payload and what is wrong."""
     return ProtocolError(f"{where}: {what}")
 
 
 def config_record(values: Mapping[str, Any]) -> ConfigRecord:
+    """A ConfigRecord of ``values`` stamped with the schema version."""
     return ConfigRecord({SCHEMA_KEY: SCHEMA_VERSION, **values})
 
 
@@ -80,6 +82,7 @@ def check_records(rd: RecordDict, where: str, *, arrays: Iterable[str] = (), con
 
 
 def check_keys(record: Mapping[str, Any], expected: Iterable[str], where: str) -> None:
+    """Refuse missing and unexpected keys."""
     exp = set(expected)
     missing, extra = sorted(exp - set(record)), sorted(set(record) - exp)
     if missing or extra:
@@ -100,6 +103,7 @@ def get_value(record: Mapping[str, Any], key: str, kind: type[T], where: str) ->
 
 
 def get_float_list(record: Mapping[str, Any], key: str, where: str) -> tuple[float, ...]:
+    """A list of finite numbers."""
     v = record[key]
     if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         raise fail(where, f"{key!r} must be a list of numbers")
@@ -109,6 +113,7 @@ def get_float_list(record: Mapping[str, Any], key: str, where: str) -> tuple[flo
 
 
 def get_str_list(record: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    """A non-empty list of strings."""
     v = record[key]
     if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
         raise fail(where, f"{key!r} must be a non-empty list of strings")
@@ -119,7 +124,7 @@ def get_array(record: ArrayRecord, key: str, dtype: str, ndim: int, where: str) 
     """The numpy array under ``key``, refusing other dtypes, ranks and non-finite floats."""
     try:
         arr = record[key].numpy()
-    except Exception as exc:  # noqa: BLE001 - any decode failure is a protocol error
+    except Exception as exc:  # any decode failure is a protocol error
         raise fail(where, f"array {key!r} cannot be decoded ({type(exc).__name__})") from None
     if arr.dtype != np.dtype(dtype):
         raise fail(where, f"array {key!r} has dtype {arr.dtype}, expected {dtype}")
@@ -175,10 +180,12 @@ def wire_bytes(content: RecordDict) -> int:
 
 
 def nan_to_wire(v: float, absent: float = ABSENT) -> float:
+    """NaN/Inf -> the wire's absent marker."""
     return absent if not math.isfinite(v) else float(v)
 
 
 def wire_to_nan(v: float, absent: float = ABSENT) -> float:
+    """The wire's absent marker -> NaN."""
     return float("nan") if v == absent else v
 
 
@@ -227,7 +234,7 @@ class Plan:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def records(self) -> dict[str, ConfigRecord | ArrayRecord]:
-        """The plan's two records."""
+        """Return the plan's two records."""
         return {KEY_PLAN: config_record({**self.spec.items(), "classes": list(self.classes)}),
                 KEY_PLAN_GENES: ArrayRecord({"names": Array(encode_strings(self.genes))})}
 
@@ -259,6 +266,7 @@ PLAN_RECORDS = (KEY_PLAN, KEY_PLAN_GENES)
 
 
 def check_round(rnd: int, where: str) -> int:
+    """A round number (>= 0)."""
     if rnd < 0:
         raise fail(where, f"round must be >= 0, got {rnd}")
     return rnd

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from shared.protocol.codec import (
     ABSENT, ABSENT_CORR, EVALUATORS, KEY_CODES, KEY_CONFIG, KEY_DISTILL, KEY_LOGREG, KEY_METRICS, KEY_MLP, KEY_PLAN,

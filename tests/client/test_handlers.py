@@ -1,0 +1,133 @@
+"""ClientApp handlers called directly (through Flower's routing), on a small synthetic 3-site file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+
+from client import site as site_mod
+from client import tasks
+from client.app import SiteTaskError, app
+from server.training import fresh_models, model_json, state_of
+from shared.errors import ConfigError, SiteDataError
+from shared.protocol import (
+    DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, Plan, PretrainReply, PretrainRequest, ProfileReply, ProfileRequest, SiteSpec,
+)
+
+SPEC = SiteSpec(label_key="cell_type", split_seed=0)
+
+
+def _ctx(data: Path, cache: dict[str, str], partition: int = 0, **run: object) -> Context:
+    run_config = {"sim-data-path": str(data), "sim-site-key": "site", "torch-threads": 1, **run}
+    return Context(run_id=1, node_id=7, node_config={"partition-id": partition, "num-partitions": 3, **cache}, state=RecordDict(), run_config=run_config)
+
+
+def _send(content: RecordDict, message_type: str, ctx: Context) -> RecordDict:
+    reply = app(Message(content, dst_node_id=7, message_type=message_type), ctx)
+    assert reply.has_content()
+    return reply.content
+
+
+@pytest.fixture
+def ctx(three_site_h5ad: Path, site_cache: dict[str, str]) -> Context:
+    return _ctx(three_site_h5ad, site_cache)
+
+
+@pytest.fixture
+def plan(ctx: Context) -> Plan:
+    reply = ProfileReply.from_record(_send(ProfileRequest(SPEC).to_record(), "query.profile", ctx))
+    return Plan(reply.genes[:40], ("type_0", "type_1", "type_2"), SPEC)
+
+
+def test_profile_reports_per_gene_aggregates_of_training_cells(ctx: Context, three_site_h5ad: Path) -> None:
+    reply = ProfileReply.from_record(_send(ProfileRequest(SPEC).to_record(), "query.profile", ctx))
+    assert reply.site_name == "site_a" and len(reply.genes) == 60 and reply.sums.shape == (60,)
+    assert reply.n_cells == int(reply.label_counts.sum()) < 90  # 90 cells at site_a, 20 % held out
+    assert set(reply.label_names) == {"type_0", "type_1", "type_2"}
+
+
+def test_pretrain_vae_and_latent_stats(ctx: Context, plan: Plan) -> None:
+    vae, _ = fresh_models(plan, latent_dim=8, seed=0)
+    sent = state_of(vae)
+    req = PretrainRequest("vae", 1, sent, model_json(vae), plan, 3, 1e-3, 16, 0.3, 1)
+    reply = PretrainReply.from_record(_send(req.to_record(), "train.pretrain", ctx))
+    assert list(reply.weights) == list(sent) and reply.num_examples > 0
+    assert any(not np.array_equal(reply.weights[k], sent[k]) for k in sent)
+    req = PretrainRequest("latent-stats", 0, sent, model_json(vae), plan, 0, 1e-3, 16, 0.0, 1)
+    stats = PretrainReply.from_record(_send(req.to_record(), "train.pretrain", ctx))
+    assert stats.latent_sum.shape == (8,) and np.all(stats.latent_sumsq >= 0)
+
+
+def test_distill_returns_k_codes_per_class_and_warm_starts(ctx: Context, plan: Plan) -> None:
+    vae, scdg = fresh_models(plan, latent_dim=8, seed=0)
+    req = DistillRequest(1, state_of(vae), model_json(vae), state_of(scdg), model_json(scdg), plan, {"k": 2, "iterations": 2}, 3)
+    reply = DistillReply.from_record(_send(req.to_record(), "train.distill", ctx))
+    assert reply.codes.shape == (6, 8) and sorted(reply.labels.tolist()) == [0, 0, 1, 1, 2, 2] and reply.class_counts.shape == (3,)
+    assert tasks.WARM_CODES in ctx.state and ctx.state[tasks.WARM_META]["round"] == 1
+    warm = tasks._warm_codes(ctx.state, plan, 2)
+    assert warm is not None and np.array_equal(warm.codes, reply.codes)
+    assert tasks._warm_codes(ctx.state, plan, 3) is None  # another k: no warm start
+
+
+def test_evaluate_scores_models_on_held_out_cells(ctx: Context, plan: Plan) -> None:
+    from server.training import train_evaluators
+
+    rng = np.random.default_rng(0)
+    X, y = rng.random((12, len(plan.genes))).astype(np.float32), np.repeat([0, 1, 2], 4)
+    models = train_evaluators(X, y, 3, mlp_steps=3, seed=0)
+    req = EvaluateRequest(1, X, y.astype(np.int32), state_of(models.mlp), model_json(models.mlp), models.coef, models.intercept, models.classes, plan, 0)
+    reply = EvaluateReply.from_record(_send(req.to_record(), "evaluate.models", ctx))
+    assert reply.n_test > 0 and all(0 <= s.accuracy <= 1 and len(s.recall) == 3 for s in reply.scores.values())
+    assert 0 <= reply.mia_auc <= 1
+
+
+def test_site_data_errors_pass_through_with_their_safe_message(three_site_h5ad: Path, site_cache: dict[str, str]) -> None:
+    ctx = _ctx(three_site_h5ad, site_cache)
+    with pytest.raises(SiteDataError, match="label column 'nope' not found"):
+        app(Message(ProfileRequest(SiteSpec(label_key="nope")).to_record(), dst_node_id=7, message_type="query.profile"), ctx)
+
+
+def test_other_exceptions_reach_the_server_without_their_text(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    def leak(_site: object) -> None:
+        raise ValueError("cell AAACATACAATGCC-1 has CD3E=4.2")
+
+    monkeypatch.setattr(tasks, "profile_site", leak)
+    with pytest.raises(SiteTaskError) as info:
+        app(Message(ProfileRequest(SPEC).to_record(), dst_node_id=7, message_type="query.profile"), ctx)
+    assert "AAAC" not in str(info.value) and "4.2" not in str(info.value) and "ValueError" in str(info.value)
+
+
+def test_site_cache_is_reused_and_keyed_by_the_plan(three_site_h5ad: Path, tmp_path: Path) -> None:
+    source = site_mod.resolve_source({"partition-id": 1}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"})
+    first = site_mod.load_site(source, SPEC, None, cache=tmp_path)
+    files = sorted(tmp_path.glob("site-*.npz"))
+    again = site_mod.load_site(source, SPEC, None, cache=tmp_path)
+    assert len(files) == 1 and again.name == first.name == "site_b" and (again.X != first.X).nnz == 0
+    site_mod.load_site(source, SPEC, first.genes[:10], cache=tmp_path)
+    assert len(list(tmp_path.glob("site-*.npz"))) == 2
+
+
+def test_dirichlet_split_when_the_site_column_is_absent(three_site_h5ad: Path, tmp_path: Path) -> None:
+    source = site_mod.resolve_source({"partition-id": 1}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "nope", "sim-num-sites": 2})
+    assert site_mod.load_site(source, SPEC, None, cache=tmp_path).name == "site1"
+    beyond = site_mod.resolve_source({"partition-id": 5}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"})
+    with pytest.raises(SiteDataError, match="num-supernodes=3"):
+        site_mod.load_site(beyond, SPEC, None, cache=tmp_path)
+
+
+def test_deployment_identity_comes_from_node_config(three_site_h5ad: Path, tmp_path: Path) -> None:
+    src = site_mod.resolve_source({"data-path": str(three_site_h5ad), "site-name": "hospital-a"}, {"sim-data-path": "/ignored"})
+    assert src.name == "hospital-a" and src.site_key == ""
+    assert site_mod.load_site(src, SPEC, None, cache=tmp_path).X.shape[0] == ad.read_h5ad(three_site_h5ad).n_obs
+    with pytest.raises(ConfigError, match="node-config"):
+        site_mod.resolve_source({}, {})
+
+
+def test_missing_bundled_example_says_how_to_pass_the_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(site_mod, "example_path", lambda: tmp_path / "absent.h5ad")
+    with pytest.raises(ConfigError, match="sim-data-path='/abs/path.h5ad'"):
+        site_mod.resolve_source({"partition-id": 0}, {"sim-data-path": ""})

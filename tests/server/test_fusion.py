@@ -1,0 +1,82 @@
+"""Pure server aggregation: plan vocabulary, FedAvg, latent moments, metric aggregation (no Flower runtime)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from server.fusion import aggregate_scores, fedavg, latent_moments, plan_vocabulary
+from shared.data import gene_stats, select_variable_genes
+
+
+@dataclass
+class Profile:
+    site_name: str
+    genes: tuple[str, ...]
+    sums: np.ndarray
+    sumsq: np.ndarray
+    detected: np.ndarray
+    n_cells: int
+    label_names: tuple[str, ...]
+
+
+def _profile(name: str, X: np.ndarray, genes: list[str], labels: tuple[str, ...]) -> Profile:
+    s, q, d = gene_stats(X)
+    return Profile(name, tuple(genes), s, q, d, X.shape[0], labels)
+
+
+def test_plan_equals_the_pooled_variable_genes_of_the_shared_genes() -> None:
+    rng = np.random.default_rng(0)
+    Xa, Xb = rng.poisson(1.0, (30, 6)).astype(float), rng.poisson(2.0, (20, 5)).astype(float)
+    a = _profile("b-site", Xa, ["g0", "g1", "g2", "g3", "g4", "only_a"], ("T", "B"))
+    b = _profile("a-site", Xb[:, ::-1], ["g4", "g3", "g2", "g1", "g0"], ("mono",))
+    genes, classes = plan_vocabulary([a, b], n_genes=3)
+    pooled = np.vstack([Xb, Xa[:, :5]])
+    expected = select_variable_genes(["g0", "g1", "g2", "g3", "g4"], *gene_stats(pooled), pooled.shape[0], n_top=3)
+    assert sorted(genes) == sorted(expected) and "only_a" not in genes
+    assert classes == ["B", "T", "mono"]
+
+
+def test_plan_refuses_sites_without_shared_genes() -> None:
+    a = _profile("a", np.ones((2, 1)), ["x"], ("T",))
+    b = _profile("b", np.ones((2, 1)), ["y"], ("T",))
+    with pytest.raises(ValueError, match="share no gene"):
+        plan_vocabulary([a, b], n_genes=5)
+
+
+def test_fedavg_is_the_example_weighted_mean_and_keeps_dtypes() -> None:
+    s1 = {"w": np.array([1.0, 2.0], np.float32), "steps": np.array([3], np.int64)}
+    s2 = {"w": np.array([3.0, 6.0], np.float32), "steps": np.array([9], np.int64)}
+    out = fedavg([s1, s2], [1, 3])
+    assert np.allclose(out["w"], [2.5, 5.0]) and out["w"].dtype == np.float32
+    assert out["steps"].tolist() == [3]
+    with pytest.raises(ValueError):
+        fedavg([s1], [1, 2])
+    with pytest.raises(ValueError):
+        fedavg([s1, s2], [0, 0])
+
+
+def test_latent_moments_match_pooled_mean_and_std() -> None:
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(i, 1 + i, (n, 3)) for i, n in enumerate([5, 17, 9])]
+    mean, std = latent_moments([p.sum(0) for p in parts], [(p**2).sum(0) for p in parts], [len(p) for p in parts])
+    pooled = np.vstack(parts)
+    assert np.allclose(mean, pooled.mean(0)) and np.allclose(std, pooled.std(0))
+
+
+def _site(acc: float, n: int, mia: float = 0.5) -> dict:
+    scores = {ev: {"accuracy": acc, "macro_f1": acc / 2, "per_class_recall": [acc]} for ev in ("mlp", "logreg")}
+    return {"n_test": n, "scores": scores, "mmd_pca": 0.1, "mean_corr": 0.9, "zero_fraction_real": 0.9,
+            "zero_fraction_synthetic": 0.2, "mia_auc": mia}
+
+
+def test_scores_aggregate_cell_weighted_and_macro() -> None:
+    agg = aggregate_scores({"b": _site(1.0, 30), "a": _site(0.5, 10, mia=float("nan"))}, ["mlp", "logreg"])
+    assert agg["cell_weighted"]["mlp"]["accuracy"] == pytest.approx((1.0 * 30 + 0.5 * 10) / 40)
+    assert agg["macro"]["mlp"]["accuracy"] == pytest.approx(0.75)
+    assert agg["macro"]["mia_auc"] == pytest.approx(0.5) and agg["mia_auc_max"] == 0.5
+    assert agg["n_test"] == 40 and agg["n_sites"] == 2
+    assert not math.isnan(agg["cell_weighted"]["mlp"]["macro_f1"])

@@ -1,0 +1,149 @@
+"""Malformed site replies are rejected with a named reason (decode + plan-aware validation)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from flwr.app import Array, ConfigRecord, RecordDict
+
+from server.validation import decode, distill_budget, validate_distill, validate_evaluate, validate_pretrain, validate_profile
+from shared.errors import ProtocolError
+from shared.protocol import (
+    EVALUATORS, KEY_CODES, KEY_CONFIG, KEY_LATENT, KEY_METRICS, KEY_STATS, KEY_WEIGHTS, SCHEMA_KEY, DistillReply, DistillRequest,
+    EvaluateReply, EvaluatorScores, Plan, PretrainReply, PretrainRequest, ProfileReply, wire_bytes,
+)
+
+PLAN = Plan(("g1", "g2", "g3"), ("B", "T", "mono"))
+D = 4  # latent dim
+K = 2
+STATE = {"w": np.ones((2, 3), np.float32), "b": np.zeros(2, np.float32)}
+DREQ = DistillRequest(1, STATE, "{}", STATE, "{}", PLAN, {"k": K}, 0)
+SITE_CLASSES = {0, 1}
+
+
+def _distill() -> RecordDict:
+    codes = np.arange(16, dtype=np.float32).reshape(4, D) / 16
+    return DistillReply(1, codes, np.array([0, 0, 1, 1], np.int32), np.array([5, 5, 0]), 0.5).to_record()
+
+
+def check_distill(rd: RecordDict) -> None:
+    reply = decode(rd, DistillReply)
+    validate_distill(reply, DREQ, latent_dim=D, site_classes=SITE_CLASSES, wire=wire_bytes(rd))
+
+
+def _set(record: str, key: str, value: object) -> Callable[[RecordDict], None]:
+    return lambda rd: rd[record].__setitem__(key, value)
+
+
+DISTILL_CASES: dict[str, Callable[[RecordDict], None]] = {
+    "codes-float64": _set(KEY_CODES, "codes", Array(np.zeros((4, D), np.float64))),
+    "codes-nan": _set(KEY_CODES, "codes", Array(np.full((4, D), np.nan, np.float32))),
+    "codes-inf": _set(KEY_CODES, "codes", Array(np.full((4, D), np.inf, np.float32))),
+    "codes-1d": _set(KEY_CODES, "codes", Array(np.zeros(4 * D, np.float32))),
+    "codes-wrong-latent-dim": _set(KEY_CODES, "codes", Array(np.zeros((4, D + 1), np.float32))),
+    "extra-record": lambda rd: rd.__setitem__("cells", ConfigRecord({"barcode": "AAAC-1"})),
+    "extra-key": _set(KEY_CODES, "expression", Array(np.zeros((4, 3), np.float32))),
+    "missing-key": lambda rd: rd[KEY_CODES].pop("labels"),
+    "missing-record": lambda rd: rd.pop(KEY_METRICS),
+    "schema-version": _set(KEY_CONFIG, SCHEMA_KEY, 2),
+    "empty": lambda rd: [rd.pop(k) for k in list(rd)],
+    "label-out-of-range": _set(KEY_CODES, "labels", Array(np.array([0, 0, 1, 7], np.int32))),
+    "label-negative": _set(KEY_CODES, "labels", Array(np.array([0, 0, 1, -1], np.int32))),
+    "label-unreported-class": _set(KEY_CODES, "labels", Array(np.array([0, 0, 2, 2], np.int32))),
+    "labels-int64": _set(KEY_CODES, "labels", Array(np.array([0, 0, 1, 1], np.int64))),
+    "labels-length": _set(KEY_CODES, "labels", Array(np.array([0, 1], np.int32))),
+    "too-many-per-class": _set(KEY_CODES, "labels", Array(np.array([0, 0, 0, 1], np.int32))),
+    "counts-length": _set(KEY_CODES, "class-counts", Array(np.array([5, 5], np.int64))),
+    "counts-negative": _set(KEY_CODES, "class-counts", Array(np.array([5, -5, 0], np.int64))),
+    "codes-for-empty-class": _set(KEY_CODES, "class-counts", Array(np.array([5, 0, 0], np.int64))),
+    "oversized": _set(KEY_CODES, "codes", Array(np.zeros((4, D * 200), np.float32))),
+    "wrong-round": _set(KEY_CONFIG, "round", 2),
+    "round-is-text": _set(KEY_CONFIG, "round", "1"),
+    "negative-seconds": _set(KEY_METRICS, "distill-seconds", -1.0),
+    "metric-record-as-config": lambda rd: rd.__setitem__(KEY_METRICS, ConfigRecord({"distill-seconds": 1.0})),
+}
+
+
+def test_the_valid_reply_passes() -> None:
+    check_distill(_distill())
+    assert wire_bytes(_distill()) <= distill_budget(K, 3, D)
+
+
+@pytest.mark.parametrize("case", sorted(DISTILL_CASES))
+def test_malformed_distill_reply_is_rejected(case: str) -> None:
+    rd = _distill()
+    DISTILL_CASES[case](rd)
+    with pytest.raises(ProtocolError):
+        check_distill(rd)
+
+
+def _profile(**over: object) -> ProfileReply:
+    base = {"site_name": "a", "genes": ("g1", "g2"), "sums": np.ones(2), "sumsq": np.ones(2), "detected": np.array([1, 2]), "n_cells": 4,
+            "label_names": ("B",), "label_counts": np.array([4])}
+    return ProfileReply(**{**base, **over})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("over", "seen"),
+    [({}, {"a"}), ({"sums": np.array([-1.0, 1.0])}, set()), ({"detected": np.array([1, 9])}, set()),
+     ({"label_counts": np.array([9])}, set()), ({"label_counts": np.array([0])}, set())],
+    ids=["duplicated-site", "negative-sums", "detected-over-n", "labels-over-n", "zero-label-count"],
+)
+def test_malformed_profile_is_rejected(over: dict, seen: set) -> None:
+    with pytest.raises(ProtocolError):
+        validate_profile(decode(_profile(**over).to_record(), ProfileReply), seen_sites=seen)
+
+
+def test_profile_with_duplicate_gene_names_fails_decoding() -> None:
+    rd = _profile().to_record()
+    rd[KEY_STATS]["gene-names"] = Array(np.frombuffer(b"g1\ng1", np.uint8).copy())
+    with pytest.raises(ProtocolError, match="unique"):
+        decode(rd, ProfileReply)
+
+
+PREQ = PretrainRequest("vae", 1, STATE, "{}", PLAN, 5, 1e-3, 8, 0.0, 0)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [_set(KEY_WEIGHTS, "w", Array(np.ones((3, 3), np.float32))), lambda rd: rd[KEY_WEIGHTS].pop("b"),
+     _set(KEY_WEIGHTS, "extra", Array(np.ones(1, np.float32))), _set(KEY_WEIGHTS, "w", Array(np.ones((2, 3), np.float64))),
+     _set(KEY_METRICS, "num-examples", 0), _set(KEY_CONFIG, "stage", "scdg"), _set(KEY_CONFIG, "stage", "hack")],
+    ids=["weight-shape", "weight-missing", "weight-extra", "weight-dtype", "zero-examples", "wrong-stage", "unknown-stage"],
+)
+def test_malformed_pretrain_reply_is_rejected(mutate: Callable[[RecordDict], None]) -> None:
+    rd = PretrainReply("vae", 1, 10, 0.5, weights=STATE).to_record()
+    mutate(rd)
+    with pytest.raises(ProtocolError):
+        validate_pretrain(decode(rd, PretrainReply), PREQ, latent_dim=D)
+
+
+def test_latent_stats_of_the_wrong_length_are_rejected() -> None:
+    req = PretrainRequest("latent-stats", 0, STATE, "{}", PLAN, 0, 1e-3, 8, 0.0, 0)
+    rd = PretrainReply("latent-stats", 0, 10, 0.0, latent_sum=np.ones(D + 1), latent_sumsq=np.ones(D + 1)).to_record()
+    with pytest.raises(ProtocolError, match="latent"):
+        validate_pretrain(decode(rd, PretrainReply), req, latent_dim=D)
+    rd[KEY_LATENT]["sumsq"] = Array(np.ones(2))
+    with pytest.raises(ProtocolError):
+        decode(rd, PretrainReply)
+
+
+def _evaluate(acc: float = 0.9, recall: tuple = (1.0, 0.5, float("nan")), n_test: int = 10) -> EvaluateReply:
+    return EvaluateReply(1, n_test, {ev: EvaluatorScores(acc, 0.8, recall) for ev in EVALUATORS}, 0.1, 0.9, 0.9, 0.1, 0.5)
+
+
+@pytest.mark.parametrize("reply", [_evaluate(acc=1.5), _evaluate(recall=(1.0,)), _evaluate(n_test=0), _evaluate(recall=(1.0, 2.0, 0.0))],
+                         ids=["accuracy-over-1", "recall-length", "no-test-cells", "recall-over-1"])
+def test_malformed_evaluate_reply_is_rejected(reply: EvaluateReply) -> None:
+    validate_evaluate(_evaluate(), round_=1, n_classes=3)
+    with pytest.raises(ProtocolError):
+        validate_evaluate(decode(reply.to_record(), EvaluateReply), round_=1, n_classes=3)
+
+
+def test_evaluate_reply_with_nan_accuracy_fails_decoding() -> None:
+    rd = _evaluate().to_record()
+    rd[KEY_METRICS]["mlp-accuracy"] = float("nan")
+    with pytest.raises(ProtocolError, match="finite"):
+        decode(rd, EvaluateReply)

@@ -1,0 +1,152 @@
+"""Every payload of shared.protocol survives to_record -> from_record, and decoding is strict."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict
+
+from shared.errors import ProtocolError
+from shared.protocol import (
+    EVALUATORS, KEY_CODES, KEY_CONFIG, KEY_METRICS, KEY_STATS, MESSAGE_TYPES, SCHEMA_KEY, SCHEMA_VERSION, DistillReply,
+    DistillRequest, EvaluateReply, EvaluateRequest, EvaluatorScores, Plan, PretrainReply, PretrainRequest, ProfileReply,
+    ProfileRequest, SiteSpec, decode_strings, encode_strings, wire_bytes,
+)
+
+RNG = np.random.default_rng(0)
+PLAN = Plan(genes=("CD3E", "MS4A1", "LYZ", "NKG7"), classes=("B", "T", "mono"), spec=SiteSpec(label_key="cell_type", split_seed=3))
+STATE = {"layer.weight": RNG.normal(size=(3, 4)).astype(np.float32), "layer.bias": np.zeros(3, np.float32)}
+
+
+def _arrays_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return list(a) == list(b) and all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_message_types_follow_flower_routing() -> None:
+    assert MESSAGE_TYPES == ("query.profile", "train.pretrain", "train.distill", "evaluate.models")
+
+
+def test_profile_request_roundtrip() -> None:
+    req = ProfileRequest(PLAN.spec)
+    assert ProfileRequest.from_record(req.to_record()) == req
+
+
+def test_profile_reply_roundtrip() -> None:
+    reply = ProfileReply("hospital-a", PLAN.genes, np.arange(4.0), np.arange(4.0) ** 2, np.array([0, 1, 2, 3]), 7, ("B", "T"), np.array([3, 4]))
+    back = ProfileReply.from_record(reply.to_record())
+    assert (back.site_name, back.genes, back.n_cells, back.label_names) == (reply.site_name, reply.genes, 7, ("B", "T"))
+    for name in ("sums", "sumsq", "detected", "label_counts"):
+        assert np.array_equal(getattr(back, name), getattr(reply, name))
+    assert back.sums.dtype == np.float64 and back.detected.dtype == np.int64
+
+
+@pytest.mark.parametrize("stage", ["vae", "latent-stats", "scdg"])
+def test_pretrain_request_roundtrip(stage: str) -> None:
+    enc = STATE if stage == "scdg" else None
+    req = PretrainRequest(stage, 2, STATE, '{"a": 1}', PLAN, 10, 1e-3, 64, 0.3, 5, encoder=enc, encoder_config='{"b": 2}' if enc else "")
+    back = PretrainRequest.from_record(req.to_record())
+    assert (back.stage, back.round, back.steps, back.lr, back.batch_size, back.warmup_fraction, back.seed) == (stage, 2, 10, 1e-3, 64, 0.3, 5)
+    assert back.plan == PLAN and _arrays_equal(back.weights, STATE)
+    assert (back.encoder is None) == (stage != "scdg")
+
+
+@pytest.mark.parametrize("stage", ["vae", "scdg", "latent-stats"])
+def test_pretrain_reply_roundtrip(stage: str) -> None:
+    if stage == "latent-stats":
+        reply = PretrainReply(stage, 0, 11, 0.0, latent_sum=np.ones(8), latent_sumsq=np.full(8, 2.0))
+    else:
+        reply = PretrainReply(stage, 3, 11, 0.25, weights=STATE)
+    back = PretrainReply.from_record(reply.to_record())
+    assert (back.stage, back.round, back.num_examples, back.loss) == (stage, reply.round, 11, reply.loss)
+    if stage == "latent-stats":
+        assert np.array_equal(back.latent_sumsq, reply.latent_sumsq)
+    else:
+        assert _arrays_equal(back.weights, STATE)
+
+
+def test_distill_request_roundtrip() -> None:
+    req = DistillRequest(1, STATE, "{}", STATE, "{}", PLAN, {"k": 10, "iterations": 60, "lr": 0.05, "init": "real"}, 42, warm_start=False)
+    back = DistillRequest.from_record(req.to_record())
+    assert dict(back.distill) == dict(req.distill) and back.k == 10 and back.seed == 42 and back.warm_start is False
+    assert back.plan == PLAN and _arrays_equal(back.scdg, STATE)
+
+
+def test_distill_reply_roundtrip_and_size() -> None:
+    reply = DistillReply(2, RNG.normal(size=(6, 8)).astype(np.float32), np.array([0, 0, 1, 1, 2, 2], np.int32), np.array([5, 7, 2]), 1.5)
+    back = DistillReply.from_record(reply.to_record())
+    assert np.array_equal(back.codes, reply.codes) and back.labels.dtype == np.int32 and back.distill_seconds == 1.5
+    assert 6 * 8 * 4 < wire_bytes(reply.to_record()) < 6 * 8 * 4 + 4096
+
+
+def test_evaluate_request_roundtrip() -> None:
+    req = EvaluateRequest(1, RNG.random((5, 4)).astype(np.float32), np.array([0, 1, 2, 0, 1], np.int32), STATE, "{}",
+                          RNG.normal(size=(3, 4)), np.zeros(3), np.array([0, 1, 2]), PLAN, 9)
+    back = EvaluateRequest.from_record(req.to_record())
+    assert np.array_equal(back.X, req.X) and np.array_equal(back.logreg_coef, req.logreg_coef) and back.plan == PLAN and back.seed == 9
+
+
+def test_evaluate_reply_roundtrip_keeps_nan_as_absent() -> None:
+    scores = {ev: EvaluatorScores(0.9, 0.8, (1.0, float("nan"), 0.5)) for ev in EVALUATORS}
+    reply = EvaluateReply(2, 40, scores, float("nan"), float("nan"), 0.9, 0.1, 0.55)
+    rd = reply.to_record()
+    assert rd[KEY_METRICS]["mlp-recall"] == [1.0, -1.0, 0.5] and rd[KEY_METRICS]["mean-corr"] == -2.0
+    back = EvaluateReply.from_record(rd)
+    assert math.isnan(back.scores["knn"].recall[1]) and math.isnan(back.mean_corr) and back.mia_auc == 0.55
+
+
+def test_every_config_record_carries_the_schema_version() -> None:
+    payloads = [ProfileRequest(PLAN.spec), DistillReply(0, np.zeros((1, 2), np.float32), np.zeros(1, np.int32), np.ones(3, np.int64), 0.0)]
+    for p in payloads:
+        for rec in p.to_record().config_records.values():
+            assert rec[SCHEMA_KEY] == SCHEMA_VERSION
+
+
+def test_strings_roundtrip_and_refuse_bad_names() -> None:
+    names = ("ß-gene", "IGHV3-23", "a b")
+    assert decode_strings(encode_strings(names), "t") == names
+    with pytest.raises(ProtocolError):
+        encode_strings(["bad\nname"])
+    with pytest.raises(ProtocolError, match="unique"):
+        decode_strings(encode_strings(["x", "x"]), "t")
+
+
+def _distill_rd() -> RecordDict:
+    return DistillReply(1, np.ones((2, 4), np.float32), np.array([0, 1], np.int32), np.array([3, 3]), 0.1).to_record()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda rd: rd[KEY_CONFIG].__setitem__(SCHEMA_KEY, 99), "schema version"),
+        (lambda rd: rd.__setitem__("extra", ConfigRecord({"x": 1})), "unexpected"),
+        (lambda rd: rd.pop(KEY_METRICS), "missing"),
+        (lambda rd: rd[KEY_CODES].__setitem__("codes", Array(np.ones((2, 4), np.float64))), "dtype"),
+        (lambda rd: rd[KEY_CODES].__setitem__("codes", Array(np.full((2, 4), np.nan, np.float32))), "NaN"),
+        (lambda rd: rd[KEY_CODES].__setitem__("codes", Array(np.ones(8, np.float32))), "dimensions"),
+        (lambda rd: rd[KEY_CODES].__setitem__("labels", Array(np.array([0], np.int32))), "label"),
+        (lambda rd: rd[KEY_METRICS].__setitem__("distill-seconds", float("inf")), "finite"),
+        (lambda rd: rd[KEY_CONFIG].__setitem__("round", "one"), "expected int"),
+        (lambda rd: rd.__setitem__(KEY_CODES, MetricRecord({"codes": 1.0})), "expected ArrayRecord"),
+        (lambda rd: rd[KEY_CODES].__setitem__("cell-ids", Array(np.zeros(2, np.int64))), "unexpected"),
+    ],
+)
+def test_distill_reply_decoding_is_strict(mutate, reason: str) -> None:  # noqa: ANN001
+    rd = _distill_rd()
+    mutate(rd)
+    with pytest.raises(ProtocolError, match=reason):
+        DistillReply.from_record(rd)
+
+
+def test_profile_reply_refuses_inconsistent_lengths() -> None:
+    rd = ProfileReply("a", ("g1", "g2"), np.ones(2), np.ones(2), np.ones(2, np.int64), 3, ("B",), np.array([3])).to_record()
+    rd[KEY_STATS]["sums"] = Array(np.ones(3))
+    with pytest.raises(ProtocolError, match="length"):
+        ProfileReply.from_record(rd)
+
+
+def test_empty_content_is_refused_by_every_decoder() -> None:
+    for payload in (ProfileRequest, ProfileReply, PretrainRequest, PretrainReply, DistillRequest, DistillReply, EvaluateRequest, EvaluateReply):
+        with pytest.raises(ProtocolError):
+            payload.from_record(RecordDict())
