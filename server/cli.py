@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from server import commands
+    from server import cli_commands as commands
 
     return int(getattr(commands, args.command)(args))
 

@@ -1,4 +1,4 @@
-"""Implementations of the `scdd` subcommands (a CLI may print; library code below it logs)."""
+"""Implementations of the `scdd` subcommands: CLI code, so it prints for the user (library code logs)."""
 
 from __future__ import annotations
 
