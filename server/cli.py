@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `scdd` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["certs"]:
-        from shared.certs import main as certs_main
+        from server.cli_certs import main as certs_main
 
         return certs_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from server import cli_certs as certs_cli
 from shared import certs
 from shared.certs import CertificateError
 from shared.errors import FedscddError
@@ -274,7 +275,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "certs"
     argv = ["--out", str(out), "--san", "127.0.0.1", "--san", "coordinator.example.org",
             "--site", "hospital-a", "--site", "hospital-b"]
-    assert certs.main(argv) == 0
+    assert certs_cli.main(argv) == 0
     text = capsys.readouterr().out
     for name in ["ca.crt", "ca.key", "server.pem", "server.key", "hospital-a.pub"]:
         assert name in text
@@ -282,25 +283,25 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert len(before) == 8
 
-    assert certs.main(argv) == 1
+    assert certs_cli.main(argv) == 1
     assert "will not overwrite" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
-    assert certs.main(["--out", str(out), "--sites-only", "--site", "hospital-c"]) == 0
+    assert certs_cli.main(["--out", str(out), "--sites-only", "--site", "hospital-c"]) == 0
     assert (out / "sites" / "hospital-c").exists()
-    assert certs.main(["--out", str(out / "x"), "--site", "a"]) == 1  # no --san
+    assert certs_cli.main(["--out", str(out / "x"), "--site", "a"]) == 1  # no --san
     assert "at least one SAN" in capsys.readouterr().err
-    assert certs.main(["--out", str(out / "y"), "--san", "h", "--site", "../a"]) == 1
+    assert certs_cli.main(["--out", str(out / "y"), "--san", "h", "--site", "../a"]) == 1
     assert not (out / "x").exists() and not (out / "y").exists()
 
     renewed = tmp_path / "renewed"
     argv = ["--out", str(renewed), "--server-only", "--ca-dir", str(out), "--san", "10.0.0.5"]
-    assert certs.main(argv) == 0
+    assert certs_cli.main(argv) == 0
     new_cert = _load_cert(renewed / "server.pem")
     new_cert.verify_directly_issued_by(_load_cert(out / "ca.crt"))
     assert sorted(p.name for p in renewed.iterdir()) == ["server.key", "server.pem"]
-    assert certs.main(argv) == 1  # no overwrite
-    assert certs.main(["--out", str(tmp_path / "z"), "--server-only", "--san", "h"]) == 1
+    assert certs_cli.main(argv) == 1  # no overwrite
+    assert certs_cli.main(["--out", str(tmp_path / "z"), "--server-only", "--san", "h"]) == 1
     assert "ca.crt not found" in capsys.readouterr().err
 
 
