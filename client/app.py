@@ -71,10 +71,10 @@ def pretrain(msg: Message, context: Context) -> Message:
 
 @app.train("distill")
 def distill(msg: Message, context: Context) -> Message:
-    """train.distill: k codes per local class (warm start kept in context.state)."""
+    """train.distill: k codes per local class (warm start from the previous round's codes the server sends back)."""
     with safe_errors("train.distill"):
         req = DistillRequest.from_record(msg.content)
-        reply = tasks.distill_site(_site(context, req.plan.spec, req.plan), req, context.state)
+        reply = tasks.distill_site(_site(context, req.plan.spec, req.plan), req)
     return Message(reply.to_record(), reply_to=msg)
 
 

@@ -13,12 +13,10 @@ from dataclasses import fields
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from client.site import SiteData
 from shared.checkpoint import build_model
-from shared.data import gene_stats
-from shared.distill import Codes, DistillConfig, distill_codes
+from shared.distill import Codes, DistillConfig, distill_codes, resolve_t_star
 from shared.errors import CheckpointError, ProtocolError
 from shared.evaluation import fidelity, fit_predict, membership_auc, predict_mlp, score
 from shared.protocol import (
@@ -29,12 +27,11 @@ from shared.training import TrainConfig, encode, fit_scdg, fit_vae
 
 logger = logging.getLogger(__name__)
 
-WARM_CODES = "fedscdd.warm-codes"  # context.state keys (never leave the node)
-WARM_META = "fedscdd.warm-meta"
-
 
 def profile_site(site: SiteData) -> ProfileReply:
     """Per-gene sums / sums of squares / detection counts and cells per label, over training cells."""
+    from shared.data import gene_stats  # imports anndata/pandas: only this message needs them
+
     X = site.X[site.train_idx]
     sums, sumsq, detected = gene_stats(X)
     counts = np.bincount(site.labels[site.train_idx], minlength=len(site.classes)).astype(np.int64)
@@ -96,27 +93,29 @@ def _distill_config(req: DistillRequest) -> DistillConfig:
     return DistillConfig(**{**req.distill, "seed": req.seed})
 
 
-def _warm_codes(state: RecordDict, plan: Plan, k: int) -> Codes | None:
-    """Last round's codes kept in context.state, if they were made for this plan and k."""
-    meta = state.get(WARM_META)
-    if meta is None or meta.get("plan") != plan.digest() or meta.get("k") != k or WARM_CODES not in state:
+def _warm_codes(req: DistillRequest, site_classes: np.ndarray, latent_dim: int, t_star: int, guidance: float) -> Codes | None:
+    """The previous round's codes the server sent back, when they fit this round (same classes, k and latent size)."""
+    if not req.warm_start or req.warm_codes is None or req.warm_labels is None:
         return None
-    arrays = state[WARM_CODES]
-    return Codes(arrays["codes"].numpy(), arrays["labels"].numpy().astype(np.int64), int(meta["t-star"]), float(meta["guidance"]))
+    codes, labels = req.warm_codes, req.warm_labels.astype(np.int64)
+    fits = (codes.shape == (req.k * site_classes.size, latent_dim) and np.array_equal(np.unique(labels), site_classes)
+            and np.all(np.bincount(labels, minlength=int(site_classes.max()) + 1)[site_classes] == req.k))
+    if not fits:
+        logger.warning("warm-start codes do not fit this round (classes, k or latent size changed): starting from fresh codes")
+        return None
+    return Codes(codes, labels, t_star, guidance)
 
 
-def distill_site(site: SiteData, req: DistillRequest, state: RecordDict) -> DistillReply:
-    """Distill k codes per local class through the frozen generator; warm start from last round's codes."""
+def distill_site(site: SiteData, req: DistillRequest) -> DistillReply:
+    """Distill k codes per local class through the frozen generator; warm start from the codes the server sent back."""
     X, y = _train_cells(site, req.plan)
     cfg = _distill_config(req)
     vae = _model("vae", req.vae_config, req.vae)
     scdg = _model("scdg", req.scdg_config, req.scdg)
-    init = _warm_codes(state, req.plan, cfg.k) if req.warm_start else None
+    init = _warm_codes(req, np.unique(y), vae.config.latent_dim, resolve_t_star(cfg, scdg.config.timesteps), cfg.guidance)
     t0 = time.perf_counter()
     codes = distill_codes(vae, scdg, X, y, cfg, init_codes=init)
     seconds = time.perf_counter() - t0
-    state[WARM_CODES] = ArrayRecord({"codes": Array(codes.codes), "labels": Array(codes.labels)})
-    state[WARM_META] = ConfigRecord({"plan": req.plan.digest(), "k": cfg.k, "round": req.round, "t-star": codes.t_star, "guidance": float(codes.guidance)})
     counts = np.bincount(y, minlength=len(req.plan.classes)).astype(np.int64)
     logger.info("distilled %d codes for %d classes in %.1f s (warm start: %s)", len(codes.labels), len(np.unique(y)), seconds, init is not None)
     return DistillReply(req.round, codes.codes.astype(np.float32), codes.labels.astype(np.int32), counts, seconds)

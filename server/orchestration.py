@@ -50,6 +50,7 @@ class Run:
     vae: VAE | None = None
     scdg: SCDG | None = None
     site_classes: dict[str, set[int]] = field(default_factory=dict)
+    warm_codes: dict[str, Codes] = field(default_factory=dict)  # each site's latest codes, sent back to it for the warm start
     completed: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=lambda: {"rounds": [], "phase_seconds": {}, "upload_bytes": {}, "dropped": []})
 
@@ -66,7 +67,8 @@ class Run:
         self.completed.append(phase)
         self._sync_metrics()
         self.store.write_metrics(self.metrics)
-        self.store.checkpoint(self.completed, plan=plan, metrics=self.metrics, config=_resume_config(self.cfg), vae=vae, scdg=scdg)
+        self.store.checkpoint(self.completed, plan=plan, metrics=self.metrics, config=_resume_config(self.cfg), vae=vae, scdg=scdg,
+                              codes=self.warm_codes)
 
     def _sync_metrics(self) -> None:
         for site, per_type in self.link.upload.items():
@@ -148,9 +150,14 @@ def distill(run: Run, rnd: int) -> list[SiteCodes]:
     dcfg = distill_config(run.cfg)
     fields = {k: v for k, v in dataclasses.asdict(dcfg).items() if k != "seed"}
     vae_state, scdg_state, vae_json, scdg_json = state_of(vae), state_of(scdg), model_json(vae), model_json(scdg)
-    requests = {node: DistillRequest(rnd, vae_state, vae_json, scdg_state, scdg_json, plan, fields,
-                                     pretraining.site_seed(run.cfg.seed + 7, run.link, node, 100 * rnd), run.cfg.distill_warm_start)
-                for node in sorted(run.link.nodes)}
+    warm = run.warm_codes if run.cfg.distill_warm_start else {}
+    requests = {}
+    for node in sorted(run.link.nodes):
+        last = warm.get(run.link.name(node))  # this site's own codes of its last round, never another site's
+        requests[node] = DistillRequest(rnd, vae_state, vae_json, scdg_state, scdg_json, plan, fields,
+                                        pretraining.site_seed(run.cfg.seed + 7, run.link, node, 100 * rnd), run.cfg.distill_warm_start,
+                                        warm_codes=last.codes if last is not None else None,
+                                        warm_labels=last.labels.astype(np.int32) if last is not None else None)
 
     def check(node: int, rd: RecordDict, wire: int) -> DistillReply:
         reply = decode(rd, DistillReply)
@@ -159,8 +166,10 @@ def distill(run: Run, rnd: int) -> list[SiteCodes]:
 
     replies = run.link.exchange(MSG_DISTILL, {n: r.to_record() for n, r in requests.items()}, f"distill-{rnd}", check)
     t_star = resolve_t_star(dcfg, scdg.config.timesteps)
-    return [SiteCodes(r.site, Codes(r.payload.codes, r.payload.labels.astype(np.int64), t_star, dcfg.guidance), r.payload.distill_seconds, r.wire)
-            for r in replies]
+    parts = [SiteCodes(r.site, Codes(r.payload.codes, r.payload.labels.astype(np.int64), t_star, dcfg.guidance), r.payload.distill_seconds, r.wire)
+             for r in replies]
+    run.warm_codes.update({p.site: p.codes for p in parts})  # a site that dropped out keeps its older codes
+    return parts
 
 
 def evaluate(run: Run, rnd: int, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -223,6 +232,7 @@ def _start(run: Run, grid: Grid, run_id: str) -> list[int]:
             changed = sorted(k for k in set(state.config) | set(_resume_config(cfg)) if state.config.get(k) != _resume_config(cfg).get(k))
             raise FederationStopped(RESUME_MISMATCH, f"config keys changed since the checkpoint: {changed}")
         run.completed, run.plan, run.metrics, run.vae, run.scdg = list(state.completed), state.plan, state.metrics, state.vae, state.scdg
+        run.warm_codes = dict(state.codes)
         logger.info("resuming run %s after phase %s", run_id, state.completed[-1])
     run.store.write_config(cfg.to_run_config(), run_id=run_id)
     return wait_for_nodes(grid, min_sites=cfg.min_sites, expected=cfg.expected_sites, deadline_s=cfg.site_wait_s)

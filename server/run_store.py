@@ -2,7 +2,7 @@
 
 Layout: config.json, plan.json, metrics.json, synthetic_round<r>.h5ad, synthetic.h5ad, vae.pt,
 scdg.pt, mlp.pt, report.html; ``state/`` holds the checkpoint after the last completed phase
-(state.json + the generator pair), from which ``resume=true`` continues.
+(state.json, the generator pair and each site's latest codes, codes.npz), from which ``resume=true`` continues.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import anndata as ad
+import numpy as np
 
 from shared.checkpoint import load_model, save_model
-from shared.io import write_h5ad, write_json
+from shared.distill import Codes
+from shared.io import write_h5ad, write_json, write_with
 from shared.models import SCDG, VAE
 from shared.protocol import SCHEMA_VERSION, Plan
 
@@ -52,6 +54,7 @@ class Checkpoint:
     config: dict[str, Any]
     vae: VAE
     scdg: SCDG
+    codes: Mapping[str, Codes]  # each site's latest codes (the next round's warm start)
 
 
 class RunStore:
@@ -95,10 +98,12 @@ class RunStore:
         for name, model in models.items():
             save_model(model, self.dir / f"{name}.pt")
 
-    def checkpoint(self, completed: Sequence[str], *, plan: Plan, metrics: Mapping[str, Any], config: Mapping[str, Any], vae: VAE, scdg: SCDG) -> None:
-        """Write the state after a completed phase (models first, state.json last: it marks the checkpoint valid)."""
+    def checkpoint(self, completed: Sequence[str], *, plan: Plan, metrics: Mapping[str, Any], config: Mapping[str, Any], vae: VAE, scdg: SCDG,
+                   codes: Mapping[str, Codes] | None = None) -> None:
+        """Write the state after a completed phase (models and codes first, state.json last: it marks the checkpoint valid)."""
         save_model(vae, self.state_dir / "vae.pt")
         save_model(scdg, self.state_dir / "scdg.pt")
+        write_with(self.state_dir / "codes.npz", lambda tmp: _save_codes(tmp, codes or {}))
         write_json(self.state_dir / "state.json", {"completed": list(completed), "plan": plan.to_json(), "metrics": dict(metrics),
                                                    "config": dict(config), "schema_version": SCHEMA_VERSION})
         logger.info("checkpoint written after %s", completed[-1] if completed else "start")
@@ -112,4 +117,24 @@ class RunStore:
             return None
         state = json.loads(path.read_text(encoding="utf-8"))
         vae, scdg = load_model(self.state_dir / "vae.pt", "vae"), load_model(self.state_dir / "scdg.pt", "scdg")
-        return Checkpoint(tuple(state["completed"]), Plan.from_json(state["plan"]), state["metrics"], state["config"], vae, scdg)  # type: ignore[arg-type]
+        codes = _load_codes(self.state_dir / "codes.npz")
+        return Checkpoint(tuple(state["completed"]), Plan.from_json(state["plan"]), state["metrics"], state["config"], vae, scdg, codes)  # type: ignore[arg-type]
+
+
+def _save_codes(path: Path, codes: Mapping[str, Codes]) -> None:
+    """One npz: per site (in sorted order) its codes, labels, t* and guidance; site names in 'sites'."""
+    sites = sorted(codes)
+    arrays: dict[str, np.ndarray] = {"sites": np.array(sites, dtype=np.str_)}
+    for i, site in enumerate(sites):
+        c = codes[site]
+        arrays |= {f"codes{i}": c.codes, f"labels{i}": c.labels, f"meta{i}": np.array([c.t_star, c.guidance], dtype=np.float64)}
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def _load_codes(path: Path) -> dict[str, Codes]:
+    if not path.is_file():  # a checkpoint written before codes were kept: the next round starts from fresh codes
+        return {}
+    with np.load(path, allow_pickle=False) as npz:
+        return {str(site): Codes(npz[f"codes{i}"], npz[f"labels{i}"].astype(np.int64), int(npz[f"meta{i}"][0]), float(npz[f"meta{i}"][1]))
+                for i, site in enumerate(npz["sites"])}

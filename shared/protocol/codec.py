@@ -44,6 +44,7 @@ KEY_LATENT = "latent-stats"
 KEY_CODES = "codes"
 KEY_DISTILL = "distill-config"  # ConfigRecord: DistillConfig fields
 KEY_SYNTHETIC = "synthetic"
+KEY_WARM = "warm-codes"  # ArrayRecord: a site's own codes of the previous round (server -> that site)
 
 Stage = Literal["vae", "latent-stats", "scdg"]
 STAGES: tuple[Stage, ...] = ("vae", "latent-stats", "scdg")

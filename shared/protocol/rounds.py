@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from shared.protocol.codec import (
     ABSENT, ABSENT_CORR, EVALUATORS, KEY_CODES, KEY_CONFIG, KEY_DISTILL, KEY_LOGREG, KEY_METRICS, KEY_MLP, KEY_PLAN,
-    KEY_PLAN_GENES, KEY_SCDG, KEY_SYNTHETIC, KEY_VAE, SCHEMA_KEY, Plan, StateDict, check_keys, check_records,
+    KEY_PLAN_GENES, KEY_SCDG, KEY_SYNTHETIC, KEY_VAE, KEY_WARM, SCHEMA_KEY, Plan, StateDict, check_keys, check_records,
     check_round, config_record, fail, get_array, get_float_list, get_value, nan_to_wire, state_from_record, state_record,
     wire_to_nan,
 )
@@ -33,20 +33,29 @@ class DistillRequest:
     plan: Plan
     distill: Mapping[str, DistillValue]  # DistillConfig fields (k, iterations, ...), seed excluded
     seed: int
-    warm_start: bool = True  # start from the site's codes of the previous round (kept at the site)
+    warm_start: bool = True  # start from the site's codes of the previous round
+    # This site's own codes and labels of the previous round, sent back by the server (which keeps them across
+    # a resume); absent in round 1. Only the site that made them receives them.
+    warm_codes: np.ndarray | None = None  # float32 (n, d)
+    warm_labels: np.ndarray | None = None  # int32 (n,)
 
     def to_record(self) -> RecordDict:
         """Encode."""
         cfg = config_record({"round": self.round, "vae-config": self.vae_config, "scdg-config": self.scdg_config, "seed": self.seed,
                              "warm-start": bool(self.warm_start)})
-        return RecordDict({KEY_CONFIG: cfg, KEY_DISTILL: config_record(dict(self.distill)), KEY_VAE: state_record(self.vae),
-                           KEY_SCDG: state_record(self.scdg), **self.plan.records()})
+        rd = RecordDict({KEY_CONFIG: cfg, KEY_DISTILL: config_record(dict(self.distill)), KEY_VAE: state_record(self.vae),
+                         KEY_SCDG: state_record(self.scdg), **self.plan.records()})
+        if self.warm_codes is not None and self.warm_labels is not None:
+            rd[KEY_WARM] = ArrayRecord({"codes": Array(np.ascontiguousarray(self.warm_codes, np.float32)),
+                                        "labels": Array(np.asarray(self.warm_labels, np.int32))})
+        return rd
 
     @classmethod
     def from_record(cls, rd: RecordDict) -> DistillRequest:
         """Decode strictly."""
         where = "distill request"
-        check_records(rd, where, configs=[KEY_CONFIG, KEY_DISTILL, KEY_PLAN], arrays=[KEY_VAE, KEY_SCDG, KEY_PLAN_GENES])
+        warm = KEY_WARM in rd.keys()
+        check_records(rd, where, configs=[KEY_CONFIG, KEY_DISTILL, KEY_PLAN], arrays=[KEY_VAE, KEY_SCDG, KEY_PLAN_GENES] + ([KEY_WARM] if warm else []))
         cfg = rd[KEY_CONFIG]
         check_keys(cfg, {SCHEMA_KEY, "round", "vae-config", "scdg-config", "seed", "warm-start"}, where)
         distill = {k: v for k, v in rd[KEY_DISTILL].items() if k != SCHEMA_KEY}
@@ -56,12 +65,21 @@ class DistillRequest:
         return cls(round=check_round(get_value(cfg, "round", int, where), where), vae=state_from_record(rd[KEY_VAE], where),
                    vae_config=get_value(cfg, "vae-config", str, where), scdg=state_from_record(rd[KEY_SCDG], where),
                    scdg_config=get_value(cfg, "scdg-config", str, where), plan=Plan.from_records(rd, where), distill=distill,
-                   seed=get_value(cfg, "seed", int, where), warm_start=get_value(cfg, "warm-start", bool, where))
+                   seed=get_value(cfg, "seed", int, where), warm_start=get_value(cfg, "warm-start", bool, where),
+                   **(_warm_arrays(rd[KEY_WARM], where) if warm else {}))
 
     @property
     def k(self) -> int:
         """Codes per class."""
         return int(self.distill["k"])
+
+
+def _warm_arrays(record: ArrayRecord, where: str) -> dict[str, np.ndarray]:
+    check_keys(record, {"codes", "labels"}, where)
+    codes, labels = get_array(record, "codes", "float32", 2, where), get_array(record, "labels", "int32", 1, where)
+    if labels.shape[0] != codes.shape[0] or codes.shape[0] == 0:
+        raise fail(where, f"warm start has {codes.shape[0]} codes but {labels.shape[0]} labels")
+    return {"warm_codes": codes, "warm_labels": labels}
 
 
 @dataclass(frozen=True, eq=False)

@@ -62,15 +62,22 @@ def test_pretrain_vae_and_latent_stats(ctx: Context, plan: Plan) -> None:
     assert stats.latent_sum.shape == (8,) and np.all(stats.latent_sumsq >= 0)
 
 
-def test_distill_returns_k_codes_per_class_and_warm_starts(ctx: Context, plan: Plan) -> None:
+def test_distill_returns_k_codes_per_class_and_warm_starts_from_codes_the_server_sends_back(ctx: Context, plan: Plan) -> None:
     vae, scdg = fresh_models(plan, latent_dim=8, seed=0)
-    req = DistillRequest(1, state_of(vae), model_json(vae), state_of(scdg), model_json(scdg), plan, {"k": 2, "iterations": 2}, 3)
+    args = (state_of(vae), model_json(vae), state_of(scdg), model_json(scdg), plan)
+    req = DistillRequest(1, *args, {"k": 2, "iterations": 2}, 3)
     reply = DistillReply.from_record(_send(req.to_record(), "train.distill", ctx))
     assert reply.codes.shape == (6, 8) and sorted(reply.labels.tolist()) == [0, 0, 1, 1, 2, 2] and reply.class_counts.shape == (3,)
-    assert tasks.WARM_CODES in ctx.state and ctx.state[tasks.WARM_META]["round"] == 1
-    warm = tasks._warm_codes(ctx.state, plan, 2)
-    assert warm is not None and np.array_equal(warm.codes, reply.codes)
-    assert tasks._warm_codes(ctx.state, plan, 3) is None  # another k: no warm start
+    # round 2 with zero iterations returns exactly the codes it started from: the warm start is what the server sent
+    warm = DistillRequest(2, *args, {"k": 2, "iterations": 0}, 4, warm_codes=reply.codes, warm_labels=reply.labels)
+    again = DistillReply.from_record(_send(warm.to_record(), "train.distill", ctx))
+    order = np.argsort(reply.labels, kind="stable")
+    assert np.array_equal(again.codes, reply.codes[order])
+    cold = DistillRequest(2, *args, {"k": 2, "iterations": 0}, 4, warm_start=False, warm_codes=reply.codes, warm_labels=reply.labels)
+    assert not np.allclose(DistillReply.from_record(_send(cold.to_record(), "train.distill", ctx)).codes, reply.codes[order])
+    # codes that do not fit this round (another k) are ignored, not an error
+    other_k = DistillRequest(2, *args, {"k": 3, "iterations": 0}, 4, warm_codes=reply.codes, warm_labels=reply.labels)
+    assert DistillReply.from_record(_send(other_k.to_record(), "train.distill", ctx)).codes.shape == (9, 8)
 
 
 def test_evaluate_scores_models_on_held_out_cells(ctx: Context, plan: Plan) -> None:

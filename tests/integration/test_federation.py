@@ -18,9 +18,13 @@ import pytest
 from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
 
 from server.errors import TOO_FEW_SITES, FederationStopped
+from server.run_store import RunStore
 from server.simulation import InProcessGrid, component_ref, load_component, run_in_process
 from server.validation import distill_budget
-from shared.protocol import KEY_CODES, KEY_CONFIG, KEY_METRICS, KEY_STATS, KEY_WEIGHTS, MSG_DISTILL, MSG_EVALUATE, MSG_PRETRAIN, MSG_PROFILE
+from shared.protocol import (
+    KEY_CODES, KEY_CONFIG, KEY_METRICS, KEY_STATS, KEY_WEIGHTS, MSG_DISTILL, MSG_EVALUATE, MSG_PRETRAIN, MSG_PROFILE, DistillRequest,
+    ProfileReply,
+)
 
 KANG = {"sim-site-key": "batch", "label-key": "cell_type", "n-genes": 300, "latent-dim": 32, "num-pretrain-rounds": 2,
         "vae-local-steps": 150, "scdg-local-steps": 30, "scdg-batch-size": 64, "pretrain-lr": 0.002, "cells-per-class": 10,
@@ -263,10 +267,20 @@ def test_interrupted_run_resumes_from_the_last_completed_phase(tiny_config: dict
     run_dir = Path(str(tiny_config["out-dir"])) / "tiny"
     state = json.loads((run_dir / "state" / "state.json").read_text())
     assert state["completed"] == ["pretrain", "round-1"] and not (run_dir / "synthetic.h5ad").exists()
+    checkpoint = RunStore(run_dir).load_checkpoint()
+    assert checkpoint is not None
+    round1_codes = dict(checkpoint.codes)
+    assert sorted(round1_codes) == ["site_a", "site_b", "site_c"]
     monkeypatch.setattr(orchestration, "run_round", real_round)
     grid = run_in_process({**tiny_config, "resume": True}, num_nodes=3, node_configs=[site_cache] * 3, record=True)
     assert not any(ex.message_type == MSG_PRETRAIN for ex in grid.log)  # pretraining was not redone
     assert sum(ex.message_type == MSG_DISTILL for ex in grid.log) == 3  # round 2 only
+    # nothing lost: round 2 warm-starts every site from its own round-1 codes, kept in the server's checkpoint
+    names = {ex.node_id: ProfileReply.from_record(ex.reply.content).site_name for ex in grid.log if ex.message_type == MSG_PROFILE and ex.reply}
+    for ex in (e for e in grid.log if e.message_type == MSG_DISTILL):
+        req, own = DistillRequest.from_record(ex.instruction.content), round1_codes[names[ex.node_id]]
+        assert req.warm_codes is not None and req.warm_labels is not None
+        assert np.array_equal(req.warm_codes, own.codes) and np.array_equal(req.warm_labels, own.labels)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2] and (run_dir / "synthetic.h5ad").is_file()
     assert all(math.isfinite(r["aggregate"]["cell_weighted"]["mlp"]["accuracy"]) for r in metrics["rounds"])

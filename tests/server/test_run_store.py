@@ -11,6 +11,7 @@ import pytest
 from server.report import write_report
 from server.run_store import RunStore, package_versions
 from server.training import fresh_models, state_of
+from shared.distill import Codes
 from shared.errors import ConfigError
 from shared.protocol import Plan, SiteSpec
 
@@ -26,6 +27,14 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert back is not None and back.completed == ("pretrain",) and back.plan == PLAN and back.config == {"seed": 0}
     for k, v in state_of(scdg).items():
         assert np.array_equal(state_of(back.scdg)[k], v)
+    assert back.codes == {}
+    codes = {"site_b": Codes(np.ones((2, 4), np.float32), np.array([0, 1]), 600, 2.0), "site_a": Codes(np.zeros((1, 4), np.float32), np.array([1]), 400, 1.5)}
+    store.checkpoint(["pretrain", "round-1"], plan=PLAN, metrics={"rounds": []}, config={"seed": 0}, vae=vae, scdg=scdg, codes=codes)
+    again = store.load_checkpoint()
+    assert again is not None and sorted(again.codes) == ["site_a", "site_b"]
+    for site, c in codes.items():
+        got = again.codes[site]
+        assert np.array_equal(got.codes, c.codes) and np.array_equal(got.labels, c.labels) and (got.t_star, got.guidance) == (c.t_star, c.guidance)
 
 
 def test_fresh_start_removes_previous_outputs_only(tmp_path: Path) -> None:

@@ -73,6 +73,17 @@ def test_distill_request_roundtrip() -> None:
     assert back.plan == PLAN and _arrays_equal(back.scdg, STATE)
 
 
+def test_distill_request_carries_the_sites_previous_codes_back_and_checks_them() -> None:
+    codes, labels = RNG.normal(size=(6, 8)).astype(np.float32), np.array([0, 0, 1, 1, 2, 2], np.int32)
+    req = DistillRequest(2, STATE, "{}", STATE, "{}", PLAN, {"k": 2}, 1, warm_codes=codes, warm_labels=labels)
+    back = DistillRequest.from_record(req.to_record())
+    assert back.warm_codes is not None and np.array_equal(back.warm_codes, codes) and np.array_equal(back.warm_labels, labels)
+    assert DistillRequest.from_record(DistillRequest(1, STATE, "{}", STATE, "{}", PLAN, {"k": 2}, 1).to_record()).warm_codes is None
+    bad = DistillRequest(2, STATE, "{}", STATE, "{}", PLAN, {"k": 2}, 1, warm_codes=codes, warm_labels=labels[:5])
+    with pytest.raises(ProtocolError, match="warm start has 6 codes but 5 labels"):
+        DistillRequest.from_record(bad.to_record())
+
+
 def test_distill_reply_roundtrip_and_size() -> None:
     reply = DistillReply(2, RNG.normal(size=(6, 8)).astype(np.float32), np.array([0, 0, 1, 1, 2, 2], np.int32), np.array([5, 7, 2]), 1.5)
     back = DistillReply.from_record(reply.to_record())
