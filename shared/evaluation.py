@@ -1,4 +1,8 @@
-"""Evaluate a (synthetic) training set: classifiers scored on real held-out cells, fidelity, privacy audit."""
+"""Evaluate a (synthetic) training set: classifiers scored on real held-out cells, fidelity, privacy audit.
+
+scikit-learn is imported inside the functions that use it: a site process that only pretrains or
+distills (one process per message in deployment) does not pay for its import.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score, recall_score, roc_auc_score
-from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from shared.models import MLPClassifier, MLPConfig
 from shared.training import dense_rows
@@ -44,7 +44,7 @@ def train_mlp(X: Matrix, y: np.ndarray, n_classes: int, *, seed: int = 0, steps:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = MLPClassifier(MLPConfig(n_genes=X.shape[1], n_classes=n_classes))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, fused=True)
     yt = torch.as_tensor(y, dtype=torch.long)
     model.train()
     for _ in range(steps):
@@ -66,6 +66,9 @@ def predict_mlp(model: MLPClassifier, X: Matrix, batch_size: int = 2048) -> np.n
 
 def fit_predict(evaluator: Evaluator, X_train: Matrix, y_train: np.ndarray, X_test: Matrix, n_classes: int, *, seed: int = 0) -> np.ndarray:
     """Train `evaluator` on (X_train, y_train) and predict X_test."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+
     if evaluator == "mlp":
         return predict_mlp(train_mlp(X_train, y_train, n_classes, seed=seed), X_test)
     if len(np.unique(y_train)) == 1:
@@ -84,6 +87,8 @@ def fit_predict(evaluator: Evaluator, X_train: Matrix, y_train: np.ndarray, X_te
 
 def score(y_true: np.ndarray, y_pred: np.ndarray, classes: np.ndarray | None = None) -> Scores:
     """Accuracy, macro-F1 over the classes present in y_true, per-class recall."""
+    from sklearn.metrics import f1_score, recall_score
+
     present = np.unique(y_true) if classes is None else classes
     if len(y_true) == 0:
         return Scores(float("nan"), float("nan"), {}, 0)
@@ -122,6 +127,8 @@ class Fidelity:
 
 def fidelity(X_real: Matrix, y_real: np.ndarray, X_syn: np.ndarray, y_syn: np.ndarray, *, seed: int = 0) -> Fidelity:
     """Fidelity of synthetic cells against real cells, over the classes both have."""
+    from sklearn.decomposition import PCA
+
     shared_classes = np.intersect1d(np.unique(y_real), np.unique(y_syn))
     real = _dense(X_real[np.isin(y_real, shared_classes)])
     yr = y_real[np.isin(y_real, shared_classes)]
@@ -150,6 +157,9 @@ def membership_auc(X_train: Matrix, X_holdout: Matrix, X_syn: np.ndarray, *, max
     cell; AUC of that score for training (members) vs held-out (non-members) cells. 0.5 means no
     signal; values well above 0.5 mean synthetic cells sit closer to the cells they came from.
     """
+    from sklearn.metrics import roc_auc_score
+    from sklearn.neighbors import NearestNeighbors
+
     if X_syn.shape[0] == 0 or X_train.shape[0] == 0 or X_holdout.shape[0] == 0:
         return float("nan")
     rng = np.random.default_rng(seed)

@@ -8,9 +8,10 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
+if TYPE_CHECKING:  # anndata is heavy to import; only write_h5ad's callers need it
+    import anndata as ad
 
 
 @contextmanager
