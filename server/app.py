@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 
 import numpy as np
 import torch
@@ -19,15 +20,24 @@ app = ServerApp()
 
 
 def _progress_to_run_log() -> None:
-    """Show the coordinator's phase lines in Flower's run log (flwr run --stream, flwr log) when nothing else logs them."""
-    if logging.getLogger().hasHandlers():
+    """Show the coordinator's INFO lines in Flower's run log (flwr run --stream, flwr log).
+
+    Flower mirrors the ServerApp process's stderr into the run log but configures only its own
+    "flwr" logger, so ours would stay silent. A host that already shows INFO lines (scdd simulate,
+    a notebook with logging configured) keeps its own setup.
+    """
+    root = logging.getLogger()
+    if root.hasHandlers() and root.getEffectiveLevel() <= logging.INFO:
         return
     log = logging.getLogger("server")
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    if any(getattr(h, "fedscdd_run_log", False) for h in log.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.fedscdd_run_log = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # a root handler at WARNING would print the warnings twice
 
 
 @app.main()

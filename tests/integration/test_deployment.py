@@ -225,6 +225,9 @@ def test_tls_authenticated_deployment_runs_the_app_on_two_sites(tmp_path: Path, 
                     f"===== flwr log {run_id} --show\n{app_log.describe()}\n{diagnostics()}")
     assert res.returncode == 0, res.describe()
     assert all(nodes[s].alive() for s in SITES) and link.alive(), diagnostics()
+    # the coordinator's phase lines reach Flower's run log (server/app.py routes them to the mirrored stderr)
+    app_log = dh.flwr(["log", str(run_id), CONNECTION, "--show"], cli_env, timeout=CLI_S)
+    assert "server.orchestration: plan:" in app_log.stdout and "round 1:" in app_log.stdout, app_log.describe()
 
     # the run shipped exactly the FAB built from the checkout above, and each site installed it under its hash
     fab_hash = hashlib.sha256(fab.read_bytes()).hexdigest()
