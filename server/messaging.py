@@ -94,7 +94,7 @@ class Link:
                 per_type[message_type] = per_type.get(message_type, 0) + wire
             out.append(SiteReply(self.name(node), node, payload, wire))
         for node in sorted(set(contents) - answered):
-            self.drop(node, phase, f"no reply within round-timeout-s={self.timeout_s:g}")
+            self.drop(node, phase, f"no reply (the node left, or stayed silent past round-timeout-s={self.timeout_s:g})")
         return out
 
 

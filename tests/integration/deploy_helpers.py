@@ -138,6 +138,14 @@ def stop(proc: Proc, *, timeout: float = 15.0) -> None:
         proc.popen.wait(timeout=5.0)
 
 
+def kill(proc: Proc) -> None:
+    """SIGKILL the process group at once (a machine that dies without saying goodbye), then reap the leader."""
+    if proc.popen.returncode is None:
+        _signal_group(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.popen.wait(timeout=5.0)
+
+
 def wait_exit(proc: Proc, timeout: float) -> int | None:
     """The exit code, or None if still running after ``timeout`` s (the process is not reaped: see Proc.exit_code)."""
     return proc.exit_code(timeout)

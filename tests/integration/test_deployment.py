@@ -1,8 +1,10 @@
-"""Loopback deployment: TLS SuperLink with SuperNode authentication, two registered sites, one refused intruder, a real run.
+"""Loopback deployment: TLS SuperLink with SuperNode authentication, three registered sites, one refused intruder,
+a real run during which one site is killed.
 
 Everything runs on 127.0.0.1 with free ports, separate FLWR_HOMEs and certificates from
-``shared.certs``; the sites hold the bundled Kang PBMC file split by donor. Every process this
-test starts is stopped by PID (its whole process group) in the fixture teardown.
+``shared.certs``; the sites hold the bundled Kang PBMC file split by sample. Once round 1 is
+checkpointed, site-c's SuperNode is killed (by PID): the run must finish round 2 with the other two.
+Every process this test starts is stopped by PID (its whole process group) in the fixture teardown.
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "shared" / "example_data" / "kang_pbmc_muscat.h5ad"
 CONNECTION = "tls-test"
-SITES = {"site-a": ("ctrl101", "stim101"), "site-b": ("ctrl107", "stim107")}
+SITES = {"site-a": ("ctrl101",), "site-b": ("ctrl107",), "site-c": ("stim101", "stim107")}
+VICTIM = "site-c"  # killed after round 1
 INTRUDER = "intruder"
 
 STARTUP_S = 60.0  # SuperLink health, SuperNodes online, intruder refused
 CLI_S = 60.0  # one flwr CLI call
-RUN_S = 420.0  # the whole federated run (6 round trips on 2 busy cores)
+RUN_S = 540.0  # the whole federated run (8 round trips on 2 busy cores, plus Flower noticing the killed site: ~50 s)
 
-# Smallest budgets the ServerApp accepts: 1 pretraining round per stage, 1 distillation round
-# -> profile, VAE, latent stats, SCDG, distill, evaluate = 6 round trips (one ClientApp process each).
+# Smallest budgets the ServerApp accepts: 1 pretraining round per stage, 2 distillation rounds
+# -> profile, VAE, latent stats, SCDG, 2 x (distill, evaluate) = 8 round trips (one ClientApp process each).
 N_GENES = 100
 RUN_CONFIG = {
     "label-key": '"cell_type"',
@@ -47,12 +50,12 @@ RUN_CONFIG = {
     "vae-batch-size": "64",
     "scdg-batch-size": "64",
     "cells-per-class": "2",
-    "num-distill-rounds": "1",
+    "num-distill-rounds": "2",
     "distill-iterations": "5",
     "finetune-steps": "2",
     "mlp-steps": "10",
     "min-sites": "2",
-    "expected-sites": "2",
+    "expected-sites": "3",
     "site-wait-s": "60.0",
     "round-timeout-s": "180.0",
     "report": "true",
@@ -112,7 +115,7 @@ def _runs(cli_env: dict[str, str], run_id: int | None = None) -> list[dict]:
     return list(data["runs"])
 
 
-def test_tls_authenticated_deployment_runs_the_app_on_two_sites(tmp_path: Path, procs: list[dh.Proc]) -> None:
+def test_tls_authenticated_deployment_runs_the_app_and_survives_a_killed_site(tmp_path: Path, procs: list[dh.Proc]) -> None:
     t_start = time.monotonic()
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -165,7 +168,7 @@ def test_tls_authenticated_deployment_runs_the_app_on_two_sites(tmp_path: Path, 
         registered[site] = m.group(1)
     assert set(_node_status(cli_env)) == set(registered.values())
 
-    # 5. two registered SuperNodes and one intruder whose key was never registered
+    # 5. three registered SuperNodes and one intruder whose key was never registered
     nodes: dict[str, dh.Proc] = {}
     for name, port in zip([*SITES, INTRUDER], node_ports, strict=True):
         data_path = data.get(name, data["site-a"])  # the intruder claims a plausible data file; it must never get a task
@@ -189,7 +192,7 @@ def test_tls_authenticated_deployment_runs_the_app_on_two_sites(tmp_path: Path, 
         seen.update(_node_status(cli_env))
         return all(seen.get(node) == "online" for node in registered.values())
 
-    online = dh.wait_until(sites_online, STARTUP_S, interval=1.0, procs=[link, nodes["site-a"], nodes["site-b"]])
+    online = dh.wait_until(sites_online, STARTUP_S, interval=1.0, procs=[link, *(nodes[s] for s in SITES)])
     assert online, f"registered SuperNodes not online after {STARTUP_S:g} s: {seen}\n{diagnostics()}"
     assert set(seen) == set(registered.values()), seen  # the intruder left no node behind
 
@@ -198,36 +201,52 @@ def test_tls_authenticated_deployment_runs_the_app_on_two_sites(tmp_path: Path, 
     overrides = {**RUN_CONFIG, "out-dir": f'"{out_dir}"'}
     run_config = " ".join(f"{k}={v}" for k, v in overrides.items())
     t_run = time.monotonic()
-    res = dh.flwr(["run", str(REPO), CONNECTION, "--stream", "--run-config", run_config], cli_env, timeout=RUN_S, cwd=tmp_path)
+    res = dh.flwr(["run", str(REPO), CONNECTION, "--run-config", run_config], cli_env, timeout=RUN_S, cwd=tmp_path)
     (logs / "flwr-run.log").write_text(res.describe(), encoding="utf-8")
-    run_seconds = time.monotonic() - t_run
-
     m = re.search(r"Successfully started run (\d+)", res.stdout)
+    assert res.returncode == 0 and m is not None, res.describe()
     runs = _runs(cli_env)
     assert len(runs) == 1, f"expected exactly one run: {runs}\n{res.describe()}"
     run_id = int(runs[0]["run-id"])
-    assert m is not None and int(m.group(1)) == run_id, res.describe()
-    # --stream returns when the run ends, and exits 0 even when it failed: the status decides (bounded re-poll).
+    assert int(m.group(1)) == run_id, res.describe()
+    run_dir = out_dir / f"run-{run_id}"
+    state = run_dir / "state" / "state.json"
     run = runs[0]
+
+    def round_1_done() -> bool:
+        return state.is_file() and "round-1" in json.loads(state.read_text(encoding="utf-8"))["completed"]
 
     def finished() -> bool:
         nonlocal run
         run = _runs(cli_env, run_id)[0]
         return str(run["status"]).startswith("finished")
 
-    if not str(run["status"]).startswith("finished"):
-        dh.wait_until(finished, 30.0, interval=2.0)
-    if run["status"] != "finished:completed":
-        app_log = dh.flwr(["log", str(run_id), CONNECTION, "--show"], cli_env, timeout=CLI_S)
-        if not run["status"].startswith("finished"):
-            dh.flwr(["stop", str(run_id), CONNECTION], cli_env, timeout=CLI_S)
-        pytest.fail(f"run {run_id} status {run['status']!r} after {run_seconds:.0f} s\n{res.describe()}\n"
-                    f"===== flwr log {run_id} --show\n{app_log.describe()}\n{diagnostics()}")
-    assert res.returncode == 0, res.describe()
-    assert all(nodes[s].alive() for s in SITES) and link.alive(), diagnostics()
-    # the coordinator's phase lines reach Flower's run log (server/app.py routes them to the mirrored stderr)
+    # 7. kill one site (SIGKILL to its process group, by PID) as soon as round 1 is checkpointed, then let the run finish
+    polled = [time.monotonic()]
+
+    def round_1_done_or_run_over() -> bool:
+        if round_1_done():
+            return True
+        if time.monotonic() - polled[0] > 15.0:  # the file check is cheap; the status query is a CLI call
+            polled[0] = time.monotonic()
+            return finished()
+        return False
+
+    dh.wait_until(round_1_done_or_run_over, RUN_S, interval=0.2, procs=[link])
+    assert round_1_done(), f"round 1 not checkpointed (run status {run['status']!r})\n{diagnostics()}"
+    dh.kill(nodes[VICTIM])
+    assert not nodes[VICTIM].alive()
+    done = dh.wait_until(finished, max(10.0, RUN_S - (time.monotonic() - t_run)), interval=2.0, procs=[link])
+    run_seconds = time.monotonic() - t_run
     app_log = dh.flwr(["log", str(run_id), CONNECTION, "--show"], cli_env, timeout=CLI_S)
-    assert "server.orchestration: plan:" in app_log.stdout and "round 1:" in app_log.stdout, app_log.describe()
+    (logs / "flwr-log.log").write_text(app_log.describe(), encoding="utf-8")
+    if not done:
+        dh.flwr(["stop", str(run_id), CONNECTION], cli_env, timeout=CLI_S)
+    assert run["status"] == "finished:completed", (f"run {run_id} status {run['status']!r} after {run_seconds:.0f} s\n"
+                                                   f"===== flwr log {run_id} --show\n{app_log.describe()}\n{diagnostics()}")
+    assert all(nodes[s].alive() for s in SITES if s != VICTIM) and link.alive(), diagnostics()
+    # the coordinator's phase lines reach Flower's run log (server/app.py routes them to the mirrored stderr)
+    assert "server.orchestration: plan:" in app_log.stdout and "round 2:" in app_log.stdout, app_log.describe()
 
     # the run shipped exactly the FAB built from the checkout above, and each site installed it under its hash
     fab_hash = hashlib.sha256(fab.read_bytes()).hexdigest()
@@ -237,25 +256,27 @@ def test_tls_authenticated_deployment_runs_the_app_on_two_sites(tmp_path: Path, 
         assert len(installed) == 1, f"{site}: no app installed for FAB {fab_hash[:8]}"
 
     # outputs: out-dir/run-<flower run id>/ (server/app.py + server/run_store.py)
-    run_dir = out_dir / f"run-{run_id}"
     for name in ("synthetic.h5ad", "metrics.json", "report.html", "config.json", "plan.json"):
         assert (run_dir / name).is_file(), f"{name} missing in {run_dir}: {sorted(p.name for p in run_dir.glob('*'))}"
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["sites"] == sorted(SITES)
-    assert metrics["dropped"] == [], metrics["dropped"]
-    assert [r["round"] for r in metrics["rounds"]] == [1]
-    last = metrics["rounds"][-1]
-    assert set(last["sites"]) == set(SITES) and set(last["sites_distilled"]) == set(SITES)
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    first, last = metrics["rounds"]
+    assert set(first["sites_distilled"]) == set(SITES)  # everyone in round 1
+    assert set(last["sites_distilled"]) == set(SITES) - {VICTIM} and set(last["sites"]) == set(SITES) - {VICTIM}  # the killed site is left out
+    dropped = {(d["site"], d["phase"]) for d in metrics["dropped"]}
+    assert (VICTIM, "distill-2") in dropped and all(site == VICTIM for site, _ in dropped), metrics["dropped"]
     for site in SITES:
+        assert set(metrics["upload_bytes"][site]) >= {"query.profile", "train.pretrain", "train.distill", "evaluate.models"}
+    for site in set(SITES) - {VICTIM}:
         assert last["sites"][site]["n_test"] > 0
         acc = last["sites"][site]["scores"]["mlp"]["accuracy"]
         assert math.isfinite(acc) and 0.0 <= acc <= 1.0
-        assert set(metrics["upload_bytes"][site]) >= {"query.profile", "train.pretrain", "train.distill", "evaluate.models"}
     synth = ad.read_h5ad(run_dir / "synthetic.h5ad")
     assert synth.n_obs == last["n_synthetic"] > 0 and synth.n_vars == N_GENES
-    assert set(synth.obs["site"].astype(str)) == set(SITES)
+    assert set(synth.obs["site"].astype(str)) == set(SITES) - {VICTIM}
     assert "<html" in (run_dir / "report.html").read_text(encoding="utf-8").lower()
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    assert config["run_config"]["out-dir"] == str(out_dir) and config["run_config"]["num-distill-rounds"] == 1
+    assert config["run_config"]["out-dir"] == str(out_dir) and config["run_config"]["num-distill-rounds"] == 2
 
     print(f"\ndeployment test: run {run_id} took {run_seconds:.1f} s, whole test {time.monotonic() - t_start:.1f} s")
