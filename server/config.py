@@ -35,9 +35,9 @@ class FederationConfig:
     latent_dim: int = 64
     # federated pretraining (FedAvg): rounds x local steps per site
     pretrained_path: str = ""
-    num_pretrain_rounds: int = 4
-    vae_local_steps: int = 100
-    scdg_local_steps: int = 150
+    num_pretrain_rounds: int = 2
+    vae_local_steps: int = 500
+    scdg_local_steps: int = 300
     pretrain_lr: float = -1.0  # -1: PretrainConfig default
     vae_batch_size: int = -1
     scdg_batch_size: int = -1
