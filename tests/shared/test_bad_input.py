@@ -15,51 +15,15 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from bad_sites import (
+    N_CELLS, N_GENES, SECRET_TEXTS, SECRET_VALUE, all_missing_labels, cell_ids, continuous_labels, counts, cpm_like,
+    duplicated_genes, lognorm, site, with_value,
+)
 from shared.data import check_file, detect_kind, prepare_site, read_h5ad
 from shared.errors import SiteDataError
 
 logger = logging.getLogger(__name__)
 
-SECRET_VALUE = 7.123456  # planted in matrices; its text must never appear in a message
-SECRET_TEXTS = ("7.12", "7123")
-N_CELLS = 24
-N_GENES = 12
-
-
-def _cell_ids(n: int) -> list[str]:
-    """Distinctive obs_names that must never appear in error text."""
-    return [f"CELL-SECRET-{i:04d}" for i in range(1, n + 1)]
-
-
-def _counts(n_cells: int = N_CELLS, n_genes: int = N_GENES) -> np.ndarray:
-    """Small integer count matrix with no all-zero row."""
-    rng = np.random.default_rng(0)
-    x = rng.poisson(3.0, size=(n_cells, n_genes)).astype(np.float32)
-    if n_genes:
-        x[:, 0] += 1
-    return x
-
-
-def _lognorm() -> np.ndarray:
-    """Log-normalised version of _counts with the secret value planted."""
-    x = _counts()
-    x = np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4).astype(np.float32)
-    x[0, 1] = SECRET_VALUE
-    return x
-
-
-def _site(
-    x: np.ndarray | sp.spmatrix | None = None, labels: object = None, genes: list[str] | None = None
-) -> anndata.AnnData:
-    """AnnData with secret cell ids, 3 balanced classes (unless labels given) and CSR X."""
-    x = _counts() if x is None else x
-    n_cells, n_genes = x.shape
-    if labels is None:
-        labels = pd.Categorical([f"type_{i % 3}" for i in range(n_cells)])
-    obs = pd.DataFrame({"cell_type": labels, "donor": "d1"}, index=_cell_ids(n_cells))
-    var = pd.DataFrame(index=genes if genes is not None else [f"GENE{j}" for j in range(n_genes)])
-    X = sp.csr_matrix(x) if isinstance(x, np.ndarray) and x.dtype.kind in "iuf" else x
-    return anndata.AnnData(X=X, obs=obs, var=var)
 
 
 def _prepare(build: Callable[[], anndata.AnnData], **kwargs: object) -> Callable[[Path], object]:
@@ -79,14 +43,6 @@ def _via_file(build: Callable[[], anndata.AnnData], **kwargs: object) -> Callabl
     return run
 
 
-def _with_value(value: float) -> np.ndarray:
-    """Counts with the secret value and one planted bad value."""
-    x = _counts()
-    x[1, 2] = SECRET_VALUE
-    x[2, 3] = value
-    return x
-
-
 def _text_file(tmp: Path) -> object:
     """A CSV text file renamed to .h5ad."""
     path = tmp / "notes.h5ad"
@@ -98,7 +54,7 @@ def _plain_hdf5(tmp: Path) -> object:
     """A valid HDF5 file that is not an AnnData."""
     path = tmp / "matrix.h5ad"
     with h5py.File(path, "w") as f:
-        f["counts"] = _with_value(1.0)
+        f["counts"] = with_value(1.0)
     return read_h5ad(path)
 
 
@@ -114,26 +70,6 @@ def _object_matrix(_tmp: Path) -> object:
     return detect_kind(x)
 
 
-def _cpm_like() -> np.ndarray:
-    """Library-size-normalised values without log (CPM)."""
-    x = _counts() + 0.0
-    x = x / x.sum(axis=1, keepdims=True) * 1e6
-    x[0, 1] = 7123.456
-    return x.astype(np.float32)
-
-
-def _all_missing_labels() -> anndata.AnnData:
-    """Every label is NaN."""
-    return _site(labels=pd.Categorical([np.nan] * N_CELLS, categories=["type_0"]))
-
-
-def _continuous_labels() -> anndata.AnnData:
-    """A label column of hundreds of distinct floats."""
-    values = np.random.default_rng(1).random(N_CELLS * 20) * 100
-    values[0] = SECRET_VALUE
-    return _site(_counts(N_CELLS * 20), labels=values)
-
-
 @dataclass(frozen=True)
 class Case:
     """A bad input, the word that names its problem and the text that says how to fix it."""
@@ -145,13 +81,8 @@ class Case:
 
 def _no_x() -> anndata.AnnData:
     """An AnnData whose X is None."""
-    obs = pd.DataFrame({"cell_type": ["a", "a", "b"]}, index=_cell_ids(3))
+    obs = pd.DataFrame({"cell_type": ["a", "a", "b"]}, index=cell_ids(3))
     return anndata.AnnData(obs=obs, var=pd.DataFrame(index=["G1", "G2"]))
-
-
-def _duplicated_genes() -> anndata.AnnData:
-    """Three columns share one gene name (two duplicates)."""
-    return _site(genes=["GENE1"] * 3 + [f"G{j}" for j in range(N_GENES - 3)])
 
 
 LAYER_FIX = "adata.layers['counts']"
@@ -162,41 +93,41 @@ CASES: dict[str, Case] = {
     "text_file_renamed": Case(_text_file, "not an HDF5/h5ad", "adata.write_h5ad"),
     "hdf5_not_anndata": Case(_plain_hdf5, "not an AnnData", "adata.write_h5ad"),
     # shape and matrix
-    "zero_cells": Case(_prepare(lambda: _site(_counts(0, N_GENES))), "0 cells", "filtering"),
-    "zero_genes": Case(_prepare(lambda: _site(_counts(N_CELLS, 0))), "no genes", "write the full"),
+    "zero_cells": Case(_prepare(lambda: site(counts(0, N_GENES))), "0 cells", "filtering"),
+    "zero_genes": Case(_prepare(lambda: site(counts(N_CELLS, 0))), "no genes", "write the full"),
     "x_none": Case(_prepare(_no_x), "adata.X is empty", LAYER_FIX),
-    "negative_values": Case(_prepare(lambda: _site(_with_value(-SECRET_VALUE))), "negative", LAYER_FIX),
-    "nan": Case(_via_file(lambda: _site(_with_value(np.nan))), "1 NaN", "raw counts"),
-    "inf": Case(_prepare(lambda: _site(_with_value(np.inf))), "1 Inf", "raw counts"),
+    "negative_values": Case(_prepare(lambda: site(with_value(-SECRET_VALUE))), "negative", LAYER_FIX),
+    "nan": Case(_via_file(lambda: site(with_value(np.nan))), "1 NaN", "raw counts"),
+    "inf": Case(_prepare(lambda: site(with_value(np.inf))), "1 Inf", "raw counts"),
     "object_matrix": Case(_object_matrix, "non-numeric dtype object", "astype('float32')"),
     "string_matrix": Case(lambda _t: detect_kind(np.array([["7.123456", "1"]])), "non-numeric dtype", "astype"),
-    "bool_matrix": Case(_prepare(lambda: _site(sp.csr_matrix(_counts() > 2))), "non-numeric dtype bool", "astype"),
-    "all_zero": Case(_prepare(lambda: _site(np.zeros((N_CELLS, N_GENES), np.float32))), "all zeros", LAYER_FIX),
-    "cpm_like_values": Case(_prepare(lambda: _site(_cpm_like())), "un-logged normalised", "sc.pp.log1p"),
+    "bool_matrix": Case(_prepare(lambda: site(sp.csr_matrix(counts() > 2))), "non-numeric dtype bool", "astype"),
+    "all_zero": Case(_prepare(lambda: site(np.zeros((N_CELLS, N_GENES), np.float32))), "all zeros", LAYER_FIX),
+    "cpm_like_values": Case(_prepare(lambda: site(cpm_like())), "un-logged normalised", "sc.pp.log1p"),
     "lognorm_promised_counts": Case(
-        _prepare(lambda: _site(_lognorm()), expect="counts"), "holds log-normalised", "provide raw counts"
+        _prepare(lambda: site(lognorm()), expect="counts"), "holds log-normalised", "provide raw counts"
     ),
     "counts_promised_lognorm": Case(
-        _via_file(lambda: _site(_with_value(5.0)), expect="lognorm"), "holds raw counts", "set expect to 'counts'"
+        _via_file(lambda: site(with_value(5.0)), expect="lognorm"), "holds raw counts", "set expect to 'counts'"
     ),
     # genes
-    "duplicated_genes": Case(_prepare(_duplicated_genes), "2 duplicated gene names", "var_names_make_unique()"),
+    "duplicated_genes": Case(_prepare(duplicated_genes), "2 duplicated gene names", "var_names_make_unique()"),
     "no_vocabulary_overlap": Case(
-        _prepare(_site, vocabulary=["ENSG0001", "ENSG0002"]), "no overlap", "symbols vs Ensembl"
+        _prepare(site, vocabulary=["ENSG0001", "ENSG0002"]), "no overlap", "symbols vs Ensembl"
     ),
     "low_vocabulary_coverage": Case(
-        _prepare(_site, vocabulary=["GENE0", *[f"X{j}" for j in range(9)]], min_coverage=0.5),
+        _prepare(site, vocabulary=["GENE0", *[f"X{j}" for j in range(9)]], min_coverage=0.5),
         "coverage too low",
         "check gene identifiers",
     ),
     # labels
     "missing_label_column": Case(
-        lambda _t: prepare_site(_site(), label_key="celltype"), "'celltype' not found in obs", "--label-key"
+        lambda _t: prepare_site(site(), label_key="celltype"), "'celltype' not found in obs", "--label-key"
     ),
-    "labels_all_missing": Case(_via_file(_all_missing_labels), "all 24 cells are missing", "--label-key"),
-    "continuous_labels": Case(_prepare(_continuous_labels), "looks continuous", "--label-key"),
+    "labels_all_missing": Case(_via_file(all_missing_labels), "all 24 cells are missing", "--label-key"),
+    "continuous_labels": Case(_prepare(continuous_labels), "looks continuous", "--label-key"),
     "one_cell_per_class": Case(
-        _prepare(lambda: _site(labels=[f"type_{i}" for i in range(N_CELLS)])),
+        _prepare(lambda: site(labels=[f"type_{i}" for i in range(N_CELLS)])),
         "too few cells per class",
         "add labelled cells",
     ),
