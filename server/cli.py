@@ -58,11 +58,13 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--methods", default=None, help="comma-separated subset of methods")
     p.add_argument("--evaluators", default="mlp,logreg,knn")
-    p.add_argument("--iterations", type=int, default=200, help="scdd distillation iterations")
+    p.add_argument("--iterations", type=int, default=-1, help="scdd distillation iterations (default: by k, as in a federation)")
     p.add_argument("--dm-iterations", type=int, default=500)
     p.add_argument("--pretrain-steps", type=_ints, default=None, help="VAE,SCDG pretraining steps (default 1000,1500)")
     p.add_argument("--n-genes", type=int, default=2000)
     p.add_argument("--out", required=True, help="output directory (results.md, results.json)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of methods not run this time from an existing results.json (rerun one method only)")
 
 
 def _add_federation(sub: argparse._SubParsersAction) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import time
@@ -104,6 +105,14 @@ def benchmark(args: argparse.Namespace) -> int:
         with tqdm(total=n_tasks, desc=name, unit="run") as bar:
             cells, pre = bm.run(fed, cfg, progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
         rows = bm.rows(cells)
+        merged_from = None
+        if args.merge and (out / name / "results.json").is_file():
+            old = json.loads((out / name / "results.json").read_text(encoding="utf-8"))
+            kept = [r for r in old["rows"] if r["method"] not in cfg.methods]
+            rows = sorted(kept + rows, key=lambda r: (bm.METHODS.index(r["method"]) if r["method"] in bm.METHODS else len(bm.METHODS),
+                                                    r["k"] or 0, bm.EVALUATORS.index(r["evaluator"])))
+            merged_from = {"rerun_methods": list(cfg.methods), "kept_methods": sorted({r["method"] for r in kept}),
+                           "kept_wall_seconds": old.get("wall_seconds")}
         result = {
             "dataset": name,
             "rows": rows,
@@ -115,7 +124,11 @@ def benchmark(args: argparse.Namespace) -> int:
             "pretraining": "pooled",
             "scdd_decode_mode": bm.DECODE_MODE,
             "python": platform.python_version(),
+            "seeds": cfg.seeds,
         }
+        if merged_from:
+            result["merged"] = merged_from
+            header += f" Rows of {', '.join(cfg.methods)} rerun with this version and merged into the earlier results (--merge)."
         write_json(out / name / "results.json", result)
         md = bm.markdown(name, rows, cfg.ks, header + f" Pretraining: VAE {pre.vae_seconds:.1f} s, SCDG {pre.scdg_seconds:.1f} s.")
         write_text(out / name / "results.md", md)

@@ -60,3 +60,21 @@ def test_benchmark_on_a_team_dataset_scdd_beats_random_at_k1(tmp_path: Path, tea
     assert rows[("scdd", 1)]["accuracy_mean"] > rows[("random", 1)]["accuracy_mean"] + 0.05
     assert rows[("scdd", 1)]["upload_bytes_per_site"] < rows[("random", 1)]["upload_bytes_per_site"] / 5
     assert (tmp_path / "kang_pbmc_muscat" / "results.md").read_text().startswith("# kang_pbmc_muscat")
+
+
+def test_benchmark_merge_reruns_one_method_and_keeps_the_others(tmp_path: Path, example_path: Path) -> None:
+    common = ["benchmark", str(example_path), "--k", "2", "--seeds", "1", "--evaluators", "mlp,knn", "--pretrain-steps", "20,20",
+              "--n-genes", "200", "--out", str(tmp_path)]
+    assert main([*common, "--methods", "random,gaussian"]) == 0
+    path = tmp_path / "kang_pbmc_muscat" / "results.json"
+    before = {(r["method"], r["evaluator"]): r for r in json.loads(path.read_text())["rows"]}
+    assert main([*common, "--methods", "gaussian", "--merge"]) == 0
+    after = json.loads(path.read_text())
+    rows = {(r["method"], r["evaluator"]): r for r in after["rows"]}
+    assert set(rows) == set(before)  # nothing lost, nothing duplicated
+    assert rows[("random", "mlp")] == before[("random", "mlp")]  # kept as it was
+    assert after["merged"]["rerun_methods"] == ["gaussian"] and after["merged"]["kept_methods"] == ["random"]
+    assert [r["method"] for r in after["rows"]] == ["random", "random", "gaussian", "gaussian"]  # the benchmark's method order
+    assert "merged into the earlier results" in (tmp_path / "kang_pbmc_muscat" / "results.md").read_text()
+    assert main([*common, "--methods", "gaussian"]) == 0  # without --merge the file holds this run only
+    assert {r["method"] for r in json.loads(path.read_text())["rows"]} == {"gaussian"}
