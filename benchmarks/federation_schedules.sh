@@ -20,13 +20,13 @@ PY
 }
 mkdir -p "$OUT"
 # 1. schedules: FedAvg rounds x (VAE / SCDG local steps per site)
-run "4x(100/150)" 2 --set num-pretrain-rounds=4 --set vae-local-steps=100 --set scdg-local-steps=150
-run "4x(100/375)" 2 --set num-pretrain-rounds=4 --set vae-local-steps=100 --set scdg-local-steps=375
-run "4x(250/150)" 2 --set num-pretrain-rounds=4 --set vae-local-steps=250 --set scdg-local-steps=150
-run "2x(500/300) default" 2
+run "4x100-150" 2 --set num-pretrain-rounds=4 --set vae-local-steps=100 --set scdg-local-steps=150
+run "4x100-375" 2 --set num-pretrain-rounds=4 --set vae-local-steps=100 --set scdg-local-steps=375
+run "4x250-150" 2 --set num-pretrain-rounds=4 --set vae-local-steps=250 --set scdg-local-steps=150
+run "2x500-300-default" 2
 # 2. rounds: 4 distillation rounds from one fixed pretrained generator, warm start and fine-tuning on/off
-base="$(pwd)/$OUT/4x(100/150)"
-run "warm start + fine-tune (default)" 4 --set "pretrained-path=$base"
-run "warm start, no fine-tune" 4 --set "pretrained-path=$base" --set finetune-steps=0
-run "fresh codes + fine-tune" 4 --set "pretrained-path=$base" --set distill-warm-start=false
-run "fresh codes, no fine-tune" 4 --set "pretrained-path=$base" --set distill-warm-start=false --set finetune-steps=0
+base="$(pwd)/$OUT/4x100-150"
+run "warm+finetune-default" 4 --set "pretrained-path=$base"
+run "warm-no-finetune" 4 --set "pretrained-path=$base" --set finetune-steps=0
+run "fresh+finetune" 4 --set "pretrained-path=$base" --set distill-warm-start=false
+run "fresh-no-finetune" 4 --set "pretrained-path=$base" --set distill-warm-start=false --set finetune-steps=0
