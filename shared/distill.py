@@ -254,8 +254,9 @@ def decode_mode(k: int) -> DecodeMode:
     One or two cells per class are prototypes: smooth expected expression. Above that, each
     gene's detection is drawn from the decoder's zero-inflation head, which gives a real-like
     zero fraction (0.71 vs 0.70 in kang's real cells) and, in the federation (FedAvg-pretrained
-    generator, k=10), much higher accuracy: kang 0.894 / 0.897 (rounds 1 / 2) sampled vs
-    0.788 / 0.791 expected, and better or equal on the four other multi-site files. With a
+    generator, k=10), much higher accuracy: kang 0.881 / 0.894 (rounds 1 / 2) sampled vs
+    0.801 / 0.791 expected, pbmc_ding 0.972 / 0.984 vs 0.944 / 0.960, and better or equal on the
+    three other multi-site files. With a
     pooled-pretrained generator the two are closer and expected can win (pbmc4k k=10: 0.880
     expected vs 0.798 sampled; kang k=10: 0.868 both). `decode-mode` (run config) overrides it.
     """
