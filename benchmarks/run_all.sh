@@ -3,12 +3,7 @@
 # file so each dataset's results.md/results.json land as soon as it finishes, in two parallel
 # single-threaded streams (2 cores).
 # Usage: benchmarks/run_all.sh [SEEDS] [OUT]     (defaults: 2 seeds, benchmarks/results)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-SEEDS=${1:-2}
-OUT=${2:-benchmarks/results}
-DATA=${DATA:-../shared/data}
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+source "$(dirname "$0")/common.sh"
 stream() {
   for name in "$@"; do
     [ -f "$DATA/$name.h5ad" ] || { echo "skip $name (not in $DATA)"; continue; }
