@@ -16,7 +16,7 @@ import torch
 
 from client.site import SiteData
 from shared.checkpoint import build_model
-from shared.distill import Codes, DistillConfig, distill_codes, resolve_t_star
+from shared.distill import Codes, DistillConfig, distill_codes, resolve_t_star, warm_start_fits
 from shared.errors import CheckpointError, ProtocolError
 from shared.evaluation import fidelity, fit_predict, membership_auc, predict_mlp, score
 from shared.protocol import (
@@ -93,17 +93,15 @@ def _distill_config(req: DistillRequest) -> DistillConfig:
     return DistillConfig(**{**req.distill, "seed": req.seed})
 
 
-def _warm_codes(req: DistillRequest, site_classes: np.ndarray, latent_dim: int, t_star: int, guidance: float) -> Codes | None:
+def _warm_codes(req: DistillRequest, labels: np.ndarray, latent_dim: int, t_star: int, guidance: float) -> Codes | None:
     """The previous round's codes the server sent back, when they fit this round (same classes, k and latent size)."""
     if not req.warm_start or req.warm_codes is None or req.warm_labels is None:
         return None
-    codes, labels = req.warm_codes, req.warm_labels.astype(np.int64)
-    fits = (codes.shape == (req.k * site_classes.size, latent_dim) and np.array_equal(np.unique(labels), site_classes)
-            and np.all(np.bincount(labels, minlength=int(site_classes.max()) + 1)[site_classes] == req.k))
-    if not fits:
+    codes = Codes(req.warm_codes, req.warm_labels.astype(np.int64), t_star, guidance)
+    if not warm_start_fits(codes, labels, req.k, latent_dim):
         logger.warning("warm-start codes do not fit this round (classes, k or latent size changed): starting from fresh codes")
         return None
-    return Codes(codes, labels, t_star, guidance)
+    return codes
 
 
 def distill_site(site: SiteData, req: DistillRequest) -> DistillReply:
@@ -112,7 +110,7 @@ def distill_site(site: SiteData, req: DistillRequest) -> DistillReply:
     cfg = _distill_config(req)
     vae = _model("vae", req.vae_config, req.vae)
     scdg = _model("scdg", req.scdg_config, req.scdg)
-    init = _warm_codes(req, np.unique(y), vae.config.latent_dim, resolve_t_star(cfg, scdg.config.timesteps), cfg.guidance)
+    init = _warm_codes(req, y, vae.config.latent_dim, resolve_t_star(cfg, scdg.config.timesteps), cfg.guidance)
     t0 = time.perf_counter()
     codes = distill_codes(vae, scdg, X, y, cfg, init_codes=init)
     seconds = time.perf_counter() - t0

@@ -32,7 +32,7 @@ class FederationConfig:
     min_coverage: float = 0.5
     # plan and models
     n_genes: int = 2000
-    latent_dim: int = 64
+    latent_dim: int = 0  # 0: from the plan's gene count (shared.pretrain.latent_dim_for: 64, less for < 1300 genes)
     # federated pretraining (FedAvg): rounds x local steps per site
     pretrained_path: str = ""
     num_pretrain_rounds: int = 2
@@ -69,7 +69,7 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.n_genes >= 10, "n-genes must be >= 10"), (self.latent_dim >= 2, "latent-dim must be >= 2"),
+            (self.n_genes >= 10, "n-genes must be >= 10"), (self.latent_dim == 0 or self.latent_dim >= 2, "latent-dim must be 0 (chosen from the gene count) or >= 2"),
             (self.cells_per_class >= 1, "cells-per-class must be >= 1"), (self.num_distill_rounds >= 1, "num-distill-rounds must be >= 1"),
             (self.num_pretrain_rounds >= 0, "num-pretrain-rounds must be >= 0"),
             (self.vae_local_steps >= 1 and self.scdg_local_steps >= 1, "vae-local-steps and scdg-local-steps must be >= 1"),

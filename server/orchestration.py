@@ -31,6 +31,7 @@ from shared.checkpoint import load_model
 from shared.distill import Codes, DistillConfig, decode_mode, resolve_t_star
 from shared.errors import ConfigError
 from shared.models import SCDG, VAE
+from shared.pretrain import latent_dim_for
 from shared.protocol import (
     EVALUATORS, MSG_DISTILL, MSG_EVALUATE, MSG_PROFILE, DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, Plan,
     ProfileReply, ProfileRequest,
@@ -130,8 +131,9 @@ def pretrain(run: Run) -> None:
         run.vae, run.scdg = load_model(base / "vae.pt", "vae"), load_model(base / "scdg.pt", "scdg")  # type: ignore[assignment]
         run.metrics["pretrain"] = {"source": "checkpoint", "path": str(base)}
         return
-    run.vae, run.scdg = fresh_models(run.plan, latent_dim=cfg.latent_dim, seed=cfg.seed)
-    run.metrics["pretrain"] = pretraining.fedavg_pretrain(run.link, run.plan, cfg, run.vae, run.scdg)
+    latent_dim = cfg.latent_dim or latent_dim_for(len(run.plan.genes))
+    run.vae, run.scdg = fresh_models(run.plan, latent_dim=latent_dim, seed=cfg.seed)
+    run.metrics["pretrain"] = pretraining.fedavg_pretrain(run.link, run.plan, dataclasses.replace(cfg, latent_dim=latent_dim), run.vae, run.scdg)
 
 
 def distill_config(cfg: FederationConfig) -> DistillConfig:
@@ -161,7 +163,7 @@ def distill(run: Run, rnd: int) -> list[SiteCodes]:
 
     def check(node: int, rd: RecordDict, wire: int) -> DistillReply:
         reply = decode(rd, DistillReply)
-        validate_distill(reply, requests[node], latent_dim=run.cfg.latent_dim, site_classes=run.site_classes.get(run.link.name(node), set()), wire=wire)
+        validate_distill(reply, requests[node], latent_dim=vae.config.latent_dim, site_classes=run.site_classes.get(run.link.name(node), set()), wire=wire)
         return reply
 
     replies = run.link.exchange(MSG_DISTILL, {n: r.to_record() for n, r in requests.items()}, f"distill-{rnd}", check)

@@ -84,7 +84,7 @@ def validate_pretrain(reply: PretrainReply, req: PretrainRequest, *, latent_dim:
 
 
 def validate_distill(reply: DistillReply, req: DistillRequest, *, latent_dim: int, site_classes: Collection[int], wire: int) -> None:
-    """Codes (n, d) for classes the site reported, at most k per class, counts of length C, within the byte budget."""
+    """Codes (n, d) for classes the site reported, at most k (and at most its training cells) per class, counts of length C, within the byte budget."""
     n_classes, k = len(req.plan.classes), req.k
     budget = distill_budget(k, n_classes, latent_dim)
     if wire > budget:
@@ -114,6 +114,9 @@ def validate_distill(reply: DistillReply, req: DistillRequest, *, latent_dim: in
         raise ProtocolError(msg)
     if np.any((per_class > 0) & (counts == 0)):
         msg = "codes for a class with zero reported cells"
+        raise ProtocolError(msg)
+    if np.any(per_class > counts):
+        msg = "more codes than reported training cells for a class (a site distills at most one code per cell)"
         raise ProtocolError(msg)
     if not math.isfinite(reply.distill_seconds) or reply.distill_seconds < 0:
         msg = "distill-seconds must be a non-negative number"

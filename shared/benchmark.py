@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("scdd", "scdd_noopt", "dm", "random", "herding", "kcenter", "gaussian", "local", "centralized")
 K_FREE = ("local", "centralized")
-DECODE_MODE = "sample for k > 2, expected for k <= 2"  # how scdd codes become cells (shared.distill.decode_mode)
+DECODE_MODE = "expected expression at every k"  # how scdd codes become cells (shared.distill.decode_mode)
 
 
 @dataclass(frozen=True)

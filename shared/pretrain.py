@@ -19,8 +19,10 @@ logger = logging.getLogger(__name__)
 class PretrainConfig:
     """Model sizes and step budgets for pretraining."""
 
-    latent_dim: int = 64
-    vae: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, lr=1e-3, batch_size=128))
+    latent_dim: int = 0  # 0: chosen from the gene count (`latent_dim_for`)
+    # 3000 VAE steps, not 1000: an MLP trained on the VAE's reconstructions of all training cells
+    # scores 0.888 vs 0.835 on cbmc's held-out real cells and 0.913 vs 0.899 on pbmc4k (5000: 0.883 / 0.908).
+    vae: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1e-3, batch_size=128))
     scdg: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, lr=1e-3, batch_size=256))
     seed: int = 0
 
@@ -35,6 +37,21 @@ class Pretrained:
     scdg_seconds: float
 
 
+MAX_LATENT_DIM = 64
+MIN_LATENT_DIM = 8
+UPLOAD_RATIO = 20  # a code (d floats + a label) is at most 1/20 of a cell (G floats + a label)
+
+
+def latent_dim_for(n_genes: int) -> int:
+    """Latent size for a gene vocabulary: 64, or less so that a code uploads <= 1/20 of a cell's bytes.
+
+    A code is d float32 values and an int32 label, a real or gene-space synthetic cell G float32
+    values and a label: d = (G + 1) // 20 - 1 keeps the ratio at 20 or more down to G = 179 genes,
+    below which d stays at 8.
+    """
+    return max(MIN_LATENT_DIM, min(MAX_LATENT_DIM, (n_genes + 1) // UPLOAD_RATIO - 1))
+
+
 def new_models(n_genes: int, n_classes: int, latent_dim: int, *, n_aux: int = 0) -> tuple[VAE, SCDG]:
     """Fresh VAE and SCDG for a gene and class vocabulary."""
     vae = VAE(VAEConfig(n_genes=n_genes, latent_dim=latent_dim, n_classes=n_classes, n_aux=n_aux))
@@ -47,7 +64,8 @@ def pretrain(X: sp.csr_matrix | np.ndarray, labels: np.ndarray, n_classes: int, 
     import torch
 
     torch.manual_seed(cfg.seed)
-    vae, scdg = new_models(X.shape[1], n_classes, cfg.latent_dim, n_aux=0 if aux is None else aux.shape[1])
+    latent_dim = cfg.latent_dim or latent_dim_for(X.shape[1])
+    vae, scdg = new_models(X.shape[1], n_classes, latent_dim, n_aux=0 if aux is None else aux.shape[1])
     t0 = time.perf_counter()
     fit_vae(vae, X, labels, cfg.vae, aux=aux)
     t1 = time.perf_counter()

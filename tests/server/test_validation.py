@@ -58,6 +58,7 @@ DISTILL_CASES: dict[str, Callable[[RecordDict], None]] = {
     "counts-length": _set(KEY_CODES, "class-counts", Array(np.array([5, 5], np.int64))),
     "counts-negative": _set(KEY_CODES, "class-counts", Array(np.array([5, -5, 0], np.int64))),
     "codes-for-empty-class": _set(KEY_CODES, "class-counts", Array(np.array([5, 0, 0], np.int64))),
+    "more-codes-than-cells": _set(KEY_CODES, "class-counts", Array(np.array([5, 1, 0], np.int64))),
     "oversized": _set(KEY_CODES, "codes", Array(np.zeros((4, D * 200), np.float32))),
     "wrong-round": _set(KEY_CONFIG, "round", 2),
     "round-is-text": _set(KEY_CONFIG, "round", "1"),

@@ -11,9 +11,10 @@ import torch
 from shared.baselines import coreset, distribution_matching, gaussian
 from shared.data import read_h5ad
 from shared.distill import Codes, DistillConfig, distill_codes, generate, resolve_t_star
+from shared.distill import warm_start_fits as codes_fit_again
 from shared.errors import ConfigError
 from shared.evaluation import fidelity, fit_predict, membership_auc, score
-from shared.pretrain import PretrainConfig, pretrain
+from shared.pretrain import PretrainConfig, latent_dim_for, pretrain
 from shared.sites import Federation, prepare_federation, split_sites
 from shared.synthetic import fuse, provenance, to_anndata
 from shared.training import TrainConfig
@@ -47,9 +48,12 @@ def test_codes_have_the_promised_shape_and_size(fed: Federation, pre) -> None:
     cfg = DistillConfig(k=3, iterations=5)
     codes = distill_codes(pre.vae, pre.scdg, X, y, cfg)
     n_cls = len(np.unique(y))
-    assert codes.codes.shape == (3 * n_cls, 64) and codes.codes.dtype == np.float32
+    d = pre.vae.config.latent_dim
+    assert d == 24  # chosen from 500 genes: a code (24 floats + label) is 1/20 of a cell (500 floats + label)
+    assert codes.codes.shape == (3 * n_cls, d) and codes.codes.dtype == np.float32
     assert sorted(np.unique(codes.labels)) == sorted(np.unique(y))
-    assert codes.nbytes == 3 * n_cls * 64 * 4 + 3 * n_cls * 4
+    assert codes.nbytes == 3 * n_cls * d * 4 + 3 * n_cls * 4
+    assert (500 * 4 + 4) / (d * 4 + 4) >= 20
     cells = generate(pre.vae, pre.scdg, codes, mode="expected")
     assert cells.shape == (3 * n_cls, 500) and np.isfinite(cells).all() and (cells >= 0).all()
 
@@ -69,6 +73,25 @@ def test_warm_start_uses_previous_codes(fed: Federation, pre) -> None:
     first = distill_codes(pre.vae, pre.scdg, X, y, DistillConfig(k=2, iterations=0, seed=1))
     again = distill_codes(pre.vae, pre.scdg, X, y, DistillConfig(k=2, iterations=0, seed=99), init_codes=first)
     np.testing.assert_allclose(again.codes, first.codes[np.argsort(first.labels, kind="stable")])
+
+
+def test_no_class_gets_more_codes_than_cells(fed: Federation, pre) -> None:
+    X, y = fed.train(0)
+    classes, n = np.unique(y, return_counts=True)
+    k = int(np.sort(n)[1])  # at least one class has fewer cells than k, at least two have k or more
+    codes = distill_codes(pre.vae, pre.scdg, X, y, DistillConfig(k=k, iterations=2))
+    got = dict(zip(*np.unique(codes.labels, return_counts=True), strict=True))
+    assert got == {int(c): min(int(m), k) for c, m in zip(classes, n, strict=True)}
+    assert any(m < k for m in n)
+    assert codes_fit_again(codes, y, k, pre.vae.config.latent_dim)
+    assert not codes_fit_again(codes, y, k + 1, pre.vae.config.latent_dim)  # a class with >= k+1 cells now needs one more code
+    assert not codes_fit_again(codes, y, k, pre.vae.config.latent_dim + 1)
+
+
+def test_latent_size_follows_the_gene_count() -> None:
+    assert [latent_dim_for(g) for g in (20000, 2000, 1299, 1267, 690, 200, 50)] == [64, 64, 64, 62, 33, 9, 8]
+    for g in (2000, 1267, 690, 200):
+        assert (g + 1) / (latent_dim_for(g) + 1) >= 20
 
 
 def test_t_star_resolution_and_config_errors() -> None:
