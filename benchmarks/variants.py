@@ -4,14 +4,20 @@ MLP scored on the pooled held-out cells).
 
 Usage: python benchmarks/variants.py FILE.h5ad [--k 10] [--seeds 2] [--variants expected,sample,...]
 Prints MLP accuracy (mean and per seed) and seconds for each variant. Variants:
-  expected        library defaults, decoded to expected expression (the default)
-  sample          library defaults, detection sampled from the zero-inflation head
-  k1-recipe       the k <= 2 settings at any k (t* 600, gene-space mean term, 200 iterations), expected
-  k1-recipe-sample, t600-sample, gene-mean-sample, it200-sample: the same changes, sampled
-  both            library defaults, every code decoded twice: expected and sampled
-  noopt-expected, noopt-sample, noopt-both: no optimisation (noised real latents, one step)
-  lr0.01-expected, it50-expected, no-mmd-expected, no-latent-expected, class-prior-only: objective and
-                  budget changes, decoded to expected expression
+  expected, sample, both   library defaults, decoded to expected expression / with detection sampled
+                           from the zero-inflation head / every code decoded both ways
+  noopt-*                  no optimisation (noised real latents, one guided step)
+  k1-recipe[-sample]       the old objective with the k <= 2 settings at any k (t* 600, gene-space mean
+                           term, 200 iterations)
+  old-*                    the objective before 2026-11-26 (latent mean + latent MMD + class 0.1 + prior),
+                           as is or with one change (t* 600, gene-space mean, lr 0.01, 50 iterations,
+                           no MMD, no latent mean)
+  class0.1-*               class consistency 0.1, no latent terms: with the prior (and sampled), without
+                           it, with the VAE label head on the re-encoded cells (decoded_class_weight 0.1)
+  class1-*                 class consistency 1 + prior (the default since 2026-11-26): as is, 50
+                           iterations, sampled
+Every variant but the first six sets its weights explicitly, so it measures the same thing whatever
+the library defaults are.
 --vae-steps / --scdg-steps change the pretraining budget.
 """
 
@@ -30,31 +36,34 @@ from shared.evaluation import fit_predict, score
 from shared.pretrain import PretrainConfig, pretrain
 from shared.sites import prepare_federation, split_sites
 
-K1_RECIPE = {"t_star": 600, "gene_mean_weight": 1.0, "iterations": 200}
+OLD = {"latent_weight": 1.0, "mmd_weight": 1.0, "class_weight": 0.1}  # the objective before 2026-11-26
+K1_RECIPE = {**OLD, "t_star": 600, "gene_mean_weight": 1.0, "iterations": 200}  # measured with the old objective
+NEW = {"latent_weight": 0.0, "mmd_weight": 0.0, "class_weight": 1.0}  # the default since
 VARIANTS: dict[str, tuple[dict[str, object], str]] = {
     "expected": ({}, "expected"),
     "sample": ({}, "sample"),
-    "k1-recipe": (K1_RECIPE, "expected"),
-    "k1-recipe-sample": (K1_RECIPE, "sample"),
-    "t600-sample": ({"t_star": 600}, "sample"),
-    "gene-mean-sample": ({"gene_mean_weight": 1.0}, "sample"),
-    "it200-sample": ({"iterations": 200}, "sample"),
     "both": ({}, "both"),
     "noopt-expected": ({"iterations": 0}, "expected"),
     "noopt-sample": ({"iterations": 0}, "sample"),
     "noopt-both": ({"iterations": 0}, "both"),
-    "lr0.01-expected": ({"lr": 0.01}, "expected"),
-    "it50-expected": ({"iterations": 50}, "expected"),
-    "no-mmd-expected": ({"mmd_weight": 0.0}, "expected"),
-    "no-latent-expected": ({"latent_weight": 0.0}, "expected"),
-    "class-prior-only": ({"latent_weight": 0.0, "mmd_weight": 0.0}, "expected"),
-    "class1-prior": ({"latent_weight": 0.0, "mmd_weight": 0.0, "class_weight": 1.0}, "expected"),
-    "class-only": ({"latent_weight": 0.0, "mmd_weight": 0.0, "prior_weight": 0.0}, "expected"),
-    "class-decoded-prior": ({"latent_weight": 0.0, "mmd_weight": 0.0, "decoded_class_weight": 0.1}, "expected"),
-    "class-prior-sample": ({"latent_weight": 0.0, "mmd_weight": 0.0}, "sample"),
-    "class1-prior-genemean": ({"latent_weight": 0.0, "mmd_weight": 0.0, "class_weight": 1.0, "gene_mean_weight": 1.0}, "expected"),
-    "class1-prior-it50": ({"latent_weight": 0.0, "mmd_weight": 0.0, "class_weight": 1.0, "iterations": 50}, "expected"),
-    "class1-prior-sample": ({"latent_weight": 0.0, "mmd_weight": 0.0, "class_weight": 1.0}, "sample"),
+    "k1-recipe": (K1_RECIPE, "expected"),
+    "k1-recipe-sample": (K1_RECIPE, "sample"),
+    "old-expected": (OLD, "expected"),
+    "old-sample": (OLD, "sample"),
+    "old-both": (OLD, "both"),
+    "old-t600-sample": ({**OLD, "t_star": 600}, "sample"),
+    "old-gene-mean-sample": ({**OLD, "gene_mean_weight": 1.0}, "sample"),
+    "old-lr0.01": ({**OLD, "lr": 0.01}, "expected"),
+    "old-it50": ({**OLD, "iterations": 50}, "expected"),
+    "old-no-mmd": ({**OLD, "mmd_weight": 0.0}, "expected"),
+    "old-no-latent": ({**OLD, "latent_weight": 0.0}, "expected"),
+    "class0.1-prior": ({**NEW, "class_weight": 0.1}, "expected"),
+    "class0.1-prior-sample": ({**NEW, "class_weight": 0.1}, "sample"),
+    "class0.1-only": ({**NEW, "class_weight": 0.1, "prior_weight": 0.0}, "expected"),
+    "class0.1-prior-decoded": ({**NEW, "class_weight": 0.1, "decoded_class_weight": 0.1}, "expected"),
+    "class1-prior": (NEW, "expected"),
+    "class1-prior-it50": ({**NEW, "iterations": 50}, "expected"),
+    "class1-prior-sample": (NEW, "sample"),
 }
 
 
