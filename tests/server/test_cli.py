@@ -34,7 +34,7 @@ def test_distill_writes_a_scanpy_ready_synthetic_file(tmp_path: Path, example_pa
     rc = main(["distill", str(example_path), "--k", "3", "--iterations", "20", "--pretrain-steps", "200,200", "--n-genes", "400", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "codes: 3900 bytes" in printed  # 3 codes x 5 classes x 64 dims x 4 bytes + 15 int32 labels
+    assert "codes: 1200 bytes" in printed  # 3 codes x 5 classes x 19 dims (from 400 genes) x 4 bytes + 15 int32 labels
     assert "MLP held-out accuracy" in printed
     synth = ad.read_h5ad(out)
     assert synth.shape == (15, 400)

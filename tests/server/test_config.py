@@ -26,7 +26,7 @@ def test_pyproject_keys_are_exactly_the_config_keys_and_valid() -> None:
     app = _app_config()
     assert set(app) == set(FederationConfig.keys())
     cfg = FederationConfig.from_run_config(app)
-    assert cfg.sim_site_key == "batch" and cfg.latent_dim == 64 and cfg.n_genes == 2000 and cfg.pretrained_path == "" and cfg.resume is False
+    assert cfg.sim_site_key == "batch" and cfg.latent_dim == 0 and cfg.n_genes == 2000 and cfg.pretrained_path == "" and cfg.resume is False
 
 
 def test_kebab_case_maps_and_ints_pass_as_floats() -> None:
@@ -46,6 +46,7 @@ def test_kebab_case_maps_and_ints_pass_as_floats() -> None:
         ({"expect": "raw"}, "expect"),
         ({"num-pretrain-rounds": 0}, "pretrained-path"),
         ({"round-timeout-s": 0}, "round-timeout-s"),
+        ({"latent-dim": 1}, "latent-dim must be 0"),
     ],
 )
 def test_bad_run_config_is_refused_with_a_named_reason(run_config: dict, match: str) -> None:
