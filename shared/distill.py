@@ -40,7 +40,7 @@ class DistillConfig:
     t_star: int = -1  # -1: chosen from k (see `resolve_t_star`)
     guidance: float = 2.0
     init: Init = "real"
-    latent_weight: float = 0.0  # class-mean matching in the encoder's latent space (option; see below)
+    latent_weight: float = 0.0  # class-mean matching in the encoder's latent space (option, off: see above)
     mmd_weight: float = 0.0  # RBF-MMD in the encoder's latent space (option)
     gene_mean_weight: float = -1.0  # per-class gene-space mean matching; -1: chosen from k (`resolve_weights`)
     gene_weight: float = 0.0  # mean matching through random networks in gene space
@@ -282,10 +282,11 @@ def _objective(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, tg: _Targets
 def decode_mode(k: int) -> DecodeMode:
     """How codes become cells by default: the decoder's expected expression, at every k.
 
-    Measured at k=10 with today's objective (class consistency + prior) and 3000-step VAE:
-    pooled pretraining (`benchmarks/variants.py`), expected vs sampled detection: cbmc 0.871 vs
-    0.799 (k=50), pbmc4k 0.912 vs 0.839; in the federation (FedAvg pretraining, `scdd simulate`,
-    rounds 1 / 2): pbmc4k 0.913 / 0.917 vs 0.864 / 0.875, kang 0.881 / 0.904 vs 0.907 / 0.868.
+    Expected vs sampled detection, class-consistency objective, 3000-step VAE. Pooled pretraining
+    (`benchmarks/variants.py`): k=50, cbmc 0.866 vs 0.799, pbmc4k 0.912 vs 0.894; k=10 (class
+    weight 0.1), cbmc 0.867 vs 0.712, pbmc4k 0.907 vs 0.839. Federation (FedAvg pretraining,
+    `scdd simulate`, k=10, rounds 1 / 2): pbmc4k 0.913 / 0.917 vs 0.864 / 0.875, kang 0.881 / 0.904
+    vs 0.907 / 0.868.
     Sampled detection gives a real-like zero fraction but costs accuracy; it stays available as
     `decode-mode = "sample"` (run config) or ``generate(mode="sample")``.
     """
