@@ -21,12 +21,14 @@ from server.errors import TOO_FEW_SITES, FederationStopped
 from server.run_store import RunStore
 from server.simulation import InProcessGrid, component_ref, load_component, run_in_process
 from server.validation import distill_budget
+from shared.checkpoint import load_model
+from shared.pretrain import latent_dim_for
 from shared.protocol import (
     KEY_CODES, KEY_CONFIG, KEY_METRICS, KEY_STATS, KEY_WEIGHTS, MSG_DISTILL, MSG_EVALUATE, MSG_PRETRAIN, MSG_PROFILE, DistillRequest,
     ProfileReply,
 )
 
-KANG = {"sim-site-key": "batch", "label-key": "cell_type", "n-genes": 300, "latent-dim": 32, "num-pretrain-rounds": 2,
+KANG = {"sim-site-key": "batch", "label-key": "cell_type", "n-genes": 300, "num-pretrain-rounds": 2,
         "vae-local-steps": 150, "scdg-local-steps": 30, "scdg-batch-size": 64, "pretrain-lr": 0.002, "cells-per-class": 10,
         "num-distill-rounds": 2, "distill-iterations": 10, "finetune-steps": 10, "mlp-steps": 150, "report": False, "run-id": "kang"}
 K, CHANCE = 10, 0.2
@@ -61,6 +63,8 @@ def test_kang_run_writes_every_output(kang: tuple[InProcessGrid, Path, list[str]
     assert sorted(synth.obs["site"].unique()) == ["ctrl101", "ctrl107", "stim101", "stim107"]
     assert synth.n_obs == 4 * 5 * K and synth.n_vars == 300
     assert "provenance_json" in synth.uns["fedscdd"]
+    vae = load_model(run_dir / "vae.pt", "vae")
+    assert vae.config.latent_dim == latent_dim_for(300) == 14  # latent-dim left at 0 (auto): a code is <= 1/20 of a 300-gene cell
     config = json.loads((run_dir / "config.json").read_text())
     assert {"flwr", "torch", "anndata", "scanpy", "numpy"} <= set(config["versions"])
 
@@ -103,7 +107,7 @@ def test_privacy_nothing_cell_level_leaves_a_site(kang: tuple[InProcessGrid, Pat
     grid, run_dir, logs = kang
     obs_names = set(ad.read_h5ad(example_path, backed="r").obs_names)
     plan = json.loads((run_dir / "plan.json").read_text())
-    n_classes, n_genes, d = len(plan["classes"]), len(plan["genes"]), KANG["latent-dim"]
+    n_classes, n_genes, d = len(plan["classes"]), len(plan["genes"]), latent_dim_for(len(plan["genes"]))
     distill_bytes: dict[tuple[int, int], int] = {}
     assert len(grid.log) == 4 * (1 + 2 + 1 + 2 + 2 + 2)  # every node answered every message
     for ex in grid.log:

@@ -88,6 +88,16 @@ def test_no_class_gets_more_codes_than_cells(fed: Federation, pre) -> None:
     assert not codes_fit_again(codes, y, k, pre.vae.config.latent_dim + 1)
 
 
+def test_decoded_class_term_reaches_the_codes(fed: Federation, pre) -> None:
+    X, y = fed.train(1)
+    base = DistillConfig(k=2, iterations=10, seed=5, class_weight=0.0, prior_weight=0.0, gene_mean_weight=0.0)
+    off = distill_codes(pre.vae, pre.scdg, X, y, base)
+    on = distill_codes(pre.vae, pre.scdg, X, y, replace(base, decoded_class_weight=1.0))
+    init = distill_codes(pre.vae, pre.scdg, X, y, replace(base, iterations=0))
+    np.testing.assert_allclose(off.codes, init.codes)  # every term off: the codes do not move
+    assert not np.allclose(on.codes, init.codes)  # the VAE label head's gradient reaches them
+
+
 def test_latent_size_follows_the_gene_count() -> None:
     assert [latent_dim_for(g) for g in (20000, 2000, 1299, 1267, 690, 200, 50)] == [64, 64, 64, 62, 33, 9, 8]
     for g in (2000, 1267, 690, 200):
