@@ -48,7 +48,7 @@ class FederationConfig:
     distill_t_star: int = -1  # -1: chosen from k by shared.distill
     distill_init: str = ""  # "": DistillConfig default ("real" or "noise")
     distill_warm_start: bool = True  # rounds >= 2 start from each site's previous codes
-    decode_mode: str = ""  # how codes become cells: "" = shared.distill.decode_mode(k) (as the benchmark), "expected", "sample"
+    decode_mode: str = ""  # how codes become cells: "" = shared.distill.DECODE_MODE (as the benchmark), "expected", "sample"
     # server-side fine-tuning and evaluation models
     finetune_steps: int = 20
     finetune_lr: float = 1e-5

@@ -28,7 +28,7 @@ from server.run_store import RESUME_FREE, RunStore
 from server.training import SiteCodes, finetune_generator, fresh_models, fuse_round, model_json, provenance, state_of, train_evaluators
 from server.validation import decode, validate_distill, validate_evaluate, validate_profile
 from shared.checkpoint import load_model
-from shared.distill import Codes, DistillConfig, decode_mode, resolve_t_star
+from shared.distill import DECODE_MODE, Codes, DistillConfig, resolve_t_star
 from shared.errors import ConfigError
 from shared.models import SCDG, VAE
 from shared.pretrain import latent_dim_for
@@ -198,7 +198,7 @@ def run_round(run: Run, rnd: int) -> None:
     plan, vae, scdg = run.ready()
     t0 = time.perf_counter()
     parts = distill(run, rnd)
-    mode = run.cfg.decode_mode or decode_mode(run.cfg.cells_per_class)
+    mode = run.cfg.decode_mode or DECODE_MODE
     prov = provenance(vae, scdg, round_=rnd, sites=[p.site for p in parts], distill=dataclasses.asdict(distill_config(run.cfg)), decode=mode)
     fused = fuse_round(parts, vae, scdg, plan, round_=rnd, provenance=prov, mode=mode, seed=run.cfg.seed + 10 * rnd)  # type: ignore[arg-type]
     t1 = time.perf_counter()

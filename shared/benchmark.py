@@ -16,7 +16,8 @@ import scipy.sparse as sp
 import torch
 
 from shared.baselines import SyntheticSet, coreset, distribution_matching, gaussian
-from shared.distill import DistillConfig, decode_mode, distill_codes, generate
+from shared.distill import DECODE_MODE as SCDD_DECODE_MODE
+from shared.distill import DistillConfig, distill_codes, generate
 from shared.evaluation import EVALUATORS, Evaluator, fit_predict, membership_auc, score
 from shared.pretrain import PretrainConfig, Pretrained, pretrain
 from shared.sites import Federation
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("scdd", "scdd_noopt", "dm", "random", "herding", "kcenter", "gaussian", "local", "centralized")
 K_FREE = ("local", "centralized")
-DECODE_MODE = "expected expression at every k"  # how scdd codes become cells (shared.distill.decode_mode)
+DECODE_MODE = "expected expression at every k"  # how scdd codes become cells (shared.distill.DECODE_MODE)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def _site_synthetic(method: str, fed: Federation, pre: Pretrained, k: int, seed:
         if method in ("scdd", "scdd_noopt"):
             dcfg = DistillConfig(**{**cfg.distill.__dict__, "k": k, "seed": seed + 1000 * i, "iterations": 0 if method == "scdd_noopt" else cfg.distill.iterations})
             codes = distill_codes(pre.vae, pre.scdg, X, y, dcfg)
-            part = SyntheticSet(generate(pre.vae, pre.scdg, codes, mode=decode_mode(k), seed=seed), codes.labels, codes.nbytes)
+            part = SyntheticSet(generate(pre.vae, pre.scdg, codes, mode=SCDD_DECODE_MODE, seed=seed), codes.labels, codes.nbytes)
         elif method == "dm":
             part = distribution_matching(X, y, k, iterations=cfg.dm_iterations, seed=seed + 1000 * i)
         elif method == "gaussian":

@@ -279,26 +279,23 @@ def _objective(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, tg: _Targets
     return total
 
 
-def decode_mode(k: int) -> DecodeMode:
-    """How codes become cells by default: the decoder's expected expression, at every k.
-
-    Expected vs sampled detection, class-consistency objective, 3000-step VAE. Pooled pretraining
-    (`benchmarks/variants.py`): k=50, cbmc 0.866 vs 0.799, pbmc4k 0.912 vs 0.894; k=10 (class
-    weight 0.1), cbmc 0.867 vs 0.712, pbmc4k 0.907 vs 0.839. Federation (FedAvg pretraining,
-    `scdd simulate`, k=10, rounds 1 / 2): pbmc4k 0.913 / 0.917 vs 0.864 / 0.875, kang 0.881 / 0.904
-    vs 0.907 / 0.868.
-    Sampled detection gives a real-like zero fraction but costs accuracy; it stays available as
-    `decode-mode = "sample"` (run config) or ``generate(mode="sample")``.
-    """
-    del k  # the choice once depended on k; kept in the signature for callers that pass it
-    return "expected"
+# How codes become cells by default: the decoder's expected expression, at every k.
+#
+# Expected vs sampled detection, class-consistency objective, 3000-step VAE. Pooled pretraining
+# (`benchmarks/variants.py`): k=50, cbmc 0.866 vs 0.799, pbmc4k 0.912 vs 0.894; k=10 (class
+# weight 0.1), cbmc 0.867 vs 0.712, pbmc4k 0.907 vs 0.839. Federation (FedAvg pretraining,
+# `scdd simulate`, k=10, rounds 1 / 2): pbmc4k 0.913 / 0.917 vs 0.864 / 0.875, kang 0.881 / 0.904
+# vs 0.907 / 0.868.
+# Sampled detection gives a real-like zero fraction but costs accuracy; it stays available as
+# `decode-mode = "sample"` (run config) or ``generate(mode="sample")``.
+DECODE_MODE: DecodeMode = "expected"
 
 
 @torch.no_grad()
-def generate(vae: VAE, scdg: SCDG, codes: Codes, *, mode: DecodeMode = "expected", seed: int = 0) -> np.ndarray:
+def generate(vae: VAE, scdg: SCDG, codes: Codes, *, mode: DecodeMode = DECODE_MODE, seed: int = 0) -> np.ndarray:
     """Decode codes into synthetic log-normalised cells (n, G) float32.
 
-    "expected" gives the decoder's mean expression (smooth cells, the default, see `decode_mode`); "sample"
+    "expected" gives the decoder's mean expression (smooth cells, the default, see `DECODE_MODE`); "sample"
     draws each gene's detection from the decoder's zero-inflation head (real-like sparsity).
     """
     vae.eval()

@@ -13,7 +13,7 @@ import numpy as np
 from shared.checkpoint import model_hash
 from shared.data import Expect, PreparedSite, prepare_site, read_h5ad
 from shared.errors import SiteDataError
-from shared.distill import DistillConfig, decode_mode, distill_codes, generate
+from shared.distill import DECODE_MODE, DistillConfig, distill_codes, generate
 from shared.evaluation import fit_predict, score
 from shared.pretrain import PretrainConfig, pretrain
 from shared.sites import prepare_federation
@@ -75,7 +75,7 @@ def distill_file(
     pre = pretrain(X_tr, y_tr, n_classes, pretrain_cfg, aux=aux)
     t0 = time.perf_counter()
     codes = distill_codes(pre.vae, pre.scdg, X_tr, y_tr, distill)
-    cells = generate(pre.vae, pre.scdg, codes, mode=decode_mode(distill.k), seed=seed)
+    cells = generate(pre.vae, pre.scdg, codes, mode=DECODE_MODE, seed=seed)
     seconds = time.perf_counter() - t0
     acc_syn = score(y_te, fit_predict("mlp", cells, codes.labels, X_te, n_classes, seed=seed)).accuracy
     acc_real = score(y_te, fit_predict("mlp", X_tr, y_tr, X_te, n_classes, seed=seed)).accuracy
