@@ -94,10 +94,10 @@ def main() -> int:
     for f in files:
         m = run_one(f, out / f.stem, args.k, args.rounds, args.overrides)
         acc = [r["aggregate"]["cell_weighted"]["mlp"]["accuracy"] for r in m["rounds"]]
-        mia = [r["aggregate"]["cell_weighted"]["mia_auc"] for r in m["rounds"]]
+        mia = [r["aggregate"]["audit"]["seed_mia"] for r in m["rounds"]]
         pooled, local, _ = pooled_rows(Path(args.results), f.stem, args.k)
         up = m["upload_bytes"]
-        rows.append({"dataset": f.stem, "sites": len(m["sites"]), "accuracy_per_round": acc, "mia_auc_last": mia[-1],
+        rows.append({"dataset": f.stem, "sites": len(m["sites"]), "accuracy_per_round": acc, "seed_mia_last": mia[-1],
                      "pooled_scdd": pooled, "local": local, "pretrain_seconds": m["phase_seconds"].get("pretrain"),
                      "distill_bytes_per_site_per_round": max(v.get("train.distill", 0) for v in up.values()) / len(acc),
                      "pretrain_bytes_per_site": max(v.get("train.pretrain", 0) for v in up.values())})
@@ -106,13 +106,13 @@ def main() -> int:
              + "; MLP accuracy on every site's held-out real cells (cell-weighted); `pooled scdd` and `local` come from "
              "`scdd benchmark` (benchmarks/results).", "",
              "| dataset | sites | " + " | ".join(f"round {i + 1}" for i in range(args.rounds))
-             + " | pooled scdd | federated − pooled | local | MIA AUC | pretrain s | distill bytes/site/round |",
+             + " | pooled scdd | federated − pooled | local | seed MIA | pretrain s | distill bytes/site/round |",
              "|---|---|" + "---|" * args.rounds + "---|---|---|---|---|---|"]
     for r in rows:
         last = r["accuracy_per_round"][-1]
         gap = None if r["pooled_scdd"] is None else last - r["pooled_scdd"]
         lines.append(f"| {r['dataset']} | {r['sites']} | " + " | ".join(fmt(a) for a in r["accuracy_per_round"])
-                     + f" | {fmt(r['pooled_scdd'])} | {'—' if gap is None else f'{gap:+.3f}'} | {fmt(r['local'])} | {r['mia_auc_last']:.3f}"
+                     + f" | {fmt(r['pooled_scdd'])} | {'—' if gap is None else f'{gap:+.3f}'} | {fmt(r['local'])} | {r['seed_mia_last']:.3f}"
                      f" | {r['pretrain_seconds']:.0f} | {r['distill_bytes_per_site_per_round']:.0f} |")
     text = "\n".join(lines) + "\n"
     (out / "SUMMARY.md").write_text(text, encoding="utf-8")

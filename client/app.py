@@ -15,7 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client import tasks
-from client.site import SiteData, cache_dir, load_site, resolve_source
+from client.site import SiteData, cache_dir, load_members, load_site, resolve_source, save_members
 from shared.errors import FedscddError
 from shared.protocol import DistillRequest, EvaluateRequest, Plan, PretrainRequest, ProfileRequest, SiteSpec
 
@@ -74,7 +74,9 @@ def distill(msg: Message, context: Context) -> Message:
     """train.distill: k codes per local class (warm start from the previous round's codes the server sends back)."""
     with safe_errors("train.distill"):
         req = DistillRequest.from_record(msg.content)
-        reply = tasks.distill_site(_site(context, req.plan.spec, req.plan), req)
+        reply, seeds = tasks.distill_site(_site(context, req.plan.spec, req.plan), req)
+        if seeds is not None:  # a warm start keeps the seeds of the round its codes started from
+            save_members(cache_dir(context.node_config), context.run_id, seeds)
     return Message(reply.to_record(), reply_to=msg)
 
 
@@ -83,5 +85,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     """evaluate.models: score the server's models on held-out real cells."""
     with safe_errors("evaluate.models"):
         req = EvaluateRequest.from_record(msg.content)
-        reply = tasks.evaluate_site(_site(context, req.plan.spec, req.plan), req)
+        members = load_members(cache_dir(context.node_config), context.run_id)
+        reply = tasks.evaluate_site(_site(context, req.plan.spec, req.plan), req, members)
     return Message(reply.to_record(), reply_to=msg)

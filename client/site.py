@@ -29,7 +29,7 @@ from shared.protocol import SiteSpec
 logger = logging.getLogger(__name__)
 
 EXAMPLE_FILE = "kang_pbmc_muscat.h5ad"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: validation split
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class SiteData:
     genes: tuple[str, ...]
     train_idx: np.ndarray
     test_idx: np.ndarray
+    val_idx: np.ndarray
 
     def global_labels(self, plan_classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Return (plan class id per cell, mask of cells whose class is in the plan)."""
@@ -152,21 +153,22 @@ def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None) ->
 
     name, adata = _select_cells(source, spec.label_key)
     site = prepare_site(adata, label_key=spec.label_key, expect=spec.expect, vocabulary=genes, min_coverage=spec.min_coverage,  # type: ignore[arg-type]
-                        min_cells_per_class=spec.min_cells_per_class, test_fraction=spec.test_fraction, seed=spec.split_seed)
-    return SiteData(name, site.X, site.labels, site.classes, site.genes, site.train_idx, site.test_idx)
+                        min_cells_per_class=spec.min_cells_per_class, test_fraction=spec.test_fraction, val_fraction=spec.val_fraction,
+                        seed=spec.split_seed)
+    return SiteData(name, site.X, site.labels, site.classes, site.genes, site.train_idx, site.test_idx, site.val_idx)
 
 
 def _save(path: Path, site: SiteData) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, data=site.X.data, indices=site.X.indices, indptr=site.X.indptr, shape=np.asarray(site.X.shape),
-                 labels=site.labels, train=site.train_idx, test=site.test_idx, name=np.asarray(site.name),
+                 labels=site.labels, train=site.train_idx, test=site.test_idx, val=site.val_idx, name=np.asarray(site.name),
                  classes=np.asarray(site.classes, dtype=str), genes=np.asarray(site.genes, dtype=str))
 
 
 def _load(path: Path) -> SiteData:
     with np.load(path, allow_pickle=False) as z:
         X = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(int(v) for v in z["shape"]))
-        return SiteData(str(z["name"]), X, z["labels"], tuple(str(c) for c in z["classes"]), tuple(str(g) for g in z["genes"]), z["train"], z["test"])
+        return SiteData(str(z["name"]), X, z["labels"], tuple(str(c) for c in z["classes"]), tuple(str(g) for g in z["genes"]), z["train"], z["test"], z["val"])
 
 
 def load_site(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, *, cache: Path) -> SiteData:
@@ -181,3 +183,24 @@ def load_site(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, *
     _save(path, site)
     logger.info("site %s prepared and cached: %d cells, %d genes, %d classes", site.name, site.X.shape[0], len(site.genes), len(site.classes))
     return site
+
+
+def _members_path(cache: Path, run_id: int) -> Path:
+    return cache / f"members-run{int(run_id)}.npy"
+
+
+def save_members(cache: Path, run_id: int, rows: np.ndarray) -> None:
+    """Remember which of this site's cells seeded the codes of run ``run_id`` (site-local rows; never sent anywhere)."""
+    path = _members_path(cache, run_id)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(rows, dtype=np.int64), allow_pickle=False)
+
+
+def load_members(cache: Path, run_id: int) -> np.ndarray | None:
+    """The rows ``save_members`` stored for ``run_id``, or None (then the seed-targeted audit is not computable)."""
+    path = _members_path(cache, run_id)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        logger.warning("no record of the cells that seeded this run's codes (%s): the seed-targeted audit is skipped", path.name)
+        return None

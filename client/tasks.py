@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from client.site import SiteData
+from shared.audit import audit
 from shared.checkpoint import build_model
 from shared.distill import Codes, DistillConfig, distill_codes, resolve_t_star, warm_start_fits
 from shared.errors import CheckpointError, ProtocolError
-from shared.evaluation import fidelity, fit_predict, membership_auc, predict_mlp, score
+from shared.evaluation import fidelity, fit_predict, predict_mlp, score
 from shared.protocol import (
     EVALUATORS, DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, EvaluatorScores, Plan, PretrainReply,
     PretrainRequest, ProfileReply, StateDict,
@@ -56,14 +57,20 @@ def _state(model: torch.nn.Module) -> StateDict:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def _train_cells(site: SiteData, plan: Plan):  # noqa: ANN202 - (csr, labels)
-    """Training cells whose class is in the plan, with plan class ids."""
+def _train_rows(site: SiteData, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+    """Site-local rows of the training cells whose class is in the plan, and their plan class ids."""
     y, ok = site.global_labels(plan.classes)
     idx = site.train_idx[ok[site.train_idx]]
     if idx.size == 0:
         msg = "no training cells of the plan's classes at this site"
         raise ProtocolError(msg)
-    return site.X[idx], y[idx]
+    return idx, y[idx]
+
+
+def _train_cells(site: SiteData, plan: Plan):  # noqa: ANN202 - (csr, labels)
+    """Training cells whose class is in the plan, with plan class ids."""
+    idx, y = _train_rows(site, plan)
+    return site.X[idx], y
 
 
 def pretrain_site(site: SiteData, req: PretrainRequest) -> PretrainReply:
@@ -104,9 +111,15 @@ def _warm_codes(req: DistillRequest, labels: np.ndarray, latent_dim: int, t_star
     return codes
 
 
-def distill_site(site: SiteData, req: DistillRequest) -> DistillReply:
-    """Distill k codes per local class through the frozen generator; warm start from the codes the server sent back."""
-    X, y = _train_cells(site, req.plan)
+def distill_site(site: SiteData, req: DistillRequest) -> tuple[DistillReply, np.ndarray | None]:
+    """Distill k codes per local class through the frozen generator; warm start from the codes the server sent back.
+
+    Also returns the site-local rows of the cells whose latents seeded the codes (None on a warm
+    start: the seeds are still those of the round the codes started from). They stay at the site,
+    for the seed-targeted privacy audit.
+    """
+    idx, y = _train_rows(site, req.plan)
+    X = site.X[idx]
     cfg = _distill_config(req)
     vae = _model("vae", req.vae_config, req.vae)
     scdg = _model("scdg", req.scdg_config, req.scdg)
@@ -116,7 +129,9 @@ def distill_site(site: SiteData, req: DistillRequest) -> DistillReply:
     seconds = time.perf_counter() - t0
     counts = np.bincount(y, minlength=len(req.plan.classes)).astype(np.int64)
     logger.info("distilled %d codes for %d classes in %.1f s (warm start: %s)", len(codes.labels), len(np.unique(y)), seconds, init is not None)
-    return DistillReply(req.round, codes.codes.astype(np.float32), codes.labels.astype(np.int32), counts, seconds)
+    reply = DistillReply(req.round, codes.codes.astype(np.float32), codes.labels.astype(np.int32), counts, seconds)
+    seeds = None if init is not None or codes.seed_rows is None else idx[codes.seed_rows]
+    return reply, seeds
 
 
 def _predict_logreg(X: np.ndarray, coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -130,24 +145,37 @@ def _predict_logreg(X: np.ndarray, coef: np.ndarray, intercept: np.ndarray, clas
     return classes[np.argmax(scores, axis=1)]
 
 
-def evaluate_site(site: SiteData, req: EvaluateRequest) -> EvaluateReply:
-    """Score the server's models on held-out real cells; fidelity and membership-inference audit."""
+def _scores(X: np.ndarray, y: np.ndarray, req: EvaluateRequest, n_classes: int) -> dict[str, EvaluatorScores]:
+    """Every evaluator's scores on (X, y); NaN everywhere when there are no cells."""
+    if X.shape[0] == 0:
+        return {ev: EvaluatorScores(float("nan"), float("nan"), (float("nan"),) * n_classes) for ev in EVALUATORS}
+    preds = {"mlp": predict_mlp(_model("mlp", req.mlp_config, req.mlp), X),
+             "logreg": _predict_logreg(X, req.logreg_coef, req.logreg_intercept, req.logreg_classes),
+             "knn": fit_predict("knn", req.X, req.labels.astype(np.int64), X, n_classes, seed=req.seed)}
+    out = {}
+    for ev in EVALUATORS:
+        s = score(y, np.asarray(preds[ev]))
+        out[ev] = EvaluatorScores(s.accuracy, s.macro_f1, tuple(s.per_class_recall.get(c, float("nan")) for c in range(n_classes)))
+    return out
+
+
+def evaluate_site(site: SiteData, req: EvaluateRequest, members: np.ndarray | None = None) -> EvaluateReply:
+    """Score the server's models on held-out test and validation cells; fidelity and the privacy audit.
+
+    ``members``: site-local rows of the cells that seeded this run's codes (``distill_site``); without
+    them the seed-targeted and density audits are NaN.
+    """
     n_classes = len(req.plan.classes)
     y_all, ok = site.global_labels(req.plan.classes)
-    test, train = site.test_idx[ok[site.test_idx]], site.train_idx[ok[site.train_idx]]
+    test, val, train = (part[ok[part]] for part in (site.test_idx, site.val_idx, site.train_idx))
     if req.X.shape[1] != len(site.genes) or test.size == 0:
         msg = "synthetic cells do not match the plan's genes, or no held-out cells of the plan's classes"
         raise ProtocolError(msg)
     X_test, y_test = site.X[test].toarray(), y_all[test]
     y_syn = req.labels.astype(np.int64)
-    preds = {"mlp": predict_mlp(_model("mlp", req.mlp_config, req.mlp), X_test),
-             "logreg": _predict_logreg(X_test, req.logreg_coef, req.logreg_intercept, req.logreg_classes),
-             "knn": fit_predict("knn", req.X, y_syn, X_test, n_classes, seed=req.seed)}
-    scores = {}
-    for ev in EVALUATORS:
-        s = score(y_test, np.asarray(preds[ev]))
-        recall = tuple(s.per_class_recall.get(c, float("nan")) for c in range(n_classes))
-        scores[ev] = EvaluatorScores(s.accuracy, s.macro_f1, recall)
+    scores = _scores(X_test, y_test, req, n_classes)
+    val_scores = _scores(site.X[val].toarray(), y_all[val], req, n_classes)
     fid = fidelity(X_test, y_test, req.X, y_syn, seed=req.seed)
-    mia = membership_auc(site.X[train], site.X[test], req.X, seed=req.seed)
-    return EvaluateReply(req.round, int(test.size), scores, fid.mmd_pca, fid.mean_corr, fid.zero_fraction_real, fid.zero_fraction_synthetic, mia)
+    seed_rows = np.flatnonzero(np.isin(train, members)) if members is not None else np.zeros(0, np.int64)
+    aud = audit(site.X[train], seed_rows, site.X[test], site.X[val], req.X, seed=req.seed)
+    return EvaluateReply(req.round, int(test.size), scores, int(val.size), val_scores, fid.as_dict(), aud.as_dict())

@@ -63,11 +63,10 @@ def _pretrain_config(steps: tuple[int, ...] | None, seed: int):  # noqa: ANN202
 
 
 def _benchmark_config(args: argparse.Namespace):  # noqa: ANN202 - local import of the return type
-    from shared.benchmark import METHODS, BenchmarkConfig
+    from shared.benchmark import METHODS, BenchmarkConfig, SplitConfig
     from shared.distill import DistillConfig
 
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
-    pre = _pretrain_config(args.pretrain_steps, 0)
     return BenchmarkConfig(
         methods=methods,
         ks=args.k,
@@ -75,17 +74,20 @@ def _benchmark_config(args: argparse.Namespace):  # noqa: ANN202 - local import 
         evaluators=tuple(args.evaluators.split(",")),
         distill=DistillConfig(iterations=args.iterations),
         dm_iterations=args.dm_iterations,
-        pretrain=pre,
+        pretrain=_pretrain_config(args.pretrain_steps, 0),
+        split=SplitConfig(label_key=args.label_key, site_key=args.site_key, n_sites=args.sites, n_genes=args.n_genes),
+        score_on=args.score_on,
     )
 
 
 def benchmark(args: argparse.Namespace) -> int:
     """`scdd benchmark FILE...`: every method at every k, results.md + results.json per dataset."""
+    from dataclasses import asdict
+
     from tqdm.auto import tqdm
 
     from shared import benchmark as bm
     from shared.data import read_h5ad
-    from shared.sites import prepare_federation, split_sites
 
     cfg = _benchmark_config(args)
     out = Path(args.out)
@@ -93,21 +95,26 @@ def benchmark(args: argparse.Namespace) -> int:
     for path in args.files:
         name = Path(path).stem
         adata = read_h5ad(path)
-        parts = split_sites(adata, label_key=args.label_key, site_key=args.site_key, n_sites=args.sites, seed=0)
-        fed = prepare_federation(parts, label_key=args.label_key, n_genes=args.n_genes, seed=0)
-        n_tasks = sum(cfg.seeds * (1 if m in bm.K_FREE else len(cfg.ks)) for m in cfg.methods)
-        header = (
-            f"{len(fed.sites)} sites ({', '.join(fed.names)}), {len(fed.genes)} genes, {len(fed.classes)} classes; "
-            f"{cfg.seeds} seeds; pooled test set of all sites. The latent space and SCDG were pretrained on the sites' "
-            "POOLED training cells (stand-in for federated pretraining)."
-        )
+        old = json.loads((out / name / "results.json").read_text(encoding="utf-8")) if args.merge and (out / name / "results.json").is_file() else None
+        if old is not None:
+            hashes = [bm.prepare_seed(adata, cfg, s, pretrain_models=False).split_hash for s in range(cfg.seeds)]
+            if old.get("split_hashes") != hashes:
+                print(f"--merge: {name}'s results.json was made on other splits ({old.get('split_hashes')} vs {hashes}): "
+                      "rerun every method (drop --merge), or match --seeds and the split options")
+                return 2
+        n_tasks = cfg.seeds * sum(1 if m in bm.K_FREE else len(cfg.ks) for m in cfg.methods)
         t0 = time.perf_counter()
         with tqdm(total=n_tasks, desc=name, unit="run") as bar:
-            cells, pre = bm.run(fed, cfg, progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
+            cells, seeds = bm.run(adata, cfg, progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
+        header = (
+            f"{len(seeds[0]['sites'])} sites ({', '.join(seeds[0]['sites'])}), {seeds[0]['n_genes']} genes, {seeds[0]['n_classes']} classes; "
+            f"{cfg.seeds} seeds (each re-draws the site split where Dirichlet, the per-site train / validation / test split, pretraining "
+            f"and distillation; split hashes {', '.join(str(s['split_hash']) for s in seeds)}); scored on the pooled {cfg.score_on.upper()} cells "
+            "of all sites. The latent space and SCDG were pretrained on the sites' POOLED training cells (stand-in for federated pretraining)."
+        )
         rows = bm.rows(cells)
         merged_from = None
-        if args.merge and (out / name / "results.json").is_file():
-            old = json.loads((out / name / "results.json").read_text(encoding="utf-8"))
+        if old is not None:
             kept = [r for r in old["rows"] if r["method"] not in cfg.methods]
             rows = sorted(kept + rows, key=lambda r: (bm.METHODS.index(r["method"]) if r["method"] in bm.METHODS else len(bm.METHODS),
                                                     r["k"] or 0, bm.EVALUATORS.index(r["evaluator"])))
@@ -116,12 +123,16 @@ def benchmark(args: argparse.Namespace) -> int:
         result = {
             "dataset": name,
             "rows": rows,
-            "pretrain_seconds": {"vae": pre.vae_seconds, "scdg": pre.scdg_seconds},
-            "sites": list(fed.names),
-            "n_genes": len(fed.genes),
-            "n_classes": len(fed.classes),
+            "split_hashes": [s["split_hash"] for s in seeds],
+            "per_seed": seeds,
+            "sites": seeds[0]["sites"],
+            "n_genes": seeds[0]["n_genes"],
+            "n_classes": seeds[0]["n_classes"],
             "wall_seconds": time.perf_counter() - t0,
             "pretraining": "pooled",
+            "scored_on": cfg.score_on,
+            "mlp": asdict(cfg.mlp),
+            "split": asdict(cfg.split),
             "scdd_decode_mode": bm.DECODE_MODE,
             "python": platform.python_version(),
             "seeds": cfg.seeds,
@@ -130,7 +141,8 @@ def benchmark(args: argparse.Namespace) -> int:
             result["merged"] = merged_from
             header += f" Rows of {', '.join(cfg.methods)} rerun with this version and merged into the earlier results (--merge)."
         write_json(out / name / "results.json", result)
-        md = bm.markdown(name, rows, cfg.ks, header + f" Pretraining: VAE {pre.vae_seconds:.1f} s, SCDG {pre.scdg_seconds:.1f} s.")
+        pre = "; ".join(f"seed {s['seed']}: VAE {s['pretrain_seconds']['vae']:.1f} s, SCDG {s['pretrain_seconds']['scdg']:.1f} s" for s in seeds)
+        md = bm.markdown(name, rows, cfg.ks, header + f" Pretraining: {pre}.")
         write_text(out / name / "results.md", md)
         summary[name] = rows
         print(md)

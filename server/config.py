@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.evaluation import MLPTrainConfig
 from shared.protocol import SiteSpec
 
 
@@ -29,6 +30,7 @@ class FederationConfig:
     expect: str = "auto"
     min_cells_per_class: int = 2
     test_fraction: float = 0.2
+    val_fraction: float = 0.1  # validation cells at every site: scored every round (metrics.json "validation"), never trained on
     min_coverage: float = 0.5
     # plan and models
     n_genes: int = 2000
@@ -53,7 +55,10 @@ class FederationConfig:
     finetune_steps: int = 20
     finetune_lr: float = 1e-5
     finetune_anchor_weight: float = 1e-3
-    mlp_steps: int = 400
+    # the evaluation MLP: ceil(epochs * cells / 256) steps within [min, max] (shared.evaluation.MLPTrainConfig; 0 = its default)
+    mlp_epochs: float = 0.0
+    mlp_min_steps: int = 0
+    mlp_max_steps: int = 0
     # participation and deadlines
     min_sites: int = 2
     expected_sites: int = 0  # 0: start as soon as min-sites SuperNodes are connected
@@ -75,12 +80,14 @@ class FederationConfig:
             (self.vae_local_steps >= 1 and self.scdg_local_steps >= 1, "vae-local-steps and scdg-local-steps must be >= 1"),
             (self.min_sites >= 1, "min-sites must be >= 1"), (self.expected_sites >= 0, "expected-sites must be >= 0"),
             (self.site_wait_s > 0 and self.round_timeout_s > 0, "site-wait-s and round-timeout-s must be > 0"),
-            (0 <= self.test_fraction < 1, "test-fraction must be in [0, 1)"), (self.min_cells_per_class >= 1, "min-cells-per-class must be >= 1"),
+            (0 <= self.test_fraction < 1 and 0 <= self.val_fraction < 1 and self.test_fraction + self.val_fraction < 1,
+             "test-fraction and val-fraction must be in [0, 1) with a sum below 1"), (self.min_cells_per_class >= 1, "min-cells-per-class must be >= 1"),
             (0 <= self.min_coverage <= 1, "min-coverage must be in [0, 1]"),
             (self.expect in ("auto", "counts", "lognorm"), "expect must be auto, counts or lognorm"),
             (self.distill_init in ("", "real", "noise"), "distill-init must be '', 'real' or 'noise'"),
             (self.decode_mode in ("", "expected", "sample", "sparse"), "decode-mode must be '', 'expected', 'sample' or 'sparse'"),
-            (self.finetune_steps >= 0 and self.mlp_steps >= 1, "finetune-steps must be >= 0 and mlp-steps >= 1"),
+            (self.finetune_steps >= 0, "finetune-steps must be >= 0"),
+            (self.mlp_epochs >= 0 and self.mlp_min_steps >= 0 and self.mlp_max_steps >= 0, "mlp-epochs, mlp-min-steps and mlp-max-steps must be >= 0 (0 = default)"),
             (self.finetune_lr > 0 and self.finetune_anchor_weight >= 0, "finetune-lr must be > 0, finetune-anchor-weight >= 0"),
             (self.sim_num_sites >= 1 and self.torch_threads >= 0, "sim-num-sites must be >= 1, torch-threads >= 0"),
             (self.pretrained_path != "" or self.num_pretrain_rounds >= 1, "num-pretrain-rounds must be >= 1 unless pretrained-path is set"),
@@ -117,7 +124,18 @@ class FederationConfig:
     def spec(self) -> SiteSpec:
         """How sites prepare their data."""
         return SiteSpec(label_key=self.label_key, expect=self.expect, min_cells_per_class=self.min_cells_per_class,
-                        test_fraction=self.test_fraction, split_seed=self.seed, min_coverage=self.min_coverage)
+                        test_fraction=self.test_fraction, split_seed=self.seed, min_coverage=self.min_coverage, val_fraction=self.val_fraction)
+
+    @property
+    def mlp(self) -> MLPTrainConfig:
+        """How the server trains the evaluation MLP on the fused cells (the benchmark's rule unless overridden)."""
+        base = MLPTrainConfig()
+        try:
+            return dataclasses.replace(base, epochs=self.mlp_epochs or base.epochs, min_steps=self.mlp_min_steps or base.min_steps,
+                                       max_steps=self.mlp_max_steps or base.max_steps)
+        except ValueError as exc:
+            msg = f"invalid run config: {exc}; fix mlp-epochs / mlp-min-steps / mlp-max-steps"
+            raise ConfigError(msg) from None
 
     def run_dir(self, run_id: str) -> Path:
         """out-dir/<run-id>, absolute."""

@@ -12,7 +12,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from shared.audit import AUDIT_KEYS
 from shared.data import select_variable_genes
+from shared.protocol.rounds import FIDELITY_KEYS
 
 
 class GeneProfile(Protocol):
@@ -95,29 +97,44 @@ def _nanmean(values: Sequence[float], weights: Sequence[float] | None = None) ->
 
 
 def aggregate_scores(per_site: Mapping[str, Mapping[str, Any]], evaluators: Sequence[str]) -> dict[str, Any]:
-    """Aggregate per-site results (``site_result`` dicts) into cell-weighted and macro (mean over sites) numbers."""
+    """Aggregate per-site results (``site_result`` dicts) into cell-weighted and macro (mean over sites) numbers.
+
+    Test scores are weighted by each site's test cells, validation scores by its validation cells;
+    the audit is averaged over sites (macro) and its worst site kept (``seed_mia_max``).
+    """
     sites = sorted(per_site)
     n = [float(per_site[s]["n_test"]) for s in sites]
-    out: dict[str, Any] = {"cell_weighted": {}, "macro": {}, "n_sites": len(sites), "n_test": int(sum(n))}
+    n_val = [float(per_site[s]["validation"]["n_val"]) for s in sites]
+    out: dict[str, Any] = {"cell_weighted": {}, "macro": {}, "validation": {"cell_weighted": {}, "macro": {}}, "n_sites": len(sites),
+                           "n_test": int(sum(n)), "n_val": int(sum(n_val))}
     for ev in evaluators:
         for metric in ("accuracy", "macro_f1"):
             vals = [per_site[s]["scores"][ev][metric] for s in sites]
             out["cell_weighted"].setdefault(ev, {})[metric] = _nanmean(vals, n)
             out["macro"].setdefault(ev, {})[metric] = _nanmean(vals)
-    for key in ("mmd_pca", "mean_corr", "zero_fraction_real", "zero_fraction_synthetic", "mia_auc"):
-        vals = [per_site[s][key] for s in sites]
+            vvals = [per_site[s]["validation"]["scores"][ev][metric] for s in sites]
+            out["validation"]["cell_weighted"].setdefault(ev, {})[metric] = _nanmean(vvals, n_val)
+            out["validation"]["macro"].setdefault(ev, {})[metric] = _nanmean(vvals)
+    for key in FIDELITY_KEYS:
+        vals = [per_site[s]["fidelity"][key] for s in sites]
         out["macro"][key] = _nanmean(vals)
         out["cell_weighted"][key] = _nanmean(vals, n)
-    aucs = [per_site[s]["mia_auc"] for s in sites if math.isfinite(per_site[s]["mia_auc"])]
-    out["mia_auc_max"] = max(aucs) if aucs else float("nan")
+    out["audit"] = {key: _nanmean([per_site[s]["audit"][key] for s in sites]) for key in AUDIT_KEYS}
+    worst = [per_site[s]["audit"]["seed_mia"] for s in sites if math.isfinite(per_site[s]["audit"]["seed_mia"])]
+    out["audit"]["seed_mia_max"] = max(worst) if worst else float("nan")
     return out
+
+
+def _scores_dict(scores: Mapping[str, Any]) -> dict[str, Any]:
+    return {ev: {"accuracy": s.accuracy, "macro_f1": s.macro_f1, "per_class_recall": list(s.recall)} for ev, s in scores.items()}
 
 
 def site_result(reply: Any) -> dict[str, Any]:
     """An ``EvaluateReply`` as a JSON-ready dict (NaN kept; json writes it as NaN)."""
     return {
         "n_test": int(reply.n_test),
-        "scores": {ev: {"accuracy": s.accuracy, "macro_f1": s.macro_f1, "per_class_recall": list(s.recall)} for ev, s in reply.scores.items()},
-        "mmd_pca": reply.mmd_pca, "mean_corr": reply.mean_corr, "zero_fraction_real": reply.zero_fraction_real,
-        "zero_fraction_synthetic": reply.zero_fraction_synthetic, "mia_auc": reply.mia_auc,
+        "scores": _scores_dict(reply.scores),
+        "validation": {"n_val": int(reply.n_val), "scores": _scores_dict(reply.val_scores)},
+        "fidelity": dict(reply.fidelity),
+        "audit": dict(reply.audit),
     }

@@ -179,7 +179,7 @@ def evaluate(run: Run, rnd: int, X: np.ndarray, y: np.ndarray) -> dict[str, Any]
     plan = run.ready()[0]
     n_classes = len(plan.classes)
     # The same evaluator seed every round: rounds then differ only in their synthetic cells, not in the MLP's initialisation.
-    models = train_evaluators(X, y, n_classes, mlp_steps=run.cfg.mlp_steps, seed=run.cfg.seed)
+    models = train_evaluators(X, y, n_classes, mlp=run.cfg.mlp, seed=run.cfg.seed)
     req = EvaluateRequest(rnd, X, y.astype(np.int32), state_of(models.mlp), model_json(models.mlp), models.coef, models.intercept,
                           models.classes, plan, run.cfg.seed)
     def check(node: int, rd: RecordDict, wire: int) -> EvaluateReply:

@@ -17,7 +17,10 @@ from shared.io import write_text
 
 logger = logging.getLogger(__name__)
 
-MIA_GUIDE = "0.5 = no membership signal; higher = synthetic cells sit closer to the cells they came from"
+AUDIT_GUIDE = ("each site audits the fused synthetic cells on its own cells; 0.5 = no signal, 1.0 = a copied cell. Seed MIA: the cells "
+               "whose latents seeded this site's codes vs held-out cells, by distance to the closest synthetic cell. Population MIA: every "
+               "training cell vs held-out cells (blind to a few copies). Density MIA: a DOMIAS-style density-ratio attack on the seed cells. "
+               "DCR share: synthetic cells closer to a training than to a held-out cell. Attacks bound the risk from below")
 
 
 def _png(fig: Any) -> str:
@@ -86,15 +89,20 @@ def _fmt(v: Any) -> str:
 
 
 def _site_table(last: dict[str, Any], upload: dict[str, dict[str, int]]) -> str:
-    cols = ("site", "held-out cells", "MLP acc", "LR acc", "kNN acc", "membership AUC", "zero fraction real / synthetic", "uploaded bytes")
+    cols = ("site", "test / validation cells", "MLP acc", "LR acc", "kNN acc", "MLP acc (validation)", "seed MIA", "population MIA",
+            "density MIA", "DCR share", "marker overlap", "zero fraction real / synthetic", "uploaded bytes")
     head = "<tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
     rows = []
     for site, m in sorted(last["sites"].items()):
-        sc = m["scores"]
-        rows.append(f"<tr><td>{html.escape(site)}</td><td>{m['n_test']}</td><td>{_fmt(sc['mlp']['accuracy'])}</td><td>{_fmt(sc['logreg']['accuracy'])}</td>"
-                    f"<td>{_fmt(sc['knn']['accuracy'])}</td><td>{_fmt(m['mia_auc'])}</td><td>{_fmt(m['zero_fraction_real'])} / "
-                    f"{_fmt(m['zero_fraction_synthetic'])}</td><td>{sum(upload.get(site, {}).values())}</td></tr>")
-    return f"<table>{head}{''.join(rows)}</table>"
+        sc, a, f = m["scores"], m["audit"], m["fidelity"]
+        cells = [html.escape(site), f"{m['n_test']} / {m['validation']['n_val']}", *(_fmt(sc[ev]["accuracy"]) for ev in ("mlp", "logreg", "knn")),
+                 _fmt(m["validation"]["scores"]["mlp"]["accuracy"]), *(_fmt(a[k]) for k in ("seed_mia", "population_mia", "density_mia", "dcr_share")),
+                 _fmt(f["marker_overlap"]), f"{_fmt(f['zero_fraction_real'])} / {_fmt(f['zero_fraction_synthetic'])}", str(sum(upload.get(site, {}).values()))]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    worst = last["aggregate"]["audit"]
+    foot = (f"<p>Worst site, seed MIA: {_fmt(worst['seed_mia_max'])}; mean over sites: seed {_fmt(worst['seed_mia'])}, population "
+            f"{_fmt(worst['population_mia'])}, density {_fmt(worst['density_mia'])}, DCR share {_fmt(worst['dcr_share'])}.</p>")
+    return f"<table>{head}{''.join(rows)}</table>{foot}"
 
 
 def render(metrics: dict[str, Any], synthetic: Any, *, label_key: str) -> str:
@@ -107,7 +115,7 @@ def render(metrics: dict[str, Any], synthetic: Any, *, label_key: str) -> str:
         parts.append(f"<p>Final round: MLP accuracy {_fmt(agg['cell_weighted']['mlp']['accuracy'])} (cell-weighted), "
                      f"{_fmt(agg['macro']['mlp']['accuracy'])} (mean over sites).</p>")
         parts += ["<h2>Accuracy per round and per site</h2>", _curves(rounds)]
-        parts += ["<h2>Per site, last round (membership inference audit)</h2>", f"<p><b>Membership-inference AUC:</b> {MIA_GUIDE}.</p>",
+        parts += ["<h2>Per site, last round (scores, privacy audit, fidelity)</h2>", f"<p><b>Privacy audit:</b> {AUDIT_GUIDE}.</p>",
                   _site_table(rounds[-1], metrics.get("upload_bytes", {}))]
     img, method = _scatter(synthetic, label_key)
     how = "scanpy sc.pp.pca, sc.pp.neighbors, sc.tl.umap" if method == "UMAP" else "scanpy sc.pp.pca (UMAP could not run)"

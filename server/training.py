@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 
 from shared.checkpoint import config_to_dict, model_hash
 from shared.distill import Codes, generate
-from shared.evaluation import train_mlp
+from shared.evaluation import MLPTrainConfig, train_mlp
 from shared.models import SCDG, VAE, MLPClassifier
 from shared.models.vae import DecodeMode
 from shared.pretrain import new_models
@@ -105,9 +105,9 @@ class EvalModels:
     classes: np.ndarray
 
 
-def train_evaluators(X: np.ndarray, y: np.ndarray, n_classes: int, *, mlp_steps: int, seed: int) -> EvalModels:
+def train_evaluators(X: np.ndarray, y: np.ndarray, n_classes: int, *, mlp: MLPTrainConfig, seed: int) -> EvalModels:
     """The MLP and a logistic regression, trained on synthetic cells only."""
-    mlp = train_mlp(X, y, n_classes, seed=seed, steps=mlp_steps)
+    model = train_mlp(X, y, n_classes, seed=seed, cfg=mlp)
     present = np.unique(y)
     if present.size < 2:
         coef, icpt = np.zeros((1, X.shape[1])), np.zeros(1)
@@ -116,7 +116,7 @@ def train_evaluators(X: np.ndarray, y: np.ndarray, n_classes: int, *, mlp_steps:
             warnings.simplefilter("ignore", ConvergenceWarning)  # 300 lbfgs iterations, as in shared.evaluation
             lr = LogisticRegression(max_iter=300, C=1.0, random_state=seed).fit(X, y)
         coef, icpt = lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64)
-    return EvalModels(mlp, coef, icpt, present.astype(np.int64))
+    return EvalModels(model, coef, icpt, present.astype(np.int64))
 
 
 def provenance(vae: VAE, scdg: SCDG, *, round_: int, sites: Sequence[str], distill: dict[str, Any], decode: str) -> dict[str, Any]:

@@ -124,25 +124,28 @@ def validate_distill(reply: DistillReply, req: DistillRequest, *, latent_dim: in
 
 
 def validate_evaluate(reply: EvaluateReply, *, round_: int, n_classes: int) -> None:
-    """Scores in [0, 1] (NaN only where a metric is undefined), recall of length C, n-test positive."""
+    """Scores in [0, 1] (NaN only where a metric is undefined), recall of length C, n-test positive, audit and fidelity in range."""
     if reply.round != round_:
         msg = f"reply is for round {reply.round}, expected {round_}"
         raise ProtocolError(msg)
-    if reply.n_test <= 0:
-        msg = f"n-test must be > 0, got {reply.n_test}"
+    if reply.n_test <= 0 or reply.n_val < 0:
+        msg = f"n-test must be > 0 and n-val >= 0, got {reply.n_test} and {reply.n_val}"
         raise ProtocolError(msg)
 
     def unit(v: float, *, allow_nan: bool = False) -> bool:
         return (allow_nan and math.isnan(v)) or (math.isfinite(v) and 0.0 <= v <= 1.0)
 
-    for ev, s in reply.scores.items():
-        if len(s.recall) != n_classes:
-            msg = f"{ev} recall has {len(s.recall)} entries, expected one per plan class ({n_classes})"
-            raise ProtocolError(msg)
-        if not (unit(s.accuracy) and unit(s.macro_f1) and all(unit(r, allow_nan=True) for r in s.recall)):
-            msg = f"{ev} scores outside [0, 1]"
-            raise ProtocolError(msg)
-    fractions = (reply.zero_fraction_real, reply.zero_fraction_synthetic, reply.mia_auc)
-    if not all(unit(v, allow_nan=True) for v in fractions) or reply.mmd_pca < 0 or reply.mean_corr < -1 or reply.mean_corr > 1:
-        msg = "fidelity or membership-inference numbers out of range"
+    for part, scores, has_cells in (("test", reply.scores, True), ("validation", reply.val_scores, reply.n_val > 0)):
+        for ev, s in scores.items():
+            if len(s.recall) != n_classes:
+                msg = f"{ev} {part} recall has {len(s.recall)} entries, expected one per plan class ({n_classes})"
+                raise ProtocolError(msg)
+            if not (unit(s.accuracy, allow_nan=not has_cells) and unit(s.macro_f1, allow_nan=not has_cells) and all(unit(r, allow_nan=True) for r in s.recall)):
+                msg = f"{ev} {part} scores outside [0, 1]"
+                raise ProtocolError(msg)
+    fid = reply.fidelity
+    in_unit = [fid["zero_fraction_real"], fid["zero_fraction_synthetic"], fid["marker_overlap"], *reply.audit.values()]
+    correlations_ok = all(math.isnan(fid[k]) or -1 <= fid[k] <= 1 for k in ("mean_corr", "var_corr"))
+    if not all(unit(v, allow_nan=True) for v in in_unit) or not (math.isnan(fid["mmd_pca"]) or fid["mmd_pca"] >= 0) or not correlations_ok:
+        msg = "fidelity or privacy-audit numbers out of range"
         raise ProtocolError(msg)

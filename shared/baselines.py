@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,6 +25,7 @@ class SyntheticSet:
     X: np.ndarray
     labels: np.ndarray
     upload_bytes: int
+    members: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # rows of the site's cells that seeded these (privacy audit)
 
 
 def _features(X: np.ndarray, seed: int) -> np.ndarray:
@@ -75,7 +76,7 @@ def coreset(X: Matrix, labels: np.ndarray, k: int, *, method: str, seed: int = 0
         picks.append(pool[sel])
     idx = np.concatenate(picks)
     cells = dense_rows(X, idx).numpy()
-    return SyntheticSet(cells, labels[idx].astype(np.int64), cells.nbytes + 4 * len(idx))
+    return SyntheticSet(cells, labels[idx].astype(np.int64), cells.nbytes + 4 * len(idx), np.sort(idx).astype(np.int64))
 
 
 def gaussian(X: Matrix, labels: np.ndarray, k: int, *, seed: int = 0) -> SyntheticSet:
@@ -116,4 +117,4 @@ def distribution_matching(X: Matrix, labels: np.ndarray, k: int, *, iterations: 
         with torch.no_grad():
             syn.clamp_(min=0)
     cells = syn.detach().numpy().astype(np.float32)
-    return SyntheticSet(cells, init.labels, cells.nbytes + 4 * len(init.labels))
+    return SyntheticSet(cells, init.labels, cells.nbytes + 4 * len(init.labels), init.members)

@@ -5,11 +5,12 @@ Error and log text never holds expression values or cell ids (it may reach the c
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -282,18 +283,25 @@ def align_genes(
 
 
 def stratified_split(
-    labels: np.ndarray, *, test_fraction: float = 0.2, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split cell indices per class into sorted train and test index arrays (deterministic per seed)."""
+    labels: np.ndarray, *, test_fraction: float = 0.2, val_fraction: float = 0.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split cell indices per class into sorted train, validation and test index arrays (deterministic per seed).
+
+    Per class (after one seeded permutation): the first round(n * test_fraction) cells are test
+    cells (at least 1 when n >= 2), the next round(n * val_fraction) validation cells (at least 1
+    when n >= 3 and val_fraction > 0), the rest training cells; every class keeps at least one
+    training cell. The test cells do not depend on val_fraction.
+    """
     y = np.asarray(labels)
     if y.ndim != 1:
         msg = f"labels must be 1-D, got shape {y.shape}"
         raise ValueError(msg)
-    if not 0.0 <= test_fraction < 1.0:
-        msg = f"test_fraction must be in [0, 1), got {test_fraction}"
+    if not (0.0 <= test_fraction < 1.0 and 0.0 <= val_fraction < 1.0 and test_fraction + val_fraction < 1.0):
+        msg = f"test_fraction and val_fraction must be in [0, 1) with a sum below 1, got {test_fraction} and {val_fraction}"
         raise ConfigError(msg)
     rng = np.random.default_rng(seed)
-    parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
+    tests: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
+    vals: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
     if y.size:
         _, inverse = np.unique(y, return_inverse=True)
         order = np.argsort(inverse.ravel(), kind="stable")
@@ -301,11 +309,26 @@ def stratified_split(
         for idx in np.split(order, bounds):
             n = idx.size
             n_test = 0 if n < 2 or test_fraction == 0 else min(n - 1, max(1, round(n * test_fraction)))
-            parts.append(rng.permutation(idx)[:n_test])
-    test = np.sort(np.concatenate(parts)).astype(np.int64)
+            n_val = 0 if n - n_test < 2 or val_fraction == 0 else min(n - n_test - 1, max(1, round(n * val_fraction)))
+            perm = rng.permutation(idx)
+            tests.append(perm[:n_test])
+            vals.append(perm[n_test:n_test + n_val])
+    test = np.sort(np.concatenate(tests)).astype(np.int64)
+    val = np.sort(np.concatenate(vals)).astype(np.int64)
     is_train = np.ones(y.size, dtype=bool)
     is_train[test] = False
-    return np.flatnonzero(is_train).astype(np.int64), test
+    is_train[val] = False
+    return np.flatnonzero(is_train).astype(np.int64), val, test
+
+
+def split_hash(*index_arrays: np.ndarray) -> str:
+    """Short SHA-256 of index arrays (which cells went where): equal hashes mean equal splits."""
+    h = hashlib.sha256()
+    for arr in index_arrays:
+        a = np.ascontiguousarray(np.asarray(arr, dtype=np.int64))
+        h.update(str(a.size).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def gene_stats(X: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -355,6 +378,7 @@ class PreparedSite:
     n_dropped_cells: int
     coverage: float
     rows: np.ndarray | None = None  # positions (not ids) of the kept cells in the input AnnData
+    val_idx: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # validation cells: for choices, never for training
 
 
 def _select_rows(X: Any, keep: np.ndarray) -> Any:
@@ -378,7 +402,7 @@ def _check_expect(kind: InputKind, expect: Expect) -> None:
 
 def prepare_site(
     adata: anndata.AnnData, *, label_key: str, expect: Expect = "auto", vocabulary: Sequence[str] | None = None,
-    min_coverage: float = 0.5, min_cells_per_class: int = 2, test_fraction: float = 0.2, seed: int = 0,
+    min_coverage: float = 0.5, min_cells_per_class: int = 2, test_fraction: float = 0.2, val_fraction: float = 0.1, seed: int = 0,
 ) -> PreparedSite:
     """Check, normalise, label, align and split one site's AnnData."""
     if expect not in ("auto", "counts", "lognorm"):
@@ -400,11 +424,11 @@ def prepare_site(
         X, coverage = align_genes(X, genes, vocabulary, min_coverage=min_coverage)
         genes = tuple(str(g) for g in vocabulary)
     labels = np.asarray(categories.codes[keep], dtype=np.int64)
-    train_idx, test_idx = stratified_split(labels, test_fraction=test_fraction, seed=seed)
+    train_idx, val_idx, test_idx = stratified_split(labels, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
     site = PreparedSite(
         X=X, labels=labels, classes=tuple(str(c) for c in categories.categories), genes=genes, kind=kind,
         train_idx=train_idx, test_idx=test_idx, n_dropped_cells=int(adata.n_obs - keep.size), coverage=coverage,
-        rows=keep,
+        rows=keep, val_idx=val_idx,
     )
     logger.info("site prepared: %d cells x %d genes, %d classes, input %s, %d cells dropped, coverage %.3f",
                 X.shape[0], X.shape[1], len(site.classes), kind, site.n_dropped_cells, coverage)

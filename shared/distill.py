@@ -100,6 +100,9 @@ class Codes:
     labels: np.ndarray
     t_star: int
     guidance: float
+    # Rows (of the cells given to `distill_codes`) whose latents initialised the codes: kept at the site for the
+    # seed-targeted privacy audit, never uploaded. With init="noise" they are the random cells drawn but not used.
+    seed_rows: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
@@ -126,18 +129,20 @@ def warm_start_fits(init: Codes, labels: np.ndarray, k: int, latent_dim: int) ->
     return bool(np.array_equal(have, classes) and np.array_equal(have_counts, counts))
 
 
-def _init_codes(scdg: SCDG, zs_real: torch.Tensor, y_real: np.ndarray, counts: dict[int, int], cfg: DistillConfig, t_star: int, gen: torch.Generator) -> torch.Tensor:
-    rows = []
+def _init_codes(scdg: SCDG, zs_real: torch.Tensor, y_real: np.ndarray, counts: dict[int, int], cfg: DistillConfig, t_star: int, gen: torch.Generator) -> tuple[torch.Tensor, np.ndarray]:
+    """Initial codes (class by class) and the rows of the real cells they were drawn from."""
+    rows, picks = [], []
     for c, n in counts.items():
         pool = np.flatnonzero(y_real == c)
         pick = pool[torch.randperm(len(pool), generator=gen)[:n].numpy()]
+        picks.append(pick)
         noise = torch.randn(n, zs_real.shape[1], generator=gen)
         if cfg.init == "noise":
             rows.append(noise)
         else:
             t = torch.full((n,), t_star, dtype=torch.long)
             rows.append(scdg.q_sample(zs_real[pick], t, noise))
-    return torch.cat(rows)
+    return torch.cat(rows), np.concatenate(picks).astype(np.int64)
 
 
 def _mmd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -207,15 +212,17 @@ def _distill(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.nda
     vae.eval()
     scdg.eval()
     classes, counts = code_counts(labels, cfg.k)
+    seeds = None
     if init_codes is not None and warm_start_fits(init_codes, labels, cfg.k, vae.config.latent_dim):
         order = np.argsort(init_codes.labels, kind="stable")
         w0 = torch.as_tensor(init_codes.codes[order], dtype=torch.float32)
+        seeds = None if init_codes.seed_rows is None else np.asarray(init_codes.seed_rows)[order]
     else:
         w0 = None
     y_syn = torch.as_tensor(np.repeat(classes, counts), dtype=torch.long)
     tg = _targets(vae, scdg, X, labels, y_syn)
     if w0 is None:
-        w0 = _init_codes(scdg, tg.zs_real, labels, dict(zip(classes.tolist(), counts.tolist(), strict=True)), cfg, t_star, gen)
+        w0, seeds = _init_codes(scdg, tg.zs_real, labels, dict(zip(classes.tolist(), counts.tolist(), strict=True)), cfg, t_star, gen)
     w = w0.clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=cfg.lr)
     cfg = replace(cfg, gene_mean_weight=resolve_gene_mean_weight(cfg), iterations=resolve_iterations(cfg))
@@ -226,7 +233,7 @@ def _distill(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.nda
         opt.step()
         if progress is not None and (it % 20 == 0 or it == cfg.iterations - 1):
             progress(it + 1, cfg.iterations)
-    return Codes(w.detach().numpy().astype(np.float32), y_syn.numpy().astype(np.int64), t_star, cfg.guidance)
+    return Codes(w.detach().numpy().astype(np.float32), y_syn.numpy().astype(np.int64), t_star, cfg.guidance, seeds)
 
 
 @dataclass(frozen=True)

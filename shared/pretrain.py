@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,6 +25,10 @@ class PretrainConfig:
     vae: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1e-3, batch_size=128))
     scdg: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, lr=1e-3, batch_size=256))
     seed: int = 0
+
+    def with_seed(self, seed: int) -> PretrainConfig:
+        """The same budgets with every seed (initialisation, VAE and SCDG minibatches) set to ``seed``."""
+        return replace(self, seed=seed, vae=replace(self.vae, seed=seed), scdg=replace(self.scdg, seed=seed))
 
 
 @dataclass(frozen=True)

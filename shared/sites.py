@@ -10,10 +10,12 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from shared.data import PreparedSite, align_genes, gene_stats, prepare_site, select_variable_genes
+from shared.data import PreparedSite, align_genes, gene_stats, prepare_site, select_variable_genes, split_hash
 from shared.errors import SiteDataError
 
 logger = logging.getLogger(__name__)
+
+PARTS = ("train", "val", "test")
 
 
 def dirichlet_split(labels: np.ndarray, n_sites: int, *, alpha: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -29,16 +31,20 @@ def dirichlet_split(labels: np.ndarray, n_sites: int, *, alpha: float = 0.5, see
     return site
 
 
-def split_sites(adata: ad.AnnData, *, label_key: str, site_key: str | None = None, n_sites: int = 3, seed: int = 0) -> dict[str, ad.AnnData]:
-    """Split by `site_key` when given and present, else by a Dirichlet(0.5) label-skewed split."""
+def site_of_cells(adata: ad.AnnData, *, label_key: str, site_key: str | None = None, n_sites: int = 3, seed: int = 0) -> np.ndarray:
+    """The site name of every cell: obs[site_key] when given and present, else a Dirichlet(0.5) label-skewed split."""
     if site_key and site_key in adata.obs:
-        col = adata.obs[site_key].astype(str).to_numpy()
-        return {s: adata[col == s].copy() for s in sorted(set(col))}
+        return adata.obs[site_key].astype(str).to_numpy()
     if site_key:
         logger.info("obs[%r] not found: splitting into %d sites by Dirichlet(0.5) label skew", site_key, n_sites)
     labels = adata.obs[label_key].astype(str).to_numpy()
-    assign = dirichlet_split(labels, n_sites, seed=seed)
-    return {f"site{s}": adata[assign == s].copy() for s in range(n_sites) if (assign == s).any()}
+    return np.char.add("site", dirichlet_split(labels, n_sites, seed=seed).astype(str))
+
+
+def split_sites(adata: ad.AnnData, *, label_key: str, site_key: str | None = None, n_sites: int = 3, seed: int = 0) -> dict[str, ad.AnnData]:
+    """Split by `site_key` when given and present, else by a Dirichlet(0.5) label-skewed split (`site_of_cells`)."""
+    col = site_of_cells(adata, label_key=label_key, site_key=site_key, n_sites=n_sites, seed=seed)
+    return {str(s): adata[col == s].copy() for s in sorted(set(col))}
 
 
 @dataclass(frozen=True)
@@ -57,15 +63,32 @@ class Federation:
         idx = self.sites[i].train_idx
         return self.X[i][idx], self.y[i][idx]
 
+    def val(self, i: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Validation cells and global labels of site i (for choices; never trained on)."""
+        idx = self.sites[i].val_idx
+        return self.X[i][idx], self.y[i][idx]
+
     def test(self, i: int) -> tuple[sp.csr_matrix, np.ndarray]:
-        """Held-out cells and global labels of site i."""
+        """Held-out test cells and global labels of site i (only ever scored)."""
         idx = self.sites[i].test_idx
         return self.X[i][idx], self.y[i][idx]
 
+    def part(self, name: str, i: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Site i's 'train', 'val' or 'test' cells."""
+        if name not in PARTS:
+            msg = f"unknown part {name!r}; expected one of {PARTS}"
+            raise ValueError(msg)
+        return getattr(self, name)(i)
+
     def pooled(self, part: str) -> tuple[sp.csr_matrix, np.ndarray]:
-        """All sites' 'train' or 'test' cells stacked."""
-        pieces = [self.train(i) if part == "train" else self.test(i) for i in range(len(self.sites))]
+        """All sites' 'train', 'val' or 'test' cells stacked."""
+        pieces = [self.part(part, i) for i in range(len(self.sites))]
         return sp.vstack([p[0] for p in pieces]).tocsr(), np.concatenate([p[1] for p in pieces])
+
+    def split_hash(self) -> str:
+        """One hash of which cells went to which site and part: equal hashes mean equal splits."""
+        arrays = [a for s in self.sites for a in (s.rows if s.rows is not None else np.zeros(0), s.train_idx, s.val_idx, s.test_idx)]
+        return split_hash(*arrays)
 
 
 def plan_genes(sites: Sequence[PreparedSite], n_genes: int) -> list[str]:
@@ -83,12 +106,13 @@ def plan_genes(sites: Sequence[PreparedSite], n_genes: int) -> list[str]:
     return select_variable_genes(genes, total[0], total[1], total[2], n, n_top=n_genes)
 
 
-def prepare_federation(parts: dict[str, ad.AnnData], *, label_key: str, n_genes: int = 2000, seed: int = 0) -> Federation:
-    """Prepare every site (contract checks, normalisation, split) and align them to one plan."""
+def prepare_federation(parts: dict[str, ad.AnnData], *, label_key: str, n_genes: int = 2000, seed: int = 0,
+                       test_fraction: float = 0.2, val_fraction: float = 0.1) -> Federation:
+    """Prepare every site (contract checks, normalisation, train / validation / test split) and align them to one plan."""
     names, sites = [], []
     for name, adata in parts.items():
         try:
-            sites.append(prepare_site(adata, label_key=label_key, seed=seed))
+            sites.append(prepare_site(adata, label_key=label_key, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction))
             names.append(name)
         except SiteDataError as exc:
             logger.warning("site %s skipped: %s", name, exc)

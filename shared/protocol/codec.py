@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from shared.errors import ProtocolError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: validation split in the site spec, validation scores + privacy audit in the evaluate reply
 MSG_PROFILE = "query.profile"
 MSG_PRETRAIN = "train.pretrain"
 MSG_DISTILL = "train.distill"
@@ -201,20 +201,24 @@ class SiteSpec:
     test_fraction: float = 0.2
     split_seed: int = 0
     min_coverage: float = 0.5
+    val_fraction: float = 0.1
 
     def items(self) -> dict[str, Any]:
         """Wire items of the spec."""
         return {"label-key": self.label_key, "expect": self.expect, "min-cells-per-class": self.min_cells_per_class,
-                "test-fraction": float(self.test_fraction), "split-seed": self.split_seed, "min-coverage": float(self.min_coverage)}
+                "test-fraction": float(self.test_fraction), "split-seed": self.split_seed, "min-coverage": float(self.min_coverage),
+                "val-fraction": float(self.val_fraction)}
 
     @classmethod
     def parse(cls, rec: Mapping[str, Any], where: str) -> SiteSpec:
         """Decode and range-check a spec record."""
         spec = cls(label_key=get_value(rec, "label-key", str, where), expect=get_value(rec, "expect", str, where),
                    min_cells_per_class=get_value(rec, "min-cells-per-class", int, where), test_fraction=get_value(rec, "test-fraction", float, where),
-                   split_seed=get_value(rec, "split-seed", int, where), min_coverage=get_value(rec, "min-coverage", float, where))
-        if spec.expect not in ("auto", "counts", "lognorm") or spec.min_cells_per_class < 1 or not 0 <= spec.test_fraction < 1:
-            raise fail(where, "site spec out of range (expect, min-cells-per-class >= 1, 0 <= test-fraction < 1)")
+                   split_seed=get_value(rec, "split-seed", int, where), min_coverage=get_value(rec, "min-coverage", float, where),
+                   val_fraction=get_value(rec, "val-fraction", float, where))
+        fractions_ok = 0 <= spec.test_fraction < 1 and 0 <= spec.val_fraction < 1 and spec.test_fraction + spec.val_fraction < 1
+        if spec.expect not in ("auto", "counts", "lognorm") or spec.min_cells_per_class < 1 or not fractions_ok:
+            raise fail(where, "site spec out of range (expect, min-cells-per-class >= 1, test-fraction and val-fraction in [0, 1) with a sum below 1)")
         return spec
 
 
@@ -259,7 +263,8 @@ class Plan:
     def from_json(cls, obj: Mapping[str, Any]) -> Plan:
         """Inverse of ``to_json``."""
         s = obj["spec"]
-        spec = SiteSpec(s["label-key"], s["expect"], int(s["min-cells-per-class"]), float(s["test-fraction"]), int(s["split-seed"]), float(s["min-coverage"]))
+        spec = SiteSpec(s["label-key"], s["expect"], int(s["min-cells-per-class"]), float(s["test-fraction"]), int(s["split-seed"]), float(s["min-coverage"]),
+                        float(s.get("val-fraction", 0.0)))  # plans written before the validation split had none
         return cls(tuple(obj["genes"]), tuple(obj["classes"]), spec)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
+from shared.audit import AUDIT_KEYS
 from shared.protocol.codec import (
     ABSENT, ABSENT_CORR, EVALUATORS, KEY_CODES, KEY_CONFIG, KEY_DISTILL, KEY_LOGREG, KEY_METRICS, KEY_MLP, KEY_PLAN,
     KEY_PLAN_GENES, KEY_SCDG, KEY_SYNTHETIC, KEY_VAE, KEY_WARM, SCHEMA_KEY, Plan, StateDict, check_keys, check_records,
@@ -168,30 +169,51 @@ class EvaluatorScores:
     recall: tuple[float, ...]  # length C
 
 
+FIDELITY_KEYS = ("mmd_pca", "mean_corr", "var_corr", "marker_overlap", "zero_fraction_real", "zero_fraction_synthetic")
+CORRELATIONS = ("mean_corr", "var_corr")  # in [-1, 1]; the others are >= 0
+
+
+def _wire(key: str) -> str:
+    return key.replace("_", "-")
+
+
+def _scores_to_wire(prefix: str, scores: Mapping[str, EvaluatorScores]) -> dict[str, Any]:
+    m: dict[str, Any] = {}
+    for ev in EVALUATORS:
+        s = scores[ev]
+        m |= {f"{prefix}{ev}-accuracy": nan_to_wire(s.accuracy), f"{prefix}{ev}-macro-f1": nan_to_wire(s.macro_f1),
+              f"{prefix}{ev}-recall": [nan_to_wire(r) for r in s.recall]}
+    return m
+
+
+def _scores_from_wire(prefix: str, m: Mapping[str, Any], where: str) -> dict[str, EvaluatorScores]:
+    return {ev: EvaluatorScores(wire_to_nan(get_value(m, f"{prefix}{ev}-accuracy", float, where)), wire_to_nan(get_value(m, f"{prefix}{ev}-macro-f1", float, where)),
+                                tuple(wire_to_nan(r) for r in get_float_list(m, f"{prefix}{ev}-recall", where))) for ev in EVALUATORS}
+
+
 @dataclass(frozen=True)
 class EvaluateReply:
-    """Site -> server: scores per evaluator, fidelity and membership-inference AUC (NaN = not computable)."""
+    """Site -> server: scores per evaluator on test and validation cells, fidelity and the privacy audit (NaN = not computable).
+
+    Schema 2 (this release) added validation scores, the four-part privacy audit (``shared.audit``)
+    and two fidelity numbers (per-gene variance correlation, marker-gene overlap).
+    """
 
     round: int
     n_test: int
-    scores: Mapping[str, EvaluatorScores]  # keys: EVALUATORS
-    mmd_pca: float
-    mean_corr: float
-    zero_fraction_real: float
-    zero_fraction_synthetic: float
-    mia_auc: float
-
-    _FIDELITY = ("mmd-pca", "mean-corr", "zero-fraction-real", "zero-fraction-synthetic", "mia-auc")
+    scores: Mapping[str, EvaluatorScores]  # keys: EVALUATORS; on the site's held-out test cells
+    n_val: int
+    val_scores: Mapping[str, EvaluatorScores]  # the same on the site's validation cells (for choices; NaN when it has none)
+    fidelity: Mapping[str, float]  # keys: FIDELITY_KEYS
+    audit: Mapping[str, float]  # keys: AUDIT_KEYS
 
     def to_record(self) -> RecordDict:
         """Encode (NaN travels as ABSENT / ABSENT_CORR)."""
-        m: dict[str, Any] = {"n-test": int(self.n_test)}
-        for ev in EVALUATORS:
-            s = self.scores[ev]
-            m |= {f"{ev}-accuracy": float(s.accuracy), f"{ev}-macro-f1": float(s.macro_f1), f"{ev}-recall": [nan_to_wire(r) for r in s.recall]}
-        values = (self.mmd_pca, self.mean_corr, self.zero_fraction_real, self.zero_fraction_synthetic, self.mia_auc)
-        for key, v in zip(self._FIDELITY, values, strict=True):
-            m[key] = nan_to_wire(v, ABSENT_CORR if key == "mean-corr" else ABSENT)
+        m: dict[str, Any] = {"n-test": int(self.n_test), "n-val": int(self.n_val), **_scores_to_wire("", self.scores), **_scores_to_wire("val-", self.val_scores)}
+        for key in FIDELITY_KEYS:
+            m[_wire(key)] = nan_to_wire(self.fidelity[key], ABSENT_CORR if key in CORRELATIONS else ABSENT)
+        for key in AUDIT_KEYS:
+            m[_wire(key)] = nan_to_wire(self.audit[key])
         return RecordDict({KEY_CONFIG: config_record({"round": self.round}), KEY_METRICS: MetricRecord(m)})
 
     @classmethod
@@ -201,8 +223,9 @@ class EvaluateReply:
         check_records(rd, where, configs=[KEY_CONFIG], metrics=[KEY_METRICS])
         check_keys(rd[KEY_CONFIG], {SCHEMA_KEY, "round"}, where)
         m = rd[KEY_METRICS]
-        check_keys(m, {"n-test", *cls._FIDELITY, *(f"{ev}-{part}" for ev in EVALUATORS for part in ("accuracy", "macro-f1", "recall"))}, where)
-        scores = {ev: EvaluatorScores(get_value(m, f"{ev}-accuracy", float, where), get_value(m, f"{ev}-macro-f1", float, where),
-                                      tuple(wire_to_nan(r) for r in get_float_list(m, f"{ev}-recall", where))) for ev in EVALUATORS}
-        fid = [wire_to_nan(get_value(m, k, float, where), ABSENT_CORR if k == "mean-corr" else ABSENT) for k in cls._FIDELITY]
-        return cls(check_round(get_value(rd[KEY_CONFIG], "round", int, where), where), get_value(m, "n-test", int, where), scores, *fid)
+        score_keys = {f"{p}{ev}-{part}" for p in ("", "val-") for ev in EVALUATORS for part in ("accuracy", "macro-f1", "recall")}
+        check_keys(m, {"n-test", "n-val", *score_keys, *(_wire(k) for k in (*FIDELITY_KEYS, *AUDIT_KEYS))}, where)
+        fid = {k: wire_to_nan(get_value(m, _wire(k), float, where), ABSENT_CORR if k in CORRELATIONS else ABSENT) for k in FIDELITY_KEYS}
+        aud = {k: wire_to_nan(get_value(m, _wire(k), float, where)) for k in AUDIT_KEYS}
+        return cls(check_round(get_value(rd[KEY_CONFIG], "round", int, where), where), get_value(m, "n-test", int, where),
+                   _scores_from_wire("", m, where), get_value(m, "n-val", int, where), _scores_from_wire("val-", m, where), fid, aud)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import anndata as ad
@@ -14,6 +15,7 @@ from client import tasks
 from client.app import SiteTaskError, app
 from server.training import fresh_models, model_json, state_of
 from shared.errors import ConfigError, SiteDataError
+from shared.evaluation import MLPTrainConfig
 from shared.protocol import (
     DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, Plan, PretrainReply, PretrainRequest, ProfileReply, ProfileRequest, SiteSpec,
 )
@@ -85,11 +87,12 @@ def test_evaluate_scores_models_on_held_out_cells(ctx: Context, plan: Plan) -> N
 
     rng = np.random.default_rng(0)
     X, y = rng.random((12, len(plan.genes))).astype(np.float32), np.repeat([0, 1, 2], 4)
-    models = train_evaluators(X, y, 3, mlp_steps=3, seed=0)
+    models = train_evaluators(X, y, 3, mlp=MLPTrainConfig(min_steps=3, max_steps=3), seed=0)
     req = EvaluateRequest(1, X, y.astype(np.int32), state_of(models.mlp), model_json(models.mlp), models.coef, models.intercept, models.classes, plan, 0)
     reply = EvaluateReply.from_record(_send(req.to_record(), "evaluate.models", ctx))
     assert reply.n_test > 0 and all(0 <= s.accuracy <= 1 and len(s.recall) == 3 for s in reply.scores.values())
-    assert 0 <= reply.mia_auc <= 1
+    assert reply.n_val > 0 and all(0 <= s.accuracy <= 1 for s in reply.val_scores.values())
+    assert 0 <= reply.audit["population_mia"] <= 1 and all(math.isnan(v) or 0 <= v <= 1 for v in reply.audit.values())
 
 
 def test_site_data_errors_pass_through_with_their_safe_message(three_site_h5ad: Path, site_cache: dict[str, str]) -> None:

@@ -30,7 +30,7 @@ from shared.protocol import (
 
 KANG = {"sim-site-key": "batch", "label-key": "cell_type", "n-genes": 300, "num-pretrain-rounds": 2,
         "vae-local-steps": 150, "scdg-local-steps": 30, "scdg-batch-size": 64, "pretrain-lr": 0.002, "cells-per-class": 10,
-        "num-distill-rounds": 2, "distill-iterations": 10, "finetune-steps": 10, "mlp-steps": 150, "report": False, "run-id": "kang"}
+        "num-distill-rounds": 2, "distill-iterations": 10, "finetune-steps": 10, "mlp-min-steps": 150, "mlp-max-steps": 150, "report": False, "run-id": "kang"}
 K, CHANCE = 10, 0.2
 
 
@@ -78,6 +78,21 @@ def test_kang_accuracy_is_well_above_chance_and_round_2_holds(kang: tuple[InProc
     assert not metrics["dropped"]
 
 
+def test_sites_report_validation_scores_and_the_privacy_audit(kang: tuple[InProcessGrid, Path, list[str]]) -> None:
+    """Every round's per-site entry and its aggregate carry validation scores and the four-part audit (seeds kept at the site)."""
+    metrics = json.loads((kang[1] / "metrics.json").read_text())
+    for rnd in metrics["rounds"]:
+        for site, entry in rnd["sites"].items():
+            audit = entry["audit"]
+            assert set(audit) == {"seed_mia", "population_mia", "density_mia", "dcr_share"}, site
+            assert all(0 <= v <= 1 for v in audit.values()), (site, audit)  # finite: the site found the cells that seeded its codes
+            assert entry["validation"]["n_val"] > 0 and 0 <= entry["validation"]["scores"]["mlp"]["accuracy"] <= 1
+            assert 0 <= entry["fidelity"]["marker_overlap"] <= 1
+        agg = rnd["aggregate"]
+        assert agg["audit"]["seed_mia_max"] == max(e["audit"]["seed_mia"] for e in rnd["sites"].values())
+        assert 0 < agg["validation"]["cell_weighted"]["mlp"]["accuracy"] <= 1 and agg["n_val"] > 0
+
+
 def test_report_is_self_contained_html(kang: tuple[InProcessGrid, Path, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
     """Report structure from the kang run; the embedding is stubbed (UMAP's numba compile costs ~10 s; the slow demo test runs it)."""
     from server import report
@@ -85,7 +100,7 @@ def test_report_is_self_contained_html(kang: tuple[InProcessGrid, Path, list[str
     monkeypatch.setattr(report, "_embedding", lambda a: (np.random.default_rng(0).normal(size=(a.n_obs, 2)), "UMAP"))
     html = report.write_report(kang[1]).read_text()
     assert html.count("data:image/png;base64,") == 2 and 'src="http' not in html
-    assert report.MIA_GUIDE in html and "stim107" in html and "sc.tl.umap" in html
+    assert report.AUDIT_GUIDE in html and "stim107" in html and "sc.tl.umap" in html and "seed MIA" in html
 
 
 def _all_strings(content: RecordDict) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 from server import demo
 
 SMALL = {"num-pretrain-rounds": 2, "vae-local-steps": 150, "scdg-local-steps": 30, "scdg-batch-size": 64, "pretrain-lr": 0.002,
-         "n-genes": 300, "latent-dim": 32, "distill-iterations": 10, "mlp-steps": 150, "num-distill-rounds": 2}  # = the fast kang test
+         "n-genes": 300, "latent-dim": 32, "distill-iterations": 10, "mlp-min-steps": 150, "mlp-max-steps": 150, "num-distill-rounds": 2}  # = the fast kang test
 
 
 def _alive(pid: int) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import math
+
 import numpy as np
 import pytest
 from flwr.app import Array, ConfigRecord, RecordDict
@@ -47,7 +49,7 @@ DISTILL_CASES: dict[str, Callable[[RecordDict], None]] = {
     "extra-key": _set(KEY_CODES, "expression", Array(np.zeros((4, 3), np.float32))),
     "missing-key": lambda rd: rd[KEY_CODES].pop("labels"),
     "missing-record": lambda rd: rd.pop(KEY_METRICS),
-    "schema-version": _set(KEY_CONFIG, SCHEMA_KEY, 2),
+    "schema-version": _set(KEY_CONFIG, SCHEMA_KEY, 1),  # a site of the release before the validation split and the audit
     "empty": lambda rd: [rd.pop(k) for k in list(rd)],
     "label-out-of-range": _set(KEY_CODES, "labels", Array(np.array([0, 0, 1, 7], np.int32))),
     "label-negative": _set(KEY_CODES, "labels", Array(np.array([0, 0, 1, -1], np.int32))),
@@ -131,16 +133,36 @@ def test_latent_stats_of_the_wrong_length_are_rejected() -> None:
         decode(rd, PretrainReply)
 
 
-def _evaluate(acc: float = 0.9, recall: tuple = (1.0, 0.5, float("nan")), n_test: int = 10) -> EvaluateReply:
-    return EvaluateReply(1, n_test, {ev: EvaluatorScores(acc, 0.8, recall) for ev in EVALUATORS}, 0.1, 0.9, 0.9, 0.1, 0.5)
+FIDELITY = {"mmd_pca": 0.1, "mean_corr": 0.9, "var_corr": 0.5, "marker_overlap": 0.4, "zero_fraction_real": 0.9, "zero_fraction_synthetic": 0.1}
+AUDIT = {"seed_mia": 0.6, "population_mia": 0.5, "density_mia": 0.55, "dcr_share": 0.5}
 
 
-@pytest.mark.parametrize("reply", [_evaluate(acc=1.5), _evaluate(recall=(1.0,)), _evaluate(n_test=0), _evaluate(recall=(1.0, 2.0, 0.0))],
-                         ids=["accuracy-over-1", "recall-length", "no-test-cells", "recall-over-1"])
+def _evaluate(acc: float = 0.9, recall: tuple = (1.0, 0.5, float("nan")), n_test: int = 10, val_acc: float = 0.85, n_val: int = 5,
+              audit: dict | None = None, fidelity: dict | None = None) -> EvaluateReply:
+    scores = {ev: EvaluatorScores(acc, 0.8, recall) for ev in EVALUATORS}
+    val = {ev: EvaluatorScores(val_acc, 0.7, recall) for ev in EVALUATORS}
+    return EvaluateReply(1, n_test, scores, n_val, val, {**FIDELITY, **(fidelity or {})}, {**AUDIT, **(audit or {})})
+
+
+@pytest.mark.parametrize("reply", [_evaluate(acc=1.5), _evaluate(recall=(1.0,)), _evaluate(n_test=0), _evaluate(recall=(1.0, 2.0, 0.0)),
+                                   _evaluate(val_acc=1.2), _evaluate(val_acc=float("nan")), _evaluate(acc=float("nan")), _evaluate(n_val=-1),
+                                   _evaluate(audit={"seed_mia": 1.5}), _evaluate(audit={"dcr_share": -0.1}),
+                                   _evaluate(fidelity={"marker_overlap": 2.0}), _evaluate(fidelity={"var_corr": -3.0})],
+                         ids=["accuracy-over-1", "recall-length", "no-test-cells", "recall-over-1", "val-accuracy-over-1",
+                              "val-accuracy-missing-with-val-cells", "test-accuracy-missing", "negative-val-cells", "seed-mia-over-1",
+                              "dcr-share-negative", "marker-overlap-over-1", "var-corr-below-minus-1"])
 def test_malformed_evaluate_reply_is_rejected(reply: EvaluateReply) -> None:
     validate_evaluate(_evaluate(), round_=1, n_classes=3)
     with pytest.raises(ProtocolError):
         validate_evaluate(decode(reply.to_record(), EvaluateReply), round_=1, n_classes=3)
+
+
+def test_evaluate_reply_without_validation_cells_may_leave_validation_and_audit_absent() -> None:
+    nan = float("nan")
+    reply = _evaluate(n_val=0, val_acc=nan, audit={"seed_mia": nan, "density_mia": nan})
+    back = decode(reply.to_record(), EvaluateReply)
+    validate_evaluate(back, round_=1, n_classes=3)
+    assert math.isnan(back.val_scores["mlp"].accuracy) and math.isnan(back.audit["seed_mia"]) and back.audit["dcr_share"] == 0.5
 
 
 def test_evaluate_reply_with_nan_accuracy_fails_decoding() -> None:

@@ -28,7 +28,7 @@ from shared.data import (
     select_variable_genes,
     stratified_split,
 )
-from shared.errors import SiteDataError
+from shared.errors import ConfigError, SiteDataError
 from shared.testing import make_site_adata
 
 logger = logging.getLogger(__name__)
@@ -260,27 +260,40 @@ def test_select_variable_genes_on_data_matches_dense_variance() -> None:
 
 
 def test_stratified_split_is_stratified_disjoint_complete_and_seeded() -> None:
-    """Per class round(n*f) test cells (>= 1 if n >= 2, 0 if n == 1); disjoint; deterministic."""
-    labels = np.array(["a"] * 50 + ["b"] * 7 + ["c"] * 2 + ["d"] * 1)
-    train, test = stratified_split(labels, test_fraction=0.2, seed=0)
-    assert train.dtype == np.int64 and test.dtype == np.int64
-    assert np.all(np.diff(train) > 0) and np.all(np.diff(test) > 0)
-    assert np.intersect1d(train, test).size == 0
-    np.testing.assert_array_equal(np.sort(np.r_[train, test]), np.arange(labels.size))
-    per_class = {c: int(np.sum(labels[test] == c)) for c in "abcd"}
-    assert per_class == {"a": 10, "b": 1, "c": 1, "d": 0}
-    again = stratified_split(labels, test_fraction=0.2, seed=0)
-    np.testing.assert_array_equal(test, again[1])
-    other = stratified_split(labels, test_fraction=0.2, seed=1)
-    assert not np.array_equal(test, other[1])
+    """Per class round(n*f) test cells (>= 1 if n >= 2, 0 if n == 1) and round(n*v) validation cells (>= 1 if 2 cells are left); disjoint; deterministic."""
+    labels = np.array(["a"] * 50 + ["b"] * 7 + ["c"] * 2 + ["d"] * 1 + ["e"] * 3)
+    train, val, test = stratified_split(labels, test_fraction=0.2, val_fraction=0.1, seed=0)
+    assert train.dtype == val.dtype == test.dtype == np.int64
+    assert all(np.all(np.diff(part) > 0) for part in (train, val, test))
+    assert np.intersect1d(train, test).size == np.intersect1d(train, val).size == np.intersect1d(val, test).size == 0
+    np.testing.assert_array_equal(np.sort(np.r_[train, val, test]), np.arange(labels.size))
+    count = lambda part: {c: int(np.sum(labels[part] == c)) for c in "abcde"}  # noqa: E731
+    assert count(test) == {"a": 10, "b": 1, "c": 1, "d": 0, "e": 1}
+    assert count(val) == {"a": 5, "b": 1, "c": 0, "d": 0, "e": 1}
+    assert min(count(train).values()) >= 1  # every class keeps a training cell
+    again = stratified_split(labels, test_fraction=0.2, val_fraction=0.1, seed=0)
+    for a, b in zip((train, val, test), again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = stratified_split(labels, test_fraction=0.2, val_fraction=0.1, seed=1)
+    assert not np.array_equal(test, other[2]) and not np.array_equal(val, other[1])
+
+
+def test_test_cells_do_not_depend_on_the_validation_fraction() -> None:
+    labels = np.repeat(np.arange(4), 25)
+    _, val0, test0 = stratified_split(labels, test_fraction=0.2, val_fraction=0.0, seed=3)
+    _, val1, test1 = stratified_split(labels, test_fraction=0.2, val_fraction=0.1, seed=3)
+    np.testing.assert_array_equal(test0, test1)
+    assert val0.size == 0 and np.bincount(labels[val1]).tolist() == [2, 2, 2, 2]  # round(2.5) = 2
+    with pytest.raises(ConfigError, match="sum below 1"):
+        stratified_split(labels, test_fraction=0.6, val_fraction=0.5)
 
 
 def test_stratified_split_integer_labels() -> None:
     """Integer class ids work the same way."""
     labels = np.repeat(np.arange(4), 25)
-    train, test = stratified_split(labels, test_fraction=0.2, seed=5)
+    train, val, test = stratified_split(labels, test_fraction=0.2, seed=5)
     assert np.bincount(labels[test]).tolist() == [5, 5, 5, 5]
-    assert train.size == 80
+    assert train.size == 80 and val.size == 0
 
 
 # ---------------------------------------------------------------- labels
@@ -332,8 +345,9 @@ def test_prepare_site_on_kang() -> None:
     assert site.labels.dtype == np.int64
     names = np.asarray(site.classes)[site.labels]
     np.testing.assert_array_equal(names, adata.obs["cell_type"].astype(str).to_numpy())
-    assert site.train_idx.size + site.test_idx.size == 1556
+    assert site.train_idx.size + site.val_idx.size + site.test_idx.size == 1556
     assert site.test_idx.size == pytest.approx(0.2 * 1556, abs=len(site.classes))
+    assert site.val_idx.size == pytest.approx(0.1 * 1556, abs=len(site.classes))
     lib = np.asarray(np.expm1(site.X.astype(np.float64)).sum(axis=1)).ravel()
     np.testing.assert_allclose(lib, TARGET_SUM, rtol=1e-4)
 
