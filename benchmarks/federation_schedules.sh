@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # FedAvg pretraining schedules and round behaviour on the bundled kang file (k = 10, 4 sites), in-process
 # (`scdd simulate`, the same ServerApp/ClientApp as `flwr run`). Prints MLP / logistic-regression accuracy
-# per distillation round for each variant; the README's federation tables come from this script.
+# per distillation round for each variant, on the sites' VALIDATION cells (a tuning script never reads test scores).
 # Usage: benchmarks/federation_schedules.sh [OUT]     (default OUT: runs/schedules; about 20 min on 1 core)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +14,9 @@ run() {  # name rounds --set ... ; prints one line per variant
   .venv/bin/python - "$OUT/$name/metrics.json" "$name" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
-acc = [(round(r["aggregate"]["cell_weighted"]["mlp"]["accuracy"], 3), round(r["aggregate"]["cell_weighted"]["logreg"]["accuracy"], 3)) for r in m["rounds"]]
-print(f"{sys.argv[2]:<34} pretrain {m['phase_seconds'].get('pretrain', 0):6.0f} s   MLP/LR per round {acc}", flush=True)
+val = [r["aggregate"]["validation"]["cell_weighted"] for r in m["rounds"]]
+acc = [(round(v["mlp"]["accuracy"], 3), round(v["logreg"]["accuracy"], 3)) for v in val]
+print(f"{sys.argv[2]:<34} pretrain {m['phase_seconds'].get('pretrain', 0):6.0f} s   VALIDATION MLP/LR per round {acc}", flush=True)
 PY
 }
 mkdir -p "$OUT"

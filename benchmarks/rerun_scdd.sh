@@ -2,7 +2,7 @@
 # Reruns only scdd and scdd_noopt on every file of ../shared/data and merges their rows into the existing
 # results (scdd benchmark --merge): what to run after a change to scdd's defaults, without redoing the
 # baselines (whose code did not change). Then rewrites SUMMARY.md.
-# Usage: benchmarks/rerun_scdd.sh [SEEDS] [OUT]     (defaults: 2 seeds, benchmarks/results; 1.6-3.3 min per file measured, ~25 min on 1 core)
+# Usage: benchmarks/rerun_scdd.sh [SEEDS] [OUT]     (defaults: 3 seeds, benchmarks/results; the split hashes must match the results it merges into)
 source "$(dirname "$0")/common.sh"
 for results in "$OUT"/*/results.json; do  # every dataset that already has results to merge into
   name=$(basename "$(dirname "$results")")

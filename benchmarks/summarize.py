@@ -39,6 +39,20 @@ def summary(results: dict[str, list[dict]], ev: str = "mlp") -> str:
                 means[c].append(r["accuracy_mean"])
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
     lines.append(f"| **mean ({len(results)} sets)** | " + " | ".join(f"**{np.mean(v):.3f}**" if v else "" for v in means.values()) + " |")
+    lines += ["", f"## {ev}: mean over datasets, ± std over seeds (each seed's mean over datasets)", "", "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
+              "|---" * (len(ks) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for k in [None] if m in ("local", "centralized") else ks:
+            per_seed = [lookup(rows, m, k, ev) for rows in results.values()]
+            seeds = [r["accuracy_per_seed"] for r in per_seed if r and "accuracy_per_seed" in r]
+            n = min((len(x) for x in seeds), default=0)
+            if not seeds or n == 0:
+                cells.append("")
+                continue
+            by_seed = np.mean([x[:n] for x in seeds], axis=0)
+            cells.append(f"{by_seed.mean():.3f} ± {by_seed.std():.3f}" + ("" if len(seeds) == len(results) else f" ({len(seeds)} sets)"))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "## scdd vs dm and centralized (MLP), bytes and seconds per site", "", "| dataset | k | scdd | dm | gap to centralized | bytes scdd/dm | seconds scdd/dm |", "|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
         cen = lookup(rows, "centralized", None, ev)
@@ -53,6 +67,30 @@ def summary(results: dict[str, list[dict]], ev: str = "mlp") -> str:
     return "\n".join(lines) + "\n"
 
 
+AUDIT = ("seed_mia", "seed_mia_max", "population_mia", "density_mia", "dcr_share")
+
+
+def audit_table(results: dict[str, list[dict]]) -> str:
+    """Markdown: the privacy audit per method and k, mean over datasets (max over datasets in brackets)."""
+    ks = sorted({r["k"] for rows in results.values() for r in rows if r["k"] is not None})
+    methods = [m for m in dict.fromkeys(r["method"] for rows in results.values() for r in rows) if m not in ("local", "centralized")]
+    lines = ["## Privacy audit (0.5 = no signal; mean over datasets, [max over datasets])", "",
+             "| method | k | seed MIA | seed MIA, worst site | population MIA | density MIA | DCR share |", "|---|---|---|---|---|---|---|"]
+    for m in methods:
+        for k in ks:
+            rows = [lookup(r, m, k, "mlp") for r in results.values()]
+            rows = [r for r in rows if r and "seed_mia" in r]
+            if not rows:
+                continue
+            vals = []
+            for key in AUDIT:
+                v = np.array([r[key] for r in rows], dtype=float)
+                v = v[np.isfinite(v)]
+                vals.append(f"{v.mean():.3f} [{v.max():.3f}]" if v.size else "n/a")
+            lines.append(f"| {m} | {k} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     """Entry point."""
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
@@ -60,7 +98,8 @@ def main() -> int:
     if not results:
         print(f"no */results.json under {root}")
         return 1
-    text = "# Benchmark summary\n\n" + summary(results, "mlp") + "\n" + summary(results, "logreg") + "\n" + summary(results, "knn")
+    text = ("# Benchmark summary\n\n" + summary(results, "mlp") + "\n" + summary(results, "logreg") + "\n" + summary(results, "knn")
+            + "\n" + audit_table(results))
     (root / "SUMMARY.md").write_text(text)
     print(text)
     return 0
