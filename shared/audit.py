@@ -106,30 +106,38 @@ def density_mia(members: Matrix, non_members: Matrix, reference: Matrix, X_syn: 
     return _auc(log_ratio(members), log_ratio(non_members))
 
 
-def dcr_share(train: Matrix, members: np.ndarray, holdout: Matrix, X_syn: np.ndarray, *, max_n: int = 2000, seed: int = 0) -> float:
+def dcr_share(train: Matrix, members: np.ndarray, holdout: Matrix, X_syn: np.ndarray, *, aligned: bool = False, max_n: int = 2000, seed: int = 0) -> float:
     """Share of synthetic cells closer to a training cell than to a held-out cell (ties count half).
 
-    As many training as held-out cells are compared (n = the smaller of the two, at most max_n);
-    the seed members are always among the training cells, so a copied cell always counts.
+    As many training as held-out cells are compared (n = the smaller of the two, at most max_n),
+    the seed members always among the training cells (n of them drawn when there are more), so a
+    copied cell always counts. With ``aligned`` (members[i] seeded synthetic cell i) only the
+    synthetic cells whose seed was drawn are scored: otherwise copies of the seeds left out would
+    be scored against a training sample that lacks them.
     """
     rng = np.random.default_rng(seed)
     n = min(train.shape[0], holdout.shape[0], max_n)
+    members = np.asarray(members, dtype=np.int64)
     if X_syn.shape[0] == 0 or n < MIN_CELLS:
         return float("nan")
-    members = np.unique(members)[:n]
-    others = np.setdiff1d(np.arange(train.shape[0]), members)
-    tr_rows = np.concatenate([members, others[_sample(len(others), n - len(members), rng)]])
-    d_tr = _nn_distance(_dense(train[np.sort(tr_rows)]), X_syn)
-    d_ho = _nn_distance(_dense(holdout[_sample(holdout.shape[0], n, rng)]), X_syn)
+    keep = np.arange(len(members)) if len(np.unique(members)) <= n else _sample(len(members), n, rng)
+    chosen = np.unique(members[keep])[:n]
+    syn = X_syn[keep] if aligned and len(members) == X_syn.shape[0] else X_syn
+    others = np.setdiff1d(np.arange(train.shape[0]), chosen)
+    tr_rows = np.concatenate([chosen, others[_sample(len(others), n - len(chosen), rng)]])
+    d_tr = _nn_distance(_dense(train[np.sort(tr_rows)]), syn)
+    d_ho = _nn_distance(_dense(holdout[_sample(holdout.shape[0], n, rng)]), syn)
     return float(np.mean(d_tr < d_ho) + 0.5 * np.mean(d_tr == d_ho))
 
 
-def audit(train: Matrix, members: np.ndarray, holdout: Matrix, reference: Matrix, X_syn: np.ndarray, *, max_n: int = 2000, seed: int = 0) -> Audit:
+def audit(train: Matrix, members: np.ndarray, holdout: Matrix, reference: Matrix, X_syn: np.ndarray, *, aligned: bool = False,
+          max_n: int = 2000, seed: int = 0) -> Audit:
     """All four scores for one site.
 
     ``train``: the site's training cells; ``members``: row indices into ``train`` of the cells that
     seeded the synthetic set; ``holdout``: held-out (test) cells, the non-members; ``reference``:
-    other cells never trained on (validation cells), the population for the density attack.
+    other cells never trained on (validation cells), the population for the density attack;
+    ``aligned``: members[i] seeded synthetic cell i (a site auditing its own set; see `dcr_share`).
     """
     rng = np.random.default_rng(seed)
     members = np.asarray(members, dtype=np.int64)
@@ -141,7 +149,7 @@ def audit(train: Matrix, members: np.ndarray, holdout: Matrix, reference: Matrix
         seed_mia=distance_mia(seed_cells, hold, X_syn),
         population_mia=distance_mia(pop, hold, X_syn),
         density_mia=density_mia(seed_cells, hold, ref, X_syn),
-        dcr_share=dcr_share(train, members, holdout, X_syn, max_n=max_n, seed=seed),
+        dcr_share=dcr_share(train, members, holdout, X_syn, aligned=aligned, max_n=max_n, seed=seed),
     )
 
 

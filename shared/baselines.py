@@ -25,7 +25,7 @@ class SyntheticSet:
     X: np.ndarray
     labels: np.ndarray
     upload_bytes: int
-    members: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # rows of the site's cells that seeded these (privacy audit)
+    members: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # members[i]: the site's cell that seeded cell i (privacy audit)
 
 
 def _features(X: np.ndarray, seed: int) -> np.ndarray:
@@ -76,7 +76,7 @@ def coreset(X: Matrix, labels: np.ndarray, k: int, *, method: str, seed: int = 0
         picks.append(pool[sel])
     idx = np.concatenate(picks)
     cells = dense_rows(X, idx).numpy()
-    return SyntheticSet(cells, labels[idx].astype(np.int64), cells.nbytes + 4 * len(idx), np.sort(idx).astype(np.int64))
+    return SyntheticSet(cells, labels[idx].astype(np.int64), cells.nbytes + 4 * len(idx), idx.astype(np.int64))
 
 
 def gaussian(X: Matrix, labels: np.ndarray, k: int, *, seed: int = 0) -> SyntheticSet:
