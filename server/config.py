@@ -93,6 +93,10 @@ class FederationConfig:
             (self.pretrained_path != "" or self.num_pretrain_rounds >= 1, "num-pretrain-rounds must be >= 1 unless pretrained-path is set"),
         ]
         errors = [text for ok, text in checks if not ok]
+        try:
+            _ = self.mlp
+        except ValueError as exc:
+            errors.append(f"mlp-epochs / mlp-min-steps / mlp-max-steps give an invalid rule ({exc})")
         if errors:
             msg = "invalid run config: " + "; ".join(errors) + "; fix the values in [tool.flwr.app.config] or --run-config"
             raise ConfigError(msg)
@@ -130,12 +134,8 @@ class FederationConfig:
     def mlp(self) -> MLPTrainConfig:
         """How the server trains the evaluation MLP on the fused cells (the benchmark's rule unless overridden)."""
         base = MLPTrainConfig()
-        try:
-            return dataclasses.replace(base, epochs=self.mlp_epochs or base.epochs, min_steps=self.mlp_min_steps or base.min_steps,
-                                       max_steps=self.mlp_max_steps or base.max_steps)
-        except ValueError as exc:
-            msg = f"invalid run config: {exc}; fix mlp-epochs / mlp-min-steps / mlp-max-steps"
-            raise ConfigError(msg) from None
+        return dataclasses.replace(base, epochs=self.mlp_epochs or base.epochs, min_steps=self.mlp_min_steps or base.min_steps,
+                                   max_steps=self.mlp_max_steps or base.max_steps)
 
     def run_dir(self, run_id: str) -> Path:
         """out-dir/<run-id>, absolute."""

@@ -43,6 +43,8 @@ def test_kebab_case_maps_and_ints_pass_as_floats() -> None:
         ({"cells-per-class": "10"}, "must be a int"),
         ({"resume": 1}, "must be a bool"),
         ({"test-fraction": 1.0}, "test-fraction"),
+        ({"val-fraction": 0.85}, "val-fraction"),  # with the default test-fraction 0.2 no training cells would be left
+        ({"mlp-epochs": -1.0}, "mlp-epochs"),
         ({"expect": "raw"}, "expect"),
         ({"num-pretrain-rounds": 0}, "pretrained-path"),
         ({"round-timeout-s": 0}, "round-timeout-s"),
