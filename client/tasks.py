@@ -177,5 +177,5 @@ def evaluate_site(site: SiteData, req: EvaluateRequest, members: np.ndarray | No
     val_scores = _scores(site.X[val].toarray(), y_all[val], req, n_classes)
     fid = fidelity(X_test, y_test, req.X, y_syn, seed=req.seed)
     seed_rows = np.flatnonzero(np.isin(train, members)) if members is not None else np.zeros(0, np.int64)
-    aud = audit(site.X[train], seed_rows, site.X[test], site.X[val], req.X, seed=req.seed)
+    aud = audit(site.X[train], y_all[train], seed_rows, site.X[test], y_test, site.X[val], req.X, seed=req.seed)
     return EvaluateReply(req.round, int(test.size), scores, int(val.size), val_scores, fid.as_dict(), aud.as_dict())

@@ -131,6 +131,7 @@ def benchmark(args: argparse.Namespace) -> int:
             "wall_seconds": time.perf_counter() - t0,
             "pretraining": "pooled",
             "scored_on": cfg.score_on,
+            "audit": "class-matched",  # shared.audit since the class-mix correction (results without this key predate it)
             "mlp": asdict(cfg.mlp),
             "split": asdict(cfg.split),
             "scdd_decode_mode": bm.DECODE_MODE,

@@ -11,8 +11,11 @@
   around which the synthetic set is denser than the population, not just cells with a close
   neighbour: a synthetic cell near a member in a sparse region counts more than one in a crowd.
 - ``dcr_share``: distance-to-closest-record share, the fraction of synthetic cells closer to a
-  training cell than to a held-out cell, with as many training as held-out cells (the seed
-  members always among the training ones). 0.5 means no preference; copies give 1.0.
+  training cell than to a held-out cell, with as many training as held-out cells of each class
+  (the seed members always among the training ones). 0.5 means no preference; copies give 1.0.
+
+Members (k per class) and held-out cells (the site's class mix) differ in their classes; every
+comparison is class-matched (`class_weights`), or an attack would "find" class membership.
 
 0.5 is ideal for all four. These are attacks, so they bound the risk from below ("the DCR
 delusion", arXiv 2505.01524): a low score is no guarantee, a high one is a leak. Distances are
@@ -59,13 +62,33 @@ def _sample(n_total: int, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.permutation(n_total)[:n])
 
 
-def _auc(member_scores: np.ndarray, other_scores: np.ndarray) -> float:
+def class_weights(member_labels: np.ndarray, other_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weights that give the non-members the members' class mix (classes missing on either side weigh 0).
+
+    Seed members are k per class (class-balanced) while held-out cells follow the site's class
+    proportions; unweighted, a rare class's cells sit closer to the (class-balanced) synthetic set
+    and an attack "detects" membership that is only class membership. Measured on pbmc_sorted,
+    per-class Gaussian samples (no member is special) scored 0.70 seed-targeted unweighted.
+    """
+    classes, m = np.unique(member_labels, return_counts=True)
+    h = np.array([np.sum(other_labels == c) for c in classes])
+    w_other = np.zeros(len(other_labels))
+    for c, mc, hc in zip(classes, m, h, strict=True):
+        if hc:
+            w_other[other_labels == c] = mc / hc
+    w_member = np.isin(member_labels, classes[h > 0]).astype(np.float64)
+    return w_member, w_other
+
+
+def _auc(member_scores: np.ndarray, other_scores: np.ndarray, member_labels: np.ndarray, other_labels: np.ndarray) -> float:
+    """AUC of members over non-members, non-members reweighted to the members' class mix."""
     from sklearn.metrics import roc_auc_score
 
-    if len(member_scores) < MIN_CELLS or len(other_scores) < MIN_CELLS:
+    w_member, w_other = class_weights(member_labels, other_labels)
+    if (w_member > 0).sum() < MIN_CELLS or (w_other > 0).sum() < MIN_CELLS:
         return float("nan")
     y = np.r_[np.ones(len(member_scores)), np.zeros(len(other_scores))]
-    return float(roc_auc_score(y, np.r_[member_scores, other_scores]))
+    return float(roc_auc_score(y, np.r_[member_scores, other_scores], sample_weight=np.r_[w_member, w_other]))
 
 
 def _nn_distance(X_syn: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -74,82 +97,95 @@ def _nn_distance(X_syn: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return NearestNeighbors(n_neighbors=1).fit(X_syn).kneighbors(queries)[0][:, 0]
 
 
-def distance_mia(members: Matrix, non_members: Matrix, X_syn: np.ndarray) -> float:
-    """AUC of minus the distance to the closest synthetic cell, members vs non-members."""
+def distance_mia(members: Matrix, member_labels: np.ndarray, non_members: Matrix, other_labels: np.ndarray, X_syn: np.ndarray) -> float:
+    """AUC of minus the distance to the closest synthetic cell, members vs (class-matched) non-members."""
     if X_syn.shape[0] == 0 or min(members.shape[0], non_members.shape[0]) < MIN_CELLS:
         return float("nan")
-    return _auc(-_nn_distance(X_syn, _dense(members)), -_nn_distance(X_syn, _dense(non_members)))
+    return _auc(-_nn_distance(X_syn, _dense(members)), -_nn_distance(X_syn, _dense(non_members)), member_labels, other_labels)
 
 
-def density_mia(members: Matrix, non_members: Matrix, reference: Matrix, X_syn: np.ndarray) -> float:
+def density_mia(members: Matrix, member_labels: np.ndarray, non_members: Matrix, other_labels: np.ndarray, reference: Matrix, X_syn: np.ndarray) -> float:
     """DOMIAS-style AUC: the synthetic set's density at a cell over the reference population's density there.
 
     Both densities are k-nearest-neighbour estimates, p(x) ~ k / (n * r_k(x)^D) (Loftsgaarden &
     Quesenberry 1965), so the log ratio ranks cells by D * (log r_ref(x) - log r_syn(x)): the
     synthetic set's 1-NN radius against the reference cells' k-NN radius (k = 5). A kernel density
     estimate with a bandwidth rule was tried first: it scored copies of 50 training cells only
-    0.74-0.89 on kang (10-50 PCs), the k-NN ratio scores them 1.0.
+    0.74-0.89 on kang (10-50 PCs), the k-NN ratio scores them 1.0. Non-members are class-matched.
     """
     from sklearn.neighbors import NearestNeighbors
 
     ref = _dense(reference)
     if X_syn.shape[0] == 0 or min(ref.shape[0], members.shape[0], non_members.shape[0]) < MIN_CELLS:
         return float("nan")
-    k_ref = min(REFERENCE_K, ref.shape[0])
-    ref_index = NearestNeighbors(n_neighbors=k_ref).fit(ref)
+    ref_index = NearestNeighbors(n_neighbors=min(REFERENCE_K, ref.shape[0])).fit(ref)
 
     def log_ratio(X: Matrix) -> np.ndarray:
         q = _dense(X)
-        r_ref = ref_index.kneighbors(q)[0][:, -1]
-        return np.log(r_ref + TINY) - np.log(_nn_distance(X_syn, q) + TINY)
+        return np.log(ref_index.kneighbors(q)[0][:, -1] + TINY) - np.log(_nn_distance(X_syn, q) + TINY)
 
-    return _auc(log_ratio(members), log_ratio(non_members))
+    return _auc(log_ratio(members), log_ratio(non_members), member_labels, other_labels)
 
 
-def dcr_share(train: Matrix, members: np.ndarray, holdout: Matrix, X_syn: np.ndarray, *, aligned: bool = False, max_n: int = 2000, seed: int = 0) -> float:
+def dcr_share(train: Matrix, y_train: np.ndarray, members: np.ndarray, holdout: Matrix, y_holdout: np.ndarray, X_syn: np.ndarray, *,
+              aligned: bool = False, max_n: int = 2000, seed: int = 0) -> float:
     """Share of synthetic cells closer to a training cell than to a held-out cell (ties count half).
 
-    As many training as held-out cells are compared (n = the smaller of the two, at most max_n),
-    the seed members always among the training cells (n of them drawn when there are more), so a
-    copied cell always counts. With ``aligned`` (members[i] seeded synthetic cell i) only the
-    synthetic cells whose seed was drawn are scored: otherwise copies of the seeds left out would
-    be scored against a training sample that lacks them.
+    Per class, as many training as held-out cells are compared (the smaller count; at most max_n
+    in all), so neither side is nearer by its class mix; the seed members are always among the
+    training cells (that many of them drawn when there are more), so a copied cell always counts.
+    With ``aligned`` (members[i] seeded synthetic cell i) only the synthetic cells whose seed was
+    drawn are scored: otherwise copies of seeds left out would be scored against a sample that
+    lacks them.
     """
     rng = np.random.default_rng(seed)
-    n = min(train.shape[0], holdout.shape[0], max_n)
     members = np.asarray(members, dtype=np.int64)
-    if X_syn.shape[0] == 0 or n < MIN_CELLS:
+    classes = np.intersect1d(np.unique(y_train), np.unique(y_holdout))
+    n = {int(c): int(min(np.sum(y_train == c), np.sum(y_holdout == c))) for c in classes}
+    scale = min(1.0, max_n / max(sum(n.values()), 1))
+    tr_rows, ho_rows, kept = [], [], []
+    for c, nc in n.items():
+        nc = int(nc * scale)
+        mine = np.flatnonzero(y_train[members] == c)  # positions in `members`
+        take = mine if len(mine) <= nc else mine[_sample(len(mine), nc, rng)]
+        chosen = np.unique(members[take])
+        others = np.setdiff1d(np.flatnonzero(y_train == c), chosen)
+        tr_rows.append(np.concatenate([chosen, others[_sample(len(others), nc - len(chosen), rng)]]))
+        ho = np.flatnonzero(y_holdout == c)
+        ho_rows.append(ho[_sample(len(ho), nc, rng)])
+        kept.append(take)
+    tr, ho = np.sort(np.concatenate(tr_rows or [np.zeros(0, np.int64)])), np.sort(np.concatenate(ho_rows or [np.zeros(0, np.int64)]))
+    syn = X_syn[np.sort(np.concatenate(kept))] if aligned and len(members) == X_syn.shape[0] and kept else X_syn
+    if syn.shape[0] == 0 or min(len(tr), len(ho)) < MIN_CELLS:
         return float("nan")
-    keep = np.arange(len(members)) if len(np.unique(members)) <= n else _sample(len(members), n, rng)
-    chosen = np.unique(members[keep])[:n]
-    syn = X_syn[keep] if aligned and len(members) == X_syn.shape[0] else X_syn
-    others = np.setdiff1d(np.arange(train.shape[0]), chosen)
-    tr_rows = np.concatenate([chosen, others[_sample(len(others), n - len(chosen), rng)]])
-    d_tr = _nn_distance(_dense(train[np.sort(tr_rows)]), syn)
-    d_ho = _nn_distance(_dense(holdout[_sample(holdout.shape[0], n, rng)]), syn)
+    d_tr = _nn_distance(_dense(train[tr]), syn)
+    d_ho = _nn_distance(_dense(holdout[ho]), syn)
     return float(np.mean(d_tr < d_ho) + 0.5 * np.mean(d_tr == d_ho))
 
 
-def audit(train: Matrix, members: np.ndarray, holdout: Matrix, reference: Matrix, X_syn: np.ndarray, *, aligned: bool = False,
-          max_n: int = 2000, seed: int = 0) -> Audit:
+def audit(train: Matrix, y_train: np.ndarray, members: np.ndarray, holdout: Matrix, y_holdout: np.ndarray, reference: Matrix, X_syn: np.ndarray, *,
+          aligned: bool = False, max_n: int = 2000, seed: int = 0) -> Audit:
     """All four scores for one site.
 
-    ``train``: the site's training cells; ``members``: row indices into ``train`` of the cells that
-    seeded the synthetic set; ``holdout``: held-out (test) cells, the non-members; ``reference``:
-    other cells never trained on (validation cells), the population for the density attack;
-    ``aligned``: members[i] seeded synthetic cell i (a site auditing its own set; see `dcr_share`).
+    ``train``, ``y_train``: the site's training cells and labels; ``members``: row indices into
+    ``train`` of the cells that seeded the synthetic set; ``holdout``, ``y_holdout``: held-out
+    (test) cells, the non-members; ``reference``: other cells never trained on (validation cells),
+    the population for the density attack; ``aligned``: members[i] seeded synthetic cell i (a site
+    auditing its own set; see `dcr_share`). Non-members are compared class-matched (`class_weights`).
     """
     rng = np.random.default_rng(seed)
     members = np.asarray(members, dtype=np.int64)
-    hold = holdout[_sample(holdout.shape[0], min(max_n, holdout.shape[0]), rng)]
-    seed_cells = train[np.sort(members[:max_n])]
-    pop = train[_sample(train.shape[0], min(max_n, train.shape[0], hold.shape[0]), rng)]
+    y_train, y_holdout = np.asarray(y_train), np.asarray(y_holdout)
+    hold = _sample(holdout.shape[0], min(max_n, holdout.shape[0]), rng)
+    seeds = np.sort(members[:max_n])
+    pop = _sample(train.shape[0], min(max_n, train.shape[0], len(hold)), rng)
     ref = reference[_sample(reference.shape[0], min(max_n, reference.shape[0]), rng)]
+    X_hold, y_hold = holdout[hold], y_holdout[hold]
     return Audit(
-        seed_mia=distance_mia(seed_cells, hold, X_syn),
-        population_mia=distance_mia(pop, hold, X_syn),
-        density_mia=density_mia(seed_cells, hold, ref, X_syn),
-        dcr_share=dcr_share(train, members, holdout, X_syn, aligned=aligned, max_n=max_n, seed=seed),
+        seed_mia=distance_mia(train[seeds], y_train[seeds], X_hold, y_hold, X_syn),
+        population_mia=distance_mia(train[pop], y_train[pop], X_hold, y_hold, X_syn),
+        density_mia=density_mia(train[seeds], y_train[seeds], X_hold, y_hold, ref, X_syn),
+        dcr_share=dcr_share(train, y_train, members, holdout, y_holdout, X_syn, aligned=aligned, max_n=max_n, seed=seed),
     )
 
 

@@ -154,7 +154,7 @@ def _synthetic(method: str, run: SeedRun, k: int, cfg: BenchmarkConfig) -> tuple
         part = _site_set(method, X, y, run.pre, k, run.seed * 7919 + 1000 * i, cfg)
         secs.append(time.perf_counter() - t0)
         parts.append(part)
-        audits.append(audit(X, part.members, fed.test(i)[0], fed.val(i)[0], part.syn.X, aligned=True, seed=run.seed))
+        audits.append(audit(X, y, part.members, *fed.test(i), fed.val(i)[0], part.syn.X, aligned=True, seed=run.seed))
     fused = SyntheticSet(np.concatenate([p.syn.X for p in parts]), np.concatenate([p.syn.labels for p in parts]),
                          int(np.mean([p.syn.upload_bytes for p in parts])))
     return fused, float(np.mean(secs)), audits
