@@ -28,10 +28,8 @@ class DistillConfig:
 
     The default objective is class consistency (the SCDG's latent classifier on ẑ₀) plus the
     noise-shell prior, with per-class gene-space mean matching added for k <= 2. Latent mean
-    matching and MMD stay available but are off: in the multi-site benchmark (3000-step VAE, k=10,
-    `benchmarks/variants.py`) they lowered MLP accuracy to 0.823 / 0.868 (cbmc / pbmc4k) against
-    0.871 / 0.912 without them; with them and the old class weight 0.1 the codes did worse than
-    no optimisation at all (0.844 / 0.901).
+    matching and MMD stay available but are off: on validation cells they score below the default
+    and below no optimisation at all (`benchmarks/variants.py`, benchmarks/results/variants_validation.md).
     """
 
     k: int = 10
@@ -288,11 +286,7 @@ def _objective(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, tg: _Targets
 
 # How codes become cells by default: the decoder's expected expression, at every k.
 #
-# Expected vs sampled detection, class-consistency objective, 3000-step VAE. Pooled pretraining
-# (`benchmarks/variants.py`): k=50, cbmc 0.866 vs 0.799, pbmc4k 0.912 vs 0.894; k=10 (class
-# weight 0.1), cbmc 0.867 vs 0.712, pbmc4k 0.907 vs 0.839. Federation (FedAvg pretraining,
-# `scdd simulate`, k=10, rounds 1 / 2): pbmc4k 0.913 / 0.917 vs 0.864 / 0.875, kang 0.881 / 0.904
-# vs 0.907 / 0.868.
+# Expected vs sampled detection on validation cells: benchmarks/results/variants_validation.md.
 # Sampled detection gives a real-like zero fraction but costs accuracy; it stays available as
 # `decode-mode = "sample"` (run config) or ``generate(mode="sample")``.
 DECODE_MODE: DecodeMode = "expected"
