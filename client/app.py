@@ -76,7 +76,7 @@ def distill(msg: Message, context: Context) -> Message:
         req = DistillRequest.from_record(msg.content)
         reply, seeds = tasks.distill_site(_site(context, req.plan.spec, req.plan), req)
         if seeds is not None:  # a warm start keeps the seeds of the round its codes started from
-            save_members(cache_dir(context.node_config), context.run_id, seeds)
+            save_members(cache_dir(context.node_config), context.run_id, resolve_source(context.node_config, context.run_config), seeds)
     return Message(reply.to_record(), reply_to=msg)
 
 
@@ -85,6 +85,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     """evaluate.models: score the server's models on held-out real cells."""
     with safe_errors("evaluate.models"):
         req = EvaluateRequest.from_record(msg.content)
-        members = load_members(cache_dir(context.node_config), context.run_id)
+        members = load_members(cache_dir(context.node_config), context.run_id, resolve_source(context.node_config, context.run_config))
         reply = tasks.evaluate_site(_site(context, req.plan.spec, req.plan), req, members)
     return Message(reply.to_record(), reply_to=msg)

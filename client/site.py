@@ -185,20 +185,22 @@ def load_site(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, *
     return site
 
 
-def _members_path(cache: Path, run_id: int) -> Path:
-    return cache / f"members-run{int(run_id)}.npy"
+def _members_path(cache: Path, run_id: int, source: SiteSource) -> Path:
+    """One file per run and site: simulated sites (and sites of one host) may share a cache folder."""
+    ident = json.dumps([str(source.path.expanduser().resolve()), source.name, source.site_key, source.num_sites, source.partition, source.split_seed])
+    return cache / f"members-run{int(run_id)}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.npy"
 
 
-def save_members(cache: Path, run_id: int, rows: np.ndarray) -> None:
+def save_members(cache: Path, run_id: int, source: SiteSource, rows: np.ndarray) -> None:
     """Remember which of this site's cells seeded the codes of run ``run_id`` (site-local rows; never sent anywhere)."""
-    path = _members_path(cache, run_id)
+    path = _members_path(cache, run_id, source)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, np.asarray(rows, dtype=np.int64), allow_pickle=False)
 
 
-def load_members(cache: Path, run_id: int) -> np.ndarray | None:
-    """The rows ``save_members`` stored for ``run_id``, or None (then the seed-targeted audit is not computable)."""
-    path = _members_path(cache, run_id)
+def load_members(cache: Path, run_id: int, source: SiteSource) -> np.ndarray | None:
+    """The rows ``save_members`` stored for ``run_id`` and this site, or None (then the seed-targeted audit is not computable)."""
+    path = _members_path(cache, run_id, source)
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError):

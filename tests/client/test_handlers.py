@@ -121,6 +121,16 @@ def test_site_cache_is_reused_and_keyed_by_the_plan(three_site_h5ad: Path, tmp_p
     assert len(list(tmp_path.glob("site-*.npz"))) == 2
 
 
+def test_sites_sharing_a_cache_folder_keep_their_own_seed_rows(three_site_h5ad: Path, tmp_path: Path) -> None:
+    """Simulated sites (and sites on one host) share a cache folder and a run id: each must find its own seed cells."""
+    run = {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"}
+    a, b = (site_mod.resolve_source({"partition-id": i}, run) for i in (0, 1))
+    site_mod.save_members(tmp_path, 5, a, np.array([1, 2, 3]))
+    site_mod.save_members(tmp_path, 5, b, np.array([7, 8]))
+    assert site_mod.load_members(tmp_path, 5, a).tolist() == [1, 2, 3] and site_mod.load_members(tmp_path, 5, b).tolist() == [7, 8]
+    assert site_mod.load_members(tmp_path, 6, a) is None  # another run: nothing stored, the seed audit is then NaN
+
+
 def test_dirichlet_split_when_the_site_column_is_absent(three_site_h5ad: Path, tmp_path: Path) -> None:
     source = site_mod.resolve_source({"partition-id": 1}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "nope", "sim-num-sites": 2})
     assert site_mod.load_site(source, SPEC, None, cache=tmp_path).name == "site1"

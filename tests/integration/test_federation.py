@@ -91,6 +91,9 @@ def test_sites_report_validation_scores_and_the_privacy_audit(kang: tuple[InProc
         agg = rnd["aggregate"]
         assert agg["audit"]["seed_mia_max"] == max(e["audit"]["seed_mia"] for e in rnd["sites"].values())
         assert 0 < agg["validation"]["cell_weighted"]["mlp"]["accuracy"] <= 1 and agg["n_val"] > 0
+    # the 4 sites share one cache folder here: each kept its own seed rows (one file per site, 5 classes x k codes)
+    files = sorted((kang[1].parent / "cache").glob("members-run1-*.npy"))
+    assert len(files) == 4 and all(len(np.load(f)) == 5 * K for f in files)
 
 
 def test_report_is_self_contained_html(kang: tuple[InProcessGrid, Path, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
