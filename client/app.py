@@ -15,7 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client import tasks
-from client.site import SiteData, cache_dir, load_members, load_site, resolve_source, save_members
+from client.site import SiteData, cache_dir, load_local_only, load_members, load_site, resolve_source, save_local_only, save_members
 from shared.errors import FedscddError
 from shared.protocol import DistillRequest, EvaluateRequest, Plan, PretrainRequest, ProfileRequest, SiteSpec
 
@@ -85,6 +85,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """evaluate.models: score the server's models on held-out real cells."""
     with safe_errors("evaluate.models"):
         req = EvaluateRequest.from_record(msg.content)
-        members = load_members(cache_dir(context.node_config), context.run_id, resolve_source(context.node_config, context.run_config))
-        reply = tasks.evaluate_site(_site(context, req.plan.spec, req.plan), req, members)
+        cache, source = cache_dir(context.node_config), resolve_source(context.node_config, context.run_config)
+        members = load_members(cache, context.run_id, source)
+        key = tasks.local_only_key(req)
+        reply = tasks.evaluate_site(_site(context, req.plan.spec, req.plan), req, members, load_local_only(cache, source, key))
+        save_local_only(cache, source, key, reply.local_only)
     return Message(reply.to_record(), reply_to=msg)

@@ -185,6 +185,26 @@ def load_site(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, *
     return site
 
 
+def _local_path(cache: Path, source: SiteSource, key: str) -> Path:
+    ident = json.dumps([str(source.path.expanduser().resolve()), source.name, source.site_key, source.num_sites, source.partition, source.split_seed, key])
+    return cache / f"local-only-{hashlib.sha256(ident.encode()).hexdigest()[:20]}.json"
+
+
+def load_local_only(cache: Path, source: SiteSource, key: str) -> dict[str, dict[str, float]] | None:
+    """This site's local-only scores for ``key`` (plan digest, seed, training rule), if computed before: they do not change between rounds."""
+    try:
+        return json.loads(_local_path(cache, source, key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def save_local_only(cache: Path, source: SiteSource, key: str, scores: Mapping[str, Mapping[str, float]]) -> None:
+    """Keep the local-only scores (aggregates, in the site's private cache) for later rounds and runs on the same plan."""
+    path = _local_path(cache, source, key)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(scores), encoding="utf-8")
+
+
 def _members_path(cache: Path, run_id: int, source: SiteSource) -> Path:
     """One file per run and site: simulated sites (and sites of one host) may share a cache folder."""
     ident = json.dumps([str(source.path.expanduser().resolve()), source.name, source.site_key, source.num_sites, source.partition, source.split_seed])

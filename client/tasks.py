@@ -19,12 +19,12 @@ from shared.audit import audit
 from shared.checkpoint import build_model
 from shared.distill import Codes, DistillConfig, distill_codes, resolve_t_star, warm_start_fits
 from shared.errors import CheckpointError, ProtocolError
-from shared.evaluation import fidelity, fit_predict, predict_mlp, score
+from shared.evaluation import MLPTrainConfig, fidelity, fit_predict, predict_mlp, score
 from shared.protocol import (
-    EVALUATORS, DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, EvaluatorScores, Plan, PretrainReply,
+    EVALUATORS, LOCAL_EVALUATORS, DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, EvaluatorScores, Plan, PretrainReply,
     PretrainRequest, ProfileReply, StateDict,
 )
-from shared.training import TrainConfig, encode, fit_scdg, fit_vae
+from shared.training import TrainConfig, anchor_of, encode, fit_scdg, fit_vae
 
 logger = logging.getLogger(__name__)
 
@@ -76,17 +76,18 @@ def _train_cells(site: SiteData, plan: Plan):  # noqa: ANN202 - (csr, labels)
 def pretrain_site(site: SiteData, req: PretrainRequest) -> PretrainReply:
     """Local steps of the requested stage (or latent moments for 'latent-stats')."""
     X, y = _train_cells(site, req.plan)
-    cfg = TrainConfig(steps=req.steps, lr=req.lr, batch_size=req.batch_size, seed=req.seed, warmup_fraction=req.warmup_fraction)
+    cfg = TrainConfig(steps=req.steps, lr=req.lr, batch_size=req.batch_size, seed=req.seed)
     if req.stage == "latent-stats":
         Z = encode(_model("vae", req.model_config, req.weights), X).astype(np.float64)
         return PretrainReply("latent-stats", req.round, int(X.shape[0]), 0.0, latent_sum=Z.sum(0), latent_sumsq=(Z**2).sum(0))
+    prox = req.proximal_mu / 2  # FedProx: mu/2 * ||w - w_global||^2 around the weights this round started from
     if req.stage == "vae":
         model = _model("vae", req.model_config, req.weights)
-        losses = fit_vae(model, X, y, cfg)
+        losses = fit_vae(model, X, y, cfg, anchor=anchor_of(model) if prox > 0 else None, anchor_weight=prox, kl_ramp=req.kl_ramp)
     else:
         vae = _model("vae", req.encoder_config, req.encoder or {})
         model = _model("scdg", req.model_config, req.weights)
-        losses = fit_scdg(model, encode(vae, X), y, cfg)
+        losses = fit_scdg(model, encode(vae, X), y, cfg, anchor=anchor_of(model) if prox > 0 else None, anchor_weight=prox)
     loss = float(losses[-1]) if losses else 0.0
     return PretrainReply(req.stage, req.round, int(X.shape[0]), loss, weights=_state(model))
 
@@ -159,11 +160,18 @@ def _scores(X: np.ndarray, y: np.ndarray, req: EvaluateRequest, n_classes: int) 
     return out
 
 
-def evaluate_site(site: SiteData, req: EvaluateRequest, members: np.ndarray | None = None) -> EvaluateReply:
-    """Score the server's models on held-out test and validation cells; fidelity and the privacy audit.
+def local_only_key(req: EvaluateRequest) -> str:
+    """What the local-only scores depend on: the plan, the seed and the MLP rule (not the round, not the synthetic cells)."""
+    return json.dumps([req.plan.digest(), req.seed, repr(MLPTrainConfig())])
+
+
+def evaluate_site(site: SiteData, req: EvaluateRequest, members: np.ndarray | None = None,
+                  local: dict[str, dict[str, float]] | None = None) -> EvaluateReply:
+    """Score the server's models on held-out test and validation cells; fidelity, the privacy audit and local-only scores.
 
     ``members``: site-local rows of the cells that seeded this run's codes (``distill_site``); without
-    them the seed-targeted and density audits are NaN.
+    them the seed-targeted and density audits are NaN. ``local``: local-only scores computed
+    before for the same ``local_only_key`` (computed here otherwise).
     """
     n_classes = len(req.plan.classes)
     y_all, ok = site.global_labels(req.plan.classes)
@@ -178,4 +186,18 @@ def evaluate_site(site: SiteData, req: EvaluateRequest, members: np.ndarray | No
     fid = fidelity(X_test, y_test, req.X, y_syn, seed=req.seed)
     seed_rows = np.flatnonzero(np.isin(train, members)) if members is not None else np.zeros(0, np.int64)
     aud = audit(site.X[train], y_all[train], seed_rows, site.X[test], y_test, site.X[val], req.X, seed=req.seed)
-    return EvaluateReply(req.round, int(test.size), scores, int(val.size), val_scores, fid.as_dict(), aud.as_dict())
+    if local is None:
+        local = local_only(site.X[train], y_all[train], X_test, y_test, n_classes, seed=req.seed)
+    return EvaluateReply(req.round, int(test.size), scores, int(val.size), val_scores, fid.as_dict(), aud.as_dict(), local)
+
+
+def local_only(X_train, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, n_classes: int, *, seed: int) -> dict[str, dict[str, float]]:  # noqa: ANN001 - csr
+    """What the site has without joining: each evaluator trained on its own training cells, scored on its test cells.
+
+    The MLP follows the benchmark's training rule (``MLPTrainConfig``), as the server's does.
+    """
+    out = {}
+    for ev in LOCAL_EVALUATORS:
+        s = score(y_test, np.asarray(fit_predict(ev, X_train, y_train, X_test, n_classes, seed=seed, mlp=MLPTrainConfig())))
+        out[ev] = {"accuracy": s.accuracy, "macro_f1": s.macro_f1}
+    return out

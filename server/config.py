@@ -43,6 +43,12 @@ class FederationConfig:
     pretrain_lr: float = -1.0  # -1: PretrainConfig default
     vae_batch_size: int = -1
     scdg_batch_size: int = -1
+    # how the server combines the sites' updates (server.aggregation) and what the sites optimise
+    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi
+    server_lr: float = -1.0  # -1: the optimiser's default (server.aggregation.DEFAULT_SERVER_LR)
+    class_aware_aggregation: bool = False  # average a class's rows (label head, class embeddings, QA head) over the sites that have it
+    proximal_mu: float = 0.0  # FedProx: sites add mu/2 * ||w - w_global||^2 to their local loss
+    init_path: str = ""  # a `scdd pretrain` directory: FedAvg starts from its VAE/SCDG (plan genes within its genes)
     # distillation rounds
     cells_per_class: int = 10
     num_distill_rounds: int = 2
@@ -91,6 +97,10 @@ class FederationConfig:
             (self.finetune_lr > 0 and self.finetune_anchor_weight >= 0, "finetune-lr must be > 0, finetune-anchor-weight >= 0"),
             (self.sim_num_sites >= 1 and self.torch_threads >= 0, "sim-num-sites must be >= 1, torch-threads >= 0"),
             (self.pretrained_path != "" or self.num_pretrain_rounds >= 1, "num-pretrain-rounds must be >= 1 unless pretrained-path is set"),
+            (self.server_optimizer in ("fedavg", "fedavgm", "fedadam", "fedyogi"), "server-optimizer must be fedavg, fedavgm, fedadam or fedyogi"),
+            (self.server_lr == -1.0 or self.server_lr > 0, "server-lr must be > 0 (or -1 for the optimiser's default)"),
+            (0 <= self.proximal_mu < 1e6, "proximal-mu must be >= 0"),
+            (not (self.init_path and self.pretrained_path), "set init-path (start FedAvg from a reference) or pretrained-path (no FedAvg), not both"),
         ]
         errors = [text for ok, text in checks if not ok]
         try:

@@ -1,4 +1,4 @@
-"""Pure aggregation on the server: plan vocabulary, FedAvg of state dicts, latent moments, metric aggregation.
+"""Pure aggregation on the server: FedAvg of state dicts, latent moments, metric aggregation (the plan: ``shared.plan``).
 
 No Flower, no I/O: inputs are numpy arrays and plain values (profiles and replies are read through
 their attributes only), so every function is unit-tested on its own.
@@ -7,53 +7,13 @@ their attributes only), so every function is unit-tested on its own.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from shared.audit import AUDIT_KEYS
-from shared.data import select_variable_genes
 from shared.protocol.rounds import FIDELITY_KEYS
-
-
-class GeneProfile(Protocol):
-    """What the plan needs from a site's profile (``shared.protocol.ProfileReply`` fits)."""
-
-    site_name: str
-    genes: tuple[str, ...]
-    sums: np.ndarray
-    sumsq: np.ndarray
-    detected: np.ndarray
-    n_cells: int
-    label_names: tuple[str, ...]
-
-
-def plan_vocabulary(profiles: Sequence[GeneProfile], *, n_genes: int) -> tuple[list[str], list[str]]:
-    """Return (genes, classes): the top ``n_genes`` variable genes among genes every site has, and the label union.
-
-    Sites are taken in site-name order; genes keep the first site's order.
-    """
-    if not profiles:
-        msg = "no site profiles to plan from"
-        raise ValueError(msg)
-    ordered = sorted(profiles, key=lambda p: p.site_name)
-    common = set(ordered[0].genes).intersection(*(p.genes for p in ordered[1:]))
-    genes = [g for g in ordered[0].genes if g in common]
-    if not genes:
-        msg = "the sites share no gene names; check that all sites use the same gene identifiers (symbols vs Ensembl IDs)"
-        raise ValueError(msg)
-    sums, sumsq, detected = np.zeros(len(genes)), np.zeros(len(genes)), np.zeros(len(genes), np.int64)
-    for p in ordered:
-        pos = {g: i for i, g in enumerate(p.genes)}
-        idx = np.array([pos[g] for g in genes], dtype=np.int64)
-        sums += np.asarray(p.sums, np.float64)[idx]
-        sumsq += np.asarray(p.sumsq, np.float64)[idx]
-        detected += np.asarray(p.detected, np.int64)[idx]
-    n_cells = int(sum(p.n_cells for p in ordered))
-    chosen = select_variable_genes(genes, sums, sumsq, detected, n_cells, n_top=n_genes)
-    classes = sorted(set().union(*(p.label_names for p in ordered)))
-    return chosen, classes
 
 
 def fedavg(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
@@ -120,6 +80,12 @@ def aggregate_scores(per_site: Mapping[str, Mapping[str, Any]], evaluators: Sequ
         out["macro"][key] = _nanmean(vals)
         out["cell_weighted"][key] = _nanmean(vals, n)
     out["audit"] = {key: _nanmean([per_site[s]["audit"][key] for s in sites]) for key in AUDIT_KEYS}
+    out["local_only"] = {"cell_weighted": {}, "macro": {}}  # each site's own model on its own test cells, aggregated like the scores
+    for ev in sorted({ev for s in sites for ev in per_site[s].get("local_only", {})}):
+        for metric in ("accuracy", "macro_f1"):
+            vals = [per_site[s].get("local_only", {}).get(ev, {}).get(metric, float("nan")) for s in sites]
+            out["local_only"]["cell_weighted"].setdefault(ev, {})[metric] = _nanmean(vals, n)
+            out["local_only"]["macro"].setdefault(ev, {})[metric] = _nanmean(vals)
     worst = [per_site[s]["audit"]["seed_mia"] for s in sites if math.isfinite(per_site[s]["audit"]["seed_mia"])]
     out["audit"]["seed_mia_max"] = max(worst) if worst else float("nan")
     return out
@@ -137,4 +103,5 @@ def site_result(reply: Any) -> dict[str, Any]:
         "validation": {"n_val": int(reply.n_val), "scores": _scores_dict(reply.val_scores)},
         "fidelity": dict(reply.fidelity),
         "audit": dict(reply.audit),
+        "local_only": {ev: dict(v) for ev, v in reply.local_only.items()},
     }

@@ -22,8 +22,10 @@ from flwr.serverapp import Grid
 from server import pretraining
 from server.config import FederationConfig
 from server.errors import NO_PLAN, RESUME_MISMATCH, FederationStopped
-from server.fusion import aggregate_scores, plan_vocabulary, site_result
+from server.fusion import aggregate_scores, site_result
+from shared.plan import plan_vocabulary
 from server.messaging import Link, wait_for_nodes
+from server.reference import init_models, reference_genes
 from server.run_store import RESUME_FREE, RunStore
 from server.training import SiteCodes, finetune_generator, fresh_models, fuse_round, model_json, provenance, state_of, train_evaluators
 from server.validation import decode, validate_distill, validate_evaluate, validate_profile
@@ -113,8 +115,9 @@ def make_plan(profiles: list[ProfileReply], cfg: FederationConfig) -> Plan:
             msg = f"pretrained-path needs plan.json, vae.pt and scdg.pt (a previous run's directory); {path} is missing"
             raise ConfigError(msg)
         return dataclasses.replace(Plan.from_json(json.loads(path.read_text(encoding="utf-8"))), spec=cfg.spec)
+    allowed = reference_genes(cfg.init_path) if cfg.init_path else None
     try:
-        genes, classes = plan_vocabulary(profiles, n_genes=cfg.n_genes)
+        genes, classes = plan_vocabulary(profiles, n_genes=cfg.n_genes, allowed=allowed)
     except ValueError as exc:
         raise FederationStopped(NO_PLAN, str(exc)) from None
     return Plan(tuple(genes), tuple(classes), cfg.spec)
@@ -131,9 +134,17 @@ def pretrain(run: Run) -> None:
         run.vae, run.scdg = load_model(base / "vae.pt", "vae"), load_model(base / "scdg.pt", "scdg")  # type: ignore[assignment]
         run.metrics["pretrain"] = {"source": "checkpoint", "path": str(base)}
         return
-    latent_dim = cfg.latent_dim or latent_dim_for(len(run.plan.genes))
-    run.vae, run.scdg = fresh_models(run.plan, latent_dim=latent_dim, seed=cfg.seed)
-    run.metrics["pretrain"] = pretraining.fedavg_pretrain(run.link, run.plan, dataclasses.replace(cfg, latent_dim=latent_dim), run.vae, run.scdg)
+    init: dict[str, Any] | None = None
+    if cfg.init_path:
+        run.vae, run.scdg, init = init_models(cfg.init_path, run.plan.genes, len(run.plan.classes), seed=cfg.seed)
+        latent_dim = run.vae.config.latent_dim
+    else:
+        latent_dim = cfg.latent_dim or latent_dim_for(len(run.plan.genes))
+        run.vae, run.scdg = fresh_models(run.plan, latent_dim=latent_dim, seed=cfg.seed)
+    run.metrics["pretrain"] = pretraining.fedavg_pretrain(run.link, run.plan, dataclasses.replace(cfg, latent_dim=latent_dim), run.vae, run.scdg,
+                                                          site_classes=run.site_classes)
+    if init is not None:
+        run.metrics["pretrain"]["init"] = init
 
 
 def distill_config(cfg: FederationConfig) -> DistillConfig:
@@ -189,6 +200,9 @@ def evaluate(run: Run, rnd: int, X: np.ndarray, y: np.ndarray) -> dict[str, Any]
 
     replies = run.link.exchange(MSG_EVALUATE, {n: req.to_record() for n in sorted(run.link.nodes)}, f"evaluate-{rnd}", check)
     per_site = {r.site: site_result(r.payload) for r in replies}
+    for site, res in per_site.items():
+        fed_acc, local_acc = res["scores"]["mlp"]["accuracy"], res["local_only"].get("mlp", {}).get("accuracy", float("nan"))
+        logger.info("round %d, site %s: MLP accuracy %.3f federated vs %.3f local-only (gain %+.3f)", rnd, site, fed_acc, local_acc, fed_acc - local_acc)
     run.store.save_models(mlp=models.mlp)
     return {"sites": per_site, "aggregate": aggregate_scores(per_site, EVALUATORS)}
 
@@ -275,6 +289,8 @@ def _phases(r: Run, nodes: list[int]) -> None:
     if "pretrain" not in r.completed:
         t0 = time.perf_counter()
         pretrain(r)
+        plan, vae, scdg = r.ready()
+        store.save_pretrained(plan, vae, scdg)
         _timed(r, "pretrain", t0)
         r.checkpoint("pretrain")
     for rnd in range(1, cfg.num_distill_rounds + 1):

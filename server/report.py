@@ -84,19 +84,40 @@ def _curves(rounds: list[dict[str, Any]]) -> str:
     return _png(fig)
 
 
+def _local(m: dict[str, Any], ev: str = "mlp") -> float:
+    return float(m.get("local_only", {}).get(ev, {}).get("accuracy", math.nan))
+
+
+def _gain_plot(last: dict[str, Any]) -> str:
+    """Bars per site: the federated MLP vs the same MLP trained on the site's own cells only."""
+    import matplotlib.pyplot as plt
+
+    sites = sorted(last["sites"])
+    fed = [last["sites"][s]["scores"]["mlp"]["accuracy"] for s in sites]
+    loc = [_local(last["sites"][s]) for s in sites]
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(sites) + 2), 3.5))
+    x = np.arange(len(sites))
+    ax.bar(x - 0.2, loc, 0.4, label="local-only (own training cells)")
+    ax.bar(x + 0.2, fed, 0.4, label="federated (fused synthetic cells)")
+    ax.set_xticks(x, sites, rotation=20)
+    ax.set(ylabel="MLP accuracy on the site's test cells", ylim=(max(0.0, min([*fed, *loc, 1.0]) - 0.1), 1.0), title="what each site gains by joining")
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else ("n/a" if isinstance(v, float) else html.escape(str(v)))
 
 
 def _site_table(last: dict[str, Any], upload: dict[str, dict[str, int]]) -> str:
-    cols = ("site", "test / validation cells", "MLP acc", "LR acc", "kNN acc", "MLP acc (validation)", "seed MIA", "population MIA",
+    cols = ("site", "test / validation cells", "MLP acc", "LR acc", "kNN acc", "MLP acc local-only", "gain from joining", "MLP acc (validation)", "seed MIA", "population MIA",
             "density MIA", "DCR share", "marker overlap", "zero fraction real / synthetic", "uploaded bytes")
     head = "<tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
     rows = []
     for site, m in sorted(last["sites"].items()):
         sc, a, f = m["scores"], m["audit"], m["fidelity"]
         cells = [html.escape(site), f"{m['n_test']} / {m['validation']['n_val']}", *(_fmt(sc[ev]["accuracy"]) for ev in ("mlp", "logreg", "knn")),
-                 _fmt(m["validation"]["scores"]["mlp"]["accuracy"]), *(_fmt(a[k]) for k in ("seed_mia", "population_mia", "density_mia", "dcr_share")),
+                 _fmt(_local(m)), _fmt(sc["mlp"]["accuracy"] - _local(m)), _fmt(m["validation"]["scores"]["mlp"]["accuracy"]), *(_fmt(a[k]) for k in ("seed_mia", "population_mia", "density_mia", "dcr_share")),
                  _fmt(f["marker_overlap"]), f"{_fmt(f['zero_fraction_real'])} / {_fmt(f['zero_fraction_synthetic'])}", str(sum(upload.get(site, {}).values()))]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     worst = last["aggregate"]["audit"]
@@ -115,6 +136,9 @@ def render(metrics: dict[str, Any], synthetic: Any, *, label_key: str) -> str:
         parts.append(f"<p>Final round: MLP accuracy {_fmt(agg['cell_weighted']['mlp']['accuracy'])} (cell-weighted), "
                      f"{_fmt(agg['macro']['mlp']['accuracy'])} (mean over sites).</p>")
         parts += ["<h2>Accuracy per round and per site</h2>", _curves(rounds)]
+        if any(math.isfinite(_local(m)) for m in rounds[-1]["sites"].values()):
+            parts += ["<h2>What each site gains by joining</h2>", "<p>The same MLP trained on the site's own training cells only, "
+                      "scored on the same test cells, beside the federated one (last round).</p>", _gain_plot(rounds[-1])]
         parts += ["<h2>Per site, last round (scores, privacy audit, fidelity)</h2>", f"<p><b>Privacy audit:</b> {AUDIT_GUIDE}.</p>",
                   _site_table(rounds[-1], metrics.get("upload_bytes", {}))]
     img, method = _scatter(synthetic, label_key)

@@ -1,7 +1,8 @@
 """The run directory ``out-dir/<run-id>/``: every output written atomically, plus a resumable server checkpoint.
 
 Layout: config.json, plan.json, metrics.json, synthetic_round<r>.h5ad, synthetic.h5ad, vae.pt,
-scdg.pt, mlp.pt, report.html; ``state/`` holds the checkpoint after the last completed phase
+scdg.pt, mlp.pt, report.html; ``pretrained/`` (plan.json, vae.pt, scdg.pt as pretraining left them:
+what ``pretrained-path`` reads, to distill again without FedAvg); ``state/`` holds the checkpoint after the last completed phase
 (state.json, the generator pair and each site's latest codes, codes.npz), from which ``resume=true`` continues.
 """
 
@@ -72,6 +73,7 @@ class RunStore:
         for path in stale:
             path.unlink(missing_ok=True)
         shutil.rmtree(self.state_dir, ignore_errors=True)
+        shutil.rmtree(self.dir / "pretrained", ignore_errors=True)
         logger.info("starting afresh in %s (previous outputs removed)", self.dir)
 
     def write_config(self, run_config: Mapping[str, Any], *, run_id: str) -> None:
@@ -92,6 +94,14 @@ class RunStore:
         write_h5ad(self.dir / f"synthetic_round{round_}.h5ad", adata)
         if final:
             write_h5ad(self.dir / "synthetic.h5ad", adata)
+
+    def save_pretrained(self, plan: Plan, vae: VAE, scdg: SCDG) -> Path:
+        """pretrained/: the plan and the models as pretraining left them (a ``pretrained-path`` directory)."""
+        base = self.dir / "pretrained"
+        save_model(vae, base / "vae.pt")
+        save_model(scdg, base / "scdg.pt")
+        write_json(base / "plan.json", plan.to_json())  # last: a directory with plan.json is complete
+        return base
 
     def save_models(self, **models: Any) -> None:
         """<name>.pt for each model (config travels with the weights)."""

@@ -144,8 +144,9 @@ def validate_evaluate(reply: EvaluateReply, *, round_: int, n_classes: int) -> N
                 msg = f"{ev} {part} scores outside [0, 1]"
                 raise ProtocolError(msg)
     fid = reply.fidelity
-    in_unit = [fid["zero_fraction_real"], fid["zero_fraction_synthetic"], fid["marker_overlap"], *reply.audit.values()]
+    local = [v for per_ev in reply.local_only.values() for v in per_ev.values()]
+    in_unit = [fid["zero_fraction_real"], fid["zero_fraction_synthetic"], fid["marker_overlap"], *reply.audit.values(), *local]
     correlations_ok = all(math.isnan(fid[k]) or -1 <= fid[k] <= 1 for k in ("mean_corr", "var_corr"))
     if not all(unit(v, allow_nan=True) for v in in_unit) or not (math.isnan(fid["mmd_pca"]) or fid["mmd_pca"] >= 0) or not correlations_ok:
-        msg = "fidelity or privacy-audit numbers out of range"
+        msg = "fidelity, privacy-audit or local-only numbers out of range"
         raise ProtocolError(msg)

@@ -70,16 +70,23 @@ class MLPTrainConfig:
         return int(min(self.max_steps, max(self.min_steps, math.ceil(self.epochs * per_epoch))))
 
 
-def train_mlp(X: Matrix, y: np.ndarray, n_classes: int, *, seed: int = 0, cfg: MLPTrainConfig | None = None) -> MLPClassifier:
-    """Train the G-256-256-C MLP with AdamW for ``cfg.steps(len(X))`` minibatches (drawn with replacement)."""
+def train_mlp(X: Matrix, y: np.ndarray, n_classes: int, *, seed: int = 0, cfg: MLPTrainConfig | None = None,
+              init: dict[str, torch.Tensor] | None = None, steps: int | None = None) -> MLPClassifier:
+    """Train the G-256-256-C MLP with AdamW for ``cfg.steps(len(X))`` minibatches (drawn with replacement).
+
+    ``init`` (a state dict) and ``steps``: continue from given weights for a given number of steps
+    (the local update of a FedAvg round).
+    """
     cfg = cfg or MLPTrainConfig()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = MLPClassifier(MLPConfig(n_genes=X.shape[1], n_classes=n_classes))
+    if init is not None:
+        model.load_state_dict(init)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4, fused=True)
     yt = torch.as_tensor(y, dtype=torch.long)
     model.train()
-    for _ in range(cfg.steps(X.shape[0])):
+    for _ in range(cfg.steps(X.shape[0]) if steps is None else steps):
         idx = rng.integers(0, X.shape[0], size=min(cfg.batch_size, X.shape[0]))
         loss = F.cross_entropy(model(dense_rows(X, idx)), yt[idx])
         opt.zero_grad(set_to_none=True)

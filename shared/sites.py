@@ -10,7 +10,8 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from shared.data import PreparedSite, align_genes, gene_stats, prepare_site, select_variable_genes, split_hash
+from shared.data import PreparedSite, align_genes, prepare_site, split_hash
+from shared.plan import plan_vocabulary, profile_of
 from shared.errors import SiteDataError
 
 logger = logging.getLogger(__name__)
@@ -91,24 +92,19 @@ class Federation:
         return split_hash(*arrays)
 
 
-def plan_genes(sites: Sequence[PreparedSite], n_genes: int) -> list[str]:
-    """Top variable genes from the sites' TRAINING cells only (summed per-gene statistics)."""
-    genes = list(sites[0].genes)
-    common = set(genes).intersection(*(s.genes for s in sites[1:]))
-    genes = [g for g in genes if g in common]
-    total = [np.zeros(len(genes)), np.zeros(len(genes)), np.zeros(len(genes), np.int64)]
-    n = 0
-    for s in sites:
-        X, _ = align_genes(s.X[s.train_idx], s.genes, genes, min_coverage=0.0)
-        for acc, part in zip(total, gene_stats(X), strict=True):
-            acc += part
-        n += len(s.train_idx)
-    return select_variable_genes(genes, total[0], total[1], total[2], n, n_top=n_genes)
+def plan_genes(names: Sequence[str], sites: Sequence[PreparedSite], n_genes: int) -> list[str]:
+    """Top variable genes from the sites' TRAINING cells only: the federation's plan (``shared.plan``) on the same statistics."""
+    profiles = [profile_of(name, s.X[s.train_idx], s.genes, [s.classes[j] for j in s.labels[s.train_idx]]) for name, s in zip(names, sites, strict=True)]
+    return plan_vocabulary(profiles, n_genes=n_genes)[0]
 
 
 def prepare_federation(parts: dict[str, ad.AnnData], *, label_key: str, n_genes: int = 2000, seed: int = 0,
-                       test_fraction: float = 0.2, val_fraction: float = 0.1) -> Federation:
-    """Prepare every site (contract checks, normalisation, train / validation / test split) and align them to one plan."""
+                       test_fraction: float = 0.2, val_fraction: float = 0.1, genes: Sequence[str] | None = None) -> Federation:
+    """Prepare every site (contract checks, normalisation, train / validation / test split) and align them to one plan.
+
+    ``genes``: a given plan's genes (a federation's, or a reference's); by default the plan is made
+    here, with the federation's rule.
+    """
     names, sites = [], []
     for name, adata in parts.items():
         try:
@@ -119,7 +115,7 @@ def prepare_federation(parts: dict[str, ad.AnnData], *, label_key: str, n_genes:
     if not sites:
         msg = "no site has usable data; run `scdd check` on the file to see why"
         raise SiteDataError(msg)
-    genes = plan_genes(sites, n_genes)
+    genes = list(genes) if genes is not None else plan_genes(names, sites, n_genes)
     classes = sorted(set().union(*(s.classes for s in sites)))
     lookup = {c: i for i, c in enumerate(classes)}
     X = tuple(align_genes(s.X, s.genes, genes, min_coverage=0.0)[0] for s in sites)

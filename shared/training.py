@@ -38,6 +38,18 @@ def dense_rows(X: Matrix, idx: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rows, dtype=np.float32))
 
 
+def anchor_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of a model's parameters: the fixed point of a proximal (FedProx) or anchor term."""
+    return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+
+def _pull(params: dict[str, torch.nn.Parameter], anchor: dict[str, torch.Tensor] | None, weight: float) -> torch.Tensor | None:
+    """``weight * sum ||p - anchor||^2`` over the parameters (None when off); gradients flow into ``params`` only."""
+    if anchor is None or weight <= 0:
+        return None
+    return weight * sum(((params[k] - anchor[k].detach()) ** 2).sum() for k in params)
+
+
 def _batches(n: int, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, n, size=min(cfg.batch_size, n))
 
@@ -49,14 +61,26 @@ def fit_vae(
     cfg: TrainConfig,
     *,
     aux: np.ndarray | None = None,
+    anchor: dict[str, torch.Tensor] | None = None,
+    anchor_weight: float = 0.0,
+    kl_ramp: tuple[float, float] | None = None,
     progress: Progress | None = None,
 ) -> list[float]:
-    """Train `model` in place for cfg.steps minibatch steps; return the loss every 100 steps."""
+    """Train `model` in place for cfg.steps minibatch steps; return the loss every 100 steps.
+
+    The KL weight warms up from 0 to 1 over ``cfg.warmup_fraction`` of the steps, or (``kl_ramp``,
+    one FedAvg round's share of a warm-up spread over many rounds) goes linearly from its first to
+    its second value over these steps.
+
+    With `anchor` (``anchor_of`` the received global weights) and `anchor_weight` = mu / 2 this is
+    FedProx's local objective: the loss plus ``mu/2 * ||w - w_global||^2``.
+    """
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # fused: ~15% faster steps on CPU
     y = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
     a = torch.as_tensor(aux, dtype=torch.float32) if aux is not None else None
+    params = dict(model.named_parameters())
     model.train()
     history: list[float] = []
     warm = max(1, int(cfg.steps * cfg.warmup_fraction))
@@ -66,13 +90,17 @@ def fit_vae(
             dense_rows(X, idx),
             y[idx] if y is not None else None,
             a[idx] if a is not None else None,
-            beta_scale=min(1.0, (step + 1) / warm),
+            beta_scale=min(1.0, (step + 1) / warm) if kl_ramp is None else kl_ramp[0] + (kl_ramp[1] - kl_ramp[0]) * (step + 1) / cfg.steps,
         )
+        total = out.total
+        prox = _pull(params, anchor, anchor_weight)
+        if prox is not None:
+            total = total + prox
         opt.zero_grad(set_to_none=True)
-        out.total.backward()
+        total.backward()
         opt.step()
         if step % 100 == 0 or step == cfg.steps - 1:
-            history.append(out.total.item())
+            history.append(total.item())
             if progress is not None:
                 progress(step + 1, cfg.steps)
     model.eval()
@@ -119,8 +147,9 @@ def fit_scdg(
     for step in range(cfg.steps):
         idx = torch.as_tensor(_batches(len(zs), cfg, rng))
         total, _, _ = model.loss(zs[idx], y[idx])
-        if anchor is not None and anchor_weight > 0:
-            total = total + anchor_weight * sum(((params[k] - anchor[k]) ** 2).sum() for k in params)
+        prox = _pull(params, anchor, anchor_weight)
+        if prox is not None:
+            total = total + prox
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()

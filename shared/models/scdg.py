@@ -71,6 +71,9 @@ class SCDG(nn.Module):
     unit variance per dimension (statistics stored as buffers, set by the trainer).
     """
 
+    # parameters whose first n_classes rows belong to one class each (the null-class row after them is shared)
+    class_rows: tuple[str, ...] = ("class_emb.weight", "qa.2.weight", "qa.2.bias")
+
     def __init__(self, config: SCDGConfig) -> None:
         super().__init__()
         self.config = config

@@ -58,6 +58,9 @@ class VAE(nn.Module):
     decoded cells have a realistic fraction of zeros.
     """
 
+    # parameters whose first n_classes rows belong to one class each (class-aware aggregation)
+    class_rows: tuple[str, ...] = ("label_head.weight", "label_head.bias")
+
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config

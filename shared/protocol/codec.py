@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from shared.errors import ProtocolError
 
-SCHEMA_VERSION = 2  # 2: validation split in the site spec, validation scores + privacy audit in the evaluate reply
+SCHEMA_VERSION = 3  # 2: validation split, validation scores + privacy audit; 3: FedProx mu in the pretrain request, local-only scores in the evaluate reply
 MSG_PROFILE = "query.profile"
 MSG_PRETRAIN = "train.pretrain"
 MSG_DISTILL = "train.distill"

@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from shared.protocol.codec import (
     SPEC_KEYS, KEY_CONFIG, KEY_ENCODER, KEY_LATENT, KEY_METRICS, KEY_PLAN, KEY_PLAN_GENES, KEY_SPEC, KEY_STATS, KEY_WEIGHTS,
-    SCHEMA_KEY, STAGES, check_round, Plan, SiteSpec, Stage, StateDict, get_array, config_record, fail, check_keys, check_records, get_str_list, get_value,
+    SCHEMA_KEY, STAGES, check_round, Plan, SiteSpec, Stage, StateDict, get_array, config_record, fail, check_keys, check_records, get_float_list, get_str_list, get_value,
     decode_strings, encode_strings, state_from_record, state_record,
 )
 
@@ -90,15 +90,17 @@ class PretrainRequest:
     steps: int
     lr: float
     batch_size: int
-    warmup_fraction: float
+    kl_ramp: tuple[float, float]  # the VAE's KL weight goes linearly from the first to the second value over this round's steps
     seed: int
     encoder: StateDict | None = None  # the VAE, for the "scdg" stage
     encoder_config: str = ""
+    proximal_mu: float = 0.0  # FedProx: the site adds mu/2 * ||w - weights||^2 to its local loss
 
     def to_record(self) -> RecordDict:
         """Encode."""
         cfg = config_record({"stage": self.stage, "round": self.round, "model-config": self.model_config, "steps": self.steps, "lr": float(self.lr),
-                       "batch-size": self.batch_size, "warmup-fraction": float(self.warmup_fraction), "seed": self.seed, "encoder-config": self.encoder_config})
+                       "batch-size": self.batch_size, "kl-ramp": [float(v) for v in self.kl_ramp], "seed": self.seed, "encoder-config": self.encoder_config,
+                       "proximal-mu": float(self.proximal_mu)})
         rd = RecordDict({KEY_CONFIG: cfg, KEY_WEIGHTS: state_record(self.weights), **self.plan.records()})
         if self.stage == "scdg":
             rd[KEY_ENCODER] = state_record(self.encoder or {})
@@ -113,16 +115,22 @@ class PretrainRequest:
         if stage not in STAGES:
             raise fail(where, f"stage {stage!r} unknown; expected one of {STAGES}")
         check_records(rd, where, configs=[KEY_CONFIG, KEY_PLAN], arrays=[KEY_WEIGHTS, KEY_PLAN_GENES, *([KEY_ENCODER] if stage == "scdg" else [])])
-        check_keys(cfg, {SCHEMA_KEY, "stage", "round", "model-config", "steps", "lr", "batch-size", "warmup-fraction", "seed", "encoder-config"}, where)
+        check_keys(cfg, {SCHEMA_KEY, "stage", "round", "model-config", "steps", "lr", "batch-size", "kl-ramp", "seed", "encoder-config", "proximal-mu"}, where)
         req = cls(stage=stage, round=check_round(get_value(cfg, "round", int, where), where), weights=state_from_record(rd[KEY_WEIGHTS], where),
                   model_config=get_value(cfg, "model-config", str, where), plan=Plan.from_records(rd, where), steps=get_value(cfg, "steps", int, where),
                   lr=get_value(cfg, "lr", float, where), batch_size=get_value(cfg, "batch-size", int, where),
-                  warmup_fraction=get_value(cfg, "warmup-fraction", float, where), seed=get_value(cfg, "seed", int, where),
+                  kl_ramp=_ramp(get_float_list(cfg, "kl-ramp", where), where), seed=get_value(cfg, "seed", int, where),
                   encoder=state_from_record(rd[KEY_ENCODER], where) if stage == "scdg" else None,
-                  encoder_config=get_value(cfg, "encoder-config", str, where))
-        if req.steps < 0 or req.lr <= 0 or req.batch_size < 1 or not 0 <= req.warmup_fraction <= 1:
-            raise fail(where, "steps >= 0, lr > 0, batch-size >= 1 and 0 <= warmup-fraction <= 1 required")
+                  encoder_config=get_value(cfg, "encoder-config", str, where), proximal_mu=get_value(cfg, "proximal-mu", float, where))
+        if req.steps < 0 or req.lr <= 0 or req.batch_size < 1 or not all(0 <= v <= 1 for v in req.kl_ramp) or not 0 <= req.proximal_mu < 1e6:
+            raise fail(where, "steps >= 0, lr > 0, batch-size >= 1, KL ramp within [0, 1] and 0 <= proximal-mu < 1e6 required")
         return req
+
+
+def _ramp(values: tuple[float, ...], where: str) -> tuple[float, float]:
+    if len(values) != 2:
+        raise fail(where, f"kl-ramp must hold 2 values, got {len(values)}")
+    return float(values[0]), float(values[1])
 
 
 @dataclass(frozen=True, eq=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -173,6 +173,9 @@ FIDELITY_KEYS = ("mmd_pca", "mean_corr", "var_corr", "marker_overlap", "zero_fra
 CORRELATIONS = ("mean_corr", "var_corr")  # in [-1, 1]; the others are >= 0
 
 
+LOCAL_EVALUATORS = ("mlp", "logreg")  # what a site trains on its own cells for the local-only comparison
+
+
 def _wire(key: str) -> str:
     return key.replace("_", "-")
 
@@ -206,6 +209,8 @@ class EvaluateReply:
     val_scores: Mapping[str, EvaluatorScores]  # the same on the site's validation cells (for choices; NaN when it has none)
     fidelity: Mapping[str, float]  # keys: FIDELITY_KEYS
     audit: Mapping[str, float]  # keys: AUDIT_KEYS
+    # a model trained on this site's own training cells only, on the same test cells: what the site has without joining
+    local_only: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # LOCAL_EVALUATORS -> {"accuracy", "macro_f1"}
 
     def to_record(self) -> RecordDict:
         """Encode (NaN travels as ABSENT / ABSENT_CORR)."""
@@ -214,6 +219,9 @@ class EvaluateReply:
             m[_wire(key)] = nan_to_wire(self.fidelity[key], ABSENT_CORR if key in CORRELATIONS else ABSENT)
         for key in AUDIT_KEYS:
             m[_wire(key)] = nan_to_wire(self.audit[key])
+        for ev in LOCAL_EVALUATORS:
+            for part in ("accuracy", "macro_f1"):
+                m[f"local-{ev}-{_wire(part)}"] = nan_to_wire(self.local_only.get(ev, {}).get(part, float("nan")))
         return RecordDict({KEY_CONFIG: config_record({"round": self.round}), KEY_METRICS: MetricRecord(m)})
 
     @classmethod
@@ -224,8 +232,11 @@ class EvaluateReply:
         check_keys(rd[KEY_CONFIG], {SCHEMA_KEY, "round"}, where)
         m = rd[KEY_METRICS]
         score_keys = {f"{p}{ev}-{part}" for p in ("", "val-") for ev in EVALUATORS for part in ("accuracy", "macro-f1", "recall")}
-        check_keys(m, {"n-test", "n-val", *score_keys, *(_wire(k) for k in (*FIDELITY_KEYS, *AUDIT_KEYS))}, where)
+        local_keys = {f"local-{ev}-{_wire(part)}" for ev in LOCAL_EVALUATORS for part in ("accuracy", "macro_f1")}
+        check_keys(m, {"n-test", "n-val", *score_keys, *local_keys, *(_wire(k) for k in (*FIDELITY_KEYS, *AUDIT_KEYS))}, where)
         fid = {k: wire_to_nan(get_value(m, _wire(k), float, where), ABSENT_CORR if k in CORRELATIONS else ABSENT) for k in FIDELITY_KEYS}
         aud = {k: wire_to_nan(get_value(m, _wire(k), float, where)) for k in AUDIT_KEYS}
+        local = {ev: {part: wire_to_nan(get_value(m, f"local-{ev}-{_wire(part)}", float, where)) for part in ("accuracy", "macro_f1")}
+                 for ev in LOCAL_EVALUATORS}
         return cls(check_round(get_value(rd[KEY_CONFIG], "round", int, where), where), get_value(m, "n-test", int, where),
-                   _scores_from_wire("", m, where), get_value(m, "n-val", int, where), _scores_from_wire("val-", m, where), fid, aud)
+                   _scores_from_wire("", m, where), get_value(m, "n-val", int, where), _scores_from_wire("val-", m, where), fid, aud, local)

@@ -123,7 +123,7 @@ def test_clientapp_refuses_a_plan_whose_genes_the_site_does_not_have(tmp_path: P
     path = _h5ad(site)(tmp_path)
     plan = Plan(tuple(f"ENSG{j:05d}" for j in range(20)), ("type_0", "type_1", "type_2"), SiteSpec())
     vae, _ = fresh_models(plan, latent_dim=4, seed=0)
-    req = PretrainRequest("vae", 1, state_of(vae), model_json(vae), plan, 2, 1e-3, 8, 0.0, 0)
+    req = PretrainRequest("vae", 1, state_of(vae), model_json(vae), plan, 2, 1e-3, 8, (1.0, 1.0), 0)
     with pytest.raises(SiteDataError) as info:
         app(Message(req.to_record(), dst_node_id=7, message_type="train.pretrain"), _ctx(path, tmp_path))
     _assert_clear_and_clean(info.value, "no overlap", "symbols vs Ensembl", caplog.text)

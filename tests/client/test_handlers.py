@@ -55,11 +55,11 @@ def test_profile_reports_per_gene_aggregates_of_training_cells(ctx: Context, thr
 def test_pretrain_vae_and_latent_stats(ctx: Context, plan: Plan) -> None:
     vae, _ = fresh_models(plan, latent_dim=8, seed=0)
     sent = state_of(vae)
-    req = PretrainRequest("vae", 1, sent, model_json(vae), plan, 3, 1e-3, 16, 0.3, 1)
+    req = PretrainRequest("vae", 1, sent, model_json(vae), plan, 3, 1e-3, 16, (0.0, 0.5), 1)
     reply = PretrainReply.from_record(_send(req.to_record(), "train.pretrain", ctx))
     assert list(reply.weights) == list(sent) and reply.num_examples > 0
     assert any(not np.array_equal(reply.weights[k], sent[k]) for k in sent)
-    req = PretrainRequest("latent-stats", 0, sent, model_json(vae), plan, 0, 1e-3, 16, 0.0, 1)
+    req = PretrainRequest("latent-stats", 0, sent, model_json(vae), plan, 0, 1e-3, 16, (1.0, 1.0), 1)
     stats = PretrainReply.from_record(_send(req.to_record(), "train.pretrain", ctx))
     assert stats.latent_sum.shape == (8,) and np.all(stats.latent_sumsq >= 0)
 

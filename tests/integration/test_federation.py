@@ -21,7 +21,7 @@ from server.errors import TOO_FEW_SITES, FederationStopped
 from server.run_store import RunStore
 from server.simulation import InProcessGrid, component_ref, load_component, run_in_process
 from server.validation import distill_budget
-from shared.checkpoint import load_model
+from shared.checkpoint import load_model, model_hash
 from shared.pretrain import latent_dim_for
 from shared.protocol import (
     KEY_CODES, KEY_CONFIG, KEY_METRICS, KEY_STATS, KEY_WEIGHTS, MSG_DISTILL, MSG_EVALUATE, MSG_PRETRAIN, MSG_PROFILE, DistillRequest,
@@ -56,8 +56,11 @@ def kang(tmp_path_factory: pytest.TempPathFactory, example_path: Path) -> tuple[
 def test_kang_run_writes_every_output(kang: tuple[InProcessGrid, Path, list[str]]) -> None:
     _, run_dir, _ = kang
     for name in ("config.json", "plan.json", "metrics.json", "synthetic.h5ad", "synthetic_round1.h5ad", "synthetic_round2.h5ad",
-                 "vae.pt", "scdg.pt", "mlp.pt", "state/state.json"):
+                 "vae.pt", "scdg.pt", "mlp.pt", "state/state.json", "pretrained/plan.json", "pretrained/vae.pt", "pretrained/scdg.pt"):
         assert (run_dir / name).is_file(), name
+    # pretrained/ holds the models as FedAvg left them (a pretrained-path folder): the VAE is never fine-tuned, the SCDG is
+    assert model_hash(load_model(run_dir / "pretrained" / "vae.pt")) == model_hash(load_model(run_dir / "vae.pt"))
+    assert model_hash(load_model(run_dir / "pretrained" / "scdg.pt")) != model_hash(load_model(run_dir / "scdg.pt"))
     synth = ad.read_h5ad(run_dir / "synthetic.h5ad")
     assert {"cell_type", "site", "round"} <= set(synth.obs) and set(synth.obs["round"]) == {2}
     assert sorted(synth.obs["site"].unique()) == ["ctrl101", "ctrl107", "stim101", "stim107"]
@@ -96,13 +99,32 @@ def test_sites_report_validation_scores_and_the_privacy_audit(kang: tuple[InProc
     assert len(files) == 4 and all(len(np.load(f)) == 5 * K for f in files)
 
 
+def test_each_site_reports_what_it_gains_by_joining(kang: tuple[InProcessGrid, Path, list[str]]) -> None:
+    """Local-only scores (a model on the site's own training cells) beside the federated ones: metrics.json, the log, report.html."""
+    from server import report
+
+    _, run_dir, log = kang
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    first, second = (r["sites"] for r in metrics["rounds"])
+    for site, entry in first.items():
+        local = entry["local_only"]
+        assert set(local) == {"mlp", "logreg"} and all(0.5 < local[ev]["accuracy"] <= 1 for ev in local), (site, local)  # 5 classes
+        assert second[site]["local_only"] == local  # it depends on the site's cells only: computed once, kept in the site's cache
+        assert any(f"site {site}: MLP accuracy" in line and "local-only" in line for line in log), site
+    agg = metrics["rounds"][0]["aggregate"]["local_only"]
+    assert 0.5 < agg["cell_weighted"]["mlp"]["accuracy"] <= 1 and 0.5 < agg["macro"]["logreg"]["accuracy"] <= 1
+    assert len(list((run_dir.parent / "cache").glob("local-only-*.json"))) == 4
+    rows = report._site_table(metrics["rounds"][-1], {})
+    assert "gain from joining" in rows and "MLP acc local-only" in rows
+
+
 def test_report_is_self_contained_html(kang: tuple[InProcessGrid, Path, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
     """Report structure from the kang run; the embedding is stubbed (UMAP's numba compile costs ~10 s; the slow demo test runs it)."""
     from server import report
 
     monkeypatch.setattr(report, "_embedding", lambda a: (np.random.default_rng(0).normal(size=(a.n_obs, 2)), "UMAP"))
     html = report.write_report(kang[1]).read_text()
-    assert html.count("data:image/png;base64,") == 2 and 'src="http' not in html
+    assert html.count("data:image/png;base64,") == 3 and 'src="http' not in html and "What each site gains by joining" in html
     assert report.AUDIT_GUIDE in html and "stim107" in html and "sc.tl.umap" in html and "seed MIA" in html
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from server.fusion import aggregate_scores, fedavg, latent_moments, plan_vocabulary
+from server.fusion import aggregate_scores, fedavg, latent_moments
+from shared.plan import plan_vocabulary
 from shared.data import gene_stats, select_variable_genes
 
 

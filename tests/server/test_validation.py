@@ -106,7 +106,7 @@ def test_profile_with_duplicate_gene_names_fails_decoding() -> None:
         decode(rd, ProfileReply)
 
 
-PREQ = PretrainRequest("vae", 1, STATE, "{}", PLAN, 5, 1e-3, 8, 0.0, 0)
+PREQ = PretrainRequest("vae", 1, STATE, "{}", PLAN, 5, 1e-3, 8, (1.0, 1.0), 0)
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,7 @@ def test_malformed_pretrain_reply_is_rejected(mutate: Callable[[RecordDict], Non
 
 
 def test_latent_stats_of_the_wrong_length_are_rejected() -> None:
-    req = PretrainRequest("latent-stats", 0, STATE, "{}", PLAN, 0, 1e-3, 8, 0.0, 0)
+    req = PretrainRequest("latent-stats", 0, STATE, "{}", PLAN, 0, 1e-3, 8, (1.0, 1.0), 0)
     rd = PretrainReply("latent-stats", 0, 10, 0.0, latent_sum=np.ones(D + 1), latent_sumsq=np.ones(D + 1)).to_record()
     with pytest.raises(ProtocolError, match="latent"):
         validate_pretrain(decode(rd, PretrainReply), req, latent_dim=D)

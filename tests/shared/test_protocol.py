@@ -45,10 +45,10 @@ def test_profile_reply_roundtrip() -> None:
 @pytest.mark.parametrize("stage", ["vae", "latent-stats", "scdg"])
 def test_pretrain_request_roundtrip(stage: str) -> None:
     enc = STATE if stage == "scdg" else None
-    req = PretrainRequest(stage, 2, STATE, '{"a": 1}', PLAN, 10, 1e-3, 64, 0.3, 5, encoder=enc, encoder_config='{"b": 2}' if enc else "")
+    req = PretrainRequest(stage, 2, STATE, '{"a": 1}', PLAN, 10, 1e-3, 64, (0.25, 0.5), 5, encoder=enc, proximal_mu=0.01, encoder_config='{"b": 2}' if enc else "")
     back = PretrainRequest.from_record(req.to_record())
-    assert (back.stage, back.round, back.steps, back.lr, back.batch_size, back.warmup_fraction, back.seed) == (stage, 2, 10, 1e-3, 64, 0.3, 5)
-    assert back.plan == PLAN and _arrays_equal(back.weights, STATE)
+    assert (back.stage, back.round, back.steps, back.lr, back.batch_size, back.kl_ramp, back.seed) == (stage, 2, 10, 1e-3, 64, (0.25, 0.5), 5)
+    assert back.plan == PLAN and _arrays_equal(back.weights, STATE) and back.proximal_mu == 0.01
     assert (back.encoder is None) == (stage != "scdg")
 
 

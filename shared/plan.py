@@ -1,0 +1,77 @@
+"""The run's plan from per-site gene statistics: the one implementation the federation and the benchmark share.
+
+The server plans from the sites' profile replies; the in-process benchmark plans from the same
+statistics of its prepared sites (``SiteProfile``), so both choose the same genes for the same cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from shared.data import gene_stats, select_variable_genes
+
+
+class GeneProfile(Protocol):
+    """What the plan needs from a site's profile (``shared.protocol.ProfileReply`` fits)."""
+
+    site_name: str
+    genes: tuple[str, ...]
+    sums: np.ndarray
+    sumsq: np.ndarray
+    detected: np.ndarray
+    n_cells: int
+    label_names: tuple[str, ...]
+
+
+def plan_vocabulary(profiles: Sequence[GeneProfile], *, n_genes: int, allowed: Collection[str] | None = None) -> tuple[list[str], list[str]]:
+    """Return (genes, classes): the top ``n_genes`` variable genes among genes every site has, and the label union.
+
+    Sites are taken in site-name order; genes keep the first site's order. ``allowed``: genes the
+    plan may use at all (a reference's genes, for ``init-path``).
+    """
+    if not profiles:
+        msg = "no site profiles to plan from"
+        raise ValueError(msg)
+    ordered = sorted(profiles, key=lambda p: p.site_name)
+    common = set(ordered[0].genes).intersection(*(p.genes for p in ordered[1:]))
+    genes = [g for g in ordered[0].genes if g in common and (allowed is None or g in allowed)]
+    if not genes and allowed is not None:
+        msg = "the sites share no gene with the init-path reference; check that the reference uses the sites' gene identifiers"
+        raise ValueError(msg)
+    if not genes:
+        msg = "the sites share no gene names; check that all sites use the same gene identifiers (symbols vs Ensembl IDs)"
+        raise ValueError(msg)
+    sums, sumsq, detected = np.zeros(len(genes)), np.zeros(len(genes)), np.zeros(len(genes), np.int64)
+    for p in ordered:
+        pos = {g: i for i, g in enumerate(p.genes)}
+        idx = np.array([pos[g] for g in genes], dtype=np.int64)
+        sums += np.asarray(p.sums, np.float64)[idx]
+        sumsq += np.asarray(p.sumsq, np.float64)[idx]
+        detected += np.asarray(p.detected, np.int64)[idx]
+    n_cells = int(sum(p.n_cells for p in ordered))
+    chosen = select_variable_genes(genes, sums, sumsq, detected, n_cells, n_top=n_genes)
+    classes = sorted(set().union(*(p.label_names for p in ordered)))
+    return chosen, classes
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """A prepared site's gene statistics over its TRAINING cells (what a site's profile reply carries)."""
+
+    site_name: str
+    genes: tuple[str, ...]
+    sums: np.ndarray
+    sumsq: np.ndarray
+    detected: np.ndarray
+    n_cells: int
+    label_names: tuple[str, ...]
+
+
+def profile_of(name: str, X, genes: Sequence[str], labels: Sequence[str]) -> SiteProfile:  # noqa: ANN001 - csr of training cells
+    """Gene statistics of a site's training cells ``X`` (columns ``genes``) with their label names."""
+    sums, sumsq, detected = gene_stats(X)
+    return SiteProfile(name, tuple(genes), sums, sumsq, detected, int(X.shape[0]), tuple(sorted(set(labels))))
