@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# Reruns only scdd and scdd_noopt on every file of ../shared/data and merges their rows into the existing
-# results (scdd benchmark --merge): what to run after a change to scdd's defaults, without redoing the
-# baselines (whose code did not change). Then rewrites SUMMARY.md.
-# Usage: benchmarks/rerun_scdd.sh [SEEDS] [OUT]     (defaults: 3 seeds, benchmarks/results; the split hashes must match the results it merges into)
+# Reruns the federated rows (scdd: the shipped federation, scdd_pooled, scdd_noopt, fedavg_mlp) on every file of
+# ../shared/data that has results, merges them into the existing results (scdd benchmark --merge), and rewrites
+# SUMMARY.md: what to run after a change to the federation's or scdd's defaults, without redoing the baselines
+# (whose code did not change). Two single-threaded streams; the federated runs are kept under WORK.
+# Usage: benchmarks/rerun_scdd.sh [SEEDS] [OUT]     (defaults: 3 seeds, benchmarks/results; KS=1,10,50 WORK=runs/benchmark-work
+#        EVALUATORS=mlp,logreg,knn in the environment; the split hashes must match the results it merges into)
 source "$(dirname "$0")/common.sh"
-for results in "$OUT"/*/results.json; do  # every dataset that already has results to merge into
-  name=$(basename "$(dirname "$results")")
-  [ -f "$DATA/$name.h5ad" ] || { echo "skip $name (not in $DATA)"; continue; }
-  .venv/bin/scdd benchmark "$DATA/$name.h5ad" --site-key batch --sites 3 --k 1,10,50 --seeds "$SEEDS" \
-    --methods scdd,scdd_noopt --merge --out "$OUT"
-done
-.venv/bin/python benchmarks/summarize.py "$OUT"
+KS=${KS:-1,10,50}
+WORK=${WORK:-runs/benchmark-work}
+EVALUATORS=${EVALUATORS:-mlp,logreg,knn}
+stream() {
+  for name in "$@"; do
+    [ -f "$DATA/$name.h5ad" ] && [ -f "$OUT/$name/results.json" ] || { echo "skip $name (not in $DATA or no results to merge into)"; continue; }
+    .venv/bin/scdd benchmark "$DATA/$name.h5ad" --site-key batch --sites 3 --k "$KS" --seeds "$SEEDS" --evaluators "$EVALUATORS" \
+      --methods scdd,scdd_pooled,scdd_noopt,fedavg_mlp --merge --work "$WORK" --out "$OUT"
+  done
+}
+stream human_kidney_scdcc pbmc4k_10x_scdcc pancreas_3study_cepo pbmc_scvi_200genes pbmc_sorted_mudan > "$OUT.a.log" 2>&1 &
+a=$!
+stream pbmc_ding_2tech_scannotate cellbench_lung6_hvg cellbench_lung5 kang_pbmc_muscat cbmc_citeseq_scdcc > "$OUT.b.log" 2>&1 &
+b=$!
+wait $a $b
+.venv/bin/python benchmarks/summarize.py "$OUT" "$WORK"

@@ -1,6 +1,6 @@
 """scdd distillation and decoding variants, scored on VALIDATION cells only (how defaults are chosen).
 
-The benchmark's multi-site setting (`shared.benchmark.prepare_seed`: obs["batch"] sites or a Dirichlet(0.5)
+The benchmark's multi-site setting (`server.benchmark.prepare_seed`: obs["batch"] sites or a Dirichlet(0.5)
 3-site split, each site split 70 / 10 / 20 into train / validation / test, pooled pretraining, codes from every
 site fused, the evaluation MLP), averaged over files and seeds; every seed re-draws the site split (Dirichlet
 files), the per-site splits, pretraining and distillation. Test cells are never scored here.
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.benchmark import BenchmarkConfig, prepare_seed
+from server.benchmark import BenchmarkConfig, prepare_seed
 from shared.data import read_h5ad
 from shared.distill import DistillConfig, distill_codes, generate
 from shared.evaluation import fit_predict, score
@@ -59,7 +59,7 @@ VARIANTS: dict[str, tuple[dict[str, object], str]] = {
 }
 
 
-def _score_variant(run, name: str, k: int) -> float:  # noqa: ANN001 - a shared.benchmark.SeedRun
+def _score_variant(run, name: str, k: int) -> float:  # noqa: ANN001 - a server.benchmark.SeedRun
     change, mode = VARIANTS[name]
     fed, pre = run.fed, run.pre
     cells, labels = [], []
@@ -94,7 +94,7 @@ def main() -> int:
     for path in args.files:
         adata, stem = read_h5ad(path), Path(path).stem
         for seed in range(args.seeds):
-            run = prepare_seed(adata, cfg, seed)
+            run = prepare_seed(adata, cfg, seed, pretrain_models=True)
             if args.recon:
                 X_all, y_all = run.fed.pooled("train")
                 recon = run.pre.vae.decode(torch.from_numpy(encode(run.pre.vae, X_all))).detach().numpy()

@@ -48,8 +48,19 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="synthetic .h5ad to write")
 
 
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="train the VAE + SCDG on a public reference .h5ad (for init-path or pretrained-path)")
+    p.add_argument("file", help="the reference .h5ad (public data: it is not a member of any site)")
+    p.add_argument("--label-key", required=True, help="obs column with the reference's cell types (need not match the sites')")
+    p.add_argument("--expect", choices=["auto", "counts", "lognorm"], default="auto")
+    p.add_argument("--n-genes", type=int, default=2000, help="variable genes kept (a plan using init-path picks its genes among these)")
+    p.add_argument("--pretrain-steps", type=_ints, default=None, help="VAE,SCDG steps (default: PretrainConfig's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory to write plan.json, vae.pt, scdg.pt, reference.json")
+
+
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("benchmark", help="in-process benchmark of scdd against baselines (DESIGN section 7)")
+    p = sub.add_parser("benchmark", help="benchmark: the shipped federation (in-process) against baselines, on held-out real cells")
     p.add_argument("files", nargs="+")
     p.add_argument("--label-key", default="cell_type")
     p.add_argument("--site-key", default="batch", help="obs column naming sites; absent -> Dirichlet split")
@@ -64,6 +75,12 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrain-steps", type=_ints, default=None, help="VAE,SCDG pretraining steps (default: PretrainConfig's)")
     p.add_argument("--n-genes", type=int, default=2000)
     p.add_argument("--out", required=True, help="output directory (results.md, results.json)")
+    p.add_argument("--pretraining", default="fedavg,pooled",
+                   help="scdd rows to run: fedavg (the shipped federation: scdd, scdd_noopt), pooled (scdd_pooled, an upper bound), or both")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="run-config key for the federated rows (repeatable), as in `scdd simulate --set`")
+    p.add_argument("--leave-out", default=None, metavar="SITE", help="a site that takes no part; every method is scored on its cells only")
+    p.add_argument("--work", default=None, help="keep the federated runs under this folder (default: a temporary folder, removed)")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of methods not run this time from an existing results.json (rerun one method only)")
 
@@ -93,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_check(sub)
     _add_distill(sub)
+    _add_pretrain(sub)
     _add_benchmark(sub)
     _add_federation(sub)
     sub.add_parser("certs", help="CA, SuperLink certificate and site keys (see `scdd certs --help`)", add_help=False)

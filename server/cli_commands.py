@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -10,6 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
+from shared.errors import ConfigError
 from shared.io import write_h5ad, write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,22 @@ def distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def pretrain(args: argparse.Namespace) -> int:
+    """`scdd pretrain REFERENCE.h5ad --label-key KEY --out DIR`: models for init-path / pretrained-path."""
+    from server.reference import pretrain_reference
+
+    if args.n_genes < 10:
+        print(f"scdd pretrain: error: --n-genes must be >= 10, got {args.n_genes}")
+        return 2
+    out = pretrain_reference(args.file, args.out, label_key=args.label_key, n_genes=args.n_genes, expect=args.expect,
+                             cfg=_pretrain_config(args.pretrain_steps, args.seed))
+    info = json.loads((out / "reference.json").read_text(encoding="utf-8"))
+    print(f"pretrained on {info['n_cells']} cells x {info['n_genes']} genes, {len(info['classes'])} classes in {info['seconds']} s")
+    print(f"wrote {out}/plan.json, vae.pt, scdg.pt; use it with --set init-path={out} (FedAvg starts from it) "
+          f"or pretrained-path={out} (no FedAvg; the sites' labels must be the reference's)")
+    return 0
+
+
 def _pretrain_config(steps: tuple[int, ...] | None, seed: int):  # noqa: ANN202
     """PretrainConfig with optional (VAE, SCDG) step counts."""
     from dataclasses import replace
@@ -63,10 +81,25 @@ def _pretrain_config(steps: tuple[int, ...] | None, seed: int):  # noqa: ANN202
 
 
 def _benchmark_config(args: argparse.Namespace):  # noqa: ANN202 - local import of the return type
-    from shared.benchmark import METHODS, BenchmarkConfig, SplitConfig
-    from shared.distill import DistillConfig
+    from server.benchmark import METHODS, PRETRAINING_MODE
 
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    modes = {m.strip() for m in args.pretraining.split(",") if m.strip()}
+    if not modes or modes - {"fedavg", "pooled"}:
+        msg = f"--pretraining takes fedavg, pooled or fedavg,pooled; got {args.pretraining!r}"
+        raise ConfigError(msg)
+    methods = tuple(m for m in methods if PRETRAINING_MODE.get(m, "none") in modes | {"none"})
+    try:
+        return _make_benchmark_config(args, methods)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _make_benchmark_config(args: argparse.Namespace, methods: tuple[str, ...]):  # noqa: ANN202
+    from server.benchmark import BenchmarkConfig, SplitConfig
+    from server.simulation import parse_overrides
+    from shared.distill import DistillConfig
+
     return BenchmarkConfig(
         methods=methods,
         ks=args.k,
@@ -77,6 +110,9 @@ def _benchmark_config(args: argparse.Namespace):  # noqa: ANN202 - local import 
         pretrain=_pretrain_config(args.pretrain_steps, 0),
         split=SplitConfig(label_key=args.label_key, site_key=args.site_key, n_sites=args.sites, n_genes=args.n_genes),
         score_on=args.score_on,
+        federation=tuple(parse_overrides(args.overrides).items()),
+        leave_out=args.leave_out or "",
+        work_dir=args.work or "",
     )
 
 
@@ -86,7 +122,7 @@ def benchmark(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from shared import benchmark as bm
+    from server import benchmark as bm
     from shared.data import read_h5ad
 
     cfg = _benchmark_config(args)
@@ -104,13 +140,19 @@ def benchmark(args: argparse.Namespace) -> int:
                 return 2
         n_tasks = cfg.seeds * sum(1 if m in bm.K_FREE else len(cfg.ks) for m in cfg.methods)
         t0 = time.perf_counter()
+        work = dataclasses.replace(cfg, work_dir=str(Path(cfg.work_dir) / name)) if cfg.work_dir else cfg
         with tqdm(total=n_tasks, desc=name, unit="run") as bar:
-            cells, seeds = bm.run(adata, cfg, progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
+            cells, seeds = bm.run(path, work, progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
+        scored = (f"the {cfg.score_on.upper()} cells of the left-out site {cfg.leave_out}, which took no part in pretraining or codes"
+                  if cfg.leave_out else f"the pooled {cfg.score_on.upper()} cells of all sites")
         header = (
             f"{len(seeds[0]['sites'])} sites ({', '.join(seeds[0]['sites'])}), {seeds[0]['n_genes']} genes, {seeds[0]['n_classes']} classes; "
             f"{cfg.seeds} seeds (each re-draws the site split where Dirichlet, the per-site train / validation / test split, pretraining "
-            f"and distillation; split hashes {', '.join(str(s['split_hash']) for s in seeds)}); scored on the pooled {cfg.score_on.upper()} cells "
-            "of all sites. The latent space and SCDG were pretrained on the sites' POOLED training cells (stand-in for federated pretraining)."
+            f"and distillation; split hashes {', '.join(str(s['split_hash']) for s in seeds)}); scored on {scored}. "
+            "scdd is the shipped federation (FedAvg pretraining, distillation rounds, fusion; run config defaults"
+            + (f" with {', '.join(f'{k}={v}' for k, v in cfg.federation)}" if cfg.federation else "") + "); "
+            "scdd_pooled the same federation from models pretrained on the sites' POOLED training cells (upper bound); "
+            "fedavg_mlp FedAvg of the evaluation MLP on real cells."
         )
         rows = bm.rows(cells)
         merged_from = None
@@ -129,7 +171,9 @@ def benchmark(args: argparse.Namespace) -> int:
             "n_genes": seeds[0]["n_genes"],
             "n_classes": seeds[0]["n_classes"],
             "wall_seconds": time.perf_counter() - t0,
-            "pretraining": "pooled",
+            "pretraining": "fedavg (scdd, scdd_noopt); pooled (scdd_pooled)",
+            "federation_overrides": dict(cfg.federation),
+            "left_out": cfg.leave_out or None,
             "scored_on": cfg.score_on,
             "audit": "class-matched",  # shared.audit since the class-mix correction (results without this key predate it)
             "mlp": asdict(cfg.mlp),
@@ -142,8 +186,9 @@ def benchmark(args: argparse.Namespace) -> int:
             result["merged"] = merged_from
             header += f" Rows of {', '.join(cfg.methods)} rerun with this version and merged into the earlier results (--merge)."
         write_json(out / name / "results.json", result)
-        pre = "; ".join(f"seed {s['seed']}: VAE {s['pretrain_seconds']['vae']:.1f} s, SCDG {s['pretrain_seconds']['scdg']:.1f} s" for s in seeds)
-        md = bm.markdown(name, rows, cfg.ks, header + f" Pretraining: {pre}.")
+        pre = "; ".join(f"seed {s['seed']}: VAE {s['pooled_pretrain_seconds']['vae']:.1f} s, SCDG {s['pooled_pretrain_seconds']['scdg']:.1f} s"
+                        for s in seeds if s["pooled_pretrain_seconds"])
+        md = bm.markdown(name, rows, cfg.ks, header + (f" Pooled pretraining: {pre}." if pre else ""))
         write_text(out / name / "results.md", md)
         summary[name] = rows
         print(md)

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 
 from server.simulation import InProcessGrid, run_in_process
-from shared.benchmark import BenchmarkConfig, SplitConfig, prepare_seed
+from server.benchmark import BenchmarkConfig, SplitConfig, prepare_seed
 from shared.checkpoint import load_model
 from shared.data import prepare_site, read_h5ad
 from shared.distill import DistillConfig, distill_codes
@@ -112,7 +112,7 @@ def test_benchmark_pipeline_ignores_test_cells_on_a_dirichlet_split(example_path
     cfg = BenchmarkConfig(pretrain=tiny, split=SplitConfig(site_key="absent", n_sites=3, n_genes=200))
     sites = site_of_cells(adata, label_key="cell_type", site_key="absent", n_sites=3, seed=SEED)
     changed = read_h5ad(_rewrite(adata, _test_rows(adata, sites), tmp_path / "changed.h5ad"))
-    a, b = prepare_seed(adata, cfg, SEED), prepare_seed(changed, cfg, SEED)
+    a, b = prepare_seed(adata, cfg, SEED, pretrain_models=True), prepare_seed(changed, cfg, SEED, pretrain_models=True)
     assert a.split_hash == b.split_hash and a.fed.genes == b.fed.genes
     assert a.pre is not None and b.pre is not None
     sa, sb = a.pre.vae.state_dict(), b.pre.vae.state_dict()
