@@ -4,21 +4,23 @@
 # SUMMARY.md: what to run after a change to the federation's or scdd's defaults, without redoing the baselines
 # (whose code did not change). Two single-threaded streams; the federated runs are kept under WORK.
 # Usage: benchmarks/rerun_scdd.sh [SEEDS] [OUT]     (defaults: 3 seeds, benchmarks/results; KS=1,10,50 WORK=runs/benchmark-work
-#        EVALUATORS=mlp,logreg,knn in the environment; the split hashes must match the results it merges into)
+#        EVALUATORS=mlp,logreg,knn METHODS=scdd,scdd_pooled,scdd_noopt,fedavg_mlp in the environment; the split hashes must match the results it merges into)
 source "$(dirname "$0")/common.sh"
 KS=${KS:-1,10,50}
 WORK=${WORK:-runs/benchmark-work}
 EVALUATORS=${EVALUATORS:-mlp,logreg,knn}
+METHODS=${METHODS:-scdd,scdd_pooled,scdd_noopt,fedavg_mlp}
 stream() {
   for name in "$@"; do
     [ -f "$DATA/$name.h5ad" ] && [ -f "$OUT/$name/results.json" ] || { echo "skip $name (not in $DATA or no results to merge into)"; continue; }
     .venv/bin/scdd benchmark "$DATA/$name.h5ad" --site-key batch --sites 3 --k "$KS" --seeds "$SEEDS" --evaluators "$EVALUATORS" \
-      --methods scdd,scdd_pooled,scdd_noopt,fedavg_mlp --merge --work "$WORK" --out "$OUT"
+      --methods "$METHODS" --merge --work "$WORK" --out "$OUT"
   done
 }
-stream human_kidney_scdcc pbmc4k_10x_scdcc pancreas_3study_cepo pbmc_scvi_200genes pbmc_sorted_mudan > "$OUT.a.log" 2>&1 &
+# the multi-site files and two Dirichlet splits first (the federation-parity set), the other three last
+stream cellbench_lung5 pancreas_3study_cepo pbmc4k_10x_scdcc human_kidney_scdcc pbmc_scvi_200genes > "$OUT.a.log" 2>&1 &
 a=$!
-stream pbmc_ding_2tech_scannotate cellbench_lung6_hvg cellbench_lung5 kang_pbmc_muscat cbmc_citeseq_scdcc > "$OUT.b.log" 2>&1 &
+stream kang_pbmc_muscat cbmc_citeseq_scdcc cellbench_lung6_hvg pbmc_ding_2tech_scannotate pbmc_sorted_mudan > "$OUT.b.log" 2>&1 &
 b=$!
 wait $a $b
 .venv/bin/python benchmarks/summarize.py "$OUT" "$WORK"

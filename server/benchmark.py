@@ -254,6 +254,9 @@ class Produced:
     model: Any = None  # fedavg_mlp: the trained MLP
 
 
+SITE_COLUMN = "benchmark_site"  # the site of every cell, written into a leave-one-out copy of the input
+
+
 class Workspace:
     """Per-seed federated runs on disk: the FedAvg-pretrained and pooled ``pretrained-path`` folders are reused across k."""
 
@@ -273,9 +276,6 @@ class Workspace:
         if not path.is_file():
             write_h5ad(path, keep)
         return path, SITE_COLUMN
-
-
-SITE_COLUMN = "benchmark_site"
 
 
 def _federated(method: str, k: int, run: SeedRun, cfg: BenchmarkConfig, ws: Workspace, adata: ad.AnnData) -> Produced:

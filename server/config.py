@@ -37,9 +37,11 @@ class FederationConfig:
     latent_dim: int = 0  # 0: from the plan's gene count (shared.pretrain.latent_dim_for: 64, less for < 1300 genes)
     # federated pretraining (FedAvg): rounds x local steps per site
     pretrained_path: str = ""
-    num_pretrain_rounds: int = 2
-    vae_local_steps: int = 500
-    scdg_local_steps: int = 300
+    # 30 rounds x 100 VAE / 50 SCDG steps: the pooled budget (3000 / 1500 steps) in short rounds; chosen on validation
+    # cells (benchmarks/pretraining_screen.sh, benchmarks/results/pretraining_screen.md)
+    num_pretrain_rounds: int = 30
+    vae_local_steps: int = 100
+    scdg_local_steps: int = 50
     pretrain_lr: float = -1.0  # -1: PretrainConfig default
     vae_batch_size: int = -1
     scdg_batch_size: int = -1
@@ -51,7 +53,7 @@ class FederationConfig:
     init_path: str = ""  # a `scdd pretrain` directory: FedAvg starts from its VAE/SCDG (plan genes within its genes)
     # distillation rounds
     cells_per_class: int = 10
-    num_distill_rounds: int = 2
+    num_distill_rounds: int = 1  # later rounds (warm start, fine-tuned generator) gained nothing on validation cells: benchmarks/rounds_screen.sh
     distill_iterations: int = -1  # -1: DistillConfig default
     distill_t_star: int = -1  # -1: chosen from k by shared.distill
     distill_init: str = ""  # "": DistillConfig default ("real" or "noise")

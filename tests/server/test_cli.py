@@ -91,6 +91,21 @@ def test_benchmark_leave_one_site_out_scores_the_left_out_site_only(tmp_path: Pa
                  "--out", str(tmp_path)]) == 1
 
 
+@pytest.mark.slow
+def test_benchmark_leave_one_site_out_runs_the_federation_without_that_site(tmp_path: Path, example_path: Path) -> None:
+    rc = main(["benchmark", str(example_path), "--methods", "scdd", "--k", "2", "--seeds", "1", "--evaluators", "logreg", "--n-genes", "200",
+               "--leave-out", "ctrl101", "--set", "num-pretrain-rounds=2", "--set", "vae-local-steps=20", "--set", "scdg-local-steps=10",
+               "--work", str(tmp_path / "work"), "--out", str(tmp_path)])
+    assert rc == 0
+    run = tmp_path / "work" / "kang_pbmc_muscat" / "seed0" / "scdd-k2"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["sites"] == ["ctrl107", "stim101", "stim107"]  # the left-out site took no part in pretraining or codes
+    synth = ad.read_h5ad(run / "synthetic.h5ad")
+    assert "ctrl101" not in set(synth.obs["site"])
+    row = json.loads((tmp_path / "kang_pbmc_muscat" / "results.json").read_text())["rows"][0]
+    assert row["method"] == "scdd" and 0.2 < row["accuracy_mean"] <= 1  # scored on ctrl101's test cells
+
+
 def test_benchmark_refuses_bad_methods_and_overrides_in_one_line(tmp_path: Path, example_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for extra in (["--methods", "nope"], ["--set", "no-such-key=1"], ["--pretraining", "central"]):
         assert main(["benchmark", str(example_path), "--out", str(tmp_path), *extra]) == 1

@@ -3,37 +3,20 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from server.fusion import aggregate_scores, fedavg, latent_moments
-from shared.plan import plan_vocabulary
 from shared.data import gene_stats, select_variable_genes
-
-
-@dataclass
-class Profile:
-    site_name: str
-    genes: tuple[str, ...]
-    sums: np.ndarray
-    sumsq: np.ndarray
-    detected: np.ndarray
-    n_cells: int
-    label_names: tuple[str, ...]
-
-
-def _profile(name: str, X: np.ndarray, genes: list[str], labels: tuple[str, ...]) -> Profile:
-    s, q, d = gene_stats(X)
-    return Profile(name, tuple(genes), s, q, d, X.shape[0], labels)
+from shared.plan import plan_vocabulary, profile_of
 
 
 def test_plan_equals_the_pooled_variable_genes_of_the_shared_genes() -> None:
     rng = np.random.default_rng(0)
     Xa, Xb = rng.poisson(1.0, (30, 6)).astype(float), rng.poisson(2.0, (20, 5)).astype(float)
-    a = _profile("b-site", Xa, ["g0", "g1", "g2", "g3", "g4", "only_a"], ("T", "B"))
-    b = _profile("a-site", Xb[:, ::-1], ["g4", "g3", "g2", "g1", "g0"], ("mono",))
+    a = profile_of("b-site", Xa, ["g0", "g1", "g2", "g3", "g4", "only_a"], ("T", "B"))
+    b = profile_of("a-site", Xb[:, ::-1], ["g4", "g3", "g2", "g1", "g0"], ("mono",))
     genes, classes = plan_vocabulary([a, b], n_genes=3)
     pooled = np.vstack([Xb, Xa[:, :5]])
     expected = select_variable_genes(["g0", "g1", "g2", "g3", "g4"], *gene_stats(pooled), pooled.shape[0], n_top=3)
@@ -42,8 +25,8 @@ def test_plan_equals_the_pooled_variable_genes_of_the_shared_genes() -> None:
 
 
 def test_plan_refuses_sites_without_shared_genes() -> None:
-    a = _profile("a", np.ones((2, 1)), ["x"], ("T",))
-    b = _profile("b", np.ones((2, 1)), ["y"], ("T",))
+    a = profile_of("a", np.ones((2, 1)), ["x"], ("T",))
+    b = profile_of("b", np.ones((2, 1)), ["y"], ("T",))
     with pytest.raises(ValueError, match="share no gene"):
         plan_vocabulary([a, b], n_genes=5)
 
