@@ -17,10 +17,5 @@ stream() {
       --methods "$METHODS" --merge --work "$WORK" --out "$OUT"
   done
 }
-# the multi-site files and two Dirichlet splits first (the federation-parity set), the other three last
-stream cellbench_lung5 pancreas_3study_cepo pbmc4k_10x_scdcc human_kidney_scdcc pbmc_scvi_200genes > "$OUT.a.log" 2>&1 &
-a=$!
-stream kang_pbmc_muscat cbmc_citeseq_scdcc cellbench_lung6_hvg pbmc_ding_2tech_scannotate pbmc_sorted_mudan > "$OUT.b.log" 2>&1 &
-b=$!
-wait $a $b
+run_streams stream
 .venv/bin/python benchmarks/summarize.py "$OUT" "$WORK"

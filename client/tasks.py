@@ -31,14 +31,10 @@ logger = logging.getLogger(__name__)
 
 def profile_site(site: SiteData) -> ProfileReply:
     """Per-gene sums / sums of squares / detection counts and cells per label, over training cells."""
-    from shared.data import gene_stats  # imports anndata/pandas: only this message needs them
+    from shared.plan import profile_of  # imports anndata/pandas: only this message needs them
 
-    X = site.X[site.train_idx]
-    sums, sumsq, detected = gene_stats(X)
-    counts = np.bincount(site.labels[site.train_idx], minlength=len(site.classes)).astype(np.int64)
-    keep = counts > 0
-    return ProfileReply(site_name=site.name, genes=site.genes, sums=sums, sumsq=sumsq, detected=detected, n_cells=int(X.shape[0]),
-                        label_names=tuple(c for c, k in zip(site.classes, keep, strict=True) if k), label_counts=counts[keep])
+    train = site.train_idx
+    return profile_of(site.name, site.X[train], site.genes, [site.classes[j] for j in site.labels[train]])
 
 
 def _model(kind: str, config_json: str, weights: StateDict) -> torch.nn.Module:

@@ -1,33 +1,19 @@
 """The run's plan from per-site gene statistics: the one implementation the federation and the benchmark share.
 
 The server plans from the sites' profile replies; the in-process benchmark plans from the same
-statistics of its prepared sites (``SiteProfile``), so both choose the same genes for the same cells.
+statistics of its prepared sites (``profile_of``, which the sites' profile replies come from too), so both choose the same genes for the same cells.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
-from typing import Protocol
-
 import numpy as np
 
 from shared.data import gene_stats, select_variable_genes
+from shared.protocol import ProfileReply
 
 
-class GeneProfile(Protocol):
-    """What the plan needs from a site's profile (``shared.protocol.ProfileReply`` fits)."""
-
-    site_name: str
-    genes: tuple[str, ...]
-    sums: np.ndarray
-    sumsq: np.ndarray
-    detected: np.ndarray
-    n_cells: int
-    label_names: tuple[str, ...]
-
-
-def plan_vocabulary(profiles: Sequence[GeneProfile], *, n_genes: int, allowed: Collection[str] | None = None) -> tuple[list[str], list[str]]:
+def plan_vocabulary(profiles: Sequence[ProfileReply], *, n_genes: int, allowed: Collection[str] | None = None) -> tuple[list[str], list[str]]:
     """Return (genes, classes): the top ``n_genes`` variable genes among genes every site has, and the label union.
 
     Sites are taken in site-name order; genes keep the first site's order. ``allowed``: genes the
@@ -58,20 +44,9 @@ def plan_vocabulary(profiles: Sequence[GeneProfile], *, n_genes: int, allowed: C
     return chosen, classes
 
 
-@dataclass(frozen=True)
-class SiteProfile:
-    """A prepared site's gene statistics over its TRAINING cells (what a site's profile reply carries)."""
-
-    site_name: str
-    genes: tuple[str, ...]
-    sums: np.ndarray
-    sumsq: np.ndarray
-    detected: np.ndarray
-    n_cells: int
-    label_names: tuple[str, ...]
-
-
-def profile_of(name: str, X, genes: Sequence[str], labels: Sequence[str]) -> SiteProfile:  # noqa: ANN001 - csr of training cells
-    """Gene statistics of a site's training cells ``X`` (columns ``genes``) with their label names."""
+def profile_of(name: str, X, genes: Sequence[str], labels: Sequence[str]) -> ProfileReply:  # noqa: ANN001 - csr of training cells
+    """A site's profile: gene statistics of its training cells ``X`` (columns ``genes``) and cells per label name."""
     sums, sumsq, detected = gene_stats(X)
-    return SiteProfile(name, tuple(genes), sums, sumsq, detected, int(X.shape[0]), tuple(sorted(set(labels))))
+    names, counts = np.unique(np.asarray(labels, dtype=str), return_counts=True)
+    return ProfileReply(site_name=name, genes=tuple(genes), sums=sums, sumsq=sumsq, detected=detected, n_cells=int(X.shape[0]),
+                        label_names=tuple(str(n) for n in names), label_counts=counts.astype(np.int64))
