@@ -186,7 +186,14 @@ def load_site(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, *
 
 
 def _local_path(cache: Path, source: SiteSource, key: str) -> Path:
-    ident = json.dumps([str(source.path.expanduser().resolve()), source.name, source.site_key, source.num_sites, source.partition, source.split_seed, key])
+    """One file per site, data version (the file's size and mtime, as the site cache) and ``key``."""
+    try:
+        st = source.path.stat()
+        version = [st.st_size, st.st_mtime_ns]
+    except OSError:
+        version = []
+    ident = json.dumps([str(source.path.expanduser().resolve()), source.name, source.site_key, source.num_sites, source.partition, source.split_seed,
+                        version, key])
     return cache / f"local-only-{hashlib.sha256(ident.encode()).hexdigest()[:20]}.json"
 
 

@@ -131,6 +131,24 @@ def test_sites_sharing_a_cache_folder_keep_their_own_seed_rows(three_site_h5ad: 
     assert site_mod.load_members(tmp_path, 6, a) is None  # another run: nothing stored, the seed audit is then NaN
 
 
+def test_local_only_scores_are_kept_per_site_and_data_version(three_site_h5ad: Path, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    data = tmp_path / "data.h5ad"
+    shutil.copy(three_site_h5ad, data)
+    run = {"sim-data-path": str(data), "sim-site-key": "site"}
+    a, b = (site_mod.resolve_source({"partition-id": i}, run) for i in (0, 1))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    site_mod.save_local_only(cache, a, "plan-1", {"mlp": {"accuracy": 0.9, "macro_f1": 0.8}})
+    assert site_mod.load_local_only(cache, a, "plan-1") == {"mlp": {"accuracy": 0.9, "macro_f1": 0.8}}
+    assert site_mod.load_local_only(cache, b, "plan-1") is None and site_mod.load_local_only(cache, a, "plan-2") is None
+    st = data.stat()
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the site's file changed: its old scores no longer apply
+    assert site_mod.load_local_only(cache, a, "plan-1") is None
+
+
 def test_dirichlet_split_when_the_site_column_is_absent(three_site_h5ad: Path, tmp_path: Path) -> None:
     source = site_mod.resolve_source({"partition-id": 1}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "nope", "sim-num-sites": 2})
     assert site_mod.load_site(source, SPEC, None, cache=tmp_path).name == "site1"
