@@ -49,6 +49,10 @@ def test_kebab_case_maps_and_ints_pass_as_floats() -> None:
         ({"num-pretrain-rounds": 0}, "pretrained-path"),
         ({"round-timeout-s": 0}, "round-timeout-s"),
         ({"latent-dim": 1}, "latent-dim must be 0"),
+        ({"server-optimizer": "sgd"}, "server-optimizer must be"),
+        ({"server-lr": 0.0}, "server-lr must be > 0"),
+        ({"proximal-mu": -0.1}, "proximal-mu must be >= 0"),
+        ({"init-path": "/a", "pretrained-path": "/b"}, "not both"),
     ],
 )
 def test_bad_run_config_is_refused_with_a_named_reason(run_config: dict, match: str) -> None:

@@ -69,3 +69,13 @@ def test_scores_aggregate_cell_weighted_and_macro() -> None:
     assert agg["audit"]["density_mia"] == pytest.approx(0.6) and agg["macro"]["marker_overlap"] == pytest.approx(0.4)
     assert agg["n_test"] == 50 and agg["n_sites"] == 3
     assert not math.isnan(agg["cell_weighted"]["mlp"]["macro_f1"])
+
+
+def test_plan_within_a_reference_keeps_its_genes_only_and_refuses_no_overlap() -> None:
+    rng = np.random.default_rng(1)
+    a = profile_of("a", rng.poisson(1.0, (20, 4)).astype(float), ["g0", "g1", "g2", "g3"], ("T",))
+    b = profile_of("b", rng.poisson(1.0, (20, 4)).astype(float), ["g0", "g1", "g2", "g3"], ("B",))
+    genes, _ = plan_vocabulary([a, b], n_genes=4, allowed={"g1", "g3", "other"})
+    assert sorted(genes) == ["g1", "g3"]
+    with pytest.raises(ValueError, match="init-path reference"):
+        plan_vocabulary([a, b], n_genes=4, allowed={"x"})
