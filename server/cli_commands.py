@@ -56,8 +56,8 @@ def pretrain(args: argparse.Namespace) -> int:
     from server.reference import pretrain_reference
 
     if args.n_genes < 10:
-        print(f"scdd pretrain: error: --n-genes must be >= 10, got {args.n_genes}")
-        return 2
+        msg = f"--n-genes must be >= 10, got {args.n_genes}"
+        raise ConfigError(msg)
     out = pretrain_reference(args.file, args.out, label_key=args.label_key, n_genes=args.n_genes, expect=args.expect,
                              cfg=_pretrain_config(args.pretrain_steps, args.seed))
     info = json.loads((out / "reference.json").read_text(encoding="utf-8"))
