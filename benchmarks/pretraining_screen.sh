@@ -13,6 +13,8 @@ declare -A V=(
   [25x40]="num-pretrain-rounds=25 vae-local-steps=40 scdg-local-steps=24"
   [50x20]="num-pretrain-rounds=50 vae-local-steps=20 scdg-local-steps=12"
   [30x100-3x]="num-pretrain-rounds=30 vae-local-steps=100 scdg-local-steps=50"
+  [10x300-3x]="num-pretrain-rounds=10 vae-local-steps=300 scdg-local-steps=150"
+  [15x200-3x]="num-pretrain-rounds=15 vae-local-steps=200 scdg-local-steps=100"
   [10x100-classaware]="num-pretrain-rounds=10 vae-local-steps=100 scdg-local-steps=60 class-aware-aggregation=true"
   [10x100-prox0.01]="num-pretrain-rounds=10 vae-local-steps=100 scdg-local-steps=60 proximal-mu=0.01"
   [10x100-fedadam3e-3]="num-pretrain-rounds=10 vae-local-steps=100 scdg-local-steps=60 server-optimizer=fedadam server-lr=0.003"

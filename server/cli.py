@@ -103,6 +103,18 @@ def _add_federation(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir")
 
 
+def _add_deployment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("flwr-connection", help="coordinator: add the TLS SuperLink connection to $FLWR_HOME/config.toml (merged, made the default)")
+    p.add_argument("name", nargs="?", default="fedscdd", help="connection name used in flwr commands (default: fedscdd)")
+    p.add_argument("--address", required=True, help="HOST:PORT of the SuperLink, the host a SAN of server.pem (e.g. 10.0.0.5:8000)")
+    p.add_argument("--root-certificates", required=True, help="the federation's ca.crt (stored as an absolute path)")
+    p.add_argument("--no-default", action="store_true", help="keep flwr's current default connection")
+    p = sub.add_parser("verify-bundle", help="site: check that the app a SuperNode installed is exactly the release's code")
+    p.add_argument("app", help="the installed app folder ($FLWR_HOME/apps/fedscdd.fedscdd.<version>.<hash8>), or the SuperNode's FLWR_HOME")
+    p.add_argument("--source", required=True, help="a clean checkout of the release tag (its FAB is rebuilt with flwr build)")
+    p.add_argument("--fab-hash", default="", help="the run's fab-hash the coordinator published (optional): must be the release's")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `scdd` argument parser."""
     parser = argparse.ArgumentParser(prog="scdd", description=__doc__)
@@ -113,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_benchmark(sub)
     _add_federation(sub)
+    _add_deployment(sub)
     sub.add_parser("certs", help="CA, SuperLink certificate and site keys (see `scdd certs --help`)", add_help=False)
     return parser
 
@@ -120,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from server import cli_commands as commands
 
-    return int(getattr(commands, args.command)(args))
+    return int(getattr(commands, args.command.replace("-", "_"))(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

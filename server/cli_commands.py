@@ -241,3 +241,27 @@ def report(args: argparse.Namespace) -> int:
 
     print(f"wrote {write_report(Path(args.run_dir))}")
     return 0
+
+
+def flwr_connection(args: argparse.Namespace) -> int:
+    """`scdd flwr-connection [NAME] --address HOST:PORT --root-certificates ca.crt`: merge the connection into flwr's config."""
+    from server.deployment import superlink_health, write_connection
+
+    path = write_connection(args.name, args.address, Path(args.root_certificates), make_default=not args.no_default)
+    default = "" if args.no_default else " (the default)"
+    print(f"connection '{args.name}'{default} -> https://{args.address} written to {path}")
+    health = superlink_health(args.address, Path(args.root_certificates).expanduser().resolve())
+    if health == "ok":
+        print(f"SuperLink at {args.address}: healthy")
+    else:
+        print(f"SuperLink at {args.address} not reachable yet ({health}); flwr commands will work once it is")
+    return 0
+
+
+def verify_bundle(args: argparse.Namespace) -> int:
+    """`scdd verify-bundle APP --source CHECKOUT`: exit 0 only when the installed app is the release's code."""
+    from server.deployment import build_release_fab, verify_bundle as check
+
+    result = check(Path(args.app), build_release_fab(Path(args.source)), published_hash=args.fab_hash)
+    print(result.summary())
+    return 0 if result.ok else 1

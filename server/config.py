@@ -8,6 +8,7 @@ DistillConfig), so the federation never pins a number that the benchmark would m
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,9 @@ from typing import Any
 from shared.errors import ConfigError
 from shared.evaluation import MLPTrainConfig
 from shared.protocol import SiteSpec
+
+# Where a run without out-dir writes: deploy/coordinator/start-superlink.sh sets it under the coordinator's state directory.
+OUT_DIR_ENV = "FEDSCDD_OUT_DIR"
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ class FederationConfig:
     site_wait_s: float = 300.0
     round_timeout_s: float = 600.0
     # outputs
-    out_dir: str = ""  # "": ./scdd-out
+    out_dir: str = ""  # "": $FEDSCDD_OUT_DIR (set by deploy/coordinator/start-superlink.sh), else ./scdd-out
     run_id: str = ""  # "": run-<flower run id>
     resume: bool = False
     report: bool = True
@@ -150,8 +154,9 @@ class FederationConfig:
                                    max_steps=self.mlp_max_steps or base.max_steps)
 
     def run_dir(self, run_id: str) -> Path:
-        """out-dir/<run-id>, absolute."""
-        return (Path(self.out_dir or "scdd-out").expanduser() / (self.run_id or run_id)).resolve()
+        """out-dir/<run-id>, absolute; without out-dir, the coordinator's FEDSCDD_OUT_DIR, else ./scdd-out."""
+        base = self.out_dir or os.environ.get(OUT_DIR_ENV, "") or "scdd-out"
+        return (Path(base).expanduser() / (self.run_id or run_id)).resolve()
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +121,17 @@ def start_superlink(home: Path, port: int, env: Mapping[str, str]) -> subprocess
            "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db"), "--log-file", str(home / "superlink.log"),
            "--disable-runtime-dependency-installation"]
     proc = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 60
+    try:
+        _wait_ready(proc, home, port)
+    except BaseException:
+        stop_session(proc)
+        raise
+    logger.info("SuperLink pid %d ready on 127.0.0.1:%d", proc.pid, port)
+    return proc
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], home: Path, port: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             msg = f"flower-superlink exited with code {proc.returncode}; see {home / 'superlink.log'}"
@@ -129,12 +139,10 @@ def start_superlink(home: Path, port: int, env: Mapping[str, str]) -> subprocess
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:  # loopback only
                 if r.status == 200:
-                    logger.info("SuperLink pid %d ready on 127.0.0.1:%d", proc.pid, port)
-                    return proc
+                    return
         except OSError:
             time.sleep(0.3)
-    stop_session(proc)
-    msg = f"flower-superlink did not become ready within 60 s; see {home / 'superlink.log'}"
+    msg = f"flower-superlink did not become ready within {timeout_s:g} s; see {home / 'superlink.log'}"
     raise DemoFailed(msg)
 
 
@@ -235,6 +243,10 @@ def _stream(cmd: list[str], env: Mapping[str, str], timeout_s: float, echo: Any)
         proc.kill()
         proc.wait()
         finished = False
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM via _signals_raise): do not leave the streaming client behind
+        proc.kill()
+        proc.wait()
+        raise
     reader.join(timeout=5)
     return (run_id[0] if run_id else None), finished
 
@@ -258,6 +270,36 @@ def run_demo(out: Path, *, timeout_s: float = 900.0, overrides: Mapping[str, Any
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(app), "local", "--stream", "--federation-config", FEDERATION_CONFIG,
            "--run-config", " ".join(f"{k}={_toml_str(v)}" for k, v in run_config.items())]
     t0 = time.perf_counter()
+    with _signals_raise():
+        return _run(cmd, env, home, out, timeout_s, echo, t0)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM / SIGHUP raise DemoFailed in the main thread while the block runs, so its cleanup (stopping the
+    SuperLink session and Ray by PID) happens; by default those signals end Python without running ``finally``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    received: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        if received:  # a repeated signal must not interrupt the cleanup the first one started
+            return
+        received.append(signum)
+        msg = f"stopped by {signal.Signals(signum).name}; the demo's SuperLink session and Ray processes were stopped"
+        raise DemoFailed(msg)
+
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
+
+
+def _run(cmd: list[str], env: Mapping[str, str], home: Path, out: Path, timeout_s: float, echo: Any, t0: float) -> DemoResult:
     link = start_superlink(home, _free_port(), env)
     try:
         run_id, finished = _stream(cmd, env, timeout_s, echo)

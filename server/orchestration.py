@@ -26,7 +26,7 @@ from server.fusion import aggregate_scores, site_result
 from shared.plan import plan_vocabulary
 from server.messaging import Link, wait_for_nodes
 from server.reference import init_models, reference_genes
-from server.run_store import RESUME_FREE, RunStore
+from server.run_store import RESUME_FREE, RUN_LOG, RunStore, run_log
 from server.training import SiteCodes, finetune_generator, fresh_models, fuse_round, model_json, provenance, state_of, train_evaluators
 from server.validation import decode, validate_distill, validate_evaluate, validate_profile
 from shared.checkpoint import load_model
@@ -256,20 +256,22 @@ def _start(run: Run, grid: Grid, run_id: str) -> list[int]:
 
 
 def run(grid: Grid, cfg: FederationConfig, *, run_id: str) -> Path:
-    """The whole federated run; returns the run directory."""
+    """The whole federated run; returns the run directory (its run.log holds this run's progress lines)."""
     store = RunStore(cfg.run_dir(run_id))
-    link = Link(grid, cfg.round_timeout_s, cfg.min_sites)
-    r = Run(cfg, link, store)
-    nodes = _start(r, grid, run_id)
-    try:
-        _phases(r, nodes)
-    except FederationStopped as exc:
-        r.metrics["stopped"] = {"reason": exc.reason, "detail": exc.detail}
-        r._sync_metrics()
-        store.write_metrics(r.metrics)
-        logger.error("%s", exc)
-        raise
-    logger.info("run %s complete: %s", run_id, store.dir)
+    with run_log(store.dir / RUN_LOG, fresh=not cfg.resume):
+        logger.info("run %s: outputs go to %s", run_id, store.dir)
+        link = Link(grid, cfg.round_timeout_s, cfg.min_sites)
+        r = Run(cfg, link, store)
+        nodes = _start(r, grid, run_id)
+        try:
+            _phases(r, nodes)
+        except FederationStopped as exc:
+            r.metrics["stopped"] = {"reason": exc.reason, "detail": exc.detail}
+            r._sync_metrics()
+            store.write_metrics(r.metrics)
+            logger.error("%s", exc)
+            raise
+        logger.info("run %s complete: %s", run_id, store.dir)
     return store.dir
 
 

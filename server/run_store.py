@@ -1,6 +1,6 @@
 """The run directory ``out-dir/<run-id>/``: every output written atomically, plus a resumable server checkpoint.
 
-Layout: config.json, plan.json, metrics.json, synthetic_round<r>.h5ad, synthetic.h5ad, vae.pt,
+Layout: run.log, config.json, plan.json, metrics.json, synthetic_round<r>.h5ad, synthetic.h5ad, vae.pt,
 scdg.pt, mlp.pt, report.html; ``pretrained/`` (plan.json, vae.pt, scdg.pt as pretraining left them:
 what ``pretrained-path`` reads, to distill again without FedAvg); ``state/`` holds the checkpoint after the last completed phase
 (state.json, the generator pair and each site's latest codes, codes.npz), from which ``resume=true`` continues.
@@ -12,7 +12,8 @@ import importlib.metadata
 import logging
 import platform
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 PACKAGES = ("flwr", "torch", "anndata", "scanpy", "numpy", "scikit-learn", "fedscdd")
 # Keys that may change between an interrupted run and its resumption (they do not change what was computed).
 RESUME_FREE = frozenset({"resume", "round-timeout-s", "site-wait-s", "out-dir", "report", "torch-threads", "num-distill-rounds", "expected-sites"})
+RUN_LOG = "run.log"  # the coordinator's progress lines of this run (appended to on resume)
 OUTPUTS = ("config.json", "plan.json", "metrics.json", "synthetic.h5ad", "vae.pt", "scdg.pt", "mlp.pt", "report.html")
 
 
@@ -58,6 +60,28 @@ class Checkpoint:
     codes: Mapping[str, Codes]  # each site's latest codes (the next round's warm start)
 
 
+@contextmanager
+def run_log(path: Path, *, fresh: bool) -> Iterator[None]:
+    """Copy the coordinator's log lines ("server" loggers, at their configured level) into ``path`` while the block runs.
+
+    A deployed ServerApp's own output reaches only Flower's run log (``flwr log``), not the SuperLink's
+    log file or journal: this file is what an operator finds beside the run's outputs. ``fresh``
+    starts it empty; otherwise (a resumed run) lines are appended.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        path.unlink(missing_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log = logging.getLogger("server")
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
 class RunStore:
     """Reads and writes one run directory."""
 
@@ -77,9 +101,9 @@ class RunStore:
         logger.info("starting afresh in %s (previous outputs removed)", self.dir)
 
     def write_config(self, run_config: Mapping[str, Any], *, run_id: str) -> None:
-        """config.json: the resolved config, run id, schema and package versions."""
-        write_json(self.dir / "config.json", {"run_id": run_id, "run_config": dict(run_config), "schema_version": SCHEMA_VERSION,
-                                              "versions": package_versions()})
+        """config.json: the resolved config, run id, the run directory, schema and package versions."""
+        write_json(self.dir / "config.json", {"run_id": run_id, "run_dir": str(self.dir), "run_config": dict(run_config),
+                                              "schema_version": SCHEMA_VERSION, "versions": package_versions()})
 
     def write_plan(self, plan: Plan) -> None:
         """plan.json."""

@@ -12,6 +12,8 @@
 #   FEDSCDD_SSL_KEYFILE       SuperLink private key       ($FEDSCDD_CERT_DIR/server.key)
 #   FEDSCDD_STATE_DIR         state directory             (/var/lib/fedscdd)
 #   FEDSCDD_DATABASE          SQLite state file           ($FEDSCDD_STATE_DIR/superlink.db)
+#   FEDSCDD_OUT_DIR           where runs write their outputs when the run config sets no out-dir:
+#                             one folder run-<run id>/ per run, with run.log  ($FEDSCDD_STATE_DIR/runs)
 #   FEDSCDD_SUPERLINK_HOST    interface to listen on      (127.0.0.1 -- set the PRIVATE IP the
 #                             sites reach; 0.0.0.0 only inside a container whose published port
 #                             is bound to a private IP / firewalled to the sites)
@@ -31,6 +33,7 @@ server_cert="${FEDSCDD_SSL_CERTFILE:-$cert_dir/server.pem}"
 server_key="${FEDSCDD_SSL_KEYFILE:-$cert_dir/server.key}"
 state_dir="${FEDSCDD_STATE_DIR:-/var/lib/fedscdd}"
 database="${FEDSCDD_DATABASE:-$state_dir/superlink.db}"
+out_dir="${FEDSCDD_OUT_DIR:-$state_dir/runs}"
 host="${FEDSCDD_SUPERLINK_HOST:-127.0.0.1}"
 port="${FEDSCDD_SUPERLINK_PORT:-8000}"
 log_file="${FEDSCDD_SUPERLINK_LOG_FILE:-}"
@@ -51,8 +54,12 @@ if [[ -n "$(find "$server_key" -perm /077 2>/dev/null)" ]]; then
 fi
 [[ "$port" =~ ^[0-9]+$ ]] || die "FEDSCDD_SUPERLINK_PORT must be a number, got '$port'"
 
-mkdir -p "$(dirname -- "$database")" "$FLWR_HOME"
+[[ "$out_dir" == /* ]] || die "FEDSCDD_OUT_DIR must be an absolute path, got '$out_dir'"
+mkdir -p "$(dirname -- "$database")" "$FLWR_HOME" "$out_dir"
 chmod 700 "$FLWR_HOME" 2>/dev/null || true
+[[ -w "$out_dir" ]] || die "cannot write to FEDSCDD_OUT_DIR '$out_dir' (run outputs go there): fix its owner or set another"
+# Inherited by the SuperExec and every ServerApp it starts (server/config.py reads it when out-dir is not set).
+export FEDSCDD_OUT_DIR="$out_dir"
 
 case "$host" in
     127.0.0.1|localhost|::1)
@@ -103,4 +110,5 @@ if [[ -n "$log_file" ]]; then
 fi
 
 note "starting $superlink_bin on https://$host:$port (state: $database)"
+note "run outputs: $out_dir/run-<run id>/ (progress in run.log there) unless a run sets out-dir"
 exec "$superlink_bin" "${args[@]}" "$@"

@@ -12,6 +12,8 @@
 #   FEDSCDD_ROOT_CERT        the federation CA certificate     (/etc/fedscdd/ca.crt)
 #   FEDSCDD_SITE_KEY         this site's private key (OpenSSH) (/etc/fedscdd/$FEDSCDD_SITE_NAME)
 #   FEDSCDD_SUPERNODE_PORT   local Runtime API port (9094; distinct per SuperNode on one host)
+#   FEDSCDD_CACHE_DIR        the site's private cache (prepared data, members of each run's codes; never sent)
+#                            (/var/lib/fedscdd/cache)
 #   FEDSCDD_NODE_CONFIG_EXTRA  more node-config pairs in TOML form, appended verbatim (empty)
 #   FLOWER_SUPERNODE         the executable                    (flower-supernode)
 #   FLWR_HOME                Flower's home for this process    (/var/lib/fedscdd/supernode)
@@ -27,6 +29,7 @@ data_path="${FEDSCDD_DATA_PATH:-}"
 root_cert="${FEDSCDD_ROOT_CERT:-/etc/fedscdd/ca.crt}"
 site_key="${FEDSCDD_SITE_KEY:-/etc/fedscdd/$site_name}"
 port="${FEDSCDD_SUPERNODE_PORT:-9094}"
+cache_dir="${FEDSCDD_CACHE_DIR:-/var/lib/fedscdd/cache}"
 extra_config="${FEDSCDD_NODE_CONFIG_EXTRA:-}"
 supernode_bin="${FLOWER_SUPERNODE:-flower-supernode}"
 
@@ -44,9 +47,10 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 [[ "$data_path" == /* ]] || die "FEDSCDD_DATA_PATH must be absolute, got '$data_path'"
 [[ -r "$data_path" ]] || die "cannot read FEDSCDD_DATA_PATH '$data_path'"
 # The values go into TOML basic strings ("..."): refuse characters that would need escaping.
-case "$data_path$site_name" in
-    *'"'*|*\\*|*$'\n'*) die "FEDSCDD_DATA_PATH must not contain '\"', '\\' or newlines";;
+case "$data_path$site_name$cache_dir" in
+    *'"'*|*\\*|*$'\n'*) die "FEDSCDD_DATA_PATH and FEDSCDD_CACHE_DIR must not contain '\"', '\\' or newlines";;
 esac
+[[ "$cache_dir" == /* ]] || die "FEDSCDD_CACHE_DIR must be absolute, got '$cache_dir'"
 [[ "$port" =~ ^[0-9]+$ ]] || die "FEDSCDD_SUPERNODE_PORT must be a number, got '$port'"
 command -v "$supernode_bin" >/dev/null 2>&1 \
     || die "'$supernode_bin' not found; activate the fedscdd environment or set FLOWER_SUPERNODE"
@@ -56,11 +60,11 @@ if [[ -n "$(find "$site_key" -perm /077 2>/dev/null)" ]]; then
     note "WARNING: '$site_key' is readable by group/others; run: chmod 600 '$site_key'"
 fi
 
-mkdir -p "$FLWR_HOME"
-chmod 700 "$FLWR_HOME" 2>/dev/null || true
+mkdir -p "$FLWR_HOME" "$cache_dir" || die "cannot create '$FLWR_HOME' or '$cache_dir': run as the service user that owns /var/lib/fedscdd, or set FLWR_HOME and FEDSCDD_CACHE_DIR"
+chmod 700 "$FLWR_HOME" "$cache_dir" 2>/dev/null || true
 
 # TOML values: strings are quoted, e.g. data-path="/abs/site.h5ad" site-name="hospital-a"
-node_config="data-path=\"$data_path\" site-name=\"$site_name\""
+node_config="data-path=\"$data_path\" site-name=\"$site_name\" cache-dir=\"$cache_dir\""
 if [[ -n "$extra_config" ]]; then
     node_config="$node_config $extra_config"
 fi

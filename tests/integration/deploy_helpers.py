@@ -175,19 +175,6 @@ def https_ok(url: str, cafile: Path, *, timeout: float = 2.0) -> bool:
         return False
 
 
-def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path) -> Path:
-    """``$FLWR_HOME/config.toml`` with one TLS SuperLink connection (absolute root-certificates), made the default."""
-    ca = Path(root_certificates).resolve()
-    if '"' in str(ca) or "\\" in str(ca):
-        raise ValueError(f"path not usable in a TOML basic string: {ca}")
-    path = flwr_home / "config.toml"
-    path.write_text(
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\nroot-certificates = "{ca}"\n',
-        encoding="utf-8",
-    )
-    return path
-
-
 @dataclass
 class CliResult:
     argv: list[str]
@@ -201,7 +188,12 @@ class CliResult:
 
 def flwr(args: Sequence[str], env: Mapping[str, str], *, timeout: float, cwd: Path | None = None) -> CliResult:
     """Run the ``flwr`` CLI (bounded; its own session so a timeout kills everything it started)."""
-    argv = [executable("flwr"), *args]
+    return command([executable("flwr"), *args], env, timeout=timeout, cwd=cwd)
+
+
+def command(argv: Sequence[str], env: Mapping[str, str], *, timeout: float, cwd: Path | None = None) -> CliResult:
+    """Run one command to completion, output captured (bounded; its own session so a timeout kills everything it started)."""
+    argv = [str(a) for a in argv]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=dict(env), cwd=cwd,
                           start_new_session=True) as popen:
         try:

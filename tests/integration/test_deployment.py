@@ -1,10 +1,13 @@
-"""Loopback deployment: TLS SuperLink with SuperNode authentication, three registered sites, one refused intruder,
-a real run during which one site is killed.
+"""Loopback deployment, following deploy/README.md with its own commands and scripts: TLS SuperLink with SuperNode
+authentication, three registered sites, one refused intruder, a real run during which one site is killed.
 
-Everything runs on 127.0.0.1 with free ports, separate FLWR_HOMEs and certificates from
-``shared.certs``; the sites hold the bundled Kang PBMC file split by sample. Once round 1 is
-checkpointed, site-c's SuperNode is killed (by PID): the run must finish round 2 with the other two.
-Every process this test starts is stopped by PID (its whole process group) in the fixture teardown.
+The guide's steps in order: ``scdd certs``, ``start-superlink.sh``, ``scdd flwr-connection`` over the config
+`flwr` writes on first use, ``register-sites.sh`` (run twice: the second run must succeed too), ``scdd check``
+at a site, ``start-supernode.sh`` per site, ``flwr run . fedscdd`` from the checkout without out-dir, and
+``scdd verify-bundle`` at a site. Everything runs on 127.0.0.1 with free ports and separate FLWR_HOMEs; the
+sites hold the bundled Kang PBMC file split by sample. Once round 1 is checkpointed, site-c's SuperNode is
+killed (by PID): the run must finish round 2 with the other two. Every process this test starts is stopped
+by PID (its whole process group) in the fixture teardown.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import time
 import zipfile
 from collections.abc import Iterator
@@ -22,13 +26,13 @@ import anndata as ad
 import pytest
 
 import deploy_helpers as dh  # beside this file; pytest's default "prepend" import mode puts tests/integration/ on sys.path
-from shared.certs import generate_all
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
 EXAMPLE = REPO / "shared" / "example_data" / "kang_pbmc_muscat.h5ad"
-CONNECTION = "tls-test"
+CONNECTION = "fedscdd"  # the guide's connection name
 SITES = {"site-a": ("ctrl101",), "site-b": ("ctrl107",), "site-c": ("stim101", "stim107")}
 VICTIM = "site-c"  # killed after round 1
 INTRUDER = "intruder"
@@ -116,28 +120,41 @@ def _runs(cli_env: dict[str, str], run_id: int | None = None) -> list[dict]:
     return list(data["runs"])
 
 
-def test_tls_authenticated_deployment_runs_the_app_and_survives_a_killed_site(tmp_path: Path, procs: list[dh.Proc]) -> None:
+def _registry(path: Path) -> dict[str, str]:
+    """register-sites.sh's mapping file: {site name: node id}."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0].split("\t") == ["name", "node_id", "key_sha256", "registered_at"], lines[0]
+    return {row.split("\t")[0]: row.split("\t")[1] for row in lines[1:]}
+
+
+def test_the_deployment_guide_runs_the_app_and_survives_a_killed_site(tmp_path: Path, procs: list[dh.Proc]) -> None:
     t_start = time.monotonic()
     logs = tmp_path / "logs"
     logs.mkdir()
+    scdd = dh.executable("scdd")
 
-    # 1. certificates and keys
+    # guide §1: certificates and site keys; the intruder makes its own key, which is never registered
     certs = tmp_path / "certs"
-    generate_all(certs, sans=["127.0.0.1", "localhost"], site_names=[*SITES, INTRUDER])
+    base_env = dh.flower_env(tmp_path / "home-tools")
+    res = dh.command([scdd, "certs", "--out", certs, "--san", dh.HOST, "--san", "localhost", *(a for s in SITES for a in ("--site", s))],
+                     base_env, timeout=CLI_S)
+    assert res.returncode == 0, res.describe()
+    res = dh.command([scdd, "certs", "--out", tmp_path / "rogue", "--sites-only", "--site", INTRUDER], base_env, timeout=CLI_S)
+    assert res.returncode == 0, res.describe()
     ca = certs / "ca.crt"
     keys = certs / "sites"
 
-    # 2. ports
     link_port, *node_ports = dh.free_ports(1 + len(SITES) + 1)
     address = f"{dh.HOST}:{link_port}"
 
-    # 3. SuperLink: HTTPS + SuperNode auth + database, 127.0.0.1 only
-    link = dh.start("superlink", [
-        dh.executable("flower-superlink"),
-        "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
-        "--enable-supernode-auth", "--database", str(tmp_path / "state.db"), "--disable-runtime-dependency-installation",
-        "--host", dh.HOST, "--port", str(link_port),
-    ], dh.flower_env(tmp_path / "home-superlink"), logs, cwd=tmp_path)
+    # guide §2.3: start-superlink.sh (TLS, SuperNode auth, database, outputs under the state directory), 127.0.0.1 only.
+    # It runs from a working directory of its own: outputs must not land relative to it.
+    state = tmp_path / "state"
+    link_cwd = tmp_path / "superlink-cwd"
+    link_cwd.mkdir()
+    link_env = {**dh.flower_env(state / "flwr-home"), "FEDSCDD_CERT_DIR": str(certs), "FEDSCDD_STATE_DIR": str(state),
+                "FEDSCDD_SUPERLINK_HOST": dh.HOST, "FEDSCDD_SUPERLINK_PORT": str(link_port)}
+    link = dh.start("superlink", [str(DEPLOY / "coordinator" / "start-superlink.sh")], link_env, logs, cwd=link_cwd)
     procs.append(link)
 
     # while it starts: the FAB that `flwr run` will ship builds from the checkout and holds code only ...
@@ -147,37 +164,49 @@ def test_tls_authenticated_deployment_runs_the_app_and_survives_a_killed_site(tm
     assert {"server/app.py", "client/app.py", "pyproject.toml"} <= set(names), names
     leaked = [n for n in names if n.startswith(("tests/", "deploy/", "benchmarks/")) or n.endswith((".h5ad", ".pt", ".pem", ".key"))]
     assert not leaked, f"the FAB ships files it should not: {leaked}"
-    # ... and the real data is split by donor into the two sites' files
+    # ... the real data is split by donor into the sites' files, and a site checks its file as the guide says (§3.1)
     data = _split_example(tmp_path)
+    res = dh.command([scdd, "check", data["site-a"].resolve(), "--label-key", "cell_type"], base_env, timeout=CLI_S)
+    assert res.returncode == 0 and "OK: this file can join a federation." in res.stdout, res.describe()
 
     healthy = dh.wait_until(lambda: dh.https_ok(f"https://{address}/health", ca), STARTUP_S, procs=[link])
     assert healthy, f"SuperLink not healthy after {STARTUP_S:g} s:\n{link.tail()}"
+    assert f"run outputs: {state / 'runs'}/run-<run id>/" in link.log_text(), link.tail()
 
     def diagnostics() -> str:
         return "\n".join(dh.iter_logs(procs))
 
-    # 4. flwr CLI connection + registration of the two site keys (not the intruder's)
-    cli_home = tmp_path / "home-cli"
-    cli_env = dh.flower_env(cli_home)
-    dh.write_connection(cli_home, CONNECTION, address, ca)
-    registered: dict[str, str] = {}
-    for site in SITES:
-        res = dh.flwr(["supernode", "register", str(keys / f"{site}.pub"), CONNECTION, "--name", site], cli_env, timeout=CLI_S)
-        assert res.returncode == 0, res.describe()
-        m = re.search(r"SuperNode (\d+) registered", res.stdout)
-        assert m, res.describe()
-        registered[site] = m.group(1)
-    assert set(_node_status(cli_env)) == set(registered.values())
+    # guide §2.4: `flwr` has already written its own config.toml (the trap); scdd flwr-connection merges the connection
+    cli_env = dh.flower_env(tmp_path / "home-cli")
+    first = dh.flwr(["config", "list"], cli_env, timeout=CLI_S)
+    assert first.returncode == 0 and "local (default)" in first.stdout, first.describe()
+    res = dh.command([scdd, "flwr-connection", CONNECTION, "--address", address, "--root-certificates", ca], cli_env, timeout=CLI_S)
+    assert res.returncode == 0 and "healthy" in res.stdout, res.describe()
+    listed = dh.flwr(["config", "list"], cli_env, timeout=CLI_S)
+    assert f"{CONNECTION} (default)" in listed.stdout and "local" in listed.stdout, listed.describe()
 
-    # 5. three registered SuperNodes and one intruder whose key was never registered
+    # register-sites.sh: every key registered, the name <-> node id mapping written; a second run succeeds and keeps it
+    register = [str(DEPLOY / "coordinator" / "register-sites.sh"), str(keys), CONNECTION]
+    res = dh.command(register, cli_env, timeout=3 * CLI_S)
+    assert res.returncode == 0, res.describe()
+    registered = _registry(keys / "registered.tsv")
+    assert set(registered) == set(SITES) and all(v.isdigit() for v in registered.values()), registered
+    assert set(_node_status(cli_env)) == set(registered.values())
+    again = dh.command(register, cli_env, timeout=3 * CLI_S)
+    assert again.returncode == 0 and again.stdout.count("already registered") == len(SITES), again.describe()
+    assert _registry(keys / "registered.tsv") == registered
+    for site, node in registered.items():  # the listing shows names beside node ids
+        assert re.search(rf"^{site}\s+{node}\s+registered$", again.stdout, re.M), again.describe()
+
+    # guide §3.2: start-supernode.sh per site (and for the intruder, whose key was never registered)
     nodes: dict[str, dh.Proc] = {}
     for name, port in zip([*SITES, INTRUDER], node_ports, strict=True):
-        data_path = data.get(name, data["site-a"])  # the intruder claims a plausible data file; it must never get a task
-        node_config = f'data-path="{data_path.resolve()}" site-name="{name}" cache-dir="{(tmp_path / f"cache-{name}").resolve()}"'
-        nodes[name] = dh.start(f"supernode-{name}", [
-            dh.executable("flower-supernode"), "--superlink", address, "--root-certificates", str(ca),
-            "--auth-supernode-private-key", str(keys / name), "--port", str(port), "--node-config", node_config,
-        ], dh.flower_env(tmp_path / f"home-{name}"), logs, cwd=tmp_path)
+        key_dir = keys if name in SITES else tmp_path / "rogue" / "sites"
+        node_env = {**dh.flower_env(tmp_path / f"home-{name}"), "FEDSCDD_SUPERLINK": address, "FEDSCDD_SITE_NAME": name,
+                    "FEDSCDD_DATA_PATH": str(data.get(name, data["site-a"]).resolve()), "FEDSCDD_ROOT_CERT": str(ca),
+                    "FEDSCDD_SITE_KEY": str(key_dir / name), "FEDSCDD_SUPERNODE_PORT": str(port),
+                    "FEDSCDD_CACHE_DIR": str((tmp_path / f"cache-{name}").resolve())}
+        nodes[name] = dh.start(f"supernode-{name}", [str(DEPLOY / "site" / "start-supernode.sh")], node_env, logs, cwd=tmp_path)
         procs.append(nodes[name])
 
     rc = dh.wait_exit(nodes[INTRUDER], STARTUP_S)
@@ -197,12 +226,10 @@ def test_tls_authenticated_deployment_runs_the_app_and_survives_a_killed_site(tm
     assert online, f"registered SuperNodes not online after {STARTUP_S:g} s: {seen}\n{diagnostics()}"
     assert set(seen) == set(registered.values()), seen  # the intruder left no node behind
 
-    # 6. the run, from the repository (the FAB is built from it; fab-exclude keeps tests/ etc. out)
-    out_dir = (tmp_path / "out").resolve()
-    overrides = {**RUN_CONFIG, "out-dir": f'"{out_dir}"'}
-    run_config = " ".join(f"{k}={v}" for k, v in overrides.items())
+    # guide §2.5: `flwr run . fedscdd` from the checkout, no out-dir: outputs go to the coordinator's state directory
+    run_config = " ".join(f"{k}={v}" for k, v in RUN_CONFIG.items())
     t_run = time.monotonic()
-    res = dh.flwr(["run", str(REPO), CONNECTION, "--run-config", run_config], cli_env, timeout=RUN_S, cwd=tmp_path)
+    res = dh.flwr(["run", ".", CONNECTION, "--run-config", run_config], cli_env, timeout=RUN_S, cwd=REPO)
     (logs / "flwr-run.log").write_text(res.describe(), encoding="utf-8")
     m = re.search(r"Successfully started run (\d+)", res.stdout)
     assert res.returncode == 0 and m is not None, res.describe()
@@ -210,19 +237,19 @@ def test_tls_authenticated_deployment_runs_the_app_and_survives_a_killed_site(tm
     assert len(runs) == 1, f"expected exactly one run: {runs}\n{res.describe()}"
     run_id = int(runs[0]["run-id"])
     assert int(m.group(1)) == run_id, res.describe()
-    run_dir = out_dir / f"run-{run_id}"
-    state = run_dir / "state" / "state.json"
+    run_dir = state / "runs" / f"run-{run_id}"
+    checkpoint = run_dir / "state" / "state.json"
     run = runs[0]
 
     def round_1_done() -> bool:
-        return state.is_file() and "round-1" in json.loads(state.read_text(encoding="utf-8"))["completed"]
+        return checkpoint.is_file() and "round-1" in json.loads(checkpoint.read_text(encoding="utf-8"))["completed"]
 
     def finished() -> bool:
         nonlocal run
         run = _runs(cli_env, run_id)[0]
         return str(run["status"]).startswith("finished")
 
-    # 7. kill one site (SIGKILL to its process group, by PID) as soon as round 1 is checkpointed, then let the run finish
+    # kill one site (SIGKILL to its process group, by PID) as soon as round 1 is checkpointed, then let the run finish
     polled = [time.monotonic()]
 
     def round_1_done_or_run_over() -> bool:
@@ -234,7 +261,7 @@ def test_tls_authenticated_deployment_runs_the_app_and_survives_a_killed_site(tm
         return False
 
     dh.wait_until(round_1_done_or_run_over, RUN_S, interval=0.2, procs=[link])
-    assert round_1_done(), f"round 1 not checkpointed (run status {run['status']!r})\n{diagnostics()}"
+    assert round_1_done(), f"round 1 not checkpointed in {run_dir} (run status {run['status']!r})\n{diagnostics()}"
     dh.kill(nodes[VICTIM])
     assert not nodes[VICTIM].alive()
     done = dh.wait_until(finished, max(10.0, RUN_S - (time.monotonic() - t_run)), interval=2.0, procs=[link])
@@ -246,8 +273,12 @@ def test_tls_authenticated_deployment_runs_the_app_and_survives_a_killed_site(tm
     assert run["status"] == "finished:completed", (f"run {run_id} status {run['status']!r} after {run_seconds:.0f} s\n"
                                                    f"===== flwr log {run_id} --show\n{app_log.describe()}\n{diagnostics()}")
     assert all(nodes[s].alive() for s in SITES if s != VICTIM) and link.alive(), diagnostics()
-    # the coordinator's phase lines reach Flower's run log (server/app.py routes them to the mirrored stderr)
+    # the coordinator's phase lines reach Flower's run log and the run's own run.log beside the outputs
     assert "server.orchestration: plan:" in app_log.stdout and "round 2:" in app_log.stdout, app_log.describe()
+    run_log = (run_dir / "run.log").read_text(encoding="utf-8")
+    for line in (f"outputs go to {run_dir}", "plan:", "round 1:", "round 2:", "complete"):
+        assert line in run_log, f"{line!r} not in {run_dir / 'run.log'}:\n{run_log}"
+    assert not list(link_cwd.iterdir()), f"outputs landed in the SuperLink's working directory: {list(link_cwd.iterdir())}"
 
     # the run shipped exactly the FAB built from the checkout above, and each site installed it under its hash
     fab_hash = hashlib.sha256(fab.read_bytes()).hexdigest()
@@ -256,7 +287,18 @@ def test_tls_authenticated_deployment_runs_the_app_and_survives_a_killed_site(tm
         installed = sorted(p.name for p in (tmp_path / f"home-{site}" / "apps").glob(f"*.{fab_hash[:8]}"))
         assert len(installed) == 1, f"{site}: no app installed for FAB {fab_hash[:8]}"
 
-    # outputs: out-dir/run-<flower run id>/ (server/app.py + server/run_store.py)
+    # guide, "Sites run the code the coordinator sends": scdd verify-bundle passes on the installed app, fails on a changed copy
+    verify = [scdd, "verify-bundle", tmp_path / "home-site-a", "--source", REPO, "--fab-hash", run["fab-hash"]]
+    res = dh.command(verify, base_env, timeout=CLI_S)
+    assert res.returncode == 0 and "OK: the" in res.stdout, res.describe()
+    tampered = tmp_path / "tampered" / "apps"
+    shutil.copytree(tmp_path / "home-site-a" / "apps", tampered)
+    app_py = next(tampered.glob("*/client/app.py"))
+    app_py.write_text(app_py.read_text(encoding="utf-8") + "\n# one added line\n", encoding="utf-8")
+    res = dh.command([scdd, "verify-bundle", tampered, "--source", REPO], base_env, timeout=CLI_S)
+    assert res.returncode == 1 and "changed: client/app.py" in res.stdout and "MISMATCH" in res.stdout, res.describe()
+
+    # outputs: <FEDSCDD_OUT_DIR>/run-<flower run id>/ (server/app.py + server/run_store.py)
     for name in ("synthetic.h5ad", "metrics.json", "report.html", "config.json", "plan.json"):
         assert (run_dir / name).is_file(), f"{name} missing in {run_dir}: {sorted(p.name for p in run_dir.glob('*'))}"
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
@@ -278,6 +320,6 @@ def test_tls_authenticated_deployment_runs_the_app_and_survives_a_killed_site(tm
     assert set(synth.obs["site"].astype(str)) == set(SITES) - {VICTIM}
     assert "<html" in (run_dir / "report.html").read_text(encoding="utf-8").lower()
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    assert config["run_config"]["out-dir"] == str(out_dir) and config["run_config"]["num-distill-rounds"] == 2
+    assert config["run_dir"] == str(run_dir) and config["run_config"]["num-distill-rounds"] == 2
 
     print(f"\ndeployment test: run {run_id} took {run_seconds:.1f} s, whole test {time.monotonic() - t_start:.1f} s")

@@ -42,3 +42,21 @@ def test_a_host_that_shows_info_keeps_its_own_setup(clean_loggers: logging.Logge
     clean_loggers.setLevel(logging.INFO)
     _progress_to_run_log()
     assert not any(getattr(h, "fedscdd_run_log", False) for h in logging.getLogger("server").handlers)
+
+
+def test_run_log_holds_the_runs_lines_and_is_fresh_unless_resumed(clean_loggers: logging.Logger, tmp_path) -> None:  # noqa: ANN001
+    from server.run_store import run_log
+
+    logging.getLogger("server").setLevel(logging.INFO)
+    path = tmp_path / "run-1" / "run.log"
+    with run_log(path, fresh=True):
+        logging.getLogger("server.orchestration").info("plan: %d genes", 7)
+    logging.getLogger("server.orchestration").info("after the run")  # not this run's: not in the file
+    assert "INFO server.orchestration: plan: 7 genes" in path.read_text() and "after the run" not in path.read_text()
+    with run_log(path, fresh=False):  # a resumed run appends
+        logging.getLogger("server.orchestration").warning("resuming")
+    assert "plan: 7 genes" in path.read_text() and "WARNING server.orchestration: resuming" in path.read_text()
+    with run_log(path, fresh=True):
+        pass
+    assert path.read_text() == ""
+    assert not any(isinstance(h, logging.FileHandler) for h in logging.getLogger("server").handlers)  # gone after the block

@@ -65,3 +65,13 @@ def test_run_dir_is_out_dir_slash_run_id(tmp_path: Path) -> None:
     assert cfg.run_dir("ignored") == tmp_path / "r7"
     assert FederationConfig.from_run_config({"out-dir": str(tmp_path)}).run_dir("run-5") == tmp_path / "run-5"
     assert cfg.spec.split_seed == cfg.seed and cfg.spec.label_key == "cell_type"
+
+
+def test_without_out_dir_runs_go_to_the_coordinators_out_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDSCDD_OUT_DIR", str(tmp_path / "state" / "runs"))
+    assert FederationConfig.from_run_config({}).run_dir("run-9") == tmp_path / "state" / "runs" / "run-9"
+    # an explicit out-dir wins over the coordinator's default
+    assert FederationConfig.from_run_config({"out-dir": str(tmp_path / "mine")}).run_dir("run-9") == tmp_path / "mine" / "run-9"
+    monkeypatch.delenv("FEDSCDD_OUT_DIR")
+    monkeypatch.chdir(tmp_path)
+    assert FederationConfig.from_run_config({}).run_dir("run-9") == tmp_path / "scdd-out" / "run-9"
