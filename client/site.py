@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from shared.protocol import SiteSpec
 logger = logging.getLogger(__name__)
 
 EXAMPLE_FILE = "kang_pbmc_muscat.h5ad"
-CACHE_VERSION = 2  # 2: validation split
+CACHE_VERSION = 3  # 2: validation split; 3: library sizes (count input)
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,12 @@ class SiteData:
     train_idx: np.ndarray
     test_idx: np.ndarray
     val_idx: np.ndarray
+    library: np.ndarray = field(default_factory=lambda: np.empty(0))  # count input: total counts per cell over all genes; empty otherwise
+
+    @property
+    def has_counts(self) -> bool:
+        """The input held raw counts, so the plan genes' counts can be recovered (shared.models.vae.counts_from_lognorm)."""
+        return self.library.shape[0] == self.X.shape[0] and self.X.shape[0] > 0
 
     def global_labels(self, plan_classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Return (plan class id per cell, mask of cells whose class is in the plan)."""
@@ -155,20 +161,22 @@ def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None) ->
     site = prepare_site(adata, label_key=spec.label_key, expect=spec.expect, vocabulary=genes, min_coverage=spec.min_coverage,  # type: ignore[arg-type]
                         min_cells_per_class=spec.min_cells_per_class, test_fraction=spec.test_fraction, val_fraction=spec.val_fraction,
                         seed=spec.split_seed)
-    return SiteData(name, site.X, site.labels, site.classes, site.genes, site.train_idx, site.test_idx, site.val_idx)
+    library = site.library if site.library is not None else np.empty(0)
+    return SiteData(name, site.X, site.labels, site.classes, site.genes, site.train_idx, site.test_idx, site.val_idx, library)
 
 
 def _save(path: Path, site: SiteData) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, data=site.X.data, indices=site.X.indices, indptr=site.X.indptr, shape=np.asarray(site.X.shape),
                  labels=site.labels, train=site.train_idx, test=site.test_idx, val=site.val_idx, name=np.asarray(site.name),
-                 classes=np.asarray(site.classes, dtype=str), genes=np.asarray(site.genes, dtype=str))
+                 classes=np.asarray(site.classes, dtype=str), genes=np.asarray(site.genes, dtype=str), library=site.library)
 
 
 def _load(path: Path) -> SiteData:
     with np.load(path, allow_pickle=False) as z:
         X = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(int(v) for v in z["shape"]))
-        return SiteData(str(z["name"]), X, z["labels"], tuple(str(c) for c in z["classes"]), tuple(str(g) for g in z["genes"]), z["train"], z["test"], z["val"])
+        return SiteData(str(z["name"]), X, z["labels"], tuple(str(c) for c in z["classes"]), tuple(str(g) for g in z["genes"]), z["train"], z["test"], z["val"],
+                        z["library"])
 
 
 def load_site(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, *, cache: Path) -> SiteData:

@@ -17,9 +17,11 @@ import torch
 from client.site import SiteData
 from shared.audit import audit
 from shared.checkpoint import build_model
+from shared.counts import library_stats
 from shared.distill import Codes, DistillConfig, distill_codes, resolve_t_star, warm_start_fits
 from shared.errors import CheckpointError, ProtocolError
 from shared.evaluation import MLPTrainConfig, fidelity, fit_predict, predict_mlp, score
+from shared.protocol.rounds import LIBRARY_STATS
 from shared.protocol import (
     EVALUATORS, LOCAL_EVALUATORS, DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, EvaluatorScores, Plan, PretrainReply,
     PretrainRequest, ProfileReply, StateDict,
@@ -34,7 +36,7 @@ def profile_site(site: SiteData) -> ProfileReply:
     from shared.plan import profile_of  # imports anndata/pandas: only this message needs them
 
     train = site.train_idx
-    return profile_of(site.name, site.X[train], site.genes, [site.classes[j] for j in site.labels[train]])
+    return profile_of(site.name, site.X[train], site.genes, [site.classes[j] for j in site.labels[train]], has_counts=site.has_counts)
 
 
 def _model(kind: str, config_json: str, weights: StateDict) -> torch.nn.Module:
@@ -79,7 +81,9 @@ def pretrain_site(site: SiteData, req: PretrainRequest) -> PretrainReply:
     prox = req.proximal_mu / 2  # FedProx: mu/2 * ||w - w_global||^2 around the weights this round started from
     if req.stage == "vae":
         model = _model("vae", req.model_config, req.weights)
-        losses = fit_vae(model, X, y, cfg, anchor=anchor_of(model) if prox > 0 else None, anchor_weight=prox, kl_ramp=req.kl_ramp)
+        library = site.library[_train_rows(site, req.plan)[0]] if site.has_counts else None
+        losses = fit_vae(model, X, y, cfg, anchor=anchor_of(model) if prox > 0 else None, anchor_weight=prox, kl_ramp=req.kl_ramp,
+                         library=library)
     else:
         vae = _model("vae", req.encoder_config, req.encoder or {})
         model = _model("scdg", req.model_config, req.weights)
@@ -125,8 +129,10 @@ def distill_site(site: SiteData, req: DistillRequest) -> tuple[DistillReply, np.
     codes = distill_codes(vae, scdg, X, y, cfg, init_codes=init)
     seconds = time.perf_counter() - t0
     counts = np.bincount(y, minlength=len(req.plan.classes)).astype(np.int64)
+    n_classes = len(req.plan.classes)
+    library = library_stats(X, site.library[idx], y, n_classes) if site.has_counts else np.full((n_classes, LIBRARY_STATS), np.nan, np.float32)
     logger.info("distilled %d codes for %d classes in %.1f s (warm start: %s)", len(codes.labels), len(np.unique(y)), seconds, init is not None)
-    reply = DistillReply(req.round, codes.codes.astype(np.float32), codes.labels.astype(np.int32), counts, seconds)
+    reply = DistillReply(req.round, codes.codes.astype(np.float32), codes.labels.astype(np.int32), counts, seconds, library)
     seeds = None if init is not None or codes.seed_rows is None else idx[codes.seed_rows]
     return reply, seeds
 

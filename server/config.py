@@ -62,7 +62,7 @@ class FederationConfig:
     distill_t_star: int = -1  # -1: chosen from k by shared.distill
     distill_init: str = ""  # "": DistillConfig default ("real" or "noise")
     distill_warm_start: bool = True  # rounds >= 2 start from each site's previous codes
-    decode_mode: str = ""  # how codes become cells: "" = shared.distill.DECODE_MODE (as the benchmark), "expected", "sample"
+    decode_mode: str = ""  # how codes become cells: "" = shared.distill.DECODE_MODE (as the benchmark), "expected", "sample", "counts"
     # server-side fine-tuning and evaluation models
     finetune_steps: int = 20
     finetune_lr: float = 1e-5
@@ -97,7 +97,7 @@ class FederationConfig:
             (0 <= self.min_coverage <= 1, "min-coverage must be in [0, 1]"),
             (self.expect in ("auto", "counts", "lognorm"), "expect must be auto, counts or lognorm"),
             (self.distill_init in ("", "real", "noise"), "distill-init must be '', 'real' or 'noise'"),
-            (self.decode_mode in ("", "expected", "sample", "sparse"), "decode-mode must be '', 'expected', 'sample' or 'sparse'"),
+            (self.decode_mode in ("", "expected", "sample", "sparse", "counts"), "decode-mode must be '', 'expected', 'sample', 'sparse' or 'counts'"),
             (self.finetune_steps >= 0, "finetune-steps must be >= 0"),
             (self.mlp_epochs >= 0 and self.mlp_min_steps >= 0 and self.mlp_max_steps >= 0, "mlp-epochs, mlp-min-steps and mlp-max-steps must be >= 0 (0 = default)"),
             (self.finetune_lr > 0 and self.finetune_anchor_weight >= 0, "finetune-lr must be > 0, finetune-anchor-weight >= 0"),

@@ -53,6 +53,7 @@ class Run:
     vae: VAE | None = None
     scdg: SCDG | None = None
     site_classes: dict[str, set[int]] = field(default_factory=dict)
+    count_input: bool = False  # every site's input holds raw counts: the VAE gets a count head (synthetic counts)
     warm_codes: dict[str, Codes] = field(default_factory=dict)  # each site's latest codes, sent back to it for the warm start
     completed: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=lambda: {"rounds": [], "phase_seconds": {}, "upload_bytes": {}, "dropped": []})
@@ -136,11 +137,11 @@ def pretrain(run: Run) -> None:
         return
     init: dict[str, Any] | None = None
     if cfg.init_path:
-        run.vae, run.scdg, init = init_models(cfg.init_path, run.plan.genes, len(run.plan.classes), seed=cfg.seed)
+        run.vae, run.scdg, init = init_models(cfg.init_path, run.plan.genes, len(run.plan.classes), seed=cfg.seed, count_head=run.count_input)
         latent_dim = run.vae.config.latent_dim
     else:
         latent_dim = cfg.latent_dim or latent_dim_for(len(run.plan.genes))
-        run.vae, run.scdg = fresh_models(run.plan, latent_dim=latent_dim, seed=cfg.seed)
+        run.vae, run.scdg = fresh_models(run.plan, latent_dim=latent_dim, seed=cfg.seed, count_head=run.count_input)
     run.metrics["pretrain"] = pretraining.fedavg_pretrain(run.link, run.plan, dataclasses.replace(cfg, latent_dim=latent_dim), run.vae, run.scdg,
                                                           site_classes=run.site_classes)
     if init is not None:
@@ -179,8 +180,8 @@ def distill(run: Run, rnd: int) -> list[SiteCodes]:
 
     replies = run.link.exchange(MSG_DISTILL, {n: r.to_record() for n, r in requests.items()}, f"distill-{rnd}", check)
     t_star = resolve_t_star(dcfg, scdg.config.timesteps)
-    parts = [SiteCodes(r.site, Codes(r.payload.codes, r.payload.labels.astype(np.int64), t_star, dcfg.guidance), r.payload.distill_seconds, r.wire)
-             for r in replies]
+    parts = [SiteCodes(r.site, Codes(r.payload.codes, r.payload.labels.astype(np.int64), t_star, dcfg.guidance), r.payload.distill_seconds, r.wire,
+                       r.payload.library) for r in replies]
     run.warm_codes.update({p.site: p.codes for p in parts})  # a site that dropped out keeps its older codes
     return parts
 
@@ -286,6 +287,8 @@ def _phases(r: Run, nodes: list[int]) -> None:
     lookup = {c: i for i, c in enumerate(r.plan.classes)}
     r.site_classes = {p.site_name: {lookup[c] for c in p.label_names if c in lookup} for p in profiles}
     r.metrics["sites"] = sorted(r.site_classes)
+    r.count_input = all(p.has_counts for p in profiles)
+    r.metrics["count_input"] = r.count_input
     logger.info("plan: %d genes, %d classes, %d sites (%s)", len(r.plan.genes), len(r.plan.classes), len(profiles), ", ".join(r.metrics["sites"]))
     _timed(r, "profile-plan", t0)
     if "pretrain" not in r.completed:

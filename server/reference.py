@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 FILES = ("plan.json", "vae.pt", "scdg.pt")
 # VAE parameters indexed by gene, and the gene axis of each
-GENE_AXES = {"encoder.0.weight": 1, "to_mean.weight": 0, "to_mean.bias": 0, "to_logit.weight": 0, "to_logit.bias": 0}
+GENE_AXES = {"encoder.0.weight": 1, "to_mean.weight": 0, "to_mean.bias": 0, "to_logit.weight": 0, "to_logit.bias": 0,
+             "count_head.to_rho.weight": 0, "count_head.to_rho.bias": 0, "count_head.log_theta": 0}
 
 
 def pretrain_reference(path: str | Path, out: str | Path, *, label_key: str, n_genes: int = 2000, cfg: PretrainConfig | None = None,
@@ -108,11 +109,11 @@ def transfer(src: torch.nn.Module, dst: torch.nn.Module, *, src_genes: Sequence[
     return copied
 
 
-def init_models(path: str | Path, genes: Sequence[str], n_classes: int, *, seed: int) -> tuple[VAE, SCDG, dict[str, Any]]:
+def init_models(path: str | Path, genes: Sequence[str], n_classes: int, *, seed: int, count_head: bool = False) -> tuple[VAE, SCDG, dict[str, Any]]:
     """Fresh VAE + SCDG for the plan (the reference's latent size), with every transferable weight from ``path``."""
     ref_plan, ref_vae, ref_scdg = load_reference(path)
     torch.manual_seed(seed)
-    vae, scdg = new_models(len(genes), n_classes, ref_vae.config.latent_dim)
+    vae, scdg = new_models(len(genes), n_classes, ref_vae.config.latent_dim, count_head=count_head)
     n_vae = transfer(ref_vae, vae, src_genes=ref_plan.genes, dst_genes=genes)
     n_scdg = transfer(ref_scdg, scdg)
     vae.eval()

@@ -16,7 +16,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from shared.checkpoint import config_to_dict, model_hash
-from shared.distill import Codes, generate
+from shared.counts import sample_counts, usable
+from shared.distill import Codes, generate, latents
 from shared.evaluation import MLPTrainConfig, train_mlp
 from shared.models import SCDG, VAE, MLPClassifier
 from shared.models.vae import DecodeMode
@@ -28,10 +29,10 @@ from shared.training import TrainConfig, fit_scdg
 logger = logging.getLogger(__name__)
 
 
-def fresh_models(plan: Plan, *, latent_dim: int, seed: int) -> tuple[VAE, SCDG]:
-    """A new VAE and SCDG for the plan's genes and classes (seeded)."""
+def fresh_models(plan: Plan, *, latent_dim: int, seed: int, count_head: bool = False) -> tuple[VAE, SCDG]:
+    """A new VAE (with a count head when every site has count input) and SCDG for the plan's genes and classes (seeded)."""
     torch.manual_seed(seed)
-    vae, scdg = new_models(len(plan.genes), len(plan.classes), latent_dim)
+    vae, scdg = new_models(len(plan.genes), len(plan.classes), latent_dim, count_head=count_head)
     vae.eval()
     scdg.eval()
     return vae, scdg
@@ -61,16 +62,37 @@ class SiteCodes:
     codes: Codes
     distill_seconds: float = float("nan")
     upload_bytes: int = 0
+    library: np.ndarray | None = None  # (C, 3) per-class library statistics (shared.counts); NaN rows without count input
+
+
+def counts_available(parts: Sequence[SiteCodes], vae: VAE) -> bool:
+    """Synthetic counts need the VAE's count head and every contributing site's library statistics for its classes."""
+    return vae.count_head is not None and all(p.library is not None and usable(p.library, p.codes.labels) for p in parts)
 
 
 def fuse_round(parts: Sequence[SiteCodes], vae: VAE, scdg: SCDG, plan: Plan, *, round_: int, provenance: dict[str, Any],
                mode: DecodeMode, seed: int) -> ad.AnnData:
-    """Decode every site's codes with the generator they were made with and fuse them into one AnnData."""
+    """Decode every site's codes with the generator they were made with and fuse them into one AnnData.
+
+    With count input at every site, each cell also gets sampled counts (``layers["counts"]``) and the
+    decoder's expected expression (``layers["expected"]``); ``X`` holds what ``mode`` asks for, where
+    "counts" (X = the sampled counts, log-normalised like the real cells) falls back to "expected"
+    when counts are not available.
+    """
+    with_counts = counts_available(parts, vae)
+    if mode == "counts" and not with_counts:
+        logger.warning("decode-mode 'counts' needs count input at every site (and a VAE trained with it): decoding 'expected' instead")
+        mode = "expected"
+    provenance = {**provenance, "decode": mode}
     pieces = []
     for i, part in enumerate(sorted(parts, key=lambda p: p.site)):
-        cells = generate(vae, scdg, part.codes, mode=mode, seed=seed + 1000 * i)
+        seed_i = seed + 1000 * i
+        layers = {"expected": generate(vae, scdg, part.codes, mode="expected")}
+        if with_counts:
+            layers["counts"], counts_X = sample_counts(vae, latents(scdg, part.codes), part.codes.labels, part.library, seed=seed_i)  # type: ignore[arg-type]
+        cells = counts_X if mode == "counts" else layers["expected"] if mode == "expected" else generate(vae, scdg, part.codes, mode=mode, seed=seed_i)
         pieces.append(to_anndata(cells, part.codes.labels, class_names=plan.classes, genes=plan.genes, label_key=plan.spec.label_key,
-                                 site=part.site, round_=round_, provenance=provenance))
+                                 site=part.site, round_=round_, provenance=provenance, layers=layers))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # anndata: duplicate obs names before fuse() renames them
         fused = fuse(pieces)

@@ -15,17 +15,20 @@ import numpy as np
 from flwr.app import RecordDict
 
 from shared.errors import ProtocolError
+from shared.protocol.rounds import LIBRARY_STATS
 from shared.protocol import (
     DistillReply, DistillRequest, EvaluateReply, PretrainReply, PretrainRequest, ProfileReply, StateDict,
 )
 
 BUDGET_SLACK_BYTES = 4096
+MAX_LOG_LIBRARY = 25.0  # e^25 counts in one cell: anything above is not a cell
+MAX_LOG_SD = 10.0
 P = TypeVar("P")
 
 
 def distill_budget(k: int, n_classes: int, latent_dim: int) -> int:
-    """Most bytes a distill reply may occupy on the wire: k·C·d float32 values plus 4096 bytes."""
-    return k * n_classes * latent_dim * 4 + BUDGET_SLACK_BYTES
+    """Most bytes a distill reply may occupy on the wire: k·C·d float32 values, C·3 library statistics, plus 4096 bytes."""
+    return (k * n_classes * latent_dim + n_classes * LIBRARY_STATS) * 4 + BUDGET_SLACK_BYTES
 
 
 def decode(content: RecordDict, payload: type[P]) -> P:
@@ -120,6 +123,23 @@ def validate_distill(reply: DistillReply, req: DistillRequest, *, latent_dim: in
         raise ProtocolError(msg)
     if not math.isfinite(reply.distill_seconds) or reply.distill_seconds < 0:
         msg = "distill-seconds must be a non-negative number"
+        raise ProtocolError(msg)
+    _check_library(reply.library, counts)
+
+
+def _check_library(library: np.ndarray, class_counts: np.ndarray) -> None:
+    """Per class: all NaN (no such cells, or no count input), or a plausible mean / sd of log totals and a plan share in (0, 1]."""
+    if library.shape != (class_counts.shape[0], LIBRARY_STATS):
+        msg = f"library statistics have shape {library.shape}, expected ({class_counts.shape[0]}, {LIBRARY_STATS})"
+        raise ProtocolError(msg)
+    given = np.isfinite(library)
+    if np.any(given.any(1) != given.all(1)) or np.any(given.all(1) & (class_counts == 0)):
+        msg = "library statistics must be complete rows, and only for classes with training cells"
+        raise ProtocolError(msg)
+    rows = library[given.all(1)]
+    if rows.size and not (np.all((rows[:, 0] >= 0) & (rows[:, 0] <= MAX_LOG_LIBRARY)) and np.all((rows[:, 1] >= 0) & (rows[:, 1] <= MAX_LOG_SD))
+                          and np.all((rows[:, 2] > 0) & (rows[:, 2] <= 1))):
+        msg = f"library statistics out of range (log totals in [0, {MAX_LOG_LIBRARY:g}], their sd in [0, {MAX_LOG_SD:g}], plan share in (0, 1])"
         raise ProtocolError(msg)
 
 

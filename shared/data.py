@@ -379,6 +379,9 @@ class PreparedSite:
     coverage: float
     rows: np.ndarray | None = None  # positions (not ids) of the kept cells in the input AnnData
     val_idx: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # validation cells: for choices, never for training
+    # Count input only: each kept cell's total counts over ALL its genes (X = log1p(counts / library * TARGET_SUM)), so the
+    # plan genes' counts are expm1(X) * library / TARGET_SUM; None for log-normalised input.
+    library: np.ndarray | None = None
 
 
 def _select_rows(X: Any, keep: np.ndarray) -> Any:
@@ -417,7 +420,9 @@ def prepare_site(
     _check_expect(kind, expect)
     categories = check_labels(adata, label_key=label_key, min_cells_per_class=min_cells_per_class)
     keep = np.flatnonzero(categories.codes >= 0)
-    X = normalize(_select_rows(adata.X, keep), kind)
+    raw = _select_rows(adata.X, keep)
+    library = np.asarray(raw.sum(axis=1), dtype=np.float64).ravel() if kind == "counts" else None
+    X = normalize(raw, kind)
     genes = tuple(str(g) for g in adata.var_names)
     coverage = 1.0
     if vocabulary is not None:
@@ -428,7 +433,7 @@ def prepare_site(
     site = PreparedSite(
         X=X, labels=labels, classes=tuple(str(c) for c in categories.categories), genes=genes, kind=kind,
         train_idx=train_idx, test_idx=test_idx, n_dropped_cells=int(adata.n_obs - keep.size), coverage=coverage,
-        rows=keep, val_idx=val_idx,
+        rows=keep, val_idx=val_idx, library=library,
     )
     logger.info("site prepared: %d cells x %d genes, %d classes, input %s, %d cells dropped, coverage %.3f",
                 X.shape[0], X.shape[1], len(site.classes), kind, site.n_dropped_cells, coverage)

@@ -293,6 +293,15 @@ DECODE_MODE: DecodeMode = "expected"
 
 
 @torch.no_grad()
+def latents(scdg: SCDG, codes: Codes) -> np.ndarray:
+    """The generator's one-step latents ẑ0 (n, d) of the codes, on the VAE's latent scale (what the decoder reads)."""
+    scdg.eval()
+    w = torch.as_tensor(codes.codes, dtype=torch.float32)
+    y = torch.as_tensor(codes.labels, dtype=torch.long)
+    return scdg.unstandardize(scdg.one_step(w, codes.t_star, y, codes.guidance)).numpy()
+
+
+@torch.no_grad()
 def generate(vae: VAE, scdg: SCDG, codes: Codes, *, mode: DecodeMode = DECODE_MODE, seed: int = 0) -> np.ndarray:
     """Decode codes into synthetic log-normalised cells (n, G) float32.
 

@@ -44,9 +44,9 @@ def plan_vocabulary(profiles: Sequence[ProfileReply], *, n_genes: int, allowed: 
     return chosen, classes
 
 
-def profile_of(name: str, X, genes: Sequence[str], labels: Sequence[str]) -> ProfileReply:  # noqa: ANN001 - csr of training cells
-    """A site's profile: gene statistics of its training cells ``X`` (columns ``genes``) and cells per label name."""
+def profile_of(name: str, X, genes: Sequence[str], labels: Sequence[str], *, has_counts: bool = False) -> ProfileReply:  # noqa: ANN001 - csr
+    """A site's profile: gene statistics of its training cells ``X`` (columns ``genes``), cells per label name, count input or not."""
     sums, sumsq, detected = gene_stats(X)
     names, counts = np.unique(np.asarray(labels, dtype=str), return_counts=True)
     return ProfileReply(site_name=name, genes=tuple(genes), sums=sums, sumsq=sumsq, detected=detected, n_cells=int(X.shape[0]),
-                        label_names=tuple(str(n) for n in names), label_counts=counts.astype(np.int64))
+                        label_names=tuple(str(n) for n in names), label_counts=counts.astype(np.int64), has_counts=has_counts)

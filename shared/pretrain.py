@@ -56,9 +56,9 @@ def latent_dim_for(n_genes: int) -> int:
     return max(MIN_LATENT_DIM, min(MAX_LATENT_DIM, (n_genes + 1) // UPLOAD_RATIO - 1))
 
 
-def new_models(n_genes: int, n_classes: int, latent_dim: int, *, n_aux: int = 0) -> tuple[VAE, SCDG]:
-    """Fresh VAE and SCDG for a gene and class vocabulary."""
-    vae = VAE(VAEConfig(n_genes=n_genes, latent_dim=latent_dim, n_classes=n_classes, n_aux=n_aux))
+def new_models(n_genes: int, n_classes: int, latent_dim: int, *, n_aux: int = 0, count_head: bool = False) -> tuple[VAE, SCDG]:
+    """Fresh VAE (with a count head for count input) and SCDG for a gene and class vocabulary."""
+    vae = VAE(VAEConfig(n_genes=n_genes, latent_dim=latent_dim, n_classes=n_classes, n_aux=n_aux, count_head=count_head))
     scdg = SCDG(SCDGConfig(latent_dim=latent_dim, n_classes=n_classes))
     return vae, scdg
 

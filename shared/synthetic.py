@@ -22,8 +22,9 @@ def to_anndata(
     site: str | Sequence[str] = "site",
     round_: int | None = None,
     provenance: dict[str, Any] | None = None,
+    layers: dict[str, np.ndarray] | None = None,
 ) -> ad.AnnData:
-    """Build an AnnData of synthetic cells (X sparse float32; obs: label, site, synthetic[, round])."""
+    """Build an AnnData of synthetic cells (X and ``layers`` sparse float32; obs: label, site, synthetic[, round])."""
     names = np.asarray(class_names, dtype=object)
     sites = np.asarray([site] * len(labels) if isinstance(site, str) else list(site), dtype=object)
     obs = pd.DataFrame(
@@ -36,7 +37,8 @@ def to_anndata(
     )
     if round_ is not None:
         obs["round"] = np.full(len(labels), round_, dtype=np.int64)
-    adata = ad.AnnData(X=sp.csr_matrix(np.asarray(X, dtype=np.float32)), obs=obs, var=pd.DataFrame(index=list(genes)))
+    adata = ad.AnnData(X=sp.csr_matrix(np.asarray(X, dtype=np.float32)), obs=obs, var=pd.DataFrame(index=list(genes)),
+                       layers={k: sp.csr_matrix(np.asarray(v, dtype=np.float32)) for k, v in (layers or {}).items()})
     adata.uns["fedscdd"] = {"provenance_json": json.dumps(provenance or {}, sort_keys=True, default=str)}
     return adata
 

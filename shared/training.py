@@ -65,6 +65,7 @@ def fit_vae(
     anchor_weight: float = 0.0,
     kl_ramp: tuple[float, float] | None = None,
     progress: Progress | None = None,
+    library: np.ndarray | None = None,
 ) -> list[float]:
     """Train `model` in place for cfg.steps minibatch steps; return the loss every 100 steps.
 
@@ -74,12 +75,15 @@ def fit_vae(
 
     With `anchor` (``anchor_of`` the received global weights) and `anchor_weight` = mu / 2 this is
     FedProx's local objective: the loss plus ``mu/2 * ||w - w_global||^2``.
+
+    `library` (count input: each row's total counts over all genes) trains the VAE's count head too.
     """
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # fused: ~15% faster steps on CPU
     y = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
     a = torch.as_tensor(aux, dtype=torch.float32) if aux is not None else None
+    lib = torch.as_tensor(library, dtype=torch.float32) if library is not None and model.count_head is not None else None
     params = dict(model.named_parameters())
     model.train()
     history: list[float] = []
@@ -91,6 +95,7 @@ def fit_vae(
             y[idx] if y is not None else None,
             a[idx] if a is not None else None,
             beta_scale=min(1.0, (step + 1) / warm) if kl_ramp is None else kl_ramp[0] + (kl_ramp[1] - kl_ramp[0]) * (step + 1) / cfg.steps,
+            library=lib[idx] if lib is not None else None,
         )
         total = out.total
         prox = _pull(params, anchor, anchor_weight)

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DecodeMode = Literal["expected", "sparse", "sample"]
+from shared.models.likelihood import nb_log_prob
+
+DecodeMode = Literal["expected", "sparse", "sample", "counts"]  # "counts": X from counts sampled by the count head (shared.counts)
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class VAEConfig:
     beta: float = 0.05  # KL weight
     class_weight: float = 1.0
     aux_weight: float = 1.0
+    count_head: bool = False  # True adds a negative-binomial head on (detached) z for raw counts (synthetic counts)
 
     def __post_init__(self) -> None:
         if self.n_genes < 1 or self.latent_dim < 1:
@@ -41,6 +44,7 @@ class VAELoss:
     kl: torch.Tensor
     label: torch.Tensor
     aux: torch.Tensor
+    counts: torch.Tensor  # negative log-likelihood of the counts per cell (0 without a count head or counts)
 
 
 def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
@@ -48,6 +52,35 @@ def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
     for a, b in zip(sizes[:-1], sizes[1:], strict=True):
         layers += [nn.Linear(a, b), nn.LayerNorm(b), nn.SiLU(), nn.Dropout(dropout)]
     return nn.Sequential(*layers)
+
+
+TARGET_SUM = 1e4  # shared.data.TARGET_SUM: log-normalised input is log1p(counts / library * TARGET_SUM)
+
+
+def counts_from_lognorm(x: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
+    """The raw counts behind log-normalised rows ``x`` of cells with total counts ``library`` (rounded to integers)."""
+    return torch.round(torch.expm1(x) * (library[:, None] / TARGET_SUM)).clamp_min(0.0)
+
+
+class CountHead(nn.Module):
+    """z -> negative-binomial counts of the plan genes: proportions (softmax) times the cell's plan-gene total, and a
+    per-gene inverse dispersion (scVI's NB decoder with a gene-wise theta)."""
+
+    def __init__(self, latent_dim: int, hidden: int, n_genes: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.LayerNorm(hidden), nn.SiLU())
+        self.to_rho = nn.Linear(hidden, n_genes)
+        self.log_theta = nn.Parameter(torch.zeros(n_genes))
+
+    def parts(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(proportions over the plan genes (n, G) summing to 1, inverse dispersion (G,))."""
+        return torch.softmax(self.to_rho(self.net(z)), dim=-1), torch.exp(self.log_theta.clamp(-8.0, 8.0))
+
+    def log_prob(self, z: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """log p(counts | z) per cell (n,), the mean being the proportions times the observed plan-gene total."""
+        rho, theta = self.parts(z)
+        mu = rho * counts.sum(1, keepdim=True)
+        return nb_log_prob(counts, mu, theta).sum(1)
 
 
 class VAE(nn.Module):
@@ -73,6 +106,9 @@ class VAE(nn.Module):
         self.to_logit = nn.Linear(h[0], config.n_genes)
         self.label_head = nn.Linear(config.latent_dim, config.n_classes) if config.n_classes else None
         self.aux_head = nn.Linear(config.latent_dim, config.n_aux) if config.n_aux else None
+        # Created last and without dropout: the other parameters start and train exactly as without it
+        # (same initial values, same random stream), so adding counts leaves the latent space as it was.
+        self.count_head = CountHead(config.latent_dim, h[-1], config.n_genes) if config.count_head else None  # as wide as the narrowest layer
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (mu, logvar), each (n, d)."""
@@ -96,7 +132,10 @@ class VAE(nn.Module):
             return torch.sigmoid(logit) * mean
         if mode == "sample":
             return mean * torch.bernoulli(torch.sigmoid(logit), generator=generator)
-        return torch.where(logit > 0, mean, torch.zeros_like(mean))
+        if mode == "sparse":
+            return torch.where(logit > 0, mean, torch.zeros_like(mean))
+        msg = f"decode mode {mode!r} needs library sizes: use shared.counts.sample_counts" if mode == "counts" else f"unknown decode mode {mode!r}"
+        raise ValueError(msg)
 
     def loss(
         self,
@@ -104,8 +143,13 @@ class VAE(nn.Module):
         labels: torch.Tensor | None = None,
         aux: torch.Tensor | None = None,
         beta_scale: float = 1.0,
+        library: torch.Tensor | None = None,
     ) -> VAELoss:
-        """Zero-inflated reconstruction + KL (+ label and foundation-embedding heads)."""
+        """Zero-inflated reconstruction + KL (+ label and foundation-embedding heads, + the count head's NB likelihood).
+
+        ``library`` (n,): each cell's total counts over ALL its genes, for cells of count input; the
+        plan genes' counts are then ``expm1(x) * library / TARGET_SUM`` (x = log1p of the normalised counts).
+        """
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         mean, logit = self.decode_parts(z)
@@ -121,6 +165,10 @@ class VAE(nn.Module):
         aux_loss = zero
         if self.aux_head is not None and aux is not None:
             aux_loss = F.mse_loss(self.aux_head(mu), aux, reduction="none").sum(1).mean()
+        count_loss = zero
+        if self.count_head is not None and library is not None:
+            counts = counts_from_lognorm(x, library)
+            count_loss = -self.count_head.log_prob(z.detach(), counts).mean()
         c = self.config
-        total = recon + c.beta * beta_scale * kl + c.class_weight * label_loss + c.aux_weight * aux_loss
-        return VAELoss(total, recon, kl, label_loss, aux_loss)
+        total = recon + c.beta * beta_scale * kl + c.class_weight * label_loss + c.aux_weight * aux_loss + count_loss
+        return VAELoss(total, recon, kl, label_loss, aux_loss, count_loss)

@@ -20,7 +20,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from shared.errors import ProtocolError
 
-SCHEMA_VERSION = 3  # 2: validation split, validation scores + privacy audit; 3: FedProx mu in the pretrain request, local-only scores in the evaluate reply
+SCHEMA_VERSION = 4  # 2: validation split, validation scores + privacy audit; 3: FedProx mu in the pretrain request, local-only scores in the evaluate reply;
+# 4: count input in the profile, per-class library statistics in the distill reply
 MSG_PROFILE = "query.profile"
 MSG_PRETRAIN = "train.pretrain"
 MSG_DISTILL = "train.distill"
@@ -121,8 +122,8 @@ def get_str_list(record: Mapping[str, Any], key: str, where: str) -> tuple[str, 
     return tuple(v)
 
 
-def get_array(record: ArrayRecord, key: str, dtype: str, ndim: int, where: str) -> np.ndarray:
-    """The numpy array under ``key``, refusing other dtypes, ranks and non-finite floats."""
+def get_array(record: ArrayRecord, key: str, dtype: str, ndim: int, where: str, *, allow_nan: bool = False) -> np.ndarray:
+    """The numpy array under ``key``, refusing other dtypes, ranks and non-finite floats (NaN allowed with ``allow_nan``: "absent")."""
     try:
         arr = record[key].numpy()
     except Exception as exc:  # any decode failure is a protocol error
@@ -131,8 +132,8 @@ def get_array(record: ArrayRecord, key: str, dtype: str, ndim: int, where: str) 
         raise fail(where, f"array {key!r} has dtype {arr.dtype}, expected {dtype}")
     if arr.ndim != ndim:
         raise fail(where, f"array {key!r} has {arr.ndim} dimensions, expected {ndim}")
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-        raise fail(where, f"array {key!r} holds NaN or Inf")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr) | (allow_nan & np.isnan(arr))):
+        raise fail(where, f"array {key!r} holds {'Inf' if allow_nan else 'NaN or Inf'}")
     return arr
 
 

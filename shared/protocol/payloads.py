@@ -47,13 +47,15 @@ class ProfileReply:
     n_cells: int
     label_names: tuple[str, ...]
     label_counts: np.ndarray  # int64 (L,)
+    has_counts: bool = False  # the site's input holds raw counts (the VAE's count head can be trained there)
 
     def to_record(self) -> RecordDict:
         """Encode."""
         stats = ArrayRecord({"gene-names": Array(encode_strings(self.genes)), "sums": Array(np.asarray(self.sums, np.float64)),
                              "sumsq": Array(np.asarray(self.sumsq, np.float64)), "detected": Array(np.asarray(self.detected, np.int64)),
                              "label-counts": Array(np.asarray(self.label_counts, np.int64))})
-        cfg = config_record({"site-name": self.site_name, "n-cells": int(self.n_cells), "label-names": list(self.label_names)})
+        cfg = config_record({"site-name": self.site_name, "n-cells": int(self.n_cells), "label-names": list(self.label_names),
+                             "has-counts": bool(self.has_counts)})
         return RecordDict({KEY_CONFIG: cfg, KEY_STATS: stats})
 
     @classmethod
@@ -62,7 +64,7 @@ class ProfileReply:
         where = "profile reply"
         check_records(rd, where, configs=[KEY_CONFIG], arrays=[KEY_STATS])
         cfg, stats = rd[KEY_CONFIG], rd[KEY_STATS]
-        check_keys(cfg, {SCHEMA_KEY, "site-name", "n-cells", "label-names"}, where)
+        check_keys(cfg, {SCHEMA_KEY, "site-name", "n-cells", "label-names", "has-counts"}, where)
         check_keys(stats, {"gene-names", "sums", "sumsq", "detected", "label-counts"}, where)
         genes = decode_strings(get_array(stats, "gene-names", "uint8", 1, where), where)
         vecs = [get_array(stats, k, dt, 1, where) for k, dt in (("sums", "float64"), ("sumsq", "float64"), ("detected", "int64"))]
@@ -74,7 +76,7 @@ class ProfileReply:
         name = get_value(cfg, "site-name", str, where)
         if counts.size != len(labels) or len(set(labels)) != len(labels) or n_cells < 1 or not name.strip():
             raise fail(where, "label names/counts inconsistent, duplicated labels, n-cells < 1 or blank site name")
-        return cls(name, genes, vecs[0], vecs[1], vecs[2], n_cells, labels, counts)
+        return cls(name, genes, vecs[0], vecs[1], vecs[2], n_cells, labels, counts, get_value(cfg, "has-counts", bool, where))
 
 
 # ----------------------------------------------------------------------------- train.pretrain

@@ -19,6 +19,7 @@ from shared.protocol.codec import (
 )
 
 DistillValue = int | float | str | bool
+LIBRARY_STATS = 3  # per class: mean and sd of log total counts per cell, mean fraction of counts on the plan genes
 
 
 # ----------------------------------------------------------------------------- train.distill
@@ -85,18 +86,26 @@ def _warm_arrays(record: ArrayRecord, where: str) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True, eq=False)
 class DistillReply:
-    """Site -> server: codes (n, d) float32, their global class ids, training cells per plan class."""
+    """Site -> server: codes (n, d) float32, their global class ids, training cells per plan class, library statistics.
+
+    ``library`` (C, 3) holds, per plan class, the mean and standard deviation of log total counts per
+    cell and the mean fraction of a cell's counts that falls on the plan genes, over the site's training
+    cells (what the server needs to turn the count head's proportions into counts); NaN rows for classes
+    the site does not have and for sites without count input.
+    """
 
     round: int
     codes: np.ndarray  # float32 (n, d)
     labels: np.ndarray  # int32 (n,)
     class_counts: np.ndarray  # int64 (C,)
     distill_seconds: float
+    library: np.ndarray  # float32 (C, 3)
 
     def to_record(self) -> RecordDict:
         """Encode."""
         arrays = ArrayRecord({"codes": Array(np.ascontiguousarray(self.codes, np.float32)), "labels": Array(np.asarray(self.labels, np.int32)),
-                              "class-counts": Array(np.asarray(self.class_counts, np.int64))})
+                              "class-counts": Array(np.asarray(self.class_counts, np.int64)),
+                              "library": Array(np.ascontiguousarray(self.library, np.float32))})
         return RecordDict({KEY_CONFIG: config_record({"round": self.round}), KEY_CODES: arrays,
                            KEY_METRICS: MetricRecord({"distill-seconds": float(self.distill_seconds)})})
 
@@ -106,15 +115,18 @@ class DistillReply:
         where = "distill reply"
         check_records(rd, where, configs=[KEY_CONFIG], arrays=[KEY_CODES], metrics=[KEY_METRICS])
         check_keys(rd[KEY_CONFIG], {SCHEMA_KEY, "round"}, where)
-        check_keys(rd[KEY_CODES], {"codes", "labels", "class-counts"}, where)
+        check_keys(rd[KEY_CODES], {"codes", "labels", "class-counts", "library"}, where)
         check_keys(rd[KEY_METRICS], {"distill-seconds"}, where)
         codes = get_array(rd[KEY_CODES], "codes", "float32", 2, where)
         labels = get_array(rd[KEY_CODES], "labels", "int32", 1, where)
         if labels.shape[0] != codes.shape[0] or codes.shape[0] == 0:
             raise fail(where, f"{codes.shape[0]} codes but {labels.shape[0]} labels (need one label per code, at least one code)")
+        library = get_array(rd[KEY_CODES], "library", "float32", 2, where, allow_nan=True)
+        if library.shape[1:] != (LIBRARY_STATS,):
+            raise fail(where, f"library statistics have shape {library.shape}, expected (classes, {LIBRARY_STATS})")
         return cls(round=check_round(get_value(rd[KEY_CONFIG], "round", int, where), where), codes=codes, labels=labels,
                    class_counts=get_array(rd[KEY_CODES], "class-counts", "int64", 1, where),
-                   distill_seconds=get_value(rd[KEY_METRICS], "distill-seconds", float, where))
+                   distill_seconds=get_value(rd[KEY_METRICS], "distill-seconds", float, where), library=library)
 
 
 # ----------------------------------------------------------------------------- evaluate.models

@@ -25,9 +25,12 @@ DREQ = DistillRequest(1, STATE, "{}", STATE, "{}", PLAN, {"k": K}, 0)
 SITE_CLASSES = {0, 1}
 
 
-def _distill() -> RecordDict:
+LIBRARY = np.array([[7.0, 0.5, 0.6], [8.0, 0.3, 0.5], [np.nan, np.nan, np.nan]], np.float32)
+
+
+def _distill(library: np.ndarray = LIBRARY) -> RecordDict:
     codes = np.arange(16, dtype=np.float32).reshape(4, D) / 16
-    return DistillReply(1, codes, np.array([0, 0, 1, 1], np.int32), np.array([5, 5, 0]), 0.5).to_record()
+    return DistillReply(1, codes, np.array([0, 0, 1, 1], np.int32), np.array([5, 5, 0]), 0.5, library).to_record()
 
 
 def check_distill(rd: RecordDict) -> None:
@@ -66,11 +69,20 @@ DISTILL_CASES: dict[str, Callable[[RecordDict], None]] = {
     "round-is-text": _set(KEY_CONFIG, "round", "1"),
     "negative-seconds": _set(KEY_METRICS, "distill-seconds", -1.0),
     "metric-record-as-config": lambda rd: rd.__setitem__(KEY_METRICS, ConfigRecord({"distill-seconds": 1.0})),
+    "library-missing": lambda rd: rd[KEY_CODES].pop("library"),
+    "library-float64": _set(KEY_CODES, "library", Array(LIBRARY.astype(np.float64))),
+    "library-shape": _set(KEY_CODES, "library", Array(LIBRARY[:2])),
+    "library-partial-row": _set(KEY_CODES, "library", Array(np.array([[7.0, np.nan, 0.6], *LIBRARY[1:]], np.float32))),
+    "library-for-absent-class": _set(KEY_CODES, "library", Array(np.array([*LIBRARY[:2], [7.0, 0.5, 0.5]], np.float32))),
+    "library-share-above-1": _set(KEY_CODES, "library", Array(np.array([[7.0, 0.5, 1.5], *LIBRARY[1:]], np.float32))),
+    "library-negative-sd": _set(KEY_CODES, "library", Array(np.array([[7.0, -0.5, 0.5], *LIBRARY[1:]], np.float32))),
+    "library-huge-total": _set(KEY_CODES, "library", Array(np.array([[70.0, 0.5, 0.5], *LIBRARY[1:]], np.float32))),
 }
 
 
 def test_the_valid_reply_passes() -> None:
     check_distill(_distill())
+    check_distill(_distill(np.full((3, 3), np.nan, np.float32)))  # a site without count input
     assert wire_bytes(_distill()) <= distill_budget(K, 3, D)
 
 

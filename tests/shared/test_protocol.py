@@ -85,10 +85,16 @@ def test_distill_request_carries_the_sites_previous_codes_back_and_checks_them()
 
 
 def test_distill_reply_roundtrip_and_size() -> None:
-    reply = DistillReply(2, RNG.normal(size=(6, 8)).astype(np.float32), np.array([0, 0, 1, 1, 2, 2], np.int32), np.array([5, 7, 2]), 1.5)
+    library = np.array([[7.5, 0.4, 0.6], [np.nan, np.nan, np.nan], [8.0, 0.2, 0.7]], np.float32)  # NaN: "absent" travels as such
+    reply = DistillReply(2, RNG.normal(size=(6, 8)).astype(np.float32), np.array([0, 0, 1, 1, 2, 2], np.int32), np.array([5, 7, 2]), 1.5, library)
     back = DistillReply.from_record(reply.to_record())
     assert np.array_equal(back.codes, reply.codes) and back.labels.dtype == np.int32 and back.distill_seconds == 1.5
+    assert np.array_equal(back.library, library, equal_nan=True)
     assert 6 * 8 * 4 < wire_bytes(reply.to_record()) < 6 * 8 * 4 + 4096
+    with pytest.raises(ProtocolError, match="Inf"):
+        DistillReply.from_record(DistillReply(2, reply.codes, reply.labels, reply.class_counts, 1.5, library * np.inf).to_record())
+    with pytest.raises(ProtocolError, match="shape"):
+        DistillReply.from_record(DistillReply(2, reply.codes, reply.labels, reply.class_counts, 1.5, library[:, :2]).to_record())
 
 
 def test_evaluate_request_roundtrip() -> None:
@@ -118,7 +124,8 @@ def test_evaluate_reply_roundtrip_keeps_nan_as_absent() -> None:
 
 
 def test_every_config_record_carries_the_schema_version() -> None:
-    payloads = [ProfileRequest(PLAN.spec), DistillReply(0, np.zeros((1, 2), np.float32), np.zeros(1, np.int32), np.ones(3, np.int64), 0.0)]
+    payloads = [ProfileRequest(PLAN.spec), DistillReply(0, np.zeros((1, 2), np.float32), np.zeros(1, np.int32), np.ones(3, np.int64), 0.0,
+                                                                   np.full((3, 3), np.nan, np.float32))]
     for p in payloads:
         for rec in p.to_record().config_records.values():
             assert rec[SCHEMA_KEY] == SCHEMA_VERSION
@@ -134,7 +141,7 @@ def test_strings_roundtrip_and_refuse_bad_names() -> None:
 
 
 def _distill_rd() -> RecordDict:
-    return DistillReply(1, np.ones((2, 4), np.float32), np.array([0, 1], np.int32), np.array([3, 3]), 0.1).to_record()
+    return DistillReply(1, np.ones((2, 4), np.float32), np.array([0, 1], np.int32), np.array([3, 3]), 0.1, np.full((2, 3), np.nan, np.float32)).to_record()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,73 @@
+"""The count head of the VAE: the negative-binomial likelihood, sampling, and counts recovered from log-normalised input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from shared.models.likelihood import nb_log_prob, sample_nb
+from shared.models.vae import VAE, VAEConfig, counts_from_lognorm
+
+
+@pytest.mark.parametrize(("x", "mu", "theta"), [(0, 0.5, 1.0), (3, 2.0, 0.5), (17, 10.0, 20.0), (0, 1e-3, 5.0), (250, 80.0, 3.0)])
+def test_nb_log_prob_matches_scipy(x: int, mu: float, theta: float) -> None:
+    # scipy's nbinom(n, p) with n = theta, p = theta / (theta + mu) has mean mu and variance mu + mu^2 / theta
+    ref = stats.nbinom.logpmf(x, theta, theta / (theta + mu))
+    got = nb_log_prob(torch.tensor([float(x)]), torch.tensor([mu]), torch.tensor([theta])).item()
+    assert got == pytest.approx(ref, abs=1e-4)
+
+
+def test_nb_log_prob_is_differentiable_and_peaks_at_the_right_mean() -> None:
+    x = torch.full((200,), 4.0)
+    mus = torch.linspace(0.5, 12.0, 200, requires_grad=True)
+    lp = nb_log_prob(x, mus, torch.full((200,), 2.0))
+    lp.sum().backward()
+    assert mus.grad is not None and torch.isfinite(mus.grad).all()
+    assert abs(mus[lp.argmax()].item() - 4.0) < 0.1
+
+
+def test_sampled_counts_are_integers_with_the_nb_mean_and_variance() -> None:
+    rng = np.random.default_rng(0)
+    mu, theta = np.full(200_000, 6.0), np.full(200_000, 1.5)
+    c = sample_nb(mu, theta, rng)
+    assert c.dtype == np.float32 and (c >= 0).all() and np.array_equal(c, np.round(c))
+    assert c.mean() == pytest.approx(6.0, rel=0.02) and c.var() == pytest.approx(6.0 + 36.0 / 1.5, rel=0.05)
+    assert (sample_nb(np.zeros(5), np.ones(5), rng) == 0).all()
+
+
+def test_counts_are_recovered_from_log_normalised_rows() -> None:
+    counts = torch.tensor([[0.0, 3.0, 12.0], [1.0, 0.0, 250.0]])
+    library = torch.tensor([40.0, 1000.0])  # totals over ALL genes (more than these three)
+    x = torch.log1p(counts / library[:, None] * 1e4).float()
+    assert torch.equal(counts_from_lognorm(x, library), counts)
+
+
+def test_the_count_head_learns_counts_without_moving_the_rest_of_the_model() -> None:
+    torch.manual_seed(0)
+    genes, n = 20, 256
+    rate = torch.rand(genes) * 5
+    counts = torch.poisson(rate.expand(n, genes))
+    library = counts.sum(1) / 0.5  # the plan genes hold half of each cell's counts
+    x = torch.log1p(counts / library[:, None] * 1e4)
+    torch.manual_seed(1)
+    plain = VAE(VAEConfig(n_genes=genes, latent_dim=4, hidden=(16, 8)))
+    torch.manual_seed(1)
+    with_counts = VAE(VAEConfig(n_genes=genes, latent_dim=4, hidden=(16, 8), count_head=True))
+    shared = {k: v for k, v in with_counts.state_dict().items() if not k.startswith("count_head.")}
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in shared.items()) and set(shared) == set(plain.state_dict())
+    for model in (plain, with_counts):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        torch.manual_seed(2)
+        for _ in range(150):
+            out = model.loss(x, library=library)
+            opt.zero_grad()
+            out.total.backward()
+            opt.step()
+    # the shared weights trained identically (the NB term reaches the count head only) ...
+    assert all(torch.allclose(v, plain.state_dict()[k]) for k, v in with_counts.state_dict().items() if not k.startswith("count_head."))
+    # ... and the count head fits the counts: proportions close to the true rates' shares
+    rho, theta = with_counts.count_head.parts(with_counts.encode(x)[0])
+    assert torch.allclose(rho.mean(0), rate / rate.sum(), atol=0.02)
+    assert out.counts.item() > 0 and plain.loss(x, library=library).counts.item() == 0.0
