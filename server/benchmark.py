@@ -40,7 +40,7 @@ from shared.baselines import SyntheticSet, coreset, distribution_matching, gauss
 from shared.distill import DECODE_MODE as SCDD_DECODE_MODE
 from shared.errors import ConfigError
 from shared.distill import DistillConfig, code_counts, distill_codes, generate
-from shared.evaluation import EVALUATORS, Evaluator, MLPTrainConfig, fit_predict, predict_mlp, score
+from shared.evaluation import EVALUATORS, Evaluator, MLPTrainConfig, fidelity, fit_predict, predict_mlp, score
 from shared.io import write_h5ad
 from shared.pretrain import PretrainConfig, Pretrained, pretrain
 from shared.protocol import SiteSpec
@@ -125,6 +125,7 @@ class Cell:
     zero_fraction: list[float] = field(default_factory=list)
     pretrain_upload_bytes: list[float] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)
+    fidelity: list[dict[str, float]] = field(default_factory=list)  # per seed: the training cells against the scored cells
 
 
 @dataclass(frozen=True)
@@ -367,6 +368,8 @@ def _record(cells: dict[tuple[str, int | None, str], Cell], method: str, k: int 
         else:
             accs, f1s = zip(*(_score_set(X, y, run, ev, run.seed, cfg) for X, y in got.sets), strict=True)  # type: ignore[assignment]
         cell = cells.setdefault((method, k, ev), Cell())
+        if got.model is None and ev == cfg.evaluators[0]:
+            cell.fidelity.append(_fidelity(got, run, cfg))
         cell.accuracy.append(float(np.mean(accs)))
         cell.macro_f1.append(float(np.mean(f1s)))
         cell.seconds.append(got.seconds)
@@ -376,6 +379,14 @@ def _record(cells: dict[tuple[str, int | None, str], Cell], method: str, k: int 
         if got.audits is not None:
             cell.audits.append(got.audits)
             cell.zero_fraction.append(got.zero_fraction)
+
+
+def _fidelity(got: Produced, run: SeedRun, cfg: BenchmarkConfig) -> dict[str, float]:
+    """Fidelity of a method's training cells (every site's set together) against the cells every method is scored on."""
+    X_real, y_real = eval_cells(run, cfg)
+    X = np.vstack([m.toarray() if sp.issparse(m) else np.asarray(m) for m, _ in got.sets]).astype(np.float32)
+    y = np.concatenate([np.asarray(labels) for _, labels in got.sets])
+    return fidelity(X_real, y_real, X, y, seed=run.seed).as_dict()
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -400,6 +411,8 @@ def rows(cells: dict[tuple[str, int | None, str], Cell]) -> list[dict[str, objec
             "n_seeds": len(c.accuracy),
             "pretraining_mode": PRETRAINING_MODE.get(method, "none"),
         }
+        if c.fidelity:
+            row["fidelity"] = {key: _nanmean([f[key] for f in c.fidelity]) for key in c.fidelity[0]}
         if method in FEDERATED or method == "fedavg_mlp":
             row["pretrain_upload_bytes_per_site"] = _nanmean(c.pretrain_upload_bytes)
             row["rounds"] = int(max(c.rounds)) if c.rounds else 0
@@ -423,6 +436,16 @@ def markdown(dataset: str, table_rows: Sequence[dict[str, object]], ks: Sequence
         for m in methods:
             vals = [get.get((m, None if m in K_FREE else k, ev)) for k in ks]
             lines.append(f"| {m} | " + " | ".join(f"{v['accuracy_mean']:.3f} ± {v['accuracy_std']:.3f}" if v else "" for v in vals) + " |")
+        lines.append("")
+    fid_rows = [r for r in table_rows if r["evaluator"] == evaluators[0] and "fidelity" in r]
+    if fid_rows:
+        lines += ["## fidelity: each method's training cells against the scored cells (scanpy wilcoxon top-50 markers per class; mean over seeds)",
+                  "", "| method | k | marker overlap | zero fraction synthetic / real | per-gene var corr | per-gene mean corr | MMD (50 PCs) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in fid_rows:
+            f = r["fidelity"]  # type: ignore[index]
+            lines.append(f"| {r['method']} | {r['k'] if r['k'] is not None else ''} | {f['marker_overlap']:.3f} | {f['zero_fraction_synthetic']:.3f} / "
+                         f"{f['zero_fraction_real']:.3f} | {f['var_corr']:.3f} | {f['mean_corr']:.3f} | {f['mmd_pca']:.3f} |")
         lines.append("")
     lines += ["## upload bytes and distillation seconds per site; privacy audit (0.5 = no signal; mean over sites and seeds, worst site); zero fraction",
               "", "| method | k | bytes | seconds | seed MIA | seed MIA worst site | population MIA | density MIA | DCR share | zero frac |",

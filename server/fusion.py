@@ -75,10 +75,9 @@ def aggregate_scores(per_site: Mapping[str, Mapping[str, Any]], evaluators: Sequ
             vvals = [per_site[s]["validation"]["scores"][ev][metric] for s in sites]
             out["validation"]["cell_weighted"].setdefault(ev, {})[metric] = _nanmean(vvals, n_val)
             out["validation"]["macro"].setdefault(ev, {})[metric] = _nanmean(vvals)
-    for key in FIDELITY_KEYS:
-        vals = [per_site[s]["fidelity"][key] for s in sites]
-        out["macro"][key] = _nanmean(vals)
-        out["cell_weighted"][key] = _nanmean(vals, n)
+    # fidelity of the synthetic cells against each site's own test cells: the mean over sites (and weighted by test cells)
+    out["fidelity"] = {key: _nanmean([per_site[s]["fidelity"][key] for s in sites]) for key in FIDELITY_KEYS}
+    out["fidelity_cell_weighted"] = {key: _nanmean([per_site[s]["fidelity"][key] for s in sites], n) for key in FIDELITY_KEYS}
     out["audit"] = {key: _nanmean([per_site[s]["audit"][key] for s in sites]) for key in AUDIT_KEYS}
     out["local_only"] = {"cell_weighted": {}, "macro": {}}  # each site's own model on its own test cells, aggregated like the scores
     for ev in sorted({ev for s in sites for ev in per_site[s].get("local_only", {})}):

@@ -105,6 +105,27 @@ def _gain_plot(last: dict[str, Any]) -> str:
     return _png(fig)
 
 
+FIDELITY_BARS = (("marker_overlap", "marker-gene overlap"), ("var_corr", "per-gene variance corr."), ("mean_corr", "per-gene mean corr."),
+                 ("zero_fraction_real", "zero fraction, real"), ("zero_fraction_synthetic", "zero fraction, synthetic"))
+
+
+def _fidelity_plot(last: dict[str, Any]) -> str:
+    """Grouped bars per site: how much the synthetic cells look like the site's own test cells."""
+    import matplotlib.pyplot as plt
+
+    sites = sorted(last["sites"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(sites) + 3), 3.5))
+    x, width = np.arange(len(sites)), 0.8 / len(FIDELITY_BARS)
+    for i, (key, label) in enumerate(FIDELITY_BARS):
+        vals = [last["sites"][s]["fidelity"][key] for s in sites]
+        ax.bar(x - 0.4 + (i + 0.5) * width, np.nan_to_num(vals, nan=0.0), width, label=label)
+    ax.set_xticks(x, sites, rotation=20)
+    ax.set(ylim=(0, 1.05), ylabel="against the site's test cells", title="fidelity of the synthetic cells (last round)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else ("n/a" if isinstance(v, float) else html.escape(str(v)))
 
@@ -139,6 +160,12 @@ def render(metrics: dict[str, Any], synthetic: Any, *, label_key: str) -> str:
         if any(math.isfinite(_local(m)) for m in rounds[-1]["sites"].values()):
             parts += ["<h2>What each site gains by joining</h2>", "<p>The same MLP trained on the site's own training cells only, "
                       "scored on the same test cells, beside the federated one (last round).</p>", _gain_plot(rounds[-1])]
+        fid = agg.get("fidelity", {})
+        parts += ["<h2>Fidelity: do the synthetic cells look like real ones?</h2>",
+                  f"<p>Each site compares the fused synthetic cells with its own test cells (top-50 wilcoxon marker genes per class, "
+                  f"scanpy; per-gene mean and variance correlation; zero fraction). Mean over sites: marker overlap "
+                  f"{_fmt(fid.get('marker_overlap', math.nan))}, zero fraction {_fmt(fid.get('zero_fraction_synthetic', math.nan))} synthetic vs "
+                  f"{_fmt(fid.get('zero_fraction_real', math.nan))} real.</p>", _fidelity_plot(rounds[-1])]
         parts += ["<h2>Per site, last round (scores, privacy audit, fidelity)</h2>", f"<p><b>Privacy audit:</b> {AUDIT_GUIDE}.</p>",
                   _site_table(rounds[-1], metrics.get("upload_bytes", {}))]
     img, method = _scatter(synthetic, label_key)

@@ -66,7 +66,12 @@ def test_kang_run_writes_every_output(kang: tuple[InProcessGrid, Path, list[str]
     assert sorted(synth.obs["site"].unique()) == ["ctrl101", "ctrl107", "stim101", "stim107"]
     assert synth.n_obs == 4 * 5 * K and synth.n_vars == 300
     assert "provenance_json" in synth.uns["fedscdd"]
+    # kang holds raw counts at every site: sampled counts and the decoder's expected expression travel with X
+    assert set(synth.layers) == {"counts", "expected"} and json.loads((run_dir / "metrics.json").read_text())["count_input"] is True
+    counts = synth.layers["counts"].toarray()
+    assert (counts >= 0).all() and np.array_equal(counts, np.round(counts)) and 0.3 < (counts == 0).mean() < 0.98
     vae = load_model(run_dir / "vae.pt", "vae")
+    assert vae.count_head is not None
     assert vae.config.latent_dim == latent_dim_for(300) == 14  # latent-dim left at 0 (auto): a code is <= 1/20 of a 300-gene cell
     config = json.loads((run_dir / "config.json").read_text())
     assert {"flwr", "torch", "anndata", "scanpy", "numpy"} <= set(config["versions"])
@@ -124,7 +129,8 @@ def test_report_is_self_contained_html(kang: tuple[InProcessGrid, Path, list[str
 
     monkeypatch.setattr(report, "_embedding", lambda a: (np.random.default_rng(0).normal(size=(a.n_obs, 2)), "UMAP"))
     html = report.write_report(kang[1]).read_text()
-    assert html.count("data:image/png;base64,") == 3 and 'src="http' not in html and "What each site gains by joining" in html
+    assert html.count("data:image/png;base64,") == 4 and 'src="http' not in html and "What each site gains by joining" in html
+    assert "Fidelity: do the synthetic cells look like real ones?" in html
     assert report.AUDIT_GUIDE in html and "stim107" in html and "sc.tl.umap" in html and "seed MIA" in html
 
 
@@ -163,8 +169,9 @@ def test_privacy_nothing_cell_level_leaves_a_site(kang: tuple[InProcessGrid, Pat
         elif ex.message_type == MSG_DISTILL:
             assert set(content.keys()) == {KEY_CONFIG, KEY_CODES, KEY_METRICS}
             arrays = content[KEY_CODES]
-            assert set(arrays.keys()) == {"codes", "labels", "class-counts"}
+            assert set(arrays.keys()) == {"codes", "labels", "class-counts", "library"}
             assert arrays["codes"].numpy().shape[1] == d and arrays["class-counts"].numpy().shape == (n_classes,)
+            assert arrays["library"].numpy().shape == (n_classes, 3)  # per-class aggregates, never per cell
             assert n_genes not in arrays["codes"].numpy().shape  # no expression rows
             rnd = int(content[KEY_CONFIG]["round"])
             distill_bytes[(ex.node_id, rnd)] = distill_bytes.get((ex.node_id, rnd), 0) + _wire(content)

@@ -87,6 +87,12 @@ def test_benchmark_leave_one_site_out_scores_the_left_out_site_only(tmp_path: Pa
     assert result["left_out"] == "stim107" and result["per_seed"][0]["left_out"] == "stim107"
     assert "stim107" not in result["sites"] and len(result["sites"]) == 3
     assert "left-out site stim107" in (tmp_path / "kang_pbmc_muscat" / "results.md").read_text()
+    # every method's training cells get a fidelity against the scored cells: many real cells resemble them more than 2 per class
+    fid = {r["method"]: r["fidelity"] for r in result["rows"]}
+    assert set(fid) == {"random", "local", "centralized"} and all(0 <= f["marker_overlap"] <= 1 for f in fid.values())
+    assert fid["centralized"]["marker_overlap"] > fid["random"]["marker_overlap"]
+    assert abs(fid["centralized"]["zero_fraction_synthetic"] - fid["centralized"]["zero_fraction_real"]) < 0.1  # real cells, real sparsity
+    assert "## fidelity" in (tmp_path / "kang_pbmc_muscat" / "results.md").read_text()
     assert main(["benchmark", str(example_path), "--methods", "random", "--k", "2", "--seeds", "1", "--leave-out", "nowhere",
                  "--out", str(tmp_path)]) == 1
 

@@ -66,7 +66,8 @@ def test_scores_aggregate_cell_weighted_and_macro() -> None:
     assert agg["macro"]["mlp"]["accuracy"] == pytest.approx(2 / 3)
     assert agg["validation"]["cell_weighted"]["mlp"]["accuracy"] == pytest.approx((0.9 * 3 + 0.6 * 1 + 0.7 * 5) / 9) and agg["n_val"] == 9
     assert agg["audit"]["seed_mia"] == pytest.approx(0.65) and agg["audit"]["seed_mia_max"] == 0.7  # NaN sites left out
-    assert agg["audit"]["density_mia"] == pytest.approx(0.6) and agg["macro"]["marker_overlap"] == pytest.approx(0.4)
+    assert agg["audit"]["density_mia"] == pytest.approx(0.6) and agg["fidelity"]["marker_overlap"] == pytest.approx(0.4)
+    assert agg["fidelity_cell_weighted"]["zero_fraction_synthetic"] == pytest.approx(0.2) and "marker_overlap" not in agg["macro"]
     assert agg["n_test"] == 50 and agg["n_sites"] == 3
     assert not math.isnan(agg["cell_weighted"]["mlp"]["macro_f1"])
 

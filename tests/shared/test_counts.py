@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 from scipy import stats
 
+from shared.counts import library_stats, plan_fraction, sample_counts, usable
+from shared.data import normalize, prepare_site
 from shared.models.likelihood import nb_log_prob, sample_nb
 from shared.models.vae import VAE, VAEConfig, counts_from_lognorm
 
@@ -71,3 +76,58 @@ def test_the_count_head_learns_counts_without_moving_the_rest_of_the_model() -> 
     rho, theta = with_counts.count_head.parts(with_counts.encode(x)[0])
     assert torch.allclose(rho.mean(0), rate / rate.sum(), atol=0.02)
     assert out.counts.item() > 0 and plain.loss(x, library=library).counts.item() == 0.0
+
+
+def _count_site(rng: np.random.Generator) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
+    """Two classes of Poisson cells over 60 genes; the plan keeps the first 40. Returns (X of the plan genes, L, labels, counts)."""
+    rates = np.vstack([rng.gamma(0.5, 4.0, 60), rng.gamma(0.5, 4.0, 60)])
+    labels = np.repeat([0, 1], 150)
+    counts = rng.poisson(rates[labels] * rng.lognormal(0.0, 0.3, (300, 1)))
+    X_all = normalize(sp.csr_matrix(counts.astype(np.float32)), "counts")  # normalised over ALL genes, as the sites do
+    return X_all[:, :40], counts.sum(1).astype(np.float64), labels, counts[:, :40]
+
+
+def test_library_stats_are_the_per_class_totals_and_plan_shares() -> None:
+    X, library, labels, counts = _count_site(np.random.default_rng(0))
+    stats = library_stats(X, library, labels, n_classes=3)
+    for c in (0, 1):
+        m = labels == c
+        assert stats[c, 0] == pytest.approx(np.log(library[m]).mean(), rel=1e-5)
+        assert stats[c, 1] == pytest.approx(np.log(library[m]).std(), rel=1e-4)
+        assert stats[c, 2] == pytest.approx((counts[m].sum(1) / library[m]).mean(), rel=1e-4)  # share recovered from X alone
+    assert np.isnan(stats[2]).all() and stats.dtype == np.float32
+    assert usable(stats, np.array([0, 1])) and not usable(stats, np.array([0, 2]))
+
+
+def test_sampled_counts_have_the_sites_library_sizes_and_the_real_cells_scale() -> None:
+    torch.manual_seed(0)
+    X, library, labels, _ = _count_site(np.random.default_rng(1))
+    stats = library_stats(X, library, labels, n_classes=2)
+    vae = VAE(VAEConfig(n_genes=40, latent_dim=4, hidden=(16, 8), count_head=True))
+    z = np.random.default_rng(2).normal(size=(4000, 4)).astype(np.float32)
+    y = np.repeat([0, 1], 2000)
+    counts, X_syn = sample_counts(vae, z, y, stats, seed=3)
+    assert counts.shape == X_syn.shape == (4000, 40) and (counts >= 0).all() and np.array_equal(counts, np.round(counts))
+    for c in (0, 1):
+        m = y == c
+        share = plan_fraction(X_syn[m])  # X is log1p(counts / L * 1e4) with L the cell's total over ALL genes
+        assert share.mean() == pytest.approx(stats[c, 2], rel=0.05)
+        assert np.log(counts[m].sum(1) / stats[c, 2]).mean() == pytest.approx(stats[c, 0], abs=0.05)
+    again, _ = sample_counts(vae, z, y, stats, seed=3)
+    assert np.array_equal(counts, again)  # seeded
+    with pytest.raises(ValueError, match="no count head"):
+        sample_counts(VAE(VAEConfig(n_genes=40, latent_dim=4, hidden=(16, 8))), z, y, stats, seed=0)
+
+
+def test_site_data_keeps_library_sizes_for_count_input_only() -> None:
+    rng = np.random.default_rng(4)
+    counts = rng.poisson(2.0, (60, 30)).astype(np.float32)
+    obs = pd.DataFrame({"cell_type": np.repeat(["a", "b"], 30)}, index=[f"c{i}" for i in range(60)])
+    adata = ad.AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(30)]))
+    site = prepare_site(adata, label_key="cell_type", vocabulary=[f"g{i}" for i in range(10)], min_coverage=0.1)
+    assert np.array_equal(site.library, counts.sum(1))  # over all 30 genes, not the 10 kept
+    back = counts_from_lognorm(torch.as_tensor(site.X.toarray()), torch.as_tensor(site.library, dtype=torch.float32))
+    assert np.array_equal(back.numpy(), counts[:, :10])
+    lognorm = adata.copy()
+    lognorm.X = sp.csr_matrix(np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32))
+    assert prepare_site(lognorm, label_key="cell_type").library is None

@@ -40,6 +40,9 @@ def test_profile_reply_roundtrip() -> None:
     for name in ("sums", "sumsq", "detected", "label_counts"):
         assert np.array_equal(getattr(back, name), getattr(reply, name))
     assert back.sums.dtype == np.float64 and back.detected.dtype == np.int64
+    assert back.has_counts is False
+    assert ProfileReply.from_record(ProfileReply(*(getattr(reply, f) for f in ("site_name", "genes", "sums", "sumsq", "detected", "n_cells",
+                                                                              "label_names", "label_counts")), has_counts=True).to_record()).has_counts
 
 
 @pytest.mark.parametrize("stage", ["vae", "latent-stats", "scdg"])

@@ -1,0 +1,80 @@
+"""The fused synthetic AnnData with count input: counts and expected layers, X by decode mode, the fallback, and scanpy."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import scanpy as sc
+import torch
+
+from server.training import SiteCodes, fresh_models, fuse_round
+from shared.distill import Codes, generate
+from shared.protocol import Plan
+
+GENES, CLASSES, K, D = 200, 3, 30, 8
+PLAN = Plan(genes=tuple(f"g{i}" for i in range(GENES)), classes=("B", "T", "mono"))
+LIBRARY = np.array([[7.5, 0.3, 0.6], [8.0, 0.4, 0.5], [7.0, 0.2, 0.7]], np.float32)
+
+
+def _parts(library_b: np.ndarray = LIBRARY) -> list[SiteCodes]:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(CLASSES), K)
+    return [SiteCodes(site, Codes(rng.normal(size=(labels.size, D)).astype(np.float32), labels, 5, 1.0), library=lib)
+            for site, lib in (("site-a", LIBRARY), ("site-b", library_b))]
+
+
+def _models():  # noqa: ANN202
+    vae, scdg = fresh_models(PLAN, latent_dim=D, seed=0, count_head=True)
+    with torch.no_grad():  # class-dependent proportions, so that the classes differ in their counts
+        vae.count_head.to_rho.bias.copy_(torch.linspace(-3, 3, GENES))
+    return vae, scdg
+
+
+def test_counts_layer_and_x_by_decode_mode() -> None:
+    vae, scdg = _models()
+    parts = _parts()
+    fused = {mode: fuse_round(parts, vae, scdg, PLAN, round_=1, provenance={}, mode=mode, seed=3) for mode in ("counts", "expected", "sample")}
+    counts = fused["counts"].layers["counts"].toarray()
+    assert set(fused["counts"].layers) == {"counts", "expected"}
+    assert (counts >= 0).all() and np.array_equal(counts, np.round(counts)) and counts.sum() > 0
+    # X of "counts" is those counts on the real cells' scale: log1p(counts / L * 1e4), zero exactly where the count is
+    X = fused["counts"].X.toarray()
+    assert np.array_equal(X > 0, counts > 0) and X.max() < np.log1p(1e4)
+    # "expected" puts the decoder's expected expression in X (as before this layer existed) and in the layer
+    expected = np.vstack([generate(vae, scdg, p.codes, mode="expected") for p in parts])
+    assert np.allclose(fused["expected"].X.toarray(), expected, atol=1e-6)
+    assert np.allclose(fused["counts"].layers["expected"].toarray(), expected, atol=1e-6)
+    # every mode samples the same counts (same seed), whatever X holds
+    assert np.array_equal(fused["sample"].layers["counts"].toarray(), counts)
+
+
+def test_without_count_input_at_a_site_there_are_no_counts_and_x_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    vae, scdg = _models()
+    parts = _parts(np.full((CLASSES, 3), np.nan, np.float32))  # site-b holds log-normalised data only
+    with caplog.at_level(logging.WARNING, logger="server.training"):
+        fused = fuse_round(parts, vae, scdg, PLAN, round_=1, provenance={}, mode="counts", seed=3)
+    assert "counts" not in fused.layers and "decoding 'expected' instead" in caplog.text
+    assert np.allclose(fused.X.toarray(), fused.layers["expected"].toarray())
+    assert '"decode": "expected"' in fused.uns["fedscdd"]["provenance_json"]
+    plain = fresh_models(PLAN, latent_dim=D, seed=0)[0]  # a VAE trained without count input has no count head
+    assert "counts" not in fuse_round(_parts(), plain, scdg, PLAN, round_=1, provenance={}, mode="expected", seed=3).layers
+
+
+def test_a_standard_scanpy_workflow_runs_on_the_counts_layer() -> None:
+    vae, scdg = _models()
+    adata = fuse_round(_parts(), vae, scdg, PLAN, round_=1, provenance={}, mode="counts", seed=3)
+    adata.X = adata.layers["counts"].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scanpy's future-default notices
+        sc.pp.normalize_total(adata, target_sum=1e4)
+        sc.pp.log1p(adata)
+        sc.pp.highly_variable_genes(adata, n_top_genes=100)
+        sc.pp.pca(adata, n_comps=20)
+        sc.pp.neighbors(adata, n_neighbors=10)
+        sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False, random_state=0)
+        sc.tl.rank_genes_groups(adata, groupby="cell_type", method="wilcoxon")
+    assert adata.obs["leiden"].nunique() >= 2
+    assert adata.uns["rank_genes_groups"]["names"].shape[0] == GENES
