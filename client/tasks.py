@@ -184,13 +184,15 @@ def evaluate_site(site: SiteData, req: EvaluateRequest, members: np.ndarray | No
     X_test, y_test = site.X[test].toarray(), y_all[test]
     y_syn = req.labels.astype(np.int64)
     scores = _scores(X_test, y_test, req, n_classes)
-    val_scores = _scores(site.X[val].toarray(), y_all[val], req, n_classes)
+    X_val = site.X[val].toarray()
+    val_scores = _scores(X_val, y_all[val], req, n_classes)
     fid = fidelity(X_test, y_test, req.X, y_syn, seed=req.seed)
+    val_fid = fidelity(X_val, y_all[val], req.X, y_syn, seed=req.seed)  # what decode choices are made on
     seed_rows = np.flatnonzero(np.isin(train, members)) if members is not None else np.zeros(0, np.int64)
     aud = audit(site.X[train], y_all[train], seed_rows, site.X[test], y_test, site.X[val], req.X, seed=req.seed)
     if local is None:
         local = local_only(site.X[train], y_all[train], X_test, y_test, n_classes, seed=req.seed)
-    return EvaluateReply(req.round, int(test.size), scores, int(val.size), val_scores, fid.as_dict(), aud.as_dict(), local)
+    return EvaluateReply(req.round, int(test.size), scores, int(val.size), val_scores, fid.as_dict(), aud.as_dict(), local, val_fid.as_dict())
 
 
 def local_only(X_train, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, n_classes: int, *, seed: int) -> dict[str, dict[str, float]]:  # noqa: ANN001 - csr

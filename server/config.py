@@ -63,6 +63,7 @@ class FederationConfig:
     distill_init: str = ""  # "": DistillConfig default ("real" or "noise")
     distill_warm_start: bool = True  # rounds >= 2 start from each site's previous codes
     decode_mode: str = ""  # how codes become cells: "" = shared.distill.DECODE_MODE (as the benchmark), "expected", "sample", "counts"
+    samples_per_code: int = 5  # "sample" / "counts": cells drawn from each code (more cells, no more upload; 5: benchmarks/decode_screen.sh)
     # server-side fine-tuning and evaluation models
     finetune_steps: int = 20
     finetune_lr: float = 1e-5
@@ -98,6 +99,7 @@ class FederationConfig:
             (self.expect in ("auto", "counts", "lognorm"), "expect must be auto, counts or lognorm"),
             (self.distill_init in ("", "real", "noise"), "distill-init must be '', 'real' or 'noise'"),
             (self.decode_mode in ("", "expected", "sample", "sparse", "counts"), "decode-mode must be '', 'expected', 'sample', 'sparse' or 'counts'"),
+            (1 <= self.samples_per_code <= 20, "samples-per-code must be within 1..20"),
             (self.finetune_steps >= 0, "finetune-steps must be >= 0"),
             (self.mlp_epochs >= 0 and self.mlp_min_steps >= 0 and self.mlp_max_steps >= 0, "mlp-epochs, mlp-min-steps and mlp-max-steps must be >= 0 (0 = default)"),
             (self.finetune_lr > 0 and self.finetune_anchor_weight >= 0, "finetune-lr must be > 0, finetune-anchor-weight >= 0"),

@@ -78,6 +78,7 @@ def aggregate_scores(per_site: Mapping[str, Mapping[str, Any]], evaluators: Sequ
     # fidelity of the synthetic cells against each site's own test cells: the mean over sites (and weighted by test cells)
     out["fidelity"] = {key: _nanmean([per_site[s]["fidelity"][key] for s in sites]) for key in FIDELITY_KEYS}
     out["fidelity_cell_weighted"] = {key: _nanmean([per_site[s]["fidelity"][key] for s in sites], n) for key in FIDELITY_KEYS}
+    out["validation"]["fidelity"] = {key: _nanmean([per_site[s]["validation"].get("fidelity", {}).get(key, math.nan) for s in sites]) for key in FIDELITY_KEYS}
     out["audit"] = {key: _nanmean([per_site[s]["audit"][key] for s in sites]) for key in AUDIT_KEYS}
     out["local_only"] = {"cell_weighted": {}, "macro": {}}  # each site's own model on its own test cells, aggregated like the scores
     for ev in sorted({ev for s in sites for ev in per_site[s].get("local_only", {})}):
@@ -99,7 +100,7 @@ def site_result(reply: Any) -> dict[str, Any]:
     return {
         "n_test": int(reply.n_test),
         "scores": _scores_dict(reply.scores),
-        "validation": {"n_val": int(reply.n_val), "scores": _scores_dict(reply.val_scores)},
+        "validation": {"n_val": int(reply.n_val), "scores": _scores_dict(reply.val_scores), "fidelity": dict(reply.val_fidelity)},
         "fidelity": dict(reply.fidelity),
         "audit": dict(reply.audit),
         "local_only": {ev: dict(v) for ev, v in reply.local_only.items()},

@@ -215,7 +215,8 @@ def run_round(run: Run, rnd: int) -> None:
     parts = distill(run, rnd)
     mode = run.cfg.decode_mode or DECODE_MODE
     prov = provenance(vae, scdg, round_=rnd, sites=[p.site for p in parts], distill=dataclasses.asdict(distill_config(run.cfg)), decode=mode)
-    fused = fuse_round(parts, vae, scdg, plan, round_=rnd, provenance=prov, mode=mode, seed=run.cfg.seed + 10 * rnd)  # type: ignore[arg-type]
+    fused = fuse_round(parts, vae, scdg, plan, round_=rnd, provenance=prov, mode=mode, seed=run.cfg.seed + 10 * rnd,  # type: ignore[arg-type]
+                       samples_per_code=run.cfg.samples_per_code)
     t1 = time.perf_counter()
     losses = finetune_generator(scdg, parts, steps=run.cfg.finetune_steps, lr=run.cfg.finetune_lr,
                                 anchor_weight=run.cfg.finetune_anchor_weight, seed=run.cfg.seed + rnd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -71,27 +72,30 @@ def counts_available(parts: Sequence[SiteCodes], vae: VAE) -> bool:
 
 
 def fuse_round(parts: Sequence[SiteCodes], vae: VAE, scdg: SCDG, plan: Plan, *, round_: int, provenance: dict[str, Any],
-               mode: DecodeMode, seed: int) -> ad.AnnData:
+               mode: DecodeMode, seed: int, samples_per_code: int = 1) -> ad.AnnData:
     """Decode every site's codes with the generator they were made with and fuse them into one AnnData.
 
     With count input at every site, each cell also gets sampled counts (``layers["counts"]``) and the
     decoder's expected expression (``layers["expected"]``); ``X`` holds what ``mode`` asks for, where
     "counts" (X = the sampled counts, log-normalised like the real cells) falls back to "expected"
-    when counts are not available.
+    when counts are not available. The sampling modes draw ``samples_per_code`` cells from every code.
     """
     with_counts = counts_available(parts, vae)
     if mode == "counts" and not with_counts:
         logger.warning("decode-mode 'counts' needs count input at every site (and a VAE trained with it): decoding 'expected' instead")
         mode = "expected"
-    provenance = {**provenance, "decode": mode}
+    repeat = samples_per_code if mode in ("sample", "counts") else 1
+    provenance = {**provenance, "decode": mode, "samples_per_code": repeat}
     pieces = []
     for i, part in enumerate(sorted(parts, key=lambda p: p.site)):
         seed_i = seed + 1000 * i
-        layers = {"expected": generate(vae, scdg, part.codes, mode="expected")}
+        codes = part.codes if repeat == 1 else dataclasses.replace(part.codes, codes=np.repeat(part.codes.codes, repeat, axis=0),
+                                                                    labels=np.repeat(part.codes.labels, repeat))
+        layers = {"expected": generate(vae, scdg, codes, mode="expected")}
         if with_counts:
-            layers["counts"], counts_X = sample_counts(vae, latents(scdg, part.codes), part.codes.labels, part.library, seed=seed_i)  # type: ignore[arg-type]
-        cells = counts_X if mode == "counts" else layers["expected"] if mode == "expected" else generate(vae, scdg, part.codes, mode=mode, seed=seed_i)
-        pieces.append(to_anndata(cells, part.codes.labels, class_names=plan.classes, genes=plan.genes, label_key=plan.spec.label_key,
+            layers["counts"], counts_X = sample_counts(vae, latents(scdg, codes), codes.labels, part.library, seed=seed_i)  # type: ignore[arg-type]
+        cells = counts_X if mode == "counts" else layers["expected"] if mode == "expected" else generate(vae, scdg, codes, mode=mode, seed=seed_i)
+        pieces.append(to_anndata(cells, codes.labels, class_names=plan.classes, genes=plan.genes, label_key=plan.spec.label_key,
                                  site=part.site, round_=round_, provenance=provenance, layers=layers))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # anndata: duplicate obs names before fuse() renames them

@@ -143,6 +143,18 @@ def _check_library(library: np.ndarray, class_counts: np.ndarray) -> None:
         raise ProtocolError(msg)
 
 
+def unit(v: float, *, allow_nan: bool = False) -> bool:
+    """v in [0, 1] (or NaN where allowed)."""
+    return (allow_nan and math.isnan(v)) or (math.isfinite(v) and 0.0 <= v <= 1.0)
+
+
+def _fidelity_ok(fid: Mapping[str, float]) -> bool:
+    """Fractions and the marker overlap in [0, 1], correlations in [-1, 1], the MMD >= 0 (NaN: not computable)."""
+    fractions = [fid["zero_fraction_real"], fid["zero_fraction_synthetic"], fid["marker_overlap"]]
+    correlations_ok = all(math.isnan(fid[k]) or -1 <= fid[k] <= 1 for k in ("mean_corr", "var_corr"))
+    return all(unit(v, allow_nan=True) for v in fractions) and (math.isnan(fid["mmd_pca"]) or fid["mmd_pca"] >= 0) and correlations_ok
+
+
 def validate_evaluate(reply: EvaluateReply, *, round_: int, n_classes: int) -> None:
     """Scores in [0, 1] (NaN only where a metric is undefined), recall of length C, n-test positive, audit and fidelity in range."""
     if reply.round != round_:
@@ -152,9 +164,6 @@ def validate_evaluate(reply: EvaluateReply, *, round_: int, n_classes: int) -> N
         msg = f"n-test must be > 0 and n-val >= 0, got {reply.n_test} and {reply.n_val}"
         raise ProtocolError(msg)
 
-    def unit(v: float, *, allow_nan: bool = False) -> bool:
-        return (allow_nan and math.isnan(v)) or (math.isfinite(v) and 0.0 <= v <= 1.0)
-
     for part, scores, has_cells in (("test", reply.scores, True), ("validation", reply.val_scores, reply.n_val > 0)):
         for ev, s in scores.items():
             if len(s.recall) != n_classes:
@@ -163,10 +172,9 @@ def validate_evaluate(reply: EvaluateReply, *, round_: int, n_classes: int) -> N
             if not (unit(s.accuracy, allow_nan=not has_cells) and unit(s.macro_f1, allow_nan=not has_cells) and all(unit(r, allow_nan=True) for r in s.recall)):
                 msg = f"{ev} {part} scores outside [0, 1]"
                 raise ProtocolError(msg)
-    fid = reply.fidelity
     local = [v for per_ev in reply.local_only.values() for v in per_ev.values()]
-    in_unit = [fid["zero_fraction_real"], fid["zero_fraction_synthetic"], fid["marker_overlap"], *reply.audit.values(), *local]
-    correlations_ok = all(math.isnan(fid[k]) or -1 <= fid[k] <= 1 for k in ("mean_corr", "var_corr"))
-    if not all(unit(v, allow_nan=True) for v in in_unit) or not (math.isnan(fid["mmd_pca"]) or fid["mmd_pca"] >= 0) or not correlations_ok:
+    in_unit = [*reply.audit.values(), *local]
+    fids_ok = all(_fidelity_ok(f) for f in (reply.fidelity, reply.val_fidelity))
+    if not all(unit(v, allow_nan=True) for v in in_unit) or not fids_ok:
         msg = "fidelity, privacy-audit or local-only numbers out of range"
         raise ProtocolError(msg)

@@ -63,15 +63,19 @@ def new_models(n_genes: int, n_classes: int, latent_dim: int, *, n_aux: int = 0,
     return vae, scdg
 
 
-def pretrain(X: sp.csr_matrix | np.ndarray, labels: np.ndarray, n_classes: int, cfg: PretrainConfig, *, aux: np.ndarray | None = None) -> Pretrained:
-    """Train the VAE, then the SCDG on the VAE's latents, on pooled cells (labels: global ids)."""
+def pretrain(X: sp.csr_matrix | np.ndarray, labels: np.ndarray, n_classes: int, cfg: PretrainConfig, *, aux: np.ndarray | None = None,
+             library: np.ndarray | None = None) -> Pretrained:
+    """Train the VAE, then the SCDG on the VAE's latents, on pooled cells (labels: global ids).
+
+    ``library`` (count input: each cell's total counts over all genes) adds and trains the VAE's count head.
+    """
     import torch
 
     torch.manual_seed(cfg.seed)
     latent_dim = cfg.latent_dim or latent_dim_for(X.shape[1])
-    vae, scdg = new_models(X.shape[1], n_classes, latent_dim, n_aux=0 if aux is None else aux.shape[1])
+    vae, scdg = new_models(X.shape[1], n_classes, latent_dim, n_aux=0 if aux is None else aux.shape[1], count_head=library is not None)
     t0 = time.perf_counter()
-    fit_vae(vae, X, labels, cfg.vae, aux=aux)
+    fit_vae(vae, X, labels, cfg.vae, aux=aux, library=library)
     t1 = time.perf_counter()
     Z = encode(vae, X)
     set_latent_stats(scdg, Z.mean(0), Z.std(0))

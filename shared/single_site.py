@@ -13,7 +13,8 @@ import numpy as np
 from shared.checkpoint import model_hash
 from shared.data import Expect, PreparedSite, prepare_site, read_h5ad
 from shared.errors import SiteDataError
-from shared.distill import DECODE_MODE, DistillConfig, distill_codes, generate
+from shared.counts import library_stats, sample_counts
+from shared.distill import DECODE_MODE, DistillConfig, distill_codes, generate, latents
 from shared.evaluation import fit_predict, score
 from shared.pretrain import PretrainConfig, pretrain
 from shared.sites import prepare_federation
@@ -72,15 +73,21 @@ def distill_file(
     X_te, y_te = fed.test(0)
     n_classes = len(fed.classes)
     aux = foundation_embedding(adata, fed.sites[0], embedding_key) if embedding_key else None
-    pre = pretrain(X_tr, y_tr, n_classes, pretrain_cfg, aux=aux)
+    site = fed.sites[0]
+    library = site.library[site.train_idx] if site.library is not None else None
+    pre = pretrain(X_tr, y_tr, n_classes, pretrain_cfg, aux=aux, library=library)
     t0 = time.perf_counter()
     codes = distill_codes(pre.vae, pre.scdg, X_tr, y_tr, distill)
     cells = generate(pre.vae, pre.scdg, codes, mode=DECODE_MODE, seed=seed)
+    layers = {"expected": cells}
+    if library is not None:  # count input: sampled counts on the input's scale, as a federation writes them
+        layers["counts"], _ = sample_counts(pre.vae, latents(pre.scdg, codes), codes.labels, library_stats(X_tr, library, y_tr, n_classes), seed=seed)
     seconds = time.perf_counter() - t0
     acc_syn = score(y_te, fit_predict("mlp", cells, codes.labels, X_te, n_classes, seed=seed)).accuracy
     acc_real = score(y_te, fit_predict("mlp", X_tr, y_tr, X_te, n_classes, seed=seed)).accuracy
     prov = {"embedding_key": embedding_key, "method": "scdd", "distill": distill.__dict__, "t_star": codes.t_star, "vae_hash": model_hash(pre.vae), "scdg_hash": model_hash(pre.scdg), "source": Path(path).name}
-    synth = to_anndata(cells, codes.labels, class_names=fed.classes, genes=fed.genes, label_key=label_key, site=fed.names[0], provenance=prov)
+    synth = to_anndata(cells, codes.labels, class_names=fed.classes, genes=fed.genes, label_key=label_key, site=fed.names[0], provenance=prov,
+                       layers=layers)
     return DistillReport(
         n_train=X_tr.shape[0],
         n_test=X_te.shape[0],

@@ -223,12 +223,15 @@ class EvaluateReply:
     audit: Mapping[str, float]  # keys: AUDIT_KEYS
     # a model trained on this site's own training cells only, on the same test cells: what the site has without joining
     local_only: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # LOCAL_EVALUATORS -> {"accuracy", "macro_f1"}
+    # fidelity against the site's validation cells (what decode choices are made on); keys FIDELITY_KEYS, NaN without validation cells
+    val_fidelity: Mapping[str, float] = field(default_factory=dict)
 
     def to_record(self) -> RecordDict:
         """Encode (NaN travels as ABSENT / ABSENT_CORR)."""
         m: dict[str, Any] = {"n-test": int(self.n_test), "n-val": int(self.n_val), **_scores_to_wire("", self.scores), **_scores_to_wire("val-", self.val_scores)}
         for key in FIDELITY_KEYS:
             m[_wire(key)] = nan_to_wire(self.fidelity[key], ABSENT_CORR if key in CORRELATIONS else ABSENT)
+            m["val-" + _wire(key)] = nan_to_wire(self.val_fidelity.get(key, float("nan")), ABSENT_CORR if key in CORRELATIONS else ABSENT)
         for key in AUDIT_KEYS:
             m[_wire(key)] = nan_to_wire(self.audit[key])
         for ev in LOCAL_EVALUATORS:
@@ -245,10 +248,12 @@ class EvaluateReply:
         m = rd[KEY_METRICS]
         score_keys = {f"{p}{ev}-{part}" for p in ("", "val-") for ev in EVALUATORS for part in ("accuracy", "macro-f1", "recall")}
         local_keys = {f"local-{ev}-{_wire(part)}" for ev in LOCAL_EVALUATORS for part in ("accuracy", "macro_f1")}
-        check_keys(m, {"n-test", "n-val", *score_keys, *local_keys, *(_wire(k) for k in (*FIDELITY_KEYS, *AUDIT_KEYS))}, where)
+        fid_keys = {p + _wire(k) for p in ("", "val-") for k in FIDELITY_KEYS}
+        check_keys(m, {"n-test", "n-val", *score_keys, *local_keys, *fid_keys, *(_wire(k) for k in AUDIT_KEYS)}, where)
         fid = {k: wire_to_nan(get_value(m, _wire(k), float, where), ABSENT_CORR if k in CORRELATIONS else ABSENT) for k in FIDELITY_KEYS}
+        val_fid = {k: wire_to_nan(get_value(m, "val-" + _wire(k), float, where), ABSENT_CORR if k in CORRELATIONS else ABSENT) for k in FIDELITY_KEYS}
         aud = {k: wire_to_nan(get_value(m, _wire(k), float, where)) for k in AUDIT_KEYS}
         local = {ev: {part: wire_to_nan(get_value(m, f"local-{ev}-{_wire(part)}", float, where)) for part in ("accuracy", "macro_f1")}
                  for ev in LOCAL_EVALUATORS}
         return cls(check_round(get_value(rd[KEY_CONFIG], "round", int, where), where), get_value(m, "n-test", int, where),
-                   _scores_from_wire("", m, where), get_value(m, "n-val", int, where), _scores_from_wire("val-", m, where), fid, aud, local)
+                   _scores_from_wire("", m, where), get_value(m, "n-val", int, where), _scores_from_wire("val-", m, where), fid, aud, local, val_fid)

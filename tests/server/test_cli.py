@@ -42,6 +42,8 @@ def test_distill_writes_a_scanpy_ready_synthetic_file(tmp_path: Path, example_pa
     assert synth.obs["cell_type"].value_counts().eq(3).all()
     assert np.isfinite(synth.X.toarray()).all()
     assert "vae_hash" in synth.uns["fedscdd"]["provenance_json"]
+    counts = synth.layers["counts"].toarray()  # kang holds raw counts: sampled counts travel with the expected expression in X
+    assert (counts >= 0).all() and np.array_equal(counts, np.round(counts)) and np.allclose(synth.layers["expected"].toarray(), synth.X.toarray())
 
 
 @pytest.mark.slow

@@ -53,6 +53,8 @@ def test_kebab_case_maps_and_ints_pass_as_floats() -> None:
         ({"server-lr": 0.0}, "server-lr must be > 0"),
         ({"proximal-mu": -0.1}, "proximal-mu must be >= 0"),
         ({"init-path": "/a", "pretrained-path": "/b"}, "not both"),
+        ({"samples-per-code": 0}, "samples-per-code"),
+        ({"decode-mode": "poisson"}, "decode-mode"),
     ],
 )
 def test_bad_run_config_is_refused_with_a_named_reason(run_config: dict, match: str) -> None:

@@ -78,3 +78,16 @@ def test_a_standard_scanpy_workflow_runs_on_the_counts_layer() -> None:
         sc.tl.rank_genes_groups(adata, groupby="cell_type", method="wilcoxon")
     assert adata.obs["leiden"].nunique() >= 2
     assert adata.uns["rank_genes_groups"]["names"].shape[0] == GENES
+
+
+def test_sampling_modes_draw_several_cells_per_code_and_expected_does_not() -> None:
+    vae, scdg = _models()
+    parts = _parts()
+    one = fuse_round(parts, vae, scdg, PLAN, round_=1, provenance={}, mode="counts", seed=3)
+    three = fuse_round(parts, vae, scdg, PLAN, round_=1, provenance={}, mode="counts", seed=3, samples_per_code=3)
+    assert three.n_obs == 3 * one.n_obs and three.layers["counts"].shape == three.X.shape
+    # each code's cells are consecutive, of its class, with the same expected expression but their own counts
+    assert (three.obs["cell_type"].to_numpy()[::3] == one.obs["cell_type"].to_numpy()).all()
+    ex = three.layers["expected"].toarray()
+    assert np.allclose(ex[0::3], ex[1::3]) and not np.array_equal(three.layers["counts"].toarray()[0::3], three.layers["counts"].toarray()[1::3])
+    assert fuse_round(parts, vae, scdg, PLAN, round_=1, provenance={}, mode="expected", seed=3, samples_per_code=3).n_obs == one.n_obs

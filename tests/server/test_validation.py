@@ -150,20 +150,23 @@ AUDIT = {"seed_mia": 0.6, "population_mia": 0.5, "density_mia": 0.55, "dcr_share
 
 
 def _evaluate(acc: float = 0.9, recall: tuple = (1.0, 0.5, float("nan")), n_test: int = 10, val_acc: float = 0.85, n_val: int = 5,
-              audit: dict | None = None, fidelity: dict | None = None, local_acc: float = 0.88) -> EvaluateReply:
+              audit: dict | None = None, fidelity: dict | None = None, local_acc: float = 0.88, val_fidelity: dict | None = None) -> EvaluateReply:
     scores = {ev: EvaluatorScores(acc, 0.8, recall) for ev in EVALUATORS}
     val = {ev: EvaluatorScores(val_acc, 0.7, recall) for ev in EVALUATORS}
     local = {"mlp": {"accuracy": local_acc, "macro_f1": 0.8}, "logreg": {"accuracy": 0.9, "macro_f1": 0.8}}
-    return EvaluateReply(1, n_test, scores, n_val, val, {**FIDELITY, **(fidelity or {})}, {**AUDIT, **(audit or {})}, local)
+    return EvaluateReply(1, n_test, scores, n_val, val, {**FIDELITY, **(fidelity or {})}, {**AUDIT, **(audit or {})}, local,
+                         {**FIDELITY, **(val_fidelity or {})})
 
 
 @pytest.mark.parametrize("reply", [_evaluate(acc=1.5), _evaluate(recall=(1.0,)), _evaluate(n_test=0), _evaluate(recall=(1.0, 2.0, 0.0)),
                                    _evaluate(val_acc=1.2), _evaluate(val_acc=float("nan")), _evaluate(acc=float("nan")), _evaluate(n_val=-1),
                                    _evaluate(audit={"seed_mia": 1.5}), _evaluate(audit={"dcr_share": -0.1}),
-                                   _evaluate(fidelity={"marker_overlap": 2.0}), _evaluate(fidelity={"var_corr": -3.0}), _evaluate(local_acc=1.3)],
+                                   _evaluate(fidelity={"marker_overlap": 2.0}), _evaluate(fidelity={"var_corr": -3.0}), _evaluate(local_acc=1.3),
+                                   _evaluate(val_fidelity={"zero_fraction_synthetic": 1.5}), _evaluate(val_fidelity={"mmd_pca": -0.5})],
                          ids=["accuracy-over-1", "recall-length", "no-test-cells", "recall-over-1", "val-accuracy-over-1",
                               "val-accuracy-missing-with-val-cells", "test-accuracy-missing", "negative-val-cells", "seed-mia-over-1",
-                              "dcr-share-negative", "marker-overlap-over-1", "var-corr-below-minus-1", "local-only-over-1"])
+                              "dcr-share-negative", "marker-overlap-over-1", "var-corr-below-minus-1", "local-only-over-1",
+                              "val-zero-fraction-over-1", "val-mmd-negative"])
 def test_malformed_evaluate_reply_is_rejected(reply: EvaluateReply) -> None:
     validate_evaluate(_evaluate(), round_=1, n_classes=3)
     with pytest.raises(ProtocolError):

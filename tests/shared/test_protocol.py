@@ -114,12 +114,13 @@ def test_evaluate_reply_roundtrip_keeps_nan_as_absent() -> None:
     fid = {"mmd_pca": nan, "mean_corr": nan, "var_corr": 0.3, "marker_overlap": 0.42, "zero_fraction_real": 0.9, "zero_fraction_synthetic": 0.1}
     aud = {"seed_mia": 0.65, "population_mia": 0.55, "density_mia": nan, "dcr_share": 0.6}
     local = {"mlp": {"accuracy": 0.91, "macro_f1": 0.85}, "logreg": {"accuracy": 0.93, "macro_f1": nan}}
-    reply = EvaluateReply(2, 40, scores, 0, val, fid, aud, local)
+    reply = EvaluateReply(2, 40, scores, 0, val, fid, aud, local, {**fid, "marker_overlap": 0.61})
     rd = reply.to_record()
     m = rd[KEY_METRICS]
     assert m["mlp-recall"] == [1.0, -1.0, 0.5] and m["mean-corr"] == -2.0 and m["density-mia"] == -1.0 and m["val-mlp-accuracy"] == -1.0
     back = EvaluateReply.from_record(rd)
     assert math.isnan(back.scores["knn"].recall[1]) and math.isnan(back.fidelity["mean_corr"]) and back.fidelity["marker_overlap"] == 0.42
+    assert back.val_fidelity["marker_overlap"] == 0.61 and math.isnan(back.val_fidelity["mmd_pca"])
     assert back.audit["seed_mia"] == 0.65 and back.audit["population_mia"] == 0.55 and math.isnan(back.audit["density_mia"])
     assert back.n_val == 0 and math.isnan(back.val_scores["mlp"].accuracy)
     assert back.local_only["mlp"] == {"accuracy": 0.91, "macro_f1": 0.85} and math.isnan(back.local_only["logreg"]["macro_f1"])
