@@ -34,14 +34,24 @@ def plan_fraction(X: Matrix) -> np.ndarray:
     return total / TARGET_SUM
 
 
-def library_stats(X: Matrix, library: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """(n_classes, 3) float32: per class mean and sd of log total counts, mean plan share; NaN rows for absent classes."""
+MIN_CELLS = 5  # a statistic over fewer cells would come close to describing one cell: such classes get the site's pooled row
+
+
+def library_stats(X: Matrix, library: np.ndarray, labels: np.ndarray, n_classes: int, *, min_cells: int = MIN_CELLS) -> np.ndarray:
+    """(n_classes, 3) float32: per class mean and sd of log total counts, mean plan share; NaN rows for absent classes.
+
+    A class with fewer than ``min_cells`` cells gets the row of all the site's cells together, so that no
+    released number is computed from fewer than ``min_cells`` cells (all NaN when the site has fewer).
+    """
     out = np.full((n_classes, LIBRARY_STATS), np.nan, dtype=np.float32)
+    if labels.size < min_cells:
+        return out
     log_l = np.log(np.maximum(np.asarray(library, dtype=np.float64), 1.0))
     share = np.clip(plan_fraction(X), 1e-6, 1.0)
+    pooled = (log_l.mean(), log_l.std(), share.mean())
     for c in np.unique(labels):
         m = labels == c
-        out[c] = (log_l[m].mean(), log_l[m].std(), share[m].mean())
+        out[c] = (log_l[m].mean(), log_l[m].std(), share[m].mean()) if m.sum() >= min_cells else pooled
     return out
 
 

@@ -13,16 +13,15 @@ import torch
 EPS = 1e-8
 
 
-def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Elementwise log NB(x; mu, theta), differentiable in mu and theta (x: non-negative counts)."""
+def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, *, exact: bool = True) -> torch.Tensor:
+    """Elementwise log NB(x; mu, theta), differentiable in mu and theta (x: non-negative counts).
+
+    ``exact=False`` leaves out ``-lgamma(x + 1)``, which depends on the data only: the same gradients, less work
+    (what training uses).
+    """
     log_theta_mu = torch.log(theta + mu + EPS)
-    return (
-        theta * (torch.log(theta + EPS) - log_theta_mu)
-        + x * (torch.log(mu + EPS) - log_theta_mu)
-        + torch.lgamma(x + theta)
-        - torch.lgamma(theta)
-        - torch.lgamma(x + 1.0)
-    )
+    out = theta * (torch.log(theta + EPS) - log_theta_mu) + x * (torch.log(mu + EPS) - log_theta_mu) + torch.lgamma(x + theta) - torch.lgamma(theta)
+    return out - torch.lgamma(x + 1.0) if exact else out
 
 
 def sample_nb(mu: np.ndarray, theta: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -97,6 +97,11 @@ def test_library_stats_are_the_per_class_totals_and_plan_shares() -> None:
         assert stats[c, 2] == pytest.approx((counts[m].sum(1) / library[m]).mean(), rel=1e-4)  # share recovered from X alone
     assert np.isnan(stats[2]).all() and stats.dtype == np.float32
     assert usable(stats, np.array([0, 1])) and not usable(stats, np.array([0, 2]))
+    # a class of fewer than 5 cells gets the site's pooled row: no released number describes one or two cells
+    few = np.concatenate([labels[:150], np.full(2, 2)]), np.concatenate([library[:150], library[150:152]])
+    small = library_stats(sp.vstack([X[:150], X[150:152]]), few[1], few[0], n_classes=3)
+    assert small[2, 0] == pytest.approx(np.log(few[1]).mean(), rel=1e-5) and small[0, 0] == pytest.approx(np.log(library[:150]).mean(), rel=1e-5)
+    assert np.isnan(library_stats(X[:4], library[:4], labels[:4], n_classes=2)).all()  # a site of 4 cells releases nothing
 
 
 def test_sampled_counts_have_the_sites_library_sizes_and_the_real_cells_scale() -> None:
