@@ -63,7 +63,7 @@ class FederationConfig:
     distill_init: str = ""  # "": DistillConfig default ("real" or "noise")
     distill_warm_start: bool = True  # rounds >= 2 start from each site's previous codes
     decode_mode: str = ""  # how codes become cells: "" = shared.distill.DECODE_MODE (as the benchmark), "expected", "sample", "counts"
-    samples_per_code: int = 5  # "sample" / "counts": cells drawn from each code (more cells, no more upload; 5: benchmarks/decode_screen.sh)
+    samples_per_code: int = 10  # "sample" / "counts": cells drawn from each code (more cells, no more upload; benchmarks/results/decode_screen.md)
     # server-side fine-tuning and evaluation models
     finetune_steps: int = 20
     finetune_lr: float = 1e-5
