@@ -15,8 +15,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client import tasks
-from client.site import SiteData, cache_dir, load_local_only, load_members, load_site, resolve_source, save_local_only, save_members
+from client.privacy import SiteDP
+from client.site import (
+    SiteData, cache_dir, load_local_only, load_members, load_site, resolve_source, save_local_only, save_members, source_key,
+)
 from shared.errors import FedscddError
+from shared.privacy.mechanisms import site_secret
 from shared.protocol import DistillRequest, EvaluateRequest, Plan, PretrainRequest, ProfileRequest, SiteSpec
 
 logger = logging.getLogger(__name__)
@@ -51,12 +55,20 @@ def _site(context: Context, spec: SiteSpec, plan: Plan | None = None) -> SiteDat
     return load_site(source, spec, genes, cache=cache_dir(context.node_config))
 
 
+def _dp(context: Context, spec: SiteSpec) -> SiteDP | None:
+    """The site's DP context when the run asks for DP (None otherwise)."""
+    if not spec.dp.enabled:
+        return None
+    cache = cache_dir(context.node_config)
+    return SiteDP(spec.dp, site_secret(cache), cache, source_key(resolve_source(context.node_config, context.run_config)))
+
+
 @app.query("profile")
 def profile(msg: Message, context: Context) -> Message:
     """query.profile: per-gene and per-label aggregates of the training cells."""
     with safe_errors("query.profile"):
         req = ProfileRequest.from_record(msg.content)
-        reply = tasks.profile_site(_site(context, req.spec))
+        reply = tasks.profile_site(_site(context, req.spec), _dp(context, req.spec))
     return Message(reply.to_record(), reply_to=msg)
 
 
@@ -65,7 +77,7 @@ def pretrain(msg: Message, context: Context) -> Message:
     """train.pretrain: local VAE/SCDG steps, or latent moments."""
     with safe_errors("train.pretrain"):
         req = PretrainRequest.from_record(msg.content)
-        reply = tasks.pretrain_site(_site(context, req.plan.spec, req.plan), req)
+        reply = tasks.pretrain_site(_site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec))
     return Message(reply.to_record(), reply_to=msg)
 
 
@@ -74,7 +86,7 @@ def distill(msg: Message, context: Context) -> Message:
     """train.distill: k codes per local class (warm start from the previous round's codes the server sends back)."""
     with safe_errors("train.distill"):
         req = DistillRequest.from_record(msg.content)
-        reply, seeds = tasks.distill_site(_site(context, req.plan.spec, req.plan), req)
+        reply, seeds = tasks.distill_site(_site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec))
         if seeds is not None:  # a warm start keeps the seeds of the round its codes started from
             save_members(cache_dir(context.node_config), context.run_id, resolve_source(context.node_config, context.run_config), seeds)
     return Message(reply.to_record(), reply_to=msg)

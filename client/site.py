@@ -122,7 +122,7 @@ def _cache_key(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None) 
         msg = f"no such file: {source.path}; pass the path of your .h5ad (data-path / sim-data-path)"
         raise SiteDataError(msg) from None
     parts = [CACHE_VERSION, str(source.path.resolve()), st.st_size, st.st_mtime_ns, source.site_key, source.num_sites,
-             source.partition, source.split_seed, spec.items(), hashlib.sha256("\n".join(genes or []).encode()).hexdigest()]
+             source.partition, source.split_seed, spec.data_items(), hashlib.sha256("\n".join(genes or []).encode()).hexdigest()]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -220,10 +220,15 @@ def save_local_only(cache: Path, source: SiteSource, key: str, scores: Mapping[s
         Path(tmp).write_text(json.dumps(scores), encoding="utf-8")
 
 
-def _members_path(cache: Path, run_id: int, source: SiteSource) -> Path:
-    """One file per run and site: simulated sites (and sites of one host) may share a cache folder."""
+def source_key(source: SiteSource) -> str:
+    """A short identity of the site's cells (file and selection): simulated sites (and sites of one host) may share a cache folder."""
     ident = json.dumps([str(source.path.expanduser().resolve()), source.name, source.site_key, source.num_sites, source.partition, source.split_seed])
-    return cache / f"members-run{int(run_id)}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.npy"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _members_path(cache: Path, run_id: int, source: SiteSource) -> Path:
+    """One file per run and site."""
+    return cache / f"members-run{int(run_id)}-{source_key(source)}.npy"
 
 
 def save_members(cache: Path, run_id: int, source: SiteSource, rows: np.ndarray) -> None:

@@ -9,16 +9,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 import torch
 
+from client import privacy
+from client.privacy import SiteDP
 from client.site import SiteData
 from shared.audit import audit
 from shared.checkpoint import build_model
 from shared.counts import library_stats
-from shared.distill import Codes, DistillConfig, distill_codes, resolve_t_star, warm_start_fits
+from shared.distill import ClassCounts, Codes, DistillConfig, distill_codes, resolve_gene_mean_weight, resolve_t_star, warm_start_fits
 from shared.errors import CheckpointError, ProtocolError
 from shared.evaluation import MLPTrainConfig, fidelity, fit_predict, predict_mlp, score
 from shared.protocol.rounds import LIBRARY_STATS
@@ -26,14 +28,19 @@ from shared.protocol import (
     EVALUATORS, LOCAL_EVALUATORS, DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, EvaluatorScores, Plan, PretrainReply,
     PretrainRequest, ProfileReply, StateDict,
 )
+from shared.privacy.ledger import digest
+from shared.privacy.mechanisms import torch_generator
 from shared.training import TrainConfig, anchor_of, encode, fit_scdg, fit_vae
 
 logger = logging.getLogger(__name__)
 
 
-def profile_site(site: SiteData) -> ProfileReply:
-    """Per-gene sums / sums of squares / detection counts and cells per label, over training cells."""
+def profile_site(site: SiteData, dp: SiteDP | None = None) -> ProfileReply:
+    """Per-gene sums / sums of squares / detection counts and cells per label, over training cells (noised under DP)."""
     from shared.plan import profile_of  # imports anndata/pandas: only this message needs them
+
+    if dp is not None:
+        return privacy.profile(site, dp)
 
     train = site.train_idx
     return profile_of(site.name, site.X[train], site.genes, [site.classes[j] for j in site.labels[train]], has_counts=site.has_counts)
@@ -71,25 +78,40 @@ def _train_cells(site: SiteData, plan: Plan):  # noqa: ANN202 - (csr, labels)
     return site.X[idx], y
 
 
-def pretrain_site(site: SiteData, req: PretrainRequest) -> PretrainReply:
-    """Local steps of the requested stage (or latent moments for 'latent-stats')."""
+def pretrain_site(site: SiteData, req: PretrainRequest, dp: SiteDP | None = None) -> PretrainReply:
+    """Local steps of the requested stage (or latent moments for 'latent-stats'); DP-SGD and noised moments under DP.
+
+    Under DP the reply's cell count is the noised count of the profile and its loss NaN (a loss over
+    real cells would be one more release).
+    """
     X, y = _train_cells(site, req.plan)
     cfg = TrainConfig(steps=req.steps, lr=req.lr, batch_size=req.batch_size, seed=req.seed)
+    b = privacy.budget(site, req.plan, dp) if dp is not None else None
+    n_cells = int(round(b.n_cells)) if b is not None else int(X.shape[0])
+    if dp is not None:
+        privacy.check_pretrain(dp, req.stage, req.round, req.steps, req.batch_size,
+                               digest({**req.weights, **{f"encoder/{k}": v for k, v in (req.encoder or {}).items()}}))
     if req.stage == "latent-stats":
         Z = encode(_model("vae", req.model_config, req.weights), X).astype(np.float64)
-        return PretrainReply("latent-stats", req.round, int(X.shape[0]), 0.0, latent_sum=Z.sum(0), latent_sumsq=(Z**2).sum(0))
+        if b is not None and dp is not None:
+            s, q = privacy.latent_moments(Z, dp, b.noise.stats)
+            return PretrainReply("latent-stats", req.round, n_cells, 0.0, latent_sum=s, latent_sumsq=q)
+        return PretrainReply("latent-stats", req.round, n_cells, 0.0, latent_sum=Z.sum(0), latent_sumsq=(Z**2).sum(0))
     prox = req.proximal_mu / 2  # FedProx: mu/2 * ||w - w_global||^2 around the weights this round started from
+    private = {} if b is None or dp is None else {
+        "dp": privacy.dp_sgd(b, req.stage, req.batch_size, dp.spec.max_grad_norm),
+        "dp_generator": torch_generator(dp.secret, [dp.spec.run_key, dp.site_key, req.stage, req.round])}
     if req.stage == "vae":
         model = _model("vae", req.model_config, req.weights)
         library = site.library[_train_rows(site, req.plan)[0]] if site.has_counts else None
         losses = fit_vae(model, X, y, cfg, anchor=anchor_of(model) if prox > 0 else None, anchor_weight=prox, kl_ramp=req.kl_ramp,
-                         library=library)
+                         library=library, **private)
     else:
         vae = _model("vae", req.encoder_config, req.encoder or {})
         model = _model("scdg", req.model_config, req.weights)
-        losses = fit_scdg(model, encode(vae, X), y, cfg, anchor=anchor_of(model) if prox > 0 else None, anchor_weight=prox)
-    loss = float(losses[-1]) if losses else 0.0
-    return PretrainReply(req.stage, req.round, int(X.shape[0]), loss, weights=_state(model))
+        losses = fit_scdg(model, encode(vae, X), y, cfg, anchor=anchor_of(model) if prox > 0 else None, anchor_weight=prox, **private)
+    loss = float(losses[-1]) if losses and b is None else 0.0
+    return PretrainReply(req.stage, req.round, n_cells, loss, weights=_state(model))
 
 
 def _distill_config(req: DistillRequest) -> DistillConfig:
@@ -101,18 +123,30 @@ def _distill_config(req: DistillRequest) -> DistillConfig:
     return DistillConfig(**{**req.distill, "seed": req.seed})
 
 
-def _warm_codes(req: DistillRequest, labels: np.ndarray, latent_dim: int, t_star: int, guidance: float) -> Codes | None:
+def _warm_codes(req: DistillRequest, labels: np.ndarray, latent_dim: int, t_star: int, guidance: float, counts: ClassCounts | None) -> Codes | None:
     """The previous round's codes the server sent back, when they fit this round (same classes, k and latent size)."""
     if not req.warm_start or req.warm_codes is None or req.warm_labels is None:
         return None
     codes = Codes(req.warm_codes, req.warm_labels.astype(np.int64), t_star, guidance)
-    if not warm_start_fits(codes, labels, req.k, latent_dim):
+    if not warm_start_fits(codes, labels, req.k, latent_dim, counts):
         logger.warning("warm-start codes do not fit this round (classes, k or latent size changed): starting from fresh codes")
         return None
     return codes
 
 
-def distill_site(site: SiteData, req: DistillRequest) -> tuple[DistillReply, np.ndarray | None]:
+def _private_config(cfg: DistillConfig, dp: SiteDP) -> DistillConfig:
+    """The distillation settings under DP: codes start from noise; objectives that read real cells directly are refused."""
+    direct = [name for name in ("latent_weight", "mmd_weight", "gene_weight", "gm_weight") if getattr(cfg, name) > 0]
+    if direct:
+        msg = f"refused under DP: the distillation terms {direct} read real cells directly; set them to 0 or turn DP off"
+        raise ProtocolError(msg)
+    if resolve_gene_mean_weight(cfg) > 0 and not dp.spec.class_means:
+        msg = "refused under DP: the objective matches class gene means, which the run's DP plan did not budget (dp-class-means)"
+        raise ProtocolError(msg)
+    return replace(cfg, init="noise")
+
+
+def distill_site(site: SiteData, req: DistillRequest, dp: SiteDP | None = None) -> tuple[DistillReply, np.ndarray | None]:
     """Distill k codes per local class through the frozen generator; warm start from the codes the server sent back.
 
     Also returns the site-local rows of the cells whose latents seeded the codes (None on a warm
@@ -124,15 +158,30 @@ def distill_site(site: SiteData, req: DistillRequest) -> tuple[DistillReply, np.
     cfg = _distill_config(req)
     vae = _model("vae", req.vae_config, req.vae)
     scdg = _model("scdg", req.scdg_config, req.scdg)
-    init = _warm_codes(req, y, vae.config.latent_dim, resolve_t_star(cfg, scdg.config.timesteps), cfg.guidance)
-    t0 = time.perf_counter()
-    codes = distill_codes(vae, scdg, X, y, cfg, init_codes=init)
-    seconds = time.perf_counter() - t0
-    counts = np.bincount(y, minlength=len(req.plan.classes)).astype(np.int64)
     n_classes = len(req.plan.classes)
-    library = library_stats(X, site.library[idx], y, n_classes) if site.has_counts else np.full((n_classes, LIBRARY_STATS), np.nan, np.float32)
-    logger.info("distilled %d codes for %d classes in %.1f s (warm start: %s)", len(codes.labels), len(np.unique(y)), seconds, init is not None)
-    reply = DistillReply(req.round, codes.codes.astype(np.float32), codes.labels.astype(np.int32), counts, seconds, library)
+    given, means, report, b = None, None, None, None
+    if dp is not None:
+        cfg, b = _private_config(cfg, dp), privacy.budget(site, req.plan, dp)
+        counts = privacy.plan_counts(site, req.plan, dp)
+        classes = np.flatnonzero(counts > 0)
+        given = (classes, np.minimum(counts[classes], cfg.k))
+        if resolve_gene_mean_weight(cfg) > 0:
+            means = privacy.class_gene_means(X, y, counts, dp, b.noise.stats)
+        report = privacy.report(b, dp)
+    else:
+        counts = np.bincount(y, minlength=n_classes).astype(np.int64)
+    init = _warm_codes(req, y, vae.config.latent_dim, resolve_t_star(cfg, scdg.config.timesteps), cfg.guidance, given)
+    t0 = time.perf_counter()
+    codes = distill_codes(vae, scdg, X, y, cfg, init_codes=init, counts=given, gene_means=means)
+    seconds = time.perf_counter() - t0
+    if not site.has_counts:
+        library = np.full((n_classes, LIBRARY_STATS), np.nan, np.float32)
+    elif dp is not None and b is not None:
+        library = privacy.library_stats(X, site.library[idx], y, counts, dp, b.noise.stats)
+    else:
+        library = library_stats(X, site.library[idx], y, n_classes)
+    logger.info("distilled %d codes for %d classes in %.1f s (warm start: %s)", len(codes.labels), len(np.unique(codes.labels)), seconds, init is not None)
+    reply = DistillReply(req.round, codes.codes.astype(np.float32), codes.labels.astype(np.int32), counts, seconds, library, privacy=report)
     seeds = None if init is not None or codes.seed_rows is None else idx[codes.seed_rows]
     return reply, seeds
 

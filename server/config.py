@@ -16,6 +16,7 @@ from typing import Any
 
 from shared.errors import ConfigError
 from shared.evaluation import MLPTrainConfig
+from shared.privacy.spec import DPSpec
 from shared.protocol import SiteSpec
 
 # Where a run without out-dir writes: deploy/coordinator/start-superlink.sh sets it under the coordinator's state directory.
@@ -64,6 +65,10 @@ class FederationConfig:
     distill_warm_start: bool = True  # rounds >= 2 start from each site's previous codes
     decode_mode: str = ""  # how codes become cells: "" = shared.distill.DECODE_MODE (as the benchmark), "expected", "sample", "counts"
     samples_per_code: int = 10  # "sample" / "counts": cells drawn from each code (more cells, no more upload; benchmarks/results/decode_screen.md)
+    # cell-level differential privacy of everything a site releases (shared.privacy, client.privacy); 0 = off
+    dp_epsilon: float = 0.0
+    dp_delta: float = 0.0  # 0: 1 / (10 x training cells) at each site
+    dp_max_grad_norm: float = 1.0  # DP-SGD: per-cell gradient clipping bound
     # server-side fine-tuning and evaluation models
     finetune_steps: int = 20
     finetune_lr: float = 1e-5
@@ -115,6 +120,10 @@ class FederationConfig:
             _ = self.mlp
         except ValueError as exc:
             errors.append(f"mlp-epochs / mlp-min-steps / mlp-max-steps give an invalid rule ({exc})")
+        try:
+            self.dp_spec("check").check()
+        except ValueError as exc:
+            errors.append(str(exc))
         if errors:
             msg = "invalid run config: " + "; ".join(errors) + "; fix the values in [tool.flwr.app.config] or --run-config"
             raise ConfigError(msg)
@@ -144,9 +153,26 @@ class FederationConfig:
 
     @property
     def spec(self) -> SiteSpec:
-        """How sites prepare their data."""
+        """How sites prepare their data (DP keyed by the run-id key; the ServerApp uses ``site_spec`` with the run's name)."""
+        return self.site_spec(self.run_id)
+
+    def site_spec(self, run_key: str) -> SiteSpec:
+        """How sites prepare their data and what they may release, for the run named ``run_key``."""
         return SiteSpec(label_key=self.label_key, expect=self.expect, min_cells_per_class=self.min_cells_per_class,
-                        test_fraction=self.test_fraction, split_seed=self.seed, min_coverage=self.min_coverage, val_fraction=self.val_fraction)
+                        test_fraction=self.test_fraction, split_seed=self.seed, min_coverage=self.min_coverage, val_fraction=self.val_fraction,
+                        dp=self.dp_spec(run_key))
+
+    def dp_spec(self, run_key: str) -> DPSpec:
+        """The DP plan the sites receive: target, and the pretraining schedule they will compose (off when dp-epsilon is 0)."""
+        if self.dp_epsilon == 0:
+            return DPSpec()
+        from server.pretraining import budgets  # the stage budgets (run config over PretrainConfig's defaults)
+        from shared.distill import DistillConfig, resolve_gene_mean_weight
+
+        vae, scdg = budgets(self)
+        rounds = 0 if self.pretrained_path else self.num_pretrain_rounds
+        return DPSpec(self.dp_epsilon, self.dp_delta, self.dp_max_grad_norm, run_key or "unnamed", rounds, vae.steps, vae.batch_size,
+                      scdg.steps, scdg.batch_size, resolve_gene_mean_weight(DistillConfig(k=self.cells_per_class)) > 0)
 
     @property
     def mlp(self) -> MLPTrainConfig:

@@ -25,6 +25,7 @@ from server.errors import NO_PLAN, RESUME_MISMATCH, FederationStopped
 from server.fusion import aggregate_scores, site_result
 from shared.plan import plan_vocabulary
 from server.messaging import Link, wait_for_nodes
+from server.privacy import privacy_plan
 from server.reference import init_models, reference_genes
 from server.run_store import RESUME_FREE, RUN_LOG, RunStore, run_log
 from server.training import SiteCodes, finetune_generator, fresh_models, fuse_round, model_json, provenance, state_of, train_evaluators
@@ -36,7 +37,7 @@ from shared.models import SCDG, VAE
 from shared.pretrain import latent_dim_for
 from shared.protocol import (
     EVALUATORS, MSG_DISTILL, MSG_EVALUATE, MSG_PROFILE, DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, Plan,
-    ProfileReply, ProfileRequest,
+    ProfileReply, ProfileRequest, SiteSpec,
 )
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def _timed(run: Run, phase: str, t0: float) -> None:
     run.metrics["phase_seconds"][phase] = round(time.perf_counter() - t0, 3)
 
 
-def collect_profiles(link: Link, nodes: list[int], cfg: FederationConfig) -> list[ProfileReply]:
+def collect_profiles(link: Link, nodes: list[int], spec: SiteSpec) -> list[ProfileReply]:
     """query.profile to every node; names the nodes after their sites (duplicates rejected)."""
     def check(node: int, rd: RecordDict, wire: int) -> ProfileReply:
         reply = decode(rd, ProfileReply)
@@ -100,13 +101,13 @@ def collect_profiles(link: Link, nodes: list[int], cfg: FederationConfig) -> lis
         link.nodes[node] = reply.site_name
         return reply
 
-    replies = link.exchange(MSG_PROFILE, {n: ProfileRequest(cfg.spec).to_record() for n in nodes}, "profile", check)
+    replies = link.exchange(MSG_PROFILE, {n: ProfileRequest(spec).to_record() for n in nodes}, "profile", check)
     for gone in set(link.nodes) - {r.node_id for r in replies}:
         link.nodes.pop(gone)
     return [r.payload for r in replies]
 
 
-def make_plan(profiles: list[ProfileReply], cfg: FederationConfig) -> Plan:
+def make_plan(profiles: list[ProfileReply], cfg: FederationConfig, spec: SiteSpec) -> Plan:
     """Gene vocabulary (top variable genes every site has) and label vocabulary (union), or a pretrained run's plan."""
     if cfg.pretrained_path:
         import json
@@ -115,13 +116,13 @@ def make_plan(profiles: list[ProfileReply], cfg: FederationConfig) -> Plan:
         if not path.is_file():
             msg = f"pretrained-path needs plan.json, vae.pt and scdg.pt (a previous run's directory); {path} is missing"
             raise ConfigError(msg)
-        return dataclasses.replace(Plan.from_json(json.loads(path.read_text(encoding="utf-8"))), spec=cfg.spec)
+        return dataclasses.replace(Plan.from_json(json.loads(path.read_text(encoding="utf-8"))), spec=spec)
     allowed = reference_genes(cfg.init_path) if cfg.init_path else None
     try:
         genes, classes = plan_vocabulary(profiles, n_genes=cfg.n_genes, allowed=allowed)
     except ValueError as exc:
         raise FederationStopped(NO_PLAN, str(exc)) from None
-    return Plan(tuple(genes), tuple(classes), cfg.spec)
+    return Plan(tuple(genes), tuple(classes), spec)
 
 
 def pretrain(run: Run) -> None:
@@ -179,6 +180,11 @@ def distill(run: Run, rnd: int) -> list[SiteCodes]:
         return reply
 
     replies = run.link.exchange(MSG_DISTILL, {n: r.to_record() for n, r in requests.items()}, f"distill-{rnd}", check)
+    for r in replies:
+        if r.payload.privacy is not None:
+            run.metrics.setdefault("privacy", {})[r.site] = dict(r.payload.privacy)
+            logger.info("site %s: epsilon %.3g at delta %.2g spent over the run (its accountant)", r.site, r.payload.privacy["epsilon"],
+                        r.payload.privacy["delta"])
     t_star = resolve_t_star(dcfg, scdg.config.timesteps)
     parts = [SiteCodes(r.site, Codes(r.payload.codes, r.payload.labels.astype(np.int64), t_star, dcfg.guidance), r.payload.distill_seconds, r.wire,
                        r.payload.library) for r in replies]
@@ -281,10 +287,13 @@ def _phases(r: Run, nodes: list[int]) -> None:
     """Every phase in order, skipping those a resumed checkpoint completed."""
     cfg, link, store = r.cfg, r.link, r.store
     t0 = time.perf_counter()
-    profiles = collect_profiles(link, nodes, cfg)
+    spec = cfg.site_spec(store.dir.name)
+    profiles = collect_profiles(link, nodes, spec)
     if r.plan is None:
-        r.plan = make_plan(profiles, cfg)
+        r.plan = make_plan(profiles, cfg, spec)
         store.write_plan(r.plan)
+    if spec.dp.enabled:
+        r.metrics["privacy_plan"] = privacy_plan(profiles, r.plan)
     lookup = {c: i for i, c in enumerate(r.plan.classes)}
     r.site_classes = {p.site_name: {lookup[c] for c in p.label_names if c in lookup} for p in profiles}
     r.metrics["sites"] = sorted(r.site_classes)

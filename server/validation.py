@@ -12,6 +12,8 @@ from collections.abc import Collection, Mapping
 from typing import TypeVar
 
 import numpy as np
+
+from server.privacy import check_report
 from flwr.app import RecordDict
 
 from shared.errors import ProtocolError
@@ -125,6 +127,7 @@ def validate_distill(reply: DistillReply, req: DistillRequest, *, latent_dim: in
         msg = "distill-seconds must be a non-negative number"
         raise ProtocolError(msg)
     _check_library(reply.library, counts)
+    check_report(reply.privacy, dp_on=req.plan.spec.dp.enabled, target=req.plan.spec.dp.epsilon)
 
 
 def _check_library(library: np.ndarray, class_counts: np.ndarray) -> None:

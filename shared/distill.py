@@ -118,9 +118,12 @@ def code_counts(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return classes, np.minimum(n, k)
 
 
-def warm_start_fits(init: Codes, labels: np.ndarray, k: int, latent_dim: int) -> bool:
-    """Whether earlier codes can start this distillation: same latent size, classes and codes per class."""
-    classes, counts = code_counts(labels, k)
+ClassCounts = tuple[np.ndarray, np.ndarray]  # (class ids, codes per class)
+
+
+def warm_start_fits(init: Codes, labels: np.ndarray, k: int, latent_dim: int, counts: ClassCounts | None = None) -> bool:
+    """Whether earlier codes can start this distillation: same latent size, classes and codes per class (``code_counts`` unless given)."""
+    classes, counts = code_counts(labels, k) if counts is None else counts
     if init.codes.ndim != 2 or init.codes.shape[1] != latent_dim or len(init.labels) != init.codes.shape[0]:
         return False
     have, have_counts = np.unique(init.labels, return_counts=True)
@@ -128,11 +131,16 @@ def warm_start_fits(init: Codes, labels: np.ndarray, k: int, latent_dim: int) ->
 
 
 def _init_codes(scdg: SCDG, zs_real: torch.Tensor, y_real: np.ndarray, counts: dict[int, int], cfg: DistillConfig, t_star: int, gen: torch.Generator) -> tuple[torch.Tensor, np.ndarray]:
-    """Initial codes (class by class) and the rows of the real cells they were drawn from."""
+    """Initial codes (class by class) and the rows of the real cells they were drawn from.
+
+    Noise-initialised codes draw the (unused, audit-only) rows from a generator of their own, so the
+    codes' noise does not depend on how many cells a class has.
+    """
     rows, picks = [], []
+    pick_gen = torch.Generator().manual_seed(cfg.seed + 1) if cfg.init == "noise" else gen
     for c, n in counts.items():
         pool = np.flatnonzero(y_real == c)
-        pick = pool[torch.randperm(len(pool), generator=gen)[:n].numpy()]
+        pick = pool[torch.randperm(len(pool), generator=pick_gen)[:n].numpy()]
         picks.append(pick)
         noise = torch.randn(n, zs_real.shape[1], generator=gen)
         if cfg.init == "noise":
@@ -187,10 +195,14 @@ def distill_codes(
     *,
     init_codes: Codes | None = None,
     progress: Callable[[int, int], None] | None = None,
+    counts: ClassCounts | None = None,
+    gene_means: np.ndarray | None = None,
 ) -> Codes:
     """Distill cfg.k codes (at most the class's cell count) for every class in `labels` (global class ids) of a site.
 
-    The generator and decoder are frozen; only the codes are optimised (Adam).
+    The generator and decoder are frozen; only the codes are optimised (Adam). Under DP the site
+    gives the classes and codes per class (`counts`, from noised cell counts) and the per-class gene
+    means (`gene_means`, (n_classes, G), a noised release) instead of computing them from the cells.
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -200,25 +212,26 @@ def distill_codes(
     for p in params:
         p.requires_grad_(False)
     try:
-        return _distill(vae, scdg, X, labels, cfg, t_star, gen, init_codes, progress)
+        return _distill(vae, scdg, X, labels, cfg, t_star, gen, init_codes, progress, counts, gene_means)
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
 
 
-def _distill(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.ndarray, cfg: DistillConfig, t_star: int, gen: torch.Generator, init_codes: Codes | None, progress: Callable[[int, int], None] | None) -> Codes:
+def _distill(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.ndarray, cfg: DistillConfig, t_star: int, gen: torch.Generator,
+             init_codes: Codes | None, progress: Callable[[int, int], None] | None, given: ClassCounts | None, gene_means: np.ndarray | None) -> Codes:
     vae.eval()
     scdg.eval()
-    classes, counts = code_counts(labels, cfg.k)
+    classes, counts = code_counts(labels, cfg.k) if given is None else given
     seeds = None
-    if init_codes is not None and warm_start_fits(init_codes, labels, cfg.k, vae.config.latent_dim):
+    if init_codes is not None and warm_start_fits(init_codes, labels, cfg.k, vae.config.latent_dim, (classes, counts)):
         order = np.argsort(init_codes.labels, kind="stable")
         w0 = torch.as_tensor(init_codes.codes[order], dtype=torch.float32)
         seeds = None if init_codes.seed_rows is None else np.asarray(init_codes.seed_rows)[order]
     else:
         w0 = None
     y_syn = torch.as_tensor(np.repeat(classes, counts), dtype=torch.long)
-    tg = _targets(vae, scdg, X, labels, y_syn)
+    tg = _targets(vae, scdg, X, labels, y_syn, [int(c) for c in classes], gene_means)
     if w0 is None:
         w0, seeds = _init_codes(scdg, tg.zs_real, labels, dict(zip(classes.tolist(), counts.tolist(), strict=True)), cfg, t_star, gen)
     w = w0.clone().requires_grad_(True)
@@ -245,12 +258,15 @@ class _Targets:
     assign: torch.Tensor  # (C_site, n_codes) row-normalised class membership of the codes
 
 
-def _targets(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.ndarray, y_syn: torch.Tensor) -> _Targets:
+def _targets(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.ndarray, y_syn: torch.Tensor, classes: list[int],
+             released_means: np.ndarray | None) -> _Targets:
     zs_real = scdg.standardize(torch.from_numpy(encode(vae, X)))
-    classes = [int(c) for c in np.unique(labels)]
     pools = {c: np.flatnonzero(labels == c) for c in classes}
-    latent_means = torch.stack([zs_real[pools[c]].mean(0) for c in classes])
-    gene_means = torch.stack([torch.from_numpy(np.asarray(X[pools[c]].mean(0), dtype=np.float32).ravel()) for c in classes])
+    latent_means = torch.stack([zs_real[pools[c]].mean(0) if pools[c].size else torch.zeros(zs_real.shape[1]) for c in classes])
+    if released_means is not None:
+        gene_means = torch.as_tensor(np.asarray(released_means, np.float32)[classes])
+    else:
+        gene_means = torch.stack([torch.from_numpy(np.asarray(X[pools[c]].mean(0), dtype=np.float32).ravel()) for c in classes])
     onehot = torch.stack([(y_syn == c).float() for c in classes])
     return _Targets(zs_real, pools, latent_means, gene_means, onehot / onehot.sum(1, keepdim=True))
 

@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from shared.models import SCDG, VAE
+from shared.privacy.sgd import DPSGD, noisy_step_grads, poisson_batch
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def fit_vae(
     kl_ramp: tuple[float, float] | None = None,
     progress: Progress | None = None,
     library: np.ndarray | None = None,
+    dp: DPSGD | None = None,
+    dp_generator: torch.Generator | None = None,
 ) -> list[float]:
     """Train `model` in place for cfg.steps minibatch steps; return the loss every 100 steps.
 
@@ -77,6 +80,10 @@ def fit_vae(
     FedProx's local objective: the loss plus ``mu/2 * ||w - w_global||^2``.
 
     `library` (count input: each row's total counts over all genes) trains the VAE's count head too.
+
+    `dp` makes every step a DP-SGD step (Poisson-sampled cells, per-cell clipping, Gaussian noise
+    from `dp_generator`, a generator the site alone can reproduce); the returned losses are then NaN
+    (a loss over real cells would be one more release).
     """
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -89,20 +96,21 @@ def fit_vae(
     history: list[float] = []
     warm = max(1, int(cfg.steps * cfg.warmup_fraction))
     for step in range(cfg.steps):
-        idx = _batches(X.shape[0], cfg, rng)
-        out = model.loss(
-            dense_rows(X, idx),
-            y[idx] if y is not None else None,
-            a[idx] if a is not None else None,
-            beta_scale=min(1.0, (step + 1) / warm) if kl_ramp is None else kl_ramp[0] + (kl_ramp[1] - kl_ramp[0]) * (step + 1) / cfg.steps,
-            library=lib[idx] if lib is not None else None,
-        )
-        total = out.total
-        prox = _pull(params, anchor, anchor_weight)
+        beta = min(1.0, (step + 1) / warm) if kl_ramp is None else kl_ramp[0] + (kl_ramp[1] - kl_ramp[0]) * (step + 1) / cfg.steps
+        opt.zero_grad(set_to_none=True)
+        if dp is not None:
+            _dp_vae_grads(model, X, y, a, lib, beta, dp, dp_generator)
+            total = torch.tensor(float("nan"))
+        else:
+            idx = _batches(X.shape[0], cfg, rng)
+            out = model.loss(dense_rows(X, idx), y[idx] if y is not None else None, a[idx] if a is not None else None, beta_scale=beta,
+                             library=lib[idx] if lib is not None else None)
+            total = out.total
+        prox = _pull(params, anchor, anchor_weight)  # no data in it: added to DP gradients as it is
         if prox is not None:
             total = total + prox
-        opt.zero_grad(set_to_none=True)
-        total.backward()
+        if total.requires_grad:
+            total.backward()
         opt.step()
         if step % 100 == 0 or step == cfg.steps - 1:
             history.append(total.item())
@@ -110,6 +118,27 @@ def fit_vae(
                 progress(step + 1, cfg.steps)
     model.eval()
     return history
+
+
+def _dp_generator(dp: DPSGD, gen: torch.Generator | None) -> torch.Generator:
+    if gen is None:
+        msg = "DP-SGD needs the site's secret generator (shared.privacy.mechanisms.torch_generator)"
+        raise ValueError(msg)
+    return gen
+
+
+def _dp_vae_grads(model: VAE, X: Matrix, y: torch.Tensor | None, a: torch.Tensor | None, lib: torch.Tensor | None, beta: float,
+                  dp: DPSGD, gen: torch.Generator | None) -> None:
+    """One DP-SGD step's noisy gradient of the VAE loss into the parameters' ``.grad``."""
+    idx = poisson_batch(X.shape[0], dp.sample_rate, _dp_generator(dp, gen)).numpy()
+    x = dense_rows(X, idx)
+    none = torch.zeros(len(idx))  # placeholder rows for absent inputs (vmap needs tensors)
+
+    def cell_loss(m: VAE, xi: torch.Tensor, yi: torch.Tensor, ai: torch.Tensor, li: torch.Tensor) -> torch.Tensor:
+        return m.loss(xi, yi if y is not None else None, ai if a is not None else None, beta_scale=beta, library=li if lib is not None else None).total
+
+    rows = (x, y[idx] if y is not None else none.long(), a[idx] if a is not None else none, lib[idx] if lib is not None else none)
+    noisy_step_grads(model, cell_loss, rows, dp, gen)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -136,10 +165,13 @@ def fit_scdg(
     anchor: dict[str, torch.Tensor] | None = None,
     anchor_weight: float = 0.0,
     progress: Progress | None = None,
+    dp: DPSGD | None = None,
+    dp_generator: torch.Generator | None = None,
 ) -> list[float]:
     """Train the generator in place on encoder latents Z (n, d) with class ids; return losses.
 
-    With `anchor` (a state dict) an L2 pull toward those weights bounds fine-tuning drift.
+    With `anchor` (a state dict) an L2 pull toward those weights bounds fine-tuning drift. `dp`:
+    DP-SGD steps, as in ``fit_vae``.
     """
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -150,13 +182,19 @@ def fit_scdg(
     model.train()
     history: list[float] = []
     for step in range(cfg.steps):
-        idx = torch.as_tensor(_batches(len(zs), cfg, rng))
-        total, _, _ = model.loss(zs[idx], y[idx])
+        opt.zero_grad(set_to_none=True)
+        if dp is not None:
+            idx = poisson_batch(len(zs), dp.sample_rate, _dp_generator(dp, dp_generator))
+            noisy_step_grads(model, lambda m, zi, ci: m.loss(zi, ci, dedupe=False)[0], (zs[idx], y[idx]), dp, dp_generator)  # type: ignore[arg-type]
+            total = torch.tensor(float("nan"))
+        else:
+            idx = torch.as_tensor(_batches(len(zs), cfg, rng))
+            total, _, _ = model.loss(zs[idx], y[idx])
         prox = _pull(params, anchor, anchor_weight)
         if prox is not None:
             total = total + prox
-        opt.zero_grad(set_to_none=True)
-        total.backward()
+        if total.requires_grad:
+            total.backward()
         opt.step()
         if step % 100 == 0 or step == cfg.steps - 1:
             history.append(total.item())

@@ -103,8 +103,14 @@ class SCDG(nn.Module):
         """Standardised latents -> encoder latents."""
         return zs * self.z_std + self.z_mean
 
-    def eps(self, z_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor, *, dedupe: bool = True) -> torch.Tensor:
         """Predict the noise in z_t (n, d) at integer steps t (n,) for classes c (n,)."""
+        if not dedupe:  # row by row (per-cell gradients: torch.func cannot vmap torch.unique)
+            emb = self.time_mlp(timestep_embedding(t, self.config.time_dim)) + self.class_emb(c)
+            h = self.inp(z_t)
+            for block in self.blocks:
+                h = block(h, block.cond(emb))
+            return self.out(h)
         # Conditioning depends only on (t, c): compute it once per distinct pair (distillation uses
         # one t* and few classes for many codes), then gather per row.
         key = t * (self.config.n_classes + 1) + c
@@ -140,15 +146,15 @@ class SCDG(nn.Module):
         """Quality-assurance classifier logits on standardised latents."""
         return self.qa(zs)
 
-    def loss(self, zs: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (total, noise MSE, QA cross-entropy) on a batch of standardised latents."""
+    def loss(self, zs: torch.Tensor, c: torch.Tensor, *, dedupe: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (total, noise MSE, QA cross-entropy) on a batch of standardised latents (``dedupe``: see ``eps``)."""
         n = zs.shape[0]
         t = torch.randint(0, self.config.timesteps, (n,), device=zs.device)
         noise = torch.randn_like(zs)
         z_t = self.q_sample(zs, t, noise)
         drop = torch.rand(n, device=zs.device) < self.config.p_uncond
         c_in = torch.where(drop, torch.full_like(c, self.null_class), c)
-        pred = self.eps(z_t, t, c_in)
+        pred = self.eps(z_t, t, c_in, dedupe=dedupe)
         mse = F.mse_loss(pred, noise)
         ab = self.alpha_bar[t][:, None]
         z0_hat = (z_t - (1 - ab).sqrt() * pred) / ab.sqrt()

@@ -18,10 +18,11 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from shared.errors import ProtocolError
+from shared.errors import ConfigError, ProtocolError
+from shared.privacy.spec import DPSpec
 
-SCHEMA_VERSION = 4  # 2: validation split, validation scores + privacy audit; 3: FedProx mu in the pretrain request, local-only scores in the evaluate reply;
-# 4: count input in the profile, per-class library statistics in the distill reply
+SCHEMA_VERSION = 5  # 2: validation split, validation scores + privacy audit; 3: FedProx mu in the pretrain request, local-only scores in the evaluate reply;
+# 4: count input in the profile, per-class library statistics in the distill reply; 5: DP settings in the spec, the DP report in the distill reply
 MSG_PROFILE = "query.profile"
 MSG_PRETRAIN = "train.pretrain"
 MSG_DISTILL = "train.distill"
@@ -203,12 +204,17 @@ class SiteSpec:
     split_seed: int = 0
     min_coverage: float = 0.5
     val_fraction: float = 0.1
+    dp: DPSpec = field(default_factory=DPSpec)  # cell-level differential privacy (off by default)
 
-    def items(self) -> dict[str, Any]:
-        """Wire items of the spec."""
+    def data_items(self) -> dict[str, Any]:
+        """The items that decide how a site prepares its cells (its data cache key)."""
         return {"label-key": self.label_key, "expect": self.expect, "min-cells-per-class": self.min_cells_per_class,
                 "test-fraction": float(self.test_fraction), "split-seed": self.split_seed, "min-coverage": float(self.min_coverage),
                 "val-fraction": float(self.val_fraction)}
+
+    def items(self) -> dict[str, Any]:
+        """Wire items of the spec."""
+        return {**self.data_items(), **self.dp.items()}
 
     @classmethod
     def parse(cls, rec: Mapping[str, Any], where: str) -> SiteSpec:
@@ -216,11 +222,18 @@ class SiteSpec:
         spec = cls(label_key=get_value(rec, "label-key", str, where), expect=get_value(rec, "expect", str, where),
                    min_cells_per_class=get_value(rec, "min-cells-per-class", int, where), test_fraction=get_value(rec, "test-fraction", float, where),
                    split_seed=get_value(rec, "split-seed", int, where), min_coverage=get_value(rec, "min-coverage", float, where),
-                   val_fraction=get_value(rec, "val-fraction", float, where))
+                   val_fraction=get_value(rec, "val-fraction", float, where), dp=_dp_spec(rec, where))
         fractions_ok = 0 <= spec.test_fraction < 1 and 0 <= spec.val_fraction < 1 and spec.test_fraction + spec.val_fraction < 1
         if spec.expect not in ("auto", "counts", "lognorm") or spec.min_cells_per_class < 1 or not fractions_ok:
             raise fail(where, "site spec out of range (expect, min-cells-per-class >= 1, test-fraction and val-fraction in [0, 1) with a sum below 1)")
         return spec
+
+
+def _dp_spec(rec: Mapping[str, Any], where: str) -> DPSpec:
+    try:
+        return DPSpec.from_items(rec, lambda r, k, t: get_value(r, k, t, where))
+    except ConfigError as exc:
+        raise fail(where, str(exc)) from None
 
 
 SPEC_KEYS = {SCHEMA_KEY, *SiteSpec().items()}
@@ -265,7 +278,8 @@ class Plan:
         """Inverse of ``to_json``."""
         s = obj["spec"]
         spec = SiteSpec(s["label-key"], s["expect"], int(s["min-cells-per-class"]), float(s["test-fraction"]), int(s["split-seed"]), float(s["min-coverage"]),
-                        float(s.get("val-fraction", 0.0)))  # plans written before the validation split had none
+                        float(s.get("val-fraction", 0.0)),  # plans written before the validation split had none
+                        DPSpec.from_items(s, lambda r, k, t: t(r[k])) if "dp-epsilon" in s else DPSpec())  # nor DP settings
         return cls(tuple(obj["genes"]), tuple(obj["classes"]), spec)
 
 

@@ -14,11 +14,12 @@ from shared.audit import AUDIT_KEYS
 from shared.protocol.codec import (
     ABSENT, ABSENT_CORR, EVALUATORS, KEY_CODES, KEY_CONFIG, KEY_DISTILL, KEY_LOGREG, KEY_METRICS, KEY_MLP, KEY_PLAN,
     KEY_PLAN_GENES, KEY_SCDG, KEY_SYNTHETIC, KEY_VAE, KEY_WARM, SCHEMA_KEY, Plan, StateDict, check_keys, check_records,
-    check_round, config_record, fail, get_array, get_float_list, get_value, nan_to_wire, state_from_record, state_record,
+    check_round, config_record, fail, get_array, get_float_list, get_str_list, get_value, nan_to_wire, state_from_record, state_record,
     wire_to_nan,
 )
 
 DistillValue = int | float | str | bool
+PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier_sgd", "noise_multiplier_stats")  # a DP site's report in the distill reply
 LIBRARY_STATS = 3  # per class: mean and sd of log total counts per cell, mean fraction of counts on the plan genes
 
 
@@ -100,23 +101,35 @@ class DistillReply:
     class_counts: np.ndarray  # int64 (C,)
     distill_seconds: float
     library: np.ndarray  # float32 (C, 3)
+    # under DP: what the site's accountant says it spent over the run (PRIVACY_KEYS: epsilon, delta, noise multipliers;
+    # "mechanisms": one line per release); None without DP
+    privacy: Mapping[str, Any] | None = None
 
     def to_record(self) -> RecordDict:
         """Encode."""
         arrays = ArrayRecord({"codes": Array(np.ascontiguousarray(self.codes, np.float32)), "labels": Array(np.asarray(self.labels, np.int32)),
                               "class-counts": Array(np.asarray(self.class_counts, np.int64)),
                               "library": Array(np.ascontiguousarray(self.library, np.float32))})
-        return RecordDict({KEY_CONFIG: config_record({"round": self.round}), KEY_CODES: arrays,
-                           KEY_METRICS: MetricRecord({"distill-seconds": float(self.distill_seconds)})})
+        cfg: dict[str, Any] = {"round": self.round}
+        metrics: dict[str, Any] = {"distill-seconds": float(self.distill_seconds)}
+        if self.privacy is not None:
+            cfg["dp-mechanisms"] = [str(m) for m in self.privacy["mechanisms"]]
+            metrics |= {f"dp-{_wire(k)}": float(self.privacy[k]) for k in PRIVACY_KEYS}
+        return RecordDict({KEY_CONFIG: config_record(cfg), KEY_CODES: arrays, KEY_METRICS: MetricRecord(metrics)})
 
     @classmethod
     def from_record(cls, rd: RecordDict) -> DistillReply:
         """Decode strictly."""
         where = "distill reply"
         check_records(rd, where, configs=[KEY_CONFIG], arrays=[KEY_CODES], metrics=[KEY_METRICS])
-        check_keys(rd[KEY_CONFIG], {SCHEMA_KEY, "round"}, where)
+        private = "dp-mechanisms" in rd[KEY_CONFIG]
+        check_keys(rd[KEY_CONFIG], {SCHEMA_KEY, "round", *(["dp-mechanisms"] if private else [])}, where)
         check_keys(rd[KEY_CODES], {"codes", "labels", "class-counts", "library"}, where)
-        check_keys(rd[KEY_METRICS], {"distill-seconds"}, where)
+        check_keys(rd[KEY_METRICS], {"distill-seconds", *([f"dp-{_wire(k)}" for k in PRIVACY_KEYS] if private else [])}, where)
+        report = None
+        if private:
+            report = {k: get_value(rd[KEY_METRICS], f"dp-{_wire(k)}", float, where) for k in PRIVACY_KEYS}
+            report["mechanisms"] = list(get_str_list(rd[KEY_CONFIG], "dp-mechanisms", where))
         codes = get_array(rd[KEY_CODES], "codes", "float32", 2, where)
         labels = get_array(rd[KEY_CODES], "labels", "int32", 1, where)
         if labels.shape[0] != codes.shape[0] or codes.shape[0] == 0:
@@ -126,7 +139,7 @@ class DistillReply:
             raise fail(where, f"library statistics have shape {library.shape}, expected (classes, {LIBRARY_STATS})")
         return cls(round=check_round(get_value(rd[KEY_CONFIG], "round", int, where), where), codes=codes, labels=labels,
                    class_counts=get_array(rd[KEY_CODES], "class-counts", "int64", 1, where),
-                   distill_seconds=get_value(rd[KEY_METRICS], "distill-seconds", float, where), library=library)
+                   distill_seconds=get_value(rd[KEY_METRICS], "distill-seconds", float, where), library=library, privacy=report)
 
 
 # ----------------------------------------------------------------------------- evaluate.models

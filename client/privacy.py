@@ -1,0 +1,182 @@
+"""What a site releases under cell-level DP (run config ``dp-epsilon`` > 0): noised statistics, DP-SGD settings, its report.
+
+Every number here that leaves the site is a Gaussian mechanism on clipped per-cell contributions
+(``shared.privacy.mechanisms``), DP-SGD (``shared.privacy.sgd``) or computed from those. Noise is
+keyed by (run, site, release): recomputing a release in a later message gives the same values, so
+the label counts released in the profile also serve as the cell counts of every later message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from client.site import SiteData
+from shared.errors import ProtocolError
+from shared.privacy import ledger, mechanisms as mech
+from shared.privacy.accounting import Noise, Schedule, calibrate, epsilon, one_shot_noise
+from shared.privacy.sgd import DPSGD
+from shared.privacy.spec import DPSpec
+from shared.protocol import Plan, ProfileReply
+from shared.protocol.rounds import LIBRARY_STATS
+
+SQRT3 = math.sqrt(3.0)
+LATENT_BOUND = 3.0  # per latent dimension (posterior means of a VAE with a standard-normal prior); sqrt(d) x this clips a cell's latent
+MIN_CELLS = 5  # classes with fewer (noised) cells get the site's pooled library statistics, as without DP
+
+
+@dataclass(frozen=True)
+class SiteDP:
+    """A site's DP context in one run: the settings, its noise secret and its private cache (the ledger)."""
+
+    spec: DPSpec
+    secret: bytes
+    cache: Path
+    site_key: str  # the site's identity (data source): noise and ledger entries are per site
+
+    def rng(self, what: str) -> np.random.Generator:
+        """The generator of one release."""
+        return mech.noise_rng(self.secret, [self.spec.run_key, self.site_key, what])
+
+    def claim(self, slot: str, content: str) -> None:
+        """Refuse a second, different release of ``slot`` in this run (``shared.privacy.ledger``)."""
+        ledger.claim(self.cache, self.site_key, self.spec.run_key, slot, content)
+
+
+def _one_shot_sigma(site: SiteData, dp: SiteDP) -> float:
+    return one_shot_noise(dp.spec.epsilon, dp.spec.schedule(1.0, has_counts=site.has_counts))
+
+
+def label_counts(site: SiteData, dp: SiteDP) -> dict[str, int]:
+    """Training cells per label, noised; only labels whose noised count passes the threshold (``mechanisms.name_threshold``)."""
+    sigma = _one_shot_sigma(site, dp)
+    y = site.labels[site.train_idx]
+    noised = mech.noisy_counts(y, len(site.classes), sigma, dp.rng("label counts"))
+    tau = mech.name_threshold(sigma, dp.spec.names_delta())
+    present = np.bincount(y, minlength=len(site.classes)) > 0  # a label never seen here is not a name this site can release
+    return {c: max(1, round(float(v))) for c, v, ok in zip(site.classes, noised, present, strict=True) if ok and v >= tau}
+
+
+def plan_counts(site: SiteData, plan: Plan, dp: SiteDP) -> np.ndarray:
+    """(C,) noised training cells per plan class (0 for classes this site did not release)."""
+    counts = label_counts(site, dp)
+    return np.array([counts.get(c, 0) for c in plan.classes], dtype=np.int64)
+
+
+def _gene_parts(X: sp.csr_matrix) -> list[tuple[sp.csr_matrix, float]]:
+    """The three per-cell vectors of the gene profile (values, squares, detection) and their public norm bounds."""
+    sq = X.multiply(X).tocsr()
+    det = X.copy()
+    det.data = (det.data > 0).astype(np.float64)
+    return [(X, mech.GENE_NORM), (sq, mech.GENE_SQ_NORM), (det, mech.DETECTED_NORM)]
+
+
+def profile(site: SiteData, dp: SiteDP) -> ProfileReply:
+    """The profile under DP: per-gene sums, sums of squares and detection counts from one Gaussian release, noised label counts."""
+    X = sp.csr_matrix(site.X[site.train_idx], dtype=np.float64)
+    sigma = _one_shot_sigma(site, dp)
+    rng = dp.rng("profile gene statistics")
+    out = []
+    for part, bound in _gene_parts(X):
+        norms = np.sqrt(np.asarray(part.multiply(part).sum(1)).ravel())
+        scale = np.minimum(1.0, bound / np.maximum(norms, 1e-12)) / (bound * SQRT3)  # each part <= 1/sqrt(3): the stack <= 1
+        noised = np.asarray(part.T @ scale).ravel() + rng.normal(0.0, sigma, part.shape[1])
+        out.append(np.maximum(noised * bound * SQRT3, 0.0))
+    counts = label_counts(site, dp)
+    names = tuple(sorted(counts))
+    n = int(sum(counts.values())) or 1
+    return ProfileReply(site.name, tuple(site.genes), out[0], out[1], np.clip(np.rint(out[2]), 0, n).astype(np.int64), n,
+                        names, np.array([counts[n] for n in names], dtype=np.int64), has_counts=site.has_counts)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A site's calibrated releases for the run."""
+
+    n_cells: float  # noised training cells of the plan's classes
+    delta: float  # the accountant's delta (the label-name threshold's delta comes on top)
+    schedule: Schedule
+    noise: Noise
+
+
+def budget(site: SiteData, plan: Plan, dp: SiteDP) -> Budget:
+    """Noise multipliers that meet the run's epsilon at this site (ConfigError when they cannot)."""
+    n = float(plan_counts(site, plan, dp).sum())
+    if n < 1:
+        msg = "no released training cells of the plan's classes at this site"
+        raise ProtocolError(msg)
+    delta = dp.spec.site_delta(n)
+    schedule = dp.spec.schedule(n, has_counts=site.has_counts)
+    return Budget(n, delta, schedule, calibrate(dp.spec.epsilon, delta, schedule))
+
+
+def dp_sgd(b: Budget, stage: str, batch: int, max_grad_norm: float) -> DPSGD:
+    """The DP-SGD settings of one stage: Poisson rate batch / (noised cells), the calibrated noise."""
+    rate = min(1.0, batch / b.n_cells)
+    return DPSGD(b.noise.sgd, max_grad_norm, rate, rate * b.n_cells)
+
+
+def check_pretrain(dp: SiteDP, stage: str, rnd: int, steps: int, batch: int, content: str) -> None:
+    """A pretraining request must be one of the rounds the DP plan promised, once (ProtocolError otherwise)."""
+    spec = dp.spec
+    want = {"vae": (spec.vae_steps, spec.vae_batch), "scdg": (spec.scdg_steps, spec.scdg_batch)}.get(stage)
+    if stage == "latent-stats":
+        dp.claim("latent-stats", content)
+        return
+    if want is None or not 1 <= rnd <= spec.rounds or (steps, batch) != want:
+        msg = (f"refused: {stage} round {rnd} with {steps} steps of batch {batch} is outside the run's DP plan "
+               f"({spec.rounds} rounds of {want[0] if want else 0} steps, batch {want[1] if want else 0})")
+        raise ProtocolError(msg)
+    dp.claim(f"{stage}-{rnd}", content)
+
+
+def latent_moments(Z: np.ndarray, dp: SiteDP, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of latents and of their squares from one Gaussian release (each cell's two vectors clipped)."""
+    d = Z.shape[1]
+    b1, b2 = LATENT_BOUND * math.sqrt(d), LATENT_BOUND**2 * math.sqrt(d)
+    V = np.hstack([mech.clip_rows(Z, b1) / (b1 * math.sqrt(2)), mech.clip_rows(Z**2, b2) / (b2 * math.sqrt(2))])
+    noised = mech.noisy_class_sums(V, np.zeros(len(Z), np.int64), 1, sigma, dp.rng("latent moments"))[0]
+    return noised[:d] * b1 * math.sqrt(2), np.maximum(noised[d:] * b2 * math.sqrt(2), 0.0)
+
+
+def library_stats(X: sp.csr_matrix, library: np.ndarray, y: np.ndarray, counts: np.ndarray, dp: SiteDP, sigma: float) -> np.ndarray:
+    """(C, 3) per-class mean and sd of log total counts and mean plan share, from one Gaussian release (NaN: class not released)."""
+    from shared.counts import plan_fraction
+
+    n_classes = len(counts)
+    log_l = np.clip(np.log(np.maximum(np.asarray(library, np.float64), 1.0)), 0.0, mech.LOG_LIBRARY_MAX) / mech.LOG_LIBRARY_MAX
+    share = np.clip(plan_fraction(X), 0.0, 1.0)
+    V = np.stack([log_l, log_l**2, share], axis=1) / SQRT3  # each part <= 1/sqrt(3)
+    sums = mech.noisy_class_sums(V, y, n_classes, sigma, dp.rng("library statistics")) * SQRT3
+    out = np.full((n_classes, LIBRARY_STATS), np.nan, np.float32)
+    pooled_n = max(float(counts.sum()), 1.0)
+    rows = {c: (sums[c], max(float(counts[c]), 1.0)) for c in range(n_classes) if counts[c] >= MIN_CELLS}
+    pooled = (sums[counts > 0].sum(0), pooled_n)
+    for c in np.flatnonzero(counts > 0):
+        s, n = rows.get(int(c), pooled)
+        m1, m2 = s[0] / n, s[1] / n
+        mean = float(np.clip(m1, 0.0, 1.0))
+        sd = math.sqrt(max(float(m2) - mean**2, 0.0))
+        out[c] = (mean * mech.LOG_LIBRARY_MAX, sd * mech.LOG_LIBRARY_MAX, float(np.clip(s[2] / n, 1e-6, 1.0)))
+    return out
+
+
+def class_gene_means(X: sp.csr_matrix, y: np.ndarray, counts: np.ndarray, dp: SiteDP, sigma: float) -> np.ndarray:
+    """(C, G) per-class mean expression from one Gaussian release of clipped cells (rows of unreleased classes are 0)."""
+    dense = np.asarray(X.toarray(), np.float64)
+    sums = mech.noisy_class_sums(dense / mech.GENE_NORM, y, len(counts), sigma, dp.rng("class gene means")) * mech.GENE_NORM
+    return (np.maximum(sums, 0.0) / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+
+def report(b: Budget, dp: SiteDP) -> dict[str, object]:
+    """What the accountant says this site spent in the run: epsilon at delta (plus the label threshold's delta), and the mechanisms."""
+    eps = epsilon(b.schedule, b.noise, b.delta)
+    mechanisms = [f"Gaussian (noise multiplier {b.noise.stats:.3g}): {name}" for name in b.schedule.one_shot]
+    mechanisms += [f"DP-SGD {st.name}: {st.steps} steps, Poisson rate {st.sample_rate:.4g}, noise multiplier {b.noise.sgd:.3g}, "
+                   f"clip {dp.spec.max_grad_norm:g}" for st in b.schedule.sgd if st.steps]
+    return {"epsilon": eps, "delta": b.delta + dp.spec.names_delta(), "mechanisms": mechanisms, "noise_multiplier_sgd": b.noise.sgd,
+            "noise_multiplier_stats": b.noise.stats}

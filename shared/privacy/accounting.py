@@ -1,0 +1,126 @@
+"""Cell-level (epsilon, delta) accounting of everything one site releases in a run.
+
+The unit of privacy is one training cell of one site: two datasets are neighbours when they differ
+by adding or removing one cell. A site releases, per run,
+
+- a few one-shot Gaussian releases of clipped statistics (the profile's gene statistics and label
+  counts, the latent moments, the library statistics of count input, per-class gene means when the
+  objective uses them), each with noise multiplier ``Noise.stats`` relative to its L2 sensitivity;
+- DP-SGD steps for the VAE and the SCDG (Poisson sampling at rate q, per-cell clipping, Gaussian
+  noise with multiplier ``Noise.sgd``).
+
+Everything else it sends is computed from these (post-processing: no further cost). The accountant
+is the Renyi-DP accountant of Google's ``dp-accounting`` (Mironov 2017; Mironov, Talwar, Zhang 2019
+for the sampled Gaussian), which composes all of them into one epsilon at the site's delta.
+
+Calibration: the one-shot statistics get ``STATS_SHARE`` of the target epsilon (their noise does not
+depend on the site's cell count, which is itself private), DP-SGD the rest; the epsilon a site
+reports is what the accountant computes for the whole composition, not the target.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from shared.errors import ConfigError
+
+STATS_SHARE = 0.25  # share of the target epsilon spent on the one-shot statistics
+DELTA_REF = 1e-5  # delta at which the one-shot noise is calibrated (public: it must not depend on the site's cells)
+MAX_SGD_NOISE = 30.0  # a plan that needs more DP-SGD noise than this learns nothing: refused as unreachable
+NAMES_DELTA_SHARE = 0.1  # share of delta for releasing a label name only above a noise threshold (see mechanisms)
+# Integer Renyi orders: the sampled Gaussian's RDP has a closed form there (fractional orders need a series that
+# does not converge at high sampling rates, and small sites train at rates near 1).
+ORDERS = tuple(range(2, 129)) + (160, 192, 256, 384, 512, 1024)
+
+
+@dataclass(frozen=True)
+class SGDStage:
+    """One DP-SGD stage of a run: ``steps`` noisy steps at Poisson sampling rate ``sample_rate``."""
+
+    name: str
+    steps: int
+    sample_rate: float
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Everything one site releases in a run, as the accountant sees it."""
+
+    one_shot: tuple[str, ...]  # names of the one-shot Gaussian releases
+    sgd: tuple[SGDStage, ...] = ()
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Noise multipliers (noise standard deviation / L2 sensitivity) of a site's releases."""
+
+    stats: float
+    sgd: float
+
+
+def _event(schedule: Schedule, noise: Noise):  # noqa: ANN202 - a dp_accounting DpEvent
+    import dp_accounting as dpa  # imported here: only DP runs pay for it
+
+    events = []
+    if schedule.one_shot:
+        events.append(dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(noise.stats), len(schedule.one_shot)))
+    for st in schedule.sgd:
+        if st.steps > 0:
+            q = min(1.0, st.sample_rate)
+            events.append(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(noise.sgd)), st.steps))
+    return dpa.ComposedDpEvent(events)
+
+
+def epsilon(schedule: Schedule, noise: Noise, delta: float) -> float:
+    """The epsilon of the whole schedule at ``delta`` (Renyi-DP composition, then conversion)."""
+    from dp_accounting import rdp
+
+    if not 0 < delta < 1:
+        msg = f"delta must be in (0, 1), got {delta}"
+        raise ConfigError(msg)
+    acc = rdp.RdpAccountant(orders=list(ORDERS))
+    acc.compose(_event(schedule, noise))
+    return float(acc.get_epsilon(delta))
+
+
+def _smallest(fits, lo: float, hi: float, rel: float = 1e-3) -> float:  # noqa: ANN001 - callable(float) -> bool
+    """The smallest x in [lo, hi] with fits(x), to a relative ``rel`` (fits is monotone: false below, true above); bisection in log space."""
+    while hi / lo > 1 + rel:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+@functools.lru_cache(maxsize=64)
+def stats_noise(target: float, n_releases: int, share: float = STATS_SHARE) -> float:
+    """Noise multiplier of each one-shot release so that ``n_releases`` of them spend ``share * target`` at DELTA_REF."""
+    if n_releases == 0:
+        return 0.0
+    sched = Schedule(tuple(f"r{i}" for i in range(n_releases)))
+    return _smallest(lambda s: epsilon(sched, Noise(s, 1.0), DELTA_REF) <= share * target, 1e-2, 1e5)
+
+
+def one_shot_noise(target: float, schedule: Schedule) -> float:
+    """The one-shot releases' noise multiplier: their share of ``target`` (all of it without DP-SGD); independent of the site's cells."""
+    has_sgd = any(st.steps > 0 for st in schedule.sgd)
+    return stats_noise(target, len(schedule.one_shot), STATS_SHARE if has_sgd else 1.0)
+
+
+@functools.lru_cache(maxsize=64)  # every message of a run asks again with the same numbers
+def calibrate(target: float, delta: float, schedule: Schedule) -> Noise:
+    """The noise that meets ``(target, delta)`` for ``schedule``; ConfigError when DP-SGD would need more than MAX_SGD_NOISE."""
+    if not math.isfinite(target) or target <= 0:
+        msg = f"dp-epsilon must be a positive number, got {target}"
+        raise ConfigError(msg)
+    sig_stats = one_shot_noise(target, schedule)
+    if not any(st.steps > 0 for st in schedule.sgd):
+        return Noise(sig_stats, 0.0)
+    if epsilon(schedule, Noise(sig_stats, MAX_SGD_NOISE), delta) > target:
+        steps = " + ".join(f"{st.steps} {st.name} steps at sampling rate {st.sample_rate:.3g}" for st in schedule.sgd if st.steps)
+        msg = (f"dp-epsilon={target:g} cannot be met: {steps} would need a DP-SGD noise multiplier above {MAX_SGD_NOISE:g}; "
+               "raise dp-epsilon, or lower num-pretrain-rounds, the local steps or the batch sizes")
+        raise ConfigError(msg)
+    sig = _smallest(lambda s: epsilon(schedule, Noise(sig_stats, s), delta) <= target, 0.05, MAX_SGD_NOISE)
+    return Noise(sig_stats, sig)
