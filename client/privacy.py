@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from client.site import SiteData
-from shared.errors import ProtocolError
+from shared.errors import ProtocolError, SiteDataError
 from shared.privacy import ledger, mechanisms as mech
 from shared.privacy.accounting import Noise, Schedule, calibrate, epsilon, one_shot_noise
 from shared.privacy.sgd import DPSGD
@@ -87,8 +87,13 @@ def profile(site: SiteData, dp: SiteDP) -> ProfileReply:
         noised = np.asarray(part.T @ scale).ravel() + rng.normal(0.0, sigma, part.shape[1])
         out.append(np.maximum(noised * bound * SQRT3, 0.0))
     counts = label_counts(site, dp)
+    if not counts:
+        tau = mech.name_threshold(sigma, dp.spec.names_delta())
+        msg = (f"under DP (dp-epsilon={dp.spec.epsilon:g}) no cell type of this site passes the release threshold of about {tau:.0f} "
+               "training cells after noise; raise dp-epsilon or leave this site out")
+        raise SiteDataError(msg)
     names = tuple(sorted(counts))
-    n = int(sum(counts.values())) or 1
+    n = int(sum(counts.values()))
     return ProfileReply(site.name, tuple(site.genes), out[0], out[1], np.clip(np.rint(out[2]), 0, n).astype(np.int64), n,
                         names, np.array([counts[n] for n in names], dtype=np.int64), has_counts=site.has_counts)
 

@@ -147,6 +147,16 @@ def _site_table(last: dict[str, Any], upload: dict[str, dict[str, int]]) -> str:
     return f"<table>{head}{''.join(rows)}</table>{foot}"
 
 
+def _privacy_table(privacy: dict[str, dict[str, Any]]) -> str:
+    """Per site: the epsilon and delta its accountant spent over the run, and every mechanism it released through."""
+    rows = "".join(f"<tr><td>{html.escape(site)}</td><td>{rep['epsilon']:.3g}</td><td>{rep['delta']:.2g}</td>"
+                   f"<td><ul>{''.join(f'<li>{html.escape(str(m))}</li>' for m in rep['mechanisms'])}</ul></td></tr>"
+                   for site, rep in sorted(privacy.items()))
+    return ("<p>Cell-level differential privacy: each site's accountant composed every release of the run (Renyi DP). "
+            "Not covered: the evaluation scores and audit numbers a site returns (README, Privacy).</p>"
+            f"<table><tr><th>site</th><th>epsilon</th><th>delta</th><th>mechanisms</th></tr>{rows}</table>")
+
+
 def render(metrics: dict[str, Any], synthetic: Any, *, label_key: str) -> str:
     """The report as one HTML string."""
     rounds = metrics.get("rounds", [])
@@ -168,6 +178,8 @@ def render(metrics: dict[str, Any], synthetic: Any, *, label_key: str) -> str:
                   f"{_fmt(fid.get('zero_fraction_real', math.nan))} real.</p>", _fidelity_plot(rounds[-1])]
         parts += ["<h2>Per site, last round (scores, privacy audit, fidelity)</h2>", f"<p><b>Privacy audit:</b> {AUDIT_GUIDE}.</p>",
                   _site_table(rounds[-1], metrics.get("upload_bytes", {}))]
+    if metrics.get("privacy"):
+        parts += ["<h2>Differential privacy spent</h2>", _privacy_table(metrics["privacy"])]
     img, method = _scatter(synthetic, label_key)
     how = "scanpy sc.pp.pca, sc.pp.neighbors, sc.tl.umap" if method == "UMAP" else "scanpy sc.pp.pca (UMAP could not run)"
     parts += ["<h2>Fused synthetic cells</h2>", f"<p>{method} of the final fused synthetic set ({how}), coloured by class and by site.</p>", img]

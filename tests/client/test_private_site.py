@@ -1,0 +1,123 @@
+"""A site under DP: what it releases is noised, keyed by the run, bounded by its plan, and its codes never read one cell."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from client import privacy, tasks
+from client.privacy import SiteDP
+from client.site import SiteData, load_site, resolve_source
+from server.training import fresh_models, model_json, state_of
+from shared.errors import ProtocolError
+from shared.privacy.mechanisms import site_secret
+from shared.privacy.spec import DPSpec
+from shared.protocol import DistillRequest, Plan, PretrainRequest, SiteSpec
+
+# A large epsilon: the three-site file has ~20 training cells per class, and label names need to pass the noise threshold.
+DP = DPSpec(50.0, 0.0, 1.0, "run-test", rounds=2, vae_steps=3, vae_batch=16, scdg_steps=3, scdg_batch=16)
+SPEC = SiteSpec(label_key="cell_type", split_seed=0, dp=DP)
+
+
+@pytest.fixture
+def site(three_site_h5ad: Path, tmp_path: Path) -> SiteData:
+    source = resolve_source({"partition-id": 0}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"})
+    return load_site(source, SPEC, None, cache=tmp_path)
+
+
+def _dp(tmp_path: Path, spec: DPSpec = DP) -> SiteDP:
+    return SiteDP(spec, site_secret(tmp_path), tmp_path, "site-a")
+
+
+def _plan(site: SiteData, spec: DPSpec = DP) -> Plan:
+    return Plan(site.genes, ("type_0", "type_1", "type_2"), dataclasses.replace(SPEC, dp=spec))
+
+
+def test_profile_is_noised_the_same_way_within_a_run_and_afresh_in_another(site: SiteData, tmp_path: Path) -> None:
+    exact = tasks.profile_site(site)
+    noised = tasks.profile_site(site, _dp(tmp_path))
+    assert noised.sums.shape == exact.sums.shape and not np.allclose(noised.sums, exact.sums)
+    assert set(noised.label_names) <= set(exact.label_names) and noised.n_cells == int(noised.label_counts.sum())
+    assert np.all(noised.detected >= 0) and np.all(noised.detected <= noised.n_cells) and np.all(noised.sumsq >= 0)
+    again = tasks.profile_site(site, _dp(tmp_path))
+    assert np.array_equal(again.sums, noised.sums) and np.array_equal(again.label_counts, noised.label_counts)
+    other_run = tasks.profile_site(site, _dp(tmp_path, dataclasses.replace(DP, run_key="run-other")))
+    assert not np.allclose(other_run.sums, noised.sums)
+    # the noise is of the calibrated size: sums of clipped rows move by sigma x bound x sqrt(3) per gene
+    sigma = privacy.budget(site, _plan(site), _dp(tmp_path)).noise.stats
+    resid = (noised.sums - exact.sums)[exact.sums > 0.0]
+    assert 0.3 < np.std(resid) / (sigma * 60.0 * np.sqrt(3)) < 3.0
+
+
+def _changed_cell(site: SiteData) -> SiteData:
+    """The same site with one training cell's expression replaced by an extreme one."""
+    X = site.X.tolil(copy=True)
+    row = int(site.train_idx[0])
+    X[row, :] = 0.0
+    X[row, :5] = 9.0
+    return dataclasses.replace(site, X=sp.csr_matrix(X))
+
+
+def _distill(site: SiteData, plan: Plan, dp: SiteDP, k: int) -> np.ndarray:
+    vae, scdg = fresh_models(plan, latent_dim=8, seed=0)
+    req = DistillRequest(1, state_of(vae), model_json(vae), state_of(scdg), model_json(scdg), plan, {"k": k, "iterations": 3}, 3)
+    reply, _ = tasks.distill_site(site, req, dp)
+    assert reply.privacy is not None and 0 < reply.privacy["epsilon"] <= DP.epsilon * 1.001
+    return reply.codes
+
+
+def test_codes_under_dp_do_not_depend_on_any_one_cell(site: SiteData, tmp_path: Path) -> None:
+    plan = _plan(site)
+    a = _distill(site, plan, _dp(tmp_path), k=10)
+    b = _distill(_changed_cell(site), plan, _dp(tmp_path), k=10)
+    assert np.array_equal(a, b)  # noise-initialised, objective without real cells, counts from the (unchanged) noised release
+
+
+def _models(plan: Plan) -> tuple:
+    vae, scdg = fresh_models(plan, latent_dim=8, seed=0)
+    return state_of(vae), model_json(vae), state_of(scdg), model_json(scdg)
+
+
+def test_class_means_move_by_at_most_the_clipping_bound(site: SiteData, tmp_path: Path) -> None:
+    plan = _plan(site, dataclasses.replace(DP, class_means=True))
+    dp = _dp(tmp_path, plan.spec.dp)
+    y, ok = site.global_labels(plan.classes)
+    idx = site.train_idx[ok[site.train_idx]]
+    counts = privacy.plan_counts(site, plan, dp)
+    sigma = privacy.budget(site, plan, dp).noise.stats
+    X_plan = site.X[idx]
+    a = privacy.class_gene_means(X_plan, y[idx], counts, dp, sigma)
+    b = privacy.class_gene_means(_changed_cell(site).X[idx], y[idx], counts, dp, sigma)
+    moved = np.linalg.norm((a - b) * np.maximum(counts, 1)[:, None])  # back to sums
+    assert 0 < moved <= 2 * 60.0 + 1e-3  # two clipped rows (the old cell out, the new one in) of norm <= GENE_NORM
+
+
+def test_pretraining_stays_within_the_dp_plan(site: SiteData, tmp_path: Path) -> None:
+    plan = _plan(site)
+    dp = _dp(tmp_path)
+    vae, _ = fresh_models(plan, latent_dim=8, seed=0)
+    req = PretrainRequest("vae", 1, state_of(vae), model_json(vae), plan, 3, 1e-3, 16, (0.0, 0.5), 1)
+    reply = tasks.pretrain_site(site, req, dp)
+    noised_n = int(round(privacy.budget(site, plan, dp).n_cells))
+    assert reply.loss == 0.0 and reply.num_examples == noised_n
+    assert tasks.pretrain_site(site, req, dp).weights["to_mu.weight"].tobytes() == reply.weights["to_mu.weight"].tobytes()  # a retry
+    for bad in (dataclasses.replace(req, round=3), dataclasses.replace(req, steps=4), dataclasses.replace(req, batch_size=32)):
+        with pytest.raises(ProtocolError, match="outside the run's DP plan"):
+            tasks.pretrain_site(site, bad, dp)
+    other = dataclasses.replace(req, weights={k: v + 1.0 for k, v in req.weights.items()})
+    with pytest.raises(ProtocolError, match="already released"):
+        tasks.pretrain_site(site, other, dp)
+
+
+def test_objectives_that_read_cells_are_refused_under_dp(site: SiteData, tmp_path: Path) -> None:
+    plan = _plan(site)
+    req = DistillRequest(1, *_models(plan), plan, {"k": 10, "iterations": 1, "mmd_weight": 1.0}, 3)
+    with pytest.raises(ProtocolError, match="read real cells directly"):
+        tasks.distill_site(site, req, _dp(tmp_path))
+    req = DistillRequest(1, *_models(plan), plan, {"k": 2, "iterations": 1}, 3)  # k <= 2 matches class means: not in this DP plan
+    with pytest.raises(ProtocolError, match="did not budget"):
+        tasks.distill_site(site, req, _dp(tmp_path))

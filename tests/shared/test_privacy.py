@@ -1,0 +1,154 @@
+"""The DP building blocks: the accountant against independent computations, calibration, clipping, noise secrets, the ledger."""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import brentq
+from scipy.special import gammaln, logsumexp
+from scipy.stats import norm
+
+from shared.errors import ConfigError, ProtocolError
+from shared.privacy import ledger, mechanisms as mech
+from shared.privacy.accounting import MAX_SGD_NOISE, ORDERS, Noise, Schedule, SGDStage, calibrate, epsilon
+from shared.privacy.sgd import DPSGD, clipped_sum, noisy_step_grads
+from shared.privacy.spec import DPSpec
+
+
+def _rdp_to_eps(rdp: np.ndarray, orders: np.ndarray, delta: float) -> float:
+    """Balle et al. 2020 (Prop. 12 of "Hypothesis testing interpretations and Renyi DP"), computed here by hand."""
+    eps = rdp + np.log1p(-1 / orders) - (math.log(delta) + np.log(orders)) / (orders - 1)
+    return float(np.min(eps))
+
+
+def _sampled_gaussian_rdp(q: float, sigma: float, alpha: int) -> float:
+    """Integer-order RDP of the Poisson-sampled Gaussian (Mironov, Talwar, Zhang 2019, Sec. 3.3), as a binomial sum."""
+    k = np.arange(alpha + 1)
+    log_binom = gammaln(alpha + 1) - gammaln(k + 1) - gammaln(alpha - k + 1)
+    with np.errstate(divide="ignore"):
+        terms = log_binom + (alpha - k) * math.log1p(-q) + k * math.log(q) + (k * k - k) / (2 * sigma**2)
+    return float(logsumexp(terms)) / (alpha - 1)
+
+
+def test_one_gaussian_release_matches_its_closed_form() -> None:
+    sigma, delta = 2.0, 1e-5
+    orders = np.array(ORDERS, dtype=float)
+    by_hand = _rdp_to_eps(orders / (2 * sigma**2), orders, delta)  # RDP of the Gaussian: alpha / (2 sigma^2)
+    ours = epsilon(Schedule(("one release",)), Noise(sigma, 0.0), delta)
+    assert ours == pytest.approx(by_hand, rel=1e-9)
+    # and it is a valid, not too loose, bound on the exact privacy curve of the Gaussian mechanism (Balle & Wang 2018)
+    exact = brentq(lambda e: norm.cdf(0.5 / sigma - e * sigma) - math.exp(e) * norm.cdf(-0.5 / sigma - e * sigma) - delta, 1e-6, 50)
+    assert exact <= ours <= 1.35 * exact
+
+
+def test_dp_sgd_composition_matches_the_published_sampled_gaussian_rdp() -> None:
+    # The MNIST configuration of Abadi et al. 2016 / TF Privacy: 60,000 examples, batch 256, noise 1.1, 60 epochs, delta 1e-5.
+    q, sigma, steps, delta = 256 / 60_000, 1.1, 60 * 60_000 // 256, 1e-5
+    orders = np.array(ORDERS, dtype=float)
+    rdp = np.array([steps * _sampled_gaussian_rdp(q, sigma, int(a)) for a in ORDERS])
+    by_hand = _rdp_to_eps(rdp, orders, delta)
+    ours = epsilon(Schedule((), (SGDStage("x", steps, q),)), Noise(0.0, sigma), delta)
+    assert ours == pytest.approx(by_hand, rel=1e-6)
+    classic = float(np.min(rdp + math.log(1 / delta) / (orders - 1)))  # Mironov 2017's conversion: valid, looser
+    assert ours <= classic < 3.1
+
+
+def test_calibration_meets_the_target_and_refuses_what_it_cannot() -> None:
+    sched = DPSpec(8.0, 0.0, 1.0, "r", 30, 100, 128, 50, 256).schedule(2000.0, has_counts=True)
+    for target in (1.0, 8.0):
+        noise = calibrate(target, 5e-5, sched)
+        spent = epsilon(sched, noise, 5e-5)
+        assert 0.98 * target <= spent <= target
+    small = DPSpec(0.05, 0.0, 1.0, "r", 30, 100, 128, 50, 256).schedule(150.0, has_counts=False)
+    with pytest.raises(ConfigError, match=r"dp-epsilon=0.05 cannot be met: .*noise multiplier above") as err:
+        calibrate(0.05, 1e-4, small)
+    assert "\n" not in str(err.value) and str(MAX_SGD_NOISE).rstrip("0").rstrip(".") in str(err.value)
+
+
+def test_spec_refuses_bad_settings() -> None:
+    for bad in (DPSpec(-1.0), DPSpec(1.0, 0.5, 1.0, "r"), DPSpec(1.0, 0.0, 0.0, "r"), DPSpec(1.0, 0.0, 1.0, "")):
+        with pytest.raises(ConfigError):
+            bad.check()
+    DPSpec().check()  # off
+    assert DPSpec(1.0, run_key="r").site_delta(1000) == pytest.approx(1e-4)
+
+
+def test_one_extreme_cell_moves_a_noisy_sum_by_at_most_one() -> None:
+    rng = np.random.default_rng(0)
+    V = rng.normal(size=(50, 8))
+    labels = rng.integers(0, 3, 50)
+    extreme = V.copy()
+    extreme[7] *= 1e6
+    a = mech.noisy_class_sums(V, labels, 3, 0.0, rng)
+    b = mech.noisy_class_sums(extreme, labels, 3, 0.0, rng)
+    assert np.linalg.norm(a - b) <= 2.0 + 1e-9  # both rows have norm <= 1 after clipping
+    without = mech.noisy_class_sums(np.delete(V, 7, 0), np.delete(labels, 7), 3, 0.0, rng)
+    assert np.linalg.norm(b - without) <= 1.0 + 1e-9
+
+
+def test_dp_sgd_clips_each_cell_gradient() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
+    x = torch.randn(20, 6)
+    y = torch.randn(20, 1)
+    loss = lambda m, xi, yi: ((m(xi) - yi) ** 2).sum()  # noqa: E731
+    x_extreme = x.clone()
+    x_extreme[3] *= 1e4
+    y_extreme = y.clone()
+    y_extreme[3] = 1e6
+    base = clipped_sum(model, loss, (x, y), 0.5)
+    moved = clipped_sum(model, loss, (x_extreme, y_extreme), 0.5)
+    without = clipped_sum(model, loss, (torch.cat([x[:3], x[4:]]), torch.cat([y[:3], y[4:]])), 0.5)
+    diff = lambda a, b: math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in a))  # noqa: E731
+    assert diff(moved, without) <= 0.5 + 1e-5  # the extreme cell adds at most the clipping bound
+    assert diff(base, moved) <= 1.0 + 1e-5
+    # the per-cell gradients agree with plain autograd on one cell
+    one = clipped_sum(model, loss, (x[:1], y[:1]), 1e9)
+    model.zero_grad()
+    loss(model, x[:1], y[:1]).backward()
+    assert all(torch.allclose(one[k], p.grad, atol=1e-5) for k, p in model.named_parameters())
+
+
+def test_noisy_step_uses_the_secret_generator_and_the_expected_batch() -> None:
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.zeros(0, 3), torch.zeros(0, 1)  # an empty Poisson draw: the gradient is noise only
+    dp = DPSGD(noise_multiplier=2.0, max_grad_norm=0.5, sample_rate=0.1, expected_batch=10.0)
+    noisy_step_grads(model, lambda m, xi, yi: ((m(xi) - yi) ** 2).sum(), (x, y), dp, torch.Generator().manual_seed(1))
+    first = model.weight.grad.clone()
+    noisy_step_grads(model, lambda m, xi, yi: ((m(xi) - yi) ** 2).sum(), (x, y), dp, torch.Generator().manual_seed(1))
+    assert torch.equal(first, model.weight.grad)
+    expected = torch.randn((1, 3), generator=torch.Generator().manual_seed(1)) * 1.0 / 10.0  # sigma * C / expected batch
+    assert torch.allclose(first, expected)
+
+
+def test_site_secret_is_private_stable_and_keys_the_noise(tmp_path) -> None:  # noqa: ANN001
+    secret = mech.site_secret(tmp_path)
+    assert len(secret) == mech.SECRET_BYTES and mech.site_secret(tmp_path) == secret
+    assert stat.S_IMODE(os.stat(tmp_path / mech.SECRET_FILE).st_mode) == 0o600
+    a, b = mech.noise_rng(secret, ["run", "x"]).normal(size=3), mech.noise_rng(secret, ["run", "x"]).normal(size=3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, mech.noise_rng(secret, ["run", "y"]).normal(size=3))
+    assert not np.array_equal(a, mech.noise_rng(os.urandom(32), ["run", "x"]).normal(size=3))
+    (tmp_path / mech.SECRET_FILE).write_bytes(b"short")
+    with pytest.raises(Exception, match="damaged"):
+        mech.site_secret(tmp_path)
+
+
+def test_ledger_allows_a_retry_and_refuses_a_second_release(tmp_path) -> None:  # noqa: ANN001
+    ledger.claim(tmp_path, "site", "run-1", "vae-1", "aaa")
+    ledger.claim(tmp_path, "site", "run-1", "vae-1", "aaa")  # the same request again: same noise, nothing new
+    with pytest.raises(ProtocolError, match="already released"):
+        ledger.claim(tmp_path, "site", "run-1", "vae-1", "bbb")
+    ledger.claim(tmp_path, "site", "run-2", "vae-1", "bbb")  # another run is another budget
+    ledger.claim(tmp_path, "other-site", "run-1", "vae-1", "bbb")
+
+
+def test_label_names_pass_the_threshold_rarely() -> None:
+    sigma, delta = 4.0, 1e-6
+    tau = mech.name_threshold(sigma, delta)
+    assert norm.sf((tau - 1) / sigma) == pytest.approx(delta, rel=1e-6)
