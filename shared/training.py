@@ -135,7 +135,7 @@ def _dp_vae_grads(model: VAE, X: Matrix, y: torch.Tensor | None, a: torch.Tensor
     none = torch.zeros(len(idx))  # placeholder rows for absent inputs (vmap needs tensors)
 
     def cell_loss(m: VAE, xi: torch.Tensor, yi: torch.Tensor, ai: torch.Tensor, li: torch.Tensor) -> torch.Tensor:
-        return m.loss(xi, yi if y is not None else None, ai if a is not None else None, beta_scale=beta, library=li if lib is not None else None).total
+        return m.cell_losses(xi, yi if y is not None else None, ai if a is not None else None, beta_scale=beta, library=li if lib is not None else None)
 
     rows = (x, y[idx] if y is not None else none.long(), a[idx] if a is not None else none, lib[idx] if lib is not None else none)
     noisy_step_grads(model, cell_loss, rows, dp, gen)  # type: ignore[arg-type]
@@ -185,7 +185,7 @@ def fit_scdg(
         opt.zero_grad(set_to_none=True)
         if dp is not None:
             idx = poisson_batch(len(zs), dp.sample_rate, _dp_generator(dp, dp_generator))
-            noisy_step_grads(model, lambda m, zi, ci: m.loss(zi, ci, dedupe=False)[0], (zs[idx], y[idx]), dp, dp_generator)  # type: ignore[arg-type]
+            noisy_step_grads(model, lambda m, zi, ci: m.cell_losses(zi, ci), (zs[idx], y[idx]), dp, dp_generator)  # type: ignore[arg-type]
             total = torch.tensor(float("nan"))
         else:
             idx = torch.as_tensor(_batches(len(zs), cfg, rng))

@@ -148,6 +148,19 @@ class SCDG(nn.Module):
 
     def loss(self, zs: torch.Tensor, c: torch.Tensor, *, dedupe: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (total, noise MSE, QA cross-entropy) on a batch of standardised latents (``dedupe``: see ``eps``)."""
+        mse, qa_hat, w, qa_clean = self._cell_terms(zs, c, dedupe=dedupe)
+        # The QA classifier learns on clean latents and judges the one-step estimate; weighting by
+        # ᾱ_t keeps near-pure-noise steps from dominating.
+        qa = (qa_hat * w).sum() / w.sum().clamp(min=1.0) + qa_clean.mean()
+        return mse.mean() + self.config.qa_weight * qa, mse.mean(), qa
+
+    def cell_losses(self, zs: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Each latent's own loss (n,): ``loss`` of a batch of that one row (DP-SGD clips per cell)."""
+        mse, qa_hat, w, qa_clean = self._cell_terms(zs, c, dedupe=False)
+        return mse + self.config.qa_weight * (qa_hat * w / w.clamp(min=1.0) + qa_clean)
+
+    def _cell_terms(self, zs: torch.Tensor, c: torch.Tensor, *, dedupe: bool) -> tuple[torch.Tensor, ...]:
+        """Per row: noise MSE, QA cross-entropy on the one-step estimate and its weight, QA cross-entropy on the clean latent."""
         n = zs.shape[0]
         t = torch.randint(0, self.config.timesteps, (n,), device=zs.device)
         noise = torch.randn_like(zs)
@@ -155,13 +168,8 @@ class SCDG(nn.Module):
         drop = torch.rand(n, device=zs.device) < self.config.p_uncond
         c_in = torch.where(drop, torch.full_like(c, self.null_class), c)
         pred = self.eps(z_t, t, c_in, dedupe=dedupe)
-        mse = F.mse_loss(pred, noise)
+        mse = ((pred - noise) ** 2).mean(1)
         ab = self.alpha_bar[t][:, None]
         z0_hat = (z_t - (1 - ab).sqrt() * pred) / ab.sqrt()
-        # The QA classifier learns on clean latents and judges the one-step estimate; weighting by
-        # ᾱ_t keeps near-pure-noise steps from dominating.
         w = ab.squeeze(1) * (~drop).float()
-        qa_hat = (F.cross_entropy(self.classify(z0_hat), c, reduction="none") * w).sum() / w.sum().clamp(min=1.0)
-        qa_clean = F.cross_entropy(self.classify(zs), c)
-        qa = qa_hat + qa_clean
-        return mse + self.config.qa_weight * qa, mse, qa
+        return mse, F.cross_entropy(self.classify(z0_hat), c, reduction="none"), w, F.cross_entropy(self.classify(zs), c, reduction="none")

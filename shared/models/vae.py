@@ -154,26 +154,38 @@ class VAE(nn.Module):
         ``library`` (n,): each cell's total counts over ALL its genes, for cells of count input; the
         plan genes' counts are then ``expm1(x) * library / TARGET_SUM`` (x = log1p of the normalised counts).
         """
+        recon, kl, label_loss, aux_loss, count_loss = (t.mean() for t in self._cell_terms(x, labels, aux, library, COUNT_ROWS))
+        c = self.config
+        total = recon + c.beta * beta_scale * kl + c.class_weight * label_loss + c.aux_weight * aux_loss + count_loss
+        return VAELoss(total, recon, kl, label_loss, aux_loss, count_loss)
+
+    def cell_losses(self, x: torch.Tensor, labels: torch.Tensor | None = None, aux: torch.Tensor | None = None, beta_scale: float = 1.0,
+                    library: torch.Tensor | None = None) -> torch.Tensor:
+        """Each cell's own loss (n,): the terms of ``loss`` row by row, the count term on every row (DP-SGD clips per cell)."""
+        recon, kl, label_loss, aux_loss, count_loss = self._cell_terms(x, labels, aux, library, x.shape[0])
+        c = self.config
+        return recon + c.beta * beta_scale * kl + c.class_weight * label_loss + c.aux_weight * aux_loss + count_loss
+
+    def _cell_terms(self, x: torch.Tensor, labels: torch.Tensor | None, aux: torch.Tensor | None, library: torch.Tensor | None,
+                    count_rows: int) -> tuple[torch.Tensor, ...]:
+        """Per-row reconstruction, KL, label and aux losses (n,) and the count term of the first ``count_rows`` rows."""
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         mean, logit = self.decode_parts(z)
         detected = (x > 0).float()
         bce = F.binary_cross_entropy_with_logits(logit, detected, reduction="none").sum(1)
         mse = ((mean - x) ** 2 * detected).sum(1)
-        recon = (bce + mse).mean()
-        kl = (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)).mean()
-        zero = x.new_zeros(())
+        kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
+        zero = x.new_zeros(1)
         label_loss = zero
         if self.label_head is not None and labels is not None:
-            label_loss = F.cross_entropy(self.label_head(mu), labels)
+            label_loss = F.cross_entropy(self.label_head(mu), labels, reduction="none")
         aux_loss = zero
         if self.aux_head is not None and aux is not None:
-            aux_loss = F.mse_loss(self.aux_head(mu), aux, reduction="none").sum(1).mean()
+            aux_loss = F.mse_loss(self.aux_head(mu), aux, reduction="none").sum(1)
         count_loss = zero
         if self.count_head is not None and library is not None:
-            rows = slice(0, COUNT_ROWS)  # the batch is a random draw: its first rows are one too (a quarter of the cost)
+            rows = slice(0, count_rows)  # the batch is a random draw: its first rows are one too
             counts = counts_from_lognorm(x[rows], library[rows])
-            count_loss = -self.count_head.log_prob(z[rows].detach(), counts, exact=False).mean()
-        c = self.config
-        total = recon + c.beta * beta_scale * kl + c.class_weight * label_loss + c.aux_weight * aux_loss + count_loss
-        return VAELoss(total, recon, kl, label_loss, aux_loss, count_loss)
+            count_loss = -self.count_head.log_prob(z[rows].detach(), counts, exact=False)
+        return bce + mse, kl, label_loss, aux_loss, count_loss

@@ -102,7 +102,7 @@ def test_site_data_errors_pass_through_with_their_safe_message(three_site_h5ad: 
 
 
 def test_other_exceptions_reach_the_server_without_their_text(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
-    def leak(_site: object) -> None:
+    def leak(_site: object, _dp: object = None) -> None:
         raise ValueError("cell AAACATACAATGCC-1 has CD3E=4.2")
 
     monkeypatch.setattr(tasks, "profile_site", leak)

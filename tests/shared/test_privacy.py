@@ -118,9 +118,9 @@ def test_noisy_step_uses_the_secret_generator_and_the_expected_batch() -> None:
     model = torch.nn.Linear(3, 1)
     x, y = torch.zeros(0, 3), torch.zeros(0, 1)  # an empty Poisson draw: the gradient is noise only
     dp = DPSGD(noise_multiplier=2.0, max_grad_norm=0.5, sample_rate=0.1, expected_batch=10.0)
-    noisy_step_grads(model, lambda m, xi, yi: ((m(xi) - yi) ** 2).sum(), (x, y), dp, torch.Generator().manual_seed(1))
+    noisy_step_grads(model, lambda m, xi, yi: ((m(xi) - yi) ** 2).sum(1), (x, y), dp, torch.Generator().manual_seed(1))
     first = model.weight.grad.clone()
-    noisy_step_grads(model, lambda m, xi, yi: ((m(xi) - yi) ** 2).sum(), (x, y), dp, torch.Generator().manual_seed(1))
+    noisy_step_grads(model, lambda m, xi, yi: ((m(xi) - yi) ** 2).sum(1), (x, y), dp, torch.Generator().manual_seed(1))
     assert torch.equal(first, model.weight.grad)
     expected = torch.randn((1, 3), generator=torch.Generator().manual_seed(1)) * 1.0 / 10.0  # sigma * C / expected batch
     assert torch.allclose(first, expected)
@@ -152,3 +152,45 @@ def test_label_names_pass_the_threshold_rarely() -> None:
     sigma, delta = 4.0, 1e-6
     tau = mech.name_threshold(sigma, delta)
     assert norm.sf((tau - 1) / sigma) == pytest.approx(delta, rel=1e-6)
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])  # most cells clipped / none clipped
+def test_ghost_clipping_equals_clipping_materialised_per_cell_gradients(max_norm: float) -> None:
+    from shared.models import SCDG, VAE, SCDGConfig, VAEConfig
+    from shared.models.vae import counts_from_lognorm
+    from shared.privacy.ghost import ghost_clipped_sum, leftover_parameters
+    from shared.privacy.sgd import per_cell_grads
+
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(n_genes=30, latent_dim=6, hidden=(16, 8), n_classes=3, count_head=True)).eval()
+    x = torch.rand(12, 30) * 3
+    y = torch.randint(0, 3, (12,))
+    lib = torch.full((12,), 2000.0)
+
+    def vae_losses(m: VAE, xi: torch.Tensor, yi: torch.Tensor, li: torch.Tensor) -> torch.Tensor:  # deterministic; the encoder runs twice
+        mu = m.encode(xi)[0]
+        again = m.encode(xi * 0.5)[0]
+        counts = counts_from_lognorm(xi, li)
+        return (((m.decode(mu) - xi) ** 2).sum(1) + torch.nn.functional.cross_entropy(m.label_head(again), yi, reduction="none")
+                - m.count_head.log_prob(mu.detach(), counts, exact=False))
+
+    assert leftover_parameters(vae) == ["count_head.log_theta"]
+    rows = (x, y, lib)
+    ghost = ghost_clipped_sum(vae, vae_losses, rows, max_norm, lambda names: per_cell_grads(vae, lambda m, *r: vae_losses(m, *r)[0], rows, names))
+    assert _close(ghost, clipped_sum(vae, lambda m, *r: vae_losses(m, *r)[0], rows, max_norm))
+
+    scdg = SCDG(SCDGConfig(latent_dim=6, n_classes=3, hidden=16)).eval()
+    torch.nn.init.normal_(scdg.out[1].weight, std=0.1)  # the output layer starts at zero: give it gradients through the blocks
+    z = torch.randn(12, 6)
+    t = torch.randint(0, 1000, (12,))
+
+    def scdg_losses(m: SCDG, zi: torch.Tensor, ci: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:  # embedding, time MLP, the QA head twice
+        ce = torch.nn.functional.cross_entropy
+        return (m.eps(zi, ti, ci, dedupe=False) ** 2).sum(1) + ce(m.classify(zi), ci, reduction="none") + ce(m.classify(zi * 0.3), ci, reduction="none")
+
+    rows = (z, y, t)
+    assert _close(ghost_clipped_sum(scdg, scdg_losses, rows, max_norm), clipped_sum(scdg, lambda m, *r: scdg_losses(m, *r)[0], rows, max_norm))

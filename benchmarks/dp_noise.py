@@ -1,0 +1,44 @@
+"""Print the noise a DP run needs at each epsilon: one-shot noise, the label-name threshold, the DP-SGD noise multiplier.
+
+    python benchmarks/dp_noise.py [--cells 300 2000 20000] [--rounds 30 --vae-steps 100 --scdg-steps 50]
+
+Pure accounting (no data): the numbers the README's privacy section quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from shared.errors import ConfigError
+from shared.privacy.accounting import calibrate, epsilon
+from shared.privacy.mechanisms import name_threshold
+from shared.privacy.spec import DPSpec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", type=int, nargs="+", default=[300, 2000, 20000], help="training cells at a site")
+    ap.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--vae-steps", type=int, default=100)
+    ap.add_argument("--scdg-steps", type=int, default=50)
+    ap.add_argument("--counts", action="store_true", help="count input (one more release: library statistics)")
+    args = ap.parse_args()
+    print(f"schedule: {args.rounds} rounds x {args.vae_steps} VAE steps (batch 128) + {args.scdg_steps} SCDG steps (batch 256); count input: {args.counts}")
+    print("| cells | epsilon | delta | one-shot noise | label threshold (cells) | DP-SGD noise | epsilon spent |")
+    print("|---|---|---|---|---|---|---|")
+    for n in args.cells:
+        for eps in args.epsilons:
+            spec = DPSpec(eps, 0.0, 1.0, "table", args.rounds, args.vae_steps, 128, args.scdg_steps, 256)
+            sched, delta = spec.schedule(n, has_counts=args.counts), spec.site_delta(n)
+            try:
+                noise = calibrate(eps, delta, sched)
+            except ConfigError:
+                print(f"| {n} | {eps:g} | {delta:.1e} | - | - | unreachable | - |")
+                continue
+            tau = name_threshold(noise.stats, spec.names_delta())
+            print(f"| {n} | {eps:g} | {delta:.1e} | {noise.stats:.2f} | {tau:.0f} | {noise.sgd:.2f} | {epsilon(sched, noise, delta):.3f} |")
+
+
+if __name__ == "__main__":
+    main()

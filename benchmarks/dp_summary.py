@@ -1,0 +1,42 @@
+"""Markdown table of a dp_curve.sh folder: test accuracy (MLP, logistic regression) and the epsilon each site's accountant spent.
+
+    python benchmarks/dp_summary.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    print("| file | epsilon (target) | seed | MLP test acc | LR test acc | MLP validation acc | local-only MLP | epsilon spent (max over sites) | sites |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for log in sorted(out.glob("*-eps*-seed*.log")):
+        m = re.match(r"(.+)-eps([\d.]+)-seed(\d+)\.log$", log.name)
+        if not m:
+            continue
+        name, eps, seed = m.groups()
+        metrics = log.with_suffix("") / "metrics.json"
+        if not metrics.is_file():
+            last = log.read_text().strip().splitlines()[-1:] or [""]
+            print(f"| {name} | {eps} | {seed} | stopped: {last[0][-120:]} | | | | | |")
+            continue
+        mt = json.loads(metrics.read_text())
+        if not mt.get("rounds"):
+            print(f"| {name} | {eps} | {seed} | stopped: {mt.get('stopped', {}).get('reason', '?')} | | | | | |")
+            continue
+        agg = mt["rounds"][-1]["aggregate"]
+        cw, val = agg["cell_weighted"], agg.get("validation", {}).get("cell_weighted", {})
+        local = [s["local_only"]["mlp"]["accuracy"] for s in mt["rounds"][-1]["sites"].values() if s.get("local_only", {}).get("mlp")]
+        spent = max((p["epsilon"] for p in mt.get("privacy", {}).values()), default=float("nan"))
+        vmlp = val.get("mlp", {}).get("accuracy", float("nan"))
+        print(f"| {name} | {eps if float(eps) > 0 else 'off'} | {seed} | {cw['mlp']['accuracy']:.3f} | {cw['logreg']['accuracy']:.3f} | {vmlp:.3f} | "
+              f"{sum(local) / max(len(local), 1):.3f} | {spent:.3f} | {len(mt['rounds'][-1]['sites'])} |")
+
+
+if __name__ == "__main__":
+    main()
