@@ -6,6 +6,7 @@
 set -euo pipefail
 file=$1; out=$2; seed=$3; epsilons=$4; shift 4
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$out"
 name=$(basename "$file" .h5ad)
 sets=()
 for kv in "$@"; do sets+=(--set "$kv"); done

@@ -81,7 +81,7 @@ def _train_cells(site: SiteData, plan: Plan):  # noqa: ANN202 - (csr, labels)
 def pretrain_site(site: SiteData, req: PretrainRequest, dp: SiteDP | None = None) -> PretrainReply:
     """Local steps of the requested stage (or latent moments for 'latent-stats'); DP-SGD and noised moments under DP.
 
-    Under DP the reply's cell count is the noised count of the profile and its loss NaN (a loss over
+    Under DP the reply's cell count is the noised count of the profile and its loss 0 (a loss over
     real cells would be one more release).
     """
     X, y = _train_cells(site, req.plan)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,7 +288,8 @@ def _phases(r: Run, nodes: list[int]) -> None:
     """Every phase in order, skipping those a resumed checkpoint completed."""
     cfg, link, store = r.cfg, r.link, r.store
     t0 = time.perf_counter()
-    spec = cfg.site_spec(store.dir.name)
+    # DP noise and the sites' release ledgers are keyed by the run: a fresh start gets a fresh key, a resume keeps its own
+    spec = cfg.site_spec(r.metrics.setdefault("run_key", f"{store.dir.name}-{secrets.token_hex(6)}"))
     profiles = collect_profiles(link, nodes, spec)
     if r.plan is None:
         r.plan = make_plan(profiles, cfg, spec)

@@ -16,6 +16,7 @@ from shared.protocol import MSG_DISTILL, MSG_PRETRAIN, DistillReply, PretrainRep
 from shared.privacy.spec import DPSpec
 
 
+@pytest.mark.slow
 def test_a_dp_federation_reports_each_sites_epsilon(tiny_config: dict[str, object], site_cache: dict[str, str]) -> None:
     cfg = {**tiny_config, "dp-epsilon": 50.0, "num-distill-rounds": 1, "cells-per-class": 3, "report": True}
     grid = run_in_process(cfg, num_nodes=3, node_configs=[site_cache] * 3, record=True)
@@ -33,6 +34,10 @@ def test_a_dp_federation_reports_each_sites_epsilon(tiny_config: dict[str, objec
     assert "Differential privacy spent" in report and all(f"<td>{site}</td>" in report for site in metrics["privacy"])
     run_log = (Path(str(cfg["out-dir"])) / "tiny" / "run.log").read_text()
     assert all(f"site {site}: epsilon" in run_log for site in metrics["privacy"])
+    # the same run started afresh is a new run (new noise, new ledger entries), not a second release of the old one
+    run_in_process(cfg, num_nodes=3, node_configs=[site_cache] * 3)
+    again = json.loads((Path(str(cfg["out-dir"])) / "tiny" / "metrics.json").read_text())
+    assert again["run_key"] != metrics["run_key"] and sorted(again["privacy"]) == sorted(metrics["privacy"])
 
 
 def test_an_unreachable_epsilon_stops_the_run_before_training(tiny_config: dict[str, object], site_cache: dict[str, str]) -> None:
