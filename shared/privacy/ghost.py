@@ -72,14 +72,17 @@ def _pairwise(vecs: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(vecs).sum(0).pow(2).sum(1)
 
 
-def _norms_and_sums(model: nn.Module, uses: dict[str, _Uses], grads: dict[str, list[torch.Tensor]], n: int):  # noqa: ANN202
-    """Per-cell squared norms (n,) of the covered parameters, and a function of the clip scales giving their clipped sums."""
-    sq = torch.zeros(n)
-    parts: list[Callable[[torch.Tensor], dict[str, torch.Tensor]]] = []
+Group = tuple[torch.Tensor, Callable[[torch.Tensor], dict[str, torch.Tensor]]]  # per-cell squared norms (n,), clip scales (n,) -> clipped sums
+
+
+def _groups(model: nn.Module, uses: dict[str, _Uses], grads: dict[str, list[torch.Tensor]], n: int) -> list[Group]:
+    """Per module: each cell's squared gradient norm over the module's parameters, and its clipped sums given the clip scales."""
+    out: list[Group] = []
     for name, m in ghost_modules(model).items():
         a_list, g_list = uses[name].inputs, grads[name]
         if not a_list:
             continue
+        sq = torch.zeros(n)
         prefix = f"{name}." if name else ""
         if isinstance(m, nn.Linear):
             if any(a.dim() != 2 or a.shape[0] != n for a in a_list):
@@ -93,9 +96,9 @@ def _norms_and_sums(model: nn.Module, uses: dict[str, _Uses], grads: dict[str, l
                         sq += (g_list[u] * g_list[v]).sum(1) * (a_list[u] * a_list[v]).sum(1)
             if m.bias is not None:
                 sq += _pairwise(g_list)
-            parts.append(lambda s, m=m, a_list=a_list, g_list=g_list, prefix=prefix: {
+            out.append((sq, lambda s, m=m, a_list=a_list, g_list=g_list, prefix=prefix: {
                 f"{prefix}weight": sum((s[:, None] * g).T @ a for g, a in zip(g_list, a_list, strict=True)),
-                **({f"{prefix}bias": sum((s[:, None] * g).sum(0) for g in g_list)} if m.bias is not None else {})})
+                **({f"{prefix}bias": sum((s[:, None] * g).sum(0) for g in g_list)} if m.bias is not None else {})}))
         elif isinstance(m, nn.LayerNorm):
             w_cell = sum(g * _layer_norm_input(m, a) for g, a in zip(g_list, a_list, strict=True))
             b_cell = sum(g_list)
@@ -103,21 +106,38 @@ def _norms_and_sums(model: nn.Module, uses: dict[str, _Uses], grads: dict[str, l
                 sq += w_cell.pow(2).sum(1)
             if m.bias is not None:
                 sq += b_cell.pow(2).sum(1)
-            parts.append(lambda s, m=m, w_cell=w_cell, b_cell=b_cell, prefix=prefix: {
+            out.append((sq, lambda s, m=m, w_cell=w_cell, b_cell=b_cell, prefix=prefix: {
                 **({f"{prefix}weight": (s[:, None] * w_cell).sum(0)} if m.weight is not None else {}),
-                **({f"{prefix}bias": (s[:, None] * b_cell).sum(0)} if m.bias is not None else {})})
+                **({f"{prefix}bias": (s[:, None] * b_cell).sum(0)} if m.bias is not None else {})}))
         else:  # nn.Embedding: a cell's gradient is g on the rows it looked up
             for u in range(len(a_list)):
                 for v in range(len(a_list)):
                     sq += (a_list[u] == a_list[v]).float() * (g_list[u] * g_list[v]).sum(1)
-            parts.append(lambda s, m=m, a_list=a_list, g_list=g_list, prefix=prefix: {
-                f"{prefix}weight": sum(torch.zeros_like(m.weight).index_add_(0, a, s[:, None] * g) for a, g in zip(a_list, g_list, strict=True))})
-    return sq, parts
+            out.append((sq, lambda s, m=m, a_list=a_list, g_list=g_list, prefix=prefix: {
+                f"{prefix}weight": sum(torch.zeros_like(m.weight).index_add_(0, a, s[:, None] * g) for a, g in zip(a_list, g_list, strict=True))}))
+    return out
+
+
+def n_groups(model: nn.Module) -> int:
+    """Clipping groups of a model under per-layer clipping: its ghost modules and each leftover parameter (fixed by the model, not the data)."""
+    return len(ghost_modules(model)) + len(leftover_parameters(model))
+
+
+def scales(groups: list[torch.Tensor], max_norm: float, n_total: int, *, per_layer: bool) -> list[torch.Tensor]:
+    """Clip scales (n,) per group: flat clipping bounds each cell's whole gradient by max_norm; per-layer clipping bounds each of the
+    ``n_total`` groups by max_norm / sqrt(n_total) (McMahan et al. 2018), so a small layer's signal is not lost in a large one's norm.
+    Either way a cell's clipped gradient has norm <= max_norm."""
+    if not per_layer:
+        total = torch.stack(groups).sum(0) if groups else torch.zeros(0)
+        one = (max_norm / total.sqrt().clamp_min(1e-12)).clamp(max=1.0)
+        return [one] * len(groups)
+    bound = max_norm / max(n_total, 1) ** 0.5
+    return [(bound / g.sqrt().clamp_min(1e-12)).clamp(max=1.0) for g in groups]
 
 
 def ghost_clipped_sum(model: nn.Module, losses_fn: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...], max_norm: float,
-                      leftover: Callable[[list[str]], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
-    """Sum over cells of each cell's gradient clipped to L2 norm ``max_norm``.
+                      leftover: Callable[[list[str]], dict[str, torch.Tensor]] | None = None, *, per_layer: bool = False) -> dict[str, torch.Tensor]:
+    """Sum over cells of each cell's gradient clipped to L2 norm ``max_norm`` (per layer: see ``scales``).
 
     ``losses_fn(model, *rows)`` returns each cell's own loss (n,) (row i depends on cell i only).
     ``leftover(names)`` returns per-cell gradients (n, ...) of the parameters ghost clipping does not
@@ -134,20 +154,15 @@ def ghost_clipped_sum(model: nn.Module, losses_fn: Callable[..., torch.Tensor], 
     grads: dict[str, list[torch.Tensor]] = {name: [] for name in uses}
     for (name, _, o), g in zip(outs, got, strict=True):
         grads[name].append(torch.zeros_like(o) if g is None else g.detach())
-    sq, parts = _norms_and_sums(model, uses, grads, n)
+    groups = _groups(model, uses, grads, n)
     rest = leftover_parameters(model)
-    extra: dict[str, torch.Tensor] = {}
     if rest:
         if leftover is None:
             msg = f"parameters {rest} are not covered by ghost clipping: pass their per-cell gradients (leftover)"
             raise ValueError(msg)
-        extra = leftover(rest)
-        for v in extra.values():
-            sq += v.flatten(1).pow(2).sum(1)
-    scale = (max_norm / sq.sqrt().clamp_min(1e-12)).clamp(max=1.0)
-    for part in parts:
-        for k, v in part(scale).items():
+        for k, v in leftover(rest).items():
+            groups.append((v.flatten(1).pow(2).sum(1), lambda s, k=k, v=v: {k: torch.tensordot(s, v, dims=1)}))
+    for (_, apply), s in zip(groups, scales([g for g, _ in groups], max_norm, n_groups(model), per_layer=per_layer), strict=True):
+        for k, v in apply(s).items():
             total[k] += v
-    for k, v in extra.items():
-        total[k] += torch.tensordot(scale, v, dims=1)
     return total

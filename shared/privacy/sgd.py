@@ -28,6 +28,7 @@ class DPSGD:
     max_grad_norm: float  # L2 bound of one cell's gradient
     sample_rate: float  # each cell joins a step's batch with this probability (Poisson sampling)
     expected_batch: float  # sample_rate x the site's (noised) cell count: the noisy sum is divided by it
+    per_layer: bool = True  # clip each layer to max_grad_norm / sqrt(layers) (shared.privacy.ghost.scales)
 
 
 class _Method(nn.Module):
@@ -47,14 +48,19 @@ def poisson_batch(n: int, rate: float, gen: torch.Generator) -> torch.Tensor:
     return torch.nonzero(torch.rand(n, generator=gen) < rate).flatten()
 
 
-def clipped_sum(model: nn.Module, loss: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...], max_norm: float) -> dict[str, torch.Tensor]:
-    """Sum over cells of each cell's gradient clipped to L2 norm ``max_norm`` (all trainable parameters together).
+def clipped_sum(model: nn.Module, loss: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...], max_norm: float, *,
+                per_layer: bool = False) -> dict[str, torch.Tensor]:
+    """Sum over cells of each cell's gradient clipped to L2 norm ``max_norm`` (all trainable parameters together, or per layer:
+    the parameters of one module, as ``shared.privacy.ghost.scales``), from materialised per-cell gradients.
 
     ``loss(model, *one_cell_rows)`` is the loss of ONE cell; each tensor in ``rows`` has the cells
     along dimension 0 and is given to ``loss`` with a leading dimension of 1.
     """
+    from shared.privacy.ghost import n_groups, scales
+
     wrapper = _Method(model, loss)
     params = {f"model.{k}": p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    owners = sorted({k.rsplit(".", 1)[0] for k in params})
 
     def one(p: dict[str, torch.Tensor], *row: torch.Tensor) -> torch.Tensor:
         return functional_call(wrapper, p, tuple(r.unsqueeze(0) for r in row))
@@ -64,10 +70,11 @@ def clipped_sum(model: nn.Module, loss: Callable[..., torch.Tensor], rows: tuple
     n = rows[0].shape[0] if rows else 0
     for start in range(0, n, CHUNK):
         g = per_cell(params, *(r[start:start + CHUNK] for r in rows))
-        norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in g.values()))
-        scale = (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
-        for k, v in g.items():
-            total[k] += torch.tensordot(scale, v, dims=1)
+        sq = [sum(v.flatten(1).pow(2).sum(1) for k, v in g.items() if k.rsplit(".", 1)[0] == o) for o in owners]
+        for o, s in zip(owners, scales(sq, max_norm, n_groups(model), per_layer=per_layer), strict=True):
+            for k, v in g.items():
+                if k.rsplit(".", 1)[0] == o:
+                    total[k] += torch.tensordot(s, v, dims=1)
     return {k.removeprefix("model."): v for k, v in total.items()}
 
 
@@ -94,7 +101,7 @@ def noisy_step_grads(model: nn.Module, losses: Callable[..., torch.Tensor], rows
     def leftover(names: list[str]) -> dict[str, torch.Tensor]:
         return per_cell_grads(model, lambda m, *r: losses(m, *r)[0], rows, names)
 
-    summed = ghost_clipped_sum(model, losses, rows, dp.max_grad_norm, leftover)
+    summed = ghost_clipped_sum(model, losses, rows, dp.max_grad_norm, leftover, per_layer=dp.per_layer)
     std = dp.noise_multiplier * dp.max_grad_norm
     for k, p in model.named_parameters():
         if p.requires_grad:

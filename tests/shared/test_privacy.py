@@ -106,6 +106,9 @@ def test_dp_sgd_clips_each_cell_gradient() -> None:
     without = clipped_sum(model, loss, (torch.cat([x[:3], x[4:]]), torch.cat([y[:3], y[4:]])), 0.5)
     diff = lambda a, b: math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in a))  # noqa: E731
     assert diff(moved, without) <= 0.5 + 1e-5  # the extreme cell adds at most the clipping bound
+    layered = clipped_sum(model, loss, (x_extreme, y_extreme), 0.5, per_layer=True)
+    layered_without = clipped_sum(model, loss, (torch.cat([x[:3], x[4:]]), torch.cat([y[:3], y[4:]])), 0.5, per_layer=True)
+    assert diff(layered, layered_without) <= 0.5 + 1e-5  # per layer too: every layer gets 0.5 / sqrt(3)
     assert diff(base, moved) <= 1.0 + 1e-5
     # the per-cell gradients agree with plain autograd on one cell
     one = clipped_sum(model, loss, (x[:1], y[:1]), 1e9)
@@ -158,8 +161,9 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("max_norm", [0.05, 1e6])  # most cells clipped / none clipped
-def test_ghost_clipping_equals_clipping_materialised_per_cell_gradients(max_norm: float) -> None:
+def test_ghost_clipping_equals_clipping_materialised_per_cell_gradients(max_norm: float, per_layer: bool) -> None:
     from shared.models import SCDG, VAE, SCDGConfig, VAEConfig
     from shared.models.vae import counts_from_lognorm
     from shared.privacy.ghost import ghost_clipped_sum, leftover_parameters
@@ -180,8 +184,9 @@ def test_ghost_clipping_equals_clipping_materialised_per_cell_gradients(max_norm
 
     assert leftover_parameters(vae) == ["count_head.log_theta"]
     rows = (x, y, lib)
-    ghost = ghost_clipped_sum(vae, vae_losses, rows, max_norm, lambda names: per_cell_grads(vae, lambda m, *r: vae_losses(m, *r)[0], rows, names))
-    assert _close(ghost, clipped_sum(vae, lambda m, *r: vae_losses(m, *r)[0], rows, max_norm))
+    ghost = ghost_clipped_sum(vae, vae_losses, rows, max_norm, lambda names: per_cell_grads(vae, lambda m, *r: vae_losses(m, *r)[0], rows, names),
+                              per_layer=per_layer)
+    assert _close(ghost, clipped_sum(vae, lambda m, *r: vae_losses(m, *r)[0], rows, max_norm, per_layer=per_layer))
 
     scdg = SCDG(SCDGConfig(latent_dim=6, n_classes=3, hidden=16)).eval()
     torch.nn.init.normal_(scdg.out[1].weight, std=0.1)  # the output layer starts at zero: give it gradients through the blocks
@@ -193,4 +198,5 @@ def test_ghost_clipping_equals_clipping_materialised_per_cell_gradients(max_norm
         return (m.eps(zi, ti, ci, dedupe=False) ** 2).sum(1) + ce(m.classify(zi), ci, reduction="none") + ce(m.classify(zi * 0.3), ci, reduction="none")
 
     rows = (z, y, t)
-    assert _close(ghost_clipped_sum(scdg, scdg_losses, rows, max_norm), clipped_sum(scdg, lambda m, *r: scdg_losses(m, *r)[0], rows, max_norm))
+    assert _close(ghost_clipped_sum(scdg, scdg_losses, rows, max_norm, per_layer=per_layer),
+                  clipped_sum(scdg, lambda m, *r: scdg_losses(m, *r)[0], rows, max_norm, per_layer=per_layer))
