@@ -140,10 +140,11 @@ def _private_config(cfg: DistillConfig, dp: SiteDP) -> DistillConfig:
     if direct:
         msg = f"refused under DP: the distillation terms {direct} read real cells directly; set them to 0 or turn DP off"
         raise ProtocolError(msg)
-    if resolve_gene_mean_weight(cfg) > 0 and not dp.spec.class_means:
+    weight = resolve_gene_mean_weight(cfg, private=True)
+    if weight > 0 and not dp.spec.class_means:
         msg = "refused under DP: the objective matches class gene means, which the run's DP plan did not budget (dp-class-means)"
         raise ProtocolError(msg)
-    return replace(cfg, init="noise")
+    return replace(cfg, init="noise", gene_mean_weight=weight)
 
 
 def distill_site(site: SiteData, req: DistillRequest, dp: SiteDP | None = None) -> tuple[DistillReply, np.ndarray | None]:

@@ -172,7 +172,7 @@ class FederationConfig:
         vae, scdg = budgets(self)
         rounds = 0 if self.pretrained_path else self.num_pretrain_rounds
         return DPSpec(self.dp_epsilon, self.dp_delta, self.dp_max_grad_norm, run_key or "unnamed", rounds, vae.steps, vae.batch_size,
-                      scdg.steps, scdg.batch_size, resolve_gene_mean_weight(DistillConfig(k=self.cells_per_class)) > 0)
+                      scdg.steps, scdg.batch_size, resolve_gene_mean_weight(DistillConfig(k=self.cells_per_class), private=True) > 0)
 
     @property
     def mlp(self) -> MLPTrainConfig:

@@ -79,15 +79,18 @@ def resolve_iterations(cfg: DistillConfig) -> int:
     return 200 if cfg.k <= 10 else 20
 
 
-def resolve_gene_mean_weight(cfg: DistillConfig) -> float:
-    """Gene-space mean matching from the config, or by k: on for k <= 2 (prototypes), off above.
+def resolve_gene_mean_weight(cfg: DistillConfig, *, private: bool = False) -> float:
+    """Gene-space mean matching from the config, or by k: on for k <= 2 (prototypes), off above; always on under DP.
 
     Measured on kang (MLP, pooled pretraining): at k=1 it lifts accuracy 0.854 -> 0.926; at k=10
-    it lowers it 0.913 -> 0.883 (codes collapse toward the mean). See benchmarks/README.md.
+    it lowers it 0.913 -> 0.883 (codes collapse toward the mean). See benchmarks/README.md. Under DP
+    (``private``) the noised class means are one cheap release and the strongest class signal left
+    when DP-SGD noise blurs the generator's classifier: cbmc, epsilon 8, validation MLP 0.18 without,
+    see benchmarks/results/dp_curve.md for with.
     """
     if cfg.gene_mean_weight >= 0:
         return cfg.gene_mean_weight
-    return 1.0 if cfg.k <= 2 else 0.0
+    return 1.0 if cfg.k <= 2 or private else 0.0
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from shared.privacy.spec import DPSpec
 from shared.protocol import DistillRequest, Plan, PretrainRequest, SiteSpec
 
 # A large epsilon: the three-site file has ~20 training cells per class, and label names need to pass the noise threshold.
-DP = DPSpec(50.0, 0.0, 1.0, "run-test", rounds=2, vae_steps=3, vae_batch=16, scdg_steps=3, scdg_batch=16)
+DP = DPSpec(50.0, 0.0, 1.0, "run-test", rounds=2, vae_steps=3, vae_batch=16, scdg_steps=3, scdg_batch=16, class_means=True)
 SPEC = SiteSpec(label_key="cell_type", split_seed=0, dp=DP)
 
 
@@ -70,11 +70,19 @@ def _distill(site: SiteData, plan: Plan, dp: SiteDP, k: int) -> np.ndarray:
     return reply.codes
 
 
-def test_codes_under_dp_do_not_depend_on_any_one_cell(site: SiteData, tmp_path: Path) -> None:
+def test_codes_under_dp_depend_on_one_cell_only_through_the_released_means(site: SiteData, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     plan = _plan(site)
+    released = []
+    real = privacy.class_gene_means
+    monkeypatch.setattr(privacy, "class_gene_means", lambda *a, **kw: released.append(real(*a, **kw)) or released[-1])
     a = _distill(site, plan, _dp(tmp_path), k=10)
     b = _distill(_changed_cell(site), plan, _dp(tmp_path), k=10)
-    assert np.array_equal(a, b)  # noise-initialised, objective without real cells, counts from the (unchanged) noised release
+    assert not np.array_equal(released[0], released[1]) and not np.array_equal(a, b)  # the changed cell moved the noised means
+    # given the same released means, the changed cell makes no difference: codes start from noise, the objective reads no cell,
+    # and the class counts come from the (unchanged) noised release
+    monkeypatch.setattr(privacy, "class_gene_means", lambda *a, **kw: released[0])
+    assert np.array_equal(_distill(_changed_cell(site), plan, _dp(tmp_path), k=10), a)
 
 
 def _models(plan: Plan) -> tuple:
@@ -83,8 +91,8 @@ def _models(plan: Plan) -> tuple:
 
 
 def test_class_means_move_by_at_most_the_clipping_bound(site: SiteData, tmp_path: Path) -> None:
-    plan = _plan(site, dataclasses.replace(DP, class_means=True))
-    dp = _dp(tmp_path, plan.spec.dp)
+    plan = _plan(site)
+    dp = _dp(tmp_path)
     y, ok = site.global_labels(plan.classes)
     idx = site.train_idx[ok[site.train_idx]]
     counts = privacy.plan_counts(site, plan, dp)
@@ -118,6 +126,7 @@ def test_objectives_that_read_cells_are_refused_under_dp(site: SiteData, tmp_pat
     req = DistillRequest(1, *_models(plan), plan, {"k": 10, "iterations": 1, "mmd_weight": 1.0}, 3)
     with pytest.raises(ProtocolError, match="read real cells directly"):
         tasks.distill_site(site, req, _dp(tmp_path))
-    req = DistillRequest(1, *_models(plan), plan, {"k": 2, "iterations": 1}, 3)  # k <= 2 matches class means: not in this DP plan
+    unbudgeted = _plan(site, dataclasses.replace(DP, class_means=False))  # under DP the objective matches the released class means
+    req = DistillRequest(1, *_models(unbudgeted), unbudgeted, {"k": 10, "iterations": 1}, 3)
     with pytest.raises(ProtocolError, match="did not budget"):
-        tasks.distill_site(site, req, _dp(tmp_path))
+        tasks.distill_site(site, req, _dp(tmp_path, unbudgeted.spec.dp))

@@ -72,8 +72,7 @@ def test_run_config_dp_keys() -> None:
     cfg = FederationConfig.from_run_config({"dp-epsilon": 4, "dp-delta": 1e-6, "dp-max-grad-norm": 0.5})
     spec = cfg.site_spec("run-x").dp
     assert spec.enabled and spec.run_key == "run-x" and spec.rounds == 30 and spec.vae_steps == 100 and spec.vae_batch == 128
-    assert not spec.class_means  # k = 10 uses no class means
-    assert FederationConfig.from_run_config({"dp-epsilon": 4, "cells-per-class": 1}).site_spec("r").dp.class_means
+    assert spec.class_means  # under DP the distillation matches the released class means at every k
     assert FederationConfig().site_spec("r").dp == DPSpec()
     for bad in ({"dp-epsilon": -1}, {"dp-epsilon": 1, "dp-delta": 0.5}, {"dp-epsilon": 1, "dp-max-grad-norm": 0}):
         with pytest.raises(ConfigError, match="dp-"):
