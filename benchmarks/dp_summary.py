@@ -13,6 +13,7 @@ from pathlib import Path
 
 def main() -> None:
     out = Path(sys.argv[1])
+    rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
     print("| file | epsilon (target) | seed | MLP test acc | LR test acc | MLP validation acc | local-only MLP | epsilon spent (max over sites) | sites |")
     print("|---|---|---|---|---|---|---|---|---|")
     for log in sorted(out.glob("*-eps*-seed*.log")):
@@ -34,8 +35,17 @@ def main() -> None:
         local = [s["local_only"]["mlp"]["accuracy"] for s in mt["rounds"][-1]["sites"].values() if s.get("local_only", {}).get("mlp")]
         spent = max((p["epsilon"] for p in mt.get("privacy", {}).values()), default=float("nan"))
         vmlp = val.get("mlp", {}).get("accuracy", float("nan"))
+        rows.setdefault((name, eps), []).append((cw["mlp"]["accuracy"], cw["logreg"]["accuracy"]))
         print(f"| {name} | {eps if float(eps) > 0 else 'off'} | {seed} | {cw['mlp']['accuracy']:.3f} | {cw['logreg']['accuracy']:.3f} | {vmlp:.3f} | "
               f"{sum(local) / max(len(local), 1):.3f} | {spent:.3f} | {len(mt['rounds'][-1]['sites'])} |")
+
+
+    print("\nMean over seeds (test cells, cell-weighted over sites):\n")
+    print("| file | epsilon | seeds | MLP | LR |")
+    print("|---|---|---|---|---|")
+    for (name, eps), vals in sorted(rows.items(), key=lambda kv: (kv[0][0], -float(kv[0][1]) if float(kv[0][1]) > 0 else -1e9)):
+        mlp, lr = (sum(v[i] for v in vals) / len(vals) for i in (0, 1))
+        print(f"| {name} | {eps if float(eps) > 0 else 'off'} | {len(vals)} | {mlp:.3f} | {lr:.3f} |")
 
 
 if __name__ == "__main__":
