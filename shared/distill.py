@@ -85,8 +85,8 @@ def resolve_gene_mean_weight(cfg: DistillConfig, *, private: bool = False) -> fl
     Measured on kang (MLP, pooled pretraining): at k=1 it lifts accuracy 0.854 -> 0.926; at k=10
     it lowers it 0.913 -> 0.883 (codes collapse toward the mean). See benchmarks/README.md. Under DP
     (``private``) the noised class means are one cheap release and the strongest class signal left
-    when DP-SGD noise blurs the generator's classifier: cbmc, epsilon 8, validation MLP 0.18 without,
-    see benchmarks/results/dp_curve.md for with.
+    when DP-SGD noise blurs the generator's classifier: cbmc, epsilon 8, validation MLP 0.182 without,
+    0.456 with (benchmarks/results/dp_curve.md).
     """
     if cfg.gene_mean_weight >= 0:
         return cfg.gene_mean_weight
