@@ -23,8 +23,8 @@ def main() -> None:
         name, eps, seed = m.groups()
         metrics = log.with_suffix("") / "metrics.json"
         if not metrics.is_file():
-            last = log.read_text().strip().splitlines()[-1:] or [""]
-            print(f"| {name} | {eps} | {seed} | stopped: {last[0][-120:]} | | | | | |")
+            last = (log.read_text().strip().splitlines()[-1:] or [""])[0]
+            print(f"| {name} | {eps} | {seed} | stopped: {last.partition('error: ')[2][:150] or 'still running or killed'} | | | | | |")
             continue
         mt = json.loads(metrics.read_text())
         if not mt.get("rounds"):
