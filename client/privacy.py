@@ -119,7 +119,7 @@ def budget(site: SiteData, plan: Plan, dp: SiteDP) -> Budget:
     return Budget(n, delta, schedule, calibrate(dp.spec.epsilon, delta, schedule))
 
 
-def dp_sgd(b: Budget, stage: str, batch: int, max_grad_norm: float) -> DPSGD:
+def dp_sgd(b: Budget, batch: int, max_grad_norm: float) -> DPSGD:
     """The DP-SGD settings of one stage: Poisson rate batch / (noised cells), the calibrated noise."""
     rate = min(1.0, batch / b.n_cells)
     return DPSGD(b.noise.sgd, max_grad_norm, rate, rate * b.n_cells)

@@ -99,7 +99,7 @@ def pretrain_site(site: SiteData, req: PretrainRequest, dp: SiteDP | None = None
         return PretrainReply("latent-stats", req.round, n_cells, 0.0, latent_sum=Z.sum(0), latent_sumsq=(Z**2).sum(0))
     prox = req.proximal_mu / 2  # FedProx: mu/2 * ||w - w_global||^2 around the weights this round started from
     private = {} if b is None or dp is None else {
-        "dp": privacy.dp_sgd(b, req.stage, req.batch_size, dp.spec.max_grad_norm),
+        "dp": privacy.dp_sgd(b, req.batch_size, dp.spec.max_grad_norm),
         "dp_generator": torch_generator(dp.secret, [dp.spec.run_key, dp.site_key, req.stage, req.round])}
     if req.stage == "vae":
         model = _model("vae", req.model_config, req.weights)
