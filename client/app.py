@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from client import tasks
 from client.privacy import SiteDP
 from client.site import (
-    SiteData, cache_dir, load_local_only, load_members, load_site, resolve_source, save_local_only, save_members, source_key,
+    SiteData, SiteProfile, cache_dir, load_local_only, load_members, load_profile, load_site, resolve_source, save_local_only, save_members, source_key,
 )
 from shared.errors import FedscddError
 from shared.privacy.mechanisms import site_secret
@@ -55,6 +55,11 @@ def _site(context: Context, spec: SiteSpec, plan: Plan | None = None) -> SiteDat
     return load_site(source, spec, genes, cache=cache_dir(context.node_config))
 
 
+def _profile(context: Context, spec: SiteSpec) -> SiteProfile:
+    """The node's profile statistics, streamed from its file (the all-gene matrix is never held in memory)."""
+    return load_profile(resolve_source(context.node_config, context.run_config), spec, cache=cache_dir(context.node_config))
+
+
 def _dp(context: Context, spec: SiteSpec) -> SiteDP | None:
     """The site's DP context when the run asks for DP (None otherwise)."""
     if not spec.dp.enabled:
@@ -68,7 +73,7 @@ def profile(msg: Message, context: Context) -> Message:
     """query.profile: per-gene and per-label aggregates of the training cells."""
     with safe_errors("query.profile"):
         req = ProfileRequest.from_record(msg.content)
-        reply = tasks.profile_site(_site(context, req.spec), _dp(context, req.spec))
+        reply = tasks.profile_site(_profile(context, req.spec), _dp(context, req.spec))
     return Message(reply.to_record(), reply_to=msg)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from client.site import SiteData
+from client.site import SiteData, SiteProfile
 from shared.errors import ProtocolError, SiteDataError
 from shared.privacy import ledger, mechanisms as mech
 from shared.privacy.accounting import Noise, Schedule, calibrate, epsilon, one_shot_noise
@@ -47,11 +47,11 @@ class SiteDP:
         ledger.claim(self.cache, self.site_key, self.spec.run_key, slot, content)
 
 
-def _one_shot_sigma(site: SiteData, dp: SiteDP) -> float:
+def _one_shot_sigma(site: SiteData | SiteProfile, dp: SiteDP) -> float:
     return one_shot_noise(dp.spec.epsilon, dp.spec.schedule(1.0, has_counts=site.has_counts))
 
 
-def label_counts(site: SiteData, dp: SiteDP) -> dict[str, int]:
+def label_counts(site: SiteData | SiteProfile, dp: SiteDP) -> dict[str, int]:
     """Training cells per label, noised; only labels whose noised count passes the threshold (``mechanisms.name_threshold``)."""
     sigma = _one_shot_sigma(site, dp)
     y = site.labels[site.train_idx]
@@ -67,24 +67,16 @@ def plan_counts(site: SiteData, plan: Plan, dp: SiteDP) -> np.ndarray:
     return np.array([counts.get(c, 0) for c in plan.classes], dtype=np.int64)
 
 
-def _gene_parts(X: sp.csr_matrix) -> list[tuple[sp.csr_matrix, float]]:
-    """The three per-cell vectors of the gene profile (values, squares, detection) and their public norm bounds."""
-    sq = X.multiply(X).tocsr()
-    det = X.copy()
-    det.data = (det.data > 0).astype(np.float64)
-    return [(X, mech.GENE_NORM), (sq, mech.GENE_SQ_NORM), (det, mech.DETECTED_NORM)]
-
-
-def profile(site: SiteData, dp: SiteDP) -> ProfileReply:
+def profile(site: SiteProfile, dp: SiteDP) -> ProfileReply:
     """The profile under DP: per-gene sums, sums of squares and detection counts from one Gaussian release, noised label counts."""
-    X = sp.csr_matrix(site.X[site.train_idx], dtype=np.float64)
+    if site.clipped.shape[0] != len(mech.PROFILE_BOUNDS):
+        msg = "the site's profile statistics were computed without DP clipping; prepare them again with DP on"
+        raise SiteDataError(msg)
     sigma = _one_shot_sigma(site, dp)
     rng = dp.rng("profile gene statistics")
     out = []
-    for part, bound in _gene_parts(X):
-        norms = np.sqrt(np.asarray(part.multiply(part).sum(1)).ravel())
-        scale = np.minimum(1.0, bound / np.maximum(norms, 1e-12)) / (bound * SQRT3)  # each part <= 1/sqrt(3): the stack <= 1
-        noised = np.asarray(part.T @ scale).ravel() + rng.normal(0.0, sigma, part.shape[1])
+    for part, bound in zip(site.clipped, mech.PROFILE_BOUNDS, strict=True):
+        noised = part + rng.normal(0.0, sigma, part.shape[0])
         out.append(np.maximum(noised * bound * SQRT3, 0.0))
     counts = label_counts(site, dp)
     if not counts:

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from shared.protocol import SiteSpec
 logger = logging.getLogger(__name__)
 
 EXAMPLE_FILE = "kang_pbmc_muscat.h5ad"
-CACHE_VERSION = 3  # 2: validation split; 3: library sizes (count input)
+CACHE_VERSION = 4  # 2: validation split; 3: library sizes (count input); 4: streamed preparation (explicit zeros dropped)
 
 
 @dataclass(frozen=True)
@@ -126,43 +126,128 @@ def _cache_key(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None) 
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _select_cells(source: SiteSource, label_key: str) -> tuple[str, Any]:
-    """Read the file and keep this site's cells; return (site name, AnnData)."""
-    from shared.data import read_h5ad
-    from shared.sites import split_sites
+def _select(source: SiteSource, label_key: str, obs: Any) -> tuple[str, np.ndarray | None]:  # noqa: ANN401 - pandas DataFrame
+    """This site's name and rows of the file (None: all of them), from the file's cell annotations only."""
+    from shared.sites import site_of_obs
 
-    adata = read_h5ad(source.path)
     if source.num_sites == 0 and not source.site_key:
-        return source.name, adata
-    if source.site_key and source.site_key in adata.obs:
-        values = sorted(set(adata.obs[source.site_key].astype(str)))
+        return source.name, None
+    if source.site_key and source.site_key in obs:
+        column = obs[source.site_key].astype(str).to_numpy()
+        values = sorted(set(column))
         if source.partition >= len(values):
             msg = (f"partition {source.partition} has no site: column '{source.site_key}' has {len(values)} values; "
                    f"run the simulation with num-supernodes={len(values)}")
             raise SiteDataError(msg)
         name = values[source.partition]
-        return name, adata[adata.obs[source.site_key].astype(str).to_numpy() == name].copy()
-    if label_key not in adata.obs:
+        return name, np.flatnonzero(column == name)
+    if label_key not in obs:
         msg = f"label column '{label_key}' not found in obs; set label-key to the column that holds cell types"
         raise SiteDataError(msg)
-    parts = split_sites(adata, label_key=label_key, site_key=None, n_sites=max(1, source.num_sites), seed=source.split_seed)
+    column = site_of_obs(obs, label_key=label_key, site_key=None, n_sites=max(1, source.num_sites), seed=source.split_seed)
     name = f"site{source.partition}"
-    if name not in parts:
+    if name not in set(column):
         msg = (f"partition {source.partition} has no cells in a Dirichlet split into {source.num_sites} sites; "
                f"set sim-num-sites to the number of SuperNodes")
         raise SiteDataError(msg)
-    return name, parts[name]
+    return name, np.flatnonzero(column == name)
+
+
+def _split_config(spec: SiteSpec) -> Any:  # noqa: ANN401 - shared.data.SplitConfig (imported lazily: anndata is slow to import)
+    from shared.data import SplitConfig
+
+    return SplitConfig(spec.label_key, spec.expect, spec.min_cells_per_class, spec.test_fraction, spec.val_fraction,  # type: ignore[arg-type]
+                       spec.split_seed)
 
 
 def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None) -> SiteData:
-    from shared.data import prepare_site
+    """Stream the site's rows from its file (two passes, ``CHUNK_ROWS`` cells at a time) into the prepared matrix on ``genes``."""
+    from shared.data import build_matrix, read_cells
+    from shared.stream import open_site_file
 
-    name, adata = _select_cells(source, spec.label_key)
-    site = prepare_site(adata, label_key=spec.label_key, expect=spec.expect, vocabulary=genes, min_coverage=spec.min_coverage,  # type: ignore[arg-type]
-                        min_cells_per_class=spec.min_cells_per_class, test_fraction=spec.test_fraction, val_fraction=spec.val_fraction,
-                        seed=spec.split_seed)
-    library = site.library if site.library is not None else np.empty(0)
-    return SiteData(name, site.X, site.labels, site.classes, site.genes, site.train_idx, site.test_idx, site.val_idx, library)
+    with open_site_file(source.path) as f:
+        name, select = _select(source, spec.label_key, f.obs)
+        cells = read_cells(f.X, f.var_names, f.obs, _split_config(spec), select=select)
+        assert f.X is not None  # read_cells refused a file without X
+        X, _ = build_matrix(f.X, cells, genes, min_coverage=spec.min_coverage)
+    library = cells.library if cells.library is not None else np.empty(0)
+    return SiteData(name, X, cells.labels, cells.classes, tuple(genes) if genes is not None else cells.genes, cells.train_idx, cells.test_idx,
+                    cells.val_idx, library)
+
+
+@dataclass(frozen=True, eq=False)
+class SiteProfile:
+    """What the profile message needs: a site's labels and split, and per-gene statistics of its training cells over all its genes.
+
+    ``clipped`` (3, G): the sums the DP profile noises (``shared.privacy.mechanisms.clipped_profile_sums``); empty without DP.
+    """
+
+    name: str
+    genes: tuple[str, ...]
+    classes: tuple[str, ...]
+    labels: np.ndarray
+    train_idx: np.ndarray
+    has_counts: bool
+    sums: np.ndarray
+    sumsq: np.ndarray
+    detected: np.ndarray
+    clipped: np.ndarray
+
+
+def _profile_stats(blocks: Iterable[sp.csr_matrix], n_genes: int, clip: bool) -> tuple[np.ndarray, ...]:
+    """(sums, sums of squares, detection counts, clipped sums) over normalised row blocks."""
+    from shared.data import gene_stats
+    from shared.privacy.mechanisms import clipped_profile_sums
+
+    sums, sumsq, detected = np.zeros(n_genes), np.zeros(n_genes), np.zeros(n_genes, np.int64)
+    clipped = np.zeros((3, n_genes)) if clip else np.zeros((0, n_genes))
+    for block in blocks:
+        s, q, d = gene_stats(block)
+        sums, sumsq, detected = sums + s, sumsq + q, detected + d
+        if clip:
+            clipped += clipped_profile_sums(block)
+    return sums, sumsq, detected, clipped
+
+
+def profile_of_site(site: SiteData, *, clip: bool) -> SiteProfile:
+    """A prepared site's profile statistics (its matrix must hold all its genes)."""
+    from shared.stream import CHUNK_ROWS
+
+    train = site.X[site.train_idx]
+    blocks = (train[a:a + CHUNK_ROWS] for a in range(0, train.shape[0], CHUNK_ROWS))
+    stats = _profile_stats(blocks, len(site.genes), clip)
+    return SiteProfile(site.name, site.genes, site.classes, site.labels, site.train_idx, site.has_counts, *stats)
+
+
+def _stream_profile(source: SiteSource, spec: SiteSpec) -> SiteProfile:
+    """The profile statistics streamed from the site's file: memory is one block, whatever the number of cells."""
+    from shared.data import normalised_blocks, read_cells
+    from shared.stream import open_site_file
+
+    with open_site_file(source.path) as f:
+        name, select = _select(source, spec.label_key, f.obs)
+        cells = read_cells(f.X, f.var_names, f.obs, _split_config(spec), select=select)
+        assert f.X is not None  # read_cells refused a file without X
+        blocks = (block for _, block in normalised_blocks(f.X, cells, subset=cells.train_idx))
+        stats = _profile_stats(blocks, len(cells.genes), spec.dp.enabled)
+    return SiteProfile(name, cells.genes, cells.classes, cells.labels, cells.train_idx, cells.library is not None, *stats)
+
+
+def load_profile(source: SiteSource, spec: SiteSpec, *, cache: Path) -> SiteProfile:
+    """The site's profile statistics, from the disk cache when possible (the all-gene matrix is never held)."""
+    path = cache / f"profile-{_cache_key(source, spec, None)}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return SiteProfile(str(z["name"]), tuple(str(g) for g in z["genes"]), tuple(str(c) for c in z["classes"]), z["labels"], z["train"],
+                                   bool(z["has_counts"]), z["sums"], z["sumsq"], z["detected"], z["clipped"])
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("ignoring unreadable profile cache %s (%s)", path.name, type(exc).__name__)
+    p = _stream_profile(source, spec)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, name=np.asarray(p.name), genes=np.asarray(p.genes, dtype=str), classes=np.asarray(p.classes, dtype=str), labels=p.labels,
+                 train=p.train_idx, has_counts=np.asarray(p.has_counts), sums=p.sums, sumsq=p.sumsq, detected=p.detected, clipped=p.clipped)
+    return p
 
 
 def _save(path: Path, site: SiteData) -> None:
@@ -174,13 +259,13 @@ def _save(path: Path, site: SiteData) -> None:
 
 def _load(path: Path) -> SiteData:
     with np.load(path, allow_pickle=False) as z:
-        X = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(int(v) for v in z["shape"]))
+        X = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(int(v) for v in z["shape"]), copy=False)
         return SiteData(str(z["name"]), X, z["labels"], tuple(str(c) for c in z["classes"]), tuple(str(g) for g in z["genes"]), z["train"], z["test"], z["val"],
                         z["library"])
 
 
 def load_site(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, *, cache: Path) -> SiteData:
-    """The site's prepared data (aligned to ``genes`` when given), from the disk cache when possible."""
+    """The site's prepared data (aligned to ``genes`` when given; all its genes otherwise), from the disk cache when possible."""
     path = cache / f"site-{_cache_key(source, spec, genes)}.npz"
     if path.is_file():
         try:

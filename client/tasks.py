@@ -16,7 +16,7 @@ import torch
 
 from client import privacy
 from client.privacy import SiteDP
-from client.site import SiteData
+from client.site import SiteData, SiteProfile, profile_of_site
 from shared.audit import audit
 from shared.checkpoint import build_model
 from shared.counts import library_stats
@@ -35,15 +35,19 @@ from shared.training import TrainConfig, anchor_of, encode, fit_scdg, fit_vae
 logger = logging.getLogger(__name__)
 
 
-def profile_site(site: SiteData, dp: SiteDP | None = None) -> ProfileReply:
-    """Per-gene sums / sums of squares / detection counts and cells per label, over training cells (noised under DP)."""
-    from shared.plan import profile_of  # imports anndata/pandas: only this message needs them
+def profile_site(site: SiteData | SiteProfile, dp: SiteDP | None = None) -> ProfileReply:
+    """Per-gene sums / sums of squares / detection counts and cells per label, over training cells (noised under DP).
 
+    ``site``: streamed statistics (``client.site.load_profile``), or a prepared site holding all its genes.
+    """
+    from shared.plan import profile_from_stats  # imports anndata/pandas: only this message needs them
+
+    if isinstance(site, SiteData):
+        site = profile_of_site(site, clip=dp is not None)
     if dp is not None:
         return privacy.profile(site, dp)
-
-    train = site.train_idx
-    return profile_of(site.name, site.X[train], site.genes, [site.classes[j] for j in site.labels[train]], has_counts=site.has_counts)
+    labels = [site.classes[j] for j in site.labels[site.train_idx]]
+    return profile_from_stats(site.name, site.genes, (site.sums, site.sumsq, site.detected), labels, n_cells=len(labels), has_counts=site.has_counts)
 
 
 def _model(kind: str, config_json: str, weights: StateDict) -> torch.nn.Module:

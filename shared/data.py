@@ -1,4 +1,4 @@
-"""Site data contract: read, check, normalise, align and split one site's AnnData.
+"""Site data contract: read, check, normalise, align and split one site's AnnData, in memory or streamed from its file.
 
 Error and log text never holds expression values or cell ids (it may reach the coordinator).
 """
@@ -9,18 +9,18 @@ import hashlib
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import anndata
-import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from shared.errors import ConfigError, SiteDataError
+from shared.stream import Rows, check_path, memory_rows, not_anndata, open_site_file
 
 logger = logging.getLogger(__name__)
 
@@ -44,82 +44,86 @@ def _warn(msg: str) -> None:
 
 
 def read_h5ad(path: str | Path) -> anndata.AnnData:
-    """Read a site's .h5ad file, refusing missing paths, directories and non-AnnData files."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        msg = f"no such file: {p}; pass the path of your .h5ad"
-        raise SiteDataError(msg)
-    if p.is_dir():
-        msg = f"{p} is a directory, not a file; pass the path of the .h5ad file itself"
-        raise SiteDataError(msg)
+    """Read a site's .h5ad file whole, refusing missing paths, directories and non-AnnData files."""
+    p = check_path(path)
     try:
         adata = anndata.read_h5ad(p)
     except Exception as exc:  # any reader failure means "not a readable .h5ad"
-        logger.debug("reading %s failed with %s", p, type(exc).__name__)
-        what = ("is HDF5 but not an AnnData .h5ad (a 10x .h5? convert it with scanpy.read_10x_h5)"
-                if h5py.is_hdf5(p) else "is not an HDF5/h5ad file")
-        msg = (f"cannot read {p} as AnnData ({type(exc).__name__}): it {what}; expected an AnnData .h5ad "
-               "written by anndata/scanpy, e.g. adata.write_h5ad('site.h5ad')")
-        raise SiteDataError(msg) from None
+        raise not_anndata(p, exc) from None
     return adata
 
 
-def _stored_values(X: Any) -> np.ndarray:
-    """Return the stored values of X after checking its type, dtype and shape."""
-    if sp.issparse(X):
-        data = X.data if X.format in ("csr", "csc", "coo") else sp.csr_matrix(X).data
-    elif isinstance(X, np.ndarray):
-        data = np.asarray(X).ravel()
-    else:
-        msg = (f"X has unsupported type {type(X).__name__}; expected a numpy array or scipy sparse "
-               "matrix; load the file into memory (anndata.read_h5ad(path) without backed=...)")
-        raise SiteDataError(msg)
-    if X.ndim != 2:
-        msg = f"X has {X.ndim} dimensions; expected a 2-D cells x genes matrix; store it as adata.X"
-        raise SiteDataError(msg)
-    n_cells, n_genes = X.shape
+def _check_matrix(rows: Rows) -> None:
+    """Refuse an empty or non-numeric matrix."""
+    n_cells, n_genes = rows.shape
     if n_cells == 0 or n_genes == 0:
         msg = (f"X is empty ({n_cells} cells x {n_genes} genes); expected at least one cell and one "
                "gene; check that filtering/subsetting did not remove everything before adata.write_h5ad")
         raise SiteDataError(msg)
-    if X.dtype.kind not in "iuf":
-        msg = (f"X has non-numeric dtype {X.dtype.name}; expected integer or float expression values; "
+    if rows.dtype.kind not in "iuf":
+        msg = (f"X has non-numeric dtype {rows.dtype.name}; expected integer or float expression values; "
                "convert it (adata.X = adata.X.astype('float32')) or " + _FIX_RAW)
         raise SiteDataError(msg)
-    return data
 
 
-def _check_values(data: np.ndarray) -> None:
-    """Refuse NaN/Inf, negative values and all-zero data (messages carry counts only)."""
-    if data.dtype.kind == "f":
-        n_nan = int(np.count_nonzero(np.isnan(data)))
-        n_inf = int(np.count_nonzero(np.isinf(data)))
-        if n_nan or n_inf:
-            msg = (f"X contains {n_nan + n_inf} NaN/Inf entries ({n_nan} NaN, {n_inf} Inf); expected "
+@dataclass
+class ValueScan:
+    """One pass over the stored values of a site's rows: the contract's value checks, the counts-or-lognorm evidence,
+    each gene's non-zeros and each cell's total. Blocks come in row order; the kind sample takes every ``step``-th stored value."""
+
+    n_genes: int
+    step: int
+    dtype_kind: str
+    position: int = 0
+    n_nan: int = 0
+    n_inf: int = 0
+    n_neg: int = 0
+    vmax: float = -math.inf
+    samples: list[np.ndarray] = field(default_factory=list)
+    totals: list[np.ndarray] = field(default_factory=list)
+    gene_nnz: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def add(self, block: sp.csr_matrix) -> None:
+        """Take in the next rows."""
+        data = block.data
+        if data.dtype.kind == "f":
+            self.n_nan += int(np.count_nonzero(np.isnan(data)))
+            self.n_inf += int(np.count_nonzero(np.isinf(data)))
+        self.n_neg += int(np.count_nonzero(data < 0))
+        nonzero = data != 0
+        if nonzero.any():
+            finite = data[nonzero & np.isfinite(data)] if data.dtype.kind == "f" else data[nonzero]
+            if finite.size:
+                self.vmax = max(self.vmax, float(finite.max()))
+        first = (-self.position) % self.step
+        picked = data[first::self.step]
+        self.samples.append(picked[picked != 0].astype(np.float64))
+        self.position += data.size
+        counted = np.bincount(block.indices[nonzero], minlength=self.n_genes).astype(np.int64)
+        self.gene_nnz = counted if self.gene_nnz.size == 0 else self.gene_nnz + counted
+        self.totals.append(np.asarray(block.sum(axis=1)).ravel().astype(np.float64))
+
+    def kind(self) -> InputKind:
+        """Raw counts or log-normalised values, refusing NaN/Inf, negative, all-zero and un-logged normalised data."""
+        if self.n_nan or self.n_inf:
+            msg = (f"X contains {self.n_nan + self.n_inf} NaN/Inf entries ({self.n_nan} NaN, {self.n_inf} Inf); expected "
                    "finite values; fix the step that produced them and " + _FIX_RAW)
             raise SiteDataError(msg)
-    n_neg = int(np.count_nonzero(data < 0))
-    if n_neg:
-        msg = (f"X contains {n_neg} negative entries: it looks z-scored/scaled (e.g. sc.pp.scale); "
-               + _FIX_RAW)
-        raise SiteDataError(msg)
-    if not np.any(data):
-        msg = ("X is all zeros: no expression at all; expected raw counts or log-normalised values; "
-               "check that the right layer was written, e.g. adata.X = adata.layers['counts']")
-        raise SiteDataError(msg)
+        if self.n_neg:
+            msg = f"X contains {self.n_neg} negative entries: it looks z-scored/scaled (e.g. sc.pp.scale); " + _FIX_RAW
+            raise SiteDataError(msg)
+        if self.vmax == -math.inf:
+            msg = ("X is all zeros: no expression at all; expected raw counts or log-normalised values; "
+                   "check that the right layer was written, e.g. adata.X = adata.layers['counts']")
+            raise SiteDataError(msg)
+        if self.dtype_kind in "iu":
+            return "counts"
+        sample = np.concatenate(self.samples) if self.samples else np.zeros(0)
+        return _kind_of(float(np.mean(sample != np.floor(sample))) if sample.size else 0.0, self.vmax)
 
 
-def detect_kind(X: Any) -> InputKind:
-    """Decide whether X holds raw counts or log-normalised values, refusing anything else."""
-    data = _stored_values(X)
-    _check_values(data)
-    if data.dtype.kind in "iu":
-        return "counts"
-    nonzero = data[data != 0]
-    step = max(1, math.ceil(nonzero.size / SAMPLE_SIZE))
-    sample = nonzero[::step].astype(np.float64)
-    nonint = float(np.mean(sample != np.floor(sample)))
-    vmax = float(nonzero.max())
+def _kind_of(nonint: float, vmax: float) -> InputKind:
+    """Counts or log-normalised from the share of non-integer values and the largest value."""
     if nonint <= MAX_NONINT_COUNTS:
         return "counts"
     if vmax <= LOGNORM_MAX:
@@ -138,6 +142,22 @@ def detect_kind(X: Any) -> InputKind:
     raise SiteDataError(msg)
 
 
+def scan_values(rows: Rows, select: np.ndarray, *, chunk_rows: int | None = None) -> ValueScan:
+    """Pass 1 over the rows ``select`` (sorted positions) of a matrix; ``.kind()`` gives the verdict."""
+    _check_matrix(rows)
+    stored = int(rows.stored[select].sum())
+    scan = ValueScan(n_genes=rows.shape[1], step=max(1, math.ceil(stored / SAMPLE_SIZE)), dtype_kind=rows.dtype.kind)
+    for _, block in rows.blocks(select, chunk_rows):
+        scan.add(block)
+    return scan
+
+
+def detect_kind(X: Any) -> InputKind:
+    """Decide whether X holds raw counts or log-normalised values, refusing anything else."""
+    rows = memory_rows(X)
+    return scan_values(rows, np.arange(rows.shape[0])).kind()
+
+
 def _to_csr32(X: Any) -> sp.csr_matrix:
     """Return a canonical CSR float32 copy of X (sparse stays sparse)."""
     source = X if sp.issparse(X) else np.asarray(X)
@@ -147,7 +167,7 @@ def _to_csr32(X: Any) -> sp.csr_matrix:
 
 
 def normalize(X: Any, kind: InputKind) -> sp.csr_matrix:
-    """Return log1p(TARGET_SUM-normalised) counts, or log-normalised input as is, as CSR float32."""
+    """Return log1p(TARGET_SUM-normalised) counts, or log-normalised input as is, as CSR float32 (row by row)."""
     if kind not in ("counts", "lognorm"):
         msg = f"unknown input kind {kind!r}; expected 'counts' or 'lognorm'"
         raise ConfigError(msg)
@@ -195,16 +215,20 @@ def _class_list(counts: pd.Series) -> str:
 
 def check_labels(adata: anndata.AnnData, *, label_key: str, min_cells_per_class: int = 2) -> pd.Categorical:
     """Return the cells' class labels (NaN for missing or too-small classes), refusing unusable columns."""
+    return _labels(adata.obs, label_key, min_cells_per_class)
+
+
+def _labels(obs: pd.DataFrame, label_key: str, min_cells_per_class: int) -> pd.Categorical:
     if min_cells_per_class < 1:
         msg = f"min_cells_per_class must be >= 1, got {min_cells_per_class}"
         raise ConfigError(msg)
-    if label_key not in adata.obs.columns:
-        cols = [str(c) for c in adata.obs.columns]
+    if label_key not in obs.columns:
+        cols = [str(c) for c in obs.columns]
         shown = ", ".join(cols[:20]) + (f", ... ({len(cols)} in all)" if len(cols) > 20 else "")
         msg = (f"label column '{label_key}' not found in obs (available: {shown or 'none'}); "
                "pass --label-key with the obs column that holds cell types")
         raise SiteDataError(msg)
-    labels = _label_strings(adata.obs[label_key], label_key)
+    labels = _label_strings(obs[label_key], label_key)
     missing = pd.isna(labels)
     n_missing = int(missing.sum())
     if n_missing == labels.size:
@@ -247,23 +271,17 @@ def check_genes(var_names: Sequence[str] | pd.Index) -> None:
         raise SiteDataError(msg)
 
 
-def align_genes(
-    X: Any, genes: Sequence[str], vocabulary: Sequence[str], *, min_coverage: float = 0.5
-) -> tuple[sp.csr_matrix, float]:
-    """Return X with columns reordered to ``vocabulary`` (missing genes as zero columns) and the coverage."""
+def column_map(genes: Sequence[str], vocabulary: Sequence[str], *, min_coverage: float = 0.5) -> tuple[np.ndarray, float]:
+    """Per input gene its column in ``vocabulary`` (-1: not in it), and the share of the vocabulary present, refusing low coverage."""
     genes = [str(g) for g in genes]
     vocab = [str(g) for g in vocabulary]
     check_genes(genes)
-    if X.shape[1] != len(genes):
-        msg = f"X has {X.shape[1]} columns but {len(genes)} gene names were given"
-        raise ValueError(msg)
     if not vocab or len(set(vocab)) != len(vocab):
         msg = f"the plan's gene vocabulary must be non-empty and unique ({len(vocab)} names given)"
         raise ValueError(msg)
-    position = {g: i for i, g in enumerate(genes)}
-    src = np.array([position.get(g, -1) for g in vocab], dtype=np.int64)
-    hit = src >= 0
-    n_hit = int(hit.sum())
+    target = {g: i for i, g in enumerate(vocab)}
+    colmap = np.array([target.get(g, -1) for g in genes], dtype=np.int64)
+    n_hit = int(np.count_nonzero(colmap >= 0))
     coverage = n_hit / len(vocab)
     if n_hit == 0:
         msg = (f"no overlap with the plan's genes (0 of {len(vocab)}); check gene identifiers "
@@ -274,11 +292,31 @@ def align_genes(
                f"present, at least {min_coverage:.0%} required; check gene identifiers (symbols vs "
                "Ensembl IDs) or provide the unfiltered gene set")
         raise SiteDataError(msg)
-    ones = np.ones(n_hit, dtype=np.float32)
-    selector = sp.csr_matrix((ones, (src[hit], np.flatnonzero(hit))), shape=(len(genes), len(vocab)))
-    out = sp.csr_matrix(_to_csr32(X) @ selector, dtype=np.float32)
+    return colmap, coverage
+
+
+def remap_columns(block: sp.csr_matrix, colmap: np.ndarray, n_out: int) -> sp.csr_matrix:
+    """``block``'s columns moved to ``colmap`` (-1 dropped), explicit zeros dropped, indices sorted: a canonical CSR."""
+    cols = colmap[block.indices]
+    kept = (cols >= 0) & (block.data != 0)
+    row_of = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+    indptr = np.zeros(block.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_of[kept], minlength=block.shape[0]), out=indptr[1:])
+    out = sp.csr_matrix((block.data[kept], cols[kept], indptr), shape=(block.shape[0], n_out))
     out.sort_indices()
-    logger.debug("aligned %d genes to a vocabulary of %d (coverage %.3f)", len(genes), len(vocab), coverage)
+    return out
+
+
+def align_genes(
+    X: Any, genes: Sequence[str], vocabulary: Sequence[str], *, min_coverage: float = 0.5
+) -> tuple[sp.csr_matrix, float]:
+    """Return X with columns reordered to ``vocabulary`` (missing genes as zero columns) and the coverage."""
+    if X.shape[1] != len(genes):
+        msg = f"X has {X.shape[1]} columns but {len(genes)} gene names were given"
+        raise ValueError(msg)
+    colmap, coverage = column_map(genes, vocabulary, min_coverage=min_coverage)
+    out = remap_columns(_to_csr32(X), colmap, len(vocabulary))
+    logger.debug("aligned %d genes to a vocabulary of %d (coverage %.3f)", len(genes), len(vocabulary), coverage)
     return out, coverage
 
 
@@ -365,6 +403,34 @@ def select_variable_genes(
 
 
 @dataclass(frozen=True, eq=False)
+class SiteCells:
+    """Everything about a site's cells but their expression matrix: labels, input kind, split, library sizes.
+
+    ``select`` holds the positions of the site's rows in its source matrix (a file may hold several
+    sites), ``rows`` the positions of the kept (labelled) cells among those; ``gene_nnz`` counts
+    each input gene's non-zeros over the site's rows (it sizes the prepared matrix before it is built).
+    """
+
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    genes: tuple[str, ...]
+    kind: InputKind
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    test_idx: np.ndarray
+    n_dropped_cells: int
+    rows: np.ndarray
+    select: np.ndarray
+    library: np.ndarray | None
+    gene_nnz: np.ndarray
+
+    @property
+    def source_rows(self) -> np.ndarray:
+        """Positions of the kept cells in the source matrix."""
+        return self.select[self.rows]
+
+
+@dataclass(frozen=True, eq=False)
 class PreparedSite:
     """A site's labelled, log-normalised, gene-aligned data with its train/test split."""
 
@@ -384,11 +450,10 @@ class PreparedSite:
     library: np.ndarray | None = None
 
 
-def _select_rows(X: Any, keep: np.ndarray) -> Any:
-    """Return the rows ``keep`` of X (X itself when every row is kept); sparse stays sparse."""
-    if keep.size == X.shape[0]:
-        return X
-    return (sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X))[keep]
+def _check_expect_value(expect: str) -> None:
+    if expect not in ("auto", "counts", "lognorm"):
+        msg = f"unknown expect {expect!r}; expected 'auto', 'counts' or 'lognorm'"
+        raise ConfigError(msg)
 
 
 def _check_expect(kind: InputKind, expect: Expect) -> None:
@@ -403,41 +468,128 @@ def _check_expect(kind: InputKind, expect: Expect) -> None:
         raise SiteDataError(msg)
 
 
-def prepare_site(
-    adata: anndata.AnnData, *, label_key: str, expect: Expect = "auto", vocabulary: Sequence[str] | None = None,
-    min_coverage: float = 0.5, min_cells_per_class: int = 2, test_fraction: float = 0.2, val_fraction: float = 0.1, seed: int = 0,
-) -> PreparedSite:
-    """Check, normalise, label, align and split one site's AnnData."""
-    if expect not in ("auto", "counts", "lognorm"):
-        msg = f"unknown expect {expect!r}; expected 'auto', 'counts' or 'lognorm'"
-        raise ConfigError(msg)
-    if adata.X is None:
+@dataclass(frozen=True)
+class SplitConfig:
+    """How a site's cells are labelled and split (the site data contract's knobs)."""
+
+    label_key: str
+    expect: Expect = "auto"
+    min_cells_per_class: int = 2
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+def read_cells(rows: Rows | None, var_names: Sequence[str] | pd.Index, obs: pd.DataFrame, config: SplitConfig, *,
+               select: np.ndarray | None = None, chunk_rows: int | None = None) -> SiteCells:
+    """Check a site's rows against the data contract (one pass over their values) and label and split its cells.
+
+    ``select``: sorted positions of the site's rows in ``rows`` / ``obs`` (default: all of them).
+    """
+    _check_expect_value(config.expect)
+    if rows is None:
         msg = ("adata.X is empty (None); expected the expression matrix in X; "
                "set adata.X = adata.layers['counts'] before writing")
         raise SiteDataError(msg)
-    check_genes(adata.var_names)
-    kind = detect_kind(adata.X)
-    _check_expect(kind, expect)
-    categories = check_labels(adata, label_key=label_key, min_cells_per_class=min_cells_per_class)
+    check_genes(var_names)
+    select = np.arange(rows.shape[0], dtype=np.int64) if select is None else np.asarray(select, dtype=np.int64)
+    scan = scan_values(rows, select, chunk_rows=chunk_rows)
+    kind = scan.kind()
+    _check_expect(kind, config.expect)
+    categories = _labels(obs.iloc[select] if select.size != len(obs) else obs, config.label_key, config.min_cells_per_class)
     keep = np.flatnonzero(categories.codes >= 0)
-    raw = _select_rows(adata.X, keep)
-    library = np.asarray(raw.sum(axis=1), dtype=np.float64).ravel() if kind == "counts" else None
-    X = normalize(raw, kind)
-    genes = tuple(str(g) for g in adata.var_names)
-    coverage = 1.0
-    if vocabulary is not None:
-        X, coverage = align_genes(X, genes, vocabulary, min_coverage=min_coverage)
-        genes = tuple(str(g) for g in vocabulary)
+    totals = np.concatenate(scan.totals) if scan.totals else np.zeros(0)
     labels = np.asarray(categories.codes[keep], dtype=np.int64)
-    train_idx, val_idx, test_idx = stratified_split(labels, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+    train_idx, val_idx, test_idx = stratified_split(labels, test_fraction=config.test_fraction, val_fraction=config.val_fraction,
+                                                    seed=config.seed)
+    return SiteCells(labels=labels, classes=tuple(str(c) for c in categories.categories), genes=tuple(str(g) for g in var_names),
+                     kind=kind, train_idx=train_idx, val_idx=val_idx, test_idx=test_idx, n_dropped_cells=int(select.size - keep.size),
+                     rows=keep, select=select, library=totals[keep] if kind == "counts" else None, gene_nnz=scan.gene_nnz)
+
+
+def normalised_blocks(rows: Rows, cells: SiteCells, *, subset: np.ndarray | None = None,
+                      chunk_rows: int | None = None) -> Iterator[tuple[slice, sp.csr_matrix]]:
+    """The kept cells' (or the sorted ``subset`` of them) log-normalised rows over all input genes, a block at a time:
+    (which of those cells, their rows)."""
+    source = cells.source_rows if subset is None else cells.source_rows[subset]
+    for where, block in rows.blocks(source, chunk_rows):
+        yield where, normalize(block, cells.kind)
+
+
+def build_matrix(rows: Rows, cells: SiteCells, vocabulary: Sequence[str] | None = None, *, min_coverage: float = 0.5,
+                 chunk_rows: int | None = None) -> tuple[sp.csr_matrix, float]:
+    """The kept cells' log-normalised float32 CSR on ``vocabulary``'s columns (default: the input genes), and the coverage.
+
+    Built in place: the arrays are sized from the first pass's non-zero counts, so peak memory is the
+    result plus one block (8 bytes per stored value with int32 indices, 12 with int64 beyond 2^31 values).
+    """
+    genes = list(cells.genes)
+    if vocabulary is None:
+        colmap, coverage, n_out = np.arange(len(genes), dtype=np.int64), 1.0, len(genes)
+    else:
+        colmap, coverage = column_map(genes, vocabulary, min_coverage=min_coverage)
+        n_out = len(vocabulary)
+    capacity = int(cells.gene_nnz[colmap >= 0].sum())
+    index_dtype = np.int32 if capacity < np.iinfo(np.int32).max else np.int64
+    data = np.empty(capacity, dtype=np.float32)
+    indices = np.empty(capacity, dtype=index_dtype)
+    indptr = np.zeros(cells.rows.size + 1, dtype=index_dtype)
+    filled = 0
+    for where, block in normalised_blocks(rows, cells, chunk_rows=chunk_rows):
+        part = remap_columns(block, colmap, n_out)
+        end = filled + part.nnz
+        if end > capacity:  # the first pass counted every non-zero of these rows: a changed file between passes
+            msg = "the site's file changed while it was being read; run again on a file that is not being written"
+            raise SiteDataError(msg)
+        data[filled:end] = part.data
+        indices[filled:end] = part.indices
+        indptr[where.start + 1:where.stop + 1] = filled + part.indptr[1:]
+        filled = end
+    if filled < capacity:
+        data.resize(filled, refcheck=False)
+        indices.resize(filled, refcheck=False)
+    X = sp.csr_matrix((data, indices, indptr), shape=(cells.rows.size, n_out), copy=False)
+    X.has_sorted_indices = True
+    logger.debug("prepared %d cells x %d genes: %d stored values (%.1f MB)", X.shape[0], n_out, filled,
+                 (data.nbytes + indices.nbytes + indptr.nbytes) / 1e6)
+    return X, coverage
+
+
+def prepared(cells: SiteCells, X: sp.csr_matrix, coverage: float, genes: Sequence[str]) -> PreparedSite:
+    """A PreparedSite from a site's cells and their prepared matrix on ``genes``."""
     site = PreparedSite(
-        X=X, labels=labels, classes=tuple(str(c) for c in categories.categories), genes=genes, kind=kind,
-        train_idx=train_idx, test_idx=test_idx, n_dropped_cells=int(adata.n_obs - keep.size), coverage=coverage,
-        rows=keep, val_idx=val_idx, library=library,
+        X=X, labels=cells.labels, classes=cells.classes, genes=tuple(str(g) for g in genes), kind=cells.kind,
+        train_idx=cells.train_idx, test_idx=cells.test_idx, n_dropped_cells=cells.n_dropped_cells, coverage=coverage,
+        rows=cells.rows, val_idx=cells.val_idx, library=cells.library,
     )
     logger.info("site prepared: %d cells x %d genes, %d classes, input %s, %d cells dropped, coverage %.3f",
-                X.shape[0], X.shape[1], len(site.classes), kind, site.n_dropped_cells, coverage)
+                X.shape[0], X.shape[1], len(site.classes), site.kind, site.n_dropped_cells, coverage)
     return site
+
+
+def prepare_site(
+    adata: anndata.AnnData, *, label_key: str, expect: Expect = "auto", vocabulary: Sequence[str] | None = None,
+    min_coverage: float = 0.5, min_cells_per_class: int = 2, test_fraction: float = 0.2, val_fraction: float = 0.1, seed: int = 0,
+    chunk_rows: int | None = None,
+) -> PreparedSite:
+    """Check, normalise, label, align and split one site's AnnData (in memory; ``prepare_file`` streams a file)."""
+    config = SplitConfig(label_key, expect, min_cells_per_class, test_fraction, val_fraction, seed)
+    _check_expect_value(config.expect)
+    rows = None if adata.X is None else memory_rows(adata.X)
+    cells = read_cells(rows, adata.var_names, adata.obs, config, chunk_rows=chunk_rows)
+    assert rows is not None  # read_cells refused a missing X
+    X, coverage = build_matrix(rows, cells, vocabulary, min_coverage=min_coverage, chunk_rows=chunk_rows)
+    return prepared(cells, X, coverage, cells.genes if vocabulary is None else vocabulary)
+
+
+def prepare_file(path: str | Path, config: SplitConfig, *, vocabulary: Sequence[str] | None = None, min_coverage: float = 0.5,
+                 select: np.ndarray | None = None, chunk_rows: int | None = None) -> PreparedSite:
+    """``prepare_site`` on a file without reading it whole: two passes over its rows, ``chunk_rows`` cells at a time."""
+    with open_site_file(path) as f:
+        cells = read_cells(f.X, f.var_names, f.obs, config, select=select, chunk_rows=chunk_rows)
+        assert f.X is not None  # read_cells refused a missing X
+        X, coverage = build_matrix(f.X, cells, vocabulary, min_coverage=min_coverage, chunk_rows=chunk_rows)
+    return prepared(cells, X, coverage, cells.genes if vocabulary is None else vocabulary)
 
 
 @dataclass(frozen=True)
@@ -473,20 +625,20 @@ class CheckReport:
 
 def check_file(
     path: str | Path, *, label_key: str, expect: Expect = "auto", vocabulary: Sequence[str] | None = None,
-    min_cells_per_class: int = 2, min_coverage: float = 0.5,
+    min_cells_per_class: int = 2, min_coverage: float = 0.5, chunk_rows: int | None = None,
 ) -> CheckReport:
-    """Read and prepare one .h5ad file, returning what was found and the warnings raised on the way."""
+    """Check one .h5ad file against the contract in one streamed pass (memory: one block of ``chunk_rows`` cells)."""
+    config = SplitConfig(label_key, expect, min_cells_per_class)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        adata = read_h5ad(path)
-        site = prepare_site(
-            adata, label_key=label_key, expect=expect, vocabulary=vocabulary,
-            min_coverage=min_coverage, min_cells_per_class=min_cells_per_class,
-        )
+        with open_site_file(path) as f:
+            cells = read_cells(f.X, f.var_names, f.obs, config, chunk_rows=chunk_rows)
+            n_cells, n_genes = len(f.obs), len(f.var_names)
+        coverage = 1.0 if vocabulary is None else column_map(cells.genes, vocabulary, min_coverage=min_coverage)[1]
     texts = tuple(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
-    per_class = np.bincount(site.labels, minlength=len(site.classes))
+    per_class = np.bincount(cells.labels, minlength=len(cells.classes))
     return CheckReport(
-        path=str(path), n_cells=int(adata.n_obs), n_genes=int(adata.n_vars), kind=site.kind,
-        classes={c: int(n) for c, n in zip(site.classes, per_class)}, n_dropped_cells=site.n_dropped_cells,
-        coverage=site.coverage, warnings=texts, n_vocabulary=None if vocabulary is None else len(vocabulary),
+        path=str(path), n_cells=n_cells, n_genes=n_genes, kind=cells.kind,
+        classes={c: int(n) for c, n in zip(cells.classes, per_class)}, n_dropped_cells=cells.n_dropped_cells,
+        coverage=coverage, warnings=texts, n_vocabulary=None if vocabulary is None else len(vocabulary),
     )

@@ -47,6 +47,13 @@ def plan_vocabulary(profiles: Sequence[ProfileReply], *, n_genes: int, allowed: 
 def profile_of(name: str, X, genes: Sequence[str], labels: Sequence[str], *, has_counts: bool = False) -> ProfileReply:  # noqa: ANN001 - csr
     """A site's profile: gene statistics of its training cells ``X`` (columns ``genes``), cells per label name, count input or not."""
     sums, sumsq, detected = gene_stats(X)
+    return profile_from_stats(name, genes, (sums, sumsq, detected), labels, n_cells=int(X.shape[0]), has_counts=has_counts)
+
+
+def profile_from_stats(name: str, genes: Sequence[str], stats: tuple[np.ndarray, np.ndarray, np.ndarray], labels: Sequence[str], *,
+                       n_cells: int, has_counts: bool = False) -> ProfileReply:
+    """A site's profile from the per-gene (sums, sums of squares, detection counts) of its ``n_cells`` training cells and their label names."""
+    sums, sumsq, detected = stats
     names, counts = np.unique(np.asarray(labels, dtype=str), return_counts=True)
-    return ProfileReply(site_name=name, genes=tuple(genes), sums=sums, sumsq=sumsq, detected=detected, n_cells=int(X.shape[0]),
+    return ProfileReply(site_name=name, genes=tuple(genes), sums=sums, sumsq=sumsq, detected=detected, n_cells=n_cells,
                         label_names=tuple(str(n) for n in names), label_counts=counts.astype(np.int64), has_counts=has_counts)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from shared.data import PreparedSite, align_genes, prepare_site, split_hash
@@ -34,11 +35,16 @@ def dirichlet_split(labels: np.ndarray, n_sites: int, *, alpha: float = 0.5, see
 
 def site_of_cells(adata: ad.AnnData, *, label_key: str, site_key: str | None = None, n_sites: int = 3, seed: int = 0) -> np.ndarray:
     """The site name of every cell: obs[site_key] when given and present, else a Dirichlet(0.5) label-skewed split."""
-    if site_key and site_key in adata.obs:
-        return adata.obs[site_key].astype(str).to_numpy()
+    return site_of_obs(adata.obs, label_key=label_key, site_key=site_key, n_sites=n_sites, seed=seed)
+
+
+def site_of_obs(obs: pd.DataFrame, *, label_key: str, site_key: str | None = None, n_sites: int = 3, seed: int = 0) -> np.ndarray:
+    """``site_of_cells`` from the cell annotations alone (a streamed file's obs)."""
+    if site_key and site_key in obs:
+        return obs[site_key].astype(str).to_numpy()
     if site_key:
         logger.info("obs[%r] not found: splitting into %d sites by Dirichlet(0.5) label skew", site_key, n_sites)
-    labels = adata.obs[label_key].astype(str).to_numpy()
+    labels = obs[label_key].astype(str).to_numpy()
     return np.char.add("site", dirichlet_split(labels, n_sites, seed=seed).astype(str))
 
 

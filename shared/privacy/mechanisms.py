@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from shared.errors import SiteDataError
 from shared.io import atomic_path
@@ -33,6 +35,7 @@ SECRET_BYTES = 32
 GENE_NORM = 60.0
 GENE_SQ_NORM = 200.0
 DETECTED_NORM = 45.0
+PROFILE_BOUNDS = (GENE_NORM, GENE_SQ_NORM, DETECTED_NORM)  # the profile's parts: values, squares, detection
 LOG_LIBRARY_MAX = 15.0  # log total counts: above e^15 = 3.3 million counts per cell nothing is expected
 
 
@@ -74,6 +77,21 @@ def clip_rows(V: np.ndarray, bound: float = 1.0) -> np.ndarray:
     V = np.asarray(V, dtype=np.float64)
     norms = np.linalg.norm(V, axis=1, keepdims=True)
     return V * np.minimum(1.0, bound / np.maximum(norms, 1e-12))
+
+
+def clipped_profile_sums(X: sp.csr_matrix) -> np.ndarray:
+    """(3, G): over the rows of ``X``, sums of each cell's values, squares and detection vectors, each clipped to its public norm
+    bound and scaled by 1 / (bound * sqrt 3), so that one cell's three vectors together have norm <= 1 (the DP profile's release)."""
+    X = sp.csr_matrix(X, dtype=np.float64)
+    sq = X.multiply(X).tocsr()
+    det = X.copy()
+    det.data = (det.data > 0).astype(np.float64)
+    out = np.zeros((3, X.shape[1]))
+    for i, (part, bound) in enumerate(zip((X, sq, det), PROFILE_BOUNDS, strict=True)):
+        norms = np.sqrt(np.asarray(part.multiply(part).sum(1)).ravel())
+        scale = np.minimum(1.0, bound / np.maximum(norms, 1e-12)) / (bound * math.sqrt(3.0))
+        out[i] = np.asarray(part.T @ scale).ravel()
+    return out
 
 
 def noisy_class_sums(V: np.ndarray, labels: np.ndarray, n_classes: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
