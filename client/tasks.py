@@ -22,7 +22,7 @@ from shared.checkpoint import build_model
 from shared.counts import library_stats
 from shared.distill import ClassCounts, Codes, DistillConfig, distill_codes, resolve_gene_mean_weight, resolve_t_star, warm_start_fits
 from shared.errors import CheckpointError, ProtocolError
-from shared.evaluation import MLPTrainConfig, fidelity, fit_predict, predict_mlp, score
+from shared.evaluation import PREDICT_ROWS, Matrix, MLPTrainConfig, fidelity, fit_predict, predict_mlp, score
 from shared.protocol.rounds import LIBRARY_STATS
 from shared.protocol import (
     EVALUATORS, LOCAL_EVALUATORS, DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, EvaluatorScores, Plan, PretrainReply,
@@ -30,7 +30,7 @@ from shared.protocol import (
 )
 from shared.privacy.ledger import digest
 from shared.privacy.mechanisms import torch_generator
-from shared.training import TrainConfig, anchor_of, encode, fit_scdg, fit_vae
+from shared.training import TrainConfig, anchor_of, dense_rows, encode, fit_scdg, fit_vae
 
 logger = logging.getLogger(__name__)
 
@@ -191,9 +191,10 @@ def distill_site(site: SiteData, req: DistillRequest, dp: SiteDP | None = None) 
     return reply, seeds
 
 
-def _predict_logreg(X: np.ndarray, coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Predictions of a fitted multinomial/binary logistic regression from its coefficients."""
-    scores = X @ coef.T + intercept
+def _predict_logreg(X: Matrix, coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Predictions of a fitted multinomial/binary logistic regression from its coefficients (a block of cells densified at a time)."""
+    parts = [dense_rows(X, np.arange(i, min(i + PREDICT_ROWS, X.shape[0]))).numpy() @ coef.T for i in range(0, X.shape[0], PREDICT_ROWS)]
+    scores = np.concatenate(parts) + intercept if parts else np.zeros((0, coef.shape[0]))
     if coef.shape[0] == 1 and classes.size == 2:
         return classes[(scores[:, 0] > 0).astype(int)]
     if coef.shape[0] != classes.size:
@@ -202,7 +203,7 @@ def _predict_logreg(X: np.ndarray, coef: np.ndarray, intercept: np.ndarray, clas
     return classes[np.argmax(scores, axis=1)]
 
 
-def _scores(X: np.ndarray, y: np.ndarray, req: EvaluateRequest, n_classes: int) -> dict[str, EvaluatorScores]:
+def _scores(X: Matrix, y: np.ndarray, req: EvaluateRequest, n_classes: int) -> dict[str, EvaluatorScores]:
     """Every evaluator's scores on (X, y); NaN everywhere when there are no cells."""
     if X.shape[0] == 0:
         return {ev: EvaluatorScores(float("nan"), float("nan"), (float("nan"),) * n_classes) for ev in EVALUATORS}
@@ -235,10 +236,10 @@ def evaluate_site(site: SiteData, req: EvaluateRequest, members: np.ndarray | No
     if req.X.shape[1] != len(site.genes) or test.size == 0:
         msg = "synthetic cells do not match the plan's genes, or no held-out cells of the plan's classes"
         raise ProtocolError(msg)
-    X_test, y_test = site.X[test].toarray(), y_all[test]
+    X_test, y_test = site.X[test], y_all[test]  # sparse: scored a block of cells at a time
     y_syn = req.labels.astype(np.int64)
     scores = _scores(X_test, y_test, req, n_classes)
-    X_val = site.X[val].toarray()
+    X_val = site.X[val]
     val_scores = _scores(X_val, y_all[val], req, n_classes)
     fid = fidelity(X_test, y_test, req.X, y_syn, seed=req.seed)
     val_fid = fidelity(X_val, y_all[val], req.X, y_syn, seed=req.seed)  # what decode choices are made on

@@ -21,14 +21,19 @@ from shared.models.vae import VAE
 from shared.protocol.rounds import LIBRARY_STATS
 
 Matrix = sp.csr_matrix | np.ndarray
+BLOCK_ROWS = 8192
 
 
 def plan_fraction(X: Matrix) -> np.ndarray:
     """Per cell, the share of its total counts on the columns of ``X`` (log-normalised rows of count input)."""
-    if sp.issparse(X):
-        rows = X.tocsr(copy=True)
-        rows.data = np.expm1(rows.data.astype(np.float64))
-        total = np.asarray(rows.sum(axis=1)).ravel()
+    if sp.issparse(X):  # a block of rows at a time: a site's matrix is not copied whole
+        X = sp.csr_matrix(X)
+        parts = []
+        for a in range(0, X.shape[0], BLOCK_ROWS):
+            rows = X[a:a + BLOCK_ROWS]
+            rows.data = np.expm1(rows.data.astype(np.float64))
+            parts.append(np.asarray(rows.sum(axis=1)).ravel())
+        total = np.concatenate(parts) if parts else np.zeros(0)
     else:
         total = np.expm1(np.asarray(X, dtype=np.float64)).sum(axis=1)
     return total / TARGET_SUM

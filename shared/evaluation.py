@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -36,8 +36,26 @@ class Scores:
     n_test: int
 
 
+DENSE_MAX = 250_000_000  # entries (1 GB of float32): a larger training matrix stays sparse (a hospital site's cells)
+PREDICT_ROWS = 4096  # cells densified at a time when predicting
+FIDELITY_MAX_CELLS = 20_000  # real cells fidelity statistics are computed on (a seeded random subset above this)
+
+
 def _dense(X: Matrix) -> np.ndarray:
     return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+
+
+def _fit_input(X: Matrix) -> Matrix:
+    """A training matrix for scikit-learn: dense float32 up to DENSE_MAX entries (as always), sparse float32 beyond."""
+    if sp.issparse(X) and X.shape[0] * X.shape[1] > DENSE_MAX:
+        return sp.csr_matrix(X, dtype=np.float32)
+    return _dense(X)
+
+
+def _predict(clf: Any, X: Matrix) -> np.ndarray:  # noqa: ANN401 - a fitted scikit-learn classifier
+    """``clf.predict`` over blocks of PREDICT_ROWS densified rows (the same predictions as on the whole matrix)."""
+    parts = [clf.predict(_dense(X[i:i + PREDICT_ROWS])) for i in range(0, X.shape[0], PREDICT_ROWS)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)
@@ -115,12 +133,12 @@ def fit_predict(evaluator: Evaluator, X_train: Matrix, y_train: np.ndarray, X_te
         return np.full(X_test.shape[0], y_train[0])
     if evaluator == "logreg":
         clf = LogisticRegression(max_iter=300, C=1.0, random_state=seed)
-        return clf.fit(_dense(X_train), y_train).predict(_dense(X_test))
+        return _predict(clf.fit(_fit_input(X_train), y_train), X_test)
     if evaluator == "knn":
         counts = np.bincount(y_train)
         n_neighbors = int(max(1, min(5, counts[counts > 0].min())))
         clf = KNeighborsClassifier(n_neighbors=n_neighbors)
-        return clf.fit(_dense(X_train), y_train).predict(_dense(X_test))
+        return _predict(clf.fit(_dense(X_train), y_train), X_test)
     msg = f"unknown evaluator {evaluator!r}; expected one of {EVALUATORS}"
     raise ValueError(msg)
 
@@ -214,12 +232,15 @@ def marker_overlap(real: np.ndarray, yr: np.ndarray, syn: np.ndarray, ys: np.nda
 
 
 def fidelity(X_real: Matrix, y_real: np.ndarray, X_syn: np.ndarray, y_syn: np.ndarray, *, seed: int = 0) -> Fidelity:
-    """Fidelity of synthetic cells against real cells, over the classes both have."""
+    """Fidelity of synthetic cells against real cells, over the classes both have (at most FIDELITY_MAX_CELLS real cells)."""
     from sklearn.decomposition import PCA
 
     shared_classes = np.intersect1d(np.unique(y_real), np.unique(y_syn))
-    real = _dense(X_real[np.isin(y_real, shared_classes)])
-    yr = y_real[np.isin(y_real, shared_classes)]
+    rows = np.flatnonzero(np.isin(y_real, shared_classes))
+    if rows.size > FIDELITY_MAX_CELLS:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, FIDELITY_MAX_CELLS, replace=False))
+    real = _dense(X_real[rows])
+    yr = y_real[rows]
     syn = X_syn[np.isin(y_syn, shared_classes)]
     ys = y_syn[np.isin(y_syn, shared_classes)]
     nan = float("nan")
