@@ -4,6 +4,7 @@
     python benchmarks/scale.py check /tmp/scale/site-100k.h5ad
     python benchmarks/scale.py site /tmp/scale/site-100k.h5ad --work /tmp/scale/work-100k [--set KEY=VALUE ...]
     python benchmarks/scale.py run --cells 10000,100000 --dir /tmp/scale [--wide]   # all of it, one JSON line per measurement
+    python benchmarks/scale.py sites FILE --num-sites 100 --work /tmp/many [--set KEY=VALUE ...]   # many small sites
 
 ``generate`` resamples the raw counts of real PBMC cells (the team's ``pbmc_sorted_mudan``, 2 140 cells x 8 863
 genes, 9 sorted populations): each new cell is a random real cell whose counts are binomially thinned with a
@@ -14,7 +15,9 @@ a block of cells at a time, so generating a 1 M-cell file needs little memory.
 ``site`` runs the shipped ServerApp and ClientApp in one process (``server.simulation.run_in_process``) with the
 file as the one deployed site (``data-path``), and reports for every message the site handled its wall seconds and
 peak resident memory (sampled every 20 ms from /proc/self/status; the process's baseline - Python, torch, the
-coordinator - is included). ``check`` runs ``scdd check``'s code in a fresh process.
+coordinator - is included). ``check`` runs ``scdd check``'s code in a fresh process. ``sites`` splits one file into
+many Dirichlet(0.5) label-skewed sites and reports, for every phase of every round, the sites' seconds and the
+coordinator's seconds and resident memory.
 """
 
 from __future__ import annotations
@@ -177,6 +180,45 @@ def site(path: Path, work: Path, overrides: dict[str, Any]) -> None:
                       "completed": (work / "run" / "metrics.json").is_file()}))
 
 
+def many_sites(data: Path, n_sites: int, work: Path, overrides: dict[str, Any]) -> None:
+    """An in-process federation of ``n_sites`` Dirichlet-split sites of ``data``: per group of messages (one phase of one round),
+    the sites' seconds, the coordinator's seconds until the next group (aggregation, fusion, training) and its resident memory."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from server.simulation import app_config_defaults, component_ref, load_component, run_in_process
+
+    client = load_component(component_ref("clientapp"))
+    sampler = RssSampler()
+    groups: list[dict[str, Any]] = []
+    last = {"end": time.perf_counter()}
+
+    def measured(msg: Any, ctx: Any) -> Any:  # noqa: ANN401 - flwr Message / Context
+        start = time.perf_counter()
+        kind = msg.metadata.message_type
+        if not groups or groups[-1]["phase"] != kind or groups[-1]["sites"] == n_sites:
+            if groups:
+                groups[-1]["coordinator_seconds_after"] = round(start - last["end"], 2)
+                groups[-1]["coordinator_rss_mb"] = round(sampler.rss_kb() / 1024)
+                print(json.dumps(groups[-1]), flush=True)
+            groups.append({"phase": kind, "sites": 0, "site_seconds": 0.0})
+        reply = client(msg, ctx)
+        last["end"] = time.perf_counter()
+        groups[-1]["sites"] += 1
+        groups[-1]["site_seconds"] = round(groups[-1]["site_seconds"] + last["end"] - start, 2)
+        if reply.has_error():
+            groups[-1]["error"] = reply.error.reason[:300]
+        return reply
+
+    run_config = {**app_config_defaults(), "sim-data-path": str(data.resolve()), "sim-num-sites": n_sites, "sim-site-key": "",
+                  "out-dir": str(work), "run-id": "run", "report": False, **overrides}
+    start = time.perf_counter()
+    run_in_process(run_config, num_nodes=n_sites, client_app=measured)
+    if groups:
+        groups[-1]["coordinator_seconds_after"] = round(time.perf_counter() - last["end"], 2)
+        print(json.dumps(groups[-1]), flush=True)
+    print(json.dumps({"phase": "whole run", "sites": n_sites, "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(_peak_mb()),
+                      "completed": (work / "run" / "metrics.json").is_file()}))
+
+
 def _child(args: list[str], log: Callable[[str], None]) -> None:
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
@@ -221,6 +263,11 @@ def main() -> None:
     s.add_argument("file", type=Path)
     s.add_argument("--work", type=Path, required=True)
     s.add_argument("--set", action="append", default=[])
+    m = sub.add_parser("sites")
+    m.add_argument("file", type=Path)
+    m.add_argument("--num-sites", type=int, required=True)
+    m.add_argument("--work", type=Path, required=True)
+    m.add_argument("--set", action="append", default=[])
     r = sub.add_parser("run")
     r.add_argument("--cells", default="10000,100000,300000,1000000")
     r.add_argument("--dir", type=Path, required=True)
@@ -233,6 +280,8 @@ def main() -> None:
         check(args.file)
     elif args.command == "site":
         site(args.file, args.work, parse_overrides(args.set))
+    elif args.command == "sites":
+        many_sites(args.file, args.num_sites, args.work, parse_overrides(args.set))
     else:
         args.dir.mkdir(parents=True, exist_ok=True)
         run_all([int(v) for v in args.cells.split(",")], args.dir, wide=args.wide, overrides=args.set)
