@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from shared.protocol import SiteSpec
 logger = logging.getLogger(__name__)
 
 EXAMPLE_FILE = "kang_pbmc_muscat.h5ad"
-CACHE_VERSION = 4  # 2: validation split; 3: library sizes (count input); 4: streamed preparation (explicit zeros dropped)
+CACHE_VERSION = 5  # 2: validation split; 3: library sizes; 4: streamed (explicit zeros dropped); 5: rows by split, memory-mapped
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,11 @@ def _split_config(spec: SiteSpec) -> Any:  # noqa: ANN401 - shared.data.SplitCon
 
 
 def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None) -> SiteData:
-    """Stream the site's rows from its file (two passes, ``CHUNK_ROWS`` cells at a time) into the prepared matrix on ``genes``."""
+    """Stream the site's rows from its file (``shared.stream.CHUNK_ROWS`` cells at a time) into the prepared matrix on ``genes``.
+
+    Rows are stored training cells first, then validation, then test cells (each in file order), so that
+    each part is a contiguous block: ``shared.training.row_view`` hands it to training without a copy.
+    """
     from shared.data import build_matrix, read_cells
     from shared.stream import open_site_file
 
@@ -169,10 +174,13 @@ def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None) ->
         name, select = _select(source, spec.label_key, f.obs)
         cells = read_cells(f.X, f.var_names, f.obs, _split_config(spec), select=select)
         assert f.X is not None  # read_cells refused a file without X
-        X, _ = build_matrix(f.X, cells, genes, min_coverage=spec.min_coverage)
-    library = cells.library if cells.library is not None else np.empty(0)
-    return SiteData(name, X, cells.labels, cells.classes, tuple(genes) if genes is not None else cells.genes, cells.train_idx, cells.test_idx,
-                    cells.val_idx, library)
+        parts = (cells.train_idx, cells.val_idx, cells.test_idx)
+        X, _ = build_matrix(f.X, cells, genes, min_coverage=spec.min_coverage, parts=parts)
+    order = np.concatenate(parts)
+    bounds = np.cumsum([0, *(p.size for p in parts)])
+    train, val, test = (np.arange(bounds[i], bounds[i + 1], dtype=np.int64) for i in range(3))
+    library = cells.library[order] if cells.library is not None else np.empty(0)
+    return SiteData(name, X, cells.labels[order], cells.classes, tuple(genes) if genes is not None else cells.genes, train, test, val, library)
 
 
 @dataclass(frozen=True, eq=False)
@@ -212,8 +220,9 @@ def _profile_stats(blocks: Iterable[sp.csr_matrix], n_genes: int, clip: bool) ->
 def profile_of_site(site: SiteData, *, clip: bool) -> SiteProfile:
     """A prepared site's profile statistics (its matrix must hold all its genes)."""
     from shared.stream import CHUNK_ROWS
+    from shared.training import row_view
 
-    train = site.X[site.train_idx]
+    train = row_view(site.X, site.train_idx)
     blocks = (train[a:a + CHUNK_ROWS] for a in range(0, train.shape[0], CHUNK_ROWS))
     stats = _profile_stats(blocks, len(site.genes), clip)
     return SiteProfile(site.name, site.genes, site.classes, site.labels, site.train_idx, site.has_counts, *stats)
@@ -250,32 +259,49 @@ def load_profile(source: SiteSource, spec: SiteSpec, *, cache: Path) -> SiteProf
     return p
 
 
+MATRIX = ("data", "indices", "indptr")
+
+
 def _save(path: Path, site: SiteData) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, data=site.X.data, indices=site.X.indices, indptr=site.X.indptr, shape=np.asarray(site.X.shape),
-                 labels=site.labels, train=site.train_idx, test=site.test_idx, val=site.val_idx, name=np.asarray(site.name),
-                 classes=np.asarray(site.classes, dtype=str), genes=np.asarray(site.genes, dtype=str), library=site.library)
+    """The prepared site as a folder: the CSR arrays as .npy files (memory-mapped when loaded) and the rest in meta.npz."""
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        for name in MATRIX:
+            np.save(tmp / f"{name}.npy", getattr(site.X, name), allow_pickle=False)
+        np.savez(tmp / "meta.npz", shape=np.asarray(site.X.shape), labels=site.labels, train=site.train_idx, test=site.test_idx, val=site.val_idx,
+                 name=np.asarray(site.name), classes=np.asarray(site.classes, dtype=str), genes=np.asarray(site.genes, dtype=str), library=site.library)
+        os.rename(tmp, path)  # atomic; fails when another process published the same cache first (then theirs is kept)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load(path: Path) -> SiteData:
-    with np.load(path, allow_pickle=False) as z:
-        X = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(int(v) for v in z["shape"]), copy=False)
-        return SiteData(str(z["name"]), X, z["labels"], tuple(str(c) for c in z["classes"]), tuple(str(g) for g in z["genes"]), z["train"], z["test"], z["val"],
-                        z["library"])
+    """A cached site; its matrix is memory-mapped read-only from the cache, so only the rows in use are resident."""
+    data, indices, indptr = (np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in MATRIX)
+    with np.load(path / "meta.npz", allow_pickle=False) as z:
+        X = sp.csr_matrix((data, indices, indptr), shape=tuple(int(v) for v in z["shape"]), copy=False)
+        X.has_sorted_indices = True
+        return SiteData(str(z["name"]), X, z["labels"], tuple(str(c) for c in z["classes"]), tuple(str(g) for g in z["genes"]), z["train"], z["test"],
+                        z["val"], z["library"])
 
 
 def load_site(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, *, cache: Path) -> SiteData:
     """The site's prepared data (aligned to ``genes`` when given; all its genes otherwise), from the disk cache when possible."""
-    path = cache / f"site-{_cache_key(source, spec, genes)}.npz"
-    if path.is_file():
-        try:
-            return _load(path)
-        except (OSError, ValueError, KeyError) as exc:
-            logger.warning("ignoring unreadable site cache %s (%s)", path.name, type(exc).__name__)
-    site = _prepare(source, spec, genes)
-    _save(path, site)
-    logger.info("site %s prepared and cached: %d cells, %d genes, %d classes", site.name, site.X.shape[0], len(site.genes), len(site.classes))
-    return site
+    path = cache / f"site-{_cache_key(source, spec, genes)}"
+    if not path.is_dir():
+        site = _prepare(source, spec, genes)
+        _save(path, site)
+        logger.info("site %s prepared and cached: %d cells, %d genes, %d classes", site.name, site.X.shape[0], len(site.genes), len(site.classes))
+        del site  # the memory-mapped copy replaces it
+    try:
+        return _load(path)
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("ignoring unreadable site cache %s (%s)", path.name, type(exc).__name__)
+        shutil.rmtree(path, ignore_errors=True)
+        return _prepare(source, spec, genes)
 
 
 def _local_path(cache: Path, source: SiteSource, key: str) -> Path:

@@ -30,7 +30,7 @@ from shared.protocol import (
 )
 from shared.privacy.ledger import digest
 from shared.privacy.mechanisms import torch_generator
-from shared.training import TrainConfig, anchor_of, dense_rows, encode, fit_scdg, fit_vae
+from shared.training import TrainConfig, anchor_of, dense_rows, encode, fit_scdg, fit_vae, row_view
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _train_rows(site: SiteData, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
 def _train_cells(site: SiteData, plan: Plan):  # noqa: ANN202 - (csr, labels)
     """Training cells whose class is in the plan, with plan class ids."""
     idx, y = _train_rows(site, plan)
-    return site.X[idx], y
+    return row_view(site.X, idx), y
 
 
 def pretrain_site(site: SiteData, req: PretrainRequest, dp: SiteDP | None = None) -> PretrainReply:
@@ -159,7 +159,7 @@ def distill_site(site: SiteData, req: DistillRequest, dp: SiteDP | None = None) 
     for the seed-targeted privacy audit.
     """
     idx, y = _train_rows(site, req.plan)
-    X = site.X[idx]
+    X = row_view(site.X, idx)  # a view: the training cells are one block of the prepared matrix
     cfg = _distill_config(req)
     vae = _model("vae", req.vae_config, req.vae)
     scdg = _model("scdg", req.scdg_config, req.scdg)
@@ -236,17 +236,17 @@ def evaluate_site(site: SiteData, req: EvaluateRequest, members: np.ndarray | No
     if req.X.shape[1] != len(site.genes) or test.size == 0:
         msg = "synthetic cells do not match the plan's genes, or no held-out cells of the plan's classes"
         raise ProtocolError(msg)
-    X_test, y_test = site.X[test], y_all[test]  # sparse: scored a block of cells at a time
+    X_test, y_test, X_train = row_view(site.X, test), y_all[test], row_view(site.X, train)  # views, scored a block of cells at a time
     y_syn = req.labels.astype(np.int64)
     scores = _scores(X_test, y_test, req, n_classes)
-    X_val = site.X[val]
+    X_val = row_view(site.X, val)
     val_scores = _scores(X_val, y_all[val], req, n_classes)
     fid = fidelity(X_test, y_test, req.X, y_syn, seed=req.seed)
     val_fid = fidelity(X_val, y_all[val], req.X, y_syn, seed=req.seed)  # what decode choices are made on
     seed_rows = np.flatnonzero(np.isin(train, members)) if members is not None else np.zeros(0, np.int64)
-    aud = audit(site.X[train], y_all[train], seed_rows, site.X[test], y_test, site.X[val], req.X, seed=req.seed)
+    aud = audit(X_train, y_all[train], seed_rows, X_test, y_test, X_val, req.X, seed=req.seed)
     if local is None:
-        local = local_only(site.X[train], y_all[train], X_test, y_test, n_classes, seed=req.seed)
+        local = local_only(X_train, y_all[train], X_test, y_test, n_classes, seed=req.seed)
     return EvaluateReply(req.round, int(test.size), scores, int(val.size), val_scores, fid.as_dict(), aud.as_dict(), local, val_fid.as_dict())
 
 

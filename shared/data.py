@@ -517,11 +517,14 @@ def normalised_blocks(rows: Rows, cells: SiteCells, *, subset: np.ndarray | None
 
 
 def build_matrix(rows: Rows, cells: SiteCells, vocabulary: Sequence[str] | None = None, *, min_coverage: float = 0.5,
-                 chunk_rows: int | None = None) -> tuple[sp.csr_matrix, float]:
+                 parts: Sequence[np.ndarray] | None = None, chunk_rows: int | None = None) -> tuple[sp.csr_matrix, float]:
     """The kept cells' log-normalised float32 CSR on ``vocabulary``'s columns (default: the input genes), and the coverage.
 
-    Built in place: the arrays are sized from the first pass's non-zero counts, so peak memory is the
-    result plus one block (8 bytes per stored value with int32 indices, 12 with int64 beyond 2^31 values).
+    ``parts``: sorted positions among the kept cells, written one part after the other (e.g. the
+    training, validation and test cells, so that each is a contiguous block of rows: ``shared.training.row_view``);
+    default: every kept cell in order. Built in place: the arrays are sized from the first pass's
+    non-zero counts, so peak memory is the result plus one block (8 bytes per stored value with
+    int32 indices, 12 with int64 beyond 2^31 values).
     """
     genes = list(cells.genes)
     if vocabulary is None:
@@ -529,28 +532,32 @@ def build_matrix(rows: Rows, cells: SiteCells, vocabulary: Sequence[str] | None 
     else:
         colmap, coverage = column_map(genes, vocabulary, min_coverage=min_coverage)
         n_out = len(vocabulary)
+    parts = [np.arange(cells.rows.size)] if parts is None else [np.asarray(p, dtype=np.int64) for p in parts]
+    n_rows = int(sum(p.size for p in parts))
     capacity = int(cells.gene_nnz[colmap >= 0].sum())
     index_dtype = np.int32 if capacity < np.iinfo(np.int32).max else np.int64
     data = np.empty(capacity, dtype=np.float32)
     indices = np.empty(capacity, dtype=index_dtype)
-    indptr = np.zeros(cells.rows.size + 1, dtype=index_dtype)
-    filled = 0
-    for where, block in normalised_blocks(rows, cells, chunk_rows=chunk_rows):
-        part = remap_columns(block, colmap, n_out)
-        end = filled + part.nnz
-        if end > capacity:  # the first pass counted every non-zero of these rows: a changed file between passes
-            msg = "the site's file changed while it was being read; run again on a file that is not being written"
-            raise SiteDataError(msg)
-        data[filled:end] = part.data
-        indices[filled:end] = part.indices
-        indptr[where.start + 1:where.stop + 1] = filled + part.indptr[1:]
-        filled = end
+    indptr = np.zeros(n_rows + 1, dtype=index_dtype)
+    filled, offset = 0, 0
+    for part in parts:
+        for where, block in normalised_blocks(rows, cells, subset=part, chunk_rows=chunk_rows):
+            piece = remap_columns(block, colmap, n_out)
+            end = filled + piece.nnz
+            if end > capacity:  # the first pass counted every non-zero of these rows: a changed file between passes
+                msg = "the site's file changed while it was being read; run again on a file that is not being written"
+                raise SiteDataError(msg)
+            data[filled:end] = piece.data
+            indices[filled:end] = piece.indices
+            indptr[offset + where.start + 1:offset + where.stop + 1] = filled + piece.indptr[1:]
+            filled = end
+        offset += part.size
     if filled < capacity:
         data.resize(filled, refcheck=False)
         indices.resize(filled, refcheck=False)
-    X = sp.csr_matrix((data, indices, indptr), shape=(cells.rows.size, n_out), copy=False)
+    X = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_out), copy=False)
     X.has_sorted_indices = True
-    logger.debug("prepared %d cells x %d genes: %d stored values (%.1f MB)", X.shape[0], n_out, filled,
+    logger.debug("prepared %d cells x %d genes: %d stored values (%.1f MB)", n_rows, n_out, filled,
                  (data.nbytes + indices.nbytes + indptr.nbytes) / 1e6)
     return X, coverage
 

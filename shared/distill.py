@@ -261,6 +261,17 @@ class _Targets:
     assign: torch.Tensor  # (C_site, n_codes) row-normalised class membership of the codes
 
 
+MEAN_BLOCK = 65_536  # cells: a larger class's mean is summed a block at a time (a hospital site's class is not copied whole)
+
+
+def _rows_mean(X: sp.csr_matrix | np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(G,) float32 mean of the rows ``rows`` of X."""
+    if rows.size <= MEAN_BLOCK:
+        return np.asarray(X[rows].mean(0), dtype=np.float32).ravel()
+    total = sum(np.asarray(X[rows[i:i + MEAN_BLOCK]].sum(0, dtype=np.float64)).ravel() for i in range(0, rows.size, MEAN_BLOCK))
+    return (total / rows.size).astype(np.float32)
+
+
 def _targets(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.ndarray, y_syn: torch.Tensor, classes: list[int],
              released_means: np.ndarray | None) -> _Targets:
     zs_real = scdg.standardize(torch.from_numpy(encode(vae, X)))
@@ -269,7 +280,7 @@ def _targets(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.nda
     if released_means is not None:
         gene_means = torch.as_tensor(np.asarray(released_means, np.float32)[classes])
     else:
-        gene_means = torch.stack([torch.from_numpy(np.asarray(X[pools[c]].mean(0), dtype=np.float32).ravel()) for c in classes])
+        gene_means = torch.stack([torch.from_numpy(_rows_mean(X, pools[c])) for c in classes])
     onehot = torch.stack([(y_syn == c).float() for c in classes])
     return _Targets(zs_real, pools, latent_means, gene_means, onehot / onehot.sum(1, keepdim=True))
 

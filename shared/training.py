@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -37,6 +38,21 @@ def dense_rows(X: Matrix, idx: np.ndarray) -> torch.Tensor:
     if sp.issparse(rows):
         rows = rows.toarray()
     return torch.from_numpy(np.asarray(rows, dtype=np.float32))
+
+
+def row_view(X: Any, idx: np.ndarray) -> Any:  # noqa: ANN401 - csr matrix or array
+    """Rows ``idx`` of X: a view sharing X's arrays when they are one contiguous ascending run of a CSR matrix (no copy of a
+    hospital site's training cells), else ``X[idx]``."""
+    idx = np.asarray(idx)
+    if not (sp.issparse(X) and X.format == "csr" and idx.size and idx[-1] - idx[0] + 1 == idx.size and np.all(np.diff(idx) == 1)):
+        return X[idx]
+    a, b = int(idx[0]), int(idx[-1]) + 1
+    lo, hi = int(X.indptr[a]), int(X.indptr[b])
+    # Assigned, not passed to the constructor: scipy copies ("prunes") index arrays that are a small part of their base.
+    view = sp.csr_matrix((b - a, X.shape[1]), dtype=X.dtype)
+    view.data, view.indices, view.indptr = X.data[lo:hi], X.indices[lo:hi], X.indptr[a:b + 1] - lo
+    view.has_sorted_indices = X.has_sorted_indices
+    return view
 
 
 def anchor_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -114,11 +114,12 @@ def test_other_exceptions_reach_the_server_without_their_text(ctx: Context, monk
 def test_site_cache_is_reused_and_keyed_by_the_plan(three_site_h5ad: Path, tmp_path: Path) -> None:
     source = site_mod.resolve_source({"partition-id": 1}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"})
     first = site_mod.load_site(source, SPEC, None, cache=tmp_path)
-    files = sorted(tmp_path.glob("site-*.npz"))
+    folders = sorted(p for p in tmp_path.glob("site-*") if p.is_dir())
     again = site_mod.load_site(source, SPEC, None, cache=tmp_path)
-    assert len(files) == 1 and again.name == first.name == "site_b" and (again.X != first.X).nnz == 0
+    assert len(folders) == 1 and again.name == first.name == "site_b" and (again.X != first.X).nnz == 0
+    assert not again.X.data.flags.writeable and not again.X.data.flags.owndata  # memory-mapped read-only from the cache
     site_mod.load_site(source, SPEC, first.genes[:10], cache=tmp_path)
-    assert len(list(tmp_path.glob("site-*.npz"))) == 2
+    assert len([p for p in tmp_path.glob("site-*") if p.is_dir()]) == 2
 
 
 def test_sites_sharing_a_cache_folder_keep_their_own_seed_rows(three_site_h5ad: Path, tmp_path: Path) -> None:

@@ -181,3 +181,16 @@ def test_synthetic_anndata_is_scanpy_ready_and_fuses(fed: Federation) -> None:
     assert provenance(fused) == {"k": 2}
     assert fused.obs_names.is_unique
     assert replace(DistillConfig(), k=3).k == 3
+
+
+def test_a_large_class_mean_is_summed_in_blocks_to_the_same_value(monkeypatch) -> None:  # noqa: ANN001
+    import scipy.sparse as sp
+
+    from shared import distill
+
+    rng = np.random.default_rng(0)
+    X = sp.random(500, 40, density=0.2, format="csr", dtype=np.float32, random_state=1)
+    rows = np.sort(rng.choice(500, 300, replace=False))
+    whole = distill._rows_mean(X, rows)
+    monkeypatch.setattr(distill, "MEAN_BLOCK", 64)
+    assert np.allclose(distill._rows_mean(X, rows), whole, rtol=1e-5) and np.allclose(whole, X[rows].toarray().mean(0), rtol=1e-5)

@@ -110,3 +110,22 @@ def test_check_streams_and_refuses_a_damaged_file(example_path: Path, tmp_path: 
         f["X"].attrs["shape"] = np.array([10, 10])
     with pytest.raises(SiteDataError, match="X has shape"):
         check_file(broken, label_key="cell_type")
+
+
+def test_the_cached_site_is_ordered_by_split_and_memory_mapped(example_path: Path, tmp_path: Path, small_chunks: None) -> None:
+    from shared.training import row_view
+
+    adata = read_h5ad(example_path)
+    vocab = _vocabulary(adata)
+    spec = SiteSpec(label_key="cell_type")
+    site = load_site(SiteSource(name="kang", path=example_path), spec, vocab, cache=tmp_path)
+    whole = prepare_site(adata, label_key="cell_type", vocabulary=vocab, seed=spec.split_seed, test_fraction=spec.test_fraction,
+                         val_fraction=spec.val_fraction)
+    n_train, n_val = whole.train_idx.size, whole.val_idx.size
+    assert np.array_equal(site.train_idx, np.arange(n_train)) and np.array_equal(site.val_idx, n_train + np.arange(n_val))
+    for mine, theirs in ((site.train_idx, whole.train_idx), (site.val_idx, whole.val_idx), (site.test_idx, whole.test_idx)):
+        view = row_view(site.X, mine)
+        assert np.shares_memory(view.data, site.X.data) and (view != whole.X[theirs]).nnz == 0
+        assert np.array_equal(site.labels[mine], whole.labels[theirs]) and np.array_equal(site.library[mine], whole.library[theirs])
+    scattered = np.array([0, 5, 6])
+    assert not np.shares_memory(row_view(site.X, scattered).data, site.X.data) and (row_view(site.X, scattered) != site.X[scattered]).nnz == 0
