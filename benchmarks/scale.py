@@ -14,8 +14,9 @@ a block of cells at a time, so generating a 1 M-cell file needs little memory.
 
 ``site`` runs the shipped ServerApp and ClientApp in one process (``server.simulation.run_in_process``) with the
 file as the one deployed site (``data-path``), and reports for every message the site handled its wall seconds and
-peak resident memory (sampled every 20 ms from /proc/self/status; the process's baseline - Python, torch, the
-coordinator - is included). ``check`` runs ``scdd check``'s code in a fresh process. ``sites`` splits one file into
+peak resident memory (sampled every 20 ms from /proc/self/status, all resident pages and the anonymous ones: the
+difference is mostly the memory-mapped site cache; the process's baseline - Python, torch, the coordinator - is
+included). ``check`` runs ``scdd check``'s code in a fresh process. ``sites`` splits one file into
 many Dirichlet(0.5) label-skewed sites and reports, for every phase of every round, the sites' seconds and the
 coordinator's seconds and resident memory.
 """
@@ -127,30 +128,44 @@ def check(path: Path) -> None:
 
 
 class RssSampler:
-    """The process's resident memory, sampled every ``every`` seconds; ``window()`` gives the peak since the last call."""
+    """The process's resident memory, sampled every ``every`` seconds; ``window()`` gives the peaks since the last call.
+
+    Two figures: all resident pages (VmRSS) and the anonymous ones (RssAnon). The difference is mostly the memory-mapped
+    site cache: file pages the kernel can drop and re-read whenever memory is short.
+    """
 
     def __init__(self, every: float = 0.02) -> None:
-        self._peak = 0
+        self._peak = (0, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
         self._thread.start()
 
     @staticmethod
-    def rss_kb() -> int:
+    def now() -> tuple[int, int]:
+        """(VmRSS, RssAnon) in kB."""
+        found = {}
         with open("/proc/self/status", encoding="ascii") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        return 0
+                key = line.split(":")[0]
+                if key in ("VmRSS", "RssAnon"):
+                    found[key] = int(line.split()[1])
+        return found.get("VmRSS", 0), found.get("RssAnon", 0)
+
+    @staticmethod
+    def rss_kb() -> int:
+        return RssSampler.now()[0]
 
     def _run(self, every: float) -> None:
         while not self._stop.wait(every):
-            self._peak = max(self._peak, self.rss_kb())
+            rss, anon = self.now()
+            self._peak = (max(self._peak[0], rss), max(self._peak[1], anon))
 
-    def window(self) -> float:
-        """Peak MB since the last call (the current RSS starts the next window)."""
-        peak, self._peak = max(self._peak, self.rss_kb()), self.rss_kb()
-        return peak / 1024.0
+    def window(self) -> tuple[float, float]:
+        """Peak (resident, anonymous) MB since the last call (the current values start the next window)."""
+        rss, anon = self.now()
+        peak = (max(self._peak[0], rss), max(self._peak[1], anon))
+        self._peak = (rss, anon)
+        return peak[0] / 1024.0, peak[1] / 1024.0
 
 
 def site(path: Path, work: Path, overrides: dict[str, Any]) -> None:
@@ -166,7 +181,9 @@ def site(path: Path, work: Path, overrides: dict[str, Any]) -> None:
         sampler.window()
         start = time.perf_counter()
         reply = client(msg, ctx)
-        rows.append({"phase": msg.metadata.message_type, "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(sampler.window())})
+        rss, anon = sampler.window()
+        rows.append({"phase": msg.metadata.message_type, "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(rss),
+                     "peak_anon_mb": round(anon)})
         if reply.has_error():
             rows[-1]["error"] = reply.error.reason[:300]
         print(json.dumps(rows[-1]), flush=True)
