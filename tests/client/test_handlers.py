@@ -170,3 +170,20 @@ def test_missing_bundled_example_says_how_to_pass_the_data(monkeypatch: pytest.M
     monkeypatch.setattr(site_mod, "example_path", lambda: tmp_path / "absent.h5ad")
     with pytest.raises(ConfigError, match="sim-data-path='/abs/path.h5ad'"):
         site_mod.resolve_source({"partition-id": 0}, {"sim-data-path": ""})
+
+
+def test_local_only_logistic_regression_of_a_large_site_fits_a_seeded_subset(example_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.data import prepare_site, read_h5ad
+    from shared.evaluation import MLPTrainConfig
+
+    site = prepare_site(read_h5ad(example_path), label_key="cell_type")
+    tr, te = site.train_idx, site.test_idx
+    args = (site.X[tr], site.labels[tr], site.X[te], site.labels[te], 5)
+    fitted = []
+    real_fit = tasks.fit_predict
+    monkeypatch.setattr(tasks, "fit_predict", lambda ev, X, *a, **kw: fitted.append((ev, X.shape[0])) or real_fit(ev, X, *a, **kw))
+    monkeypatch.setattr(tasks, "MLPTrainConfig", lambda: MLPTrainConfig(min_steps=5, max_steps=5))  # a quick MLP
+    monkeypatch.setattr(tasks, "LOCAL_LOGREG_MAX_CELLS", 300)
+    first = tasks.local_only(*args, seed=0)
+    assert fitted == [("mlp", tr.size), ("logreg", 300)] and first == tasks.local_only(*args, seed=0)
+    assert 0.5 < first["logreg"]["accuracy"] <= 1.0
