@@ -161,8 +161,9 @@ def _split_config(spec: SiteSpec) -> Any:  # noqa: ANN401 - shared.data.SplitCon
                        spec.split_seed)
 
 
-def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None) -> SiteData:
-    """Stream the site's rows from its file (``shared.stream.CHUNK_ROWS`` cells at a time) into the prepared matrix on ``genes``.
+def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, folder: Path) -> None:
+    """Stream the site's rows from its file (``shared.stream.CHUNK_ROWS`` cells at a time) into the prepared matrix on ``genes``,
+    written straight into memory-mapped files in ``folder`` (with meta.npz: labels, split, names, library sizes).
 
     Rows are stored training cells first, then validation, then test cells (each in file order), so that
     each part is a contiguous block: ``shared.training.row_view`` hands it to training without a copy.
@@ -170,17 +171,25 @@ def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None) ->
     from shared.data import build_matrix, read_cells
     from shared.stream import open_site_file
 
+    def allocate(name: str, n: int, dtype: type) -> np.ndarray:
+        return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=(n,))
+
     with open_site_file(source.path) as f:
         name, select = _select(source, spec.label_key, f.obs)
         cells = read_cells(f.X, f.var_names, f.obs, _split_config(spec), select=select)
         assert f.X is not None  # read_cells refused a file without X
         parts = (cells.train_idx, cells.val_idx, cells.test_idx)
-        X, _ = build_matrix(f.X, cells, genes, min_coverage=spec.min_coverage, parts=parts)
+        X, _ = build_matrix(f.X, cells, genes, min_coverage=spec.min_coverage, parts=parts, allocate=allocate)
+    for array in (X.data, X.indices, X.indptr):
+        if isinstance(array, np.memmap):
+            array.flush()
     order = np.concatenate(parts)
     bounds = np.cumsum([0, *(p.size for p in parts)])
-    train, val, test = (np.arange(bounds[i], bounds[i + 1], dtype=np.int64) for i in range(3))
     library = cells.library[order] if cells.library is not None else np.empty(0)
-    return SiteData(name, X, cells.labels[order], cells.classes, tuple(genes) if genes is not None else cells.genes, train, test, val, library)
+    np.savez(folder / "meta.npz", shape=np.asarray(X.shape), labels=cells.labels[order], train=np.arange(bounds[0], bounds[1]),
+             val=np.arange(bounds[1], bounds[2]), test=np.arange(bounds[2], bounds[3]), name=np.asarray(name), classes=np.asarray(cells.classes, dtype=str),
+             genes=np.asarray(tuple(genes) if genes is not None else cells.genes, dtype=str), library=library)
+    logger.info("site %s prepared and cached: %d cells, %d genes, %d classes", name, X.shape[0], X.shape[1], len(cells.classes))
 
 
 @dataclass(frozen=True, eq=False)
@@ -262,46 +271,40 @@ def load_profile(source: SiteSource, spec: SiteSpec, *, cache: Path) -> SiteProf
 MATRIX = ("data", "indices", "indptr")
 
 
-def _save(path: Path, site: SiteData) -> None:
-    """The prepared site as a folder: the CSR arrays as .npy files (memory-mapped when loaded) and the rest in meta.npz."""
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        for name in MATRIX:
-            np.save(tmp / f"{name}.npy", getattr(site.X, name), allow_pickle=False)
-        np.savez(tmp / "meta.npz", shape=np.asarray(site.X.shape), labels=site.labels, train=site.train_idx, test=site.test_idx, val=site.val_idx,
-                 name=np.asarray(site.name), classes=np.asarray(site.classes, dtype=str), genes=np.asarray(site.genes, dtype=str), library=site.library)
-        os.rename(tmp, path)  # atomic; fails when another process published the same cache first (then theirs is kept)
-    except OSError:
-        if not path.is_dir():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _load(path: Path) -> SiteData:
     """A cached site; its matrix is memory-mapped read-only from the cache, so only the rows in use are resident."""
     data, indices, indptr = (np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in MATRIX)
+    nnz = int(indptr[-1])
     with np.load(path / "meta.npz", allow_pickle=False) as z:
-        X = sp.csr_matrix((data, indices, indptr), shape=tuple(int(v) for v in z["shape"]), copy=False)
+        X = sp.csr_matrix(tuple(int(v) for v in z["shape"]), dtype=np.float32)
+        X.data, X.indices, X.indptr = data[:nnz], indices[:nnz], indptr  # assigned: the constructor could copy the mapped arrays
         X.has_sorted_indices = True
         return SiteData(str(z["name"]), X, z["labels"], tuple(str(c) for c in z["classes"]), tuple(str(g) for g in z["genes"]), z["train"], z["test"],
                         z["val"], z["library"])
 
 
 def load_site(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, *, cache: Path) -> SiteData:
-    """The site's prepared data (aligned to ``genes`` when given; all its genes otherwise), from the disk cache when possible."""
+    """The site's prepared data (aligned to ``genes`` when given; all its genes otherwise), from the disk cache when possible.
+
+    The cache is a folder, published by renaming a finished temporary one (a failed preparation leaves nothing behind).
+    """
     path = cache / f"site-{_cache_key(source, spec, genes)}"
-    if not path.is_dir():
-        site = _prepare(source, spec, genes)
-        _save(path, site)
-        logger.info("site %s prepared and cached: %d cells, %d genes, %d classes", site.name, site.X.shape[0], len(site.genes), len(site.classes))
-        del site  # the memory-mapped copy replaces it
+    if path.is_dir():
+        try:
+            return _load(path)
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("ignoring unreadable site cache %s (%s)", path.name, type(exc).__name__)
+            shutil.rmtree(path, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{path.name}."))
     try:
-        return _load(path)
-    except (OSError, ValueError, KeyError) as exc:
-        logger.warning("ignoring unreadable site cache %s (%s)", path.name, type(exc).__name__)
-        shutil.rmtree(path, ignore_errors=True)
-        return _prepare(source, spec, genes)
+        _prepare(source, spec, genes, tmp)
+        os.rename(tmp, path)  # atomic; fails when another process published the same cache first (theirs is kept)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _load(path)
 
 
 def _local_path(cache: Path, source: SiteSource, key: str) -> Path:

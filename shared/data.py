@@ -9,7 +9,7 @@ import hashlib
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -516,15 +516,21 @@ def normalised_blocks(rows: Rows, cells: SiteCells, *, subset: np.ndarray | None
         yield where, normalize(block, cells.kind)
 
 
+Allocate = Callable[[str, int, type], np.ndarray]  # (array name, length, dtype) -> a writable 1-D array
+
+
 def build_matrix(rows: Rows, cells: SiteCells, vocabulary: Sequence[str] | None = None, *, min_coverage: float = 0.5,
-                 parts: Sequence[np.ndarray] | None = None, chunk_rows: int | None = None) -> tuple[sp.csr_matrix, float]:
+                 parts: Sequence[np.ndarray] | None = None, allocate: Allocate | None = None,
+                 chunk_rows: int | None = None) -> tuple[sp.csr_matrix, float]:
     """The kept cells' log-normalised float32 CSR on ``vocabulary``'s columns (default: the input genes), and the coverage.
 
     ``parts``: sorted positions among the kept cells, written one part after the other (e.g. the
     training, validation and test cells, so that each is a contiguous block of rows: ``shared.training.row_view``);
     default: every kept cell in order. Built in place: the arrays are sized from the first pass's
     non-zero counts, so peak memory is the result plus one block (8 bytes per stored value with
-    int32 indices, 12 with int64 beyond 2^31 values).
+    int32 indices, 12 with int64 beyond 2^31 values). ``allocate`` gives the ``data``, ``indices`` and
+    ``indptr`` arrays (default: in memory; a site passes memory-mapped files, so the matrix is written to
+    its cache without being held in memory).
     """
     genes = list(cells.genes)
     if vocabulary is None:
@@ -536,9 +542,9 @@ def build_matrix(rows: Rows, cells: SiteCells, vocabulary: Sequence[str] | None 
     n_rows = int(sum(p.size for p in parts))
     capacity = int(cells.gene_nnz[colmap >= 0].sum())
     index_dtype = np.int32 if capacity < np.iinfo(np.int32).max else np.int64
-    data = np.empty(capacity, dtype=np.float32)
-    indices = np.empty(capacity, dtype=index_dtype)
-    indptr = np.zeros(n_rows + 1, dtype=index_dtype)
+    allocate = allocate or (lambda _name, n, dtype: np.empty(n, dtype=dtype))
+    data, indices, indptr = allocate("data", capacity, np.float32), allocate("indices", capacity, index_dtype), allocate("indptr", n_rows + 1, index_dtype)
+    indptr[0] = 0
     filled, offset = 0, 0
     for part in parts:
         for where, block in normalised_blocks(rows, cells, subset=part, chunk_rows=chunk_rows):
@@ -552,7 +558,9 @@ def build_matrix(rows: Rows, cells: SiteCells, vocabulary: Sequence[str] | None 
             indptr[offset + where.start + 1:offset + where.stop + 1] = filled + piece.indptr[1:]
             filled = end
         offset += part.size
-    if filled < capacity:
+    if filled < capacity and isinstance(data, np.memmap):
+        data, indices = data[:filled], indices[:filled]  # the file keeps its length; readers take indptr[-1] values
+    elif filled < capacity:
         data.resize(filled, refcheck=False)
         indices.resize(filled, refcheck=False)
     X = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_out), copy=False)
