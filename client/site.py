@@ -9,6 +9,7 @@ Each message may start a fresh process, so prepared matrices are cached as .npz 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -172,7 +173,18 @@ def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, fo
     from shared.stream import open_site_file
 
     def allocate(name: str, n: int, dtype: type) -> np.ndarray:
-        return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=(n,))
+        path = folder / f"{name}.npy"
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,))
+        try:  # reserve the disk now: a full disk is then a clear error, not a crash while the mapping is written
+            with open(path, "r+b") as fh:
+                os.posix_fallocate(fh.fileno(), 0, path.stat().st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return array  # a file system without fallocate: nothing reserved, the mapping is written as it is
+            msg = (f"not enough disk in the site cache ({folder.parent}) for the prepared cells ({path.stat().st_size / 1e9:.1f} GB for "
+                   f"{name}; {type(exc).__name__}); free space there or set the SuperNode's cache-dir to a larger disk")
+            raise SiteDataError(msg) from None
+        return array
 
     with open_site_file(source.path) as f:
         name, select = _select(source, spec.label_key, f.obs)

@@ -187,3 +187,17 @@ def test_local_only_logistic_regression_of_a_large_site_fits_a_seeded_subset(exa
     first = tasks.local_only(*args, seed=0)
     assert fitted == [("mlp", tr.size), ("logreg", 300)] and first == tasks.local_only(*args, seed=0)
     assert 0.5 < first["logreg"]["accuracy"] <= 1.0
+
+
+def test_a_full_cache_disk_is_one_clear_error_and_leaves_nothing(three_site_h5ad: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    def full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    source = site_mod.resolve_source({"partition-id": 0}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"})
+    with pytest.raises(SiteDataError, match="not enough disk in the site cache") as info:
+        site_mod.load_site(source, SPEC, None, cache=tmp_path)
+    assert "cache-dir" in str(info.value) and not list(tmp_path.iterdir())  # the half-written folder is gone
