@@ -19,6 +19,7 @@ from client.privacy import SiteDP
 from client.site import (
     SiteData, SiteProfile, cache_dir, load_local_only, load_members, load_profile, load_site, resolve_source, save_local_only, save_members, source_key,
 )
+from shared.device import resolve_device
 from shared.errors import FedscddError
 from shared.privacy.mechanisms import site_secret
 from shared.protocol import DistillRequest, EvaluateRequest, Plan, PretrainRequest, ProfileRequest, SiteSpec
@@ -60,6 +61,11 @@ def _profile(context: Context, spec: SiteSpec) -> SiteProfile:
     return load_profile(resolve_source(context.node_config, context.run_config), spec, cache=cache_dir(context.node_config))
 
 
+def _device(context: Context) -> torch.device:
+    """Where this site's models run: run config ``device`` (``cpu`` by default; ``auto`` takes a GPU when this node has one)."""
+    return resolve_device(str(context.run_config.get("device", "cpu")))
+
+
 def _dp(context: Context, spec: SiteSpec) -> SiteDP | None:
     """The site's DP context when the run asks for DP (None otherwise)."""
     if not spec.dp.enabled:
@@ -82,7 +88,7 @@ def pretrain(msg: Message, context: Context) -> Message:
     """train.pretrain: local VAE/SCDG steps, or latent moments."""
     with safe_errors("train.pretrain"):
         req = PretrainRequest.from_record(msg.content)
-        reply = tasks.pretrain_site(_site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec))
+        reply = tasks.pretrain_site(_site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec), _device(context))
     return Message(reply.to_record(), reply_to=msg)
 
 
@@ -91,7 +97,7 @@ def distill(msg: Message, context: Context) -> Message:
     """train.distill: k codes per local class (warm start from the previous round's codes the server sends back)."""
     with safe_errors("train.distill"):
         req = DistillRequest.from_record(msg.content)
-        reply, seeds = tasks.distill_site(_site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec))
+        reply, seeds = tasks.distill_site(_site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec), _device(context))
         if seeds is not None:  # a warm start keeps the seeds of the round its codes started from
             save_members(cache_dir(context.node_config), context.run_id, resolve_source(context.node_config, context.run_config), seeds)
     return Message(reply.to_record(), reply_to=msg)
@@ -105,6 +111,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         cache, source = cache_dir(context.node_config), resolve_source(context.node_config, context.run_config)
         members = load_members(cache, context.run_id, source)
         key = tasks.local_only_key(req)
-        reply = tasks.evaluate_site(_site(context, req.plan.spec, req.plan), req, members, load_local_only(cache, source, key))
+        reply = tasks.evaluate_site(_site(context, req.plan.spec, req.plan), req, members, load_local_only(cache, source, key), _device(context))
         save_local_only(cache, source, key, reply.local_only)
     return Message(reply.to_record(), reply_to=msg)

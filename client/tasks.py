@@ -21,7 +21,7 @@ from shared.audit import audit
 from shared.checkpoint import build_model
 from shared.counts import library_stats
 from shared.distill import ClassCounts, Codes, DistillConfig, distill_codes, resolve_gene_mean_weight, resolve_t_star, warm_start_fits
-from shared.errors import CheckpointError, ProtocolError
+from shared.errors import CheckpointError, ConfigError, ProtocolError
 from shared.evaluation import PREDICT_ROWS, Matrix, MLPTrainConfig, fidelity, fit_predict, predict_mlp, score
 from shared.protocol.rounds import LIBRARY_STATS
 from shared.protocol import (
@@ -33,6 +33,7 @@ from shared.privacy.mechanisms import torch_generator
 from shared.training import TrainConfig, anchor_of, dense_rows, encode, fit_scdg, fit_vae, row_view
 
 logger = logging.getLogger(__name__)
+CPU = torch.device("cpu")
 
 
 def profile_site(site: SiteData | SiteProfile, dp: SiteDP | None = None) -> ProfileReply:
@@ -82,12 +83,21 @@ def _train_cells(site: SiteData, plan: Plan):  # noqa: ANN202 - (csr, labels)
     return row_view(site.X, idx), y
 
 
-def pretrain_site(site: SiteData, req: PretrainRequest, dp: SiteDP | None = None) -> PretrainReply:
+def _on(device: torch.device, dp: SiteDP | None) -> torch.device:
+    """The device this message's models use; DP-SGD stays on CPU (its noise comes from the site's CPU generator)."""
+    if dp is not None and device.type != "cpu":
+        msg = f"device={device.type!r} with dp-epsilon: DP runs on CPU in this release; set device='cpu' for DP runs"
+        raise ConfigError(msg)
+    return device
+
+
+def pretrain_site(site: SiteData, req: PretrainRequest, dp: SiteDP | None = None, device: torch.device = CPU) -> PretrainReply:
     """Local steps of the requested stage (or latent moments for 'latent-stats'); DP-SGD and noised moments under DP.
 
     Under DP the reply's cell count is the noised count of the profile and its loss 0 (a loss over
-    real cells would be one more release).
+    real cells would be one more release). ``device``: where the models run (``shared.device``).
     """
+    dev = _on(device, dp)
     X, y = _train_cells(site, req.plan)
     cfg = TrainConfig(steps=req.steps, lr=req.lr, batch_size=req.batch_size, seed=req.seed)
     b = privacy.budget(site, req.plan, dp) if dp is not None else None
@@ -96,7 +106,7 @@ def pretrain_site(site: SiteData, req: PretrainRequest, dp: SiteDP | None = None
         privacy.check_pretrain(dp, req.stage, req.round, req.steps, req.batch_size,
                                digest({**req.weights, **{f"encoder/{k}": v for k, v in (req.encoder or {}).items()}}))
     if req.stage == "latent-stats":
-        Z = encode(_model("vae", req.model_config, req.weights), X).astype(np.float64)
+        Z = encode(_model("vae", req.model_config, req.weights).to(dev), X).astype(np.float64)
         if b is not None and dp is not None:
             s, q = privacy.latent_moments(Z, dp, b.noise.stats)
             return PretrainReply("latent-stats", req.round, n_cells, 0.0, latent_sum=s, latent_sumsq=q)
@@ -106,13 +116,13 @@ def pretrain_site(site: SiteData, req: PretrainRequest, dp: SiteDP | None = None
         "dp": privacy.dp_sgd(b, req.batch_size, dp.spec.max_grad_norm),
         "dp_generator": torch_generator(dp.secret, [dp.spec.run_key, dp.site_key, req.stage, req.round])}
     if req.stage == "vae":
-        model = _model("vae", req.model_config, req.weights)
+        model = _model("vae", req.model_config, req.weights).to(dev)
         library = site.library[_train_rows(site, req.plan)[0]] if site.has_counts else None
         losses = fit_vae(model, X, y, cfg, anchor=anchor_of(model) if prox > 0 else None, anchor_weight=prox, kl_ramp=req.kl_ramp,
                          library=library, **private)
     else:
-        vae = _model("vae", req.encoder_config, req.encoder or {})
-        model = _model("scdg", req.model_config, req.weights)
+        vae = _model("vae", req.encoder_config, req.encoder or {}).to(dev)
+        model = _model("scdg", req.model_config, req.weights).to(dev)
         losses = fit_scdg(model, encode(vae, X), y, cfg, anchor=anchor_of(model) if prox > 0 else None, anchor_weight=prox, **private)
     loss = float(losses[-1]) if losses and b is None else 0.0
     return PretrainReply(req.stage, req.round, n_cells, loss, weights=_state(model))
@@ -151,7 +161,7 @@ def _private_config(cfg: DistillConfig, dp: SiteDP) -> DistillConfig:
     return replace(cfg, init="noise", gene_mean_weight=weight)
 
 
-def distill_site(site: SiteData, req: DistillRequest, dp: SiteDP | None = None) -> tuple[DistillReply, np.ndarray | None]:
+def distill_site(site: SiteData, req: DistillRequest, dp: SiteDP | None = None, device: torch.device = CPU) -> tuple[DistillReply, np.ndarray | None]:
     """Distill k codes per local class through the frozen generator; warm start from the codes the server sent back.
 
     Also returns the site-local rows of the cells whose latents seeded the codes (None on a warm
@@ -161,8 +171,9 @@ def distill_site(site: SiteData, req: DistillRequest, dp: SiteDP | None = None) 
     idx, y = _train_rows(site, req.plan)
     X = row_view(site.X, idx)  # a view: the training cells are one block of the prepared matrix
     cfg = _distill_config(req)
-    vae = _model("vae", req.vae_config, req.vae)
-    scdg = _model("scdg", req.scdg_config, req.scdg)
+    dev = _on(device, dp)
+    vae = _model("vae", req.vae_config, req.vae).to(dev)
+    scdg = _model("scdg", req.scdg_config, req.scdg).to(dev)
     n_classes = len(req.plan.classes)
     given, means, report, b = None, None, None, None
     if dp is not None:
@@ -223,7 +234,7 @@ def local_only_key(req: EvaluateRequest) -> str:
 
 
 def evaluate_site(site: SiteData, req: EvaluateRequest, members: np.ndarray | None = None,
-                  local: dict[str, dict[str, float]] | None = None) -> EvaluateReply:
+                  local: dict[str, dict[str, float]] | None = None, device: torch.device = CPU) -> EvaluateReply:
     """Score the server's models on held-out test and validation cells; fidelity, the privacy audit and local-only scores.
 
     ``members``: site-local rows of the cells that seeded this run's codes (``distill_site``); without
@@ -246,14 +257,15 @@ def evaluate_site(site: SiteData, req: EvaluateRequest, members: np.ndarray | No
     seed_rows = np.flatnonzero(np.isin(train, members)) if members is not None else np.zeros(0, np.int64)
     aud = audit(X_train, y_all[train], seed_rows, X_test, y_test, X_val, req.X, seed=req.seed)
     if local is None:
-        local = local_only(X_train, y_all[train], X_test, y_test, n_classes, seed=req.seed)
+        local = local_only(X_train, y_all[train], X_test, y_test, n_classes, seed=req.seed, device=device)
     return EvaluateReply(req.round, int(test.size), scores, int(val.size), val_scores, fid.as_dict(), aud.as_dict(), local, val_fid.as_dict())
 
 
 LOCAL_LOGREG_MAX_CELLS = 50_000
 
 
-def local_only(X_train, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, n_classes: int, *, seed: int) -> dict[str, dict[str, float]]:  # noqa: ANN001 - csr
+def local_only(X_train, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, n_classes: int, *, seed: int,  # noqa: ANN001 - csr
+               device: torch.device = CPU) -> dict[str, dict[str, float]]:
     """What the site has without joining: each evaluator trained on its own training cells, scored on its test cells.
 
     The MLP follows the benchmark's training rule (``MLPTrainConfig``), as the server's does, drawing its
@@ -267,6 +279,6 @@ def local_only(X_train, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndar
         if ev == "logreg" and y.size > LOCAL_LOGREG_MAX_CELLS:
             pick = np.sort(np.random.default_rng(seed).choice(y.size, LOCAL_LOGREG_MAX_CELLS, replace=False))
             X, y = X[pick], y[pick]
-        s = score(y_test, np.asarray(fit_predict(ev, X, y, X_test, n_classes, seed=seed, mlp=MLPTrainConfig())))
+        s = score(y_test, np.asarray(fit_predict(ev, X, y, X_test, n_classes, seed=seed, mlp=MLPTrainConfig(), device=device)))
         out[ev] = {"accuracy": s.accuracy, "macro_f1": s.macro_f1}
     return out

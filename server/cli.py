@@ -93,6 +93,7 @@ def _add_federation(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=10, help="codes (synthetic cells) per class per site")
     p.add_argument("--rounds", type=int, default=None, help="distillation rounds (default: num-distill-rounds of the app config)")
     p.add_argument("--num-sites", type=int, default=3, help="sites of the Dirichlet split")
+    p.add_argument("--device", default=None, help="where the sites' models run: cpu (default), auto (a GPU when there is one), cuda, cuda:N")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="any run-config key (repeatable), e.g. --set vae-local-steps=200")
     p.add_argument("--out", required=True, help="run directory to write (config.json, metrics.json, synthetic.h5ad, report.html, ...)")
     p = sub.add_parser("demo", help="the real Flower simulation (flwr run, Ray) on the bundled example data")

@@ -210,7 +210,13 @@ def simulate(args: argparse.Namespace) -> int:
     overrides = {"sim-site-key": args.site_key, "label-key": args.label_key, "cells-per-class": args.k, "sim-num-sites": args.num_sites}
     if args.rounds is not None:
         overrides["num-distill-rounds"] = args.rounds
+    if args.device is not None:
+        overrides["device"] = args.device
     overrides |= parse_overrides(args.overrides)
+    if "device" in overrides:  # the simulated sites run in this process: a GPU they cannot see is refused now, not at the first message
+        from shared.device import resolve_device
+
+        resolve_device(str(overrides["device"]))
     t0 = time.perf_counter()
     run_dir = simulate_file(Path(args.data), out=Path(args.out), overrides=overrides)
     print(f"federated run finished in {time.perf_counter() - t0:.1f} s")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.device import CHOICES as DEVICE_CHOICES
 from shared.errors import ConfigError
 from shared.evaluation import MLPTrainConfig
 from shared.privacy.spec import DPSpec
@@ -89,6 +91,7 @@ class FederationConfig:
     report: bool = True
     seed: int = 0
     torch_threads: int = 1  # 0: torch default (all cores)
+    device: str = "cpu"  # where each site's models run (shared.device): cpu | auto (a GPU when the site has one) | cuda | cuda:N
 
     def __post_init__(self) -> None:
         checks = [
@@ -114,6 +117,8 @@ class FederationConfig:
             (self.server_lr == -1.0 or self.server_lr > 0, "server-lr must be > 0 (or -1 for the optimiser's default)"),
             (0 <= self.proximal_mu < 1e6, "proximal-mu must be >= 0"),
             (not (self.init_path and self.pretrained_path), "set init-path (start FedAvg from a reference) or pretrained-path (no FedAvg), not both"),
+            (re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device) is not None, f"device must be {DEVICE_CHOICES}"),
+            (self.device == "cpu" or self.dp_epsilon == 0, "device must be 'cpu' when dp-epsilon > 0 (DP-SGD runs on CPU in this release)"),
         ]
         errors = [text for ok, text in checks if not ok]
         try:

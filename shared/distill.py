@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from shared.errors import ConfigError
 from shared.models import SCDG, VAE
 from shared.models.vae import DecodeMode
-from shared.training import dense_rows, encode
+from shared.training import dense_rows, encode, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +145,11 @@ def _init_codes(scdg: SCDG, zs_real: torch.Tensor, y_real: np.ndarray, counts: d
         pool = np.flatnonzero(y_real == c)
         pick = pool[torch.randperm(len(pool), generator=pick_gen)[:n].numpy()]
         picks.append(pick)
-        noise = torch.randn(n, zs_real.shape[1], generator=gen)
+        noise = torch.randn(n, zs_real.shape[1], generator=gen).to(zs_real.device)  # drawn on CPU: the same codes on any device
         if cfg.init == "noise":
             rows.append(noise)
         else:
-            t = torch.full((n,), t_star, dtype=torch.long)
+            t = torch.full((n,), t_star, dtype=torch.long, device=zs_real.device)
             rows.append(scdg.q_sample(zs_real[pick], t, noise))
     return torch.cat(rows), np.concatenate(picks).astype(np.int64)
 
@@ -159,7 +159,7 @@ def _mmd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     xy = torch.cat([a, b])
     d2 = torch.cdist(xy, xy) ** 2
     with torch.no_grad():
-        bw = d2[d2 > 0].median() if (d2 > 0).any() else torch.tensor(1.0)
+        bw = d2[d2 > 0].median() if (d2 > 0).any() else torch.tensor(1.0, device=d2.device)
     k = torch.exp(-d2 / bw.clamp(min=1e-6))
     n = a.shape[0]
     return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
@@ -168,16 +168,16 @@ def _mmd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _gene_dm(real: torch.Tensor, synth: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Mean matching through a freshly drawn random 2-layer network in gene space."""
     g = real.shape[1]
-    w1 = torch.randn(g, 256, generator=gen) / g**0.5
-    w2 = torch.randn(256, 128, generator=gen) / 16.0
+    w1 = torch.randn(g, 256, generator=gen).to(real.device) / g**0.5
+    w2 = torch.randn(256, 128, generator=gen).to(real.device) / 16.0
     emb = lambda x: F.relu(x @ w1) @ w2  # noqa: E731
     return ((emb(real).mean(0) - emb(synth).mean(0)) ** 2).sum()
 
 
 def _gradient_match(real: torch.Tensor, y_real: torch.Tensor, synth: torch.Tensor, y_synth: torch.Tensor, n_classes: int, gen: torch.Generator) -> torch.Tensor:
     """Layer-wise cosine distance between a random linear classifier's gradients on real and synthetic cells."""
-    w = (torch.randn(real.shape[1], n_classes, generator=gen) * 0.01).requires_grad_(True)
-    b = torch.zeros(n_classes, requires_grad=True)
+    w = (torch.randn(real.shape[1], n_classes, generator=gen).to(real.device) * 0.01).requires_grad_(True)
+    b = torch.zeros(n_classes, device=real.device, requires_grad=True)
     g_real = torch.autograd.grad(F.cross_entropy(real @ w + b, y_real), [w, b])
     g_syn = torch.autograd.grad(F.cross_entropy(synth @ w + b, y_synth), [w, b], create_graph=True)
     return sum(1 - F.cosine_similarity(gr.detach().flatten(), gs.flatten(), dim=0) for gr, gs in zip(g_real, g_syn, strict=True))
@@ -225,15 +225,16 @@ def _distill(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.nda
              init_codes: Codes | None, progress: Callable[[int, int], None] | None, given: ClassCounts | None, gene_means: np.ndarray | None) -> Codes:
     vae.eval()
     scdg.eval()
+    dev = model_device(vae)
     classes, counts = code_counts(labels, cfg.k) if given is None else given
     seeds = None
     if init_codes is not None and warm_start_fits(init_codes, labels, cfg.k, vae.config.latent_dim, (classes, counts)):
         order = np.argsort(init_codes.labels, kind="stable")
-        w0 = torch.as_tensor(init_codes.codes[order], dtype=torch.float32)
+        w0 = torch.as_tensor(init_codes.codes[order], dtype=torch.float32).to(dev)
         seeds = None if init_codes.seed_rows is None else np.asarray(init_codes.seed_rows)[order]
     else:
         w0 = None
-    y_syn = torch.as_tensor(np.repeat(classes, counts), dtype=torch.long)
+    y_syn = torch.as_tensor(np.repeat(classes, counts), dtype=torch.long).to(dev)
     tg = _targets(vae, scdg, X, labels, y_syn, [int(c) for c in classes], gene_means)
     if w0 is None:
         w0, seeds = _init_codes(scdg, tg.zs_real, labels, dict(zip(classes.tolist(), counts.tolist(), strict=True)), cfg, t_star, gen)
@@ -247,7 +248,7 @@ def _distill(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.nda
         opt.step()
         if progress is not None and (it % 20 == 0 or it == cfg.iterations - 1):
             progress(it + 1, cfg.iterations)
-    return Codes(w.detach().numpy().astype(np.float32), y_syn.numpy().astype(np.int64), t_star, cfg.guidance, seeds)
+    return Codes(w.detach().cpu().numpy().astype(np.float32), y_syn.cpu().numpy().astype(np.int64), t_star, cfg.guidance, seeds)
 
 
 @dataclass(frozen=True)
@@ -274,13 +275,14 @@ def _rows_mean(X: sp.csr_matrix | np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def _targets(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.ndarray, y_syn: torch.Tensor, classes: list[int],
              released_means: np.ndarray | None) -> _Targets:
-    zs_real = scdg.standardize(torch.from_numpy(encode(vae, X)))
+    dev = model_device(vae)
+    zs_real = scdg.standardize(torch.from_numpy(encode(vae, X)).to(dev))
     pools = {c: np.flatnonzero(labels == c) for c in classes}
-    latent_means = torch.stack([zs_real[pools[c]].mean(0) if pools[c].size else torch.zeros(zs_real.shape[1]) for c in classes])
+    latent_means = torch.stack([zs_real[pools[c]].mean(0) if pools[c].size else torch.zeros(zs_real.shape[1], device=dev) for c in classes])
     if released_means is not None:
-        gene_means = torch.as_tensor(np.asarray(released_means, np.float32)[classes])
+        gene_means = torch.as_tensor(np.asarray(released_means, np.float32)[classes]).to(dev)
     else:
-        gene_means = torch.stack([torch.from_numpy(_rows_mean(X, pools[c])) for c in classes])
+        gene_means = torch.stack([torch.from_numpy(_rows_mean(X, pools[c])) for c in classes]).to(dev)
     onehot = torch.stack([(y_syn == c).float() for c in classes])
     return _Targets(zs_real, pools, latent_means, gene_means, onehot / onehot.sum(1, keepdim=True))
 
@@ -304,8 +306,8 @@ def _objective(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, tg: _Targets
             total = total + cfg.mmd_weight * _mmd(tg.zs_real[idx[:128]], z_cells[y_syn == c])
     if cfg.gene_weight > 0 or cfg.gm_weight > 0:
         idx = np.concatenate(list(real_rows.values()))
-        yr = torch.as_tensor(np.concatenate([np.full(len(v), c) for c, v in real_rows.items()]), dtype=torch.long)
-        xr = dense_rows(X, idx)
+        yr = torch.as_tensor(np.concatenate([np.full(len(v), c) for c, v in real_rows.items()]), dtype=torch.long).to(cells.device)
+        xr = dense_rows(X, idx).to(cells.device)
         if cfg.gene_weight > 0:
             for c in tg.pools:
                 total = total + cfg.gene_weight * _gene_dm(xr[yr == c], cells[y_syn == c], gen)

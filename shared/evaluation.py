@@ -89,11 +89,12 @@ class MLPTrainConfig:
 
 
 def train_mlp(X: Matrix, y: np.ndarray, n_classes: int, *, seed: int = 0, cfg: MLPTrainConfig | None = None,
-              init: dict[str, torch.Tensor] | None = None, steps: int | None = None) -> MLPClassifier:
+              init: dict[str, torch.Tensor] | None = None, steps: int | None = None, device: torch.device | None = None) -> MLPClassifier:
     """Train the G-256-256-C MLP with AdamW for ``cfg.steps(len(X))`` minibatches (drawn with replacement).
 
     ``init`` (a state dict) and ``steps``: continue from given weights for a given number of steps
-    (the local update of a FedAvg round).
+    (the local update of a FedAvg round). ``device``: where it trains (initialised on CPU, so the same
+    weights on any device); the model comes back on CPU.
     """
     cfg = cfg or MLPTrainConfig()
     torch.manual_seed(seed)
@@ -101,34 +102,38 @@ def train_mlp(X: Matrix, y: np.ndarray, n_classes: int, *, seed: int = 0, cfg: M
     model = MLPClassifier(MLPConfig(n_genes=X.shape[1], n_classes=n_classes))
     if init is not None:
         model.load_state_dict(init)
+    dev = device or torch.device("cpu")
+    model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4, fused=True)
-    yt = torch.as_tensor(y, dtype=torch.long)
+    yt = torch.as_tensor(y, dtype=torch.long).to(dev)
     model.train()
     for _ in range(cfg.steps(X.shape[0]) if steps is None else steps):
         idx = rng.integers(0, X.shape[0], size=min(cfg.batch_size, X.shape[0]))
-        loss = F.cross_entropy(model(dense_rows(X, idx)), yt[idx])
+        loss = F.cross_entropy(model(dense_rows(X, idx).to(dev)), yt[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     model.eval()
+    model.to("cpu")
     return model
 
 
 @torch.no_grad()
 def predict_mlp(model: MLPClassifier, X: Matrix, batch_size: int = 2048) -> np.ndarray:
-    """Class ids predicted by the MLP for every row of X."""
-    out = [model(dense_rows(X, np.arange(i, min(i + batch_size, X.shape[0])))).argmax(1) for i in range(0, X.shape[0], batch_size)]
+    """Class ids predicted by the MLP for every row of X (on the device its parameters are on)."""
+    dev = next(model.parameters()).device
+    out = [model(dense_rows(X, np.arange(i, min(i + batch_size, X.shape[0]))).to(dev)).argmax(1).cpu() for i in range(0, X.shape[0], batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
 
 
 def fit_predict(evaluator: Evaluator, X_train: Matrix, y_train: np.ndarray, X_test: Matrix, n_classes: int, *, seed: int = 0,
-                mlp: MLPTrainConfig | None = None) -> np.ndarray:
-    """Train `evaluator` on (X_train, y_train) and predict X_test (``mlp``: how the MLP is trained)."""
+                mlp: MLPTrainConfig | None = None, device: torch.device | None = None) -> np.ndarray:
+    """Train `evaluator` on (X_train, y_train) and predict X_test (``mlp``: how the MLP is trained; ``device``: where)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
 
     if evaluator == "mlp":
-        return predict_mlp(train_mlp(X_train, y_train, n_classes, seed=seed, cfg=mlp), X_test)
+        return predict_mlp(train_mlp(X_train, y_train, n_classes, seed=seed, cfg=mlp, device=device), X_test)
     if len(np.unique(y_train)) == 1:
         return np.full(X_test.shape[0], y_train[0])
     if evaluator == "logreg":

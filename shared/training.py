@@ -32,6 +32,11 @@ class TrainConfig:
     warmup_fraction: float = 0.3  # KL warm-up for the VAE
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters are (batches are moved there): callers place the model, ``shared.device.resolve_device``."""
+    return next(model.parameters()).device
+
+
 def dense_rows(X: Matrix, idx: np.ndarray) -> torch.Tensor:
     """Rows `idx` of a sparse or dense matrix as a float32 tensor (densifies the batch only)."""
     rows = X[idx]
@@ -103,10 +108,15 @@ def fit_vae(
     """
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
+    dev = model_device(model)
+    if dp is not None and dev.type != "cpu":
+        msg = "DP-SGD runs on CPU (its noise comes from the site's CPU generator); use device='cpu' with dp-epsilon"
+        raise ValueError(msg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # fused: ~15% faster steps on CPU
-    y = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
-    a = torch.as_tensor(aux, dtype=torch.float32) if aux is not None else None
-    lib = torch.as_tensor(library, dtype=torch.float32) if library is not None and model.count_head is not None else None
+    y = torch.as_tensor(labels, dtype=torch.long).to(dev) if labels is not None else None
+    a = torch.as_tensor(aux, dtype=torch.float32).to(dev) if aux is not None else None
+    lib = torch.as_tensor(library, dtype=torch.float32).to(dev) if library is not None and model.count_head is not None else None
+    anchor = {k: v.to(dev) for k, v in anchor.items()} if anchor is not None else None
     params = dict(model.named_parameters())
     model.train()
     history: list[float] = []
@@ -119,7 +129,7 @@ def fit_vae(
             total = torch.tensor(float("nan"))
         else:
             idx = _batches(X.shape[0], cfg, rng)
-            out = model.loss(dense_rows(X, idx), y[idx] if y is not None else None, a[idx] if a is not None else None, beta_scale=beta,
+            out = model.loss(dense_rows(X, idx).to(dev), y[idx] if y is not None else None, a[idx] if a is not None else None, beta_scale=beta,
                              library=lib[idx] if lib is not None else None)
             total = out.total
         prox = _pull(params, anchor, anchor_weight)  # no data in it: added to DP gradients as it is
@@ -161,7 +171,8 @@ def _dp_vae_grads(model: VAE, X: Matrix, y: torch.Tensor | None, a: torch.Tensor
 def encode(model: VAE, X: Matrix, batch_size: int = 1024) -> np.ndarray:
     """Posterior means (n, d) of all rows of X, in batches."""
     model.eval()
-    out = [model.encode(dense_rows(X, np.arange(i, min(i + batch_size, X.shape[0]))))[0] for i in range(0, X.shape[0], batch_size)]
+    dev = model_device(model)
+    out = [model.encode(dense_rows(X, np.arange(i, min(i + batch_size, X.shape[0]))).to(dev))[0].cpu() for i in range(0, X.shape[0], batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, model.config.latent_dim), np.float32)
 
 
@@ -191,8 +202,13 @@ def fit_scdg(
     """
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    zs = model.standardize(torch.as_tensor(Z, dtype=torch.float32))
-    y = torch.as_tensor(labels, dtype=torch.long)
+    dev = model_device(model)
+    if dp is not None and dev.type != "cpu":
+        msg = "DP-SGD runs on CPU (its noise comes from the site's CPU generator); use device='cpu' with dp-epsilon"
+        raise ValueError(msg)
+    zs = model.standardize(torch.as_tensor(Z, dtype=torch.float32).to(dev))
+    y = torch.as_tensor(labels, dtype=torch.long).to(dev)
+    anchor = {k: v.to(dev) for k, v in anchor.items()} if anchor is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # fused: ~15% faster steps on CPU
     params = dict(model.named_parameters())
     model.train()
