@@ -81,7 +81,10 @@ class ValueScan:
     vmax: float = -math.inf
     samples: list[np.ndarray] = field(default_factory=list)
     totals: list[np.ndarray] = field(default_factory=list)
-    gene_nnz: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    gene_nnz: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gene_nnz = np.zeros(self.n_genes, np.int64)
 
     def add(self, block: sp.csr_matrix) -> None:
         """Take in the next rows."""
@@ -99,8 +102,7 @@ class ValueScan:
         picked = data[first::self.step]
         self.samples.append(picked[picked != 0].astype(np.float64))
         self.position += data.size
-        counted = np.bincount(block.indices[nonzero], minlength=self.n_genes).astype(np.int64)
-        self.gene_nnz = counted if self.gene_nnz.size == 0 else self.gene_nnz + counted
+        self.gene_nnz += np.bincount(block.indices[nonzero], minlength=self.n_genes)
         self.totals.append(np.asarray(block.sum(axis=1)).ravel().astype(np.float64))
 
     def kind(self) -> InputKind:
