@@ -59,7 +59,11 @@ def _auc(members: np.ndarray, others: np.ndarray) -> float:
 
 
 def _min_dist(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    return torch.cdist(torch.as_tensor(A, dtype=torch.float32), torch.as_tensor(B, dtype=torch.float32)).min(1).values.numpy()
+    return (
+        torch.cdist(torch.as_tensor(A, dtype=torch.float32), torch.as_tensor(B, dtype=torch.float32))
+        .min(1)
+        .values.numpy()
+    )
 
 
 @torch.no_grad()
@@ -92,7 +96,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override (repeatable)")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     rng = np.random.default_rng(args.seed)
     adata = read_h5ad(args.data)
     at_site = np.flatnonzero(adata.obs[args.site_key].astype(str).to_numpy() == args.site)
@@ -109,19 +115,43 @@ def main() -> None:
     label_key, spec = plan["spec"]["label-key"], plan["spec"]
     full = read_h5ad(planted_file)
     site_data = full[full.obs[args.site_key].astype(str).to_numpy() == args.site].copy()
-    prepared = prepare_site(site_data, label_key=label_key, expect=spec["expect"], vocabulary=plan["genes"], min_coverage=spec["min-coverage"],
-                            min_cells_per_class=spec["min-cells-per-class"], test_fraction=spec["test-fraction"], val_fraction=spec["val-fraction"],
-                            seed=spec["split-seed"])
-    names = site_data.obs_names.to_numpy()[prepared.rows] if prepared.rows is not None else site_data.obs_names.to_numpy()
+    prepared = prepare_site(
+        site_data,
+        label_key=label_key,
+        expect=spec["expect"],
+        vocabulary=plan["genes"],
+        min_coverage=spec["min-coverage"],
+        min_cells_per_class=spec["min-cells-per-class"],
+        test_fraction=spec["test-fraction"],
+        val_fraction=spec["val-fraction"],
+        seed=spec["split-seed"],
+    )
+    names = (
+        site_data.obs_names.to_numpy()[prepared.rows] if prepared.rows is not None else site_data.obs_names.to_numpy()
+    )
     train_names = set(names[prepared.train_idx])
     members_idx = [i for i, n in enumerate(names) if n.startswith("canary-") and n in train_names]
     members = prepared.X[members_idx].toarray()
-    held_prepared = prepare_site(held, label_key=label_key, expect=spec["expect"], vocabulary=plan["genes"], min_coverage=0.0,
-                                 min_cells_per_class=1, test_fraction=0.0, val_fraction=0.0, seed=0)
+    held_prepared = prepare_site(
+        held,
+        label_key=label_key,
+        expect=spec["expect"],
+        vocabulary=plan["genes"],
+        min_coverage=0.0,
+        min_cells_per_class=1,
+        test_fraction=0.0,
+        val_fraction=0.0,
+        seed=0,
+    )
     others = held_prepared.X.toarray()
     result = scores(run_dir, members, others, args.site)
-    result |= {"canary_mia": max(result.values()), "members": len(members_idx), "held_out": int(others.shape[0]), "site": args.site,
-               "dp_epsilon": cfg["run_config"].get("dp-epsilon", 0.0)}
+    result |= {
+        "canary_mia": max(result.values()),
+        "members": len(members_idx),
+        "held_out": int(others.shape[0]),
+        "site": args.site,
+        "dp_epsilon": cfg["run_config"].get("dp-epsilon", 0.0),
+    }
     write_json(run_dir / "canary_audit.json", result)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["rounds"][-1]["sites"][args.site]["audit"]["canary_mia"] = result["canary_mia"]

@@ -62,10 +62,22 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "demo-cost"))
     args = p.parse_args()
     uptime_ticks = int(float(Path("/proc/uptime").read_text().split()[0]) * TICKS)
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = {
+        **os.environ,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
     scdd = Path(sys.executable).with_name("scdd")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([str(scdd), "demo", "--out", args.out], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(scdd), "demo", "--out", args.out],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     peak, peak_n = 0, 0
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
@@ -83,8 +95,10 @@ def main() -> int:
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
         accs = [round(r["aggregate"]["cell_weighted"]["mlp"]["accuracy"], 3) for r in m["rounds"]]
-    print(f"scdd demo: exit {proc.returncode}, wall {wall:.0f} s, peak summed RSS {peak / 2**30:.2f} GiB over {peak_n} processes, "
-          f"MLP accuracy per round {accs}")
+    print(
+        f"scdd demo: exit {proc.returncode}, wall {wall:.0f} s, peak summed RSS {peak / 2**30:.2f} GiB over {peak_n} processes, "
+        f"MLP accuracy per round {accs}"
+    )
     return proc.returncode
 
 

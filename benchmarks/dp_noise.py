@@ -24,7 +24,9 @@ def main() -> None:
     ap.add_argument("--scdg-steps", type=int, default=50)
     ap.add_argument("--counts", action="store_true", help="count input (one more release: library statistics)")
     args = ap.parse_args()
-    print(f"schedule: {args.rounds} rounds x {args.vae_steps} VAE steps (batch 128) + {args.scdg_steps} SCDG steps (batch 256); count input: {args.counts}")
+    print(
+        f"schedule: {args.rounds} rounds x {args.vae_steps} VAE steps (batch 128) + {args.scdg_steps} SCDG steps (batch 256); count input: {args.counts}"
+    )
     print("| cells | epsilon | delta | one-shot noise | label threshold (cells) | DP-SGD noise | epsilon spent |")
     print("|---|---|---|---|---|---|---|")
     for n in args.cells:
@@ -37,7 +39,9 @@ def main() -> None:
                 print(f"| {n} | {eps:g} | {delta:.1e} | - | - | unreachable | - |")
                 continue
             tau = name_threshold(noise.stats, spec.names_delta())
-            print(f"| {n} | {eps:g} | {delta:.1e} | {noise.stats:.2f} | {tau:.0f} | {noise.sgd:.2f} | {epsilon(sched, noise, delta):.3f} |")
+            print(
+                f"| {n} | {eps:g} | {delta:.1e} | {noise.stats:.2f} | {tau:.0f} | {noise.sgd:.2f} | {epsilon(sched, noise, delta):.3f} |"
+            )
 
 
 if __name__ == "__main__":

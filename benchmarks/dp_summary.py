@@ -1,6 +1,6 @@
 """Markdown table of a dp_curve.sh folder: test accuracy (MLP, logistic regression) and the epsilon each site's accountant spent.
 
-    python benchmarks/dp_summary.py OUT_DIR
+python benchmarks/dp_summary.py OUT_DIR
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 def main() -> None:
     out = Path(sys.argv[1])
     rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    print("| file | epsilon (target) | seed | MLP test acc | LR test acc | MLP validation acc | local-only MLP | epsilon spent (max over sites) | sites |")
+    print(
+        "| file | epsilon (target) | seed | MLP test acc | LR test acc | MLP validation acc | local-only MLP | epsilon spent (max over sites) | sites |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for log in sorted(out.glob("*-eps*-seed*.log")):
         m = re.match(r"(.+)-eps([\d.]+)-seed(\d+)\.log$", log.name)
@@ -24,7 +26,9 @@ def main() -> None:
         metrics = log.with_suffix("") / "metrics.json"
         if not metrics.is_file():
             last = (log.read_text().strip().splitlines()[-1:] or [""])[0]
-            print(f"| {name} | {eps} | {seed} | stopped: {last.partition('error: ')[2][:150] or 'still running or killed'} | | | | | |")
+            print(
+                f"| {name} | {eps} | {seed} | stopped: {last.partition('error: ')[2][:150] or 'still running or killed'} | | | | | |"
+            )
             continue
         mt = json.loads(metrics.read_text())
         if not mt.get("rounds"):
@@ -32,18 +36,25 @@ def main() -> None:
             continue
         agg = mt["rounds"][-1]["aggregate"]
         cw, val = agg["cell_weighted"], agg.get("validation", {}).get("cell_weighted", {})
-        local = [s["local_only"]["mlp"]["accuracy"] for s in mt["rounds"][-1]["sites"].values() if s.get("local_only", {}).get("mlp")]
+        local = [
+            s["local_only"]["mlp"]["accuracy"]
+            for s in mt["rounds"][-1]["sites"].values()
+            if s.get("local_only", {}).get("mlp")
+        ]
         spent = max((p["epsilon"] for p in mt.get("privacy", {}).values()), default=float("nan"))
         vmlp = val.get("mlp", {}).get("accuracy", float("nan"))
         rows.setdefault((name, eps), []).append((cw["mlp"]["accuracy"], cw["logreg"]["accuracy"]))
-        print(f"| {name} | {eps if float(eps) > 0 else 'off'} | {seed} | {cw['mlp']['accuracy']:.3f} | {cw['logreg']['accuracy']:.3f} | {vmlp:.3f} | "
-              f"{sum(local) / max(len(local), 1):.3f} | {spent:.3f} | {len(mt['rounds'][-1]['sites'])} |")
-
+        print(
+            f"| {name} | {eps if float(eps) > 0 else 'off'} | {seed} | {cw['mlp']['accuracy']:.3f} | {cw['logreg']['accuracy']:.3f} | {vmlp:.3f} | "
+            f"{sum(local) / max(len(local), 1):.3f} | {spent:.3f} | {len(mt['rounds'][-1]['sites'])} |"
+        )
 
     print("\nMean over seeds (test cells, cell-weighted over sites):\n")
     print("| file | epsilon | seeds | MLP | LR |")
     print("|---|---|---|---|---|")
-    for (name, eps), vals in sorted(rows.items(), key=lambda kv: (kv[0][0], -float(kv[0][1]) if float(kv[0][1]) > 0 else -1e9)):
+    for (name, eps), vals in sorted(
+        rows.items(), key=lambda kv: (kv[0][0], -float(kv[0][1]) if float(kv[0][1]) > 0 else -1e9)
+    ):
         mlp, lr = (sum(v[i] for v in vals) / len(vals) for i in (0, 1))
         print(f"| {name} | {eps if float(eps) > 0 else 'off'} | {len(vals)} | {mlp:.3f} | {lr:.3f} |")
 

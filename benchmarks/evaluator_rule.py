@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.baselines import coreset
 from server.benchmark import BenchmarkConfig, SplitConfig, prepare_seed
+from shared.baselines import coreset
 from shared.data import read_h5ad
 from shared.evaluation import MLPTrainConfig, fit_predict, score
 from shared.io import write_text
@@ -29,7 +29,15 @@ from shared.io import write_text
 logger = logging.getLogger(__name__)
 
 # (epochs, min_steps, max_steps); the first one is the old fixed rule (400 steps at any size).
-CANDIDATES = [(1e-9, 400, 400), (10, 200, 2000), (20, 300, 3000), (30, 300, 5000), (50, 500, 5000), (20, 500, 5000), (100, 300, 5000)]
+CANDIDATES = [
+    (1e-9, 400, 400),
+    (10, 200, 2000),
+    (20, 300, 3000),
+    (30, 300, 5000),
+    (50, 500, 5000),
+    (20, 500, 5000),
+    (100, 300, 5000),
+]
 SIZES = ("k=1", "k=10", "k=50", "all")
 
 
@@ -64,13 +72,21 @@ def main() -> None:
                     acc[cand][size].append(score(y_val, pred).accuracy)
                     steps[cand][size].append(mlp.steps(X.shape[0]))
             print(f"{Path(path).stem} seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    lines = ["# Evaluation MLP training rule, chosen on validation cells", "",
-             f"Command: `python benchmarks/evaluator_rule.py {' '.join(Path(f).name for f in args.files)} --seeds {args.seeds}` "
-             "(files from ../shared/data). MLP accuracy on the pooled VALIDATION cells of all sites, mean over files and seeds; "
-             "training sets: k random real cells per class per site (fused) and all training cells. Steps = ceil(epochs x n / 256) "
-             "clipped to [min, max]; the first row is the old fixed rule (400 steps at any size).", "",
-             "| epochs / min steps / max steps | " + " | ".join(SIZES) + " | mean | median steps at " + " / ".join(SIZES) + " |",
-             "|---|" + "---|" * (len(SIZES) + 2)]
+    lines = [
+        "# Evaluation MLP training rule, chosen on validation cells",
+        "",
+        f"Command: `python benchmarks/evaluator_rule.py {' '.join(Path(f).name for f in args.files)} --seeds {args.seeds}` "
+        "(files from ../shared/data). MLP accuracy on the pooled VALIDATION cells of all sites, mean over files and seeds; "
+        "training sets: k random real cells per class per site (fused) and all training cells. Steps = ceil(epochs x n / 256) "
+        "clipped to [min, max]; the first row is the old fixed rule (400 steps at any size).",
+        "",
+        "| epochs / min steps / max steps | "
+        + " | ".join(SIZES)
+        + " | mean | median steps at "
+        + " / ".join(SIZES)
+        + " |",
+        "|---|" + "---|" * (len(SIZES) + 2),
+    ]
     means = {}
     for cand in CANDIDATES:
         per = [float(np.mean(acc[cand][s])) for s in SIZES]
@@ -81,8 +97,12 @@ def main() -> None:
     best = max(means, key=means.get)
     lines += ["", f"Best mean: epochs {best[0]:g}, min {best[1]}, max {best[2]} ({means[best]:.4f}).", ""]
     write_text(Path(args.out), "\n".join(lines))
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"candidates": [list(c) for c in CANDIDATES],
-                                                              "accuracy": {str(c): acc[c] for c in CANDIDATES}}, indent=1), encoding="utf-8")
+    Path(args.out).with_suffix(".json").write_text(
+        json.dumps(
+            {"candidates": [list(c) for c in CANDIDATES], "accuracy": {str(c): acc[c] for c in CANDIDATES}}, indent=1
+        ),
+        encoding="utf-8",
+    )
     print("\n".join(lines))
 
 

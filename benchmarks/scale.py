@@ -53,13 +53,13 @@ def _data_dir() -> Path:
     sys.exit(f"{SOURCE} not found: set FEDSCDD_TEAM_DATA to the folder that holds it")
 
 
-def _counts(name: str) -> Any:  # noqa: ANN401 - AnnData
+def _counts(name: str) -> Any:
     import anndata as ad
 
     return ad.read_h5ad(_data_dir() / name)
 
 
-def _thin(X: Any, p: np.ndarray, rng: np.random.Generator) -> Any:  # noqa: ANN401 - csr
+def _thin(X: Any, p: np.ndarray, rng: np.random.Generator) -> Any:
     """Binomial thinning of each row's counts with that row's keep probability; zeros dropped."""
     import scipy.sparse as sp
 
@@ -82,20 +82,26 @@ def generate(n_cells: int, out: Path, *, wide: bool, seed: int = 0) -> None:
     extra = _counts(WIDE_SOURCE) if wide else None
     genes = list(src.var_names) + ([f"lung5_{g}" for g in extra.var_names] if extra is not None else [])
     picks = rng.integers(0, src.n_obs, n_cells)
-    obs = pd.DataFrame({"cell_type": pd.Categorical(src.obs["cell_type"].astype(str).to_numpy()[picks])},
-                       index=pd.Index([f"cell{i}" for i in range(n_cells)]))
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical(src.obs["cell_type"].astype(str).to_numpy()[picks])},
+        index=pd.Index([f"cell{i}" for i in range(n_cells)]),
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.h5ad")
-    ad.AnnData(X=sp.csr_matrix((n_cells, len(genes)), dtype=np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes))).write_h5ad(tmp)
+    ad.AnnData(
+        X=sp.csr_matrix((n_cells, len(genes)), dtype=np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes))
+    ).write_h5ad(tmp)
     with h5py.File(tmp, "r+") as f:
         del f["X"]
         g = f.create_group("X")
-        g.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": np.array([n_cells, len(genes)])})
+        g.attrs.update(
+            {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": np.array([n_cells, len(genes)])}
+        )
         data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,))
         indices = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
         indptr = np.zeros(n_cells + 1, dtype=np.int64)
         for start in range(0, n_cells, BLOCK):
-            rows = picks[start:start + BLOCK]
+            rows = picks[start : start + BLOCK]
             block = _thin(src.X[rows], rng.uniform(0.6, 0.9, rows.size), rng)
             if extra is not None:
                 other = _thin(extra.X[rng.integers(0, extra.n_obs, rows.size)], np.full(rows.size, 0.01), rng)
@@ -105,12 +111,22 @@ def generate(n_cells: int, out: Path, *, wide: bool, seed: int = 0) -> None:
             indices.resize((n + block.nnz,))
             data[n:] = block.data
             indices[n:] = block.indices
-            indptr[start + 1:start + rows.size + 1] = n + block.indptr[1:]
+            indptr[start + 1 : start + rows.size + 1] = n + block.indptr[1:]
             print(json.dumps({"generated": start + rows.size, "of": n_cells}), file=sys.stderr, flush=True)
         g.create_dataset("indptr", data=indptr)
     os.replace(tmp, out)
-    print(json.dumps({"file": str(out), "cells": n_cells, "genes": len(genes), "nnz": int(indptr[-1]),
-                      "nnz_per_cell": round(float(indptr[-1]) / n_cells, 1), "bytes": out.stat().st_size}))
+    print(
+        json.dumps(
+            {
+                "file": str(out),
+                "cells": n_cells,
+                "genes": len(genes),
+                "nnz": int(indptr[-1]),
+                "nnz_per_cell": round(float(indptr[-1]) / n_cells, 1),
+                "bytes": out.stat().st_size,
+            }
+        )
+    )
 
 
 def _peak_mb() -> float:
@@ -123,8 +139,17 @@ def check(path: Path) -> None:
 
     start = time.perf_counter()
     report = check_file(path, label_key="cell_type")
-    print(json.dumps({"phase": "check", "cells": report.n_cells, "genes": report.n_genes, "seconds": round(time.perf_counter() - start, 1),
-                      "peak_rss_mb": round(_peak_mb())}))
+    print(
+        json.dumps(
+            {
+                "phase": "check",
+                "cells": report.n_cells,
+                "genes": report.n_genes,
+                "seconds": round(time.perf_counter() - start, 1),
+                "peak_rss_mb": round(_peak_mb()),
+            }
+        )
+    )
 
 
 class RssSampler:
@@ -177,13 +202,19 @@ def site(path: Path, work: Path, overrides: dict[str, Any]) -> None:
     sampler = RssSampler()
     rows: list[dict[str, Any]] = []
 
-    def measured(msg: Any, ctx: Any) -> Any:  # noqa: ANN401 - flwr Message / Context
+    def measured(msg: Any, ctx: Any) -> Any:
         sampler.window()
         start = time.perf_counter()
         reply = client(msg, ctx)
         rss, anon = sampler.window()
-        rows.append({"phase": msg.metadata.message_type, "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(rss),
-                     "peak_anon_mb": round(anon)})
+        rows.append(
+            {
+                "phase": msg.metadata.message_type,
+                "seconds": round(time.perf_counter() - start, 1),
+                "peak_rss_mb": round(rss),
+                "peak_anon_mb": round(anon),
+            }
+        )
         if reply.has_error():
             rows[-1]["error"] = reply.error.reason[:300]
         print(json.dumps(rows[-1]), flush=True)
@@ -193,8 +224,16 @@ def site(path: Path, work: Path, overrides: dict[str, Any]) -> None:
     node = {"data-path": str(path.resolve()), "site-name": "hospital", "cache-dir": str(work / "cache")}
     start = time.perf_counter()
     run_in_process(run_config, num_nodes=1, node_configs=[node], client_app=measured)
-    print(json.dumps({"phase": "whole run", "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(_peak_mb()),
-                      "completed": (work / "run" / "metrics.json").is_file()}))
+    print(
+        json.dumps(
+            {
+                "phase": "whole run",
+                "seconds": round(time.perf_counter() - start, 1),
+                "peak_rss_mb": round(_peak_mb()),
+                "completed": (work / "run" / "metrics.json").is_file(),
+            }
+        )
+    )
 
 
 def many_sites(data: Path, n_sites: int, work: Path, overrides: dict[str, Any]) -> None:
@@ -208,7 +247,7 @@ def many_sites(data: Path, n_sites: int, work: Path, overrides: dict[str, Any]) 
     groups: list[dict[str, Any]] = []
     last = {"end": time.perf_counter()}
 
-    def measured(msg: Any, ctx: Any) -> Any:  # noqa: ANN401 - flwr Message / Context
+    def measured(msg: Any, ctx: Any) -> Any:
         start = time.perf_counter()
         kind = msg.metadata.message_type
         if not groups or groups[-1]["phase"] != kind or groups[-1]["sites"] == n_sites:
@@ -225,20 +264,42 @@ def many_sites(data: Path, n_sites: int, work: Path, overrides: dict[str, Any]) 
             groups[-1]["error"] = reply.error.reason[:300]
         return reply
 
-    run_config = {**app_config_defaults(), "sim-data-path": str(data.resolve()), "sim-num-sites": n_sites, "sim-site-key": "",
-                  "out-dir": str(work), "run-id": "run", "report": False, **overrides}
+    run_config = {
+        **app_config_defaults(),
+        "sim-data-path": str(data.resolve()),
+        "sim-num-sites": n_sites,
+        "sim-site-key": "",
+        "out-dir": str(work),
+        "run-id": "run",
+        "report": False,
+        **overrides,
+    }
     start = time.perf_counter()
     run_in_process(run_config, num_nodes=n_sites, client_app=measured)
     if groups:
         groups[-1]["coordinator_seconds_after"] = round(time.perf_counter() - last["end"], 2)
         print(json.dumps(groups[-1]), flush=True)
-    print(json.dumps({"phase": "whole run", "sites": n_sites, "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(_peak_mb()),
-                      "completed": (work / "run" / "metrics.json").is_file()}))
+    print(
+        json.dumps(
+            {
+                "phase": "whole run",
+                "sites": n_sites,
+                "seconds": round(time.perf_counter() - start, 1),
+                "peak_rss_mb": round(_peak_mb()),
+                "completed": (work / "run" / "metrics.json").is_file(),
+            }
+        )
+    )
 
 
 def _child(args: list[str], log: Callable[[str], None]) -> None:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    proc = subprocess.run(
+        [sys.executable, __file__, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+    )
     for line in proc.stdout.splitlines():
         log(line)
     if proc.returncode:
@@ -258,11 +319,16 @@ def run_all(sizes: list[int], folder: Path, *, wide: bool, overrides: list[str])
         tag = f"{n // 1000}k{'-wide' if wide else ''}"
         path = folder / f"site-{tag}.h5ad"
         if not path.is_file():
-            _child(["generate", "--cells", str(n), "--out", str(path), *(["--wide"] if wide else [])], lambda line, t=tag: log(json.dumps({"size": t, **json.loads(line)})))
+            _child(
+                ["generate", "--cells", str(n), "--out", str(path), *(["--wide"] if wide else [])],
+                lambda line, t=tag: log(json.dumps({"size": t, **json.loads(line)})),
+            )
         _child(["check", str(path)], lambda line, t=tag: log(json.dumps({"size": t, **json.loads(line)})))
         work = folder / f"work-{tag}"
-        _child(["site", str(path), "--work", str(work), *[a for kv in overrides for a in ("--set", kv)]],
-               lambda line, t=tag: log(json.dumps({"size": t, **json.loads(line)})))
+        _child(
+            ["site", str(path), "--work", str(work), *[a for kv in overrides for a in ("--set", kv)]],
+            lambda line, t=tag: log(json.dumps({"size": t, **json.loads(line)})),
+        )
 
 
 def main() -> None:

@@ -43,9 +43,18 @@ def summary(results: dict[str, list[dict]], ev: str = "mlp") -> str:
             if r:
                 means[c].append(r["accuracy_mean"])
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
-    lines.append(f"| **mean ({len(results)} sets)** | " + " | ".join(f"**{np.mean(v):.3f}**" if v else "" for v in means.values()) + " |")
-    lines += ["", f"## {ev}: mean over datasets, ± std over seeds (each seed's mean over datasets)", "", "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
-              "|---" * (len(ks) + 1) + "|"]
+    lines.append(
+        f"| **mean ({len(results)} sets)** | "
+        + " | ".join(f"**{np.mean(v):.3f}**" if v else "" for v in means.values())
+        + " |"
+    )
+    lines += [
+        "",
+        f"## {ev}: mean over datasets, ± std over seeds (each seed's mean over datasets)",
+        "",
+        "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
+        "|---" * (len(ks) + 1) + "|",
+    ]
     for m in methods:
         cells = []
         for k in [None] if m in K_FREE else ks:
@@ -56,9 +65,18 @@ def summary(results: dict[str, list[dict]], ev: str = "mlp") -> str:
                 cells.append("")
                 continue
             by_seed = np.mean([x[:n] for x in seeds], axis=0)
-            cells.append(f"{by_seed.mean():.3f} ± {by_seed.std():.3f}" + ("" if len(seeds) == len(results) else f" ({len(seeds)} sets)"))
+            cells.append(
+                f"{by_seed.mean():.3f} ± {by_seed.std():.3f}"
+                + ("" if len(seeds) == len(results) else f" ({len(seeds)} sets)")
+            )
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "## scdd vs dm and centralized (MLP), bytes and seconds per site", "", "| dataset | k | scdd | dm | gap to centralized | bytes scdd/dm | seconds scdd/dm |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## scdd vs dm and centralized (MLP), bytes and seconds per site",
+        "",
+        "| dataset | k | scdd | dm | gap to centralized | bytes scdd/dm | seconds scdd/dm |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, rows in results.items():
         cen = lookup(rows, "centralized", None, ev)
         for k in ks:
@@ -79,8 +97,12 @@ def audit_table(results: dict[str, list[dict]]) -> str:
     """Markdown: the privacy audit per method and k, mean over datasets (max over datasets in brackets)."""
     ks = sorted({r["k"] for rows in results.values() for r in rows if r["k"] is not None})
     methods = [m for m in dict.fromkeys(r["method"] for rows in results.values() for r in rows) if m not in K_FREE]
-    lines = ["## Privacy audit (0.5 = no signal; mean over datasets, [max over datasets])", "",
-             "| method | k | seed MIA | seed MIA, worst site | population MIA | density MIA | DCR share |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Privacy audit (0.5 = no signal; mean over datasets, [max over datasets])",
+        "",
+        "| method | k | seed MIA | seed MIA, worst site | population MIA | density MIA | DCR share |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in methods:
         for k in ks:
             rows = [lookup(r, m, k, "mlp") for r in results.values()]
@@ -103,9 +125,13 @@ def _acc(rows: list[dict], method: str, k: int | None, ev: str = "mlp") -> float
 
 def parity(results: dict[str, list[dict]], multi_site: set[str]) -> str:
     """Markdown: the shipped federation against the pooled upper bound, centralized, real cells and FedAvg of the MLP."""
-    lines = ["## Federation parity (MLP, k = 10 unless said; LR = logistic regression)", "",
-             "| dataset | sites | scdd (federated) | scdd_pooled | fed - pooled | centralized | fed / centralized | LR scdd | LR random | "
-             "scdd vs dm, random k = 1 | fedavg_mlp | weights MB: scdd / fedavg_mlp |", "|---" * 12 + "|"]
+    lines = [
+        "## Federation parity (MLP, k = 10 unless said; LR = logistic regression)",
+        "",
+        "| dataset | sites | scdd (federated) | scdd_pooled | fed - pooled | centralized | fed / centralized | LR scdd | LR random | "
+        "scdd vs dm, random k = 1 | fedavg_mlp | weights MB: scdd / fedavg_mlp |",
+        "|---" * 12 + "|",
+    ]
     ratios = []
     for name, rows in results.items():
         fed, pooled, cen = _acc(rows, "scdd", 10), _acc(rows, "scdd_pooled", 10), _acc(rows, "centralized", None)
@@ -115,26 +141,44 @@ def parity(results: dict[str, list[dict]], multi_site: set[str]) -> str:
         if name in multi_site or name.startswith(("cbmc", "pbmc4k")):
             ratios.append(fed / cen)
         s10, f10 = lookup(rows, "scdd", 10), lookup(rows, "fedavg_mlp", None)
-        mb = f"{s10['pretrain_upload_bytes_per_site'] / 1e6:.1f} / {f10['upload_bytes_per_site'] / 1e6:.1f}" if s10 and f10 and "pretrain_upload_bytes_per_site" in s10 else ""
-        lines.append(f"| {name}{sat} | {'by batch' if name in multi_site else 'Dirichlet'} | {fed:.3f} | {pooled:.3f} | {fed - pooled:+.3f} | {cen:.3f} | "
-                     f"{fed / cen:.3f} | {_acc(rows, 'scdd', 10, 'logreg'):.3f} | {_acc(rows, 'random', 10, 'logreg'):.3f} | "
-                     f"{_acc(rows, 'scdd', 1):.3f} vs {_acc(rows, 'dm', 1):.3f}, {_acc(rows, 'random', 1):.3f} | {_acc(rows, 'fedavg_mlp', None):.3f} | {mb} |")
+        mb = (
+            f"{s10['pretrain_upload_bytes_per_site'] / 1e6:.1f} / {f10['upload_bytes_per_site'] / 1e6:.1f}"
+            if s10 and f10 and "pretrain_upload_bytes_per_site" in s10
+            else ""
+        )
+        lines.append(
+            f"| {name}{sat} | {'by batch' if name in multi_site else 'Dirichlet'} | {fed:.3f} | {pooled:.3f} | {fed - pooled:+.3f} | {cen:.3f} | "
+            f"{fed / cen:.3f} | {_acc(rows, 'scdd', 10, 'logreg'):.3f} | {_acc(rows, 'random', 10, 'logreg'):.3f} | "
+            f"{_acc(rows, 'scdd', 1):.3f} vs {_acc(rows, 'dm', 1):.3f}, {_acc(rows, 'random', 1):.3f} | {_acc(rows, 'fedavg_mlp', None):.3f} | {mb} |"
+        )
     if ratios:
-        lines += ["", f"Mean of fed / centralized over the multi-site files and the Dirichlet splits of cbmc and pbmc4k: {np.mean(ratios):.3f} "
-                  f"({len(ratios)} files)."]
+        lines += [
+            "",
+            f"Mean of fed / centralized over the multi-site files and the Dirichlet splits of cbmc and pbmc4k: {np.mean(ratios):.3f} "
+            f"({len(ratios)} files).",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def site_gains(work: Path, results: dict[str, list[dict]], k: int = 10) -> str:
     """Markdown: per site, the federated MLP (scdd, k) against the same MLP trained on the site's own cells; mean over seeds."""
-    lines = [f"## What each site gains by joining (MLP on the site's test cells, scdd k = {k}, mean over seeds)", "",
-             "| dataset | site | federated | local-only | gain |", "|---|---|---|---|---|"]
+    lines = [
+        f"## What each site gains by joining (MLP on the site's test cells, scdd k = {k}, mean over seeds)",
+        "",
+        "| dataset | site | federated | local-only | gain |",
+        "|---|---|---|---|---|",
+    ]
     for name in results:
         per: dict[str, list[tuple[float, float]]] = {}
         for m in sorted(work.glob(f"{name}/seed*/scdd-k{k}/metrics.json")):
             last = json.loads(m.read_text())["rounds"][-1]["sites"]
             for site, v in last.items():
-                per.setdefault(site, []).append((v["scores"]["mlp"]["accuracy"], v.get("local_only", {}).get("mlp", {}).get("accuracy", float("nan"))))
+                per.setdefault(site, []).append(
+                    (
+                        v["scores"]["mlp"]["accuracy"],
+                        v.get("local_only", {}).get("mlp", {}).get("accuracy", float("nan")),
+                    )
+                )
         for site, vals in sorted(per.items()):
             fed, loc = np.mean([a for a, _ in vals]), np.nanmean([b for _, b in vals])
             lines.append(f"| {name} | {site} | {fed:.3f} | {loc:.3f} | {fed - loc:+.3f} |")
@@ -146,14 +190,27 @@ def main() -> int:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
     work = Path(sys.argv[2]) if len(sys.argv) > 2 else None
     results = load(root)
-    multi = {p.parent.name for p in root.glob("*/results.json") if len(json.loads(p.read_text()).get("sites", [])) >= 2
-             and not json.loads(p.read_text())["sites"][0].startswith("site")}
+    multi = {
+        p.parent.name
+        for p in root.glob("*/results.json")
+        if len(json.loads(p.read_text()).get("sites", [])) >= 2
+        and not json.loads(p.read_text())["sites"][0].startswith("site")
+    }
     if not results:
         print(f"no */results.json under {root}")
         return 1
-    text = ("# Benchmark summary\n\n" + (parity(results, multi) + "\n" if any(lookup(r, "scdd_pooled", 10) for r in results.values()) else "")
-            + (site_gains(work, results) + "\n" if work is not None else "") + summary(results, "mlp") + "\n" + summary(results, "logreg") + "\n" + summary(results, "knn")
-            + "\n" + audit_table(results))
+    text = (
+        "# Benchmark summary\n\n"
+        + (parity(results, multi) + "\n" if any(lookup(r, "scdd_pooled", 10) for r in results.values()) else "")
+        + (site_gains(work, results) + "\n" if work is not None else "")
+        + summary(results, "mlp")
+        + "\n"
+        + summary(results, "logreg")
+        + "\n"
+        + summary(results, "knn")
+        + "\n"
+        + audit_table(results)
+    )
     (root / "SUMMARY.md").write_text(text)
     print(text)
     return 0

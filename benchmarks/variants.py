@@ -59,12 +59,14 @@ VARIANTS: dict[str, tuple[dict[str, object], str]] = {
 }
 
 
-def _score_variant(run, name: str, k: int) -> float:  # noqa: ANN001 - a server.benchmark.SeedRun
+def _score_variant(run, name: str, k: int) -> float:
     change, mode = VARIANTS[name]
     fed, pre = run.fed, run.pre
     cells, labels = [], []
     for i in range(len(fed.sites)):
-        codes = distill_codes(pre.vae, pre.scdg, *fed.train(i), replace(DistillConfig(k=k, seed=run.seed * 7919 + 1000 * i), **change))
+        codes = distill_codes(
+            pre.vae, pre.scdg, *fed.train(i), replace(DistillConfig(k=k, seed=run.seed * 7919 + 1000 * i), **change)
+        )
         for m in ("expected", "sample") if mode == "both" else (mode,):
             cells.append(generate(pre.vae, pre.scdg, codes, mode=m, seed=run.seed))  # type: ignore[arg-type]
             labels.append(codes.labels)
@@ -82,15 +84,26 @@ def main() -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--vae-steps", type=int, default=PretrainConfig().vae.steps)
     p.add_argument("--scdg-steps", type=int, default=PretrainConfig().scdg.steps)
-    p.add_argument("--recon", action="store_true", help="also score an MLP trained on the VAE's reconstructions of all training cells")
+    p.add_argument(
+        "--recon",
+        action="store_true",
+        help="also score an MLP trained on the VAE's reconstructions of all training cells",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     base = PretrainConfig()
-    cfg = BenchmarkConfig(pretrain=replace(base, vae=replace(base.vae, steps=args.vae_steps), scdg=replace(base.scdg, steps=args.scdg_steps)))
+    cfg = BenchmarkConfig(
+        pretrain=replace(
+            base, vae=replace(base.vae, steps=args.vae_steps), scdg=replace(base.scdg, steps=args.scdg_steps)
+        )
+    )
     names = [n for n in args.variants.split(",") if n]
     acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     secs: dict[str, float] = defaultdict(float)
-    print(f"scored on VALIDATION cells (pooled over sites), k={args.k}, {args.seeds} seeds per file; test cells are never read", flush=True)
+    print(
+        f"scored on VALIDATION cells (pooled over sites), k={args.k}, {args.seeds} seeds per file; test cells are never read",
+        flush=True,
+    )
     for path in args.files:
         adata, stem = read_h5ad(path), Path(path).stem
         for seed in range(args.seeds):
@@ -99,7 +112,9 @@ def main() -> int:
                 X_all, y_all = run.fed.pooled("train")
                 recon = run.pre.vae.decode(torch.from_numpy(encode(run.pre.vae, X_all))).detach().numpy()
                 X_val, y_val = run.fed.pooled("val")
-                acc["recon"][stem].append(score(y_val, fit_predict("mlp", recon, y_all, X_val, len(run.fed.classes), seed=seed)).accuracy)
+                acc["recon"][stem].append(
+                    score(y_val, fit_predict("mlp", recon, y_all, X_val, len(run.fed.classes), seed=seed)).accuracy
+                )
             for name in names:
                 t0 = time.perf_counter()
                 acc[name][stem].append(_score_variant(run, name, args.k))
@@ -107,8 +122,12 @@ def main() -> int:
             print(f"  {stem} seed {seed} done", flush=True)
     for name in (["recon"] if args.recon else []) + names:
         per_file = {f: float(np.mean(v)) for f, v in acc[name].items()}
-        print(f"{name:<20} VALIDATION MLP {np.mean(list(per_file.values())):.3f}  "
-              + "  ".join(f"{f} {v:.3f}" for f, v in per_file.items()) + f"  ({secs[name]:.0f} s)", flush=True)
+        print(
+            f"{name:<20} VALIDATION MLP {np.mean(list(per_file.values())):.3f}  "
+            + "  ".join(f"{f} {v:.3f}" for f, v in per_file.items())
+            + f"  ({secs[name]:.0f} s)",
+            flush=True,
+        )
     return 0
 
 

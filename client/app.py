@@ -17,7 +17,17 @@ from flwr.clientapp import ClientApp
 from client import tasks
 from client.privacy import SiteDP
 from client.site import (
-    SiteData, SiteProfile, cache_dir, load_local_only, load_members, load_profile, load_site, resolve_source, save_local_only, save_members, source_key,
+    SiteData,
+    SiteProfile,
+    cache_dir,
+    load_local_only,
+    load_members,
+    load_profile,
+    load_site,
+    resolve_source,
+    save_local_only,
+    save_members,
+    source_key,
 )
 from shared.device import resolve_device
 from shared.errors import FedscddError
@@ -58,7 +68,9 @@ def _site(context: Context, spec: SiteSpec, plan: Plan | None = None) -> SiteDat
 
 def _profile(context: Context, spec: SiteSpec) -> SiteProfile:
     """The node's profile statistics, streamed from its file (the all-gene matrix is never held in memory)."""
-    return load_profile(resolve_source(context.node_config, context.run_config), spec, cache=cache_dir(context.node_config))
+    return load_profile(
+        resolve_source(context.node_config, context.run_config), spec, cache=cache_dir(context.node_config)
+    )
 
 
 def _device(context: Context) -> torch.device:
@@ -71,7 +83,9 @@ def _dp(context: Context, spec: SiteSpec) -> SiteDP | None:
     if not spec.dp.enabled:
         return None
     cache = cache_dir(context.node_config)
-    return SiteDP(spec.dp, site_secret(cache), cache, source_key(resolve_source(context.node_config, context.run_config)))
+    return SiteDP(
+        spec.dp, site_secret(cache), cache, source_key(resolve_source(context.node_config, context.run_config))
+    )
 
 
 @app.query("profile")
@@ -88,7 +102,9 @@ def pretrain(msg: Message, context: Context) -> Message:
     """train.pretrain: local VAE/SCDG steps, or latent moments."""
     with safe_errors("train.pretrain"):
         req = PretrainRequest.from_record(msg.content)
-        reply = tasks.pretrain_site(_site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec), _device(context))
+        reply = tasks.pretrain_site(
+            _site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec), _device(context)
+        )
     return Message(reply.to_record(), reply_to=msg)
 
 
@@ -97,9 +113,16 @@ def distill(msg: Message, context: Context) -> Message:
     """train.distill: k codes per local class (warm start from the previous round's codes the server sends back)."""
     with safe_errors("train.distill"):
         req = DistillRequest.from_record(msg.content)
-        reply, seeds = tasks.distill_site(_site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec), _device(context))
+        reply, seeds = tasks.distill_site(
+            _site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec), _device(context)
+        )
         if seeds is not None:  # a warm start keeps the seeds of the round its codes started from
-            save_members(cache_dir(context.node_config), context.run_id, resolve_source(context.node_config, context.run_config), seeds)
+            save_members(
+                cache_dir(context.node_config),
+                context.run_id,
+                resolve_source(context.node_config, context.run_config),
+                seeds,
+            )
     return Message(reply.to_record(), reply_to=msg)
 
 
@@ -111,6 +134,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         cache, source = cache_dir(context.node_config), resolve_source(context.node_config, context.run_config)
         members = load_members(cache, context.run_id, source)
         key = tasks.local_only_key(req)
-        reply = tasks.evaluate_site(_site(context, req.plan.spec, req.plan), req, members, load_local_only(cache, source, key), _device(context))
+        reply = tasks.evaluate_site(
+            _site(context, req.plan.spec, req.plan), req, members, load_local_only(cache, source, key), _device(context)
+        )
         save_local_only(cache, source, key, reply.local_only)
     return Message(reply.to_record(), reply_to=msg)

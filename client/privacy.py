@@ -17,7 +17,8 @@ import scipy.sparse as sp
 
 from client.site import SiteData, SiteProfile
 from shared.errors import ProtocolError, SiteDataError
-from shared.privacy import ledger, mechanisms as mech
+from shared.privacy import ledger
+from shared.privacy import mechanisms as mech
 from shared.privacy.accounting import Noise, Schedule, calibrate, epsilon, one_shot_noise
 from shared.privacy.sgd import DPSGD
 from shared.privacy.spec import DPSpec
@@ -57,8 +58,12 @@ def label_counts(site: SiteData | SiteProfile, dp: SiteDP) -> dict[str, int]:
     y = site.labels[site.train_idx]
     noised = mech.noisy_counts(y, len(site.classes), sigma, dp.rng("label counts"))
     tau = mech.name_threshold(sigma, dp.spec.names_delta())
-    present = np.bincount(y, minlength=len(site.classes)) > 0  # a label never seen here is not a name this site can release
-    return {c: max(1, round(float(v))) for c, v, ok in zip(site.classes, noised, present, strict=True) if ok and v >= tau}
+    present = (
+        np.bincount(y, minlength=len(site.classes)) > 0
+    )  # a label never seen here is not a name this site can release
+    return {
+        c: max(1, round(float(v))) for c, v, ok in zip(site.classes, noised, present, strict=True) if ok and v >= tau
+    }
 
 
 def plan_counts(site: SiteData, plan: Plan, dp: SiteDP) -> np.ndarray:
@@ -81,13 +86,24 @@ def profile(site: SiteProfile, dp: SiteDP) -> ProfileReply:
     counts = label_counts(site, dp)
     if not counts:
         tau = mech.name_threshold(sigma, dp.spec.names_delta())
-        msg = (f"under DP (dp-epsilon={dp.spec.epsilon:g}) no cell type of this site passes the release threshold of about {tau:.0f} "
-               "training cells after noise; raise dp-epsilon or leave this site out")
+        msg = (
+            f"under DP (dp-epsilon={dp.spec.epsilon:g}) no cell type of this site passes the release threshold of about {tau:.0f} "
+            "training cells after noise; raise dp-epsilon or leave this site out"
+        )
         raise SiteDataError(msg)
     names = tuple(sorted(counts))
     n = int(sum(counts.values()))
-    return ProfileReply(site.name, tuple(site.genes), out[0], out[1], np.clip(np.rint(out[2]), 0, n).astype(np.int64), n,
-                        names, np.array([counts[n] for n in names], dtype=np.int64), has_counts=site.has_counts)
+    return ProfileReply(
+        site.name,
+        tuple(site.genes),
+        out[0],
+        out[1],
+        np.clip(np.rint(out[2]), 0, n).astype(np.int64),
+        n,
+        names,
+        np.array([counts[n] for n in names], dtype=np.int64),
+        has_counts=site.has_counts,
+    )
 
 
 @dataclass(frozen=True)
@@ -125,8 +141,10 @@ def check_pretrain(dp: SiteDP, stage: str, rnd: int, steps: int, batch: int, con
         dp.claim("latent-stats", content)
         return
     if want is None or not 1 <= rnd <= spec.rounds or (steps, batch) != want:
-        msg = (f"refused: {stage} round {rnd} with {steps} steps of batch {batch} is outside the run's DP plan "
-               f"({spec.rounds} rounds of {want[0] if want else 0} steps, batch {want[1] if want else 0})")
+        msg = (
+            f"refused: {stage} round {rnd} with {steps} steps of batch {batch} is outside the run's DP plan "
+            f"({spec.rounds} rounds of {want[0] if want else 0} steps, batch {want[1] if want else 0})"
+        )
         raise ProtocolError(msg)
     dp.claim(f"{stage}-{rnd}", content)
 
@@ -140,12 +158,17 @@ def latent_moments(Z: np.ndarray, dp: SiteDP, sigma: float) -> tuple[np.ndarray,
     return noised[:d] * b1 * math.sqrt(2), np.maximum(noised[d:] * b2 * math.sqrt(2), 0.0)
 
 
-def library_stats(X: sp.csr_matrix, library: np.ndarray, y: np.ndarray, counts: np.ndarray, dp: SiteDP, sigma: float) -> np.ndarray:
+def library_stats(
+    X: sp.csr_matrix, library: np.ndarray, y: np.ndarray, counts: np.ndarray, dp: SiteDP, sigma: float
+) -> np.ndarray:
     """(C, 3) per-class mean and sd of log total counts and mean plan share, from one Gaussian release (NaN: class not released)."""
     from shared.counts import plan_fraction
 
     n_classes = len(counts)
-    log_l = np.clip(np.log(np.maximum(np.asarray(library, np.float64), 1.0)), 0.0, mech.LOG_LIBRARY_MAX) / mech.LOG_LIBRARY_MAX
+    log_l = (
+        np.clip(np.log(np.maximum(np.asarray(library, np.float64), 1.0)), 0.0, mech.LOG_LIBRARY_MAX)
+        / mech.LOG_LIBRARY_MAX
+    )
     share = np.clip(plan_fraction(X), 0.0, 1.0)
     V = np.stack([log_l, log_l**2, share], axis=1) / SQRT3  # each part <= 1/sqrt(3)
     sums = mech.noisy_class_sums(V, y, n_classes, sigma, dp.rng("library statistics")) * SQRT3
@@ -165,7 +188,10 @@ def library_stats(X: sp.csr_matrix, library: np.ndarray, y: np.ndarray, counts: 
 def class_gene_means(X: sp.csr_matrix, y: np.ndarray, counts: np.ndarray, dp: SiteDP, sigma: float) -> np.ndarray:
     """(C, G) per-class mean expression from one Gaussian release of clipped cells (rows of unreleased classes are 0)."""
     dense = np.asarray(X.toarray(), np.float64)
-    sums = mech.noisy_class_sums(dense / mech.GENE_NORM, y, len(counts), sigma, dp.rng("class gene means")) * mech.GENE_NORM
+    sums = (
+        mech.noisy_class_sums(dense / mech.GENE_NORM, y, len(counts), sigma, dp.rng("class gene means"))
+        * mech.GENE_NORM
+    )
     return (np.maximum(sums, 0.0) / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
@@ -173,7 +199,16 @@ def report(b: Budget, dp: SiteDP) -> dict[str, object]:
     """What the accountant says this site spent in the run: epsilon at delta (plus the label threshold's delta), and the mechanisms."""
     eps = epsilon(b.schedule, b.noise, b.delta)
     mechanisms = [f"Gaussian (noise multiplier {b.noise.stats:.3g}): {name}" for name in b.schedule.one_shot]
-    mechanisms += [f"DP-SGD {st.name}: {st.steps} steps, Poisson rate {st.sample_rate:.4g}, noise multiplier {b.noise.sgd:.3g}, "
-                   f"clip {dp.spec.max_grad_norm:g}" for st in b.schedule.sgd if st.steps]
-    return {"epsilon": eps, "delta": b.delta + dp.spec.names_delta(), "mechanisms": mechanisms, "noise_multiplier_sgd": b.noise.sgd,
-            "noise_multiplier_stats": b.noise.stats}
+    mechanisms += [
+        f"DP-SGD {st.name}: {st.steps} steps, Poisson rate {st.sample_rate:.4g}, noise multiplier {b.noise.sgd:.3g}, "
+        f"clip {dp.spec.max_grad_norm:g}"
+        for st in b.schedule.sgd
+        if st.steps
+    ]
+    return {
+        "epsilon": eps,
+        "delta": b.delta + dp.spec.names_delta(),
+        "mechanisms": mechanisms,
+        "noise_multiplier_sgd": b.noise.sgd,
+        "noise_multiplier_stats": b.noise.stats,
+    }

@@ -31,7 +31,9 @@ from shared.protocol import SiteSpec
 logger = logging.getLogger(__name__)
 
 EXAMPLE_FILE = "kang_pbmc_muscat.h5ad"
-CACHE_VERSION = 5  # 2: validation split; 3: library sizes; 4: streamed (explicit zeros dropped); 5: rows by split, memory-mapped
+CACHE_VERSION = (
+    5  # 2: validation split; 3: library sizes; 4: streamed (explicit zeros dropped); 5: rows by split, memory-mapped
+)
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,9 @@ class SiteData:
     train_idx: np.ndarray
     test_idx: np.ndarray
     val_idx: np.ndarray
-    library: np.ndarray = field(default_factory=lambda: np.empty(0))  # count input: total counts per cell over all genes; empty otherwise
+    library: np.ndarray = field(
+        default_factory=lambda: np.empty(0)
+    )  # count input: total counts per cell over all genes; empty otherwise
 
     @property
     def has_counts(self) -> bool:
@@ -86,9 +90,11 @@ def resolve_data_path(value: str) -> Path:
         return Path(value).expanduser()
     path = example_path()
     if not path.is_file():
-        msg = (f"sim-data-path is empty and the bundled example file is not here ({path}); a Flower app bundle "
-               "(FAB) holds only code. Pass the file explicitly: flwr run . --run-config "
-               "\"sim-data-path='/abs/path.h5ad'\"")
+        msg = (
+            f"sim-data-path is empty and the bundled example file is not here ({path}); a Flower app bundle "
+            "(FAB) holds only code. Pass the file explicitly: flwr run . --run-config "
+            "\"sim-data-path='/abs/path.h5ad'\""
+        )
         raise ConfigError(msg)
     return path
 
@@ -100,13 +106,21 @@ def resolve_source(node_config: Mapping[str, Any], run_config: Mapping[str, Any]
         name = str(node_config.get("site-name") or path.stem)
         return SiteSource(name=name, path=path)
     if "partition-id" not in node_config:
-        msg = ("this SuperNode has no data: start it with --node-config 'data-path=\"/abs/site.h5ad\" "
-               "site-name=\"hospital-a\"' (or run a simulation, which sets partition-id)")
+        msg = (
+            'this SuperNode has no data: start it with --node-config \'data-path="/abs/site.h5ad" '
+            'site-name="hospital-a"\' (or run a simulation, which sets partition-id)'
+        )
         raise ConfigError(msg)
     partition = int(node_config["partition-id"])
     path = resolve_data_path(str(run_config.get("sim-data-path", "")))
-    return SiteSource(name=f"partition{partition}", path=path, site_key=str(run_config.get("sim-site-key", "batch")),
-                      num_sites=int(run_config.get("sim-num-sites", 3)), partition=partition, split_seed=int(run_config.get("seed", 0)))
+    return SiteSource(
+        name=f"partition{partition}",
+        path=path,
+        site_key=str(run_config.get("sim-site-key", "batch")),
+        num_sites=int(run_config.get("sim-num-sites", 3)),
+        partition=partition,
+        split_seed=int(run_config.get("seed", 0)),
+    )
 
 
 def cache_dir(node_config: Mapping[str, Any]) -> Path:
@@ -123,12 +137,22 @@ def _cache_key(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None) 
     except OSError:
         msg = f"no such file: {source.path}; pass the path of your .h5ad (data-path / sim-data-path)"
         raise SiteDataError(msg) from None
-    parts = [CACHE_VERSION, str(source.path.resolve()), st.st_size, st.st_mtime_ns, source.site_key, source.num_sites,
-             source.partition, source.split_seed, spec.data_items(), hashlib.sha256("\n".join(genes or []).encode()).hexdigest()]
+    parts = [
+        CACHE_VERSION,
+        str(source.path.resolve()),
+        st.st_size,
+        st.st_mtime_ns,
+        source.site_key,
+        source.num_sites,
+        source.partition,
+        source.split_seed,
+        spec.data_items(),
+        hashlib.sha256("\n".join(genes or []).encode()).hexdigest(),
+    ]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _select(source: SiteSource, label_key: str, obs: Any) -> tuple[str, np.ndarray | None]:  # noqa: ANN401 - pandas DataFrame
+def _select(source: SiteSource, label_key: str, obs: Any) -> tuple[str, np.ndarray | None]:
     """This site's name and rows of the file (None: all of them), from the file's cell annotations only."""
     from shared.sites import site_of_obs
 
@@ -138,28 +162,40 @@ def _select(source: SiteSource, label_key: str, obs: Any) -> tuple[str, np.ndarr
         column = obs[source.site_key].astype(str).to_numpy()
         values = sorted(set(column))
         if source.partition >= len(values):
-            msg = (f"partition {source.partition} has no site: column '{source.site_key}' has {len(values)} values; "
-                   f"run the simulation with num-supernodes={len(values)}")
+            msg = (
+                f"partition {source.partition} has no site: column '{source.site_key}' has {len(values)} values; "
+                f"run the simulation with num-supernodes={len(values)}"
+            )
             raise SiteDataError(msg)
         name = values[source.partition]
         return name, np.flatnonzero(column == name)
     if label_key not in obs:
         msg = f"label column '{label_key}' not found in obs; set label-key to the column that holds cell types"
         raise SiteDataError(msg)
-    column = site_of_obs(obs, label_key=label_key, site_key=None, n_sites=max(1, source.num_sites), seed=source.split_seed)
+    column = site_of_obs(
+        obs, label_key=label_key, site_key=None, n_sites=max(1, source.num_sites), seed=source.split_seed
+    )
     name = f"site{source.partition}"
     if name not in set(column):
-        msg = (f"partition {source.partition} has no cells in a Dirichlet split into {source.num_sites} sites; "
-               f"set sim-num-sites to the number of SuperNodes")
+        msg = (
+            f"partition {source.partition} has no cells in a Dirichlet split into {source.num_sites} sites; "
+            f"set sim-num-sites to the number of SuperNodes"
+        )
         raise SiteDataError(msg)
     return name, np.flatnonzero(column == name)
 
 
-def _split_config(spec: SiteSpec) -> Any:  # noqa: ANN401 - shared.data.SplitConfig (imported lazily: anndata is slow to import)
+def _split_config(spec: SiteSpec) -> Any:
     from shared.data import SplitConfig
 
-    return SplitConfig(spec.label_key, spec.expect, spec.min_cells_per_class, spec.test_fraction, spec.val_fraction,  # type: ignore[arg-type]
-                       spec.split_seed)
+    return SplitConfig(
+        spec.label_key,
+        spec.expect,
+        spec.min_cells_per_class,
+        spec.test_fraction,
+        spec.val_fraction,  # type: ignore[arg-type]
+        spec.split_seed,
+    )
 
 
 def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, folder: Path) -> None:
@@ -181,8 +217,10 @@ def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, fo
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 return array  # a file system without fallocate: nothing reserved, the mapping is written as it is
-            msg = (f"not enough disk in the site cache ({folder.parent}) for the prepared cells ({path.stat().st_size / 1e9:.1f} GB for "
-                   f"{name}; {type(exc).__name__}); free space there or set the SuperNode's cache-dir to a larger disk")
+            msg = (
+                f"not enough disk in the site cache ({folder.parent}) for the prepared cells ({path.stat().st_size / 1e9:.1f} GB for "
+                f"{name}; {type(exc).__name__}); free space there or set the SuperNode's cache-dir to a larger disk"
+            )
             raise SiteDataError(msg) from None
         return array
 
@@ -198,10 +236,21 @@ def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, fo
     order = np.concatenate(parts)
     bounds = np.cumsum([0, *(p.size for p in parts)])
     library = cells.library[order] if cells.library is not None else np.empty(0)
-    np.savez(folder / "meta.npz", shape=np.asarray(X.shape), labels=cells.labels[order], train=np.arange(bounds[0], bounds[1]),
-             val=np.arange(bounds[1], bounds[2]), test=np.arange(bounds[2], bounds[3]), name=np.asarray(name), classes=np.asarray(cells.classes, dtype=str),
-             genes=np.asarray(tuple(genes) if genes is not None else cells.genes, dtype=str), library=library)
-    logger.info("site %s prepared and cached: %d cells, %d genes, %d classes", name, X.shape[0], X.shape[1], len(cells.classes))
+    np.savez(
+        folder / "meta.npz",
+        shape=np.asarray(X.shape),
+        labels=cells.labels[order],
+        train=np.arange(bounds[0], bounds[1]),
+        val=np.arange(bounds[1], bounds[2]),
+        test=np.arange(bounds[2], bounds[3]),
+        name=np.asarray(name),
+        classes=np.asarray(cells.classes, dtype=str),
+        genes=np.asarray(tuple(genes) if genes is not None else cells.genes, dtype=str),
+        library=library,
+    )
+    logger.info(
+        "site %s prepared and cached: %d cells, %d genes, %d classes", name, X.shape[0], X.shape[1], len(cells.classes)
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -244,7 +293,7 @@ def profile_of_site(site: SiteData, *, clip: bool) -> SiteProfile:
     from shared.training import row_view
 
     train = row_view(site.X, site.train_idx)
-    blocks = (train[a:a + CHUNK_ROWS] for a in range(0, train.shape[0], CHUNK_ROWS))
+    blocks = (train[a : a + CHUNK_ROWS] for a in range(0, train.shape[0], CHUNK_ROWS))
     stats = _profile_stats(blocks, len(site.genes), clip)
     return SiteProfile(site.name, site.genes, site.classes, site.labels, site.train_idx, site.has_counts, *stats)
 
@@ -260,7 +309,9 @@ def _stream_profile(source: SiteSource, spec: SiteSpec) -> SiteProfile:
         assert f.X is not None  # read_cells refused a file without X
         blocks = (block for _, block in normalised_blocks(f.X, cells, subset=cells.train_idx))
         stats = _profile_stats(blocks, len(cells.genes), spec.dp.enabled)
-    return SiteProfile(name, cells.genes, cells.classes, cells.labels, cells.train_idx, cells.library is not None, *stats)
+    return SiteProfile(
+        name, cells.genes, cells.classes, cells.labels, cells.train_idx, cells.library is not None, *stats
+    )
 
 
 def load_profile(source: SiteSource, spec: SiteSpec, *, cache: Path) -> SiteProfile:
@@ -269,14 +320,35 @@ def load_profile(source: SiteSource, spec: SiteSpec, *, cache: Path) -> SiteProf
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
-                return SiteProfile(str(z["name"]), tuple(str(g) for g in z["genes"]), tuple(str(c) for c in z["classes"]), z["labels"], z["train"],
-                                   bool(z["has_counts"]), z["sums"], z["sumsq"], z["detected"], z["clipped"])
+                return SiteProfile(
+                    str(z["name"]),
+                    tuple(str(g) for g in z["genes"]),
+                    tuple(str(c) for c in z["classes"]),
+                    z["labels"],
+                    z["train"],
+                    bool(z["has_counts"]),
+                    z["sums"],
+                    z["sumsq"],
+                    z["detected"],
+                    z["clipped"],
+                )
         except (OSError, ValueError, KeyError) as exc:
             logger.warning("ignoring unreadable profile cache %s (%s)", path.name, type(exc).__name__)
     p = _stream_profile(source, spec)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, name=np.asarray(p.name), genes=np.asarray(p.genes, dtype=str), classes=np.asarray(p.classes, dtype=str), labels=p.labels,
-                 train=p.train_idx, has_counts=np.asarray(p.has_counts), sums=p.sums, sumsq=p.sumsq, detected=p.detected, clipped=p.clipped)
+        np.savez(
+            fh,
+            name=np.asarray(p.name),
+            genes=np.asarray(p.genes, dtype=str),
+            classes=np.asarray(p.classes, dtype=str),
+            labels=p.labels,
+            train=p.train_idx,
+            has_counts=np.asarray(p.has_counts),
+            sums=p.sums,
+            sumsq=p.sumsq,
+            detected=p.detected,
+            clipped=p.clipped,
+        )
     return p
 
 
@@ -289,10 +361,23 @@ def _load(path: Path) -> SiteData:
     nnz = int(indptr[-1])
     with np.load(path / "meta.npz", allow_pickle=False) as z:
         X = sp.csr_matrix(tuple(int(v) for v in z["shape"]), dtype=np.float32)
-        X.data, X.indices, X.indptr = data[:nnz], indices[:nnz], indptr  # assigned: the constructor could copy the mapped arrays
+        X.data, X.indices, X.indptr = (
+            data[:nnz],
+            indices[:nnz],
+            indptr,
+        )  # assigned: the constructor could copy the mapped arrays
         X.has_sorted_indices = True
-        return SiteData(str(z["name"]), X, z["labels"], tuple(str(c) for c in z["classes"]), tuple(str(g) for g in z["genes"]), z["train"], z["test"],
-                        z["val"], z["library"])
+        return SiteData(
+            str(z["name"]),
+            X,
+            z["labels"],
+            tuple(str(c) for c in z["classes"]),
+            tuple(str(g) for g in z["genes"]),
+            z["train"],
+            z["test"],
+            z["val"],
+            z["library"],
+        )
 
 
 def load_site(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, *, cache: Path) -> SiteData:
@@ -326,8 +411,18 @@ def _local_path(cache: Path, source: SiteSource, key: str) -> Path:
         version = [st.st_size, st.st_mtime_ns]
     except OSError:
         version = []
-    ident = json.dumps([str(source.path.expanduser().resolve()), source.name, source.site_key, source.num_sites, source.partition, source.split_seed,
-                        version, key])
+    ident = json.dumps(
+        [
+            str(source.path.expanduser().resolve()),
+            source.name,
+            source.site_key,
+            source.num_sites,
+            source.partition,
+            source.split_seed,
+            version,
+            key,
+        ]
+    )
     return cache / f"local-only-{hashlib.sha256(ident.encode()).hexdigest()[:20]}.json"
 
 
@@ -348,7 +443,16 @@ def save_local_only(cache: Path, source: SiteSource, key: str, scores: Mapping[s
 
 def source_key(source: SiteSource) -> str:
     """A short identity of the site's cells (file and selection): simulated sites (and sites of one host) may share a cache folder."""
-    ident = json.dumps([str(source.path.expanduser().resolve()), source.name, source.site_key, source.num_sites, source.partition, source.split_seed])
+    ident = json.dumps(
+        [
+            str(source.path.expanduser().resolve()),
+            source.name,
+            source.site_key,
+            source.num_sites,
+            source.partition,
+            source.split_seed,
+        ]
+    )
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
@@ -370,5 +474,7 @@ def load_members(cache: Path, run_id: int, source: SiteSource) -> np.ndarray | N
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError):
-        logger.warning("no record of the cells that seeded this run's codes (%s): the seed-targeted audit is skipped", path.name)
+        logger.warning(
+            "no record of the cells that seeded this run's codes (%s): the seed-targeted audit is skipped", path.name
+        )
         return None

@@ -20,16 +20,34 @@ from client.site import SiteData, SiteProfile, profile_of_site
 from shared.audit import audit
 from shared.checkpoint import build_model
 from shared.counts import library_stats
-from shared.distill import ClassCounts, Codes, DistillConfig, distill_codes, resolve_gene_mean_weight, resolve_t_star, warm_start_fits
+from shared.distill import (
+    ClassCounts,
+    Codes,
+    DistillConfig,
+    distill_codes,
+    resolve_gene_mean_weight,
+    resolve_t_star,
+    warm_start_fits,
+)
 from shared.errors import CheckpointError, ConfigError, ProtocolError
 from shared.evaluation import PREDICT_ROWS, Matrix, MLPTrainConfig, fidelity, fit_predict, predict_mlp, score
-from shared.protocol.rounds import LIBRARY_STATS
-from shared.protocol import (
-    EVALUATORS, LOCAL_EVALUATORS, DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, EvaluatorScores, Plan, PretrainReply,
-    PretrainRequest, ProfileReply, StateDict,
-)
 from shared.privacy.ledger import digest
 from shared.privacy.mechanisms import torch_generator
+from shared.protocol import (
+    EVALUATORS,
+    LOCAL_EVALUATORS,
+    DistillReply,
+    DistillRequest,
+    EvaluateReply,
+    EvaluateRequest,
+    EvaluatorScores,
+    Plan,
+    PretrainReply,
+    PretrainRequest,
+    ProfileReply,
+    StateDict,
+)
+from shared.protocol.rounds import LIBRARY_STATS
 from shared.training import TrainConfig, anchor_of, dense_rows, encode, fit_scdg, fit_vae, row_view
 
 logger = logging.getLogger(__name__)
@@ -48,7 +66,14 @@ def profile_site(site: SiteData | SiteProfile, dp: SiteDP | None = None) -> Prof
     if dp is not None:
         return privacy.profile(site, dp)
     labels = [site.classes[j] for j in site.labels[site.train_idx]]
-    return profile_from_stats(site.name, site.genes, (site.sums, site.sumsq, site.detected), labels, n_cells=len(labels), has_counts=site.has_counts)
+    return profile_from_stats(
+        site.name,
+        site.genes,
+        (site.sums, site.sumsq, site.detected),
+        labels,
+        n_cells=len(labels),
+        has_counts=site.has_counts,
+    )
 
 
 def _model(kind: str, config_json: str, weights: StateDict) -> torch.nn.Module:
@@ -91,7 +116,9 @@ def _on(device: torch.device, dp: SiteDP | None) -> torch.device:
     return device
 
 
-def pretrain_site(site: SiteData, req: PretrainRequest, dp: SiteDP | None = None, device: torch.device = CPU) -> PretrainReply:
+def pretrain_site(
+    site: SiteData, req: PretrainRequest, dp: SiteDP | None = None, device: torch.device = CPU
+) -> PretrainReply:
     """Local steps of the requested stage (or latent moments for 'latent-stats'); DP-SGD and noised moments under DP.
 
     Under DP the reply's cell count is the noised count of the profile and its loss 0 (a loss over
@@ -103,8 +130,14 @@ def pretrain_site(site: SiteData, req: PretrainRequest, dp: SiteDP | None = None
     b = privacy.budget(site, req.plan, dp) if dp is not None else None
     n_cells = int(round(b.n_cells)) if b is not None else int(X.shape[0])
     if dp is not None:
-        privacy.check_pretrain(dp, req.stage, req.round, req.steps, req.batch_size,
-                               digest({**req.weights, **{f"encoder/{k}": v for k, v in (req.encoder or {}).items()}}))
+        privacy.check_pretrain(
+            dp,
+            req.stage,
+            req.round,
+            req.steps,
+            req.batch_size,
+            digest({**req.weights, **{f"encoder/{k}": v for k, v in (req.encoder or {}).items()}}),
+        )
     if req.stage == "latent-stats":
         Z = encode(_model("vae", req.model_config, req.weights).to(dev), X).astype(np.float64)
         if b is not None and dp is not None:
@@ -112,18 +145,34 @@ def pretrain_site(site: SiteData, req: PretrainRequest, dp: SiteDP | None = None
             return PretrainReply("latent-stats", req.round, n_cells, 0.0, latent_sum=s, latent_sumsq=q)
         return PretrainReply("latent-stats", req.round, n_cells, 0.0, latent_sum=Z.sum(0), latent_sumsq=(Z**2).sum(0))
     prox = req.proximal_mu / 2  # FedProx: mu/2 * ||w - w_global||^2 around the weights this round started from
-    private = {} if b is None or dp is None else {
-        "dp": privacy.dp_sgd(b, req.batch_size, dp.spec.max_grad_norm),
-        "dp_generator": torch_generator(dp.secret, [dp.spec.run_key, dp.site_key, req.stage, req.round])}
+    private = (
+        {}
+        if b is None or dp is None
+        else {
+            "dp": privacy.dp_sgd(b, req.batch_size, dp.spec.max_grad_norm),
+            "dp_generator": torch_generator(dp.secret, [dp.spec.run_key, dp.site_key, req.stage, req.round]),
+        }
+    )
     if req.stage == "vae":
         model = _model("vae", req.model_config, req.weights).to(dev)
         library = site.library[_train_rows(site, req.plan)[0]] if site.has_counts else None
-        losses = fit_vae(model, X, y, cfg, anchor=anchor_of(model) if prox > 0 else None, anchor_weight=prox, kl_ramp=req.kl_ramp,
-                         library=library, **private)
+        losses = fit_vae(
+            model,
+            X,
+            y,
+            cfg,
+            anchor=anchor_of(model) if prox > 0 else None,
+            anchor_weight=prox,
+            kl_ramp=req.kl_ramp,
+            library=library,
+            **private,
+        )
     else:
         vae = _model("vae", req.encoder_config, req.encoder or {}).to(dev)
         model = _model("scdg", req.model_config, req.weights).to(dev)
-        losses = fit_scdg(model, encode(vae, X), y, cfg, anchor=anchor_of(model) if prox > 0 else None, anchor_weight=prox, **private)
+        losses = fit_scdg(
+            model, encode(vae, X), y, cfg, anchor=anchor_of(model) if prox > 0 else None, anchor_weight=prox, **private
+        )
     loss = float(losses[-1]) if losses and b is None else 0.0
     return PretrainReply(req.stage, req.round, n_cells, loss, weights=_state(model))
 
@@ -137,13 +186,17 @@ def _distill_config(req: DistillRequest) -> DistillConfig:
     return DistillConfig(**{**req.distill, "seed": req.seed})
 
 
-def _warm_codes(req: DistillRequest, labels: np.ndarray, latent_dim: int, t_star: int, guidance: float, counts: ClassCounts | None) -> Codes | None:
+def _warm_codes(
+    req: DistillRequest, labels: np.ndarray, latent_dim: int, t_star: int, guidance: float, counts: ClassCounts | None
+) -> Codes | None:
     """The previous round's codes the server sent back, when they fit this round (same classes, k and latent size)."""
     if not req.warm_start or req.warm_codes is None or req.warm_labels is None:
         return None
     codes = Codes(req.warm_codes, req.warm_labels.astype(np.int64), t_star, guidance)
     if not warm_start_fits(codes, labels, req.k, latent_dim, counts):
-        logger.warning("warm-start codes do not fit this round (classes, k or latent size changed): starting from fresh codes")
+        logger.warning(
+            "warm-start codes do not fit this round (classes, k or latent size changed): starting from fresh codes"
+        )
         return None
     return codes
 
@@ -152,7 +205,9 @@ def _private_config(cfg: DistillConfig, dp: SiteDP) -> DistillConfig:
     """The distillation settings under DP: codes start from noise; objectives that read real cells directly are refused."""
     direct = [name for name in ("latent_weight", "mmd_weight", "gene_weight", "gm_weight") if getattr(cfg, name) > 0]
     if direct:
-        msg = f"refused under DP: the distillation terms {direct} read real cells directly; set them to 0 or turn DP off"
+        msg = (
+            f"refused under DP: the distillation terms {direct} read real cells directly; set them to 0 or turn DP off"
+        )
         raise ProtocolError(msg)
     weight = resolve_gene_mean_weight(cfg, private=True)
     if weight > 0 and not dp.spec.class_means:
@@ -161,7 +216,9 @@ def _private_config(cfg: DistillConfig, dp: SiteDP) -> DistillConfig:
     return replace(cfg, init="noise", gene_mean_weight=weight)
 
 
-def distill_site(site: SiteData, req: DistillRequest, dp: SiteDP | None = None, device: torch.device = CPU) -> tuple[DistillReply, np.ndarray | None]:
+def distill_site(
+    site: SiteData, req: DistillRequest, dp: SiteDP | None = None, device: torch.device = CPU
+) -> tuple[DistillReply, np.ndarray | None]:
     """Distill k codes per local class through the frozen generator; warm start from the codes the server sent back.
 
     Also returns the site-local rows of the cells whose latents seeded the codes (None on a warm
@@ -196,15 +253,32 @@ def distill_site(site: SiteData, req: DistillRequest, dp: SiteDP | None = None, 
         library = privacy.library_stats(X, site.library[idx], y, counts, dp, b.noise.stats)
     else:
         library = library_stats(X, site.library[idx], y, n_classes)
-    logger.info("distilled %d codes for %d classes in %.1f s (warm start: %s)", len(codes.labels), len(np.unique(codes.labels)), seconds, init is not None)
-    reply = DistillReply(req.round, codes.codes.astype(np.float32), codes.labels.astype(np.int32), counts, seconds, library, privacy=report)
+    logger.info(
+        "distilled %d codes for %d classes in %.1f s (warm start: %s)",
+        len(codes.labels),
+        len(np.unique(codes.labels)),
+        seconds,
+        init is not None,
+    )
+    reply = DistillReply(
+        req.round,
+        codes.codes.astype(np.float32),
+        codes.labels.astype(np.int32),
+        counts,
+        seconds,
+        library,
+        privacy=report,
+    )
     seeds = None if init is not None or codes.seed_rows is None else idx[codes.seed_rows]
     return reply, seeds
 
 
 def _predict_logreg(X: Matrix, coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Predictions of a fitted multinomial/binary logistic regression from its coefficients (a block of cells densified at a time)."""
-    parts = [dense_rows(X, np.arange(i, min(i + PREDICT_ROWS, X.shape[0]))).numpy() @ coef.T for i in range(0, X.shape[0], PREDICT_ROWS)]
+    parts = [
+        dense_rows(X, np.arange(i, min(i + PREDICT_ROWS, X.shape[0]))).numpy() @ coef.T
+        for i in range(0, X.shape[0], PREDICT_ROWS)
+    ]
     scores = np.concatenate(parts) + intercept if parts else np.zeros((0, coef.shape[0]))
     if coef.shape[0] == 1 and classes.size == 2:
         return classes[(scores[:, 0] > 0).astype(int)]
@@ -218,13 +292,17 @@ def _scores(X: Matrix, y: np.ndarray, req: EvaluateRequest, n_classes: int) -> d
     """Every evaluator's scores on (X, y); NaN everywhere when there are no cells."""
     if X.shape[0] == 0:
         return {ev: EvaluatorScores(float("nan"), float("nan"), (float("nan"),) * n_classes) for ev in EVALUATORS}
-    preds = {"mlp": predict_mlp(_model("mlp", req.mlp_config, req.mlp), X),
-             "logreg": _predict_logreg(X, req.logreg_coef, req.logreg_intercept, req.logreg_classes),
-             "knn": fit_predict("knn", req.X, req.labels.astype(np.int64), X, n_classes, seed=req.seed)}
+    preds = {
+        "mlp": predict_mlp(_model("mlp", req.mlp_config, req.mlp), X),
+        "logreg": _predict_logreg(X, req.logreg_coef, req.logreg_intercept, req.logreg_classes),
+        "knn": fit_predict("knn", req.X, req.labels.astype(np.int64), X, n_classes, seed=req.seed),
+    }
     out = {}
     for ev in EVALUATORS:
         s = score(y, np.asarray(preds[ev]))
-        out[ev] = EvaluatorScores(s.accuracy, s.macro_f1, tuple(s.per_class_recall.get(c, float("nan")) for c in range(n_classes)))
+        out[ev] = EvaluatorScores(
+            s.accuracy, s.macro_f1, tuple(s.per_class_recall.get(c, float("nan")) for c in range(n_classes))
+        )
     return out
 
 
@@ -233,8 +311,13 @@ def local_only_key(req: EvaluateRequest) -> str:
     return json.dumps([req.plan.digest(), req.seed, repr(MLPTrainConfig())])
 
 
-def evaluate_site(site: SiteData, req: EvaluateRequest, members: np.ndarray | None = None,
-                  local: dict[str, dict[str, float]] | None = None, device: torch.device = CPU) -> EvaluateReply:
+def evaluate_site(
+    site: SiteData,
+    req: EvaluateRequest,
+    members: np.ndarray | None = None,
+    local: dict[str, dict[str, float]] | None = None,
+    device: torch.device = CPU,
+) -> EvaluateReply:
     """Score the server's models on held-out test and validation cells; fidelity, the privacy audit and local-only scores.
 
     ``members``: site-local rows of the cells that seeded this run's codes (``distill_site``); without
@@ -247,7 +330,11 @@ def evaluate_site(site: SiteData, req: EvaluateRequest, members: np.ndarray | No
     if req.X.shape[1] != len(site.genes) or test.size == 0:
         msg = "synthetic cells do not match the plan's genes, or no held-out cells of the plan's classes"
         raise ProtocolError(msg)
-    X_test, y_test, X_train = row_view(site.X, test), y_all[test], row_view(site.X, train)  # views, scored a block of cells at a time
+    X_test, y_test, X_train = (
+        row_view(site.X, test),
+        y_all[test],
+        row_view(site.X, train),
+    )  # views, scored a block of cells at a time
     y_syn = req.labels.astype(np.int64)
     scores = _scores(X_test, y_test, req, n_classes)
     X_val = row_view(site.X, val)
@@ -258,14 +345,32 @@ def evaluate_site(site: SiteData, req: EvaluateRequest, members: np.ndarray | No
     aud = audit(X_train, y_all[train], seed_rows, X_test, y_test, X_val, req.X, seed=req.seed)
     if local is None:
         local = local_only(X_train, y_all[train], X_test, y_test, n_classes, seed=req.seed, device=device)
-    return EvaluateReply(req.round, int(test.size), scores, int(val.size), val_scores, fid.as_dict(), aud.as_dict(), local, val_fid.as_dict())
+    return EvaluateReply(
+        req.round,
+        int(test.size),
+        scores,
+        int(val.size),
+        val_scores,
+        fid.as_dict(),
+        aud.as_dict(),
+        local,
+        val_fid.as_dict(),
+    )
 
 
 LOCAL_LOGREG_MAX_CELLS = 50_000
 
 
-def local_only(X_train, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, n_classes: int, *, seed: int,  # noqa: ANN001 - csr
-               device: torch.device = CPU) -> dict[str, dict[str, float]]:
+def local_only(
+    X_train,
+    y_train: np.ndarray,
+    X_test: np.ndarray,
+    y_test: np.ndarray,
+    n_classes: int,
+    *,
+    seed: int,
+    device: torch.device = CPU,
+) -> dict[str, dict[str, float]]:
     """What the site has without joining: each evaluator trained on its own training cells, scored on its test cells.
 
     The MLP follows the benchmark's training rule (``MLPTrainConfig``), as the server's does, drawing its
@@ -279,6 +384,8 @@ def local_only(X_train, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndar
         if ev == "logreg" and y.size > LOCAL_LOGREG_MAX_CELLS:
             pick = np.sort(np.random.default_rng(seed).choice(y.size, LOCAL_LOGREG_MAX_CELLS, replace=False))
             X, y = X[pick], y[pick]
-        s = score(y_test, np.asarray(fit_predict(ev, X, y, X_test, n_classes, seed=seed, mlp=MLPTrainConfig(), device=device)))
+        s = score(
+            y_test, np.asarray(fit_predict(ev, X, y, X_test, n_classes, seed=seed, mlp=MLPTrainConfig(), device=device))
+        )
         out[ev] = {"accuracy": s.accuracy, "macro_f1": s.macro_f1}
     return out

@@ -31,8 +31,15 @@ OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2}
 
 
-def average(states: Sequence[State], weights: Sequence[float], *, site_classes: Sequence[Collection[int]] | None = None,
-            class_rows: Collection[str] = (), n_classes: int = 0, previous: State | None = None) -> dict[str, np.ndarray]:
+def average(
+    states: Sequence[State],
+    weights: Sequence[float],
+    *,
+    site_classes: Sequence[Collection[int]] | None = None,
+    class_rows: Collection[str] = (),
+    n_classes: int = 0,
+    previous: State | None = None,
+) -> dict[str, np.ndarray]:
     """Weighted FedAvg; with ``site_classes``, each class's rows of ``class_rows`` averaged over the sites that have it.
 
     ``site_classes[i]``: class ids present at site i. Rows ``c < n_classes`` of every parameter in
@@ -109,14 +116,18 @@ class ServerOptimizer:
         return out
 
     def _update(self, key: str, delta: np.ndarray) -> np.ndarray:
-        if self.kind == "fedavgm":  # flwr FedAvgM: momentum on the pseudo-gradient -delta, first round = the gradient itself
+        if (
+            self.kind == "fedavgm"
+        ):  # flwr FedAvgM: momentum on the pseudo-gradient -delta, first round = the gradient itself
             self.m[key] = delta if key not in self.m else self.beta_1 * self.m[key] + delta
             return self.lr * self.m[key]
         m = self.beta_1 * self.m.get(key, np.zeros_like(delta)) + (1 - self.beta_1) * delta
         v = self.v.get(key, np.zeros_like(delta))
         if self.kind == "fedadam":
             v = self.beta_2 * v + (1 - self.beta_2) * delta**2
-            lr = self.lr * np.sqrt(1 - self.beta_2 ** (self.t + 1.0)) / (1 - self.beta_1 ** (self.t + 1.0))  # flwr's bias correction
+            lr = (
+                self.lr * np.sqrt(1 - self.beta_2 ** (self.t + 1.0)) / (1 - self.beta_1 ** (self.t + 1.0))
+            )  # flwr's bias correction
         else:  # fedyogi
             v = v - (1.0 - self.beta_2) * delta**2 * np.sign(v - delta**2)
             lr = self.lr

@@ -38,8 +38,8 @@ from server.simulation import app_config_defaults
 from shared.audit import AUDIT_KEYS, Audit, audit, random_members
 from shared.baselines import SyntheticSet, coreset, distribution_matching, gaussian
 from shared.distill import DECODE_MODE as SCDD_DECODE_MODE
-from shared.errors import ConfigError
 from shared.distill import DistillConfig, code_counts, distill_codes, generate
+from shared.errors import ConfigError
 from shared.evaluation import EVALUATORS, Evaluator, MLPTrainConfig, fidelity, fit_predict, predict_mlp, score
 from shared.io import write_h5ad
 from shared.pretrain import PretrainConfig, Pretrained, pretrain
@@ -48,7 +48,19 @@ from shared.sites import Federation, prepare_federation, site_of_cells
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("scdd", "scdd_pooled", "scdd_noopt", "fedavg_mlp", "dm", "random", "herding", "kcenter", "gaussian", "local", "centralized")
+METHODS = (
+    "scdd",
+    "scdd_pooled",
+    "scdd_noopt",
+    "fedavg_mlp",
+    "dm",
+    "random",
+    "herding",
+    "kcenter",
+    "gaussian",
+    "local",
+    "centralized",
+)
 K_FREE = ("fedavg_mlp", "local", "centralized")
 FEDERATED = ("scdd", "scdd_pooled", "scdd_noopt")  # run through the shipped ServerApp / ClientApp
 PRETRAINING_MODE = {"scdd": "fedavg", "scdd_noopt": "fedavg", "scdd_pooled": "pooled"}  # every other method: "none"
@@ -99,7 +111,9 @@ class BenchmarkConfig:
         if self.score_on not in ("test", "val") or self.seeds < 1:
             msg = f"score_on must be 'test' or 'val' and seeds >= 1; got {self.score_on!r}, {self.seeds}"
             raise ValueError(msg)
-        FederationConfig.from_run_config({**app_config_defaults(), **self.overrides()})  # refuses unknown keys and bad values now, not mid-run
+        FederationConfig.from_run_config(
+            {**app_config_defaults(), **self.overrides()}
+        )  # refuses unknown keys and bad values now, not mid-run
 
     def overrides(self) -> dict[str, Any]:
         """Run-config keys of the federated rows: the distillation settings, then ``federation``."""
@@ -125,7 +139,9 @@ class Cell:
     zero_fraction: list[float] = field(default_factory=list)
     pretrain_upload_bytes: list[float] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)
-    fidelity: list[dict[str, float]] = field(default_factory=list)  # per seed: the training cells against the scored cells
+    fidelity: list[dict[str, float]] = field(
+        default_factory=list
+    )  # per seed: the training cells against the scored cells
 
 
 @dataclass(frozen=True)
@@ -141,8 +157,14 @@ class SeedRun:
     def summary(self) -> dict[str, object]:
         """What results.json records of this seed."""
         secs = {"vae": self.pre.vae_seconds, "scdg": self.pre.scdg_seconds} if self.pre else {}
-        out: dict[str, object] = {"seed": self.seed, "split_hash": self.split_hash, "sites": list(self.fed.names), "n_genes": len(self.fed.genes),
-                                  "n_classes": len(self.fed.classes), "pooled_pretrain_seconds": secs}
+        out: dict[str, object] = {
+            "seed": self.seed,
+            "split_hash": self.split_hash,
+            "sites": list(self.fed.names),
+            "n_genes": len(self.fed.genes),
+            "n_classes": len(self.fed.classes),
+            "pooled_pretrain_seconds": secs,
+        }
         if self.heldout is not None:
             out["left_out"] = self.heldout.names[0]
         return out
@@ -172,17 +194,26 @@ def prepare_seed(adata: ad.AnnData, cfg: BenchmarkConfig, seed: int, *, pretrain
             msg = f"--leave-out {cfg.leave_out!r} is not a site of this file; its sites: {', '.join(parts)}"
             raise ConfigError(msg)
         held = {cfg.leave_out: parts.pop(cfg.leave_out)}
-    kw = {"label_key": sp_cfg.label_key, "seed": seed, "test_fraction": sp_cfg.test_fraction, "val_fraction": sp_cfg.val_fraction}
+    kw = {
+        "label_key": sp_cfg.label_key,
+        "seed": seed,
+        "test_fraction": sp_cfg.test_fraction,
+        "val_fraction": sp_cfg.val_fraction,
+    }
     fed = prepare_federation(parts, n_genes=sp_cfg.n_genes, **kw)  # type: ignore[arg-type]
     heldout = prepare_federation(held, genes=fed.genes, **kw) if held else None  # type: ignore[arg-type]
-    digest = hashlib.sha256(np.unique(col, return_inverse=True)[1].astype(np.int64).tobytes() + fed.split_hash().encode()).hexdigest()[:16]
+    digest = hashlib.sha256(
+        np.unique(col, return_inverse=True)[1].astype(np.int64).tobytes() + fed.split_hash().encode()
+    ).hexdigest()[:16]
     if not pretrain_models:
         return SeedRun(seed, fed, digest, None, heldout)
     X_all, y_all = fed.pooled("train")
     return SeedRun(seed, fed, digest, pretrain(X_all, y_all, len(fed.classes), cfg.pretrain.with_seed(seed)), heldout)
 
 
-def _site_set(method: str, X: sp.csr_matrix, y: np.ndarray, pre: Pretrained | None, k: int, seed: int, cfg: BenchmarkConfig) -> SiteSet:
+def _site_set(
+    method: str, X: sp.csr_matrix, y: np.ndarray, pre: Pretrained | None, k: int, seed: int, cfg: BenchmarkConfig
+) -> SiteSet:
     """One site's synthetic set for an in-process `method` (and scdd distilled from given models, for tuning scripts)."""
     if method in ("scdd", "scdd_noopt"):
         assert pre is not None, "scdd needs pretrained models"
@@ -196,7 +227,10 @@ def _site_set(method: str, X: sp.csr_matrix, y: np.ndarray, pre: Pretrained | No
         return SiteSet(syn, syn.members)
     if method == "gaussian":
         classes, counts = code_counts(y, k)
-        return SiteSet(gaussian(X, y, k, seed=seed), random_members(y, dict(zip(classes.tolist(), counts.tolist(), strict=True)), seed))
+        return SiteSet(
+            gaussian(X, y, k, seed=seed),
+            random_members(y, dict(zip(classes.tolist(), counts.tolist(), strict=True)), seed),
+        )
     syn = coreset(X, y, k, method=method, seed=seed)
     return SiteSet(syn, syn.members)
 
@@ -212,8 +246,11 @@ def _synthetic(method: str, run: SeedRun, k: int, cfg: BenchmarkConfig) -> tuple
         secs.append(time.perf_counter() - t0)
         parts.append(part)
         audits.append(audit(X, y, part.members, *fed.test(i), fed.val(i)[0], part.syn.X, aligned=True, seed=run.seed))
-    fused = SyntheticSet(np.concatenate([p.syn.X for p in parts]), np.concatenate([p.syn.labels for p in parts]),
-                         int(np.mean([p.syn.upload_bytes for p in parts])))
+    fused = SyntheticSet(
+        np.concatenate([p.syn.X for p in parts]),
+        np.concatenate([p.syn.labels for p in parts]),
+        int(np.mean([p.syn.upload_bytes for p in parts])),
+    )
     return fused, float(np.mean(secs)), audits
 
 
@@ -229,11 +266,17 @@ def eval_cells(run: SeedRun, cfg: BenchmarkConfig) -> tuple[sp.csr_matrix, np.nd
     lookup = {c: i for i, c in enumerate(run.fed.classes)}
     ids = np.array([lookup.get(c, -1) for c in run.heldout.classes], dtype=np.int64)[y]
     if (ids < 0).any():
-        logger.info("left-out site: %d of %d cells are of classes no participating site has; not scored", int((ids < 0).sum()), len(ids))
+        logger.info(
+            "left-out site: %d of %d cells are of classes no participating site has; not scored",
+            int((ids < 0).sum()),
+            len(ids),
+        )
     return X[ids >= 0], ids[ids >= 0]
 
 
-def _score_set(X: sp.csr_matrix | np.ndarray, y: np.ndarray, run: SeedRun, evaluator: Evaluator, seed: int, cfg: BenchmarkConfig) -> tuple[float, float]:
+def _score_set(
+    X: sp.csr_matrix | np.ndarray, y: np.ndarray, run: SeedRun, evaluator: Evaluator, seed: int, cfg: BenchmarkConfig
+) -> tuple[float, float]:
     X_eval, y_eval = eval_cells(run, cfg)
     torch.manual_seed(seed)
     pred = fit_predict(evaluator, X, y, X_eval, len(run.fed.classes), seed=seed, mlp=cfg.mlp)
@@ -264,7 +307,9 @@ class Workspace:
     def __init__(self, path: Path, adata_path: Path, cfg: BenchmarkConfig) -> None:
         self.root, self.data, self.cfg = path, adata_path, cfg
         self.pretrained: dict[tuple[int, str], Path] = {}
-        self.cost: dict[int, tuple[float, int]] = {}  # seed -> (weights uploaded per site, FedAvg rounds) of its FedAvg pretraining
+        self.cost: dict[
+            int, tuple[float, int]
+        ] = {}  # seed -> (weights uploaded per site, FedAvg rounds) of its FedAvg pretraining
 
     def data_for(self, run: SeedRun, adata: ad.AnnData) -> tuple[Path, str]:
         """The file the simulated sites read and its site column: the input, or (leave-one-out) a copy without the left-out site."""
@@ -289,14 +334,32 @@ def _federated(method: str, k: int, run: SeedRun, cfg: BenchmarkConfig, ws: Work
     mode = PRETRAINING_MODE[method]
     if mode == "pooled" and (run.seed, mode) not in ws.pretrained:
         assert run.pre is not None, "scdd_pooled needs the pooled pretraining of this seed"
-        spec = SiteSpec(label_key=sp_cfg.label_key, test_fraction=sp_cfg.test_fraction, val_fraction=sp_cfg.val_fraction, split_seed=run.seed)
-        ws.pretrained[(run.seed, mode)] = save_pooled(run.pre, run.fed, spec, ws.root / f"seed{run.seed}" / "pooled-pretrained")
+        spec = SiteSpec(
+            label_key=sp_cfg.label_key,
+            test_fraction=sp_cfg.test_fraction,
+            val_fraction=sp_cfg.val_fraction,
+            split_seed=run.seed,
+        )
+        ws.pretrained[(run.seed, mode)] = save_pooled(
+            run.pre, run.fed, spec, ws.root / f"seed{run.seed}" / "pooled-pretrained"
+        )
     base = ws.pretrained.get((run.seed, mode))
     if base is not None:
         over["pretrained-path"] = str(base)
     out = ws.root / f"seed{run.seed}" / f"{method}-k{k}"
-    rc = run_config(data, seed=run.seed, k=k, out=out, label_key=sp_cfg.label_key, site_key=site_key, n_sites=sp_cfg.n_sites,
-                    n_genes=sp_cfg.n_genes, test_fraction=sp_cfg.test_fraction, val_fraction=sp_cfg.val_fraction, overrides=over)
+    rc = run_config(
+        data,
+        seed=run.seed,
+        k=k,
+        out=out,
+        label_key=sp_cfg.label_key,
+        site_key=site_key,
+        n_sites=sp_cfg.n_sites,
+        n_genes=sp_cfg.n_genes,
+        test_fraction=sp_cfg.test_fraction,
+        val_fraction=sp_cfg.val_fraction,
+        overrides=over,
+    )
     t0 = time.perf_counter()
     res = federate(rc, classes=run.fed.classes, cache=ws.root / "site-cache")
     logger.info("seed %d %s k=%d: federation in %.0f s (%s)", run.seed, method, k, time.perf_counter() - t0, out)
@@ -307,10 +370,20 @@ def _federated(method: str, k: int, run: SeedRun, cfg: BenchmarkConfig, ws: Work
         ws.pretrained[(run.seed, mode)] = out / "pretrained"
         ws.cost[run.seed] = (res.pretrain_upload_bytes, res.pretrain_rounds)
     weights, rounds = ws.cost.get(run.seed, (0.0, 0)) if mode == "fedavg" else (0.0, 0)
-    return Produced([(res.X, res.labels)], res.distill_seconds, res.upload_bytes, res.audits, float((res.X == 0).mean()), weights, rounds)
+    return Produced(
+        [(res.X, res.labels)],
+        res.distill_seconds,
+        res.upload_bytes,
+        res.audits,
+        float((res.X == 0).mean()),
+        weights,
+        rounds,
+    )
 
 
-def _produce(method: str, k: int | None, run: SeedRun, cfg: BenchmarkConfig, ws: Workspace, adata: ad.AnnData) -> Produced:
+def _produce(
+    method: str, k: int | None, run: SeedRun, cfg: BenchmarkConfig, ws: Workspace, adata: ad.AnnData
+) -> Produced:
     """Training set(s) a method yields (one fused set, or one per site for local-only), or its trained model."""
     fed = run.fed
     if method == "centralized":
@@ -329,7 +402,9 @@ def _produce(method: str, k: int | None, run: SeedRun, cfg: BenchmarkConfig, ws:
     return Produced([(syn.X, syn.labels)], secs, float(syn.upload_bytes), audits, float((syn.X == 0).mean()))
 
 
-def run(path: str | Path, cfg: BenchmarkConfig, *, progress: Callable[[str], None] | None = None) -> tuple[dict[tuple[str, int | None, str], Cell], list[dict[str, object]]]:
+def run(
+    path: str | Path, cfg: BenchmarkConfig, *, progress: Callable[[str], None] | None = None
+) -> tuple[dict[tuple[str, int | None, str], Cell], list[dict[str, object]]]:
     """Run every (seed, method, k, evaluator) of `cfg` on one file; also returns each seed's summary (split hash, sites, pretraining)."""
     from shared.data import read_h5ad
 
@@ -356,7 +431,14 @@ def run(path: str | Path, cfg: BenchmarkConfig, *, progress: Callable[[str], Non
     return cells, runs
 
 
-def _record(cells: dict[tuple[str, int | None, str], Cell], method: str, k: int | None, got: Produced, run: SeedRun, cfg: BenchmarkConfig) -> None:
+def _record(
+    cells: dict[tuple[str, int | None, str], Cell],
+    method: str,
+    k: int | None,
+    got: Produced,
+    run: SeedRun,
+    cfg: BenchmarkConfig,
+) -> None:
     """Score what a method produced with every evaluator and append one entry per metric."""
     for ev in cfg.evaluators:
         if got.model is not None:
@@ -419,7 +501,12 @@ def rows(cells: dict[tuple[str, int | None, str], Cell]) -> list[dict[str, objec
         if c.audits:
             for key in AUDIT_KEYS:  # mean over sites, then over seeds
                 row[key] = _nanmean([_nanmean([getattr(a, key) for a in per_site]) for per_site in c.audits])
-            row["seed_mia_max"] = _nanmean([max((a.seed_mia for a in per_site if np.isfinite(a.seed_mia)), default=float("nan")) for per_site in c.audits])
+            row["seed_mia_max"] = _nanmean(
+                [
+                    max((a.seed_mia for a in per_site if np.isfinite(a.seed_mia)), default=float("nan"))
+                    for per_site in c.audits
+                ]
+            )
             row["zero_fraction"] = _nanmean(c.zero_fraction)
         out.append(row)
     return out
@@ -432,35 +519,64 @@ def markdown(dataset: str, table_rows: Sequence[dict[str, object]], ks: Sequence
     evaluators = list(dict.fromkeys(str(r["evaluator"]) for r in table_rows))
     get = {(r["method"], r["k"], r["evaluator"]): r for r in table_rows}
     for ev in evaluators:
-        lines += [f"## {ev} accuracy (mean ± std over seeds)", "", "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+        lines += [
+            f"## {ev} accuracy (mean ± std over seeds)",
+            "",
+            "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
+            "|---" * (len(ks) + 1) + "|",
+        ]
         for m in methods:
             vals = [get.get((m, None if m in K_FREE else k, ev)) for k in ks]
-            lines.append(f"| {m} | " + " | ".join(f"{v['accuracy_mean']:.3f} ± {v['accuracy_std']:.3f}" if v else "" for v in vals) + " |")
+            lines.append(
+                f"| {m} | "
+                + " | ".join(f"{v['accuracy_mean']:.3f} ± {v['accuracy_std']:.3f}" if v else "" for v in vals)
+                + " |"
+            )
         lines.append("")
     fid_rows = [r for r in table_rows if r["evaluator"] == evaluators[0] and "fidelity" in r]
     if fid_rows:
-        lines += ["## fidelity: each method's training cells against the scored cells (scanpy wilcoxon top-50 markers per class; mean over seeds)",
-                  "", "| method | k | marker overlap | zero fraction synthetic / real | per-gene var corr | per-gene mean corr | MMD (50 PCs) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## fidelity: each method's training cells against the scored cells (scanpy wilcoxon top-50 markers per class; mean over seeds)",
+            "",
+            "| method | k | marker overlap | zero fraction synthetic / real | per-gene var corr | per-gene mean corr | MMD (50 PCs) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in fid_rows:
             f = r["fidelity"]  # type: ignore[index]
-            lines.append(f"| {r['method']} | {r['k'] if r['k'] is not None else ''} | {f['marker_overlap']:.3f} | {f['zero_fraction_synthetic']:.3f} / "
-                         f"{f['zero_fraction_real']:.3f} | {f['var_corr']:.3f} | {f['mean_corr']:.3f} | {f['mmd_pca']:.3f} |")
+            lines.append(
+                f"| {r['method']} | {r['k'] if r['k'] is not None else ''} | {f['marker_overlap']:.3f} | {f['zero_fraction_synthetic']:.3f} / "
+                f"{f['zero_fraction_real']:.3f} | {f['var_corr']:.3f} | {f['mean_corr']:.3f} | {f['mmd_pca']:.3f} |"
+            )
         lines.append("")
-    lines += ["## upload bytes and distillation seconds per site; privacy audit (0.5 = no signal; mean over sites and seeds, worst site); zero fraction",
-              "", "| method | k | bytes | seconds | seed MIA | seed MIA worst site | population MIA | density MIA | DCR share | zero frac |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## upload bytes and distillation seconds per site; privacy audit (0.5 = no signal; mean over sites and seeds, worst site); zero fraction",
+        "",
+        "| method | k | bytes | seconds | seed MIA | seed MIA worst site | population MIA | density MIA | DCR share | zero frac |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     nan = float("nan")
     for r in table_rows:
         if r["evaluator"] == evaluators[0] and r["method"] not in K_FREE:
-            audit_cols = " | ".join(f"{r.get(key, nan):.3f}" for key in ("seed_mia", "seed_mia_max", "population_mia", "density_mia", "dcr_share"))
-            lines.append(f"| {r['method']} | {r['k']} | {r['upload_bytes_per_site']:.0f} | {r['distill_seconds']:.2f} | {audit_cols} | {r.get('zero_fraction', nan):.3f} |")
+            audit_cols = " | ".join(
+                f"{r.get(key, nan):.3f}"
+                for key in ("seed_mia", "seed_mia_max", "population_mia", "density_mia", "dcr_share")
+            )
+            lines.append(
+                f"| {r['method']} | {r['k']} | {r['upload_bytes_per_site']:.0f} | {r['distill_seconds']:.2f} | {audit_cols} | {r.get('zero_fraction', nan):.3f} |"
+            )
     fed_rows = [r for r in table_rows if r["evaluator"] == evaluators[0] and "rounds" in r]
     if fed_rows:
-        lines += ["", "## federated rows: pretraining mode, FedAvg rounds, bytes uploaded per site (model weights while training; data: codes or cells)",
-                  "", "| method | k | pretraining | rounds | weights uploaded (MB) | data uploaded (KB) |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## federated rows: pretraining mode, FedAvg rounds, bytes uploaded per site (model weights while training; data: codes or cells)",
+            "",
+            "| method | k | pretraining | rounds | weights uploaded (MB) | data uploaded (KB) |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in fed_rows:
             data = "0" if r["method"] == "fedavg_mlp" else f"{float(r['upload_bytes_per_site']) / 1e3:.1f}"  # type: ignore[arg-type]
-            lines.append(f"| {r['method']} | {r['k'] if r['k'] is not None else ''} | {r['pretraining_mode']} | {r['rounds']} | "
-                         f"{float(r['pretrain_upload_bytes_per_site']) / 1e6:.1f} | {data} |")  # type: ignore[arg-type]
+            lines.append(
+                f"| {r['method']} | {r['k'] if r['k'] is not None else ''} | {r['pretraining_mode']} | {r['rounds']} | "
+                f"{float(r['pretrain_upload_bytes_per_site']) / 1e6:.1f} | {data} |"
+            )  # type: ignore[arg-type]
     return "\n".join(lines) + "\n"

@@ -44,18 +44,45 @@ class FederatedResult:
     audits: list[Audit]  # one per site, last round
     distill_seconds: float  # mean over sites, last round
     upload_bytes: float  # codes uploaded per site in the last round (mean over sites)
-    pretrain_upload_bytes: float  # model weights uploaded per site during pretraining (mean over sites; 0 with pretrained-path)
+    pretrain_upload_bytes: (
+        float  # model weights uploaded per site during pretraining (mean over sites; 0 with pretrained-path)
+    )
     pretrain_rounds: int
     genes: tuple[str, ...]
     run_dir: Path
 
 
-def run_config(path: Path, *, seed: int, k: int, out: Path, label_key: str, site_key: str, n_sites: int, n_genes: int,
-               test_fraction: float, val_fraction: float, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def run_config(
+    path: Path,
+    *,
+    seed: int,
+    k: int,
+    out: Path,
+    label_key: str,
+    site_key: str,
+    n_sites: int,
+    n_genes: int,
+    test_fraction: float,
+    val_fraction: float,
+    overrides: Mapping[str, Any],
+) -> dict[str, Any]:
     """The run config of one benchmark federation: the app's defaults, the benchmark's split, then ``overrides``."""
-    return {**app_config_defaults(), "sim-data-path": str(path.resolve()), "sim-site-key": site_key, "sim-num-sites": n_sites,
-            "label-key": label_key, "n-genes": n_genes, "test-fraction": test_fraction, "val-fraction": val_fraction, "seed": seed,
-            "cells-per-class": k, "out-dir": str(out.parent.resolve()), "run-id": out.name, "report": False, **overrides}
+    return {
+        **app_config_defaults(),
+        "sim-data-path": str(path.resolve()),
+        "sim-site-key": site_key,
+        "sim-num-sites": n_sites,
+        "label-key": label_key,
+        "n-genes": n_genes,
+        "test-fraction": test_fraction,
+        "val-fraction": val_fraction,
+        "seed": seed,
+        "cells-per-class": k,
+        "out-dir": str(out.parent.resolve()),
+        "run-id": out.name,
+        "report": False,
+        **overrides,
+    }
 
 
 def federate(run_cfg: Mapping[str, Any], *, classes: Sequence[str], cache: Path) -> FederatedResult:
@@ -84,9 +111,17 @@ def read_run(run_dir: Path, *, classes: Sequence[str], label_key: str) -> Federa
     pre_bytes = [upload.get(s, {}).get(MSG_PRETRAIN, 0) for s in sites]
     plan = json.loads((run_dir / "plan.json").read_text(encoding="utf-8"))
     pre = metrics.get("pretrain", {})
-    return FederatedResult(X, labels, audits, float(np.mean([last["distill_seconds"][s] for s in sites])),
-                           float(np.mean([last["distill_upload_bytes"][s] for s in sites])), float(np.mean(pre_bytes)),
-                           int(pre.get("schedule", {}).get("rounds", 0)), tuple(plan["genes"]), run_dir)
+    return FederatedResult(
+        X,
+        labels,
+        audits,
+        float(np.mean([last["distill_seconds"][s] for s in sites])),
+        float(np.mean([last["distill_upload_bytes"][s] for s in sites])),
+        float(np.mean(pre_bytes)),
+        int(pre.get("schedule", {}).get("rounds", 0)),
+        tuple(plan["genes"]),
+        run_dir,
+    )
 
 
 def save_pooled(pre: Pretrained, fed: Federation, spec: SiteSpec, out: Path) -> Path:
@@ -118,11 +153,17 @@ def fedavg_mlp(fed: Federation, *, rounds: int, mlp: MLPTrainConfig, seed: int) 
         updates = []
         for i in range(len(fed.sites)):
             X, y = fed.train(i)
-            local = train_mlp(X, y, len(fed.classes), seed=seed * 7919 + 1000 * i + rnd, cfg=mlp, init=state,
-                              steps=max(1, math.ceil(mlp.steps(sizes[i]) / rounds)))
+            local = train_mlp(
+                X,
+                y,
+                len(fed.classes),
+                seed=seed * 7919 + 1000 * i + rnd,
+                cfg=mlp,
+                init=state,
+                steps=max(1, math.ceil(mlp.steps(sizes[i]) / rounds)),
+            )
             updates.append({k: v.detach().numpy() for k, v in local.state_dict().items()})
         state = {k: torch.from_numpy(np.array(v)) for k, v in fedavg(updates, sizes).items()}
     model.load_state_dict(state)
     model.eval()
     return model, float(rounds * nbytes)
-

@@ -46,9 +46,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="site name, [A-Za-z0-9_-]+ (repeatable); becomes OUT/sites/NAME(.pub)",
     )
-    parser.add_argument(
-        "--days", type=int, default=DEFAULT_DAYS, help=f"validity (default {DEFAULT_DAYS})"
-    )
+    parser.add_argument("--days", type=int, default=DEFAULT_DAYS, help=f"validity (default {DEFAULT_DAYS})")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--sites-only",
@@ -122,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     server: CertPaths = result["server"]
     sites: list[SiteKeyPaths] = result["sites"]
     print("Wrote:")
-    for path in [ca.cert, ca.key, server.cert, server.key] + [
-        p for s in sites for p in (s.private_key, s.public_key)
-    ]:
+    for path in [ca.cert, ca.key, server.cert, server.key] + [p for s in sites for p in (s.private_key, s.public_key)]:
         print("  " + _describe(path))
     print("\nWhere each file goes:")
     print(f"  {ca.cert}: to the coordinator AND every site (public; --root-certificates,")

@@ -23,7 +23,9 @@ def check(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report lists them once
-        report = check_file(args.file, label_key=args.label_key, expect=args.expect, min_cells_per_class=args.min_cells_per_class)
+        report = check_file(
+            args.file, label_key=args.label_key, expect=args.expect, min_cells_per_class=args.min_cells_per_class
+        )
     print(report.summary())
     print("OK: this file can join a federation.")
     return 0
@@ -58,12 +60,22 @@ def pretrain(args: argparse.Namespace) -> int:
     if args.n_genes < 10:
         msg = f"--n-genes must be >= 10, got {args.n_genes}"
         raise ConfigError(msg)
-    out = pretrain_reference(args.file, args.out, label_key=args.label_key, n_genes=args.n_genes, expect=args.expect,
-                             cfg=_pretrain_config(args.pretrain_steps, args.seed))
+    out = pretrain_reference(
+        args.file,
+        args.out,
+        label_key=args.label_key,
+        n_genes=args.n_genes,
+        expect=args.expect,
+        cfg=_pretrain_config(args.pretrain_steps, args.seed),
+    )
     info = json.loads((out / "reference.json").read_text(encoding="utf-8"))
-    print(f"pretrained on {info['n_cells']} cells x {info['n_genes']} genes, {len(info['classes'])} classes in {info['seconds']} s")
-    print(f"wrote {out}/plan.json, vae.pt, scdg.pt; use it with --set init-path={out} (FedAvg starts from it) "
-          f"or pretrained-path={out} (no FedAvg; the sites' labels must be the reference's)")
+    print(
+        f"pretrained on {info['n_cells']} cells x {info['n_genes']} genes, {len(info['classes'])} classes in {info['seconds']} s"
+    )
+    print(
+        f"wrote {out}/plan.json, vae.pt, scdg.pt; use it with --set init-path={out} (FedAvg starts from it) "
+        f"or pretrained-path={out} (no FedAvg; the sites' labels must be the reference's)"
+    )
     return 0
 
 
@@ -77,7 +89,9 @@ def _pretrain_config(steps: tuple[int, ...] | None, seed: int):  # noqa: ANN202
     if not steps:
         return pre
     vae_steps, scdg_steps = (steps * 2)[:2]
-    return replace(pre, vae=replace(pre.vae, steps=vae_steps, seed=seed), scdg=replace(pre.scdg, steps=scdg_steps, seed=seed))
+    return replace(
+        pre, vae=replace(pre.vae, steps=vae_steps, seed=seed), scdg=replace(pre.scdg, steps=scdg_steps, seed=seed)
+    )
 
 
 def _benchmark_config(args: argparse.Namespace):  # noqa: ANN202 - local import of the return type
@@ -131,26 +145,36 @@ def benchmark(args: argparse.Namespace) -> int:
     for path in args.files:
         name = Path(path).stem
         adata = read_h5ad(path)
-        old = json.loads((out / name / "results.json").read_text(encoding="utf-8")) if args.merge and (out / name / "results.json").is_file() else None
+        old = (
+            json.loads((out / name / "results.json").read_text(encoding="utf-8"))
+            if args.merge and (out / name / "results.json").is_file()
+            else None
+        )
         if old is not None:
             hashes = [bm.prepare_seed(adata, cfg, s, pretrain_models=False).split_hash for s in range(cfg.seeds)]
             if old.get("split_hashes") != hashes:
-                print(f"--merge: {name}'s results.json was made on other splits ({old.get('split_hashes')} vs {hashes}): "
-                      "rerun every method (drop --merge), or match --seeds and the split options")
+                print(
+                    f"--merge: {name}'s results.json was made on other splits ({old.get('split_hashes')} vs {hashes}): "
+                    "rerun every method (drop --merge), or match --seeds and the split options"
+                )
                 return 2
         n_tasks = cfg.seeds * sum(1 if m in bm.K_FREE else len(cfg.ks) for m in cfg.methods)
         t0 = time.perf_counter()
         work = dataclasses.replace(cfg, work_dir=str(Path(cfg.work_dir) / name)) if cfg.work_dir else cfg
         with tqdm(total=n_tasks, desc=name, unit="run") as bar:
             cells, seeds = bm.run(path, work, progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
-        scored = (f"the {cfg.score_on.upper()} cells of the left-out site {cfg.leave_out}, which took no part in pretraining or codes"
-                  if cfg.leave_out else f"the pooled {cfg.score_on.upper()} cells of all sites")
+        scored = (
+            f"the {cfg.score_on.upper()} cells of the left-out site {cfg.leave_out}, which took no part in pretraining or codes"
+            if cfg.leave_out
+            else f"the pooled {cfg.score_on.upper()} cells of all sites"
+        )
         header = (
             f"{len(seeds[0]['sites'])} sites ({', '.join(seeds[0]['sites'])}), {seeds[0]['n_genes']} genes, {seeds[0]['n_classes']} classes; "
             f"{cfg.seeds} seeds (each re-draws the site split where Dirichlet, the per-site train / validation / test split, pretraining "
             f"and distillation; split hashes {', '.join(str(s['split_hash']) for s in seeds)}); scored on {scored}. "
             "scdd is the shipped federation (FedAvg pretraining, distillation rounds, fusion; run config defaults"
-            + (f" with {', '.join(f'{k}={v}' for k, v in cfg.federation)}" if cfg.federation else "") + "); "
+            + (f" with {', '.join(f'{k}={v}' for k, v in cfg.federation)}" if cfg.federation else "")
+            + "); "
             "scdd_pooled the same federation from models pretrained on the sites' POOLED training cells (upper bound); "
             "fedavg_mlp FedAvg of the evaluation MLP on real cells."
         )
@@ -158,10 +182,19 @@ def benchmark(args: argparse.Namespace) -> int:
         merged_from = None
         if old is not None:
             kept = [r for r in old["rows"] if r["method"] not in cfg.methods]
-            rows = sorted(kept + rows, key=lambda r: (bm.METHODS.index(r["method"]) if r["method"] in bm.METHODS else len(bm.METHODS),
-                                                    r["k"] or 0, bm.EVALUATORS.index(r["evaluator"])))
-            merged_from = {"rerun_methods": list(cfg.methods), "kept_methods": sorted({r["method"] for r in kept}),
-                           "kept_wall_seconds": old.get("wall_seconds")}
+            rows = sorted(
+                kept + rows,
+                key=lambda r: (
+                    bm.METHODS.index(r["method"]) if r["method"] in bm.METHODS else len(bm.METHODS),
+                    r["k"] or 0,
+                    bm.EVALUATORS.index(r["evaluator"]),
+                ),
+            )
+            merged_from = {
+                "rerun_methods": list(cfg.methods),
+                "kept_methods": sorted({r["method"] for r in kept}),
+                "kept_wall_seconds": old.get("wall_seconds"),
+            }
         result = {
             "dataset": name,
             "rows": rows,
@@ -186,8 +219,11 @@ def benchmark(args: argparse.Namespace) -> int:
             result["merged"] = merged_from
             header += f" Rows of {', '.join(cfg.methods)} rerun with this version and merged into the earlier results (--merge)."
         write_json(out / name / "results.json", result)
-        pre = "; ".join(f"seed {s['seed']}: VAE {s['pooled_pretrain_seconds']['vae']:.1f} s, SCDG {s['pooled_pretrain_seconds']['scdg']:.1f} s"
-                        for s in seeds if s["pooled_pretrain_seconds"])
+        pre = "; ".join(
+            f"seed {s['seed']}: VAE {s['pooled_pretrain_seconds']['vae']:.1f} s, SCDG {s['pooled_pretrain_seconds']['scdg']:.1f} s"
+            for s in seeds
+            if s["pooled_pretrain_seconds"]
+        )
         md = bm.markdown(name, rows, cfg.ks, header + (f" Pooled pretraining: {pre}." if pre else ""))
         write_text(out / name / "results.md", md)
         summary[name] = rows
@@ -207,13 +243,20 @@ def simulate(args: argparse.Namespace) -> int:
     """`scdd simulate --data FILE --out DIR`: the federation in this process (no Ray), one fake node per site."""
     from server.simulation import parse_overrides, simulate_file
 
-    overrides = {"sim-site-key": args.site_key, "label-key": args.label_key, "cells-per-class": args.k, "sim-num-sites": args.num_sites}
+    overrides = {
+        "sim-site-key": args.site_key,
+        "label-key": args.label_key,
+        "cells-per-class": args.k,
+        "sim-num-sites": args.num_sites,
+    }
     if args.rounds is not None:
         overrides["num-distill-rounds"] = args.rounds
     if args.device is not None:
         overrides["device"] = args.device
     overrides |= parse_overrides(args.overrides)
-    if "device" in overrides:  # the simulated sites run in this process: a GPU they cannot see is refused now, not at the first message
+    if (
+        "device" in overrides
+    ):  # the simulated sites run in this process: a GPU they cannot see is refused now, not at the first message
         from shared.device import resolve_device
 
         resolve_device(str(overrides["device"]))
@@ -266,7 +309,8 @@ def flwr_connection(args: argparse.Namespace) -> int:
 
 def verify_bundle(args: argparse.Namespace) -> int:
     """`scdd verify-bundle APP --source CHECKOUT`: exit 0 only when the installed app is the release's code."""
-    from server.deployment import build_release_fab, verify_bundle as check
+    from server.deployment import build_release_fab
+    from server.deployment import verify_bundle as check
 
     result = check(Path(args.app), build_release_fab(Path(args.source)), published_hash=args.fab_hash)
     print(result.summary())

@@ -37,7 +37,9 @@ class FederationConfig:
     expect: str = "auto"
     min_cells_per_class: int = 2
     test_fraction: float = 0.2
-    val_fraction: float = 0.1  # validation cells at every site: scored every round (metrics.json "validation"), never trained on
+    val_fraction: float = (
+        0.1  # validation cells at every site: scored every round (metrics.json "validation"), never trained on
+    )
     min_coverage: float = 0.5
     # plan and models
     n_genes: int = 2000
@@ -55,7 +57,9 @@ class FederationConfig:
     # how the server combines the sites' updates (server.aggregation) and what the sites optimise
     server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi
     server_lr: float = -1.0  # -1: the optimiser's default (server.aggregation.DEFAULT_SERVER_LR)
-    class_aware_aggregation: bool = False  # average a class's rows (label head, class embeddings, QA head) over the sites that have it
+    class_aware_aggregation: bool = (
+        False  # average a class's rows (label head, class embeddings, QA head) over the sites that have it
+    )
     proximal_mu: float = 0.0  # FedProx: sites add mu/2 * ||w - w_global||^2 to their local loss
     init_path: str = ""  # a `scdd pretrain` directory: FedAvg starts from its VAE/SCDG (plan genes within its genes)
     # distillation rounds
@@ -65,7 +69,9 @@ class FederationConfig:
     distill_t_star: int = -1  # -1: chosen from k by shared.distill
     distill_init: str = ""  # "": DistillConfig default ("real" or "noise")
     distill_warm_start: bool = True  # rounds >= 2 start from each site's previous codes
-    decode_mode: str = ""  # how codes become cells: "" = shared.distill.DECODE_MODE (as the benchmark), "expected", "sample", "counts"
+    decode_mode: str = (
+        ""  # how codes become cells: "" = shared.distill.DECODE_MODE (as the benchmark), "expected", "sample", "counts"
+    )
     samples_per_code: int = 10  # "sample" / "counts": cells drawn from each code (more cells, no more upload; benchmarks/results/decode_screen.md)
     # cell-level differential privacy of everything a site releases (shared.privacy, client.privacy); 0 = off
     dp_epsilon: float = 0.0
@@ -91,34 +97,68 @@ class FederationConfig:
     report: bool = True
     seed: int = 0
     torch_threads: int = 1  # 0: torch default (all cores)
-    device: str = "cpu"  # where each site's models run (shared.device): cpu | auto (a GPU when the site has one) | cuda | cuda:N
+    device: str = (
+        "cpu"  # where each site's models run (shared.device): cpu | auto (a GPU when the site has one) | cuda | cuda:N
+    )
 
     def __post_init__(self) -> None:
         checks = [
-            (self.n_genes >= 10, "n-genes must be >= 10"), (self.latent_dim == 0 or self.latent_dim >= 2, "latent-dim must be 0 (chosen from the gene count) or >= 2"),
-            (self.cells_per_class >= 1, "cells-per-class must be >= 1"), (self.num_distill_rounds >= 1, "num-distill-rounds must be >= 1"),
+            (self.n_genes >= 10, "n-genes must be >= 10"),
+            (self.latent_dim == 0 or self.latent_dim >= 2, "latent-dim must be 0 (chosen from the gene count) or >= 2"),
+            (self.cells_per_class >= 1, "cells-per-class must be >= 1"),
+            (self.num_distill_rounds >= 1, "num-distill-rounds must be >= 1"),
             (self.num_pretrain_rounds >= 0, "num-pretrain-rounds must be >= 0"),
-            (self.vae_local_steps >= 1 and self.scdg_local_steps >= 1, "vae-local-steps and scdg-local-steps must be >= 1"),
-            (self.min_sites >= 1, "min-sites must be >= 1"), (self.expected_sites >= 0, "expected-sites must be >= 0"),
+            (
+                self.vae_local_steps >= 1 and self.scdg_local_steps >= 1,
+                "vae-local-steps and scdg-local-steps must be >= 1",
+            ),
+            (self.min_sites >= 1, "min-sites must be >= 1"),
+            (self.expected_sites >= 0, "expected-sites must be >= 0"),
             (self.site_wait_s > 0 and self.round_timeout_s > 0, "site-wait-s and round-timeout-s must be > 0"),
-            (0 <= self.test_fraction < 1 and 0 <= self.val_fraction < 1 and self.test_fraction + self.val_fraction < 1,
-             "test-fraction and val-fraction must be in [0, 1) with a sum below 1"), (self.min_cells_per_class >= 1, "min-cells-per-class must be >= 1"),
+            (
+                0 <= self.test_fraction < 1
+                and 0 <= self.val_fraction < 1
+                and self.test_fraction + self.val_fraction < 1,
+                "test-fraction and val-fraction must be in [0, 1) with a sum below 1",
+            ),
+            (self.min_cells_per_class >= 1, "min-cells-per-class must be >= 1"),
             (0 <= self.min_coverage <= 1, "min-coverage must be in [0, 1]"),
             (self.expect in ("auto", "counts", "lognorm"), "expect must be auto, counts or lognorm"),
             (self.distill_init in ("", "real", "noise"), "distill-init must be '', 'real' or 'noise'"),
-            (self.decode_mode in ("", "expected", "sample", "sparse", "counts"), "decode-mode must be '', 'expected', 'sample', 'sparse' or 'counts'"),
+            (
+                self.decode_mode in ("", "expected", "sample", "sparse", "counts"),
+                "decode-mode must be '', 'expected', 'sample', 'sparse' or 'counts'",
+            ),
             (1 <= self.samples_per_code <= 20, "samples-per-code must be within 1..20"),
             (self.finetune_steps >= 0, "finetune-steps must be >= 0"),
-            (self.mlp_epochs >= 0 and self.mlp_min_steps >= 0 and self.mlp_max_steps >= 0, "mlp-epochs, mlp-min-steps and mlp-max-steps must be >= 0 (0 = default)"),
-            (self.finetune_lr > 0 and self.finetune_anchor_weight >= 0, "finetune-lr must be > 0, finetune-anchor-weight >= 0"),
+            (
+                self.mlp_epochs >= 0 and self.mlp_min_steps >= 0 and self.mlp_max_steps >= 0,
+                "mlp-epochs, mlp-min-steps and mlp-max-steps must be >= 0 (0 = default)",
+            ),
+            (
+                self.finetune_lr > 0 and self.finetune_anchor_weight >= 0,
+                "finetune-lr must be > 0, finetune-anchor-weight >= 0",
+            ),
             (self.sim_num_sites >= 1 and self.torch_threads >= 0, "sim-num-sites must be >= 1, torch-threads >= 0"),
-            (self.pretrained_path != "" or self.num_pretrain_rounds >= 1, "num-pretrain-rounds must be >= 1 unless pretrained-path is set"),
-            (self.server_optimizer in ("fedavg", "fedavgm", "fedadam", "fedyogi"), "server-optimizer must be fedavg, fedavgm, fedadam or fedyogi"),
+            (
+                self.pretrained_path != "" or self.num_pretrain_rounds >= 1,
+                "num-pretrain-rounds must be >= 1 unless pretrained-path is set",
+            ),
+            (
+                self.server_optimizer in ("fedavg", "fedavgm", "fedadam", "fedyogi"),
+                "server-optimizer must be fedavg, fedavgm, fedadam or fedyogi",
+            ),
             (self.server_lr == -1.0 or self.server_lr > 0, "server-lr must be > 0 (or -1 for the optimiser's default)"),
             (0 <= self.proximal_mu < 1e6, "proximal-mu must be >= 0"),
-            (not (self.init_path and self.pretrained_path), "set init-path (start FedAvg from a reference) or pretrained-path (no FedAvg), not both"),
+            (
+                not (self.init_path and self.pretrained_path),
+                "set init-path (start FedAvg from a reference) or pretrained-path (no FedAvg), not both",
+            ),
             (re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device) is not None, f"device must be {DEVICE_CHOICES}"),
-            (self.device == "cpu" or self.dp_epsilon == 0, "device must be 'cpu' when dp-epsilon > 0 (DP-SGD runs on CPU in this release)"),
+            (
+                self.device == "cpu" or self.dp_epsilon == 0,
+                "device must be 'cpu' when dp-epsilon > 0 (DP-SGD runs on CPU in this release)",
+            ),
         ]
         errors = [text for ok, text in checks if not ok]
         try:
@@ -130,7 +170,11 @@ class FederationConfig:
         except ValueError as exc:
             errors.append(str(exc))
         if errors:
-            msg = "invalid run config: " + "; ".join(errors) + "; fix the values in [tool.flwr.app.config] or --run-config"
+            msg = (
+                "invalid run config: "
+                + "; ".join(errors)
+                + "; fix the values in [tool.flwr.app.config] or --run-config"
+            )
             raise ConfigError(msg)
 
     @classmethod
@@ -163,9 +207,16 @@ class FederationConfig:
 
     def site_spec(self, run_key: str) -> SiteSpec:
         """How sites prepare their data and what they may release, for the run named ``run_key``."""
-        return SiteSpec(label_key=self.label_key, expect=self.expect, min_cells_per_class=self.min_cells_per_class,
-                        test_fraction=self.test_fraction, split_seed=self.seed, min_coverage=self.min_coverage, val_fraction=self.val_fraction,
-                        dp=self.dp_spec(run_key))
+        return SiteSpec(
+            label_key=self.label_key,
+            expect=self.expect,
+            min_cells_per_class=self.min_cells_per_class,
+            test_fraction=self.test_fraction,
+            split_seed=self.seed,
+            min_coverage=self.min_coverage,
+            val_fraction=self.val_fraction,
+            dp=self.dp_spec(run_key),
+        )
 
     def dp_spec(self, run_key: str) -> DPSpec:
         """The DP plan the sites receive: target, and the pretraining schedule they will compose (off when dp-epsilon is 0)."""
@@ -176,15 +227,29 @@ class FederationConfig:
 
         vae, scdg = budgets(self)
         rounds = 0 if self.pretrained_path else self.num_pretrain_rounds
-        return DPSpec(self.dp_epsilon, self.dp_delta, self.dp_max_grad_norm, run_key or "unnamed", rounds, vae.steps, vae.batch_size,
-                      scdg.steps, scdg.batch_size, resolve_gene_mean_weight(DistillConfig(k=self.cells_per_class), private=True) > 0)
+        return DPSpec(
+            self.dp_epsilon,
+            self.dp_delta,
+            self.dp_max_grad_norm,
+            run_key or "unnamed",
+            rounds,
+            vae.steps,
+            vae.batch_size,
+            scdg.steps,
+            scdg.batch_size,
+            resolve_gene_mean_weight(DistillConfig(k=self.cells_per_class), private=True) > 0,
+        )
 
     @property
     def mlp(self) -> MLPTrainConfig:
         """How the server trains the evaluation MLP on the fused cells (the benchmark's rule unless overridden)."""
         base = MLPTrainConfig()
-        return dataclasses.replace(base, epochs=self.mlp_epochs or base.epochs, min_steps=self.mlp_min_steps or base.min_steps,
-                                   max_steps=self.mlp_max_steps or base.max_steps)
+        return dataclasses.replace(
+            base,
+            epochs=self.mlp_epochs or base.epochs,
+            min_steps=self.mlp_min_steps or base.min_steps,
+            max_steps=self.mlp_max_steps or base.max_steps,
+        )
 
     def run_dir(self, run_id: str) -> Path:
         """out-dir/<run-id>, absolute; without out-dir, the coordinator's FEDSCDD_OUT_DIR, else ./scdd-out."""

@@ -38,8 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_SUPERNODES = 4
 FEDERATION_CONFIG = f"num-supernodes={NUM_SUPERNODES} client-resources-num-cpus=1"
 COMPLETED = "finished:completed"
-ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-       "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
 
 
 class DemoFailed(FedscddError):
@@ -90,8 +94,12 @@ def app_dir(home: Path) -> Path:
         build_fab_from_disk(REPO)
         return REPO
     except ValueError as exc:
-        logger.warning("flwr cannot build a FAB from %s (%s); running a staged copy. Fix: add "
-                       'fab-include = ["**/*.py", "**/*.toml", "**/*.md"] to [tool.flwr.app]', REPO, str(exc).splitlines()[0])
+        logger.warning(
+            "flwr cannot build a FAB from %s (%s); running a staged copy. Fix: add "
+            'fab-include = ["**/*.py", "**/*.toml", "**/*.md"] to [tool.flwr.app]',
+            REPO,
+            str(exc).splitlines()[0],
+        )
         return stage_app(home / "app")
 
 
@@ -102,7 +110,9 @@ def _free_port() -> int:
 
 
 def _toml_str(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, str) else (str(value).lower() if isinstance(value, bool) else str(value))
+    return (
+        json.dumps(value) if isinstance(value, str) else (str(value).lower() if isinstance(value, bool) else str(value))
+    )
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -115,12 +125,29 @@ def flower_env(home: Path) -> dict[str, str]:
 def start_superlink(home: Path, port: int, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
     """A simulation SuperLink in its own session (so its children can be found and stopped), ready on ``port``."""
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
-                                      encoding="utf-8")
-    cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-           "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db"), "--log-file", str(home / "superlink.log"),
-           "--disable-runtime-dependency-installation"]
-    proc = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
+        encoding="utf-8",
+    )
+    cmd = [
+        str(Path(sys.executable).parent / "flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        str(home / "state.db"),
+        "--log-file",
+        str(home / "superlink.log"),
+        "--disable-runtime-dependency-installation",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         _wait_ready(proc, home, port)
     except BaseException:
@@ -205,7 +232,14 @@ def _alive(pid: int) -> bool:
 
 
 def _flwr(args: Sequence[str], env: Mapping[str, str], timeout: float) -> str:
-    res = subprocess.run([str(Path(sys.executable).parent / "flwr"), *args], env=dict(env), capture_output=True, text=True, timeout=timeout, check=False)
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if res.returncode != 0:
         msg = f"flwr {' '.join(args[:2])} failed (exit {res.returncode}): {(res.stderr or res.stdout)[-500:]}"
         raise DemoFailed(msg)
@@ -251,7 +285,9 @@ def _stream(cmd: list[str], env: Mapping[str, str], timeout_s: float, echo: Any)
     return (run_id[0] if run_id else None), finished
 
 
-def run_demo(out: Path, *, timeout_s: float = 900.0, overrides: Mapping[str, Any] | None = None, echo: Any = logger.info) -> DemoResult:
+def run_demo(
+    out: Path, *, timeout_s: float = 900.0, overrides: Mapping[str, Any] | None = None, echo: Any = logger.info
+) -> DemoResult:
     """Run the demo federation with Flower's simulation engine; raise DemoFailed unless it completed."""
     if not (REPO / "pyproject.toml").is_file():
         msg = f"scdd demo runs the Flower app from a source checkout; no pyproject.toml beside {REPO}"
@@ -265,10 +301,25 @@ def run_demo(out: Path, *, timeout_s: float = 900.0, overrides: Mapping[str, Any
     out = Path(out).expanduser().resolve()
     home = out / ".flwr"
     env = flower_env(home)
-    run_config = {"sim-data-path": str(data), "out-dir": str(out.parent), "run-id": out.name, "expected-sites": NUM_SUPERNODES, **(overrides or {})}
+    run_config = {
+        "sim-data-path": str(data),
+        "out-dir": str(out.parent),
+        "run-id": out.name,
+        "expected-sites": NUM_SUPERNODES,
+        **(overrides or {}),
+    }
     app = app_dir(home)
-    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(app), "local", "--stream", "--federation-config", FEDERATION_CONFIG,
-           "--run-config", " ".join(f"{k}={_toml_str(v)}" for k, v in run_config.items())]
+    cmd = [
+        str(Path(sys.executable).parent / "flwr"),
+        "run",
+        str(app),
+        "local",
+        "--stream",
+        "--federation-config",
+        FEDERATION_CONFIG,
+        "--run-config",
+        " ".join(f"{k}={_toml_str(v)}" for k, v in run_config.items()),
+    ]
     t0 = time.perf_counter()
     with _signals_raise():
         return _run(cmd, env, home, out, timeout_s, echo, t0)
@@ -299,7 +350,9 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(sig, previous)
 
 
-def _run(cmd: list[str], env: Mapping[str, str], home: Path, out: Path, timeout_s: float, echo: Any, t0: float) -> DemoResult:
+def _run(
+    cmd: list[str], env: Mapping[str, str], home: Path, out: Path, timeout_s: float, echo: Any, t0: float
+) -> DemoResult:
     link = start_superlink(home, _free_port(), env)
     try:
         run_id, finished = _stream(cmd, env, timeout_s, echo)

@@ -43,10 +43,14 @@ def _check_connection_args(name: str, address: str, root_certificates: Path) -> 
     if not _NAME.match(name):
         raise ConfigError(f"connection name {name!r} must be letters, digits, '-' or '_' (e.g. fedscdd)")
     if "://" in address or not _ADDRESS.match(address) or not 0 < int(address.rsplit(":", 1)[1]) < 65536:
-        raise ConfigError(f"address {address!r} must be HOST:PORT without a scheme, e.g. 10.0.0.5:8000 (the host a SAN of server.pem)")
+        raise ConfigError(
+            f"address {address!r} must be HOST:PORT without a scheme, e.g. 10.0.0.5:8000 (the host a SAN of server.pem)"
+        )
     ca = Path(root_certificates).expanduser().resolve()
     if not ca.is_file():
-        raise ConfigError(f"root certificate {ca} does not exist: give the federation's ca.crt (written by `scdd certs`)")
+        raise ConfigError(
+            f"root certificate {ca} does not exist: give the federation's ca.crt (written by `scdd certs`)"
+        )
     try:
         ssl.create_default_context(cafile=str(ca))
     except ssl.SSLError as exc:
@@ -61,8 +65,10 @@ def _readable_config(path: Path) -> None:
     try:
         tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML ({exc}); `flwr` cannot read it either. Fix that line, or move the "
-                          "file away and run this again (a fresh one is written)") from None
+        raise ConfigError(
+            f"{path} is not valid TOML ({exc}); `flwr` cannot read it either. Fix that line, or move the "
+            "file away and run this again (a fresh one is written)"
+        ) from None
 
 
 def write_connection(name: str, address: str, root_certificates: Path, *, make_default: bool = True) -> Path:
@@ -71,7 +77,11 @@ def write_connection(name: str, address: str, root_certificates: Path, *, make_d
     Other connections stay as they are. With ``make_default`` the connection becomes `flwr`'s default.
     """
     import click
-    from flwr.cli.flower_config import read_superlink_connection, set_default_superlink_connection, write_superlink_connection
+    from flwr.cli.flower_config import (
+        read_superlink_connection,
+        set_default_superlink_connection,
+        write_superlink_connection,
+    )
     from flwr.cli.typing import SuperLinkConnection
 
     ca = _check_connection_args(name, address, root_certificates)
@@ -91,10 +101,10 @@ def write_connection(name: str, address: str, root_certificates: Path, *, make_d
 
 
 def superlink_health(address: str, root_certificates: Path, *, timeout: float = 3.0) -> str:
-    """"ok" when ``https://<address>/health`` answers 200 over TLS verified with the CA, else why not."""
+    """ "ok" when ``https://<address>/health`` answers 200 over TLS verified with the CA, else why not."""
     ctx = ssl.create_default_context(cafile=str(root_certificates))
     try:
-        with urllib.request.urlopen(f"https://{address}/health", context=ctx, timeout=timeout) as resp:  # noqa: S310 - https only
+        with urllib.request.urlopen(f"https://{address}/health", context=ctx, timeout=timeout) as resp:
             return "ok" if resp.status == 200 else f"HTTP {resp.status}"
     except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
         return str(getattr(exc, "reason", exc))
@@ -106,7 +116,9 @@ def build_release_fab(source: Path) -> bytes:
 
     source = Path(source).expanduser().resolve()
     if not (source / "pyproject.toml").is_file():
-        raise BundleError(f"{source} is not a checkout of fedscdd (no pyproject.toml): give the release tag's source folder")
+        raise BundleError(
+            f"{source} is not a checkout of fedscdd (no pyproject.toml): give the release tag's source folder"
+        )
     try:
         return build_fab_from_disk(source)
     except Exception as exc:  # flwr raises click/typer errors and ValueError for a project it cannot build
@@ -136,8 +148,10 @@ def find_app_dir(path: Path, fab_hash: str) -> Path:
         if p.name.endswith("." + fab_hash[:FAB_HASH8]):
             return p
     seen = ", ".join(p.name for p in candidates) or "none"
-    raise BundleError(f"no app installed from this release's FAB (sha256 {fab_hash[:FAB_HASH8]}...) under {apps}; "
-                      f"installed apps: {seen}. The coordinator ran another version: stop the SuperNode and ask.")
+    raise BundleError(
+        f"no app installed from this release's FAB (sha256 {fab_hash[:FAB_HASH8]}...) under {apps}; "
+        f"installed apps: {seen}. The coordinator ran another version: stop the SuperNode and ask."
+    )
 
 
 @dataclass(frozen=True)
@@ -161,9 +175,13 @@ class BundleCheck:
         lines = [f"app: {self.app_dir}", f"release FAB sha256: {self.fab_hash}"]
         lines += [f"PROBLEM: {p}" for p in self.problems]
         for label, names in (("changed", self.changed), ("missing", self.missing), ("not in the release", self.extra)):
-            lines += [f"{label}: {n}" for n in names[:50]] + ([f"{label}: ... {len(names) - 50} more"] if len(names) > 50 else [])
+            lines += [f"{label}: {n}" for n in names[:50]] + (
+                [f"{label}: ... {len(names) - 50} more"] if len(names) > 50 else []
+            )
         if self.ok:
-            lines.append(f"OK: the {self.n_files} files match the release ({self.bytecode_files} bytecode-cache files not compared).")
+            lines.append(
+                f"OK: the {self.n_files} files match the release ({self.bytecode_files} bytecode-cache files not compared)."
+            )
         else:
             lines.append("MISMATCH: this is not the release's code. Stop the SuperNode and ask the coordinator.")
         return "\n".join(lines)
@@ -180,7 +198,9 @@ def verify_bundle(app_path: Path, fab: bytes, *, published_hash: str = "") -> Bu
     app_dir = find_app_dir(app_path, fab_hash)
     problems = []
     if not app_dir.name.endswith("." + fab_hash[:FAB_HASH8]):
-        problems.append(f"{app_dir.name} was installed from another FAB than the release's (sha256 {fab_hash[:FAB_HASH8]}...)")
+        problems.append(
+            f"{app_dir.name} was installed from another FAB than the release's (sha256 {fab_hash[:FAB_HASH8]}...)"
+        )
     if published_hash and published_hash.strip().lower() != fab_hash:
         problems.append(f"the published fab-hash {published_hash.strip()} is not the release's {fab_hash}")
     expected = fab_files(fab)
@@ -191,11 +211,16 @@ def verify_bundle(app_path: Path, fab: bytes, *, published_hash: str = "") -> Bu
         if BYTECODE in rel.parts:
             bytecode += p.is_file()
         elif p.is_file() or p.is_symlink():
-            installed[rel.as_posix()] = "symlink" if p.is_symlink() else _sha256(p.read_bytes())  # Flower installs plain files
+            installed[rel.as_posix()] = (
+                "symlink" if p.is_symlink() else _sha256(p.read_bytes())
+            )  # Flower installs plain files
     return BundleCheck(
-        app_dir=app_dir, fab_hash=fab_hash, n_files=len(expected),
+        app_dir=app_dir,
+        fab_hash=fab_hash,
+        n_files=len(expected),
         missing=tuple(sorted(set(expected) - set(installed))),
         changed=tuple(sorted(n for n in set(expected) & set(installed) if expected[n] != installed[n])),
         extra=tuple(sorted(set(installed) - set(expected))),
-        problems=tuple(problems), bytecode_files=bytecode,
+        problems=tuple(problems),
+        bytecode_files=bytecode,
     )

@@ -7,7 +7,7 @@ their attributes only), so every function is unit-tested on its own.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,9 @@ def fedavg(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float])
     return out
 
 
-def latent_moments(sums: Sequence[np.ndarray], sumsqs: Sequence[np.ndarray], counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def latent_moments(
+    sums: Sequence[np.ndarray], sumsqs: Sequence[np.ndarray], counts: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Pooled per-dimension mean and (population) standard deviation from per-site sums."""
     n = float(sum(counts))
     if n <= 0:
@@ -65,8 +67,14 @@ def aggregate_scores(per_site: Mapping[str, Mapping[str, Any]], evaluators: Sequ
     sites = sorted(per_site)
     n = [float(per_site[s]["n_test"]) for s in sites]
     n_val = [float(per_site[s]["validation"]["n_val"]) for s in sites]
-    out: dict[str, Any] = {"cell_weighted": {}, "macro": {}, "validation": {"cell_weighted": {}, "macro": {}}, "n_sites": len(sites),
-                           "n_test": int(sum(n)), "n_val": int(sum(n_val))}
+    out: dict[str, Any] = {
+        "cell_weighted": {},
+        "macro": {},
+        "validation": {"cell_weighted": {}, "macro": {}},
+        "n_sites": len(sites),
+        "n_test": int(sum(n)),
+        "n_val": int(sum(n_val)),
+    }
     for ev in evaluators:
         for metric in ("accuracy", "macro_f1"):
             vals = [per_site[s]["scores"][ev][metric] for s in sites]
@@ -77,10 +85,18 @@ def aggregate_scores(per_site: Mapping[str, Mapping[str, Any]], evaluators: Sequ
             out["validation"]["macro"].setdefault(ev, {})[metric] = _nanmean(vvals)
     # fidelity of the synthetic cells against each site's own test cells: the mean over sites (and weighted by test cells)
     out["fidelity"] = {key: _nanmean([per_site[s]["fidelity"][key] for s in sites]) for key in FIDELITY_KEYS}
-    out["fidelity_cell_weighted"] = {key: _nanmean([per_site[s]["fidelity"][key] for s in sites], n) for key in FIDELITY_KEYS}
-    out["validation"]["fidelity"] = {key: _nanmean([per_site[s]["validation"].get("fidelity", {}).get(key, math.nan) for s in sites]) for key in FIDELITY_KEYS}
+    out["fidelity_cell_weighted"] = {
+        key: _nanmean([per_site[s]["fidelity"][key] for s in sites], n) for key in FIDELITY_KEYS
+    }
+    out["validation"]["fidelity"] = {
+        key: _nanmean([per_site[s]["validation"].get("fidelity", {}).get(key, math.nan) for s in sites])
+        for key in FIDELITY_KEYS
+    }
     out["audit"] = {key: _nanmean([per_site[s]["audit"][key] for s in sites]) for key in AUDIT_KEYS}
-    out["local_only"] = {"cell_weighted": {}, "macro": {}}  # each site's own model on its own test cells, aggregated like the scores
+    out["local_only"] = {
+        "cell_weighted": {},
+        "macro": {},
+    }  # each site's own model on its own test cells, aggregated like the scores
     for ev in sorted({ev for s in sites for ev in per_site[s].get("local_only", {})}):
         for metric in ("accuracy", "macro_f1"):
             vals = [per_site[s].get("local_only", {}).get(ev, {}).get(metric, float("nan")) for s in sites]
@@ -92,7 +108,10 @@ def aggregate_scores(per_site: Mapping[str, Mapping[str, Any]], evaluators: Sequ
 
 
 def _scores_dict(scores: Mapping[str, Any]) -> dict[str, Any]:
-    return {ev: {"accuracy": s.accuracy, "macro_f1": s.macro_f1, "per_class_recall": list(s.recall)} for ev, s in scores.items()}
+    return {
+        ev: {"accuracy": s.accuracy, "macro_f1": s.macro_f1, "per_class_recall": list(s.recall)}
+        for ev, s in scores.items()
+    }
 
 
 def site_result(reply: Any) -> dict[str, Any]:
@@ -100,7 +119,11 @@ def site_result(reply: Any) -> dict[str, Any]:
     return {
         "n_test": int(reply.n_test),
         "scores": _scores_dict(reply.scores),
-        "validation": {"n_val": int(reply.n_val), "scores": _scores_dict(reply.val_scores), "fidelity": dict(reply.val_fidelity)},
+        "validation": {
+            "n_val": int(reply.n_val),
+            "scores": _scores_dict(reply.val_scores),
+            "fidelity": dict(reply.val_fidelity),
+        },
         "fidelity": dict(reply.fidelity),
         "audit": dict(reply.audit),
         "local_only": {ev: dict(v) for ev, v in reply.local_only.items()},

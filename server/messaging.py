@@ -57,21 +57,36 @@ class Link:
         logger.warning("site %s dropped from %s: %s", site, phase, reason)
         self.dropped.append({"site": site, "phase": phase, "reason": reason})
 
-    def exchange(self, message_type: str, contents: Mapping[int, RecordDict], phase: str,
-                 check: Callable[[int, RecordDict, int], P]) -> list[SiteReply[P]]:
+    def exchange(
+        self,
+        message_type: str,
+        contents: Mapping[int, RecordDict],
+        phase: str,
+        check: Callable[[int, RecordDict, int], P],
+    ) -> list[SiteReply[P]]:
         """Send ``contents`` (node id -> content) and return validated replies sorted by site name."""
-        messages = [Message(c, dst_node_id=n, message_type=message_type, group_id=phase, ttl=self.timeout_s + 60.0)
-                    for n, c in contents.items()]
+        messages = [
+            Message(c, dst_node_id=n, message_type=message_type, group_id=phase, ttl=self.timeout_s + 60.0)
+            for n, c in contents.items()
+        ]
         t0 = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout_s))
         out = self._collect(message_type, contents, phase, replies, check)
-        logger.info("%s: %d/%d sites answered validly in %.1f s", phase, len(out), len(contents), time.perf_counter() - t0)
+        logger.info(
+            "%s: %d/%d sites answered validly in %.1f s", phase, len(out), len(contents), time.perf_counter() - t0
+        )
         if len(out) < self.min_sites:
             raise FederationStopped(TOO_FEW_SITES, f"{phase}: {len(out)} valid replies, min-sites={self.min_sites}")
         return sorted(out, key=lambda r: r.site)
 
-    def _collect(self, message_type: str, contents: Mapping[int, RecordDict], phase: str, replies: Iterable[Message],
-                 check: Callable[[int, RecordDict, int], P]) -> list[SiteReply[P]]:
+    def _collect(
+        self,
+        message_type: str,
+        contents: Mapping[int, RecordDict],
+        phase: str,
+        replies: Iterable[Message],
+        check: Callable[[int, RecordDict, int], P],
+    ) -> list[SiteReply[P]]:
         out: list[SiteReply[P]] = []
         answered: set[int] = set()
         for reply in replies:
@@ -94,7 +109,9 @@ class Link:
                 per_type[message_type] = per_type.get(message_type, 0) + wire
             out.append(SiteReply(self.name(node), node, payload, wire))
         for node in sorted(set(contents) - answered):
-            self.drop(node, phase, f"no reply (the node left, or stayed silent past round-timeout-s={self.timeout_s:g})")
+            self.drop(
+                node, phase, f"no reply (the node left, or stayed silent past round-timeout-s={self.timeout_s:g})"
+            )
         return out
 
 
@@ -109,7 +126,9 @@ def wait_for_nodes(grid: Grid, *, min_sites: int, expected: int, deadline_s: flo
         if time.monotonic() >= end:
             if len(nodes) >= min_sites:
                 break
-            raise FederationStopped(NO_SITES_CONNECTED, f"{len(nodes)} of min-sites={min_sites} connected after {deadline_s:g} s")
+            raise FederationStopped(
+                NO_SITES_CONNECTED, f"{len(nodes)} of min-sites={min_sites} connected after {deadline_s:g} s"
+            )
         time.sleep(poll_s)
     logger.info("%d SuperNodes connected (waiting for %d)", len(nodes), want)
     return nodes

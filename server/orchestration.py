@@ -24,21 +24,40 @@ from server import pretraining
 from server.config import FederationConfig
 from server.errors import NO_PLAN, RESUME_MISMATCH, FederationStopped
 from server.fusion import aggregate_scores, site_result
-from shared.plan import plan_vocabulary
 from server.messaging import Link, wait_for_nodes
 from server.privacy import privacy_plan
 from server.reference import init_models, reference_genes
 from server.run_store import RESUME_FREE, RUN_LOG, RunStore, run_log
-from server.training import SiteCodes, finetune_generator, fresh_models, fuse_round, model_json, provenance, state_of, train_evaluators
+from server.training import (
+    SiteCodes,
+    finetune_generator,
+    fresh_models,
+    fuse_round,
+    model_json,
+    provenance,
+    state_of,
+    train_evaluators,
+)
 from server.validation import decode, validate_distill, validate_evaluate, validate_profile
 from shared.checkpoint import load_model
 from shared.distill import DECODE_MODE, Codes, DistillConfig, resolve_t_star
 from shared.errors import ConfigError
 from shared.models import SCDG, VAE
+from shared.plan import plan_vocabulary
 from shared.pretrain import latent_dim_for
 from shared.protocol import (
-    EVALUATORS, MSG_DISTILL, MSG_EVALUATE, MSG_PROFILE, DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, Plan,
-    ProfileReply, ProfileRequest, SiteSpec,
+    EVALUATORS,
+    MSG_DISTILL,
+    MSG_EVALUATE,
+    MSG_PROFILE,
+    DistillReply,
+    DistillRequest,
+    EvaluateReply,
+    EvaluateRequest,
+    Plan,
+    ProfileReply,
+    ProfileRequest,
+    SiteSpec,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,9 +75,13 @@ class Run:
     scdg: SCDG | None = None
     site_classes: dict[str, set[int]] = field(default_factory=dict)
     count_input: bool = False  # every site's input holds raw counts: the VAE gets a count head (synthetic counts)
-    warm_codes: dict[str, Codes] = field(default_factory=dict)  # each site's latest codes, sent back to it for the warm start
+    warm_codes: dict[str, Codes] = field(
+        default_factory=dict
+    )  # each site's latest codes, sent back to it for the warm start
     completed: list[str] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=lambda: {"rounds": [], "phase_seconds": {}, "upload_bytes": {}, "dropped": []})
+    metrics: dict[str, Any] = field(
+        default_factory=lambda: {"rounds": [], "phase_seconds": {}, "upload_bytes": {}, "dropped": []}
+    )
 
     def ready(self) -> tuple[Plan, VAE, SCDG]:
         """The plan and generator pair (set once pretraining is done)."""
@@ -73,8 +96,15 @@ class Run:
         self.completed.append(phase)
         self._sync_metrics()
         self.store.write_metrics(self.metrics)
-        self.store.checkpoint(self.completed, plan=plan, metrics=self.metrics, config=_resume_config(self.cfg), vae=vae, scdg=scdg,
-                              codes=self.warm_codes)
+        self.store.checkpoint(
+            self.completed,
+            plan=plan,
+            metrics=self.metrics,
+            config=_resume_config(self.cfg),
+            vae=vae,
+            scdg=scdg,
+            codes=self.warm_codes,
+        )
 
     def _sync_metrics(self) -> None:
         for site, per_type in self.link.upload.items():
@@ -96,6 +126,7 @@ def _timed(run: Run, phase: str, t0: float) -> None:
 
 def collect_profiles(link: Link, nodes: list[int], spec: SiteSpec) -> list[ProfileReply]:
     """query.profile to every node; names the nodes after their sites (duplicates rejected)."""
+
     def check(node: int, rd: RecordDict, wire: int) -> ProfileReply:
         reply = decode(rd, ProfileReply)
         validate_profile(reply, seen_sites=set(link.nodes.values()))
@@ -139,13 +170,21 @@ def pretrain(run: Run) -> None:
         return
     init: dict[str, Any] | None = None
     if cfg.init_path:
-        run.vae, run.scdg, init = init_models(cfg.init_path, run.plan.genes, len(run.plan.classes), seed=cfg.seed, count_head=run.count_input)
+        run.vae, run.scdg, init = init_models(
+            cfg.init_path, run.plan.genes, len(run.plan.classes), seed=cfg.seed, count_head=run.count_input
+        )
         latent_dim = run.vae.config.latent_dim
     else:
         latent_dim = cfg.latent_dim or latent_dim_for(len(run.plan.genes))
         run.vae, run.scdg = fresh_models(run.plan, latent_dim=latent_dim, seed=cfg.seed, count_head=run.count_input)
-    run.metrics["pretrain"] = pretraining.fedavg_pretrain(run.link, run.plan, dataclasses.replace(cfg, latent_dim=latent_dim), run.vae, run.scdg,
-                                                          site_classes=run.site_classes)
+    run.metrics["pretrain"] = pretraining.fedavg_pretrain(
+        run.link,
+        run.plan,
+        dataclasses.replace(cfg, latent_dim=latent_dim),
+        run.vae,
+        run.scdg,
+        site_classes=run.site_classes,
+    )
     if init is not None:
         run.metrics["pretrain"]["init"] = init
 
@@ -170,25 +209,52 @@ def distill(run: Run, rnd: int) -> list[SiteCodes]:
     requests = {}
     for node in sorted(run.link.nodes):
         last = warm.get(run.link.name(node))  # this site's own codes of its last round, never another site's
-        requests[node] = DistillRequest(rnd, vae_state, vae_json, scdg_state, scdg_json, plan, fields,
-                                        pretraining.site_seed(run.cfg.seed + 7, run.link, node, 100 * rnd), run.cfg.distill_warm_start,
-                                        warm_codes=last.codes if last is not None else None,
-                                        warm_labels=last.labels.astype(np.int32) if last is not None else None)
+        requests[node] = DistillRequest(
+            rnd,
+            vae_state,
+            vae_json,
+            scdg_state,
+            scdg_json,
+            plan,
+            fields,
+            pretraining.site_seed(run.cfg.seed + 7, run.link, node, 100 * rnd),
+            run.cfg.distill_warm_start,
+            warm_codes=last.codes if last is not None else None,
+            warm_labels=last.labels.astype(np.int32) if last is not None else None,
+        )
 
     def check(node: int, rd: RecordDict, wire: int) -> DistillReply:
         reply = decode(rd, DistillReply)
-        validate_distill(reply, requests[node], latent_dim=vae.config.latent_dim, site_classes=run.site_classes.get(run.link.name(node), set()), wire=wire)
+        validate_distill(
+            reply,
+            requests[node],
+            latent_dim=vae.config.latent_dim,
+            site_classes=run.site_classes.get(run.link.name(node), set()),
+            wire=wire,
+        )
         return reply
 
     replies = run.link.exchange(MSG_DISTILL, {n: r.to_record() for n, r in requests.items()}, f"distill-{rnd}", check)
     for r in replies:
         if r.payload.privacy is not None:
             run.metrics.setdefault("privacy", {})[r.site] = dict(r.payload.privacy)
-            logger.info("site %s: epsilon %.3g at delta %.2g spent over the run (its accountant)", r.site, r.payload.privacy["epsilon"],
-                        r.payload.privacy["delta"])
+            logger.info(
+                "site %s: epsilon %.3g at delta %.2g spent over the run (its accountant)",
+                r.site,
+                r.payload.privacy["epsilon"],
+                r.payload.privacy["delta"],
+            )
     t_star = resolve_t_star(dcfg, scdg.config.timesteps)
-    parts = [SiteCodes(r.site, Codes(r.payload.codes, r.payload.labels.astype(np.int64), t_star, dcfg.guidance), r.payload.distill_seconds, r.wire,
-                       r.payload.library) for r in replies]
+    parts = [
+        SiteCodes(
+            r.site,
+            Codes(r.payload.codes, r.payload.labels.astype(np.int64), t_star, dcfg.guidance),
+            r.payload.distill_seconds,
+            r.wire,
+            r.payload.library,
+        )
+        for r in replies
+    ]
     run.warm_codes.update({p.site: p.codes for p in parts})  # a site that dropped out keeps its older codes
     return parts
 
@@ -199,18 +265,41 @@ def evaluate(run: Run, rnd: int, X: np.ndarray, y: np.ndarray) -> dict[str, Any]
     n_classes = len(plan.classes)
     # The same evaluator seed every round: rounds then differ only in their synthetic cells, not in the MLP's initialisation.
     models = train_evaluators(X, y, n_classes, mlp=run.cfg.mlp, seed=run.cfg.seed)
-    req = EvaluateRequest(rnd, X, y.astype(np.int32), state_of(models.mlp), model_json(models.mlp), models.coef, models.intercept,
-                          models.classes, plan, run.cfg.seed)
+    req = EvaluateRequest(
+        rnd,
+        X,
+        y.astype(np.int32),
+        state_of(models.mlp),
+        model_json(models.mlp),
+        models.coef,
+        models.intercept,
+        models.classes,
+        plan,
+        run.cfg.seed,
+    )
+
     def check(node: int, rd: RecordDict, wire: int) -> EvaluateReply:
         reply = decode(rd, EvaluateReply)
         validate_evaluate(reply, round_=rnd, n_classes=n_classes)
         return reply
 
-    replies = run.link.exchange(MSG_EVALUATE, {n: req.to_record() for n in sorted(run.link.nodes)}, f"evaluate-{rnd}", check)
+    replies = run.link.exchange(
+        MSG_EVALUATE, {n: req.to_record() for n in sorted(run.link.nodes)}, f"evaluate-{rnd}", check
+    )
     per_site = {r.site: site_result(r.payload) for r in replies}
     for site, res in per_site.items():
-        fed_acc, local_acc = res["scores"]["mlp"]["accuracy"], res["local_only"].get("mlp", {}).get("accuracy", float("nan"))
-        logger.info("round %d, site %s: MLP accuracy %.3f federated vs %.3f local-only (gain %+.3f)", rnd, site, fed_acc, local_acc, fed_acc - local_acc)
+        fed_acc, local_acc = (
+            res["scores"]["mlp"]["accuracy"],
+            res["local_only"].get("mlp", {}).get("accuracy", float("nan")),
+        )
+        logger.info(
+            "round %d, site %s: MLP accuracy %.3f federated vs %.3f local-only (gain %+.3f)",
+            rnd,
+            site,
+            fed_acc,
+            local_acc,
+            fed_acc - local_acc,
+        )
     run.store.save_models(mlp=models.mlp)
     return {"sites": per_site, "aggregate": aggregate_scores(per_site, EVALUATORS)}
 
@@ -221,12 +310,34 @@ def run_round(run: Run, rnd: int) -> None:
     t0 = time.perf_counter()
     parts = distill(run, rnd)
     mode = run.cfg.decode_mode or DECODE_MODE
-    prov = provenance(vae, scdg, round_=rnd, sites=[p.site for p in parts], distill=dataclasses.asdict(distill_config(run.cfg)), decode=mode)
-    fused = fuse_round(parts, vae, scdg, plan, round_=rnd, provenance=prov, mode=mode, seed=run.cfg.seed + 10 * rnd,  # type: ignore[arg-type]
-                       samples_per_code=run.cfg.samples_per_code)
+    prov = provenance(
+        vae,
+        scdg,
+        round_=rnd,
+        sites=[p.site for p in parts],
+        distill=dataclasses.asdict(distill_config(run.cfg)),
+        decode=mode,
+    )
+    fused = fuse_round(
+        parts,
+        vae,
+        scdg,
+        plan,
+        round_=rnd,
+        provenance=prov,
+        mode=mode,
+        seed=run.cfg.seed + 10 * rnd,  # type: ignore[arg-type]
+        samples_per_code=run.cfg.samples_per_code,
+    )
     t1 = time.perf_counter()
-    losses = finetune_generator(scdg, parts, steps=run.cfg.finetune_steps, lr=run.cfg.finetune_lr,
-                                anchor_weight=run.cfg.finetune_anchor_weight, seed=run.cfg.seed + rnd)
+    losses = finetune_generator(
+        scdg,
+        parts,
+        steps=run.cfg.finetune_steps,
+        lr=run.cfg.finetune_lr,
+        anchor_weight=run.cfg.finetune_anchor_weight,
+        seed=run.cfg.seed + rnd,
+    )
     t2 = time.perf_counter()
     X = np.asarray(fused.X.toarray(), dtype=np.float32)
     y = np.asarray(fused.obs[plan.spec.label_key].cat.codes, dtype=np.int64)
@@ -234,12 +345,24 @@ def run_round(run: Run, rnd: int) -> None:
     final = rnd == run.cfg.num_distill_rounds
     run.store.write_synthetic(fused, round_=rnd, final=final)
     agg = result["aggregate"]["cell_weighted"]["mlp"]
-    result |= {"round": rnd, "n_synthetic": int(fused.n_obs), "sites_distilled": [p.site for p in parts], "finetune_loss": losses[-1] if losses else None,
-               "distill_seconds": {p.site: p.distill_seconds for p in parts}, "distill_upload_bytes": {p.site: p.upload_bytes for p in parts},
-               "seconds": {"distill_fuse": t1 - t0, "finetune": t2 - t1, "evaluate": time.perf_counter() - t2}}
+    result |= {
+        "round": rnd,
+        "n_synthetic": int(fused.n_obs),
+        "sites_distilled": [p.site for p in parts],
+        "finetune_loss": losses[-1] if losses else None,
+        "distill_seconds": {p.site: p.distill_seconds for p in parts},
+        "distill_upload_bytes": {p.site: p.upload_bytes for p in parts},
+        "seconds": {"distill_fuse": t1 - t0, "finetune": t2 - t1, "evaluate": time.perf_counter() - t2},
+    }
     run.metrics["rounds"].append(result)
-    logger.info("round %d: %d synthetic cells from %d sites; MLP accuracy %.3f (cell-weighted), macro-F1 %.3f",
-                rnd, fused.n_obs, len(parts), agg["accuracy"], agg["macro_f1"])
+    logger.info(
+        "round %d: %d synthetic cells from %d sites; MLP accuracy %.3f (cell-weighted), macro-F1 %.3f",
+        rnd,
+        fused.n_obs,
+        len(parts),
+        agg["accuracy"],
+        agg["macro_f1"],
+    )
     _timed(run, f"round-{rnd}", t0)
     run.store.save_models(vae=vae, scdg=scdg)
     run.checkpoint(f"round-{rnd}")
@@ -255,9 +378,19 @@ def _start(run: Run, grid: Grid, run_id: str) -> list[int]:
         run.store.clear()
     else:
         if state.config != _resume_config(cfg):
-            changed = sorted(k for k in set(state.config) | set(_resume_config(cfg)) if state.config.get(k) != _resume_config(cfg).get(k))
+            changed = sorted(
+                k
+                for k in set(state.config) | set(_resume_config(cfg))
+                if state.config.get(k) != _resume_config(cfg).get(k)
+            )
             raise FederationStopped(RESUME_MISMATCH, f"config keys changed since the checkpoint: {changed}")
-        run.completed, run.plan, run.metrics, run.vae, run.scdg = list(state.completed), state.plan, state.metrics, state.vae, state.scdg
+        run.completed, run.plan, run.metrics, run.vae, run.scdg = (
+            list(state.completed),
+            state.plan,
+            state.metrics,
+            state.vae,
+            state.scdg,
+        )
         run.warm_codes = dict(state.codes)
         logger.info("resuming run %s after phase %s", run_id, state.completed[-1])
     run.store.write_config(cfg.to_run_config(), run_id=run_id)
@@ -301,7 +434,13 @@ def _phases(r: Run, nodes: list[int]) -> None:
     r.metrics["sites"] = sorted(r.site_classes)
     r.count_input = all(p.has_counts for p in profiles)
     r.metrics["count_input"] = r.count_input
-    logger.info("plan: %d genes, %d classes, %d sites (%s)", len(r.plan.genes), len(r.plan.classes), len(profiles), ", ".join(r.metrics["sites"]))
+    logger.info(
+        "plan: %d genes, %d classes, %d sites (%s)",
+        len(r.plan.genes),
+        len(r.plan.classes),
+        len(profiles),
+        ", ".join(r.metrics["sites"]),
+    )
     _timed(r, "profile-plan", t0)
     if "pretrain" not in r.completed:
         t0 = time.perf_counter()

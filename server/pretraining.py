@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import RecordDict
 
-from server.config import FederationConfig
 from server.aggregation import DEFAULT_SERVER_LR, ServerOptimizer, average
+from server.config import FederationConfig
 from server.fusion import latent_moments
 from server.messaging import Link, SiteReply
 from server.training import load_state, model_json, state_of
@@ -30,7 +30,9 @@ from shared.training import set_latent_stats
 
 logger = logging.getLogger(__name__)
 
-VAE_WARMUP = 0.3  # the KL weight warms up over this share of ALL VAE steps (rounds x local steps), as in pooled training
+VAE_WARMUP = (
+    0.3  # the KL weight warms up over this share of ALL VAE steps (rounds x local steps), as in pooled training
+)
 
 
 def kl_ramp(rnd: int, rounds: int, warmup: float = VAE_WARMUP) -> tuple[float, float]:
@@ -51,10 +53,16 @@ class StageBudget:
 def budgets(cfg: FederationConfig) -> tuple[StageBudget, StageBudget]:
     """VAE and SCDG budgets: steps from the run config, lr/batch from it or from PretrainConfig's defaults."""
     pre = PretrainConfig()
-    vae = StageBudget(cfg.vae_local_steps, cfg.pretrain_lr if cfg.pretrain_lr > 0 else pre.vae.lr,
-                      cfg.vae_batch_size if cfg.vae_batch_size > 0 else pre.vae.batch_size)
-    scdg = StageBudget(cfg.scdg_local_steps, cfg.pretrain_lr if cfg.pretrain_lr > 0 else pre.scdg.lr,
-                       cfg.scdg_batch_size if cfg.scdg_batch_size > 0 else pre.scdg.batch_size)
+    vae = StageBudget(
+        cfg.vae_local_steps,
+        cfg.pretrain_lr if cfg.pretrain_lr > 0 else pre.vae.lr,
+        cfg.vae_batch_size if cfg.vae_batch_size > 0 else pre.vae.batch_size,
+    )
+    scdg = StageBudget(
+        cfg.scdg_local_steps,
+        cfg.pretrain_lr if cfg.pretrain_lr > 0 else pre.scdg.lr,
+        cfg.scdg_batch_size if cfg.scdg_batch_size > 0 else pre.scdg.batch_size,
+    )
     return vae, scdg
 
 
@@ -64,14 +72,40 @@ def site_seed(base: int, link: Link, node: int, salt: int) -> int:
     return base + 1000 * names.index(link.name(node)) + salt
 
 
-def _round(link: Link, plan: Plan, stage: Stage, rnd: int, model: Any, budget: StageBudget, *, seed: int,
-           ramp: tuple[float, float] = (1.0, 1.0), encoder: VAE | None = None, latent_dim: int, proximal_mu: float = 0.0) -> list[SiteReply[PretrainReply]]:
+def _round(
+    link: Link,
+    plan: Plan,
+    stage: Stage,
+    rnd: int,
+    model: Any,
+    budget: StageBudget,
+    *,
+    seed: int,
+    ramp: tuple[float, float] = (1.0, 1.0),
+    encoder: VAE | None = None,
+    latent_dim: int,
+    proximal_mu: float = 0.0,
+) -> list[SiteReply[PretrainReply]]:
     """Send one stage round to every site; return the validated replies (sorted by site)."""
     sent = state_of(model)
-    requests = {node: PretrainRequest(stage, rnd, sent, model_json(model), plan, budget.steps, budget.lr, budget.batch_size, ramp,
-                                      site_seed(seed, link, node, rnd), encoder=state_of(encoder) if encoder is not None else None,
-                                      encoder_config=model_json(encoder) if encoder is not None else "", proximal_mu=proximal_mu)
-                for node in sorted(link.nodes)}
+    requests = {
+        node: PretrainRequest(
+            stage,
+            rnd,
+            sent,
+            model_json(model),
+            plan,
+            budget.steps,
+            budget.lr,
+            budget.batch_size,
+            ramp,
+            site_seed(seed, link, node, rnd),
+            encoder=state_of(encoder) if encoder is not None else None,
+            encoder_config=model_json(encoder) if encoder is not None else "",
+            proximal_mu=proximal_mu,
+        )
+        for node in sorted(link.nodes)
+    }
 
     def check(node: int, content: RecordDict, wire: int) -> PretrainReply:
         reply = decode(content, PretrainReply)
@@ -88,47 +122,113 @@ def optimizer_for(cfg: FederationConfig, model: Any) -> ServerOptimizer:
     return ServerOptimizer(cfg.server_optimizer, lr, params=frozenset(name for name, _ in model.named_parameters()))
 
 
-def _combine(model: Any, replies: list[SiteReply[PretrainReply]], opt: ServerOptimizer, cfg: FederationConfig,
-             site_classes: Mapping[str, Collection[int]] | None) -> float:
+def _combine(
+    model: Any,
+    replies: list[SiteReply[PretrainReply]],
+    opt: ServerOptimizer,
+    cfg: FederationConfig,
+    site_classes: Mapping[str, Collection[int]] | None,
+) -> float:
     """Aggregate one stage round into ``model`` in place; return the cell-weighted mean of the sites' last losses."""
     current = state_of(model)
     weights = [r.payload.num_examples for r in replies]
-    by_class = [site_classes.get(r.site, ()) for r in replies] if cfg.class_aware_aggregation and site_classes is not None else None
-    avg = average([r.payload.weights for r in replies], weights, site_classes=by_class,  # type: ignore[misc]
-                  class_rows=model.class_rows, n_classes=model.config.n_classes, previous=current)
+    by_class = (
+        [site_classes.get(r.site, ()) for r in replies]
+        if cfg.class_aware_aggregation and site_classes is not None
+        else None
+    )
+    avg = average(
+        [r.payload.weights for r in replies],
+        weights,
+        site_classes=by_class,  # type: ignore[misc]
+        class_rows=model.class_rows,
+        n_classes=model.config.n_classes,
+        previous=current,
+    )
     load_state(model, opt.step(current, avg))
     return sum(r.payload.loss * n for r, n in zip(replies, weights, strict=True)) / sum(weights)
 
 
-def fedavg_pretrain(link: Link, plan: Plan, cfg: FederationConfig, vae: VAE, scdg: SCDG, *,
-                    site_classes: Mapping[str, Collection[int]] | None = None) -> dict[str, Any]:
+def fedavg_pretrain(
+    link: Link,
+    plan: Plan,
+    cfg: FederationConfig,
+    vae: VAE,
+    scdg: SCDG,
+    *,
+    site_classes: Mapping[str, Collection[int]] | None = None,
+) -> dict[str, Any]:
     """Train ``vae`` and ``scdg`` in place across the sites; return losses and seconds per stage.
 
     ``site_classes``: plan class ids held by each site (needed for class-aware aggregation).
     """
     vae_budget, scdg_budget = budgets(cfg)
-    history: dict[str, Any] = {"source": "fedavg", "vae_loss": [], "scdg_loss": [], "seconds": {},
-                               "schedule": {"rounds": cfg.num_pretrain_rounds, "vae_local_steps": vae_budget.steps, "scdg_local_steps": scdg_budget.steps,
-                                            "vae_batch_size": vae_budget.batch_size, "scdg_batch_size": scdg_budget.batch_size,
-                                            "server_optimizer": cfg.server_optimizer, "server_lr": optimizer_for(cfg, vae).lr,
-                                            "class_aware_aggregation": cfg.class_aware_aggregation, "proximal_mu": cfg.proximal_mu}}
+    history: dict[str, Any] = {
+        "source": "fedavg",
+        "vae_loss": [],
+        "scdg_loss": [],
+        "seconds": {},
+        "schedule": {
+            "rounds": cfg.num_pretrain_rounds,
+            "vae_local_steps": vae_budget.steps,
+            "scdg_local_steps": scdg_budget.steps,
+            "vae_batch_size": vae_budget.batch_size,
+            "scdg_batch_size": scdg_budget.batch_size,
+            "server_optimizer": cfg.server_optimizer,
+            "server_lr": optimizer_for(cfg, vae).lr,
+            "class_aware_aggregation": cfg.class_aware_aggregation,
+            "proximal_mu": cfg.proximal_mu,
+        },
+    }
     t0 = time.perf_counter()
     opt = optimizer_for(cfg, vae)
     for rnd in range(1, cfg.num_pretrain_rounds + 1):
-        replies = _round(link, plan, "vae", rnd, vae, vae_budget, seed=cfg.seed, ramp=kl_ramp(rnd, cfg.num_pretrain_rounds), latent_dim=cfg.latent_dim,
-                         proximal_mu=cfg.proximal_mu)
+        replies = _round(
+            link,
+            plan,
+            "vae",
+            rnd,
+            vae,
+            vae_budget,
+            seed=cfg.seed,
+            ramp=kl_ramp(rnd, cfg.num_pretrain_rounds),
+            latent_dim=cfg.latent_dim,
+            proximal_mu=cfg.proximal_mu,
+        )
         history["vae_loss"].append(_combine(vae, replies, opt, cfg, site_classes))
     t1 = time.perf_counter()
-    stats = [r.payload for r in _round(link, plan, "latent-stats", 0, vae, vae_budget, seed=cfg.seed, latent_dim=cfg.latent_dim)]
-    mean, std = latent_moments([r.latent_sum for r in stats], [r.latent_sumsq for r in stats], [r.num_examples for r in stats])  # type: ignore[misc]
+    stats = [
+        r.payload
+        for r in _round(link, plan, "latent-stats", 0, vae, vae_budget, seed=cfg.seed, latent_dim=cfg.latent_dim)
+    ]
+    mean, std = latent_moments(
+        [r.latent_sum for r in stats], [r.latent_sumsq for r in stats], [r.num_examples for r in stats]
+    )  # type: ignore[misc]
     set_latent_stats(scdg, mean, std)
     t2 = time.perf_counter()
     opt = optimizer_for(cfg, scdg)
     for rnd in range(1, cfg.num_pretrain_rounds + 1):
-        replies = _round(link, plan, "scdg", rnd, scdg, scdg_budget, seed=cfg.seed + 500, encoder=vae, latent_dim=cfg.latent_dim,
-                         proximal_mu=cfg.proximal_mu)
+        replies = _round(
+            link,
+            plan,
+            "scdg",
+            rnd,
+            scdg,
+            scdg_budget,
+            seed=cfg.seed + 500,
+            encoder=vae,
+            latent_dim=cfg.latent_dim,
+            proximal_mu=cfg.proximal_mu,
+        )
         history["scdg_loss"].append(_combine(scdg, replies, opt, cfg, site_classes))
     history["seconds"] = {"vae": t1 - t0, "latent_stats": t2 - t1, "scdg": time.perf_counter() - t2}
-    logger.info("federated pretraining: VAE %d x %d steps (%.1f s), SCDG %d x %d steps (%.1f s)", cfg.num_pretrain_rounds, vae_budget.steps,
-                t1 - t0, cfg.num_pretrain_rounds, scdg_budget.steps, history["seconds"]["scdg"])
+    logger.info(
+        "federated pretraining: VAE %d x %d steps (%.1f s), SCDG %d x %d steps (%.1f s)",
+        cfg.num_pretrain_rounds,
+        vae_budget.steps,
+        t1 - t0,
+        cfg.num_pretrain_rounds,
+        scdg_budget.steps,
+        history["seconds"]["scdg"],
+    )
     return history

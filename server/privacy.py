@@ -27,7 +27,12 @@ def privacy_plan(profiles: Sequence[ProfileReply], plan: Plan) -> dict[str, dict
         except ConfigError as exc:
             msg = f"site {p.site_name} ({n:.0f} cells after noise): {exc}"
             raise ConfigError(msg) from None
-        out[p.site_name] = {"target_epsilon": spec.epsilon, "delta": delta, "noise_multiplier_sgd": noise.sgd, "noise_multiplier_stats": noise.stats}
+        out[p.site_name] = {
+            "target_epsilon": spec.epsilon,
+            "delta": delta,
+            "noise_multiplier_sgd": noise.sgd,
+            "noise_multiplier_stats": noise.stats,
+        }
     return out
 
 

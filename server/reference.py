@@ -32,17 +32,34 @@ logger = logging.getLogger(__name__)
 
 FILES = ("plan.json", "vae.pt", "scdg.pt")
 # VAE parameters indexed by gene, and the gene axis of each
-GENE_AXES = {"encoder.0.weight": 1, "to_mean.weight": 0, "to_mean.bias": 0, "to_logit.weight": 0, "to_logit.bias": 0,
-             "count_head.to_rho.weight": 0, "count_head.to_rho.bias": 0, "count_head.log_theta": 0}
+GENE_AXES = {
+    "encoder.0.weight": 1,
+    "to_mean.weight": 0,
+    "to_mean.bias": 0,
+    "to_logit.weight": 0,
+    "to_logit.bias": 0,
+    "count_head.to_rho.weight": 0,
+    "count_head.to_rho.bias": 0,
+    "count_head.log_theta": 0,
+}
 
 
-def pretrain_reference(path: str | Path, out: str | Path, *, label_key: str, n_genes: int = 2000, cfg: PretrainConfig | None = None,
-                       expect: str = "auto") -> Path:
+def pretrain_reference(
+    path: str | Path,
+    out: str | Path,
+    *,
+    label_key: str,
+    n_genes: int = 2000,
+    cfg: PretrainConfig | None = None,
+    expect: str = "auto",
+) -> Path:
     """Train VAE + SCDG on all cells of a reference .h5ad; write plan.json, vae.pt, scdg.pt, reference.json to ``out``."""
     cfg = cfg or PretrainConfig()
     out = Path(out).expanduser()
     adata = read_h5ad(path)
-    site = prepare_site(adata, label_key=label_key, expect=expect, test_fraction=0.0, val_fraction=0.0, min_cells_per_class=1)  # type: ignore[arg-type]
+    site = prepare_site(
+        adata, label_key=label_key, expect=expect, test_fraction=0.0, val_fraction=0.0, min_cells_per_class=1
+    )  # type: ignore[arg-type]
     sums, sumsq, detected = gene_stats(site.X)
     genes = select_variable_genes(site.genes, sums, sumsq, detected, site.X.shape[0], n_top=n_genes)
     pos = {g: i for i, g in enumerate(site.genes)}
@@ -54,10 +71,28 @@ def pretrain_reference(path: str | Path, out: str | Path, *, label_key: str, n_g
     plan = Plan(tuple(genes), site.classes, SiteSpec(label_key=label_key, expect=expect))  # type: ignore[arg-type]
     save_model(pre.vae, out / "vae.pt")
     save_model(pre.scdg, out / "scdg.pt")
-    write_json(out / "reference.json", {"source": Path(path).name, "n_cells": int(X.shape[0]), "n_genes": len(genes), "classes": list(site.classes),
-                                        "vae_steps": cfg.vae.steps, "scdg_steps": cfg.scdg.steps, "seed": cfg.seed, "seconds": round(seconds, 1)})
+    write_json(
+        out / "reference.json",
+        {
+            "source": Path(path).name,
+            "n_cells": int(X.shape[0]),
+            "n_genes": len(genes),
+            "classes": list(site.classes),
+            "vae_steps": cfg.vae.steps,
+            "scdg_steps": cfg.scdg.steps,
+            "seed": cfg.seed,
+            "seconds": round(seconds, 1),
+        },
+    )
     write_json(out / "plan.json", plan.to_json())  # last: a directory with plan.json is complete
-    logger.info("reference pretrained on %d cells x %d genes, %d classes in %.0f s: %s", X.shape[0], len(genes), len(site.classes), seconds, out)
+    logger.info(
+        "reference pretrained on %d cells x %d genes, %d classes in %.0f s: %s",
+        X.shape[0],
+        len(genes),
+        len(site.classes),
+        seconds,
+        out,
+    )
     return out
 
 
@@ -80,7 +115,9 @@ def _copy(dst: dict[str, torch.Tensor], key: str, value: torch.Tensor, copied: l
     copied.append(key)
 
 
-def transfer(src: torch.nn.Module, dst: torch.nn.Module, *, src_genes: Sequence[str] = (), dst_genes: Sequence[str] = ()) -> list[str]:
+def transfer(
+    src: torch.nn.Module, dst: torch.nn.Module, *, src_genes: Sequence[str] = (), dst_genes: Sequence[str] = ()
+) -> list[str]:
     """Copy into ``dst`` (in place) every weight of ``src`` that transfers; return the keys copied.
 
     Gene-indexed VAE weights are re-indexed from ``src_genes`` to ``dst_genes`` (every plan gene must
@@ -109,7 +146,9 @@ def transfer(src: torch.nn.Module, dst: torch.nn.Module, *, src_genes: Sequence[
     return copied
 
 
-def init_models(path: str | Path, genes: Sequence[str], n_classes: int, *, seed: int, count_head: bool = False) -> tuple[VAE, SCDG, dict[str, Any]]:
+def init_models(
+    path: str | Path, genes: Sequence[str], n_classes: int, *, seed: int, count_head: bool = False
+) -> tuple[VAE, SCDG, dict[str, Any]]:
     """Fresh VAE + SCDG for the plan (the reference's latent size), with every transferable weight from ``path``."""
     ref_plan, ref_vae, ref_scdg = load_reference(path)
     torch.manual_seed(seed)
@@ -118,9 +157,21 @@ def init_models(path: str | Path, genes: Sequence[str], n_classes: int, *, seed:
     n_scdg = transfer(ref_scdg, scdg)
     vae.eval()
     scdg.eval()
-    info = {"path": str(Path(path).expanduser()), "reference_genes": len(ref_plan.genes), "plan_genes": len(genes), "latent_dim": vae.config.latent_dim,
-            "vae_tensors": len(n_vae), "scdg_tensors": len(n_scdg), "reference_classes": len(ref_plan.classes)}
-    logger.info("FedAvg starts from the reference %s: %d VAE and %d SCDG tensors transferred, class rows fresh", path, len(n_vae), len(n_scdg))
+    info = {
+        "path": str(Path(path).expanduser()),
+        "reference_genes": len(ref_plan.genes),
+        "plan_genes": len(genes),
+        "latent_dim": vae.config.latent_dim,
+        "vae_tensors": len(n_vae),
+        "scdg_tensors": len(n_scdg),
+        "reference_classes": len(ref_plan.classes),
+    }
+    logger.info(
+        "FedAvg starts from the reference %s: %d VAE and %d SCDG tensors transferred, class rows fresh",
+        path,
+        len(n_vae),
+        len(n_scdg),
+    )
     return vae, scdg, info
 
 

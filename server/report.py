@@ -17,10 +17,12 @@ from shared.io import write_text
 
 logger = logging.getLogger(__name__)
 
-AUDIT_GUIDE = ("each site audits the fused synthetic cells on its own cells; 0.5 = no signal, 1.0 = a copied cell. Seed MIA: the cells "
-               "whose latents seeded this site's codes vs held-out cells, by distance to the closest synthetic cell. Population MIA: every "
-               "training cell vs held-out cells (blind to a few copies). Density MIA: a DOMIAS-style density-ratio attack on the seed cells. "
-               "DCR share: synthetic cells closer to a training than to a held-out cell. Attacks bound the risk from below")
+AUDIT_GUIDE = (
+    "each site audits the fused synthetic cells on its own cells; 0.5 = no signal, 1.0 = a copied cell. Seed MIA: the cells "
+    "whose latents seeded this site's codes vs held-out cells, by distance to the closest synthetic cell. Population MIA: every "
+    "training cell vs held-out cells (blind to a few copies). Density MIA: a DOMIAS-style density-ratio attack on the seed cells. "
+    "DCR share: synthetic cells closer to a training than to a held-out cell. Attacks bound the risk from below"
+)
 
 
 def _png(fig: Any) -> str:
@@ -76,7 +78,12 @@ def _curves(rounds: list[dict[str, Any]]) -> str:
     axes[0].set(title="accuracy on held-out real cells (cell-weighted over sites)", xlabel="round", ylabel="accuracy")
     sites = sorted({s for x in rounds for s in x["sites"]})
     for s in sites:
-        axes[1].plot(r, [x["sites"].get(s, {}).get("scores", {}).get("mlp", {}).get("accuracy", math.nan) for x in rounds], marker="o", label=s)
+        axes[1].plot(
+            r,
+            [x["sites"].get(s, {}).get("scores", {}).get("mlp", {}).get("accuracy", math.nan) for x in rounds],
+            marker="o",
+            label=s,
+        )
     axes[1].set(title="MLP accuracy per site", xlabel="round", ylabel="accuracy")
     for ax in axes:
         ax.legend(fontsize=8)
@@ -100,13 +107,22 @@ def _gain_plot(last: dict[str, Any]) -> str:
     ax.bar(x - 0.2, loc, 0.4, label="local-only (own training cells)")
     ax.bar(x + 0.2, fed, 0.4, label="federated (fused synthetic cells)")
     ax.set_xticks(x, sites, rotation=20)
-    ax.set(ylabel="MLP accuracy on the site's test cells", ylim=(max(0.0, min([*fed, *loc, 1.0]) - 0.1), 1.0), title="what each site gains by joining")
+    ax.set(
+        ylabel="MLP accuracy on the site's test cells",
+        ylim=(max(0.0, min([*fed, *loc, 1.0]) - 0.1), 1.0),
+        title="what each site gains by joining",
+    )
     ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
 
 
-FIDELITY_BARS = (("marker_overlap", "marker-gene overlap"), ("var_corr", "per-gene variance corr."), ("mean_corr", "per-gene mean corr."),
-                 ("zero_fraction_real", "zero fraction, real"), ("zero_fraction_synthetic", "zero fraction, synthetic"))
+FIDELITY_BARS = (
+    ("marker_overlap", "marker-gene overlap"),
+    ("var_corr", "per-gene variance corr."),
+    ("mean_corr", "per-gene mean corr."),
+    ("zero_fraction_real", "zero fraction, real"),
+    ("zero_fraction_synthetic", "zero fraction, synthetic"),
+)
 
 
 def _fidelity_plot(last: dict[str, Any]) -> str:
@@ -127,64 +143,122 @@ def _fidelity_plot(last: dict[str, Any]) -> str:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else ("n/a" if isinstance(v, float) else html.escape(str(v)))
+    return (
+        f"{v:.3f}"
+        if isinstance(v, float) and math.isfinite(v)
+        else ("n/a" if isinstance(v, float) else html.escape(str(v)))
+    )
 
 
 def _site_table(last: dict[str, Any], upload: dict[str, dict[str, int]]) -> str:
-    cols = ("site", "test / validation cells", "MLP acc", "LR acc", "kNN acc", "MLP acc local-only", "gain from joining", "MLP acc (validation)", "seed MIA", "population MIA",
-            "density MIA", "DCR share", "marker overlap", "zero fraction real / synthetic", "uploaded bytes")
+    cols = (
+        "site",
+        "test / validation cells",
+        "MLP acc",
+        "LR acc",
+        "kNN acc",
+        "MLP acc local-only",
+        "gain from joining",
+        "MLP acc (validation)",
+        "seed MIA",
+        "population MIA",
+        "density MIA",
+        "DCR share",
+        "marker overlap",
+        "zero fraction real / synthetic",
+        "uploaded bytes",
+    )
     head = "<tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
     rows = []
     for site, m in sorted(last["sites"].items()):
         sc, a, f = m["scores"], m["audit"], m["fidelity"]
-        cells = [html.escape(site), f"{m['n_test']} / {m['validation']['n_val']}", *(_fmt(sc[ev]["accuracy"]) for ev in ("mlp", "logreg", "knn")),
-                 _fmt(_local(m)), _fmt(sc["mlp"]["accuracy"] - _local(m)), _fmt(m["validation"]["scores"]["mlp"]["accuracy"]), *(_fmt(a[k]) for k in ("seed_mia", "population_mia", "density_mia", "dcr_share")),
-                 _fmt(f["marker_overlap"]), f"{_fmt(f['zero_fraction_real'])} / {_fmt(f['zero_fraction_synthetic'])}", str(sum(upload.get(site, {}).values()))]
+        cells = [
+            html.escape(site),
+            f"{m['n_test']} / {m['validation']['n_val']}",
+            *(_fmt(sc[ev]["accuracy"]) for ev in ("mlp", "logreg", "knn")),
+            _fmt(_local(m)),
+            _fmt(sc["mlp"]["accuracy"] - _local(m)),
+            _fmt(m["validation"]["scores"]["mlp"]["accuracy"]),
+            *(_fmt(a[k]) for k in ("seed_mia", "population_mia", "density_mia", "dcr_share")),
+            _fmt(f["marker_overlap"]),
+            f"{_fmt(f['zero_fraction_real'])} / {_fmt(f['zero_fraction_synthetic'])}",
+            str(sum(upload.get(site, {}).values())),
+        ]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     worst = last["aggregate"]["audit"]
-    foot = (f"<p>Worst site, seed MIA: {_fmt(worst['seed_mia_max'])}; mean over sites: seed {_fmt(worst['seed_mia'])}, population "
-            f"{_fmt(worst['population_mia'])}, density {_fmt(worst['density_mia'])}, DCR share {_fmt(worst['dcr_share'])}.</p>")
+    foot = (
+        f"<p>Worst site, seed MIA: {_fmt(worst['seed_mia_max'])}; mean over sites: seed {_fmt(worst['seed_mia'])}, population "
+        f"{_fmt(worst['population_mia'])}, density {_fmt(worst['density_mia'])}, DCR share {_fmt(worst['dcr_share'])}.</p>"
+    )
     return f"<table>{head}{''.join(rows)}</table>{foot}"
 
 
 def _privacy_table(privacy: dict[str, dict[str, Any]]) -> str:
     """Per site: the epsilon and delta its accountant spent over the run, and every mechanism it released through."""
-    rows = "".join(f"<tr><td>{html.escape(site)}</td><td>{rep['epsilon']:.3g}</td><td>{rep['delta']:.2g}</td>"
-                   f"<td><ul>{''.join(f'<li>{html.escape(str(m))}</li>' for m in rep['mechanisms'])}</ul></td></tr>"
-                   for site, rep in sorted(privacy.items()))
-    return ("<p>Cell-level differential privacy: each site's accountant composed every release of the run (Renyi DP). "
-            "Not covered: the evaluation scores and audit numbers a site returns (README, Privacy).</p>"
-            f"<table><tr><th>site</th><th>epsilon</th><th>delta</th><th>mechanisms</th></tr>{rows}</table>")
+    rows = "".join(
+        f"<tr><td>{html.escape(site)}</td><td>{rep['epsilon']:.3g}</td><td>{rep['delta']:.2g}</td>"
+        f"<td><ul>{''.join(f'<li>{html.escape(str(m))}</li>' for m in rep['mechanisms'])}</ul></td></tr>"
+        for site, rep in sorted(privacy.items())
+    )
+    return (
+        "<p>Cell-level differential privacy: each site's accountant composed every release of the run (Renyi DP). "
+        "Not covered: the evaluation scores and audit numbers a site returns (README, Privacy).</p>"
+        f"<table><tr><th>site</th><th>epsilon</th><th>delta</th><th>mechanisms</th></tr>{rows}</table>"
+    )
 
 
 def render(metrics: dict[str, Any], synthetic: Any, *, label_key: str) -> str:
     """The report as one HTML string."""
     rounds = metrics.get("rounds", [])
-    parts = ["<h1>fedscdd run report</h1>", f"<p>sites: {html.escape(', '.join(metrics.get('sites', [])))}; "
-             f"{synthetic.n_obs} synthetic cells x {synthetic.n_vars} genes in the final fused set.</p>"]
+    parts = [
+        "<h1>fedscdd run report</h1>",
+        f"<p>sites: {html.escape(', '.join(metrics.get('sites', [])))}; "
+        f"{synthetic.n_obs} synthetic cells x {synthetic.n_vars} genes in the final fused set.</p>",
+    ]
     if rounds:
         agg = rounds[-1]["aggregate"]
-        parts.append(f"<p>Final round: MLP accuracy {_fmt(agg['cell_weighted']['mlp']['accuracy'])} (cell-weighted), "
-                     f"{_fmt(agg['macro']['mlp']['accuracy'])} (mean over sites).</p>")
+        parts.append(
+            f"<p>Final round: MLP accuracy {_fmt(agg['cell_weighted']['mlp']['accuracy'])} (cell-weighted), "
+            f"{_fmt(agg['macro']['mlp']['accuracy'])} (mean over sites).</p>"
+        )
         parts += ["<h2>Accuracy per round and per site</h2>", _curves(rounds)]
         if any(math.isfinite(_local(m)) for m in rounds[-1]["sites"].values()):
-            parts += ["<h2>What each site gains by joining</h2>", "<p>The same MLP trained on the site's own training cells only, "
-                      "scored on the same test cells, beside the federated one (last round).</p>", _gain_plot(rounds[-1])]
+            parts += [
+                "<h2>What each site gains by joining</h2>",
+                "<p>The same MLP trained on the site's own training cells only, "
+                "scored on the same test cells, beside the federated one (last round).</p>",
+                _gain_plot(rounds[-1]),
+            ]
         fid = agg.get("fidelity", {})
-        parts += ["<h2>Fidelity: do the synthetic cells look like real ones?</h2>",
-                  f"<p>Each site compares the fused synthetic cells with its own test cells (top-50 wilcoxon marker genes per class, "
-                  f"scanpy; per-gene mean and variance correlation; zero fraction). Mean over sites: marker overlap "
-                  f"{_fmt(fid.get('marker_overlap', math.nan))}, zero fraction {_fmt(fid.get('zero_fraction_synthetic', math.nan))} synthetic vs "
-                  f"{_fmt(fid.get('zero_fraction_real', math.nan))} real.</p>", _fidelity_plot(rounds[-1])]
-        parts += ["<h2>Per site, last round (scores, privacy audit, fidelity)</h2>", f"<p><b>Privacy audit:</b> {AUDIT_GUIDE}.</p>",
-                  _site_table(rounds[-1], metrics.get("upload_bytes", {}))]
+        parts += [
+            "<h2>Fidelity: do the synthetic cells look like real ones?</h2>",
+            f"<p>Each site compares the fused synthetic cells with its own test cells (top-50 wilcoxon marker genes per class, "
+            f"scanpy; per-gene mean and variance correlation; zero fraction). Mean over sites: marker overlap "
+            f"{_fmt(fid.get('marker_overlap', math.nan))}, zero fraction {_fmt(fid.get('zero_fraction_synthetic', math.nan))} synthetic vs "
+            f"{_fmt(fid.get('zero_fraction_real', math.nan))} real.</p>",
+            _fidelity_plot(rounds[-1]),
+        ]
+        parts += [
+            "<h2>Per site, last round (scores, privacy audit, fidelity)</h2>",
+            f"<p><b>Privacy audit:</b> {AUDIT_GUIDE}.</p>",
+            _site_table(rounds[-1], metrics.get("upload_bytes", {})),
+        ]
     if metrics.get("privacy"):
         parts += ["<h2>Differential privacy spent</h2>", _privacy_table(metrics["privacy"])]
     img, method = _scatter(synthetic, label_key)
-    how = "scanpy sc.pp.pca, sc.pp.neighbors, sc.tl.umap" if method == "UMAP" else "scanpy sc.pp.pca (UMAP could not run)"
-    parts += ["<h2>Fused synthetic cells</h2>", f"<p>{method} of the final fused synthetic set ({how}), coloured by class and by site.</p>", img]
+    how = (
+        "scanpy sc.pp.pca, sc.pp.neighbors, sc.tl.umap" if method == "UMAP" else "scanpy sc.pp.pca (UMAP could not run)"
+    )
+    parts += [
+        "<h2>Fused synthetic cells</h2>",
+        f"<p>{method} of the final fused synthetic set ({how}), coloured by class and by site.</p>",
+        img,
+    ]
     if metrics.get("dropped"):
-        items = "".join(f"<li>{html.escape(str(d['site']))} / {html.escape(str(d['phase']))}: {html.escape(str(d['reason']))}</li>" for d in metrics["dropped"])
+        items = "".join(
+            f"<li>{html.escape(str(d['site']))} / {html.escape(str(d['phase']))}: {html.escape(str(d['reason']))}</li>"
+            for d in metrics["dropped"]
+        )
         parts += ["<h2>Dropped sites</h2>", f"<ul>{items}</ul>"]
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
     return f"<!doctype html><html><head><meta charset='utf-8'><title>fedscdd report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"

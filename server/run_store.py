@@ -31,7 +31,18 @@ logger = logging.getLogger(__name__)
 
 PACKAGES = ("flwr", "torch", "anndata", "scanpy", "numpy", "scikit-learn", "fedscdd")
 # Keys that may change between an interrupted run and its resumption (they do not change what was computed).
-RESUME_FREE = frozenset({"resume", "round-timeout-s", "site-wait-s", "out-dir", "report", "torch-threads", "num-distill-rounds", "expected-sites"})
+RESUME_FREE = frozenset(
+    {
+        "resume",
+        "round-timeout-s",
+        "site-wait-s",
+        "out-dir",
+        "report",
+        "torch-threads",
+        "num-distill-rounds",
+        "expected-sites",
+    }
+)
 RUN_LOG = "run.log"  # the coordinator's progress lines of this run (appended to on resume)
 OUTPUTS = ("config.json", "plan.json", "metrics.json", "synthetic.h5ad", "vae.pt", "scdg.pt", "mlp.pt", "report.html")
 
@@ -102,8 +113,16 @@ class RunStore:
 
     def write_config(self, run_config: Mapping[str, Any], *, run_id: str) -> None:
         """config.json: the resolved config, run id, the run directory, schema and package versions."""
-        write_json(self.dir / "config.json", {"run_id": run_id, "run_dir": str(self.dir), "run_config": dict(run_config),
-                                              "schema_version": SCHEMA_VERSION, "versions": package_versions()})
+        write_json(
+            self.dir / "config.json",
+            {
+                "run_id": run_id,
+                "run_dir": str(self.dir),
+                "run_config": dict(run_config),
+                "schema_version": SCHEMA_VERSION,
+                "versions": package_versions(),
+            },
+        )
 
     def write_plan(self, plan: Plan) -> None:
         """plan.json."""
@@ -132,14 +151,31 @@ class RunStore:
         for name, model in models.items():
             save_model(model, self.dir / f"{name}.pt")
 
-    def checkpoint(self, completed: Sequence[str], *, plan: Plan, metrics: Mapping[str, Any], config: Mapping[str, Any], vae: VAE, scdg: SCDG,
-                   codes: Mapping[str, Codes] | None = None) -> None:
+    def checkpoint(
+        self,
+        completed: Sequence[str],
+        *,
+        plan: Plan,
+        metrics: Mapping[str, Any],
+        config: Mapping[str, Any],
+        vae: VAE,
+        scdg: SCDG,
+        codes: Mapping[str, Codes] | None = None,
+    ) -> None:
         """Write the state after a completed phase (models and codes first, state.json last: it marks the checkpoint valid)."""
         save_model(vae, self.state_dir / "vae.pt")
         save_model(scdg, self.state_dir / "scdg.pt")
         write_with(self.state_dir / "codes.npz", lambda tmp: _save_codes(tmp, codes or {}))
-        write_json(self.state_dir / "state.json", {"completed": list(completed), "plan": plan.to_json(), "metrics": dict(metrics),
-                                                   "config": dict(config), "schema_version": SCHEMA_VERSION})
+        write_json(
+            self.state_dir / "state.json",
+            {
+                "completed": list(completed),
+                "plan": plan.to_json(),
+                "metrics": dict(metrics),
+                "config": dict(config),
+                "schema_version": SCHEMA_VERSION,
+            },
+        )
         logger.info("checkpoint written after %s", completed[-1] if completed else "start")
 
     def load_checkpoint(self) -> Checkpoint | None:
@@ -152,7 +188,15 @@ class RunStore:
         state = json.loads(path.read_text(encoding="utf-8"))
         vae, scdg = load_model(self.state_dir / "vae.pt", "vae"), load_model(self.state_dir / "scdg.pt", "scdg")
         codes = _load_codes(self.state_dir / "codes.npz")
-        return Checkpoint(tuple(state["completed"]), Plan.from_json(state["plan"]), state["metrics"], state["config"], vae, scdg, codes)  # type: ignore[arg-type]
+        return Checkpoint(
+            tuple(state["completed"]),
+            Plan.from_json(state["plan"]),
+            state["metrics"],
+            state["config"],
+            vae,
+            scdg,
+            codes,
+        )  # type: ignore[arg-type]
 
 
 def _save_codes(path: Path, codes: Mapping[str, Codes]) -> None:
@@ -161,7 +205,11 @@ def _save_codes(path: Path, codes: Mapping[str, Codes]) -> None:
     arrays: dict[str, np.ndarray] = {"sites": np.array(sites, dtype=np.str_)}
     for i, site in enumerate(sites):
         c = codes[site]
-        arrays |= {f"codes{i}": c.codes, f"labels{i}": c.labels, f"meta{i}": np.array([c.t_star, c.guidance], dtype=np.float64)}
+        arrays |= {
+            f"codes{i}": c.codes,
+            f"labels{i}": c.labels,
+            f"meta{i}": np.array([c.t_star, c.guidance], dtype=np.float64),
+        }
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
 
@@ -170,5 +218,9 @@ def _load_codes(path: Path) -> dict[str, Codes]:
     if not path.is_file():  # a checkpoint written before codes were kept: the next round starts from fresh codes
         return {}
     with np.load(path, allow_pickle=False) as npz:
-        return {str(site): Codes(npz[f"codes{i}"], npz[f"labels{i}"].astype(np.int64), int(npz[f"meta{i}"][0]), float(npz[f"meta{i}"][1]))
-                for i, site in enumerate(npz["sites"])}
+        return {
+            str(site): Codes(
+                npz[f"codes{i}"], npz[f"labels{i}"].astype(np.int64), int(npz[f"meta{i}"][0]), float(npz[f"meta{i}"][1])
+            )
+            for i, site in enumerate(npz["sites"])
+        }

@@ -81,8 +81,16 @@ class Exchange:
 class InProcessGrid(Grid):
     """A Grid whose nodes are Contexts in this process; ``push_messages`` runs the ClientApp synchronously."""
 
-    def __init__(self, client_app: ClientAppFn, *, num_nodes: int, run_config: Mapping[str, Any],
-                 node_configs: Sequence[Mapping[str, Any]] | None = None, run_id: int = 1, record: bool = False) -> None:
+    def __init__(
+        self,
+        client_app: ClientAppFn,
+        *,
+        num_nodes: int,
+        run_config: Mapping[str, Any],
+        node_configs: Sequence[Mapping[str, Any]] | None = None,
+        run_id: int = 1,
+        record: bool = False,
+    ) -> None:
         self._client_app = client_app
         self._record = record  # keep every exchange in .log (tests; costs the memory of every message)
         self._run = Run.create_empty(run_id)
@@ -90,8 +98,13 @@ class InProcessGrid(Grid):
         for i in range(num_nodes):
             extra = dict(node_configs[i]) if node_configs else {}
             node_config = {"partition-id": i, "num-partitions": num_nodes, **extra}
-            self.contexts[FIRST_NODE_ID + i] = Context(run_id=run_id, node_id=FIRST_NODE_ID + i, node_config=node_config,
-                                                       state=RecordDict(), run_config=dict(run_config))
+            self.contexts[FIRST_NODE_ID + i] = Context(
+                run_id=run_id,
+                node_id=FIRST_NODE_ID + i,
+                node_config=node_config,
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
         self._pending: dict[str, Message] = {}
         self.log: list[Exchange] = []
 
@@ -104,7 +117,9 @@ class InProcessGrid(Grid):
         """The run."""
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         """Build an instruction message."""
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
@@ -143,8 +158,14 @@ class InProcessGrid(Grid):
         return self.pull_messages(list(self.push_messages(messages)))
 
 
-def run_in_process(run_config: Mapping[str, Any], *, num_nodes: int, node_configs: Sequence[Mapping[str, Any]] | None = None,
-                   client_app: ClientAppFn | None = None, record: bool = False) -> InProcessGrid:
+def run_in_process(
+    run_config: Mapping[str, Any],
+    *,
+    num_nodes: int,
+    node_configs: Sequence[Mapping[str, Any]] | None = None,
+    client_app: ClientAppFn | None = None,
+    record: bool = False,
+) -> InProcessGrid:
     """Run the ServerApp against ``num_nodes`` in-process ClientApps; return the grid (with ``record``, its log holds every exchange)."""
     client = client_app or load_component(component_ref("clientapp"))
     server = load_component(component_ref("serverapp"))
@@ -191,8 +212,13 @@ def simulate_file(data: Path, *, out: Path, overrides: Mapping[str, Any]) -> Pat
     from server.config import FederationConfig
 
     out = Path(out).expanduser().resolve()
-    run_config = {**app_config_defaults(), "sim-data-path": str(Path(data).expanduser().resolve()), "out-dir": str(out.parent),
-                  "run-id": out.name, **overrides}
+    run_config = {
+        **app_config_defaults(),
+        "sim-data-path": str(Path(data).expanduser().resolve()),
+        "out-dir": str(out.parent),
+        "run-id": out.name,
+        **overrides,
+    }
     cfg = FederationConfig.from_run_config(run_config)
     n = count_sites(Path(cfg.sim_data_path), site_key=cfg.sim_site_key, num_sites=cfg.sim_num_sites)
     logger.info("simulating %d sites in-process from %s", n, cfg.sim_data_path)

@@ -63,16 +63,30 @@ class SiteCodes:
     codes: Codes
     distill_seconds: float = float("nan")
     upload_bytes: int = 0
-    library: np.ndarray | None = None  # (C, 3) per-class library statistics (shared.counts); NaN rows without count input
+    library: np.ndarray | None = (
+        None  # (C, 3) per-class library statistics (shared.counts); NaN rows without count input
+    )
 
 
 def counts_available(parts: Sequence[SiteCodes], vae: VAE) -> bool:
     """Synthetic counts need the VAE's count head and every contributing site's library statistics for its classes."""
-    return vae.count_head is not None and all(p.library is not None and usable(p.library, p.codes.labels) for p in parts)
+    return vae.count_head is not None and all(
+        p.library is not None and usable(p.library, p.codes.labels) for p in parts
+    )
 
 
-def fuse_round(parts: Sequence[SiteCodes], vae: VAE, scdg: SCDG, plan: Plan, *, round_: int, provenance: dict[str, Any],
-               mode: DecodeMode, seed: int, samples_per_code: int = 1) -> ad.AnnData:
+def fuse_round(
+    parts: Sequence[SiteCodes],
+    vae: VAE,
+    scdg: SCDG,
+    plan: Plan,
+    *,
+    round_: int,
+    provenance: dict[str, Any],
+    mode: DecodeMode,
+    seed: int,
+    samples_per_code: int = 1,
+) -> ad.AnnData:
     """Decode every site's codes with the generator they were made with and fuse them into one AnnData.
 
     With count input at every site, each cell also gets sampled counts (``layers["counts"]``) and the
@@ -82,21 +96,49 @@ def fuse_round(parts: Sequence[SiteCodes], vae: VAE, scdg: SCDG, plan: Plan, *, 
     """
     with_counts = counts_available(parts, vae)
     if mode == "counts" and not with_counts:
-        logger.warning("decode-mode 'counts' needs count input at every site (and a VAE trained with it): decoding 'expected' instead")
+        logger.warning(
+            "decode-mode 'counts' needs count input at every site (and a VAE trained with it): decoding 'expected' instead"
+        )
         mode = "expected"
     repeat = samples_per_code if mode in ("sample", "counts") else 1
     provenance = {**provenance, "decode": mode, "samples_per_code": repeat}
     pieces = []
     for i, part in enumerate(sorted(parts, key=lambda p: p.site)):
         seed_i = seed + 1000 * i
-        codes = part.codes if repeat == 1 else dataclasses.replace(part.codes, codes=np.repeat(part.codes.codes, repeat, axis=0),
-                                                                    labels=np.repeat(part.codes.labels, repeat))
+        codes = (
+            part.codes
+            if repeat == 1
+            else dataclasses.replace(
+                part.codes,
+                codes=np.repeat(part.codes.codes, repeat, axis=0),
+                labels=np.repeat(part.codes.labels, repeat),
+            )
+        )
         layers = {"expected": generate(vae, scdg, codes, mode="expected")}
         if with_counts:
-            layers["counts"], counts_X = sample_counts(vae, latents(scdg, codes), codes.labels, part.library, seed=seed_i)  # type: ignore[arg-type]
-        cells = counts_X if mode == "counts" else layers["expected"] if mode == "expected" else generate(vae, scdg, codes, mode=mode, seed=seed_i)
-        pieces.append(to_anndata(cells, codes.labels, class_names=plan.classes, genes=plan.genes, label_key=plan.spec.label_key,
-                                 site=part.site, round_=round_, provenance=provenance, layers=layers))
+            layers["counts"], counts_X = sample_counts(
+                vae, latents(scdg, codes), codes.labels, part.library, seed=seed_i
+            )  # type: ignore[arg-type]
+        cells = (
+            counts_X
+            if mode == "counts"
+            else layers["expected"]
+            if mode == "expected"
+            else generate(vae, scdg, codes, mode=mode, seed=seed_i)
+        )
+        pieces.append(
+            to_anndata(
+                cells,
+                codes.labels,
+                class_names=plan.classes,
+                genes=plan.genes,
+                label_key=plan.spec.label_key,
+                site=part.site,
+                round_=round_,
+                provenance=provenance,
+                layers=layers,
+            )
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # anndata: duplicate obs names before fuse() renames them
         fused = fuse(pieces)
@@ -104,7 +146,9 @@ def fuse_round(parts: Sequence[SiteCodes], vae: VAE, scdg: SCDG, plan: Plan, *, 
     return fused
 
 
-def finetune_generator(scdg: SCDG, parts: Sequence[SiteCodes], *, steps: int, lr: float, anchor_weight: float, seed: int) -> list[float]:
+def finetune_generator(
+    scdg: SCDG, parts: Sequence[SiteCodes], *, steps: int, lr: float, anchor_weight: float, seed: int
+) -> list[float]:
     """Fine-tune the SCDG on the fused one-step estimates ẑ₀ of all codes, pulled toward its pre-round weights."""
     if steps <= 0 or not parts:
         return []
@@ -145,7 +189,16 @@ def train_evaluators(X: np.ndarray, y: np.ndarray, n_classes: int, *, mlp: MLPTr
     return EvalModels(model, coef, icpt, present.astype(np.int64))
 
 
-def provenance(vae: VAE, scdg: SCDG, *, round_: int, sites: Sequence[str], distill: dict[str, Any], decode: str) -> dict[str, Any]:
+def provenance(
+    vae: VAE, scdg: SCDG, *, round_: int, sites: Sequence[str], distill: dict[str, Any], decode: str
+) -> dict[str, Any]:
     """What made a fused synthetic set (stored in uns)."""
-    return {"method": "fedscdd", "round": round_, "sites": list(sites), "distill": distill, "decode_mode": decode,
-            "vae_hash": model_hash(vae), "scdg_hash": model_hash(scdg)}
+    return {
+        "method": "fedscdd",
+        "round": round_,
+        "sites": list(sites),
+        "distill": distill,
+        "decode_mode": decode,
+        "vae_hash": model_hash(vae),
+        "scdg_hash": model_hash(scdg),
+    }

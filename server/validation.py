@@ -12,15 +12,20 @@ from collections.abc import Collection, Mapping
 from typing import TypeVar
 
 import numpy as np
-
-from server.privacy import check_report
 from flwr.app import RecordDict
 
+from server.privacy import check_report
 from shared.errors import ProtocolError
-from shared.protocol.rounds import LIBRARY_STATS
 from shared.protocol import (
-    DistillReply, DistillRequest, EvaluateReply, PretrainReply, PretrainRequest, ProfileReply, StateDict,
+    DistillReply,
+    DistillRequest,
+    EvaluateReply,
+    PretrainReply,
+    PretrainRequest,
+    ProfileReply,
+    StateDict,
 )
+from shared.protocol.rounds import LIBRARY_STATS
 
 BUDGET_SLACK_BYTES = 4096
 MAX_LOG_LIBRARY = 25.0  # e^25 counts in one cell: anything above is not a cell
@@ -88,7 +93,9 @@ def validate_pretrain(reply: PretrainReply, req: PretrainRequest, *, latent_dim:
     _same_state(reply.weights or {}, req.weights, req.stage)
 
 
-def validate_distill(reply: DistillReply, req: DistillRequest, *, latent_dim: int, site_classes: Collection[int], wire: int) -> None:
+def validate_distill(
+    reply: DistillReply, req: DistillRequest, *, latent_dim: int, site_classes: Collection[int], wire: int
+) -> None:
     """Codes (n, d) for classes the site reported, at most k (and at most its training cells) per class, counts of length C, within the byte budget."""
     n_classes, k = len(req.plan.classes), req.k
     budget = distill_budget(k, n_classes, latent_dim)
@@ -140,8 +147,11 @@ def _check_library(library: np.ndarray, class_counts: np.ndarray) -> None:
         msg = "library statistics must be complete rows, and only for classes with training cells"
         raise ProtocolError(msg)
     rows = library[given.all(1)]
-    if rows.size and not (np.all((rows[:, 0] >= 0) & (rows[:, 0] <= MAX_LOG_LIBRARY)) and np.all((rows[:, 1] >= 0) & (rows[:, 1] <= MAX_LOG_SD))
-                          and np.all((rows[:, 2] > 0) & (rows[:, 2] <= 1))):
+    if rows.size and not (
+        np.all((rows[:, 0] >= 0) & (rows[:, 0] <= MAX_LOG_LIBRARY))
+        and np.all((rows[:, 1] >= 0) & (rows[:, 1] <= MAX_LOG_SD))
+        and np.all((rows[:, 2] > 0) & (rows[:, 2] <= 1))
+    ):
         msg = f"library statistics out of range (log totals in [0, {MAX_LOG_LIBRARY:g}], their sd in [0, {MAX_LOG_SD:g}], plan share in (0, 1])"
         raise ProtocolError(msg)
 
@@ -155,7 +165,11 @@ def _fidelity_ok(fid: Mapping[str, float]) -> bool:
     """Fractions and the marker overlap in [0, 1], correlations in [-1, 1], the MMD >= 0 (NaN: not computable)."""
     fractions = [fid["zero_fraction_real"], fid["zero_fraction_synthetic"], fid["marker_overlap"]]
     correlations_ok = all(math.isnan(fid[k]) or -1 <= fid[k] <= 1 for k in ("mean_corr", "var_corr"))
-    return all(unit(v, allow_nan=True) for v in fractions) and (math.isnan(fid["mmd_pca"]) or fid["mmd_pca"] >= 0) and correlations_ok
+    return (
+        all(unit(v, allow_nan=True) for v in fractions)
+        and (math.isnan(fid["mmd_pca"]) or fid["mmd_pca"] >= 0)
+        and correlations_ok
+    )
 
 
 def validate_evaluate(reply: EvaluateReply, *, round_: int, n_classes: int) -> None:
@@ -172,7 +186,11 @@ def validate_evaluate(reply: EvaluateReply, *, round_: int, n_classes: int) -> N
             if len(s.recall) != n_classes:
                 msg = f"{ev} {part} recall has {len(s.recall)} entries, expected one per plan class ({n_classes})"
                 raise ProtocolError(msg)
-            if not (unit(s.accuracy, allow_nan=not has_cells) and unit(s.macro_f1, allow_nan=not has_cells) and all(unit(r, allow_nan=True) for r in s.recall)):
+            if not (
+                unit(s.accuracy, allow_nan=not has_cells)
+                and unit(s.macro_f1, allow_nan=not has_cells)
+                and all(unit(r, allow_nan=True) for r in s.recall)
+            ):
                 msg = f"{ev} {part} scores outside [0, 1]"
                 raise ProtocolError(msg)
     local = [v for per_ev in reply.local_only.values() for v in per_ev.values()]

@@ -80,7 +80,9 @@ def class_weights(member_labels: np.ndarray, other_labels: np.ndarray) -> tuple[
     return w_member, w_other
 
 
-def _auc(member_scores: np.ndarray, other_scores: np.ndarray, member_labels: np.ndarray, other_labels: np.ndarray) -> float:
+def _auc(
+    member_scores: np.ndarray, other_scores: np.ndarray, member_labels: np.ndarray, other_labels: np.ndarray
+) -> float:
     """AUC of members over non-members, non-members reweighted to the members' class mix."""
     from sklearn.metrics import roc_auc_score
 
@@ -97,14 +99,25 @@ def _nn_distance(X_syn: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return NearestNeighbors(n_neighbors=1).fit(X_syn).kneighbors(queries)[0][:, 0]
 
 
-def distance_mia(members: Matrix, member_labels: np.ndarray, non_members: Matrix, other_labels: np.ndarray, X_syn: np.ndarray) -> float:
+def distance_mia(
+    members: Matrix, member_labels: np.ndarray, non_members: Matrix, other_labels: np.ndarray, X_syn: np.ndarray
+) -> float:
     """AUC of minus the distance to the closest synthetic cell, members vs (class-matched) non-members."""
     if X_syn.shape[0] == 0 or min(members.shape[0], non_members.shape[0]) < MIN_CELLS:
         return float("nan")
-    return _auc(-_nn_distance(X_syn, _dense(members)), -_nn_distance(X_syn, _dense(non_members)), member_labels, other_labels)
+    return _auc(
+        -_nn_distance(X_syn, _dense(members)), -_nn_distance(X_syn, _dense(non_members)), member_labels, other_labels
+    )
 
 
-def density_mia(members: Matrix, member_labels: np.ndarray, non_members: Matrix, other_labels: np.ndarray, reference: Matrix, X_syn: np.ndarray) -> float:
+def density_mia(
+    members: Matrix,
+    member_labels: np.ndarray,
+    non_members: Matrix,
+    other_labels: np.ndarray,
+    reference: Matrix,
+    X_syn: np.ndarray,
+) -> float:
     """DOMIAS-style AUC: the synthetic set's density at a cell over the reference population's density there.
 
     Both densities are k-nearest-neighbour estimates, p(x) ~ k / (n * r_k(x)^D) (Loftsgaarden &
@@ -127,8 +140,18 @@ def density_mia(members: Matrix, member_labels: np.ndarray, non_members: Matrix,
     return _auc(log_ratio(members), log_ratio(non_members), member_labels, other_labels)
 
 
-def dcr_share(train: Matrix, y_train: np.ndarray, members: np.ndarray, holdout: Matrix, y_holdout: np.ndarray, X_syn: np.ndarray, *,
-              aligned: bool = False, max_n: int = 2000, seed: int = 0) -> float:
+def dcr_share(
+    train: Matrix,
+    y_train: np.ndarray,
+    members: np.ndarray,
+    holdout: Matrix,
+    y_holdout: np.ndarray,
+    X_syn: np.ndarray,
+    *,
+    aligned: bool = False,
+    max_n: int = 2000,
+    seed: int = 0,
+) -> float:
     """Share of synthetic cells closer to a training cell than to a held-out cell (ties count half).
 
     Per class, as many training as held-out cells are compared (the smaller count; at most max_n
@@ -154,7 +177,10 @@ def dcr_share(train: Matrix, y_train: np.ndarray, members: np.ndarray, holdout: 
         ho = np.flatnonzero(y_holdout == c)
         ho_rows.append(ho[_sample(len(ho), nc, rng)])
         kept.append(take)
-    tr, ho = np.sort(np.concatenate(tr_rows or [np.zeros(0, np.int64)])), np.sort(np.concatenate(ho_rows or [np.zeros(0, np.int64)]))
+    tr, ho = (
+        np.sort(np.concatenate(tr_rows or [np.zeros(0, np.int64)])),
+        np.sort(np.concatenate(ho_rows or [np.zeros(0, np.int64)])),
+    )
     syn = X_syn[np.sort(np.concatenate(kept))] if aligned and len(members) == X_syn.shape[0] and kept else X_syn
     if syn.shape[0] == 0 or min(len(tr), len(ho)) < MIN_CELLS:
         return float("nan")
@@ -163,8 +189,19 @@ def dcr_share(train: Matrix, y_train: np.ndarray, members: np.ndarray, holdout: 
     return float(np.mean(d_tr < d_ho) + 0.5 * np.mean(d_tr == d_ho))
 
 
-def audit(train: Matrix, y_train: np.ndarray, members: np.ndarray, holdout: Matrix, y_holdout: np.ndarray, reference: Matrix, X_syn: np.ndarray, *,
-          aligned: bool = False, max_n: int = 2000, seed: int = 0) -> Audit:
+def audit(
+    train: Matrix,
+    y_train: np.ndarray,
+    members: np.ndarray,
+    holdout: Matrix,
+    y_holdout: np.ndarray,
+    reference: Matrix,
+    X_syn: np.ndarray,
+    *,
+    aligned: bool = False,
+    max_n: int = 2000,
+    seed: int = 0,
+) -> Audit:
     """All four scores for one site.
 
     ``train``, ``y_train``: the site's training cells and labels; ``members``: row indices into
@@ -185,7 +222,9 @@ def audit(train: Matrix, y_train: np.ndarray, members: np.ndarray, holdout: Matr
         seed_mia=distance_mia(train[seeds], y_train[seeds], X_hold, y_hold, X_syn),
         population_mia=distance_mia(train[pop], y_train[pop], X_hold, y_hold, X_syn),
         density_mia=density_mia(train[seeds], y_train[seeds], X_hold, y_hold, ref, X_syn),
-        dcr_share=dcr_share(train, y_train, members, holdout, y_holdout, X_syn, aligned=aligned, max_n=max_n, seed=seed),
+        dcr_share=dcr_share(
+            train, y_train, members, holdout, y_holdout, X_syn, aligned=aligned, max_n=max_n, seed=seed
+        ),
     )
 
 

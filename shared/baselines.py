@@ -25,7 +25,9 @@ class SyntheticSet:
     X: np.ndarray
     labels: np.ndarray
     upload_bytes: int
-    members: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # members[i]: the site's cell that seeded cell i (privacy audit)
+    members: np.ndarray = field(
+        default_factory=lambda: np.zeros(0, np.int64)
+    )  # members[i]: the site's cell that seeded cell i (privacy audit)
 
 
 def _features(X: np.ndarray, seed: int) -> np.ndarray:
@@ -92,7 +94,16 @@ def gaussian(X: Matrix, labels: np.ndarray, k: int, *, seed: int = 0) -> Synthet
     return SyntheticSet(np.concatenate(cells), np.concatenate(ys).astype(np.int64), nbytes)
 
 
-def distribution_matching(X: Matrix, labels: np.ndarray, k: int, *, iterations: int = 500, lr: float = 0.1, real_batch: int = 256, seed: int = 0) -> SyntheticSet:
+def distribution_matching(
+    X: Matrix,
+    labels: np.ndarray,
+    k: int,
+    *,
+    iterations: int = 500,
+    lr: float = 0.1,
+    real_batch: int = 256,
+    seed: int = 0,
+) -> SyntheticSet:
     """DM in gene space (Zhao & Bilen 2023): real-initialised cells, random-network mean matching."""
     gen = torch.Generator().manual_seed(seed)
     init = coreset(X, labels, k, method="random", seed=seed)

@@ -119,8 +119,7 @@ def parse_san(value: str) -> x509.GeneralName:
     """Parse one subjectAltName: an IP address if it is one, else a DNS name."""
     if not isinstance(value, str) or not value.strip():
         raise CertificateError(
-            f"invalid SAN {value!r}: expected an IP address or a DNS name, "
-            "e.g. '10.0.0.5' or 'coordinator.example.org'"
+            f"invalid SAN {value!r}: expected an IP address or a DNS name, e.g. '10.0.0.5' or 'coordinator.example.org'"
         )
     text = value.strip()
     candidate = text[1:-1] if text.startswith("[") and text.endswith("]") else text
@@ -137,19 +136,13 @@ def parse_san(value: str) -> x509.GeneralName:
     labels = name.split(".")
     if labels and labels[0] == "*" and len(labels) > 2:  # wildcard, e.g. *.example.org
         labels = labels[1:]
-    if (
-        not name
-        or len(name) > 253
-        or not all(_DNS_LABEL_RE.fullmatch(label) for label in labels)
-    ):
+    if not name or len(name) > 253 or not all(_DNS_LABEL_RE.fullmatch(label) for label in labels):
         raise CertificateError(
             f"invalid SAN {value!r}: expected an IP address or an ASCII DNS name "
             f"such as 'coordinator.example.org'{hint}"
         )
     if all(label.isdigit() for label in labels):
-        raise CertificateError(
-            f"invalid SAN {value!r}: looks like an IP address but is not a valid one"
-        )
+        raise CertificateError(f"invalid SAN {value!r}: looks like an IP address but is not a valid one")
     return x509.DNSName(name)
 
 
@@ -247,7 +240,7 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 # --------------------------------------------------------------------------- builders
@@ -262,10 +255,7 @@ def _server_targets(out_dir: Path) -> CertPaths:
 
 
 def _site_targets(out_dir: Path, names: Sequence[str]) -> list[SiteKeyPaths]:
-    return [
-        SiteKeyPaths(site_name=n, private_key=out_dir / n, public_key=out_dir / f"{n}.pub")
-        for n in names
-    ]
+    return [SiteKeyPaths(site_name=n, private_key=out_dir / n, public_key=out_dir / f"{n}.pub") for n in names]
 
 
 def _create_ca(out_dir: Path, common_name: str, days: int, created: list[Path]) -> CertPaths:
@@ -310,9 +300,7 @@ def _create_ca(out_dir: Path, common_name: str, days: int, created: list[Path]) 
         .sign(key, _HASH())
     )
     _write_new(targets.key, _private_pem(key), PRIVATE_FILE_MODE, created)
-    _write_new(
-        targets.cert, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_FILE_MODE, created
-    )
+    _write_new(targets.cert, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_FILE_MODE, created)
     return targets
 
 
@@ -399,9 +387,7 @@ def _create_server_cert(
         .sign(ca_key, _HASH())
     )
     _write_new(targets.key, _private_pem(key), PRIVATE_FILE_MODE, created)
-    _write_new(
-        targets.cert, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_FILE_MODE, created
-    )
+    _write_new(targets.cert, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_FILE_MODE, created)
     return targets
 
 
@@ -416,9 +402,7 @@ def _create_site_keys(out_dir: Path, names: list[str], created: list[Path]) -> l
             serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
         )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         public_line = public + f" fedscdd-site-{target.site_name}\n".encode("ascii")
         _write_new(target.private_key, private, PRIVATE_FILE_MODE, created)
         _write_new(target.public_key, public_line, PUBLIC_FILE_MODE, created)
@@ -428,9 +412,7 @@ def _create_site_keys(out_dir: Path, names: list[str], created: list[Path]) -> l
 # --------------------------------------------------------------------------- public API
 
 
-def create_ca(
-    out_dir: Path, *, common_name: str = "fedscdd-ca", days: int = DEFAULT_DAYS
-) -> CertPaths:
+def create_ca(out_dir: Path, *, common_name: str = "fedscdd-ca", days: int = DEFAULT_DAYS) -> CertPaths:
     """Create a self-signed CA (ECDSA P-384): ``out_dir/ca.crt`` (0644) and ``ca.key`` (0600)."""
     days = _validate_days(days)
     created: list[Path] = []
@@ -497,8 +479,7 @@ def generate_all(
     ca_t, server_t = _ca_targets(out_dir), _server_targets(out_dir)
     site_t = _site_targets(sites_dir, names)
     _refuse_existing(
-        [ca_t.cert, ca_t.key, server_t.cert, server_t.key]
-        + [p for t in site_t for p in (t.private_key, t.public_key)]
+        [ca_t.cert, ca_t.key, server_t.cert, server_t.key] + [p for t in site_t for p in (t.private_key, t.public_key)]
     )
     created: list[Path] = []
     try:

@@ -30,7 +30,7 @@ def plan_fraction(X: Matrix) -> np.ndarray:
         X = sp.csr_matrix(X)
         parts = []
         for a in range(0, X.shape[0], BLOCK_ROWS):
-            rows = X[a:a + BLOCK_ROWS]
+            rows = X[a : a + BLOCK_ROWS]
             rows.data = np.expm1(rows.data.astype(np.float64))
             parts.append(np.asarray(rows.sum(axis=1)).ravel())
         total = np.concatenate(parts) if parts else np.zeros(0)
@@ -39,10 +39,14 @@ def plan_fraction(X: Matrix) -> np.ndarray:
     return total / TARGET_SUM
 
 
-MIN_CELLS = 5  # a statistic over fewer cells would come close to describing one cell: such classes get the site's pooled row
+MIN_CELLS = (
+    5  # a statistic over fewer cells would come close to describing one cell: such classes get the site's pooled row
+)
 
 
-def library_stats(X: Matrix, library: np.ndarray, labels: np.ndarray, n_classes: int, *, min_cells: int = MIN_CELLS) -> np.ndarray:
+def library_stats(
+    X: Matrix, library: np.ndarray, labels: np.ndarray, n_classes: int, *, min_cells: int = MIN_CELLS
+) -> np.ndarray:
     """(n_classes, 3) float32: per class mean and sd of log total counts, mean plan share; NaN rows for absent classes.
 
     A class with fewer than ``min_cells`` cells gets the row of all the site's cells together, so that no
@@ -66,7 +70,9 @@ def usable(stats: np.ndarray, labels: np.ndarray) -> bool:
 
 
 @torch.no_grad()
-def sample_counts(vae: VAE, z: np.ndarray, labels: np.ndarray, stats: np.ndarray, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def sample_counts(
+    vae: VAE, z: np.ndarray, labels: np.ndarray, stats: np.ndarray, *, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Counts (n, G) sampled for latents ``z`` of classes ``labels``, and their log-normalised X on the real cells' scale."""
     if vae.count_head is None:
         msg = "this VAE has no count head (it was trained without count input): synthetic counts are not available"

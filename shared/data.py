@@ -57,12 +57,16 @@ def _check_matrix(rows: Rows) -> None:
     """Refuse an empty or non-numeric matrix."""
     n_cells, n_genes = rows.shape
     if n_cells == 0 or n_genes == 0:
-        msg = (f"X is empty ({n_cells} cells x {n_genes} genes); expected at least one cell and one "
-               "gene; check that filtering/subsetting did not remove everything before adata.write_h5ad")
+        msg = (
+            f"X is empty ({n_cells} cells x {n_genes} genes); expected at least one cell and one "
+            "gene; check that filtering/subsetting did not remove everything before adata.write_h5ad"
+        )
         raise SiteDataError(msg)
     if rows.dtype.kind not in "iuf":
-        msg = (f"X has non-numeric dtype {rows.dtype.name}; expected integer or float expression values; "
-               "convert it (adata.X = adata.X.astype('float32')) or " + _FIX_RAW)
+        msg = (
+            f"X has non-numeric dtype {rows.dtype.name}; expected integer or float expression values; "
+            "convert it (adata.X = adata.X.astype('float32')) or " + _FIX_RAW
+        )
         raise SiteDataError(msg)
 
 
@@ -99,7 +103,7 @@ class ValueScan:
             if finite.size:
                 self.vmax = max(self.vmax, float(finite.max()))
         first = (-self.position) % self.step
-        picked = data[first::self.step]
+        picked = data[first :: self.step]
         self.samples.append(picked[picked != 0].astype(np.float64))
         self.position += data.size
         self.gene_nnz += np.bincount(block.indices[nonzero], minlength=self.n_genes)
@@ -108,15 +112,19 @@ class ValueScan:
     def kind(self) -> InputKind:
         """Raw counts or log-normalised values, refusing NaN/Inf, negative, all-zero and un-logged normalised data."""
         if self.n_nan or self.n_inf:
-            msg = (f"X contains {self.n_nan + self.n_inf} NaN/Inf entries ({self.n_nan} NaN, {self.n_inf} Inf); expected "
-                   "finite values; fix the step that produced them and " + _FIX_RAW)
+            msg = (
+                f"X contains {self.n_nan + self.n_inf} NaN/Inf entries ({self.n_nan} NaN, {self.n_inf} Inf); expected "
+                "finite values; fix the step that produced them and " + _FIX_RAW
+            )
             raise SiteDataError(msg)
         if self.n_neg:
             msg = f"X contains {self.n_neg} negative entries: it looks z-scored/scaled (e.g. sc.pp.scale); " + _FIX_RAW
             raise SiteDataError(msg)
         if self.vmax == -math.inf:
-            msg = ("X is all zeros: no expression at all; expected raw counts or log-normalised values; "
-                   "check that the right layer was written, e.g. adata.X = adata.layers['counts']")
+            msg = (
+                "X is all zeros: no expression at all; expected raw counts or log-normalised values; "
+                "check that the right layer was written, e.g. adata.X = adata.layers['counts']"
+            )
             raise SiteDataError(msg)
         if self.dtype_kind in "iu":
             return "counts"
@@ -130,17 +138,23 @@ def _kind_of(nonint: float, vmax: float) -> InputKind:
         return "counts"
     if vmax <= LOGNORM_MAX:
         if vmax > math.log1p(TARGET_SUM) + 0.5:
-            _warn(f"X looks log-normalised but exceeds log1p({_TARGET_TEXT}): the site may have used "
-                  f"another scale factor (e.g. logCPM); other sites use {_TARGET_TEXT} + log1p, so "
-                  "provide raw counts if you can")
+            _warn(
+                f"X looks log-normalised but exceeds log1p({_TARGET_TEXT}): the site may have used "
+                f"another scale factor (e.g. logCPM); other sites use {_TARGET_TEXT} + log1p, so "
+                "provide raw counts if you can"
+            )
         return "lognorm"
     if nonint <= MAX_NONINT_FRACTIONAL:
-        _warn(f"X holds large values of which {nonint:.0%} are non-integer; treating them as fractional "
-              "estimated counts (e.g. RSEM/Salmon/C1 read estimates); provide integer counts if you have them")
+        _warn(
+            f"X holds large values of which {nonint:.0%} are non-integer; treating them as fractional "
+            "estimated counts (e.g. RSEM/Salmon/C1 read estimates); provide integer counts if you have them"
+        )
         return "counts"
-    msg = (f"X holds large non-integer values ({nonint:.0%} of stored values non-integer, max above "
-           f"{LOGNORM_MAX:g}): looks like un-logged normalised data (CPM/TPM?); apply sc.pp.log1p or "
-           "provide raw counts; if these are fractional counts, round them (X.data = np.rint(X.data))")
+    msg = (
+        f"X holds large non-integer values ({nonint:.0%} of stored values non-integer, max above "
+        f"{LOGNORM_MAX:g}): looks like un-logged normalised data (CPM/TPM?); apply sc.pp.log1p or "
+        "provide raw counts; if these are fractional counts, round them (X.data = np.rint(X.data))"
+    )
     raise SiteDataError(msg)
 
 
@@ -195,9 +209,11 @@ def _label_strings(series: pd.Series, label_key: str) -> np.ndarray:
         integral = bool(np.all(np.isfinite(num) & (num == np.round(num))))
         n_distinct = int(np.unique(num).size)
         if (not integral and n_distinct > 50) or (n_distinct > 0.5 * num.size and n_distinct > 10):
-            msg = (f"label column '{label_key}' looks continuous, not a class label ({n_distinct} distinct "
-                   f"numeric values over {num.size} cells); expected cell-type names; pass --label-key "
-                   "with the obs column that holds cell types")
+            msg = (
+                f"label column '{label_key}' looks continuous, not a class label ({n_distinct} distinct "
+                f"numeric values over {num.size} cells); expected cell-type names; pass --label-key "
+                "with the obs column that holds cell types"
+            )
             raise SiteDataError(msg)
         strings = num.astype(np.int64).astype(str) if integral else num.astype(str)
     else:
@@ -227,15 +243,19 @@ def _labels(obs: pd.DataFrame, label_key: str, min_cells_per_class: int) -> pd.C
     if label_key not in obs.columns:
         cols = [str(c) for c in obs.columns]
         shown = ", ".join(cols[:20]) + (f", ... ({len(cols)} in all)" if len(cols) > 20 else "")
-        msg = (f"label column '{label_key}' not found in obs (available: {shown or 'none'}); "
-               "pass --label-key with the obs column that holds cell types")
+        msg = (
+            f"label column '{label_key}' not found in obs (available: {shown or 'none'}); "
+            "pass --label-key with the obs column that holds cell types"
+        )
         raise SiteDataError(msg)
     labels = _label_strings(obs[label_key], label_key)
     missing = pd.isna(labels)
     n_missing = int(missing.sum())
     if n_missing == labels.size:
-        msg = (f"label column '{label_key}' has no labels: all {n_missing} cells are missing (NaN/empty); "
-               "expected a cell-type name per cell; fill it or pass --label-key with the right column")
+        msg = (
+            f"label column '{label_key}' has no labels: all {n_missing} cells are missing (NaN/empty); "
+            "expected a cell-type name per cell; fill it or pass --label-key with the right column"
+        )
         raise SiteDataError(msg)
     if n_missing:
         _warn(f"{n_missing} of {labels.size} cells have no label in '{label_key}'; they are dropped")
@@ -243,15 +263,18 @@ def _labels(obs: pd.DataFrame, label_key: str, min_cells_per_class: int) -> pd.C
     kept = [str(c) for c in counts.index[counts >= min_cells_per_class]]
     small = counts[counts < min_cells_per_class]
     if not kept:
-        msg = (f"too few cells per class: need >= {min_cells_per_class} cells in at least one class, but "
-               f"every class has fewer ({len(counts)} classes); add labelled cells or merge rare classes")
+        msg = (
+            f"too few cells per class: need >= {min_cells_per_class} cells in at least one class, but "
+            f"every class has fewer ({len(counts)} classes); add labelled cells or merge rare classes"
+        )
         raise SiteDataError(msg)
     if len(small):
-        _warn(f"dropping {len(small)} class(es) with fewer than {min_cells_per_class} cells: "
-              f"{_class_list(small)}")
+        _warn(f"dropping {len(small)} class(es) with fewer than {min_cells_per_class} cells: {_class_list(small)}")
     if len(kept) == 1:
-        _warn(f"only one class ('{kept[0]}') at this site: a sorted population is fine; it will "
-              "contribute codes for that class only")
+        _warn(
+            f"only one class ('{kept[0]}') at this site: a sorted population is fine; it will "
+            "contribute codes for that class only"
+        )
     return pd.Categorical(labels, categories=kept)
 
 
@@ -259,8 +282,10 @@ def check_genes(var_names: Sequence[str] | pd.Index) -> None:
     """Refuse an empty gene list, missing gene names and duplicated gene names."""
     names = pd.Index(var_names)
     if len(names) == 0:
-        msg = ("the data has no genes (0 var_names); expected one column per gene named in var_names; "
-               "write the full cells x genes matrix with adata.write_h5ad")
+        msg = (
+            "the data has no genes (0 var_names); expected one column per gene named in var_names; "
+            "write the full cells x genes matrix with adata.write_h5ad"
+        )
         raise SiteDataError(msg)
     n_na = int(names.isna().sum())
     if n_na:
@@ -268,12 +293,16 @@ def check_genes(var_names: Sequence[str] | pd.Index) -> None:
         raise SiteDataError(msg)
     n_dup = int(names.duplicated().sum())
     if n_dup:
-        msg = (f"{n_dup} duplicated gene names in var_names; expected unique gene identifiers; "
-               "run adata.var_names_make_unique() (or sum the duplicates) before writing the file")
+        msg = (
+            f"{n_dup} duplicated gene names in var_names; expected unique gene identifiers; "
+            "run adata.var_names_make_unique() (or sum the duplicates) before writing the file"
+        )
         raise SiteDataError(msg)
 
 
-def column_map(genes: Sequence[str], vocabulary: Sequence[str], *, min_coverage: float = 0.5) -> tuple[np.ndarray, float]:
+def column_map(
+    genes: Sequence[str], vocabulary: Sequence[str], *, min_coverage: float = 0.5
+) -> tuple[np.ndarray, float]:
     """Per input gene its column in ``vocabulary`` (-1: not in it), and the share of the vocabulary present, refusing low coverage."""
     genes = [str(g) for g in genes]
     vocab = [str(g) for g in vocabulary]
@@ -286,13 +315,17 @@ def column_map(genes: Sequence[str], vocabulary: Sequence[str], *, min_coverage:
     n_hit = int(np.count_nonzero(colmap >= 0))
     coverage = n_hit / len(vocab)
     if n_hit == 0:
-        msg = (f"no overlap with the plan's genes (0 of {len(vocab)}); check gene identifiers "
-               "(symbols vs Ensembl IDs, version suffixes, case) and rename adata.var_names to match")
+        msg = (
+            f"no overlap with the plan's genes (0 of {len(vocab)}); check gene identifiers "
+            "(symbols vs Ensembl IDs, version suffixes, case) and rename adata.var_names to match"
+        )
         raise SiteDataError(msg)
     if coverage < min_coverage:
-        msg = (f"gene coverage too low: {n_hit} of the plan's {len(vocab)} genes ({coverage:.1%}) are "
-               f"present, at least {min_coverage:.0%} required; check gene identifiers (symbols vs "
-               "Ensembl IDs) or provide the unfiltered gene set")
+        msg = (
+            f"gene coverage too low: {n_hit} of the plan's {len(vocab)} genes ({coverage:.1%}) are "
+            f"present, at least {min_coverage:.0%} required; check gene identifiers (symbols vs "
+            "Ensembl IDs) or provide the unfiltered gene set"
+        )
         raise SiteDataError(msg)
     return colmap, coverage
 
@@ -352,7 +385,7 @@ def stratified_split(
             n_val = 0 if n - n_test < 2 or val_fraction == 0 else min(n - n_test - 1, max(1, round(n * val_fraction)))
             perm = rng.permutation(idx)
             tests.append(perm[:n_test])
-            vals.append(perm[n_test:n_test + n_val])
+            vals.append(perm[n_test : n_test + n_val])
     test = np.sort(np.concatenate(tests)).astype(np.int64)
     val = np.sort(np.concatenate(vals)).astype(np.int64)
     is_train = np.ones(y.size, dtype=bool)
@@ -446,7 +479,9 @@ class PreparedSite:
     n_dropped_cells: int
     coverage: float
     rows: np.ndarray | None = None  # positions (not ids) of the kept cells in the input AnnData
-    val_idx: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # validation cells: for choices, never for training
+    val_idx: np.ndarray = field(
+        default_factory=lambda: np.empty(0, np.int64)
+    )  # validation cells: for choices, never for training
     # Count input only: each kept cell's total counts over ALL its genes (X = log1p(counts / library * TARGET_SUM)), so the
     # plan genes' counts are expm1(X) * library / TARGET_SUM; None for log-normalised input.
     library: np.ndarray | None = None
@@ -461,12 +496,16 @@ def _check_expect_value(expect: str) -> None:
 def _check_expect(kind: InputKind, expect: Expect) -> None:
     """Refuse input whose detected kind contradicts what the caller promised."""
     if expect == "counts" and kind == "lognorm":
-        msg = ("this file holds log-normalised values but counts were promised (expect='counts'); provide "
-               "raw counts (e.g. adata.layers['counts'] or adata.raw) or set expect to 'lognorm' or 'auto'")
+        msg = (
+            "this file holds log-normalised values but counts were promised (expect='counts'); provide "
+            "raw counts (e.g. adata.layers['counts'] or adata.raw) or set expect to 'lognorm' or 'auto'"
+        )
         raise SiteDataError(msg)
     if expect == "lognorm" and kind == "counts":
-        msg = ("this file holds raw counts but log-normalised values were promised (expect='lognorm'); set "
-               "expect to 'counts' or 'auto', or provide sc.pp.normalize_total + sc.pp.log1p values")
+        msg = (
+            "this file holds raw counts but log-normalised values were promised (expect='lognorm'); set "
+            "expect to 'counts' or 'auto', or provide sc.pp.normalize_total + sc.pp.log1p values"
+        )
         raise SiteDataError(msg)
 
 
@@ -482,35 +521,59 @@ class SplitConfig:
     seed: int = 0
 
 
-def read_cells(rows: Rows | None, var_names: Sequence[str] | pd.Index, obs: pd.DataFrame, config: SplitConfig, *,
-               select: np.ndarray | None = None, chunk_rows: int | None = None) -> SiteCells:
+def read_cells(
+    rows: Rows | None,
+    var_names: Sequence[str] | pd.Index,
+    obs: pd.DataFrame,
+    config: SplitConfig,
+    *,
+    select: np.ndarray | None = None,
+    chunk_rows: int | None = None,
+) -> SiteCells:
     """Check a site's rows against the data contract (one pass over their values) and label and split its cells.
 
     ``select``: sorted positions of the site's rows in ``rows`` / ``obs`` (default: all of them).
     """
     _check_expect_value(config.expect)
     if rows is None:
-        msg = ("adata.X is empty (None); expected the expression matrix in X; "
-               "set adata.X = adata.layers['counts'] before writing")
+        msg = (
+            "adata.X is empty (None); expected the expression matrix in X; "
+            "set adata.X = adata.layers['counts'] before writing"
+        )
         raise SiteDataError(msg)
     check_genes(var_names)
     select = np.arange(rows.shape[0], dtype=np.int64) if select is None else np.asarray(select, dtype=np.int64)
     scan = scan_values(rows, select, chunk_rows=chunk_rows)
     kind = scan.kind()
     _check_expect(kind, config.expect)
-    categories = _labels(obs.iloc[select] if select.size != len(obs) else obs, config.label_key, config.min_cells_per_class)
+    categories = _labels(
+        obs.iloc[select] if select.size != len(obs) else obs, config.label_key, config.min_cells_per_class
+    )
     keep = np.flatnonzero(categories.codes >= 0)
     totals = np.concatenate(scan.totals) if scan.totals else np.zeros(0)
     labels = np.asarray(categories.codes[keep], dtype=np.int64)
-    train_idx, val_idx, test_idx = stratified_split(labels, test_fraction=config.test_fraction, val_fraction=config.val_fraction,
-                                                    seed=config.seed)
-    return SiteCells(labels=labels, classes=tuple(str(c) for c in categories.categories), genes=tuple(str(g) for g in var_names),
-                     kind=kind, train_idx=train_idx, val_idx=val_idx, test_idx=test_idx, n_dropped_cells=int(select.size - keep.size),
-                     rows=keep, select=select, library=totals[keep] if kind == "counts" else None, gene_nnz=scan.gene_nnz)
+    train_idx, val_idx, test_idx = stratified_split(
+        labels, test_fraction=config.test_fraction, val_fraction=config.val_fraction, seed=config.seed
+    )
+    return SiteCells(
+        labels=labels,
+        classes=tuple(str(c) for c in categories.categories),
+        genes=tuple(str(g) for g in var_names),
+        kind=kind,
+        train_idx=train_idx,
+        val_idx=val_idx,
+        test_idx=test_idx,
+        n_dropped_cells=int(select.size - keep.size),
+        rows=keep,
+        select=select,
+        library=totals[keep] if kind == "counts" else None,
+        gene_nnz=scan.gene_nnz,
+    )
 
 
-def normalised_blocks(rows: Rows, cells: SiteCells, *, subset: np.ndarray | None = None,
-                      chunk_rows: int | None = None) -> Iterator[tuple[slice, sp.csr_matrix]]:
+def normalised_blocks(
+    rows: Rows, cells: SiteCells, *, subset: np.ndarray | None = None, chunk_rows: int | None = None
+) -> Iterator[tuple[slice, sp.csr_matrix]]:
     """The kept cells' (or the sorted ``subset`` of them) log-normalised rows over all input genes, a block at a time:
     (which of those cells, their rows)."""
     source = cells.source_rows if subset is None else cells.source_rows[subset]
@@ -521,9 +584,16 @@ def normalised_blocks(rows: Rows, cells: SiteCells, *, subset: np.ndarray | None
 Allocate = Callable[[str, int, type], np.ndarray]  # (array name, length, dtype) -> a writable 1-D array
 
 
-def build_matrix(rows: Rows, cells: SiteCells, vocabulary: Sequence[str] | None = None, *, min_coverage: float = 0.5,
-                 parts: Sequence[np.ndarray] | None = None, allocate: Allocate | None = None,
-                 chunk_rows: int | None = None) -> tuple[sp.csr_matrix, float]:
+def build_matrix(
+    rows: Rows,
+    cells: SiteCells,
+    vocabulary: Sequence[str] | None = None,
+    *,
+    min_coverage: float = 0.5,
+    parts: Sequence[np.ndarray] | None = None,
+    allocate: Allocate | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[sp.csr_matrix, float]:
     """The kept cells' log-normalised float32 CSR on ``vocabulary``'s columns (default: the input genes), and the coverage.
 
     ``parts``: sorted positions among the kept cells, written one part after the other (e.g. the
@@ -545,7 +615,11 @@ def build_matrix(rows: Rows, cells: SiteCells, vocabulary: Sequence[str] | None 
     capacity = int(cells.gene_nnz[colmap >= 0].sum())
     index_dtype = np.int32 if capacity < np.iinfo(np.int32).max else np.int64
     allocate = allocate or (lambda _name, n, dtype: np.empty(n, dtype=dtype))
-    data, indices, indptr = allocate("data", capacity, np.float32), allocate("indices", capacity, index_dtype), allocate("indptr", n_rows + 1, index_dtype)
+    data, indices, indptr = (
+        allocate("data", capacity, np.float32),
+        allocate("indices", capacity, index_dtype),
+        allocate("indptr", n_rows + 1, index_dtype),
+    )
     indptr[0] = 0
     filled, offset = 0, 0
     for part in parts:
@@ -557,7 +631,7 @@ def build_matrix(rows: Rows, cells: SiteCells, vocabulary: Sequence[str] | None 
                 raise SiteDataError(msg)
             data[filled:end] = piece.data
             indices[filled:end] = piece.indices
-            indptr[offset + where.start + 1:offset + where.stop + 1] = filled + piece.indptr[1:]
+            indptr[offset + where.start + 1 : offset + where.stop + 1] = filled + piece.indptr[1:]
             filled = end
         offset += part.size
     if filled < capacity and isinstance(data, np.memmap):
@@ -567,26 +641,55 @@ def build_matrix(rows: Rows, cells: SiteCells, vocabulary: Sequence[str] | None 
         indices.resize(filled, refcheck=False)
     X = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_out), copy=False)
     X.has_sorted_indices = True
-    logger.debug("prepared %d cells x %d genes: %d stored values (%.1f MB)", n_rows, n_out, filled,
-                 (data.nbytes + indices.nbytes + indptr.nbytes) / 1e6)
+    logger.debug(
+        "prepared %d cells x %d genes: %d stored values (%.1f MB)",
+        n_rows,
+        n_out,
+        filled,
+        (data.nbytes + indices.nbytes + indptr.nbytes) / 1e6,
+    )
     return X, coverage
 
 
 def prepared(cells: SiteCells, X: sp.csr_matrix, coverage: float, genes: Sequence[str]) -> PreparedSite:
     """A PreparedSite from a site's cells and their prepared matrix on ``genes``."""
     site = PreparedSite(
-        X=X, labels=cells.labels, classes=cells.classes, genes=tuple(str(g) for g in genes), kind=cells.kind,
-        train_idx=cells.train_idx, test_idx=cells.test_idx, n_dropped_cells=cells.n_dropped_cells, coverage=coverage,
-        rows=cells.rows, val_idx=cells.val_idx, library=cells.library,
+        X=X,
+        labels=cells.labels,
+        classes=cells.classes,
+        genes=tuple(str(g) for g in genes),
+        kind=cells.kind,
+        train_idx=cells.train_idx,
+        test_idx=cells.test_idx,
+        n_dropped_cells=cells.n_dropped_cells,
+        coverage=coverage,
+        rows=cells.rows,
+        val_idx=cells.val_idx,
+        library=cells.library,
     )
-    logger.info("site prepared: %d cells x %d genes, %d classes, input %s, %d cells dropped, coverage %.3f",
-                X.shape[0], X.shape[1], len(site.classes), site.kind, site.n_dropped_cells, coverage)
+    logger.info(
+        "site prepared: %d cells x %d genes, %d classes, input %s, %d cells dropped, coverage %.3f",
+        X.shape[0],
+        X.shape[1],
+        len(site.classes),
+        site.kind,
+        site.n_dropped_cells,
+        coverage,
+    )
     return site
 
 
 def prepare_site(
-    adata: anndata.AnnData, *, label_key: str, expect: Expect = "auto", vocabulary: Sequence[str] | None = None,
-    min_coverage: float = 0.5, min_cells_per_class: int = 2, test_fraction: float = 0.2, val_fraction: float = 0.1, seed: int = 0,
+    adata: anndata.AnnData,
+    *,
+    label_key: str,
+    expect: Expect = "auto",
+    vocabulary: Sequence[str] | None = None,
+    min_coverage: float = 0.5,
+    min_cells_per_class: int = 2,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.1,
+    seed: int = 0,
     chunk_rows: int | None = None,
 ) -> PreparedSite:
     """Check, normalise, label, align and split one site's AnnData (in memory; ``prepare_file`` streams a file)."""
@@ -599,8 +702,15 @@ def prepare_site(
     return prepared(cells, X, coverage, cells.genes if vocabulary is None else vocabulary)
 
 
-def prepare_file(path: str | Path, config: SplitConfig, *, vocabulary: Sequence[str] | None = None, min_coverage: float = 0.5,
-                 select: np.ndarray | None = None, chunk_rows: int | None = None) -> PreparedSite:
+def prepare_file(
+    path: str | Path,
+    config: SplitConfig,
+    *,
+    vocabulary: Sequence[str] | None = None,
+    min_coverage: float = 0.5,
+    select: np.ndarray | None = None,
+    chunk_rows: int | None = None,
+) -> PreparedSite:
     """``prepare_site`` on a file without reading it whole: two passes over its rows, ``chunk_rows`` cells at a time."""
     with open_site_file(path) as f:
         cells = read_cells(f.X, f.var_names, f.obs, config, select=select, chunk_rows=chunk_rows)
@@ -625,15 +735,21 @@ class CheckReport:
 
     def summary(self) -> str:
         """Return a short multi-line human summary of the check."""
-        what = (f"raw counts (normalised to {_TARGET_TEXT} + log1p)" if self.kind == "counts"
-                else "log-normalised values (used as is)")
+        what = (
+            f"raw counts (normalised to {_TARGET_TEXT} + log1p)"
+            if self.kind == "counts"
+            else "log-normalised values (used as is)"
+        )
         lines = [
             f"{Path(self.path).name}: {self.n_cells} cells x {self.n_genes} genes, {what}",
             f"  {len(self.classes)} classes: " + ", ".join(f"{c} ({n})" for c, n in self.classes.items()),
             f"  cells dropped (missing label or class too small): {self.n_dropped_cells}",
         ]
-        lines.append("  gene coverage: no plan vocabulary given" if self.n_vocabulary is None
-                     else f"  gene coverage: {self.coverage:.1%} of the plan's {self.n_vocabulary} genes")
+        lines.append(
+            "  gene coverage: no plan vocabulary given"
+            if self.n_vocabulary is None
+            else f"  gene coverage: {self.coverage:.1%} of the plan's {self.n_vocabulary} genes"
+        )
         lines.append(f"  warnings: {len(self.warnings)}")
         lines.extend(f"    - {w}" for w in self.warnings)
         lines.append("  OK: the file meets the site data contract")
@@ -641,8 +757,14 @@ class CheckReport:
 
 
 def check_file(
-    path: str | Path, *, label_key: str, expect: Expect = "auto", vocabulary: Sequence[str] | None = None,
-    min_cells_per_class: int = 2, min_coverage: float = 0.5, chunk_rows: int | None = None,
+    path: str | Path,
+    *,
+    label_key: str,
+    expect: Expect = "auto",
+    vocabulary: Sequence[str] | None = None,
+    min_cells_per_class: int = 2,
+    min_coverage: float = 0.5,
+    chunk_rows: int | None = None,
 ) -> CheckReport:
     """Check one .h5ad file against the contract in one streamed pass (memory: one block of ``chunk_rows`` cells)."""
     config = SplitConfig(label_key, expect, min_cells_per_class)
@@ -655,7 +777,13 @@ def check_file(
     texts = tuple(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
     per_class = np.bincount(cells.labels, minlength=len(cells.classes))
     return CheckReport(
-        path=str(path), n_cells=n_cells, n_genes=n_genes, kind=cells.kind,
-        classes={c: int(n) for c, n in zip(cells.classes, per_class)}, n_dropped_cells=cells.n_dropped_cells,
-        coverage=coverage, warnings=texts, n_vocabulary=None if vocabulary is None else len(vocabulary),
+        path=str(path),
+        n_cells=n_cells,
+        n_genes=n_genes,
+        kind=cells.kind,
+        classes={c: int(n) for c, n in zip(cells.classes, per_class)},
+        n_dropped_cells=cells.n_dropped_cells,
+        coverage=coverage,
+        warnings=texts,
+        n_vocabulary=None if vocabulary is None else len(vocabulary),
     )

@@ -26,8 +26,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda")
     if not torch.cuda.is_available():
-        msg = (f"device={name!r} asks for a GPU, but torch sees none (torch.cuda.is_available() is False: no GPU, or a CPU-only torch); "
-               "use device='auto' (a GPU when there is one) or 'cpu'")
+        msg = (
+            f"device={name!r} asks for a GPU, but torch sees none (torch.cuda.is_available() is False: no GPU, or a CPU-only torch); "
+            "use device='auto' (a GPU when there is one) or 'cpu'"
+        )
         raise ConfigError(msg)
     index = int(name.partition(":")[2] or 0)
     if index >= torch.cuda.device_count():

@@ -124,7 +124,9 @@ def code_counts(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 ClassCounts = tuple[np.ndarray, np.ndarray]  # (class ids, codes per class)
 
 
-def warm_start_fits(init: Codes, labels: np.ndarray, k: int, latent_dim: int, counts: ClassCounts | None = None) -> bool:
+def warm_start_fits(
+    init: Codes, labels: np.ndarray, k: int, latent_dim: int, counts: ClassCounts | None = None
+) -> bool:
     """Whether earlier codes can start this distillation: same latent size, classes and codes per class (``code_counts`` unless given)."""
     classes, counts = code_counts(labels, k) if counts is None else counts
     if init.codes.ndim != 2 or init.codes.shape[1] != latent_dim or len(init.labels) != init.codes.shape[0]:
@@ -133,7 +135,15 @@ def warm_start_fits(init: Codes, labels: np.ndarray, k: int, latent_dim: int, co
     return bool(np.array_equal(have, classes) and np.array_equal(have_counts, counts))
 
 
-def _init_codes(scdg: SCDG, zs_real: torch.Tensor, y_real: np.ndarray, counts: dict[int, int], cfg: DistillConfig, t_star: int, gen: torch.Generator) -> tuple[torch.Tensor, np.ndarray]:
+def _init_codes(
+    scdg: SCDG,
+    zs_real: torch.Tensor,
+    y_real: np.ndarray,
+    counts: dict[int, int],
+    cfg: DistillConfig,
+    t_star: int,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, np.ndarray]:
     """Initial codes (class by class) and the rows of the real cells they were drawn from.
 
     Noise-initialised codes draw the (unused, audit-only) rows from a generator of their own, so the
@@ -145,7 +155,9 @@ def _init_codes(scdg: SCDG, zs_real: torch.Tensor, y_real: np.ndarray, counts: d
         pool = np.flatnonzero(y_real == c)
         pick = pool[torch.randperm(len(pool), generator=pick_gen)[:n].numpy()]
         picks.append(pick)
-        noise = torch.randn(n, zs_real.shape[1], generator=gen).to(zs_real.device)  # drawn on CPU: the same codes on any device
+        noise = torch.randn(n, zs_real.shape[1], generator=gen).to(
+            zs_real.device
+        )  # drawn on CPU: the same codes on any device
         if cfg.init == "noise":
             rows.append(noise)
         else:
@@ -174,16 +186,35 @@ def _gene_dm(real: torch.Tensor, synth: torch.Tensor, gen: torch.Generator) -> t
     return ((emb(real).mean(0) - emb(synth).mean(0)) ** 2).sum()
 
 
-def _gradient_match(real: torch.Tensor, y_real: torch.Tensor, synth: torch.Tensor, y_synth: torch.Tensor, n_classes: int, gen: torch.Generator) -> torch.Tensor:
+def _gradient_match(
+    real: torch.Tensor,
+    y_real: torch.Tensor,
+    synth: torch.Tensor,
+    y_synth: torch.Tensor,
+    n_classes: int,
+    gen: torch.Generator,
+) -> torch.Tensor:
     """Layer-wise cosine distance between a random linear classifier's gradients on real and synthetic cells."""
     w = (torch.randn(real.shape[1], n_classes, generator=gen).to(real.device) * 0.01).requires_grad_(True)
     b = torch.zeros(n_classes, device=real.device, requires_grad=True)
     g_real = torch.autograd.grad(F.cross_entropy(real @ w + b, y_real), [w, b])
     g_syn = torch.autograd.grad(F.cross_entropy(synth @ w + b, y_synth), [w, b], create_graph=True)
-    return sum(1 - F.cosine_similarity(gr.detach().flatten(), gs.flatten(), dim=0) for gr, gs in zip(g_real, g_syn, strict=True))
+    return sum(
+        1 - F.cosine_similarity(gr.detach().flatten(), gs.flatten(), dim=0)
+        for gr, gs in zip(g_real, g_syn, strict=True)
+    )
 
 
-def synthesize(vae: VAE, scdg: SCDG, codes: torch.Tensor, labels: torch.Tensor, *, t_star: int, guidance: float, mode: DecodeMode = "expected") -> tuple[torch.Tensor, torch.Tensor]:
+def synthesize(
+    vae: VAE,
+    scdg: SCDG,
+    codes: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    t_star: int,
+    guidance: float,
+    mode: DecodeMode = "expected",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes -> (standardised ẑ₀, decoded cells): one guided step, then the decoder."""
     zs0 = scdg.one_step(codes, t_star, labels, guidance)
     return zs0, vae.decode(scdg.unstandardize(zs0), mode=mode)
@@ -221,8 +252,19 @@ def distill_codes(
             p.requires_grad_(flag)
 
 
-def _distill(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.ndarray, cfg: DistillConfig, t_star: int, gen: torch.Generator,
-             init_codes: Codes | None, progress: Callable[[int, int], None] | None, given: ClassCounts | None, gene_means: np.ndarray | None) -> Codes:
+def _distill(
+    vae: VAE,
+    scdg: SCDG,
+    X: sp.csr_matrix | np.ndarray,
+    labels: np.ndarray,
+    cfg: DistillConfig,
+    t_star: int,
+    gen: torch.Generator,
+    init_codes: Codes | None,
+    progress: Callable[[int, int], None] | None,
+    given: ClassCounts | None,
+    gene_means: np.ndarray | None,
+) -> Codes:
     vae.eval()
     scdg.eval()
     dev = model_device(vae)
@@ -237,7 +279,9 @@ def _distill(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.nda
     y_syn = torch.as_tensor(np.repeat(classes, counts), dtype=torch.long).to(dev)
     tg = _targets(vae, scdg, X, labels, y_syn, [int(c) for c in classes], gene_means)
     if w0 is None:
-        w0, seeds = _init_codes(scdg, tg.zs_real, labels, dict(zip(classes.tolist(), counts.tolist(), strict=True)), cfg, t_star, gen)
+        w0, seeds = _init_codes(
+            scdg, tg.zs_real, labels, dict(zip(classes.tolist(), counts.tolist(), strict=True)), cfg, t_star, gen
+        )
     w = w0.clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=cfg.lr)
     cfg = replace(cfg, gene_mean_weight=resolve_gene_mean_weight(cfg), iterations=resolve_iterations(cfg))
@@ -248,7 +292,9 @@ def _distill(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.nda
         opt.step()
         if progress is not None and (it % 20 == 0 or it == cfg.iterations - 1):
             progress(it + 1, cfg.iterations)
-    return Codes(w.detach().cpu().numpy().astype(np.float32), y_syn.cpu().numpy().astype(np.int64), t_star, cfg.guidance, seeds)
+    return Codes(
+        w.detach().cpu().numpy().astype(np.float32), y_syn.cpu().numpy().astype(np.int64), t_star, cfg.guidance, seeds
+    )
 
 
 @dataclass(frozen=True)
@@ -262,23 +308,37 @@ class _Targets:
     assign: torch.Tensor  # (C_site, n_codes) row-normalised class membership of the codes
 
 
-MEAN_BLOCK = 65_536  # cells: a larger class's mean is summed a block at a time (a hospital site's class is not copied whole)
+MEAN_BLOCK = (
+    65_536  # cells: a larger class's mean is summed a block at a time (a hospital site's class is not copied whole)
+)
 
 
 def _rows_mean(X: sp.csr_matrix | np.ndarray, rows: np.ndarray) -> np.ndarray:
     """(G,) float32 mean of the rows ``rows`` of X."""
     if rows.size <= MEAN_BLOCK:
         return np.asarray(X[rows].mean(0), dtype=np.float32).ravel()
-    total = sum(np.asarray(X[rows[i:i + MEAN_BLOCK]].sum(0, dtype=np.float64)).ravel() for i in range(0, rows.size, MEAN_BLOCK))
+    total = sum(
+        np.asarray(X[rows[i : i + MEAN_BLOCK]].sum(0, dtype=np.float64)).ravel()
+        for i in range(0, rows.size, MEAN_BLOCK)
+    )
     return (total / rows.size).astype(np.float32)
 
 
-def _targets(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.ndarray, y_syn: torch.Tensor, classes: list[int],
-             released_means: np.ndarray | None) -> _Targets:
+def _targets(
+    vae: VAE,
+    scdg: SCDG,
+    X: sp.csr_matrix | np.ndarray,
+    labels: np.ndarray,
+    y_syn: torch.Tensor,
+    classes: list[int],
+    released_means: np.ndarray | None,
+) -> _Targets:
     dev = model_device(vae)
     zs_real = scdg.standardize(torch.from_numpy(encode(vae, X)).to(dev))
     pools = {c: np.flatnonzero(labels == c) for c in classes}
-    latent_means = torch.stack([zs_real[pools[c]].mean(0) if pools[c].size else torch.zeros(zs_real.shape[1], device=dev) for c in classes])
+    latent_means = torch.stack(
+        [zs_real[pools[c]].mean(0) if pools[c].size else torch.zeros(zs_real.shape[1], device=dev) for c in classes]
+    )
     if released_means is not None:
         gene_means = torch.as_tensor(np.asarray(released_means, np.float32)[classes]).to(dev)
     else:
@@ -287,7 +347,17 @@ def _targets(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, labels: np.nda
     return _Targets(zs_real, pools, latent_means, gene_means, onehot / onehot.sum(1, keepdim=True))
 
 
-def _objective(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, tg: _Targets, w: torch.Tensor, y_syn: torch.Tensor, cfg: DistillConfig, t_star: int, gen: torch.Generator) -> torch.Tensor:
+def _objective(
+    vae: VAE,
+    scdg: SCDG,
+    X: sp.csr_matrix | np.ndarray,
+    tg: _Targets,
+    w: torch.Tensor,
+    y_syn: torch.Tensor,
+    cfg: DistillConfig,
+    t_star: int,
+    gen: torch.Generator,
+) -> torch.Tensor:
     """One iteration's loss: class means (latent, re-encoded latent, genes), MMD, class consistency, prior."""
     zs0, cells = synthesize(vae, scdg, w, y_syn, t_star=t_star, guidance=cfg.guidance)
     mu_cells = vae.encode(cells)[0]
@@ -300,13 +370,18 @@ def _objective(vae: VAE, scdg: SCDG, X: sp.csr_matrix | np.ndarray, tg: _Targets
         total = total + cfg.latent_weight * ((tg.assign @ z_syn - tg.latent_means) ** 2).sum()
     if cfg.gene_mean_weight > 0:
         total = total + cfg.gene_mean_weight * ((tg.assign @ cells - tg.gene_means) ** 2).sum()
-    real_rows = {c: pool[torch.randint(len(pool), (min(cfg.real_batch, len(pool)),), generator=gen).numpy()] for c, pool in tg.pools.items()}
+    real_rows = {
+        c: pool[torch.randint(len(pool), (min(cfg.real_batch, len(pool)),), generator=gen).numpy()]
+        for c, pool in tg.pools.items()
+    }
     if cfg.mmd_weight > 0 and cfg.k > 1:
         for c, idx in real_rows.items():
             total = total + cfg.mmd_weight * _mmd(tg.zs_real[idx[:128]], z_cells[y_syn == c])
     if cfg.gene_weight > 0 or cfg.gm_weight > 0:
         idx = np.concatenate(list(real_rows.values()))
-        yr = torch.as_tensor(np.concatenate([np.full(len(v), c) for c, v in real_rows.items()]), dtype=torch.long).to(cells.device)
+        yr = torch.as_tensor(np.concatenate([np.full(len(v), c) for c, v in real_rows.items()]), dtype=torch.long).to(
+            cells.device
+        )
         xr = dense_rows(X, idx).to(cells.device)
         if cfg.gene_weight > 0:
             for c in tg.pools:

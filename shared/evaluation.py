@@ -52,9 +52,9 @@ def _fit_input(X: Matrix) -> Matrix:
     return _dense(X)
 
 
-def _predict(clf: Any, X: Matrix) -> np.ndarray:  # noqa: ANN401 - a fitted scikit-learn classifier
+def _predict(clf: Any, X: Matrix) -> np.ndarray:
     """``clf.predict`` over blocks of PREDICT_ROWS densified rows (the same predictions as on the whole matrix)."""
-    parts = [clf.predict(_dense(X[i:i + PREDICT_ROWS])) for i in range(0, X.shape[0], PREDICT_ROWS)]
+    parts = [clf.predict(_dense(X[i : i + PREDICT_ROWS])) for i in range(0, X.shape[0], PREDICT_ROWS)]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
@@ -78,8 +78,10 @@ class MLPTrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or not 1 <= self.min_steps <= self.max_steps or self.batch_size < 1 or self.lr <= 0:
-            msg = (f"MLPTrainConfig needs epochs > 0, 1 <= min_steps <= max_steps, batch_size >= 1, lr > 0; got epochs={self.epochs}, "
-                   f"min_steps={self.min_steps}, max_steps={self.max_steps}, batch_size={self.batch_size}, lr={self.lr}")
+            msg = (
+                f"MLPTrainConfig needs epochs > 0, 1 <= min_steps <= max_steps, batch_size >= 1, lr > 0; got epochs={self.epochs}, "
+                f"min_steps={self.min_steps}, max_steps={self.max_steps}, batch_size={self.batch_size}, lr={self.lr}"
+            )
             raise ValueError(msg)
 
     def steps(self, n_cells: int) -> int:
@@ -88,8 +90,17 @@ class MLPTrainConfig:
         return int(min(self.max_steps, max(self.min_steps, math.ceil(self.epochs * per_epoch))))
 
 
-def train_mlp(X: Matrix, y: np.ndarray, n_classes: int, *, seed: int = 0, cfg: MLPTrainConfig | None = None,
-              init: dict[str, torch.Tensor] | None = None, steps: int | None = None, device: torch.device | None = None) -> MLPClassifier:
+def train_mlp(
+    X: Matrix,
+    y: np.ndarray,
+    n_classes: int,
+    *,
+    seed: int = 0,
+    cfg: MLPTrainConfig | None = None,
+    init: dict[str, torch.Tensor] | None = None,
+    steps: int | None = None,
+    device: torch.device | None = None,
+) -> MLPClassifier:
     """Train the G-256-256-C MLP with AdamW for ``cfg.steps(len(X))`` minibatches (drawn with replacement).
 
     ``init`` (a state dict) and ``steps``: continue from given weights for a given number of steps
@@ -122,12 +133,24 @@ def train_mlp(X: Matrix, y: np.ndarray, n_classes: int, *, seed: int = 0, cfg: M
 def predict_mlp(model: MLPClassifier, X: Matrix, batch_size: int = 2048) -> np.ndarray:
     """Class ids predicted by the MLP for every row of X (on the device its parameters are on)."""
     dev = next(model.parameters()).device
-    out = [model(dense_rows(X, np.arange(i, min(i + batch_size, X.shape[0]))).to(dev)).argmax(1).cpu() for i in range(0, X.shape[0], batch_size)]
+    out = [
+        model(dense_rows(X, np.arange(i, min(i + batch_size, X.shape[0]))).to(dev)).argmax(1).cpu()
+        for i in range(0, X.shape[0], batch_size)
+    ]
     return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
 
 
-def fit_predict(evaluator: Evaluator, X_train: Matrix, y_train: np.ndarray, X_test: Matrix, n_classes: int, *, seed: int = 0,
-                mlp: MLPTrainConfig | None = None, device: torch.device | None = None) -> np.ndarray:
+def fit_predict(
+    evaluator: Evaluator,
+    X_train: Matrix,
+    y_train: np.ndarray,
+    X_test: Matrix,
+    n_classes: int,
+    *,
+    seed: int = 0,
+    mlp: MLPTrainConfig | None = None,
+    device: torch.device | None = None,
+) -> np.ndarray:
     """Train `evaluator` on (X_train, y_train) and predict X_test (``mlp``: how the MLP is trained; ``device``: where)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
@@ -198,7 +221,9 @@ MARKER_GENES = 50
 MIN_MARKER_CELLS = 3  # a class needs this many cells on both sides to have its markers compared
 
 
-def _class_corr(real: np.ndarray, yr: np.ndarray, syn: np.ndarray, ys: np.ndarray, classes: np.ndarray, stat: str) -> float:
+def _class_corr(
+    real: np.ndarray, yr: np.ndarray, syn: np.ndarray, ys: np.ndarray, classes: np.ndarray, stat: str
+) -> float:
     corrs = []
     for c in classes:
         r, s = real[yr == c], syn[ys == c]
@@ -217,7 +242,9 @@ def marker_genes(X: np.ndarray, y: np.ndarray, classes: np.ndarray, n_top: int =
     import scanpy as sc
 
     keep = np.isin(y, classes)
-    obs = pd.DataFrame({"label": pd.Categorical([str(c) for c in y[keep]])}, index=[str(i) for i in range(int(keep.sum()))])
+    obs = pd.DataFrame(
+        {"label": pd.Categorical([str(c) for c in y[keep]])}, index=[str(i) for i in range(int(keep.sum()))]
+    )
     adata = ad.AnnData(X[keep].astype(np.float32), obs=obs, var=pd.DataFrame(index=[str(i) for i in range(X.shape[1])]))
     adata.uns["log1p"] = {"base": None}  # X is log1p-normalised: tells scanpy how to compute fold changes
     sc.tl.rank_genes_groups(adata, "label", method="wilcoxon", n_genes=n_top, use_raw=False)
@@ -225,7 +252,9 @@ def marker_genes(X: np.ndarray, y: np.ndarray, classes: np.ndarray, n_top: int =
     return {int(c): {int(g) for g in names[str(c)]} for c in classes}
 
 
-def marker_overlap(real: np.ndarray, yr: np.ndarray, syn: np.ndarray, ys: np.ndarray, n_top: int = MARKER_GENES) -> float:
+def marker_overlap(
+    real: np.ndarray, yr: np.ndarray, syn: np.ndarray, ys: np.ndarray, n_top: int = MARKER_GENES
+) -> float:
     """Mean over classes of |markers(real) ∩ markers(synthetic)| / n_top (NaN with fewer than 2 comparable classes)."""
     rc, rn = np.unique(yr, return_counts=True)
     sc_, sn = np.unique(ys, return_counts=True)
@@ -250,7 +279,14 @@ def fidelity(X_real: Matrix, y_real: np.ndarray, X_syn: np.ndarray, y_syn: np.nd
     ys = y_syn[np.isin(y_syn, shared_classes)]
     nan = float("nan")
     if len(real) < 3 or len(syn) == 0:
-        return Fidelity(nan, nan, nan, nan, float((real == 0).mean()) if real.size else nan, float((syn == 0).mean()) if syn.size else nan)
+        return Fidelity(
+            nan,
+            nan,
+            nan,
+            nan,
+            float((real == 0).mean()) if real.size else nan,
+            float((syn == 0).mean()) if syn.size else nan,
+        )
     pca = PCA(n_components=min(50, real.shape[0] - 1, real.shape[1]), random_state=seed).fit(real)
     return Fidelity(
         mmd_pca=mmd_rbf(pca.transform(real), pca.transform(syn), seed=seed),

@@ -7,13 +7,16 @@ statistics of its prepared sites (``profile_of``, which the sites' profile repli
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+
 import numpy as np
 
 from shared.data import gene_stats, select_variable_genes
 from shared.protocol import ProfileReply
 
 
-def plan_vocabulary(profiles: Sequence[ProfileReply], *, n_genes: int, allowed: Collection[str] | None = None) -> tuple[list[str], list[str]]:
+def plan_vocabulary(
+    profiles: Sequence[ProfileReply], *, n_genes: int, allowed: Collection[str] | None = None
+) -> tuple[list[str], list[str]]:
     """Return (genes, classes): the top ``n_genes`` variable genes among genes every site has, and the label union.
 
     Sites are taken in site-name order; genes keep the first site's order. ``allowed``: genes the
@@ -29,7 +32,9 @@ def plan_vocabulary(profiles: Sequence[ProfileReply], *, n_genes: int, allowed: 
         msg = "the sites share no gene with the init-path reference; check that the reference uses the sites' gene identifiers"
         raise ValueError(msg)
     if not genes:
-        msg = "the sites share no gene names; check that all sites use the same gene identifiers (symbols vs Ensembl IDs)"
+        msg = (
+            "the sites share no gene names; check that all sites use the same gene identifiers (symbols vs Ensembl IDs)"
+        )
         raise ValueError(msg)
     sums, sumsq, detected = np.zeros(len(genes)), np.zeros(len(genes)), np.zeros(len(genes), np.int64)
     for p in ordered:
@@ -47,13 +52,31 @@ def plan_vocabulary(profiles: Sequence[ProfileReply], *, n_genes: int, allowed: 
 def profile_of(name: str, X, genes: Sequence[str], labels: Sequence[str], *, has_counts: bool = False) -> ProfileReply:  # noqa: ANN001 - csr
     """A site's profile: gene statistics of its training cells ``X`` (columns ``genes``), cells per label name, count input or not."""
     sums, sumsq, detected = gene_stats(X)
-    return profile_from_stats(name, genes, (sums, sumsq, detected), labels, n_cells=int(X.shape[0]), has_counts=has_counts)
+    return profile_from_stats(
+        name, genes, (sums, sumsq, detected), labels, n_cells=int(X.shape[0]), has_counts=has_counts
+    )
 
 
-def profile_from_stats(name: str, genes: Sequence[str], stats: tuple[np.ndarray, np.ndarray, np.ndarray], labels: Sequence[str], *,
-                       n_cells: int, has_counts: bool = False) -> ProfileReply:
+def profile_from_stats(
+    name: str,
+    genes: Sequence[str],
+    stats: tuple[np.ndarray, np.ndarray, np.ndarray],
+    labels: Sequence[str],
+    *,
+    n_cells: int,
+    has_counts: bool = False,
+) -> ProfileReply:
     """A site's profile from the per-gene (sums, sums of squares, detection counts) of its ``n_cells`` training cells and their label names."""
     sums, sumsq, detected = stats
     names, counts = np.unique(np.asarray(labels, dtype=str), return_counts=True)
-    return ProfileReply(site_name=name, genes=tuple(genes), sums=sums, sumsq=sumsq, detected=detected, n_cells=n_cells,
-                        label_names=tuple(str(n) for n in names), label_counts=counts.astype(np.int64), has_counts=has_counts)
+    return ProfileReply(
+        site_name=name,
+        genes=tuple(genes),
+        sums=sums,
+        sumsq=sumsq,
+        detected=detected,
+        n_cells=n_cells,
+        label_names=tuple(str(n) for n in names),
+        label_counts=counts.astype(np.int64),
+        has_counts=has_counts,
+    )

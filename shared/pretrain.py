@@ -56,15 +56,26 @@ def latent_dim_for(n_genes: int) -> int:
     return max(MIN_LATENT_DIM, min(MAX_LATENT_DIM, (n_genes + 1) // UPLOAD_RATIO - 1))
 
 
-def new_models(n_genes: int, n_classes: int, latent_dim: int, *, n_aux: int = 0, count_head: bool = False) -> tuple[VAE, SCDG]:
+def new_models(
+    n_genes: int, n_classes: int, latent_dim: int, *, n_aux: int = 0, count_head: bool = False
+) -> tuple[VAE, SCDG]:
     """Fresh VAE (with a count head for count input) and SCDG for a gene and class vocabulary."""
-    vae = VAE(VAEConfig(n_genes=n_genes, latent_dim=latent_dim, n_classes=n_classes, n_aux=n_aux, count_head=count_head))
+    vae = VAE(
+        VAEConfig(n_genes=n_genes, latent_dim=latent_dim, n_classes=n_classes, n_aux=n_aux, count_head=count_head)
+    )
     scdg = SCDG(SCDGConfig(latent_dim=latent_dim, n_classes=n_classes))
     return vae, scdg
 
 
-def pretrain(X: sp.csr_matrix | np.ndarray, labels: np.ndarray, n_classes: int, cfg: PretrainConfig, *, aux: np.ndarray | None = None,
-             library: np.ndarray | None = None) -> Pretrained:
+def pretrain(
+    X: sp.csr_matrix | np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    cfg: PretrainConfig,
+    *,
+    aux: np.ndarray | None = None,
+    library: np.ndarray | None = None,
+) -> Pretrained:
     """Train the VAE, then the SCDG on the VAE's latents, on pooled cells (labels: global ids).
 
     ``library`` (count input: each cell's total counts over all genes) adds and trains the VAE's count head.
@@ -73,7 +84,9 @@ def pretrain(X: sp.csr_matrix | np.ndarray, labels: np.ndarray, n_classes: int, 
 
     torch.manual_seed(cfg.seed)
     latent_dim = cfg.latent_dim or latent_dim_for(X.shape[1])
-    vae, scdg = new_models(X.shape[1], n_classes, latent_dim, n_aux=0 if aux is None else aux.shape[1], count_head=library is not None)
+    vae, scdg = new_models(
+        X.shape[1], n_classes, latent_dim, n_aux=0 if aux is None else aux.shape[1], count_head=library is not None
+    )
     t0 = time.perf_counter()
     fit_vae(vae, X, labels, cfg.vae, aux=aux, library=library)
     t1 = time.perf_counter()
@@ -81,5 +94,12 @@ def pretrain(X: sp.csr_matrix | np.ndarray, labels: np.ndarray, n_classes: int, 
     set_latent_stats(scdg, Z.mean(0), Z.std(0))
     fit_scdg(scdg, Z, labels, cfg.scdg)
     t2 = time.perf_counter()
-    logger.info("pretrained VAE (%d steps, %.1f s) and SCDG (%d steps, %.1f s) on %d cells", cfg.vae.steps, t1 - t0, cfg.scdg.steps, t2 - t1, X.shape[0])
+    logger.info(
+        "pretrained VAE (%d steps, %.1f s) and SCDG (%d steps, %.1f s) on %d cells",
+        cfg.vae.steps,
+        t1 - t0,
+        cfg.scdg.steps,
+        t2 - t1,
+        X.shape[0],
+    )
     return Pretrained(vae, scdg, t1 - t0, t2 - t1)

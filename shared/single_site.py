@@ -11,10 +11,10 @@ import anndata as ad
 import numpy as np
 
 from shared.checkpoint import model_hash
-from shared.data import Expect, PreparedSite, prepare_site, read_h5ad
-from shared.errors import SiteDataError
 from shared.counts import library_stats, sample_counts
+from shared.data import Expect, PreparedSite, prepare_site, read_h5ad
 from shared.distill import DECODE_MODE, DistillConfig, distill_codes, generate, latents
+from shared.errors import SiteDataError
 from shared.evaluation import fit_predict, score
 from shared.pretrain import PretrainConfig, pretrain
 from shared.sites import prepare_federation
@@ -81,13 +81,31 @@ def distill_file(
     cells = generate(pre.vae, pre.scdg, codes, mode=DECODE_MODE, seed=seed)
     layers = {"expected": cells}
     if library is not None:  # count input: sampled counts on the input's scale, as a federation writes them
-        layers["counts"], _ = sample_counts(pre.vae, latents(pre.scdg, codes), codes.labels, library_stats(X_tr, library, y_tr, n_classes), seed=seed)
+        layers["counts"], _ = sample_counts(
+            pre.vae, latents(pre.scdg, codes), codes.labels, library_stats(X_tr, library, y_tr, n_classes), seed=seed
+        )
     seconds = time.perf_counter() - t0
     acc_syn = score(y_te, fit_predict("mlp", cells, codes.labels, X_te, n_classes, seed=seed)).accuracy
     acc_real = score(y_te, fit_predict("mlp", X_tr, y_tr, X_te, n_classes, seed=seed)).accuracy
-    prov = {"embedding_key": embedding_key, "method": "scdd", "distill": distill.__dict__, "t_star": codes.t_star, "vae_hash": model_hash(pre.vae), "scdg_hash": model_hash(pre.scdg), "source": Path(path).name}
-    synth = to_anndata(cells, codes.labels, class_names=fed.classes, genes=fed.genes, label_key=label_key, site=fed.names[0], provenance=prov,
-                       layers=layers)
+    prov = {
+        "embedding_key": embedding_key,
+        "method": "scdd",
+        "distill": distill.__dict__,
+        "t_star": codes.t_star,
+        "vae_hash": model_hash(pre.vae),
+        "scdg_hash": model_hash(pre.scdg),
+        "source": Path(path).name,
+    }
+    synth = to_anndata(
+        cells,
+        codes.labels,
+        class_names=fed.classes,
+        genes=fed.genes,
+        label_key=label_key,
+        site=fed.names[0],
+        provenance=prov,
+        layers=layers,
+    )
     return DistillReport(
         n_train=X_tr.shape[0],
         n_test=X_te.shape[0],
@@ -108,7 +126,9 @@ def foundation_embedding(adata: ad.AnnData, site: PreparedSite, key: str) -> np.
     if key not in adata.obsm:
         msg = f"obsm[{key!r}] not found; available obsm keys: {sorted(adata.obsm)}; compute the embedding with its own tool (scGPT, Geneformer, UCE, ...) and store it there"
         raise SiteDataError(msg)
-    emb = np.asarray(adata.obsm[key].toarray() if hasattr(adata.obsm[key], "toarray") else adata.obsm[key], dtype=np.float32)
+    emb = np.asarray(
+        adata.obsm[key].toarray() if hasattr(adata.obsm[key], "toarray") else adata.obsm[key], dtype=np.float32
+    )
     if emb.ndim != 2 or not np.isfinite(emb).all():
         msg = f"obsm[{key!r}] must be a finite 2-D array (cells x dims); got ndim={emb.ndim} with non-finite entries={int((~np.isfinite(emb)).sum())}"
         raise SiteDataError(msg)

@@ -12,8 +12,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from shared.data import PreparedSite, align_genes, prepare_site, split_hash
-from shared.plan import plan_vocabulary, profile_of
 from shared.errors import SiteDataError
+from shared.plan import plan_vocabulary, profile_of
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +33,16 @@ def dirichlet_split(labels: np.ndarray, n_sites: int, *, alpha: float = 0.5, see
     return site
 
 
-def site_of_cells(adata: ad.AnnData, *, label_key: str, site_key: str | None = None, n_sites: int = 3, seed: int = 0) -> np.ndarray:
+def site_of_cells(
+    adata: ad.AnnData, *, label_key: str, site_key: str | None = None, n_sites: int = 3, seed: int = 0
+) -> np.ndarray:
     """The site name of every cell: obs[site_key] when given and present, else a Dirichlet(0.5) label-skewed split."""
     return site_of_obs(adata.obs, label_key=label_key, site_key=site_key, n_sites=n_sites, seed=seed)
 
 
-def site_of_obs(obs: pd.DataFrame, *, label_key: str, site_key: str | None = None, n_sites: int = 3, seed: int = 0) -> np.ndarray:
+def site_of_obs(
+    obs: pd.DataFrame, *, label_key: str, site_key: str | None = None, n_sites: int = 3, seed: int = 0
+) -> np.ndarray:
     """``site_of_cells`` from the cell annotations alone (a streamed file's obs)."""
     if site_key and site_key in obs:
         return obs[site_key].astype(str).to_numpy()
@@ -48,7 +52,9 @@ def site_of_obs(obs: pd.DataFrame, *, label_key: str, site_key: str | None = Non
     return np.char.add("site", dirichlet_split(labels, n_sites, seed=seed).astype(str))
 
 
-def split_sites(adata: ad.AnnData, *, label_key: str, site_key: str | None = None, n_sites: int = 3, seed: int = 0) -> dict[str, ad.AnnData]:
+def split_sites(
+    adata: ad.AnnData, *, label_key: str, site_key: str | None = None, n_sites: int = 3, seed: int = 0
+) -> dict[str, ad.AnnData]:
     """Split by `site_key` when given and present, else by a Dirichlet(0.5) label-skewed split (`site_of_cells`)."""
     col = site_of_cells(adata, label_key=label_key, site_key=site_key, n_sites=n_sites, seed=seed)
     return {str(s): adata[col == s].copy() for s in sorted(set(col))}
@@ -94,18 +100,33 @@ class Federation:
 
     def split_hash(self) -> str:
         """One hash of which cells went to which site and part: equal hashes mean equal splits."""
-        arrays = [a for s in self.sites for a in (s.rows if s.rows is not None else np.zeros(0), s.train_idx, s.val_idx, s.test_idx)]
+        arrays = [
+            a
+            for s in self.sites
+            for a in (s.rows if s.rows is not None else np.zeros(0), s.train_idx, s.val_idx, s.test_idx)
+        ]
         return split_hash(*arrays)
 
 
 def plan_genes(names: Sequence[str], sites: Sequence[PreparedSite], n_genes: int) -> list[str]:
     """Top variable genes from the sites' TRAINING cells only: the federation's plan (``shared.plan``) on the same statistics."""
-    profiles = [profile_of(name, s.X[s.train_idx], s.genes, [s.classes[j] for j in s.labels[s.train_idx]]) for name, s in zip(names, sites, strict=True)]
+    profiles = [
+        profile_of(name, s.X[s.train_idx], s.genes, [s.classes[j] for j in s.labels[s.train_idx]])
+        for name, s in zip(names, sites, strict=True)
+    ]
     return plan_vocabulary(profiles, n_genes=n_genes)[0]
 
 
-def prepare_federation(parts: dict[str, ad.AnnData], *, label_key: str, n_genes: int = 2000, seed: int = 0,
-                       test_fraction: float = 0.2, val_fraction: float = 0.1, genes: Sequence[str] | None = None) -> Federation:
+def prepare_federation(
+    parts: dict[str, ad.AnnData],
+    *,
+    label_key: str,
+    n_genes: int = 2000,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.1,
+    genes: Sequence[str] | None = None,
+) -> Federation:
     """Prepare every site (contract checks, normalisation, train / validation / test split) and align them to one plan.
 
     ``genes``: a given plan's genes (a federation's, or a reference's); by default the plan is made
@@ -114,7 +135,11 @@ def prepare_federation(parts: dict[str, ad.AnnData], *, label_key: str, n_genes:
     names, sites = [], []
     for name, adata in parts.items():
         try:
-            sites.append(prepare_site(adata, label_key=label_key, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction))
+            sites.append(
+                prepare_site(
+                    adata, label_key=label_key, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction
+                )
+            )
             names.append(name)
         except SiteDataError as exc:
             logger.warning("site %s skipped: %s", name, exc)

@@ -36,7 +36,9 @@ from shared.errors import SiteDataError
 
 logger = logging.getLogger(__name__)
 
-CHUNK_ROWS = 8192  # cells per block: at ~2 000 stored values per cell about 130 MB of raw block with its normalised copy
+CHUNK_ROWS = (
+    8192  # cells per block: at ~2 000 stored values per cell about 130 MB of raw block with its normalised copy
+)
 
 
 @dataclass(frozen=True)
@@ -80,14 +82,21 @@ def memory_rows(X: Any) -> Rows:
     """Rows of an in-memory numpy array or scipy sparse matrix (other sparse formats are converted to CSR once)."""
     if sp.issparse(X):
         m = X if X.format == "csr" else sp.csr_matrix(X)
-        return Rows(m.shape, m.dtype, lambda a, b: _canonical(sp.csr_matrix(m[a:b], copy=True)), np.diff(m.indptr).astype(np.int64))
+        return Rows(
+            m.shape,
+            m.dtype,
+            lambda a, b: _canonical(sp.csr_matrix(m[a:b], copy=True)),
+            np.diff(m.indptr).astype(np.int64),
+        )
     if isinstance(X, np.ndarray) and X.ndim == 2:
         return Rows(X.shape, X.dtype, lambda a, b: sp.csr_matrix(X[a:b]), np.full(X.shape[0], X.shape[1], np.int64))
     if isinstance(X, np.ndarray):
         msg = f"X has {X.ndim} dimensions; expected a 2-D cells x genes matrix; store it as adata.X"
         raise SiteDataError(msg)
-    msg = (f"X has unsupported type {type(X).__name__}; expected a numpy array or scipy sparse "
-           "matrix; load the file into memory (anndata.read_h5ad(path) without backed=...)")
+    msg = (
+        f"X has unsupported type {type(X).__name__}; expected a numpy array or scipy sparse "
+        "matrix; load the file into memory (anndata.read_h5ad(path) without backed=...)"
+    )
     raise SiteDataError(msg)
 
 
@@ -102,7 +111,7 @@ def _csr_rows(group: h5py.Group, shape: tuple[int, int]) -> Rows:
 
     def read(a: int, b: int) -> sp.csr_matrix:
         lo, hi = int(indptr[a]), int(indptr[b])
-        block = sp.csr_matrix((data[lo:hi], indices[lo:hi], indptr[a:b + 1] - lo), shape=(b - a, shape[1]))
+        block = sp.csr_matrix((data[lo:hi], indices[lo:hi], indptr[a : b + 1] - lo), shape=(b - a, shape[1]))
         return _canonical(block)
 
     return Rows(shape, data.dtype, read, np.diff(indptr))
@@ -121,11 +130,15 @@ def h5_rows(elem: h5py.Group | h5py.Dataset) -> Rows:
     if kind == "csr_matrix" and len(shape) == 2:
         return _csr_rows(elem, (shape[0], shape[1]))
     if kind == "csc_matrix":
-        logger.warning("X is stored column-major (CSC): it is loaded whole to read it by cells (about 2x its size in memory); "
-                       "store it as CSR to stream it")
+        logger.warning(
+            "X is stored column-major (CSC): it is loaded whole to read it by cells (about 2x its size in memory); "
+            "store it as CSR to stream it"
+        )
         return memory_rows(sp.csr_matrix(anndata.io.read_elem(elem)))
-    msg = (f"X is stored as {kind or 'an unknown element'!r}, not a matrix anndata writes (csr_matrix, csc_matrix or a dense array); "
-           "rewrite the file with anndata (adata.write_h5ad)")
+    msg = (
+        f"X is stored as {kind or 'an unknown element'!r}, not a matrix anndata writes (csr_matrix, csc_matrix or a dense array); "
+        "rewrite the file with anndata (adata.write_h5ad)"
+    )
     raise SiteDataError(msg)
 
 
@@ -140,10 +153,15 @@ class SiteFile:
 
 def not_anndata(p: Path, exc: Exception) -> SiteDataError:
     logger.debug("reading %s failed with %s", p, type(exc).__name__)
-    what = ("is HDF5 but not an AnnData .h5ad (a 10x .h5? convert it with scanpy.read_10x_h5)"
-            if h5py.is_hdf5(p) else "is not an HDF5/h5ad file")
-    msg = (f"cannot read {p} as AnnData ({type(exc).__name__}): it {what}; expected an AnnData .h5ad "
-           "written by anndata/scanpy, e.g. adata.write_h5ad('site.h5ad')")
+    what = (
+        "is HDF5 but not an AnnData .h5ad (a 10x .h5? convert it with scanpy.read_10x_h5)"
+        if h5py.is_hdf5(p)
+        else "is not an HDF5/h5ad file"
+    )
+    msg = (
+        f"cannot read {p} as AnnData ({type(exc).__name__}): it {what}; expected an AnnData .h5ad "
+        "written by anndata/scanpy, e.g. adata.write_h5ad('site.h5ad')"
+    )
     return SiteDataError(msg)
 
 
@@ -175,7 +193,9 @@ def open_site_file(path: str | Path) -> Iterator[SiteFile]:
             raise not_anndata(p, exc) from None
         X = h5_rows(fh["X"]) if "X" in fh else None
         if X is not None and X.shape != (len(obs), len(var_names)):
-            msg = (f"X has shape {X.shape} but the file annotates {len(obs)} cells and {len(var_names)} genes; "
-                   "the file is damaged: rewrite it with anndata (adata.write_h5ad)")
+            msg = (
+                f"X has shape {X.shape} but the file annotates {len(obs)} cells and {len(var_names)} genes; "
+                "the file is damaged: rewrite it with anndata (adata.write_h5ad)"
+            )
             raise SiteDataError(msg)
         yield SiteFile(obs, pd.Index(var_names), X)

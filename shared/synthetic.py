@@ -37,8 +37,12 @@ def to_anndata(
     )
     if round_ is not None:
         obs["round"] = np.full(len(labels), round_, dtype=np.int64)
-    adata = ad.AnnData(X=sp.csr_matrix(np.asarray(X, dtype=np.float32)), obs=obs, var=pd.DataFrame(index=list(genes)),
-                       layers={k: sp.csr_matrix(np.asarray(v, dtype=np.float32)) for k, v in (layers or {}).items()})
+    adata = ad.AnnData(
+        X=sp.csr_matrix(np.asarray(X, dtype=np.float32)),
+        obs=obs,
+        var=pd.DataFrame(index=list(genes)),
+        layers={k: sp.csr_matrix(np.asarray(v, dtype=np.float32)) for k, v in (layers or {}).items()},
+    )
     adata.uns["fedscdd"] = {"provenance_json": json.dumps(provenance or {}, sort_keys=True, default=str)}
     return adata
 

@@ -45,17 +45,23 @@ def dense_rows(X: Matrix, idx: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rows, dtype=np.float32))
 
 
-def row_view(X: Any, idx: np.ndarray) -> Any:  # noqa: ANN401 - csr matrix or array
+def row_view(X: Any, idx: np.ndarray) -> Any:
     """Rows ``idx`` of X: a view sharing X's arrays when they are one contiguous ascending run of a CSR matrix (no copy of a
     hospital site's training cells), else ``X[idx]``."""
     idx = np.asarray(idx)
-    if not (sp.issparse(X) and X.format == "csr" and idx.size and idx[-1] - idx[0] + 1 == idx.size and np.all(np.diff(idx) == 1)):
+    if not (
+        sp.issparse(X)
+        and X.format == "csr"
+        and idx.size
+        and idx[-1] - idx[0] + 1 == idx.size
+        and np.all(np.diff(idx) == 1)
+    ):
         return X[idx]
     a, b = int(idx[0]), int(idx[-1]) + 1
     lo, hi = int(X.indptr[a]), int(X.indptr[b])
     # Assigned, not passed to the constructor: scipy copies ("prunes") index arrays that are a small part of their base.
     view = sp.csr_matrix((b - a, X.shape[1]), dtype=X.dtype)
-    view.data, view.indices, view.indptr = X.data[lo:hi], X.indices[lo:hi], X.indptr[a:b + 1] - lo
+    view.data, view.indices, view.indptr = X.data[lo:hi], X.indices[lo:hi], X.indptr[a : b + 1] - lo
     view.has_sorted_indices = X.has_sorted_indices
     return view
 
@@ -65,7 +71,9 @@ def anchor_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in model.named_parameters()}
 
 
-def _pull(params: dict[str, torch.nn.Parameter], anchor: dict[str, torch.Tensor] | None, weight: float) -> torch.Tensor | None:
+def _pull(
+    params: dict[str, torch.nn.Parameter], anchor: dict[str, torch.Tensor] | None, weight: float
+) -> torch.Tensor | None:
     """``weight * sum ||p - anchor||^2`` over the parameters (None when off); gradients flow into ``params`` only."""
     if anchor is None or weight <= 0:
         return None
@@ -112,25 +120,40 @@ def fit_vae(
     if dp is not None and dev.type != "cpu":
         msg = "DP-SGD runs on CPU (its noise comes from the site's CPU generator); use device='cpu' with dp-epsilon"
         raise ValueError(msg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # fused: ~15% faster steps on CPU
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
+    )  # fused: ~15% faster steps on CPU
     y = torch.as_tensor(labels, dtype=torch.long).to(dev) if labels is not None else None
     a = torch.as_tensor(aux, dtype=torch.float32).to(dev) if aux is not None else None
-    lib = torch.as_tensor(library, dtype=torch.float32).to(dev) if library is not None and model.count_head is not None else None
+    lib = (
+        torch.as_tensor(library, dtype=torch.float32).to(dev)
+        if library is not None and model.count_head is not None
+        else None
+    )
     anchor = {k: v.to(dev) for k, v in anchor.items()} if anchor is not None else None
     params = dict(model.named_parameters())
     model.train()
     history: list[float] = []
     warm = max(1, int(cfg.steps * cfg.warmup_fraction))
     for step in range(cfg.steps):
-        beta = min(1.0, (step + 1) / warm) if kl_ramp is None else kl_ramp[0] + (kl_ramp[1] - kl_ramp[0]) * (step + 1) / cfg.steps
+        beta = (
+            min(1.0, (step + 1) / warm)
+            if kl_ramp is None
+            else kl_ramp[0] + (kl_ramp[1] - kl_ramp[0]) * (step + 1) / cfg.steps
+        )
         opt.zero_grad(set_to_none=True)
         if dp is not None:
             _dp_vae_grads(model, X, y, a, lib, beta, dp, dp_generator)
             total = torch.tensor(float("nan"))
         else:
             idx = _batches(X.shape[0], cfg, rng)
-            out = model.loss(dense_rows(X, idx).to(dev), y[idx] if y is not None else None, a[idx] if a is not None else None, beta_scale=beta,
-                             library=lib[idx] if lib is not None else None)
+            out = model.loss(
+                dense_rows(X, idx).to(dev),
+                y[idx] if y is not None else None,
+                a[idx] if a is not None else None,
+                beta_scale=beta,
+                library=lib[idx] if lib is not None else None,
+            )
             total = out.total
         prox = _pull(params, anchor, anchor_weight)  # no data in it: added to DP gradients as it is
         if prox is not None:
@@ -153,17 +176,36 @@ def _dp_generator(dp: DPSGD, gen: torch.Generator | None) -> torch.Generator:
     return gen
 
 
-def _dp_vae_grads(model: VAE, X: Matrix, y: torch.Tensor | None, a: torch.Tensor | None, lib: torch.Tensor | None, beta: float,
-                  dp: DPSGD, gen: torch.Generator | None) -> None:
+def _dp_vae_grads(
+    model: VAE,
+    X: Matrix,
+    y: torch.Tensor | None,
+    a: torch.Tensor | None,
+    lib: torch.Tensor | None,
+    beta: float,
+    dp: DPSGD,
+    gen: torch.Generator | None,
+) -> None:
     """One DP-SGD step's noisy gradient of the VAE loss into the parameters' ``.grad``."""
     idx = poisson_batch(X.shape[0], dp.sample_rate, _dp_generator(dp, gen)).numpy()
     x = dense_rows(X, idx)
     none = torch.zeros(len(idx))  # placeholder rows for absent inputs (vmap needs tensors)
 
     def cell_loss(m: VAE, xi: torch.Tensor, yi: torch.Tensor, ai: torch.Tensor, li: torch.Tensor) -> torch.Tensor:
-        return m.cell_losses(xi, yi if y is not None else None, ai if a is not None else None, beta_scale=beta, library=li if lib is not None else None)
+        return m.cell_losses(
+            xi,
+            yi if y is not None else None,
+            ai if a is not None else None,
+            beta_scale=beta,
+            library=li if lib is not None else None,
+        )
 
-    rows = (x, y[idx] if y is not None else none.long(), a[idx] if a is not None else none, lib[idx] if lib is not None else none)
+    rows = (
+        x,
+        y[idx] if y is not None else none.long(),
+        a[idx] if a is not None else none,
+        lib[idx] if lib is not None else none,
+    )
     noisy_step_grads(model, cell_loss, rows, dp, gen)  # type: ignore[arg-type]
 
 
@@ -172,7 +214,10 @@ def encode(model: VAE, X: Matrix, batch_size: int = 1024) -> np.ndarray:
     """Posterior means (n, d) of all rows of X, in batches."""
     model.eval()
     dev = model_device(model)
-    out = [model.encode(dense_rows(X, np.arange(i, min(i + batch_size, X.shape[0]))).to(dev))[0].cpu() for i in range(0, X.shape[0], batch_size)]
+    out = [
+        model.encode(dense_rows(X, np.arange(i, min(i + batch_size, X.shape[0]))).to(dev))[0].cpu()
+        for i in range(0, X.shape[0], batch_size)
+    ]
     return torch.cat(out).numpy() if out else np.zeros((0, model.config.latent_dim), np.float32)
 
 
@@ -209,7 +254,9 @@ def fit_scdg(
     zs = model.standardize(torch.as_tensor(Z, dtype=torch.float32).to(dev))
     y = torch.as_tensor(labels, dtype=torch.long).to(dev)
     anchor = {k: v.to(dev) for k, v in anchor.items()} if anchor is not None else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # fused: ~15% faster steps on CPU
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
+    )  # fused: ~15% faster steps on CPU
     params = dict(model.named_parameters())
     model.train()
     history: list[float] = []

@@ -65,10 +65,28 @@ def three_site_h5ad(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _tiny_run_config(data: Path, out: Path, **extra: object) -> dict[str, object]:
     """Run config of a seconds-long federation on `three_site_h5ad` (plumbing, not quality)."""
-    return {"sim-data-path": str(data), "sim-site-key": "site", "out-dir": str(out), "run-id": "tiny", "n-genes": 40, "latent-dim": 8,
-            "num-pretrain-rounds": 1, "vae-local-steps": 5, "scdg-local-steps": 5, "vae-batch-size": 64, "scdg-batch-size": 64,
-            "cells-per-class": 2, "distill-iterations": 2, "num-distill-rounds": 2, "finetune-steps": 2, "mlp-min-steps": 5, "mlp-max-steps": 5,
-            "report": False, "min-sites": 2, **extra}
+    return {
+        "sim-data-path": str(data),
+        "sim-site-key": "site",
+        "out-dir": str(out),
+        "run-id": "tiny",
+        "n-genes": 40,
+        "latent-dim": 8,
+        "num-pretrain-rounds": 1,
+        "vae-local-steps": 5,
+        "scdg-local-steps": 5,
+        "vae-batch-size": 64,
+        "scdg-batch-size": 64,
+        "cells-per-class": 2,
+        "distill-iterations": 2,
+        "num-distill-rounds": 2,
+        "finetune-steps": 2,
+        "mlp-min-steps": 5,
+        "mlp-max-steps": 5,
+        "report": False,
+        "min-sites": 2,
+        **extra,
+    }
 
 
 @pytest.fixture

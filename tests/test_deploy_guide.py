@@ -22,7 +22,9 @@ SCRIPTS = sorted((REPO / "deploy").rglob("*.sh"))
 
 def test_every_file_the_guide_names_exists() -> None:
     text = GUIDE.read_text(encoding="utf-8")
-    named = set(re.findall(r"`((?:coordinator|site|systemd)/[\w./-]+)`", text)) | set(re.findall(r"deploy/([\w/-]+\.(?:sh|service|yml))", text))
+    named = set(re.findall(r"`((?:coordinator|site|systemd)/[\w./-]+)`", text)) | set(
+        re.findall(r"deploy/([\w/-]+\.(?:sh|service|yml))", text)
+    )
     assert named, "the guide names no deployment files"
     missing = sorted(n for n in named if not (REPO / "deploy" / n).exists())
     assert not missing, f"deploy/README.md names files that do not exist: {missing}"
@@ -30,15 +32,20 @@ def test_every_file_the_guide_names_exists() -> None:
 
 def test_every_scdd_command_the_guide_uses_exists() -> None:
     text = GUIDE.read_text(encoding="utf-8")
-    used = set(re.findall(r"(?:`|/|^\s*)scdd ([a-z][a-z-]+)", text, re.M))  # in code: `scdd X`, .../bin/scdd X, a line starting scdd X
-    choices = set(build_parser()._subparsers._group_actions[0].choices)  # noqa: SLF001 - the parser's own list of subcommands
+    used = set(
+        re.findall(r"(?:`|/|^\s*)scdd ([a-z][a-z-]+)", text, re.M)
+    )  # in code: `scdd X`, .../bin/scdd X, a line starting scdd X
+    choices = set(build_parser()._subparsers._group_actions[0].choices)
     assert {"flwr-connection", "verify-bundle", "check", "certs"} <= used
     assert used <= choices, f"the guide uses unknown scdd commands: {sorted(used - choices)}"
 
 
 def test_every_variable_the_guide_names_is_read_somewhere() -> None:
     names = set(re.findall(r"\bFEDSCDD_[A-Z_]+", GUIDE.read_text(encoding="utf-8")))
-    sources = "".join(p.read_text(encoding="utf-8") for p in [*SCRIPTS, *(REPO / "deploy").glob("*.yml"), REPO / "server" / "config.py"])
+    sources = "".join(
+        p.read_text(encoding="utf-8")
+        for p in [*SCRIPTS, *(REPO / "deploy").glob("*.yml"), REPO / "server" / "config.py"]
+    )
     unread = sorted(n for n in names if n not in sources)
     assert not unread, f"the guide names variables nothing reads: {unread}"
 
@@ -91,7 +98,9 @@ def _keys(folder: Path, names: list[str]) -> Path:
 
 def _register(keys: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     script = REPO / "deploy" / "coordinator" / "register-sites.sh"
-    return subprocess.run([str(script), str(keys), "fedscdd"], capture_output=True, text=True, env=env, timeout=60, check=False)
+    return subprocess.run(
+        [str(script), str(keys), "fedscdd"], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
 
 
 def _mapping(keys: Path) -> dict[str, str]:
@@ -101,7 +110,9 @@ def _mapping(keys: Path) -> dict[str, str]:
     return {r[0]: r[1] for r in rows[1:]}
 
 
-def test_registration_is_idempotent_and_keeps_the_name_to_node_mapping(tmp_path: Path, fake_flwr: dict[str, str]) -> None:
+def test_registration_is_idempotent_and_keeps_the_name_to_node_mapping(
+    tmp_path: Path, fake_flwr: dict[str, str]
+) -> None:
     keys = _keys(tmp_path / "sites", ["hospital-a", "hospital-b"])
     first = _register(keys, fake_flwr)
     assert first.returncode == 0, first.stderr
@@ -109,11 +120,18 @@ def test_registration_is_idempotent_and_keeps_the_name_to_node_mapping(tmp_path:
     assert re.search(r"^hospital-a\s+1001\s+registered$", first.stdout, re.M), first.stdout
     again = _register(keys, fake_flwr)  # e.g. configuration management running it on every deploy
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("already registered") == 2 and "hospital-b: already registered (SuperNode 1002)" in again.stdout
+    assert (
+        again.stdout.count("already registered") == 2
+        and "hospital-b: already registered (SuperNode 1002)" in again.stdout
+    )
     assert _mapping(keys) == {"hospital-a": "1001", "hospital-b": "1002"}
     _keys(keys, ["hospital-c"])  # a new site joins: only it is new
     third = _register(keys, fake_flwr)
-    assert third.returncode == 0 and _mapping(keys) == {"hospital-a": "1001", "hospital-b": "1002", "hospital-c": "1003"}
+    assert third.returncode == 0 and _mapping(keys) == {
+        "hospital-a": "1001",
+        "hospital-b": "1002",
+        "hospital-c": "1003",
+    }
 
 
 def test_a_failed_registration_is_reported_and_exits_1(tmp_path: Path, fake_flwr: dict[str, str]) -> None:
@@ -135,7 +153,9 @@ def test_registration_refuses_a_missing_or_empty_keys_folder(tmp_path: Path, fak
 
 def _supernode(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     script = REPO / "deploy" / "site" / "start-supernode.sh"
-    return subprocess.run([str(script)], capture_output=True, text=True, env={**os.environ, **env}, timeout=30, check=False)
+    return subprocess.run(
+        [str(script)], capture_output=True, text=True, env={**os.environ, **env}, timeout=30, check=False
+    )
 
 
 @pytest.mark.parametrize(
@@ -144,8 +164,14 @@ def _supernode(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({}, "set FEDSCDD_SUPERLINK"),
         ({"FEDSCDD_SUPERLINK": "https://x:8000"}, "without a scheme"),
         ({"FEDSCDD_SUPERLINK": "x:8000", "FEDSCDD_SITE_NAME": "a b"}, "must match"),
-        ({"FEDSCDD_SUPERLINK": "x:8000", "FEDSCDD_SITE_NAME": "a", "FEDSCDD_DATA_PATH": "rel.h5ad"}, "must be absolute"),
-        ({"FEDSCDD_SUPERLINK": "x:8000", "FEDSCDD_SITE_NAME": "a", "FEDSCDD_DATA_PATH": "/nonexistent.h5ad"}, "cannot read"),
+        (
+            {"FEDSCDD_SUPERLINK": "x:8000", "FEDSCDD_SITE_NAME": "a", "FEDSCDD_DATA_PATH": "rel.h5ad"},
+            "must be absolute",
+        ),
+        (
+            {"FEDSCDD_SUPERLINK": "x:8000", "FEDSCDD_SITE_NAME": "a", "FEDSCDD_DATA_PATH": "/nonexistent.h5ad"},
+            "cannot read",
+        ),
     ],
 )
 def test_supernode_script_refuses_bad_settings_before_starting_anything(env: dict[str, str], message: str) -> None:
@@ -157,5 +183,12 @@ def test_supernode_script_refuses_bad_settings_before_starting_anything(env: dic
 def test_supernode_script_refuses_a_relative_cache_dir(tmp_path: Path) -> None:
     data = tmp_path / "site.h5ad"
     data.write_bytes(b"")
-    res = _supernode({"FEDSCDD_SUPERLINK": "x:8000", "FEDSCDD_SITE_NAME": "a", "FEDSCDD_DATA_PATH": str(data), "FEDSCDD_CACHE_DIR": "cache"})
+    res = _supernode(
+        {
+            "FEDSCDD_SUPERLINK": "x:8000",
+            "FEDSCDD_SITE_NAME": "a",
+            "FEDSCDD_DATA_PATH": str(data),
+            "FEDSCDD_CACHE_DIR": "cache",
+        }
+    )
     assert res.returncode == 1 and "FEDSCDD_CACHE_DIR must be absolute" in res.stderr, res.stderr

@@ -23,13 +23,17 @@ def test_packages_resolve_inside_the_repository() -> None:
 
 
 def test_core_modules_import_without_flower() -> None:
-    code = ("import importlib, sys\n"
-            "for m in ('shared.data', 'shared.distill', 'shared.models'):\n"
-            "    importlib.import_module(m)\n"
-            "    bad = sorted(n for n in sys.modules if n == 'flwr' or n.startswith('flwr.'))\n"
-            "    if bad:\n"
-            "        sys.exit(f'{m} imported {bad[:3]}')\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    code = (
+        "import importlib, sys\n"
+        "for m in ('shared.data', 'shared.distill', 'shared.models'):\n"
+        "    importlib.import_module(m)\n"
+        "    bad = sorted(n for n in sys.modules if n == 'flwr' or n.startswith('flwr.'))\n"
+        "    if bad:\n"
+        "        sys.exit(f'{m} imported {bad[:3]}')\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
     assert res.returncode == 0, res.stderr[-500:]
 
 
@@ -51,6 +55,9 @@ def test_client_and_server_never_import_each_other(package: str, forbidden: str)
 
 
 def test_only_the_protocol_package_imports_flower_inside_shared() -> None:
-    offenders = [str(p.relative_to(REPO)) for p in (REPO / "shared").rglob("*.py")
-                 if "flwr" in _imports(p) and "protocol" not in p.relative_to(REPO / "shared").parts]
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "shared").rglob("*.py")
+        if "flwr" in _imports(p) and "protocol" not in p.relative_to(REPO / "shared").parts
+    ]
     assert not offenders, offenders

@@ -4,4 +4,4 @@ from shared.models.classifier import MLPClassifier, MLPConfig
 from shared.models.scdg import SCDG, SCDGConfig
 from shared.models.vae import VAE, VAEConfig
 
-__all__ = ["MLPClassifier", "MLPConfig", "SCDG", "SCDGConfig", "VAE", "VAEConfig"]
+__all__ = ["SCDG", "VAE", "MLPClassifier", "MLPConfig", "SCDGConfig", "VAEConfig"]

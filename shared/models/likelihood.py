@@ -20,7 +20,12 @@ def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, *, exact
     (what training uses).
     """
     log_theta_mu = torch.log(theta + mu + EPS)
-    out = theta * (torch.log(theta + EPS) - log_theta_mu) + x * (torch.log(mu + EPS) - log_theta_mu) + torch.lgamma(x + theta) - torch.lgamma(theta)
+    out = (
+        theta * (torch.log(theta + EPS) - log_theta_mu)
+        + x * (torch.log(mu + EPS) - log_theta_mu)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+    )
     return out - torch.lgamma(x + 1.0) if exact else out
 
 

@@ -146,7 +146,9 @@ class SCDG(nn.Module):
         """Quality-assurance classifier logits on standardised latents."""
         return self.qa(zs)
 
-    def loss(self, zs: torch.Tensor, c: torch.Tensor, *, dedupe: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def loss(
+        self, zs: torch.Tensor, c: torch.Tensor, *, dedupe: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (total, noise MSE, QA cross-entropy) on a batch of standardised latents (``dedupe``: see ``eps``)."""
         mse, qa_hat, w, qa_clean = self._cell_terms(zs, c, dedupe=dedupe)
         # The QA classifier learns on clean latents and judges the one-step estimate; weighting by
@@ -172,4 +174,9 @@ class SCDG(nn.Module):
         ab = self.alpha_bar[t][:, None]
         z0_hat = (z_t - (1 - ab).sqrt() * pred) / ab.sqrt()
         w = ab.squeeze(1) * (~drop).float()
-        return mse, F.cross_entropy(self.classify(z0_hat), c, reduction="none"), w, F.cross_entropy(self.classify(zs), c, reduction="none")
+        return (
+            mse,
+            F.cross_entropy(self.classify(z0_hat), c, reduction="none"),
+            w,
+            F.cross_entropy(self.classify(zs), c, reduction="none"),
+        )

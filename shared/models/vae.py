@@ -11,7 +11,9 @@ from torch import nn
 
 from shared.models.likelihood import nb_log_prob
 
-DecodeMode = Literal["expected", "sparse", "sample", "counts"]  # "counts": X from counts sampled by the count head (shared.counts)
+DecodeMode = Literal[
+    "expected", "sparse", "sample", "counts"
+]  # "counts": X from counts sampled by the count head (shared.counts)
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,9 @@ class VAE(nn.Module):
         self.aux_head = nn.Linear(config.latent_dim, config.n_aux) if config.n_aux else None
         # Created last and without dropout: the other parameters start and train exactly as without it
         # (same initial values, same random stream), so adding counts leaves the latent space as it was.
-        self.count_head = CountHead(config.latent_dim, h[-1], config.n_genes) if config.count_head else None  # as wide as the narrowest layer
+        self.count_head = (
+            CountHead(config.latent_dim, h[-1], config.n_genes) if config.count_head else None
+        )  # as wide as the narrowest layer
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (mu, logvar), each (n, d)."""
@@ -124,7 +128,9 @@ class VAE(nn.Module):
         h = self.decoder(z)
         return F.softplus(self.to_mean(h)), self.to_logit(h)
 
-    def decode(self, z: torch.Tensor, mode: DecodeMode = "expected", generator: torch.Generator | None = None) -> torch.Tensor:
+    def decode(
+        self, z: torch.Tensor, mode: DecodeMode = "expected", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Decode latents to log-normalised expression (n, G).
 
         expected: sigmoid(logit) * mean (smooth, differentiable); sparse: mean where logit > 0;
@@ -138,7 +144,11 @@ class VAE(nn.Module):
             return mean * torch.bernoulli(torch.sigmoid(logit), generator=generator)
         if mode == "sparse":
             return torch.where(logit > 0, mean, torch.zeros_like(mean))
-        msg = f"decode mode {mode!r} needs library sizes: use shared.counts.sample_counts" if mode == "counts" else f"unknown decode mode {mode!r}"
+        msg = (
+            f"decode mode {mode!r} needs library sizes: use shared.counts.sample_counts"
+            if mode == "counts"
+            else f"unknown decode mode {mode!r}"
+        )
         raise ValueError(msg)
 
     def loss(
@@ -154,20 +164,34 @@ class VAE(nn.Module):
         ``library`` (n,): each cell's total counts over ALL its genes, for cells of count input; the
         plan genes' counts are then ``expm1(x) * library / TARGET_SUM`` (x = log1p of the normalised counts).
         """
-        recon, kl, label_loss, aux_loss, count_loss = (t.mean() for t in self._cell_terms(x, labels, aux, library, COUNT_ROWS))
+        recon, kl, label_loss, aux_loss, count_loss = (
+            t.mean() for t in self._cell_terms(x, labels, aux, library, COUNT_ROWS)
+        )
         c = self.config
         total = recon + c.beta * beta_scale * kl + c.class_weight * label_loss + c.aux_weight * aux_loss + count_loss
         return VAELoss(total, recon, kl, label_loss, aux_loss, count_loss)
 
-    def cell_losses(self, x: torch.Tensor, labels: torch.Tensor | None = None, aux: torch.Tensor | None = None, beta_scale: float = 1.0,
-                    library: torch.Tensor | None = None) -> torch.Tensor:
+    def cell_losses(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        aux: torch.Tensor | None = None,
+        beta_scale: float = 1.0,
+        library: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Each cell's own loss (n,): the terms of ``loss`` row by row, the count term on every row (DP-SGD clips per cell)."""
         recon, kl, label_loss, aux_loss, count_loss = self._cell_terms(x, labels, aux, library, x.shape[0])
         c = self.config
         return recon + c.beta * beta_scale * kl + c.class_weight * label_loss + c.aux_weight * aux_loss + count_loss
 
-    def _cell_terms(self, x: torch.Tensor, labels: torch.Tensor | None, aux: torch.Tensor | None, library: torch.Tensor | None,
-                    count_rows: int) -> tuple[torch.Tensor, ...]:
+    def _cell_terms(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None,
+        aux: torch.Tensor | None,
+        library: torch.Tensor | None,
+        count_rows: int,
+    ) -> tuple[torch.Tensor, ...]:
         """Per-row reconstruction, KL, label and aux losses (n,) and the count term of the first ``count_rows`` rows."""
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)

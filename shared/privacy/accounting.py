@@ -69,7 +69,9 @@ def _event(schedule: Schedule, noise: Noise):  # noqa: ANN202 - a dp_accounting 
     for st in schedule.sgd:
         if st.steps > 0:
             q = min(1.0, st.sample_rate)
-            events.append(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(noise.sgd)), st.steps))
+            events.append(
+                dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(noise.sgd)), st.steps)
+            )
     return dpa.ComposedDpEvent(events)
 
 
@@ -118,9 +120,13 @@ def calibrate(target: float, delta: float, schedule: Schedule) -> Noise:
     if not any(st.steps > 0 for st in schedule.sgd):
         return Noise(sig_stats, 0.0)
     if epsilon(schedule, Noise(sig_stats, MAX_SGD_NOISE), delta) > target:
-        steps = " + ".join(f"{st.steps} {st.name} steps at sampling rate {st.sample_rate:.3g}" for st in schedule.sgd if st.steps)
-        msg = (f"dp-epsilon={target:g} cannot be met: {steps} would need a DP-SGD noise multiplier above {MAX_SGD_NOISE:g}; "
-               "raise dp-epsilon, or lower num-pretrain-rounds, the local steps or the batch sizes")
+        steps = " + ".join(
+            f"{st.steps} {st.name} steps at sampling rate {st.sample_rate:.3g}" for st in schedule.sgd if st.steps
+        )
+        msg = (
+            f"dp-epsilon={target:g} cannot be met: {steps} would need a DP-SGD noise multiplier above {MAX_SGD_NOISE:g}; "
+            "raise dp-epsilon, or lower num-pretrain-rounds, the local steps or the batch sizes"
+        )
         raise ConfigError(msg)
     sig = _smallest(lambda s: epsilon(schedule, Noise(sig_stats, s), delta) <= target, 0.05, MAX_SGD_NOISE)
     return Noise(sig_stats, sig)

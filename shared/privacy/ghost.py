@@ -41,17 +41,25 @@ def ghost_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def leftover_parameters(model: nn.Module) -> list[str]:
     """Names of the trainable parameters ghost clipping does not cover."""
-    covered = {f"{name}.{p}" if name else p for name, m in ghost_modules(model).items() for p, _ in m.named_parameters(recurse=False)}
+    covered = {
+        f"{name}.{p}" if name else p
+        for name, m in ghost_modules(model).items()
+        for p, _ in m.named_parameters(recurse=False)
+    }
     return [k for k, p in model.named_parameters() if p.requires_grad and k not in covered]
 
 
-def _record(model: nn.Module, losses_fn: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, _Uses]]:
+def _record(
+    model: nn.Module, losses_fn: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, dict[str, _Uses]]:
     uses = {name: _Uses() for name in ghost_modules(model)}
     handles = []
     for name, m in ghost_modules(model).items():
+
         def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor, name: str = name) -> None:
             uses[name].inputs.append(args[0].detach())
             uses[name].outputs.append(out)
+
         handles.append(m.register_forward_hook(hook))
     try:
         losses = losses_fn(model, *rows)
@@ -72,7 +80,9 @@ def _pairwise(vecs: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(vecs).sum(0).pow(2).sum(1)
 
 
-Group = tuple[torch.Tensor, Callable[[torch.Tensor], dict[str, torch.Tensor]]]  # per-cell squared norms (n,), clip scales (n,) -> clipped sums
+Group = tuple[
+    torch.Tensor, Callable[[torch.Tensor], dict[str, torch.Tensor]]
+]  # per-cell squared norms (n,), clip scales (n,) -> clipped sums
 
 
 def _groups(model: nn.Module, uses: dict[str, _Uses], grads: dict[str, list[torch.Tensor]], n: int) -> list[Group]:
@@ -96,9 +106,19 @@ def _groups(model: nn.Module, uses: dict[str, _Uses], grads: dict[str, list[torc
                         sq += (g_list[u] * g_list[v]).sum(1) * (a_list[u] * a_list[v]).sum(1)
             if m.bias is not None:
                 sq += _pairwise(g_list)
-            out.append((sq, lambda s, m=m, a_list=a_list, g_list=g_list, prefix=prefix: {
-                f"{prefix}weight": sum((s[:, None] * g).T @ a for g, a in zip(g_list, a_list, strict=True)),
-                **({f"{prefix}bias": sum((s[:, None] * g).sum(0) for g in g_list)} if m.bias is not None else {})}))
+            out.append(
+                (
+                    sq,
+                    lambda s, m=m, a_list=a_list, g_list=g_list, prefix=prefix: {
+                        f"{prefix}weight": sum((s[:, None] * g).T @ a for g, a in zip(g_list, a_list, strict=True)),
+                        **(
+                            {f"{prefix}bias": sum((s[:, None] * g).sum(0) for g in g_list)}
+                            if m.bias is not None
+                            else {}
+                        ),
+                    },
+                )
+            )
         elif isinstance(m, nn.LayerNorm):
             w_cell = sum(g * _layer_norm_input(m, a) for g, a in zip(g_list, a_list, strict=True))
             b_cell = sum(g_list)
@@ -106,15 +126,30 @@ def _groups(model: nn.Module, uses: dict[str, _Uses], grads: dict[str, list[torc
                 sq += w_cell.pow(2).sum(1)
             if m.bias is not None:
                 sq += b_cell.pow(2).sum(1)
-            out.append((sq, lambda s, m=m, w_cell=w_cell, b_cell=b_cell, prefix=prefix: {
-                **({f"{prefix}weight": (s[:, None] * w_cell).sum(0)} if m.weight is not None else {}),
-                **({f"{prefix}bias": (s[:, None] * b_cell).sum(0)} if m.bias is not None else {})}))
+            out.append(
+                (
+                    sq,
+                    lambda s, m=m, w_cell=w_cell, b_cell=b_cell, prefix=prefix: {
+                        **({f"{prefix}weight": (s[:, None] * w_cell).sum(0)} if m.weight is not None else {}),
+                        **({f"{prefix}bias": (s[:, None] * b_cell).sum(0)} if m.bias is not None else {}),
+                    },
+                )
+            )
         else:  # nn.Embedding: a cell's gradient is g on the rows it looked up
             for u in range(len(a_list)):
                 for v in range(len(a_list)):
                     sq += (a_list[u] == a_list[v]).float() * (g_list[u] * g_list[v]).sum(1)
-            out.append((sq, lambda s, m=m, a_list=a_list, g_list=g_list, prefix=prefix: {
-                f"{prefix}weight": sum(torch.zeros_like(m.weight).index_add_(0, a, s[:, None] * g) for a, g in zip(a_list, g_list, strict=True))}))
+            out.append(
+                (
+                    sq,
+                    lambda s, m=m, a_list=a_list, g_list=g_list, prefix=prefix: {
+                        f"{prefix}weight": sum(
+                            torch.zeros_like(m.weight).index_add_(0, a, s[:, None] * g)
+                            for a, g in zip(a_list, g_list, strict=True)
+                        )
+                    },
+                )
+            )
     return out
 
 
@@ -135,8 +170,15 @@ def scales(groups: list[torch.Tensor], max_norm: float, n_total: int, *, per_lay
     return [(bound / g.sqrt().clamp_min(1e-12)).clamp(max=1.0) for g in groups]
 
 
-def ghost_clipped_sum(model: nn.Module, losses_fn: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...], max_norm: float,
-                      leftover: Callable[[list[str]], dict[str, torch.Tensor]] | None = None, *, per_layer: bool = False) -> dict[str, torch.Tensor]:
+def ghost_clipped_sum(
+    model: nn.Module,
+    losses_fn: Callable[..., torch.Tensor],
+    rows: tuple[torch.Tensor, ...],
+    max_norm: float,
+    leftover: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
+    *,
+    per_layer: bool = False,
+) -> dict[str, torch.Tensor]:
     """Sum over cells of each cell's gradient clipped to L2 norm ``max_norm`` (per layer: see ``scales``).
 
     ``losses_fn(model, *rows)`` returns each cell's own loss (n,) (row i depends on cell i only).
@@ -162,7 +204,9 @@ def ghost_clipped_sum(model: nn.Module, losses_fn: Callable[..., torch.Tensor], 
             raise ValueError(msg)
         for k, v in leftover(rest).items():
             groups.append((v.flatten(1).pow(2).sum(1), lambda s, k=k, v=v: {k: torch.tensordot(s, v, dims=1)}))
-    for (_, apply), s in zip(groups, scales([g for g, _ in groups], max_norm, n_groups(model), per_layer=per_layer), strict=True):
+    for (_, apply), s in zip(
+        groups, scales([g for g, _ in groups], max_norm, n_groups(model), per_layer=per_layer), strict=True
+    ):
         for k, v in apply(s).items():
             total[k] += v
     return total

@@ -17,7 +17,7 @@ from shared.errors import ProtocolError
 from shared.io import atomic_path
 
 
-def digest(obj: Any) -> str:  # noqa: ANN401 - bytes or a mapping of numpy arrays
+def digest(obj: Any) -> str:
     """SHA-256 of bytes or of a state dict (names, shapes and raw bytes in name order)."""
     h = hashlib.sha256()
     if isinstance(obj, bytes):
@@ -41,8 +41,10 @@ def claim(cache: Path, site_key: str, run_key: str, slot: str, content: str) -> 
         entries = {}
     if slot in entries:
         if entries[slot] != content:
-            msg = (f"refused: {slot} was already released in this run with other inputs, and the DP budget counts each release once; "
-                   "start a new run (a new run-id) instead")
+            msg = (
+                f"refused: {slot} was already released in this run with other inputs, and the DP budget counts each release once; "
+                "start a new run (a new run-id) instead"
+            )
             raise ProtocolError(msg)
         return
     entries[slot] = content

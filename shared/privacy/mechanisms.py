@@ -56,16 +56,16 @@ def site_secret(cache: Path) -> bytes:
     return data
 
 
-def _seed(secret: bytes, key: Any) -> int:  # noqa: ANN401 - any JSON-able key
+def _seed(secret: bytes, key: Any) -> int:
     return int.from_bytes(hashlib.sha256(secret + json.dumps(key, sort_keys=True).encode()).digest()[:8], "little")
 
 
-def noise_rng(secret: bytes, key: Any) -> np.random.Generator:  # noqa: ANN401 - any JSON-able key
+def noise_rng(secret: bytes, key: Any) -> np.random.Generator:
     """A generator only the site can reproduce: seeded by its secret and the release's key."""
     return np.random.default_rng(_seed(secret, key))
 
 
-def torch_generator(secret: bytes, key: Any):  # noqa: ANN201, ANN401 - torch.Generator
+def torch_generator(secret: bytes, key: Any):  # noqa: ANN201 - torch.Generator
     """The torch counterpart of ``noise_rng`` (DP-SGD noise and Poisson sampling)."""
     import torch
 
@@ -94,7 +94,9 @@ def clipped_profile_sums(X: sp.csr_matrix) -> np.ndarray:
     return out
 
 
-def noisy_class_sums(V: np.ndarray, labels: np.ndarray, n_classes: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
+def noisy_class_sums(
+    V: np.ndarray, labels: np.ndarray, n_classes: int, sigma: float, rng: np.random.Generator
+) -> np.ndarray:
     """Per class, the sum of the rows of V (each clipped to norm 1) plus N(0, sigma^2) on every entry: (n_classes, m)."""
     V = clip_rows(V)
     out = np.zeros((n_classes, V.shape[1]))

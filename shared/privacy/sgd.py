@@ -48,8 +48,14 @@ def poisson_batch(n: int, rate: float, gen: torch.Generator) -> torch.Tensor:
     return torch.nonzero(torch.rand(n, generator=gen) < rate).flatten()
 
 
-def clipped_sum(model: nn.Module, loss: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...], max_norm: float, *,
-                per_layer: bool = False) -> dict[str, torch.Tensor]:
+def clipped_sum(
+    model: nn.Module,
+    loss: Callable[..., torch.Tensor],
+    rows: tuple[torch.Tensor, ...],
+    max_norm: float,
+    *,
+    per_layer: bool = False,
+) -> dict[str, torch.Tensor]:
     """Sum over cells of each cell's gradient clipped to L2 norm ``max_norm`` (all trainable parameters together, or per layer:
     the parameters of one module, as ``shared.privacy.ghost.scales``), from materialised per-cell gradients.
 
@@ -69,7 +75,7 @@ def clipped_sum(model: nn.Module, loss: Callable[..., torch.Tensor], rows: tuple
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     n = rows[0].shape[0] if rows else 0
     for start in range(0, n, CHUNK):
-        g = per_cell(params, *(r[start:start + CHUNK] for r in rows))
+        g = per_cell(params, *(r[start : start + CHUNK] for r in rows))
         sq = [sum(v.flatten(1).pow(2).sum(1) for k, v in g.items() if k.rsplit(".", 1)[0] == o) for o in owners]
         for o, s in zip(owners, scales(sq, max_norm, n_groups(model), per_layer=per_layer), strict=True):
             for k, v in g.items():
@@ -78,7 +84,9 @@ def clipped_sum(model: nn.Module, loss: Callable[..., torch.Tensor], rows: tuple
     return {k.removeprefix("model."): v for k, v in total.items()}
 
 
-def per_cell_grads(model: nn.Module, loss: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...], names: list[str]) -> dict[str, torch.Tensor]:
+def per_cell_grads(
+    model: nn.Module, loss: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...], names: list[str]
+) -> dict[str, torch.Tensor]:
     """Per-cell gradients (n, ...) of the parameters ``names`` only (``loss`` as in ``clipped_sum``), the rest held fixed."""
     wrapper = _Method(model, loss)
     params = {f"model.{k}": p.detach() for k, p in model.named_parameters() if k in names}
@@ -90,7 +98,13 @@ def per_cell_grads(model: nn.Module, loss: Callable[..., torch.Tensor], rows: tu
     return {k.removeprefix("model."): v for k, v in g.items()}
 
 
-def noisy_step_grads(model: nn.Module, losses: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...], dp: DPSGD, gen: torch.Generator) -> None:
+def noisy_step_grads(
+    model: nn.Module,
+    losses: Callable[..., torch.Tensor],
+    rows: tuple[torch.Tensor, ...],
+    dp: DPSGD,
+    gen: torch.Generator,
+) -> None:
     """Set every trainable parameter's ``.grad`` to (clipped sum + N(0, (sigma C)^2)) / expected batch: one DP-SGD step's gradient.
 
     ``losses(model, *rows)`` returns each cell's own loss (n,); the clipped sum comes from ghost

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import ConfigError
-from shared.privacy.accounting import DELTA_REF, NAMES_DELTA_SHARE, SGDStage, Schedule
+from shared.privacy.accounting import DELTA_REF, NAMES_DELTA_SHARE, Schedule, SGDStage
 
 MAX_DELTA = 1e-2  # a delta above this is no guarantee worth the name
 
@@ -23,7 +23,9 @@ class DPSpec:
     epsilon: float = 0.0  # 0 = off
     delta: float = 0.0  # 0 = 1 / (10 x the site's training cells), from the site's noised cell count
     max_grad_norm: float = 1.0  # DP-SGD: each cell's gradient is clipped to this L2 norm
-    run_key: str = ""  # the run's name: noise is drawn from a site secret keyed by it (a resumed run re-releases nothing new)
+    run_key: str = (
+        ""  # the run's name: noise is drawn from a site secret keyed by it (a resumed run re-releases nothing new)
+    )
     rounds: int = 0  # FedAvg rounds of each stage
     vae_steps: int = 0  # local DP-SGD steps per round
     vae_batch: int = 0  # expected cells per step
@@ -38,16 +40,34 @@ class DPSpec:
 
     def items(self) -> dict[str, Any]:
         """Wire items (prefixed ``dp-``)."""
-        return {"dp-epsilon": float(self.epsilon), "dp-delta": float(self.delta), "dp-max-grad-norm": float(self.max_grad_norm),
-                "dp-run-key": self.run_key, "dp-rounds": int(self.rounds), "dp-vae-steps": int(self.vae_steps), "dp-vae-batch": int(self.vae_batch),
-                "dp-scdg-steps": int(self.scdg_steps), "dp-scdg-batch": int(self.scdg_batch), "dp-class-means": bool(self.class_means)}
+        return {
+            "dp-epsilon": float(self.epsilon),
+            "dp-delta": float(self.delta),
+            "dp-max-grad-norm": float(self.max_grad_norm),
+            "dp-run-key": self.run_key,
+            "dp-rounds": int(self.rounds),
+            "dp-vae-steps": int(self.vae_steps),
+            "dp-vae-batch": int(self.vae_batch),
+            "dp-scdg-steps": int(self.scdg_steps),
+            "dp-scdg-batch": int(self.scdg_batch),
+            "dp-class-means": bool(self.class_means),
+        }
 
     @classmethod
-    def from_items(cls, rec: Any, get: Any) -> DPSpec:  # noqa: ANN401 - a record and its typed getter (shared.protocol.codec.get_value)
+    def from_items(cls, rec: Any, get: Any) -> DPSpec:
         """Decode from wire items with ``get(rec, key, type)``; ConfigError when out of range."""
-        spec = cls(get(rec, "dp-epsilon", float), get(rec, "dp-delta", float), get(rec, "dp-max-grad-norm", float), get(rec, "dp-run-key", str),
-                   get(rec, "dp-rounds", int), get(rec, "dp-vae-steps", int), get(rec, "dp-vae-batch", int), get(rec, "dp-scdg-steps", int),
-                   get(rec, "dp-scdg-batch", int), get(rec, "dp-class-means", bool))
+        spec = cls(
+            get(rec, "dp-epsilon", float),
+            get(rec, "dp-delta", float),
+            get(rec, "dp-max-grad-norm", float),
+            get(rec, "dp-run-key", str),
+            get(rec, "dp-rounds", int),
+            get(rec, "dp-vae-steps", int),
+            get(rec, "dp-vae-batch", int),
+            get(rec, "dp-scdg-steps", int),
+            get(rec, "dp-scdg-batch", int),
+            get(rec, "dp-class-means", bool),
+        )
         spec.check()
         return spec
 
@@ -84,6 +104,8 @@ class DPSpec:
         if self.class_means:
             one_shot.append("class gene means")
         n = max(n_cells, 1.0)
-        sgd = (SGDStage("VAE", self.rounds * self.vae_steps, min(1.0, self.vae_batch / n)),
-               SGDStage("SCDG", self.rounds * self.scdg_steps, min(1.0, self.scdg_batch / n)))
+        sgd = (
+            SGDStage("VAE", self.rounds * self.vae_steps, min(1.0, self.vae_batch / n)),
+            SGDStage("SCDG", self.rounds * self.scdg_steps, min(1.0, self.scdg_batch / n)),
+        )
         return Schedule(tuple(one_shot), sgd)

@@ -69,11 +69,17 @@ def config_record(values: Mapping[str, Any]) -> ConfigRecord:
     return ConfigRecord({SCHEMA_KEY: SCHEMA_VERSION, **values})
 
 
-def check_records(rd: RecordDict, where: str, *, arrays: Iterable[str] = (), configs: Iterable[str] = (), metrics: Iterable[str] = ()) -> None:
+def check_records(
+    rd: RecordDict, where: str, *, arrays: Iterable[str] = (), configs: Iterable[str] = (), metrics: Iterable[str] = ()
+) -> None:
     """Check that rd holds exactly the named records, of the right kinds, with our schema version."""
     if not isinstance(rd, RecordDict):
         raise fail(where, f"expected a RecordDict, got {type(rd).__name__}")
-    kinds = {**{k: ArrayRecord for k in arrays}, **{k: ConfigRecord for k in configs}, **{k: MetricRecord for k in metrics}}
+    kinds = {
+        **{k: ArrayRecord for k in arrays},
+        **{k: ConfigRecord for k in configs},
+        **{k: MetricRecord for k in metrics},
+    }
     missing, extra = sorted(set(kinds) - set(rd.keys())), sorted(set(rd.keys()) - set(kinds))
     if missing or extra:
         raise fail(where, f"records differ from the schema (missing {missing}, unexpected {extra})")
@@ -81,7 +87,10 @@ def check_records(rd: RecordDict, where: str, *, arrays: Iterable[str] = (), con
         if not isinstance(rd[name], kind):
             raise fail(where, f"record {name!r} is a {type(rd[name]).__name__}, expected {kind.__name__}")
         if kind is ConfigRecord and rd[name].get(SCHEMA_KEY) != SCHEMA_VERSION:
-            raise fail(where, f"record {name!r} has schema version {rd[name].get(SCHEMA_KEY)!r}, expected {SCHEMA_VERSION}; update fedscdd on both sides")
+            raise fail(
+                where,
+                f"record {name!r} has schema version {rd[name].get(SCHEMA_KEY)!r}, expected {SCHEMA_VERSION}; update fedscdd on both sides",
+            )
 
 
 def check_keys(record: Mapping[str, Any], expected: Iterable[str], where: str) -> None:
@@ -123,7 +132,9 @@ def get_str_list(record: Mapping[str, Any], key: str, where: str) -> tuple[str, 
     return tuple(v)
 
 
-def get_array(record: ArrayRecord, key: str, dtype: str, ndim: int, where: str, *, allow_nan: bool = False) -> np.ndarray:
+def get_array(
+    record: ArrayRecord, key: str, dtype: str, ndim: int, where: str, *, allow_nan: bool = False
+) -> np.ndarray:
     """The numpy array under ``key``, refusing other dtypes, ranks and non-finite floats (NaN allowed with ``allow_nan``: "absent")."""
     try:
         arr = record[key].numpy()
@@ -208,9 +219,15 @@ class SiteSpec:
 
     def data_items(self) -> dict[str, Any]:
         """The items that decide how a site prepares its cells (its data cache key)."""
-        return {"label-key": self.label_key, "expect": self.expect, "min-cells-per-class": self.min_cells_per_class,
-                "test-fraction": float(self.test_fraction), "split-seed": self.split_seed, "min-coverage": float(self.min_coverage),
-                "val-fraction": float(self.val_fraction)}
+        return {
+            "label-key": self.label_key,
+            "expect": self.expect,
+            "min-cells-per-class": self.min_cells_per_class,
+            "test-fraction": float(self.test_fraction),
+            "split-seed": self.split_seed,
+            "min-coverage": float(self.min_coverage),
+            "val-fraction": float(self.val_fraction),
+        }
 
     def items(self) -> dict[str, Any]:
         """Wire items of the spec."""
@@ -219,13 +236,24 @@ class SiteSpec:
     @classmethod
     def parse(cls, rec: Mapping[str, Any], where: str) -> SiteSpec:
         """Decode and range-check a spec record."""
-        spec = cls(label_key=get_value(rec, "label-key", str, where), expect=get_value(rec, "expect", str, where),
-                   min_cells_per_class=get_value(rec, "min-cells-per-class", int, where), test_fraction=get_value(rec, "test-fraction", float, where),
-                   split_seed=get_value(rec, "split-seed", int, where), min_coverage=get_value(rec, "min-coverage", float, where),
-                   val_fraction=get_value(rec, "val-fraction", float, where), dp=_dp_spec(rec, where))
-        fractions_ok = 0 <= spec.test_fraction < 1 and 0 <= spec.val_fraction < 1 and spec.test_fraction + spec.val_fraction < 1
+        spec = cls(
+            label_key=get_value(rec, "label-key", str, where),
+            expect=get_value(rec, "expect", str, where),
+            min_cells_per_class=get_value(rec, "min-cells-per-class", int, where),
+            test_fraction=get_value(rec, "test-fraction", float, where),
+            split_seed=get_value(rec, "split-seed", int, where),
+            min_coverage=get_value(rec, "min-coverage", float, where),
+            val_fraction=get_value(rec, "val-fraction", float, where),
+            dp=_dp_spec(rec, where),
+        )
+        fractions_ok = (
+            0 <= spec.test_fraction < 1 and 0 <= spec.val_fraction < 1 and spec.test_fraction + spec.val_fraction < 1
+        )
         if spec.expect not in ("auto", "counts", "lognorm") or spec.min_cells_per_class < 1 or not fractions_ok:
-            raise fail(where, "site spec out of range (expect, min-cells-per-class >= 1, test-fraction and val-fraction in [0, 1) with a sum below 1)")
+            raise fail(
+                where,
+                "site spec out of range (expect, min-cells-per-class >= 1, test-fraction and val-fraction in [0, 1) with a sum below 1)",
+            )
         return spec
 
 
@@ -254,8 +282,10 @@ class Plan:
 
     def records(self) -> dict[str, ConfigRecord | ArrayRecord]:
         """Return the plan's two records."""
-        return {KEY_PLAN: config_record({**self.spec.items(), "classes": list(self.classes)}),
-                KEY_PLAN_GENES: ArrayRecord({"names": Array(encode_strings(self.genes))})}
+        return {
+            KEY_PLAN: config_record({**self.spec.items(), "classes": list(self.classes)}),
+            KEY_PLAN_GENES: ArrayRecord({"names": Array(encode_strings(self.genes))}),
+        }
 
     @classmethod
     def from_records(cls, rd: RecordDict, where: str) -> Plan:
@@ -271,15 +301,27 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict for plan.json."""
-        return {"genes": list(self.genes), "classes": list(self.classes), "spec": self.spec.items(), "digest": self.digest()}
+        return {
+            "genes": list(self.genes),
+            "classes": list(self.classes),
+            "spec": self.spec.items(),
+            "digest": self.digest(),
+        }
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Plan:
         """Inverse of ``to_json``."""
         s = obj["spec"]
-        spec = SiteSpec(s["label-key"], s["expect"], int(s["min-cells-per-class"]), float(s["test-fraction"]), int(s["split-seed"]), float(s["min-coverage"]),
-                        float(s.get("val-fraction", 0.0)),  # plans written before the validation split had none
-                        DPSpec.from_items(s, lambda r, k, t: t(r[k])) if "dp-epsilon" in s else DPSpec())  # nor DP settings
+        spec = SiteSpec(
+            s["label-key"],
+            s["expect"],
+            int(s["min-cells-per-class"]),
+            float(s["test-fraction"]),
+            int(s["split-seed"]),
+            float(s["min-coverage"]),
+            float(s.get("val-fraction", 0.0)),  # plans written before the validation split had none
+            DPSpec.from_items(s, lambda r, k, t: t(r[k])) if "dp-epsilon" in s else DPSpec(),
+        )  # nor DP settings
         return cls(tuple(obj["genes"]), tuple(obj["classes"]), spec)
 
 

@@ -9,9 +9,35 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from shared.protocol.codec import (
-    SPEC_KEYS, KEY_CONFIG, KEY_ENCODER, KEY_LATENT, KEY_METRICS, KEY_PLAN, KEY_PLAN_GENES, KEY_SPEC, KEY_STATS, KEY_WEIGHTS,
-    SCHEMA_KEY, STAGES, check_round, Plan, SiteSpec, Stage, StateDict, get_array, config_record, fail, check_keys, check_records, get_float_list, get_str_list, get_value,
-    decode_strings, encode_strings, state_from_record, state_record,
+    KEY_CONFIG,
+    KEY_ENCODER,
+    KEY_LATENT,
+    KEY_METRICS,
+    KEY_PLAN,
+    KEY_PLAN_GENES,
+    KEY_SPEC,
+    KEY_STATS,
+    KEY_WEIGHTS,
+    SCHEMA_KEY,
+    SPEC_KEYS,
+    STAGES,
+    Plan,
+    SiteSpec,
+    Stage,
+    StateDict,
+    check_keys,
+    check_records,
+    check_round,
+    config_record,
+    decode_strings,
+    encode_strings,
+    fail,
+    get_array,
+    get_float_list,
+    get_str_list,
+    get_value,
+    state_from_record,
+    state_record,
 )
 
 
@@ -51,11 +77,23 @@ class ProfileReply:
 
     def to_record(self) -> RecordDict:
         """Encode."""
-        stats = ArrayRecord({"gene-names": Array(encode_strings(self.genes)), "sums": Array(np.asarray(self.sums, np.float64)),
-                             "sumsq": Array(np.asarray(self.sumsq, np.float64)), "detected": Array(np.asarray(self.detected, np.int64)),
-                             "label-counts": Array(np.asarray(self.label_counts, np.int64))})
-        cfg = config_record({"site-name": self.site_name, "n-cells": int(self.n_cells), "label-names": list(self.label_names),
-                             "has-counts": bool(self.has_counts)})
+        stats = ArrayRecord(
+            {
+                "gene-names": Array(encode_strings(self.genes)),
+                "sums": Array(np.asarray(self.sums, np.float64)),
+                "sumsq": Array(np.asarray(self.sumsq, np.float64)),
+                "detected": Array(np.asarray(self.detected, np.int64)),
+                "label-counts": Array(np.asarray(self.label_counts, np.int64)),
+            }
+        )
+        cfg = config_record(
+            {
+                "site-name": self.site_name,
+                "n-cells": int(self.n_cells),
+                "label-names": list(self.label_names),
+                "has-counts": bool(self.has_counts),
+            }
+        )
         return RecordDict({KEY_CONFIG: cfg, KEY_STATS: stats})
 
     @classmethod
@@ -67,7 +105,10 @@ class ProfileReply:
         check_keys(cfg, {SCHEMA_KEY, "site-name", "n-cells", "label-names", "has-counts"}, where)
         check_keys(stats, {"gene-names", "sums", "sumsq", "detected", "label-counts"}, where)
         genes = decode_strings(get_array(stats, "gene-names", "uint8", 1, where), where)
-        vecs = [get_array(stats, k, dt, 1, where) for k, dt in (("sums", "float64"), ("sumsq", "float64"), ("detected", "int64"))]
+        vecs = [
+            get_array(stats, k, dt, 1, where)
+            for k, dt in (("sums", "float64"), ("sumsq", "float64"), ("detected", "int64"))
+        ]
         if any(v.size != len(genes) for v in vecs):
             raise fail(where, f"per-gene arrays must all have length {len(genes)} (one per gene name)")
         labels = get_str_list(cfg, "label-names", where)
@@ -76,7 +117,9 @@ class ProfileReply:
         name = get_value(cfg, "site-name", str, where)
         if counts.size != len(labels) or len(set(labels)) != len(labels) or n_cells < 1 or not name.strip():
             raise fail(where, "label names/counts inconsistent, duplicated labels, n-cells < 1 or blank site name")
-        return cls(name, genes, vecs[0], vecs[1], vecs[2], n_cells, labels, counts, get_value(cfg, "has-counts", bool, where))
+        return cls(
+            name, genes, vecs[0], vecs[1], vecs[2], n_cells, labels, counts, get_value(cfg, "has-counts", bool, where)
+        )
 
 
 # ----------------------------------------------------------------------------- train.pretrain
@@ -92,7 +135,9 @@ class PretrainRequest:
     steps: int
     lr: float
     batch_size: int
-    kl_ramp: tuple[float, float]  # the VAE's KL weight goes linearly from the first to the second value over this round's steps
+    kl_ramp: tuple[
+        float, float
+    ]  # the VAE's KL weight goes linearly from the first to the second value over this round's steps
     seed: int
     encoder: StateDict | None = None  # the VAE, for the "scdg" stage
     encoder_config: str = ""
@@ -100,9 +145,20 @@ class PretrainRequest:
 
     def to_record(self) -> RecordDict:
         """Encode."""
-        cfg = config_record({"stage": self.stage, "round": self.round, "model-config": self.model_config, "steps": self.steps, "lr": float(self.lr),
-                       "batch-size": self.batch_size, "kl-ramp": [float(v) for v in self.kl_ramp], "seed": self.seed, "encoder-config": self.encoder_config,
-                       "proximal-mu": float(self.proximal_mu)})
+        cfg = config_record(
+            {
+                "stage": self.stage,
+                "round": self.round,
+                "model-config": self.model_config,
+                "steps": self.steps,
+                "lr": float(self.lr),
+                "batch-size": self.batch_size,
+                "kl-ramp": [float(v) for v in self.kl_ramp],
+                "seed": self.seed,
+                "encoder-config": self.encoder_config,
+                "proximal-mu": float(self.proximal_mu),
+            }
+        )
         rd = RecordDict({KEY_CONFIG: cfg, KEY_WEIGHTS: state_record(self.weights), **self.plan.records()})
         if self.stage == "scdg":
             rd[KEY_ENCODER] = state_record(self.encoder or {})
@@ -116,16 +172,54 @@ class PretrainRequest:
         stage = cfg.get("stage") if isinstance(cfg, ConfigRecord) else None
         if stage not in STAGES:
             raise fail(where, f"stage {stage!r} unknown; expected one of {STAGES}")
-        check_records(rd, where, configs=[KEY_CONFIG, KEY_PLAN], arrays=[KEY_WEIGHTS, KEY_PLAN_GENES, *([KEY_ENCODER] if stage == "scdg" else [])])
-        check_keys(cfg, {SCHEMA_KEY, "stage", "round", "model-config", "steps", "lr", "batch-size", "kl-ramp", "seed", "encoder-config", "proximal-mu"}, where)
-        req = cls(stage=stage, round=check_round(get_value(cfg, "round", int, where), where), weights=state_from_record(rd[KEY_WEIGHTS], where),
-                  model_config=get_value(cfg, "model-config", str, where), plan=Plan.from_records(rd, where), steps=get_value(cfg, "steps", int, where),
-                  lr=get_value(cfg, "lr", float, where), batch_size=get_value(cfg, "batch-size", int, where),
-                  kl_ramp=_ramp(get_float_list(cfg, "kl-ramp", where), where), seed=get_value(cfg, "seed", int, where),
-                  encoder=state_from_record(rd[KEY_ENCODER], where) if stage == "scdg" else None,
-                  encoder_config=get_value(cfg, "encoder-config", str, where), proximal_mu=get_value(cfg, "proximal-mu", float, where))
-        if req.steps < 0 or req.lr <= 0 or req.batch_size < 1 or not all(0 <= v <= 1 for v in req.kl_ramp) or not 0 <= req.proximal_mu < 1e6:
-            raise fail(where, "steps >= 0, lr > 0, batch-size >= 1, KL ramp within [0, 1] and 0 <= proximal-mu < 1e6 required")
+        check_records(
+            rd,
+            where,
+            configs=[KEY_CONFIG, KEY_PLAN],
+            arrays=[KEY_WEIGHTS, KEY_PLAN_GENES, *([KEY_ENCODER] if stage == "scdg" else [])],
+        )
+        check_keys(
+            cfg,
+            {
+                SCHEMA_KEY,
+                "stage",
+                "round",
+                "model-config",
+                "steps",
+                "lr",
+                "batch-size",
+                "kl-ramp",
+                "seed",
+                "encoder-config",
+                "proximal-mu",
+            },
+            where,
+        )
+        req = cls(
+            stage=stage,
+            round=check_round(get_value(cfg, "round", int, where), where),
+            weights=state_from_record(rd[KEY_WEIGHTS], where),
+            model_config=get_value(cfg, "model-config", str, where),
+            plan=Plan.from_records(rd, where),
+            steps=get_value(cfg, "steps", int, where),
+            lr=get_value(cfg, "lr", float, where),
+            batch_size=get_value(cfg, "batch-size", int, where),
+            kl_ramp=_ramp(get_float_list(cfg, "kl-ramp", where), where),
+            seed=get_value(cfg, "seed", int, where),
+            encoder=state_from_record(rd[KEY_ENCODER], where) if stage == "scdg" else None,
+            encoder_config=get_value(cfg, "encoder-config", str, where),
+            proximal_mu=get_value(cfg, "proximal-mu", float, where),
+        )
+        if (
+            req.steps < 0
+            or req.lr <= 0
+            or req.batch_size < 1
+            or not all(0 <= v <= 1 for v in req.kl_ramp)
+            or not 0 <= req.proximal_mu < 1e6
+        ):
+            raise fail(
+                where, "steps >= 0, lr > 0, batch-size >= 1, KL ramp within [0, 1] and 0 <= proximal-mu < 1e6 required"
+            )
         return req
 
 
@@ -149,10 +243,19 @@ class PretrainReply:
 
     def to_record(self) -> RecordDict:
         """Encode."""
-        rd = RecordDict({KEY_CONFIG: config_record({"stage": self.stage, "round": self.round}),
-                         KEY_METRICS: MetricRecord({"num-examples": int(self.num_examples), "loss": float(self.loss)})})
+        rd = RecordDict(
+            {
+                KEY_CONFIG: config_record({"stage": self.stage, "round": self.round}),
+                KEY_METRICS: MetricRecord({"num-examples": int(self.num_examples), "loss": float(self.loss)}),
+            }
+        )
         if self.stage == "latent-stats":
-            rd[KEY_LATENT] = ArrayRecord({"sum": Array(np.asarray(self.latent_sum, np.float64)), "sumsq": Array(np.asarray(self.latent_sumsq, np.float64))})
+            rd[KEY_LATENT] = ArrayRecord(
+                {
+                    "sum": Array(np.asarray(self.latent_sum, np.float64)),
+                    "sumsq": Array(np.asarray(self.latent_sumsq, np.float64)),
+                }
+            )
         else:
             rd[KEY_WEIGHTS] = state_record(self.weights or {})
         return rd
@@ -172,10 +275,18 @@ class PretrainReply:
         out: dict[str, Any] = {}
         if stage == "latent-stats":
             check_keys(rd[KEY_LATENT], {"sum", "sumsq"}, where)
-            out = {"latent_sum": get_array(rd[KEY_LATENT], "sum", "float64", 1, where), "latent_sumsq": get_array(rd[KEY_LATENT], "sumsq", "float64", 1, where)}
+            out = {
+                "latent_sum": get_array(rd[KEY_LATENT], "sum", "float64", 1, where),
+                "latent_sumsq": get_array(rd[KEY_LATENT], "sumsq", "float64", 1, where),
+            }
             if out["latent_sum"].shape != out["latent_sumsq"].shape:
                 raise fail(where, "latent sum and sumsq differ in length")
         else:
             out = {"weights": state_from_record(rd[KEY_WEIGHTS], where)}
-        return cls(stage=stage, round=check_round(get_value(cfg, "round", int, where), where),
-                   num_examples=get_value(rd[KEY_METRICS], "num-examples", int, where), loss=get_value(rd[KEY_METRICS], "loss", float, where), **out)
+        return cls(
+            stage=stage,
+            round=check_round(get_value(cfg, "round", int, where), where),
+            num_examples=get_value(rd[KEY_METRICS], "num-examples", int, where),
+            loss=get_value(rd[KEY_METRICS], "loss", float, where),
+            **out,
+        )

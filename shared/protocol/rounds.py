@@ -12,14 +12,46 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from shared.audit import AUDIT_KEYS
 from shared.protocol.codec import (
-    ABSENT, ABSENT_CORR, EVALUATORS, KEY_CODES, KEY_CONFIG, KEY_DISTILL, KEY_LOGREG, KEY_METRICS, KEY_MLP, KEY_PLAN,
-    KEY_PLAN_GENES, KEY_SCDG, KEY_SYNTHETIC, KEY_VAE, KEY_WARM, SCHEMA_KEY, Plan, StateDict, check_keys, check_records,
-    check_round, config_record, fail, get_array, get_float_list, get_str_list, get_value, nan_to_wire, state_from_record, state_record,
+    ABSENT,
+    ABSENT_CORR,
+    EVALUATORS,
+    KEY_CODES,
+    KEY_CONFIG,
+    KEY_DISTILL,
+    KEY_LOGREG,
+    KEY_METRICS,
+    KEY_MLP,
+    KEY_PLAN,
+    KEY_PLAN_GENES,
+    KEY_SCDG,
+    KEY_SYNTHETIC,
+    KEY_VAE,
+    KEY_WARM,
+    SCHEMA_KEY,
+    Plan,
+    StateDict,
+    check_keys,
+    check_records,
+    check_round,
+    config_record,
+    fail,
+    get_array,
+    get_float_list,
+    get_str_list,
+    get_value,
+    nan_to_wire,
+    state_from_record,
+    state_record,
     wire_to_nan,
 )
 
 DistillValue = int | float | str | bool
-PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier_sgd", "noise_multiplier_stats")  # a DP site's report in the distill reply
+PRIVACY_KEYS = (
+    "epsilon",
+    "delta",
+    "noise_multiplier_sgd",
+    "noise_multiplier_stats",
+)  # a DP site's report in the distill reply
 LIBRARY_STATS = 3  # per class: mean and sd of log total counts per cell, mean fraction of counts on the plan genes
 
 
@@ -44,13 +76,31 @@ class DistillRequest:
 
     def to_record(self) -> RecordDict:
         """Encode."""
-        cfg = config_record({"round": self.round, "vae-config": self.vae_config, "scdg-config": self.scdg_config, "seed": self.seed,
-                             "warm-start": bool(self.warm_start)})
-        rd = RecordDict({KEY_CONFIG: cfg, KEY_DISTILL: config_record(dict(self.distill)), KEY_VAE: state_record(self.vae),
-                         KEY_SCDG: state_record(self.scdg), **self.plan.records()})
+        cfg = config_record(
+            {
+                "round": self.round,
+                "vae-config": self.vae_config,
+                "scdg-config": self.scdg_config,
+                "seed": self.seed,
+                "warm-start": bool(self.warm_start),
+            }
+        )
+        rd = RecordDict(
+            {
+                KEY_CONFIG: cfg,
+                KEY_DISTILL: config_record(dict(self.distill)),
+                KEY_VAE: state_record(self.vae),
+                KEY_SCDG: state_record(self.scdg),
+                **self.plan.records(),
+            }
+        )
         if self.warm_codes is not None and self.warm_labels is not None:
-            rd[KEY_WARM] = ArrayRecord({"codes": Array(np.ascontiguousarray(self.warm_codes, np.float32)),
-                                        "labels": Array(np.asarray(self.warm_labels, np.int32))})
+            rd[KEY_WARM] = ArrayRecord(
+                {
+                    "codes": Array(np.ascontiguousarray(self.warm_codes, np.float32)),
+                    "labels": Array(np.asarray(self.warm_labels, np.int32)),
+                }
+            )
         return rd
 
     @classmethod
@@ -58,18 +108,34 @@ class DistillRequest:
         """Decode strictly."""
         where = "distill request"
         warm = KEY_WARM in rd.keys()
-        check_records(rd, where, configs=[KEY_CONFIG, KEY_DISTILL, KEY_PLAN], arrays=[KEY_VAE, KEY_SCDG, KEY_PLAN_GENES] + ([KEY_WARM] if warm else []))
+        check_records(
+            rd,
+            where,
+            configs=[KEY_CONFIG, KEY_DISTILL, KEY_PLAN],
+            arrays=[KEY_VAE, KEY_SCDG, KEY_PLAN_GENES] + ([KEY_WARM] if warm else []),
+        )
         cfg = rd[KEY_CONFIG]
         check_keys(cfg, {SCHEMA_KEY, "round", "vae-config", "scdg-config", "seed", "warm-start"}, where)
         distill = {k: v for k, v in rd[KEY_DISTILL].items() if k != SCHEMA_KEY}
-        bad = [k for k, v in distill.items() if not isinstance(v, (int, float, str, bool)) or (isinstance(v, float) and not math.isfinite(v))]
+        bad = [
+            k
+            for k, v in distill.items()
+            if not isinstance(v, (int, float, str, bool)) or (isinstance(v, float) and not math.isfinite(v))
+        ]
         if bad or not isinstance(distill.get("k"), int) or distill["k"] < 1:
             raise fail(where, f"distill config needs an integer k >= 1 and finite scalar values (bad: {sorted(bad)})")
-        return cls(round=check_round(get_value(cfg, "round", int, where), where), vae=state_from_record(rd[KEY_VAE], where),
-                   vae_config=get_value(cfg, "vae-config", str, where), scdg=state_from_record(rd[KEY_SCDG], where),
-                   scdg_config=get_value(cfg, "scdg-config", str, where), plan=Plan.from_records(rd, where), distill=distill,
-                   seed=get_value(cfg, "seed", int, where), warm_start=get_value(cfg, "warm-start", bool, where),
-                   **(_warm_arrays(rd[KEY_WARM], where) if warm else {}))
+        return cls(
+            round=check_round(get_value(cfg, "round", int, where), where),
+            vae=state_from_record(rd[KEY_VAE], where),
+            vae_config=get_value(cfg, "vae-config", str, where),
+            scdg=state_from_record(rd[KEY_SCDG], where),
+            scdg_config=get_value(cfg, "scdg-config", str, where),
+            plan=Plan.from_records(rd, where),
+            distill=distill,
+            seed=get_value(cfg, "seed", int, where),
+            warm_start=get_value(cfg, "warm-start", bool, where),
+            **(_warm_arrays(rd[KEY_WARM], where) if warm else {}),
+        )
 
     @property
     def k(self) -> int:
@@ -107,9 +173,14 @@ class DistillReply:
 
     def to_record(self) -> RecordDict:
         """Encode."""
-        arrays = ArrayRecord({"codes": Array(np.ascontiguousarray(self.codes, np.float32)), "labels": Array(np.asarray(self.labels, np.int32)),
-                              "class-counts": Array(np.asarray(self.class_counts, np.int64)),
-                              "library": Array(np.ascontiguousarray(self.library, np.float32))})
+        arrays = ArrayRecord(
+            {
+                "codes": Array(np.ascontiguousarray(self.codes, np.float32)),
+                "labels": Array(np.asarray(self.labels, np.int32)),
+                "class-counts": Array(np.asarray(self.class_counts, np.int64)),
+                "library": Array(np.ascontiguousarray(self.library, np.float32)),
+            }
+        )
         cfg: dict[str, Any] = {"round": self.round}
         metrics: dict[str, Any] = {"distill-seconds": float(self.distill_seconds)}
         if self.privacy is not None:
@@ -125,7 +196,9 @@ class DistillReply:
         private = "dp-mechanisms" in rd[KEY_CONFIG]
         check_keys(rd[KEY_CONFIG], {SCHEMA_KEY, "round", *(["dp-mechanisms"] if private else [])}, where)
         check_keys(rd[KEY_CODES], {"codes", "labels", "class-counts", "library"}, where)
-        check_keys(rd[KEY_METRICS], {"distill-seconds", *([f"dp-{_wire(k)}" for k in PRIVACY_KEYS] if private else [])}, where)
+        check_keys(
+            rd[KEY_METRICS], {"distill-seconds", *([f"dp-{_wire(k)}" for k in PRIVACY_KEYS] if private else [])}, where
+        )
         report = None
         if private:
             report = {k: get_value(rd[KEY_METRICS], f"dp-{_wire(k)}", float, where) for k in PRIVACY_KEYS}
@@ -133,13 +206,22 @@ class DistillReply:
         codes = get_array(rd[KEY_CODES], "codes", "float32", 2, where)
         labels = get_array(rd[KEY_CODES], "labels", "int32", 1, where)
         if labels.shape[0] != codes.shape[0] or codes.shape[0] == 0:
-            raise fail(where, f"{codes.shape[0]} codes but {labels.shape[0]} labels (need one label per code, at least one code)")
+            raise fail(
+                where,
+                f"{codes.shape[0]} codes but {labels.shape[0]} labels (need one label per code, at least one code)",
+            )
         library = get_array(rd[KEY_CODES], "library", "float32", 2, where, allow_nan=True)
         if library.shape[1:] != (LIBRARY_STATS,):
             raise fail(where, f"library statistics have shape {library.shape}, expected (classes, {LIBRARY_STATS})")
-        return cls(round=check_round(get_value(rd[KEY_CONFIG], "round", int, where), where), codes=codes, labels=labels,
-                   class_counts=get_array(rd[KEY_CODES], "class-counts", "int64", 1, where),
-                   distill_seconds=get_value(rd[KEY_METRICS], "distill-seconds", float, where), library=library, privacy=report)
+        return cls(
+            round=check_round(get_value(rd[KEY_CONFIG], "round", int, where), where),
+            codes=codes,
+            labels=labels,
+            class_counts=get_array(rd[KEY_CODES], "class-counts", "int64", 1, where),
+            distill_seconds=get_value(rd[KEY_METRICS], "distill-seconds", float, where),
+            library=library,
+            privacy=report,
+        )
 
 
 # ----------------------------------------------------------------------------- evaluate.models
@@ -160,17 +242,34 @@ class EvaluateRequest:
 
     def to_record(self) -> RecordDict:
         """Encode."""
-        syn = ArrayRecord({"X": Array(np.ascontiguousarray(self.X, np.float32)), "labels": Array(np.asarray(self.labels, np.int32))})
-        lr = ArrayRecord({"coef": Array(np.ascontiguousarray(self.logreg_coef, np.float64)), "intercept": Array(np.asarray(self.logreg_intercept, np.float64)),
-                          "classes": Array(np.asarray(self.logreg_classes, np.int64))})
+        syn = ArrayRecord(
+            {"X": Array(np.ascontiguousarray(self.X, np.float32)), "labels": Array(np.asarray(self.labels, np.int32))}
+        )
+        lr = ArrayRecord(
+            {
+                "coef": Array(np.ascontiguousarray(self.logreg_coef, np.float64)),
+                "intercept": Array(np.asarray(self.logreg_intercept, np.float64)),
+                "classes": Array(np.asarray(self.logreg_classes, np.int64)),
+            }
+        )
         cfg = config_record({"round": self.round, "mlp-config": self.mlp_config, "seed": self.seed})
-        return RecordDict({KEY_CONFIG: cfg, KEY_SYNTHETIC: syn, KEY_MLP: state_record(self.mlp), KEY_LOGREG: lr, **self.plan.records()})
+        return RecordDict(
+            {
+                KEY_CONFIG: cfg,
+                KEY_SYNTHETIC: syn,
+                KEY_MLP: state_record(self.mlp),
+                KEY_LOGREG: lr,
+                **self.plan.records(),
+            }
+        )
 
     @classmethod
     def from_record(cls, rd: RecordDict) -> EvaluateRequest:
         """Decode strictly."""
         where = "evaluate request"
-        check_records(rd, where, configs=[KEY_CONFIG, KEY_PLAN], arrays=[KEY_SYNTHETIC, KEY_MLP, KEY_LOGREG, KEY_PLAN_GENES])
+        check_records(
+            rd, where, configs=[KEY_CONFIG, KEY_PLAN], arrays=[KEY_SYNTHETIC, KEY_MLP, KEY_LOGREG, KEY_PLAN_GENES]
+        )
         cfg, syn, lr = rd[KEY_CONFIG], rd[KEY_SYNTHETIC], rd[KEY_LOGREG]
         check_keys(cfg, {SCHEMA_KEY, "round", "mlp-config", "seed"}, where)
         check_keys(syn, {"X", "labels"}, where)
@@ -178,11 +277,25 @@ class EvaluateRequest:
         X, labels = get_array(syn, "X", "float32", 2, where), get_array(syn, "labels", "int32", 1, where)
         coef, icpt = get_array(lr, "coef", "float64", 2, where), get_array(lr, "intercept", "float64", 1, where)
         classes = get_array(lr, "classes", "int64", 1, where)
-        if X.shape[0] != labels.shape[0] or X.shape[0] == 0 or coef.shape[0] != icpt.shape[0] or coef.shape[1] != X.shape[1]:
+        if (
+            X.shape[0] != labels.shape[0]
+            or X.shape[0] == 0
+            or coef.shape[0] != icpt.shape[0]
+            or coef.shape[1] != X.shape[1]
+        ):
             raise fail(where, "synthetic cells/labels or logistic-regression shapes are inconsistent")
-        return cls(round=check_round(get_value(cfg, "round", int, where), where), X=X, labels=labels, mlp=state_from_record(rd[KEY_MLP], where),
-                   mlp_config=get_value(cfg, "mlp-config", str, where), logreg_coef=coef, logreg_intercept=icpt, logreg_classes=classes,
-                   plan=Plan.from_records(rd, where), seed=get_value(cfg, "seed", int, where))
+        return cls(
+            round=check_round(get_value(cfg, "round", int, where), where),
+            X=X,
+            labels=labels,
+            mlp=state_from_record(rd[KEY_MLP], where),
+            mlp_config=get_value(cfg, "mlp-config", str, where),
+            logreg_coef=coef,
+            logreg_intercept=icpt,
+            logreg_classes=classes,
+            plan=Plan.from_records(rd, where),
+            seed=get_value(cfg, "seed", int, where),
+        )
 
 
 @dataclass(frozen=True)
@@ -209,14 +322,23 @@ def _scores_to_wire(prefix: str, scores: Mapping[str, EvaluatorScores]) -> dict[
     m: dict[str, Any] = {}
     for ev in EVALUATORS:
         s = scores[ev]
-        m |= {f"{prefix}{ev}-accuracy": nan_to_wire(s.accuracy), f"{prefix}{ev}-macro-f1": nan_to_wire(s.macro_f1),
-              f"{prefix}{ev}-recall": [nan_to_wire(r) for r in s.recall]}
+        m |= {
+            f"{prefix}{ev}-accuracy": nan_to_wire(s.accuracy),
+            f"{prefix}{ev}-macro-f1": nan_to_wire(s.macro_f1),
+            f"{prefix}{ev}-recall": [nan_to_wire(r) for r in s.recall],
+        }
     return m
 
 
 def _scores_from_wire(prefix: str, m: Mapping[str, Any], where: str) -> dict[str, EvaluatorScores]:
-    return {ev: EvaluatorScores(wire_to_nan(get_value(m, f"{prefix}{ev}-accuracy", float, where)), wire_to_nan(get_value(m, f"{prefix}{ev}-macro-f1", float, where)),
-                                tuple(wire_to_nan(r) for r in get_float_list(m, f"{prefix}{ev}-recall", where))) for ev in EVALUATORS}
+    return {
+        ev: EvaluatorScores(
+            wire_to_nan(get_value(m, f"{prefix}{ev}-accuracy", float, where)),
+            wire_to_nan(get_value(m, f"{prefix}{ev}-macro-f1", float, where)),
+            tuple(wire_to_nan(r) for r in get_float_list(m, f"{prefix}{ev}-recall", where)),
+        )
+        for ev in EVALUATORS
+    }
 
 
 @dataclass(frozen=True)
@@ -231,20 +353,31 @@ class EvaluateReply:
     n_test: int
     scores: Mapping[str, EvaluatorScores]  # keys: EVALUATORS; on the site's held-out test cells
     n_val: int
-    val_scores: Mapping[str, EvaluatorScores]  # the same on the site's validation cells (for choices; NaN when it has none)
+    val_scores: Mapping[
+        str, EvaluatorScores
+    ]  # the same on the site's validation cells (for choices; NaN when it has none)
     fidelity: Mapping[str, float]  # keys: FIDELITY_KEYS
     audit: Mapping[str, float]  # keys: AUDIT_KEYS
     # a model trained on this site's own training cells only, on the same test cells: what the site has without joining
-    local_only: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # LOCAL_EVALUATORS -> {"accuracy", "macro_f1"}
+    local_only: Mapping[str, Mapping[str, float]] = field(
+        default_factory=dict
+    )  # LOCAL_EVALUATORS -> {"accuracy", "macro_f1"}
     # fidelity against the site's validation cells (what decode choices are made on); keys FIDELITY_KEYS, NaN without validation cells
     val_fidelity: Mapping[str, float] = field(default_factory=dict)
 
     def to_record(self) -> RecordDict:
         """Encode (NaN travels as ABSENT / ABSENT_CORR)."""
-        m: dict[str, Any] = {"n-test": int(self.n_test), "n-val": int(self.n_val), **_scores_to_wire("", self.scores), **_scores_to_wire("val-", self.val_scores)}
+        m: dict[str, Any] = {
+            "n-test": int(self.n_test),
+            "n-val": int(self.n_val),
+            **_scores_to_wire("", self.scores),
+            **_scores_to_wire("val-", self.val_scores),
+        }
         for key in FIDELITY_KEYS:
             m[_wire(key)] = nan_to_wire(self.fidelity[key], ABSENT_CORR if key in CORRELATIONS else ABSENT)
-            m["val-" + _wire(key)] = nan_to_wire(self.val_fidelity.get(key, float("nan")), ABSENT_CORR if key in CORRELATIONS else ABSENT)
+            m["val-" + _wire(key)] = nan_to_wire(
+                self.val_fidelity.get(key, float("nan")), ABSENT_CORR if key in CORRELATIONS else ABSENT
+            )
         for key in AUDIT_KEYS:
             m[_wire(key)] = nan_to_wire(self.audit[key])
         for ev in LOCAL_EVALUATORS:
@@ -259,14 +392,36 @@ class EvaluateReply:
         check_records(rd, where, configs=[KEY_CONFIG], metrics=[KEY_METRICS])
         check_keys(rd[KEY_CONFIG], {SCHEMA_KEY, "round"}, where)
         m = rd[KEY_METRICS]
-        score_keys = {f"{p}{ev}-{part}" for p in ("", "val-") for ev in EVALUATORS for part in ("accuracy", "macro-f1", "recall")}
+        score_keys = {
+            f"{p}{ev}-{part}" for p in ("", "val-") for ev in EVALUATORS for part in ("accuracy", "macro-f1", "recall")
+        }
         local_keys = {f"local-{ev}-{_wire(part)}" for ev in LOCAL_EVALUATORS for part in ("accuracy", "macro_f1")}
         fid_keys = {p + _wire(k) for p in ("", "val-") for k in FIDELITY_KEYS}
         check_keys(m, {"n-test", "n-val", *score_keys, *local_keys, *fid_keys, *(_wire(k) for k in AUDIT_KEYS)}, where)
-        fid = {k: wire_to_nan(get_value(m, _wire(k), float, where), ABSENT_CORR if k in CORRELATIONS else ABSENT) for k in FIDELITY_KEYS}
-        val_fid = {k: wire_to_nan(get_value(m, "val-" + _wire(k), float, where), ABSENT_CORR if k in CORRELATIONS else ABSENT) for k in FIDELITY_KEYS}
+        fid = {
+            k: wire_to_nan(get_value(m, _wire(k), float, where), ABSENT_CORR if k in CORRELATIONS else ABSENT)
+            for k in FIDELITY_KEYS
+        }
+        val_fid = {
+            k: wire_to_nan(get_value(m, "val-" + _wire(k), float, where), ABSENT_CORR if k in CORRELATIONS else ABSENT)
+            for k in FIDELITY_KEYS
+        }
         aud = {k: wire_to_nan(get_value(m, _wire(k), float, where)) for k in AUDIT_KEYS}
-        local = {ev: {part: wire_to_nan(get_value(m, f"local-{ev}-{_wire(part)}", float, where)) for part in ("accuracy", "macro_f1")}
-                 for ev in LOCAL_EVALUATORS}
-        return cls(check_round(get_value(rd[KEY_CONFIG], "round", int, where), where), get_value(m, "n-test", int, where),
-                   _scores_from_wire("", m, where), get_value(m, "n-val", int, where), _scores_from_wire("val-", m, where), fid, aud, local, val_fid)
+        local = {
+            ev: {
+                part: wire_to_nan(get_value(m, f"local-{ev}-{_wire(part)}", float, where))
+                for part in ("accuracy", "macro_f1")
+            }
+            for ev in LOCAL_EVALUATORS
+        }
+        return cls(
+            check_round(get_value(rd[KEY_CONFIG], "round", int, where), where),
+            get_value(m, "n-test", int, where),
+            _scores_from_wire("", m, where),
+            get_value(m, "n-val", int, where),
+            _scores_from_wire("val-", m, where),
+            fid,
+            aud,
+            local,
+            val_fid,
+        )

@@ -16,7 +16,16 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from bad_sites import (
-    N_CELLS, SECRET_TEXTS, SECRET_VALUE, all_missing_labels, continuous_labels, counts, cpm_like, duplicated_genes, lognorm, site,
+    N_CELLS,
+    SECRET_TEXTS,
+    SECRET_VALUE,
+    all_missing_labels,
+    continuous_labels,
+    counts,
+    cpm_like,
+    duplicated_genes,
+    lognorm,
+    site,
     with_value,
 )
 from flwr.app import Context, Message, RecordDict
@@ -77,14 +86,23 @@ CASES: dict[str, BadFile] = {
     "bool_matrix": BadFile(_h5ad(lambda: site(sp.csr_matrix(counts() > 2))), "non-numeric dtype bool", "astype"),
     "all_zero": BadFile(_h5ad(lambda: site(np.zeros_like(counts()))), "all zeros", FIX_LAYER),
     "scaled_cpm": BadFile(_h5ad(lambda: site(cpm_like())), "un-logged normalised", "sc.pp.log1p"),
-    "lognorm_promised_counts": BadFile(_h5ad(lambda: site(lognorm())), "holds log-normalised", "provide raw counts", SiteSpec(expect="counts")),
-    "counts_promised_lognorm": BadFile(_h5ad(lambda: site(with_value(5.0))), "holds raw counts", "set expect to 'counts'", SiteSpec(expect="lognorm")),
+    "lognorm_promised_counts": BadFile(
+        _h5ad(lambda: site(lognorm())), "holds log-normalised", "provide raw counts", SiteSpec(expect="counts")
+    ),
+    "counts_promised_lognorm": BadFile(
+        _h5ad(lambda: site(with_value(5.0))), "holds raw counts", "set expect to 'counts'", SiteSpec(expect="lognorm")
+    ),
     "duplicated_genes": BadFile(_h5ad(duplicated_genes), "2 duplicated gene names", "var_names_make_unique()"),
-    "missing_label_column": BadFile(_h5ad(site), "'celltype' not found in obs", "--label-key", SiteSpec(label_key="celltype")),
+    "missing_label_column": BadFile(
+        _h5ad(site), "'celltype' not found in obs", "--label-key", SiteSpec(label_key="celltype")
+    ),
     "labels_all_missing": BadFile(_h5ad(all_missing_labels), "all 24 cells are missing", "--label-key"),
     "continuous_labels": BadFile(_h5ad(continuous_labels), "looks continuous", "--label-key"),
-    "one_cell_per_class": BadFile(_h5ad(lambda: site(labels=pd.Categorical([f"type_{i}" for i in range(N_CELLS)]))),
-                                  "too few cells per class", "add labelled cells"),
+    "one_cell_per_class": BadFile(
+        _h5ad(lambda: site(labels=pd.Categorical([f"type_{i}" for i in range(N_CELLS)]))),
+        "too few cells per class",
+        "add labelled cells",
+    ),
 }
 
 
@@ -109,7 +127,9 @@ def test_at_least_fifteen_kinds_of_bad_site_file() -> None:
 @pytest.mark.filterwarnings("ignore:Variable names are not unique")
 @pytest.mark.filterwarnings("ignore::anndata.OldFormatWarning")
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_clientapp_refuses_a_bad_site_file_in_one_clean_line(name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_clientapp_refuses_a_bad_site_file_in_one_clean_line(
+    name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     case = CASES[name]
     caplog.set_level(logging.DEBUG)
     msg = Message(ProfileRequest(case.spec).to_record(), dst_node_id=7, message_type="query.profile")
@@ -118,7 +138,9 @@ def test_clientapp_refuses_a_bad_site_file_in_one_clean_line(name: str, tmp_path
     _assert_clear_and_clean(info.value, case.problem, case.fix, caplog.text)
 
 
-def test_clientapp_refuses_a_plan_whose_genes_the_site_does_not_have(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_clientapp_refuses_a_plan_whose_genes_the_site_does_not_have(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     path = _h5ad(site)(tmp_path)
     plan = Plan(tuple(f"ENSG{j:05d}" for j in range(20)), ("type_0", "type_1", "type_2"), SiteSpec())
@@ -133,6 +155,9 @@ def test_clientapp_refuses_a_plan_whose_genes_the_site_does_not_have(tmp_path: P
 def test_a_single_class_site_is_valid_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     path = _h5ad(lambda: site(labels=pd.Categorical(["sorted_B"] * N_CELLS)))(tmp_path)
-    reply = app(Message(ProfileRequest(SiteSpec()).to_record(), dst_node_id=7, message_type="query.profile"), _ctx(path, tmp_path))
+    reply = app(
+        Message(ProfileRequest(SiteSpec()).to_record(), dst_node_id=7, message_type="query.profile"),
+        _ctx(path, tmp_path),
+    )
     assert reply.has_content() and not reply.has_error()
     assert "only one class ('sorted_B')" in caplog.text and "sorted population is fine" in caplog.text, caplog.text

@@ -17,7 +17,16 @@ from server.training import fresh_models, model_json, state_of
 from shared.errors import ConfigError, SiteDataError
 from shared.evaluation import MLPTrainConfig
 from shared.protocol import (
-    DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, Plan, PretrainReply, PretrainRequest, ProfileReply, ProfileRequest, SiteSpec,
+    DistillReply,
+    DistillRequest,
+    EvaluateReply,
+    EvaluateRequest,
+    Plan,
+    PretrainReply,
+    PretrainRequest,
+    ProfileReply,
+    ProfileRequest,
+    SiteSpec,
 )
 
 SPEC = SiteSpec(label_key="cell_type", split_seed=0)
@@ -25,7 +34,13 @@ SPEC = SiteSpec(label_key="cell_type", split_seed=0)
 
 def _ctx(data: Path, cache: dict[str, str], partition: int = 0, **run: object) -> Context:
     run_config = {"sim-data-path": str(data), "sim-site-key": "site", "torch-threads": 1, **run}
-    return Context(run_id=1, node_id=7, node_config={"partition-id": partition, "num-partitions": 3, **cache}, state=RecordDict(), run_config=run_config)
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": partition, "num-partitions": 3, **cache},
+        state=RecordDict(),
+        run_config=run_config,
+    )
 
 
 def _send(content: RecordDict, message_type: str, ctx: Context) -> RecordDict:
@@ -64,19 +79,29 @@ def test_pretrain_vae_and_latent_stats(ctx: Context, plan: Plan) -> None:
     assert stats.latent_sum.shape == (8,) and np.all(stats.latent_sumsq >= 0)
 
 
-def test_distill_returns_k_codes_per_class_and_warm_starts_from_codes_the_server_sends_back(ctx: Context, plan: Plan) -> None:
+def test_distill_returns_k_codes_per_class_and_warm_starts_from_codes_the_server_sends_back(
+    ctx: Context, plan: Plan
+) -> None:
     vae, scdg = fresh_models(plan, latent_dim=8, seed=0)
     args = (state_of(vae), model_json(vae), state_of(scdg), model_json(scdg), plan)
     req = DistillRequest(1, *args, {"k": 2, "iterations": 2}, 3)
     reply = DistillReply.from_record(_send(req.to_record(), "train.distill", ctx))
-    assert reply.codes.shape == (6, 8) and sorted(reply.labels.tolist()) == [0, 0, 1, 1, 2, 2] and reply.class_counts.shape == (3,)
+    assert (
+        reply.codes.shape == (6, 8)
+        and sorted(reply.labels.tolist()) == [0, 0, 1, 1, 2, 2]
+        and reply.class_counts.shape == (3,)
+    )
     # round 2 with zero iterations returns exactly the codes it started from: the warm start is what the server sent
     warm = DistillRequest(2, *args, {"k": 2, "iterations": 0}, 4, warm_codes=reply.codes, warm_labels=reply.labels)
     again = DistillReply.from_record(_send(warm.to_record(), "train.distill", ctx))
     order = np.argsort(reply.labels, kind="stable")
     assert np.array_equal(again.codes, reply.codes[order])
-    cold = DistillRequest(2, *args, {"k": 2, "iterations": 0}, 4, warm_start=False, warm_codes=reply.codes, warm_labels=reply.labels)
-    assert not np.allclose(DistillReply.from_record(_send(cold.to_record(), "train.distill", ctx)).codes, reply.codes[order])
+    cold = DistillRequest(
+        2, *args, {"k": 2, "iterations": 0}, 4, warm_start=False, warm_codes=reply.codes, warm_labels=reply.labels
+    )
+    assert not np.allclose(
+        DistillReply.from_record(_send(cold.to_record(), "train.distill", ctx)).codes, reply.codes[order]
+    )
     # codes that do not fit this round (another k) are ignored, not an error
     other_k = DistillRequest(2, *args, {"k": 3, "iterations": 0}, 4, warm_codes=reply.codes, warm_labels=reply.labels)
     assert DistillReply.from_record(_send(other_k.to_record(), "train.distill", ctx)).codes.shape == (9, 8)
@@ -88,17 +113,35 @@ def test_evaluate_scores_models_on_held_out_cells(ctx: Context, plan: Plan) -> N
     rng = np.random.default_rng(0)
     X, y = rng.random((12, len(plan.genes))).astype(np.float32), np.repeat([0, 1, 2], 4)
     models = train_evaluators(X, y, 3, mlp=MLPTrainConfig(min_steps=3, max_steps=3), seed=0)
-    req = EvaluateRequest(1, X, y.astype(np.int32), state_of(models.mlp), model_json(models.mlp), models.coef, models.intercept, models.classes, plan, 0)
+    req = EvaluateRequest(
+        1,
+        X,
+        y.astype(np.int32),
+        state_of(models.mlp),
+        model_json(models.mlp),
+        models.coef,
+        models.intercept,
+        models.classes,
+        plan,
+        0,
+    )
     reply = EvaluateReply.from_record(_send(req.to_record(), "evaluate.models", ctx))
     assert reply.n_test > 0 and all(0 <= s.accuracy <= 1 and len(s.recall) == 3 for s in reply.scores.values())
     assert reply.n_val > 0 and all(0 <= s.accuracy <= 1 for s in reply.val_scores.values())
     assert 0 <= reply.audit["population_mia"] <= 1 and all(math.isnan(v) or 0 <= v <= 1 for v in reply.audit.values())
 
 
-def test_site_data_errors_pass_through_with_their_safe_message(three_site_h5ad: Path, site_cache: dict[str, str]) -> None:
+def test_site_data_errors_pass_through_with_their_safe_message(
+    three_site_h5ad: Path, site_cache: dict[str, str]
+) -> None:
     ctx = _ctx(three_site_h5ad, site_cache)
     with pytest.raises(SiteDataError, match="label column 'nope' not found"):
-        app(Message(ProfileRequest(SiteSpec(label_key="nope")).to_record(), dst_node_id=7, message_type="query.profile"), ctx)
+        app(
+            Message(
+                ProfileRequest(SiteSpec(label_key="nope")).to_record(), dst_node_id=7, message_type="query.profile"
+            ),
+            ctx,
+        )
 
 
 def test_other_exceptions_reach_the_server_without_their_text(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,7 +155,9 @@ def test_other_exceptions_reach_the_server_without_their_text(ctx: Context, monk
 
 
 def test_site_cache_is_reused_and_keyed_by_the_plan(three_site_h5ad: Path, tmp_path: Path) -> None:
-    source = site_mod.resolve_source({"partition-id": 1}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"})
+    source = site_mod.resolve_source(
+        {"partition-id": 1}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"}
+    )
     first = site_mod.load_site(source, SPEC, None, cache=tmp_path)
     folders = sorted(p for p in tmp_path.glob("site-*") if p.is_dir())
     again = site_mod.load_site(source, SPEC, None, cache=tmp_path)
@@ -128,7 +173,9 @@ def test_sites_sharing_a_cache_folder_keep_their_own_seed_rows(three_site_h5ad: 
     a, b = (site_mod.resolve_source({"partition-id": i}, run) for i in (0, 1))
     site_mod.save_members(tmp_path, 5, a, np.array([1, 2, 3]))
     site_mod.save_members(tmp_path, 5, b, np.array([7, 8]))
-    assert site_mod.load_members(tmp_path, 5, a).tolist() == [1, 2, 3] and site_mod.load_members(tmp_path, 5, b).tolist() == [7, 8]
+    assert site_mod.load_members(tmp_path, 5, a).tolist() == [1, 2, 3] and site_mod.load_members(
+        tmp_path, 5, b
+    ).tolist() == [7, 8]
     assert site_mod.load_members(tmp_path, 6, a) is None  # another run: nothing stored, the seed audit is then NaN
 
 
@@ -146,20 +193,28 @@ def test_local_only_scores_are_kept_per_site_and_data_version(three_site_h5ad: P
     assert site_mod.load_local_only(cache, a, "plan-1") == {"mlp": {"accuracy": 0.9, "macro_f1": 0.8}}
     assert site_mod.load_local_only(cache, b, "plan-1") is None and site_mod.load_local_only(cache, a, "plan-2") is None
     st = data.stat()
-    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the site's file changed: its old scores no longer apply
+    os.utime(
+        data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9)
+    )  # the site's file changed: its old scores no longer apply
     assert site_mod.load_local_only(cache, a, "plan-1") is None
 
 
 def test_dirichlet_split_when_the_site_column_is_absent(three_site_h5ad: Path, tmp_path: Path) -> None:
-    source = site_mod.resolve_source({"partition-id": 1}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "nope", "sim-num-sites": 2})
+    source = site_mod.resolve_source(
+        {"partition-id": 1}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "nope", "sim-num-sites": 2}
+    )
     assert site_mod.load_site(source, SPEC, None, cache=tmp_path).name == "site1"
-    beyond = site_mod.resolve_source({"partition-id": 5}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"})
+    beyond = site_mod.resolve_source(
+        {"partition-id": 5}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"}
+    )
     with pytest.raises(SiteDataError, match="num-supernodes=3"):
         site_mod.load_site(beyond, SPEC, None, cache=tmp_path)
 
 
 def test_deployment_identity_comes_from_node_config(three_site_h5ad: Path, tmp_path: Path) -> None:
-    src = site_mod.resolve_source({"data-path": str(three_site_h5ad), "site-name": "hospital-a"}, {"sim-data-path": "/ignored"})
+    src = site_mod.resolve_source(
+        {"data-path": str(three_site_h5ad), "site-name": "hospital-a"}, {"sim-data-path": "/ignored"}
+    )
     assert src.name == "hospital-a" and src.site_key == ""
     assert site_mod.load_site(src, SPEC, None, cache=tmp_path).X.shape[0] == ad.read_h5ad(three_site_h5ad).n_obs
     with pytest.raises(ConfigError, match="node-config"):
@@ -172,7 +227,9 @@ def test_missing_bundled_example_says_how_to_pass_the_data(monkeypatch: pytest.M
         site_mod.resolve_source({"partition-id": 0}, {"sim-data-path": ""})
 
 
-def test_local_only_logistic_regression_of_a_large_site_fits_a_seeded_subset(example_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_only_logistic_regression_of_a_large_site_fits_a_seeded_subset(
+    example_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from shared.data import prepare_site, read_h5ad
     from shared.evaluation import MLPTrainConfig
 
@@ -181,7 +238,9 @@ def test_local_only_logistic_regression_of_a_large_site_fits_a_seeded_subset(exa
     args = (site.X[tr], site.labels[tr], site.X[te], site.labels[te], 5)
     fitted = []
     real_fit = tasks.fit_predict
-    monkeypatch.setattr(tasks, "fit_predict", lambda ev, X, *a, **kw: fitted.append((ev, X.shape[0])) or real_fit(ev, X, *a, **kw))
+    monkeypatch.setattr(
+        tasks, "fit_predict", lambda ev, X, *a, **kw: fitted.append((ev, X.shape[0])) or real_fit(ev, X, *a, **kw)
+    )
     monkeypatch.setattr(tasks, "MLPTrainConfig", lambda: MLPTrainConfig(min_steps=5, max_steps=5))  # a quick MLP
     monkeypatch.setattr(tasks, "LOCAL_LOGREG_MAX_CELLS", 300)
     first = tasks.local_only(*args, seed=0)
@@ -189,7 +248,9 @@ def test_local_only_logistic_regression_of_a_large_site_fits_a_seeded_subset(exa
     assert 0.5 < first["logreg"]["accuracy"] <= 1.0
 
 
-def test_a_full_cache_disk_is_one_clear_error_and_leaves_nothing(three_site_h5ad: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_cache_disk_is_one_clear_error_and_leaves_nothing(
+    three_site_h5ad: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import errno
     import os
 
@@ -197,7 +258,9 @@ def test_a_full_cache_disk_is_one_clear_error_and_leaves_nothing(three_site_h5ad
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    source = site_mod.resolve_source({"partition-id": 0}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"})
+    source = site_mod.resolve_source(
+        {"partition-id": 0}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"}
+    )
     with pytest.raises(SiteDataError, match="not enough disk in the site cache") as info:
         site_mod.load_site(source, SPEC, None, cache=tmp_path)
     assert "cache-dir" in str(info.value) and not list(tmp_path.iterdir())  # the half-written folder is gone

@@ -19,7 +19,9 @@ from shared.privacy.spec import DPSpec
 from shared.protocol import DistillRequest, Plan, PretrainRequest, SiteSpec
 
 # A large epsilon: the three-site file has ~20 training cells per class, and label names need to pass the noise threshold.
-DP = DPSpec(50.0, 0.0, 1.0, "run-test", rounds=2, vae_steps=3, vae_batch=16, scdg_steps=3, scdg_batch=16, class_means=True)
+DP = DPSpec(
+    50.0, 0.0, 1.0, "run-test", rounds=2, vae_steps=3, vae_batch=16, scdg_steps=3, scdg_batch=16, class_means=True
+)
 SPEC = SiteSpec(label_key="cell_type", split_seed=0, dp=DP)
 
 
@@ -64,21 +66,26 @@ def _changed_cell(site: SiteData) -> SiteData:
 
 def _distill(site: SiteData, plan: Plan, dp: SiteDP, k: int) -> np.ndarray:
     vae, scdg = fresh_models(plan, latent_dim=8, seed=0)
-    req = DistillRequest(1, state_of(vae), model_json(vae), state_of(scdg), model_json(scdg), plan, {"k": k, "iterations": 3}, 3)
+    req = DistillRequest(
+        1, state_of(vae), model_json(vae), state_of(scdg), model_json(scdg), plan, {"k": k, "iterations": 3}, 3
+    )
     reply, _ = tasks.distill_site(site, req, dp)
     assert reply.privacy is not None and 0 < reply.privacy["epsilon"] <= DP.epsilon * 1.001
     return reply.codes
 
 
-def test_codes_under_dp_depend_on_one_cell_only_through_the_released_means(site: SiteData, tmp_path: Path,
-                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_codes_under_dp_depend_on_one_cell_only_through_the_released_means(
+    site: SiteData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     plan = _plan(site)
     released = []
     real = privacy.class_gene_means
     monkeypatch.setattr(privacy, "class_gene_means", lambda *a, **kw: released.append(real(*a, **kw)) or released[-1])
     a = _distill(site, plan, _dp(tmp_path), k=10)
     b = _distill(_changed_cell(site), plan, _dp(tmp_path), k=10)
-    assert not np.array_equal(released[0], released[1]) and not np.array_equal(a, b)  # the changed cell moved the noised means
+    assert not np.array_equal(released[0], released[1]) and not np.array_equal(
+        a, b
+    )  # the changed cell moved the noised means
     # given the same released means, the changed cell makes no difference: codes start from noise, the objective reads no cell,
     # and the class counts come from the (unchanged) noised release
     monkeypatch.setattr(privacy, "class_gene_means", lambda *a, **kw: released[0])
@@ -112,8 +119,14 @@ def test_pretraining_stays_within_the_dp_plan(site: SiteData, tmp_path: Path) ->
     reply = tasks.pretrain_site(site, req, dp)
     noised_n = int(round(privacy.budget(site, plan, dp).n_cells))
     assert reply.loss == 0.0 and reply.num_examples == noised_n
-    assert tasks.pretrain_site(site, req, dp).weights["to_mu.weight"].tobytes() == reply.weights["to_mu.weight"].tobytes()  # a retry
-    for bad in (dataclasses.replace(req, round=3), dataclasses.replace(req, steps=4), dataclasses.replace(req, batch_size=32)):
+    assert (
+        tasks.pretrain_site(site, req, dp).weights["to_mu.weight"].tobytes() == reply.weights["to_mu.weight"].tobytes()
+    )  # a retry
+    for bad in (
+        dataclasses.replace(req, round=3),
+        dataclasses.replace(req, steps=4),
+        dataclasses.replace(req, batch_size=32),
+    ):
         with pytest.raises(ProtocolError, match="outside the run's DP plan"):
             tasks.pretrain_site(site, bad, dp)
     other = dataclasses.replace(req, weights={k: v + 1.0 for k, v in req.weights.items()})
@@ -126,7 +139,9 @@ def test_objectives_that_read_cells_are_refused_under_dp(site: SiteData, tmp_pat
     req = DistillRequest(1, *_models(plan), plan, {"k": 10, "iterations": 1, "mmd_weight": 1.0}, 3)
     with pytest.raises(ProtocolError, match="read real cells directly"):
         tasks.distill_site(site, req, _dp(tmp_path))
-    unbudgeted = _plan(site, dataclasses.replace(DP, class_means=False))  # under DP the objective matches the released class means
+    unbudgeted = _plan(
+        site, dataclasses.replace(DP, class_means=False)
+    )  # under DP the objective matches the released class means
     req = DistillRequest(1, *_models(unbudgeted), unbudgeted, {"k": 10, "iterations": 1}, 3)
     with pytest.raises(ProtocolError, match="did not budget"):
         tasks.distill_site(site, req, _dp(tmp_path, unbudgeted.spec.dp))

@@ -117,8 +117,15 @@ def start(name: str, argv: Sequence[str], env: Mapping[str, str], log_dir: Path,
     with open(log, "wb") as fh:
         fh.write(("$ " + shlex.join(argv) + "\n").encode())
         fh.flush()
-        popen = subprocess.Popen(list(argv), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(env),
-                                 cwd=cwd, start_new_session=True)
+        popen = subprocess.Popen(
+            list(argv),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+        )
     return Proc(name, popen, log, list(argv))
 
 
@@ -169,7 +176,7 @@ def https_ok(url: str, cafile: Path, *, timeout: float = 2.0) -> bool:
     """True when ``url`` answers 200 over TLS verified against ``cafile`` (hostname checked)."""
     ctx = ssl.create_default_context(cafile=str(cafile))
     try:
-        with urllib.request.urlopen(url, context=ctx, timeout=timeout) as resp:  # noqa: S310 - https to 127.0.0.1 only
+        with urllib.request.urlopen(url, context=ctx, timeout=timeout) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError, ssl.SSLError):
         return False
@@ -194,14 +201,26 @@ def flwr(args: Sequence[str], env: Mapping[str, str], *, timeout: float, cwd: Pa
 def command(argv: Sequence[str], env: Mapping[str, str], *, timeout: float, cwd: Path | None = None) -> CliResult:
     """Run one command to completion, output captured (bounded; its own session so a timeout kills everything it started)."""
     argv = [str(a) for a in argv]
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=dict(env), cwd=cwd,
-                          start_new_session=True) as popen:
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=dict(env),
+        cwd=cwd,
+        start_new_session=True,
+    ) as popen:
         try:
             out, err = popen.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             _signal_group(popen.pid, signal.SIGKILL)
             out, err = popen.communicate(timeout=10)
-            return CliResult(argv, -9, out.decode(errors="replace"), err.decode(errors="replace") + f"\n[timed out after {timeout:g} s]")
+            return CliResult(
+                argv,
+                -9,
+                out.decode(errors="replace"),
+                err.decode(errors="replace") + f"\n[timed out after {timeout:g} s]",
+            )
     return CliResult(argv, popen.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 

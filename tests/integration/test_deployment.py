@@ -23,9 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anndata as ad
-import pytest
-
 import deploy_helpers as dh  # beside this file; pytest's default "prepend" import mode puts tests/integration/ on sys.path
+import pytest
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +100,8 @@ def _build_fab(out: Path) -> Path:
         hint = 'add ".gitignore" to fab-exclude in [tool.flwr.app] of pyproject.toml; '
     assert res.returncode == 0 and len(fabs) == 1, (
         f"the app does not build into a FAB, so `flwr run` cannot start it ({hint}check [tool.flwr.app] "
-        f"fab-include/fab-exclude in pyproject.toml):\n{res.describe()}")
+        f"fab-include/fab-exclude in pyproject.toml):\n{res.describe()}"
+    )
     return fabs[0]
 
 
@@ -136,10 +136,25 @@ def test_the_deployment_guide_runs_the_app_and_survives_a_killed_site(tmp_path: 
     # guide §1: certificates and site keys; the intruder makes its own key, which is never registered
     certs = tmp_path / "certs"
     base_env = dh.flower_env(tmp_path / "home-tools")
-    res = dh.command([scdd, "certs", "--out", certs, "--san", dh.HOST, "--san", "localhost", *(a for s in SITES for a in ("--site", s))],
-                     base_env, timeout=CLI_S)
+    res = dh.command(
+        [
+            scdd,
+            "certs",
+            "--out",
+            certs,
+            "--san",
+            dh.HOST,
+            "--san",
+            "localhost",
+            *(a for s in SITES for a in ("--site", s)),
+        ],
+        base_env,
+        timeout=CLI_S,
+    )
     assert res.returncode == 0, res.describe()
-    res = dh.command([scdd, "certs", "--out", tmp_path / "rogue", "--sites-only", "--site", INTRUDER], base_env, timeout=CLI_S)
+    res = dh.command(
+        [scdd, "certs", "--out", tmp_path / "rogue", "--sites-only", "--site", INTRUDER], base_env, timeout=CLI_S
+    )
     assert res.returncode == 0, res.describe()
     ca = certs / "ca.crt"
     keys = certs / "sites"
@@ -152,8 +167,13 @@ def test_the_deployment_guide_runs_the_app_and_survives_a_killed_site(tmp_path: 
     state = tmp_path / "state"
     link_cwd = tmp_path / "superlink-cwd"
     link_cwd.mkdir()
-    link_env = {**dh.flower_env(state / "flwr-home"), "FEDSCDD_CERT_DIR": str(certs), "FEDSCDD_STATE_DIR": str(state),
-                "FEDSCDD_SUPERLINK_HOST": dh.HOST, "FEDSCDD_SUPERLINK_PORT": str(link_port)}
+    link_env = {
+        **dh.flower_env(state / "flwr-home"),
+        "FEDSCDD_CERT_DIR": str(certs),
+        "FEDSCDD_STATE_DIR": str(state),
+        "FEDSCDD_SUPERLINK_HOST": dh.HOST,
+        "FEDSCDD_SUPERLINK_PORT": str(link_port),
+    }
     link = dh.start("superlink", [str(DEPLOY / "coordinator" / "start-superlink.sh")], link_env, logs, cwd=link_cwd)
     procs.append(link)
 
@@ -162,7 +182,11 @@ def test_the_deployment_guide_runs_the_app_and_survives_a_killed_site(tmp_path: 
     with zipfile.ZipFile(fab) as zf:
         names = zf.namelist()
     assert {"server/app.py", "client/app.py", "pyproject.toml"} <= set(names), names
-    leaked = [n for n in names if n.startswith(("tests/", "deploy/", "benchmarks/")) or n.endswith((".h5ad", ".pt", ".pem", ".key"))]
+    leaked = [
+        n
+        for n in names
+        if n.startswith(("tests/", "deploy/", "benchmarks/")) or n.endswith((".h5ad", ".pt", ".pem", ".key"))
+    ]
     assert not leaked, f"the FAB ships files it should not: {leaked}"
     # ... the real data is split by donor into the sites' files, and a site checks its file as the guide says (§3.1)
     data = _split_example(tmp_path)
@@ -180,7 +204,9 @@ def test_the_deployment_guide_runs_the_app_and_survives_a_killed_site(tmp_path: 
     cli_env = dh.flower_env(tmp_path / "home-cli")
     first = dh.flwr(["config", "list"], cli_env, timeout=CLI_S)
     assert first.returncode == 0 and "local (default)" in first.stdout, first.describe()
-    res = dh.command([scdd, "flwr-connection", CONNECTION, "--address", address, "--root-certificates", ca], cli_env, timeout=CLI_S)
+    res = dh.command(
+        [scdd, "flwr-connection", CONNECTION, "--address", address, "--root-certificates", ca], cli_env, timeout=CLI_S
+    )
     assert res.returncode == 0 and "healthy" in res.stdout, res.describe()
     listed = dh.flwr(["config", "list"], cli_env, timeout=CLI_S)
     assert f"{CONNECTION} (default)" in listed.stdout and "local" in listed.stdout, listed.describe()
@@ -202,11 +228,19 @@ def test_the_deployment_guide_runs_the_app_and_survives_a_killed_site(tmp_path: 
     nodes: dict[str, dh.Proc] = {}
     for name, port in zip([*SITES, INTRUDER], node_ports, strict=True):
         key_dir = keys if name in SITES else tmp_path / "rogue" / "sites"
-        node_env = {**dh.flower_env(tmp_path / f"home-{name}"), "FEDSCDD_SUPERLINK": address, "FEDSCDD_SITE_NAME": name,
-                    "FEDSCDD_DATA_PATH": str(data.get(name, data["site-a"]).resolve()), "FEDSCDD_ROOT_CERT": str(ca),
-                    "FEDSCDD_SITE_KEY": str(key_dir / name), "FEDSCDD_SUPERNODE_PORT": str(port),
-                    "FEDSCDD_CACHE_DIR": str((tmp_path / f"cache-{name}").resolve())}
-        nodes[name] = dh.start(f"supernode-{name}", [str(DEPLOY / "site" / "start-supernode.sh")], node_env, logs, cwd=tmp_path)
+        node_env = {
+            **dh.flower_env(tmp_path / f"home-{name}"),
+            "FEDSCDD_SUPERLINK": address,
+            "FEDSCDD_SITE_NAME": name,
+            "FEDSCDD_DATA_PATH": str(data.get(name, data["site-a"]).resolve()),
+            "FEDSCDD_ROOT_CERT": str(ca),
+            "FEDSCDD_SITE_KEY": str(key_dir / name),
+            "FEDSCDD_SUPERNODE_PORT": str(port),
+            "FEDSCDD_CACHE_DIR": str((tmp_path / f"cache-{name}").resolve()),
+        }
+        nodes[name] = dh.start(
+            f"supernode-{name}", [str(DEPLOY / "site" / "start-supernode.sh")], node_env, logs, cwd=tmp_path
+        )
         procs.append(nodes[name])
 
     rc = dh.wait_exit(nodes[INTRUDER], STARTUP_S)
@@ -270,15 +304,19 @@ def test_the_deployment_guide_runs_the_app_and_survives_a_killed_site(tmp_path: 
     (logs / "flwr-log.log").write_text(app_log.describe(), encoding="utf-8")
     if not done:
         dh.flwr(["stop", str(run_id), CONNECTION], cli_env, timeout=CLI_S)
-    assert run["status"] == "finished:completed", (f"run {run_id} status {run['status']!r} after {run_seconds:.0f} s\n"
-                                                   f"===== flwr log {run_id} --show\n{app_log.describe()}\n{diagnostics()}")
+    assert run["status"] == "finished:completed", (
+        f"run {run_id} status {run['status']!r} after {run_seconds:.0f} s\n"
+        f"===== flwr log {run_id} --show\n{app_log.describe()}\n{diagnostics()}"
+    )
     assert all(nodes[s].alive() for s in SITES if s != VICTIM) and link.alive(), diagnostics()
     # the coordinator's phase lines reach Flower's run log and the run's own run.log beside the outputs
     assert "server.orchestration: plan:" in app_log.stdout and "round 2:" in app_log.stdout, app_log.describe()
     run_log = (run_dir / "run.log").read_text(encoding="utf-8")
     for line in (f"outputs go to {run_dir}", "plan:", "round 1:", "round 2:", "complete"):
         assert line in run_log, f"{line!r} not in {run_dir / 'run.log'}:\n{run_log}"
-    assert not list(link_cwd.iterdir()), f"outputs landed in the SuperLink's working directory: {list(link_cwd.iterdir())}"
+    assert not list(link_cwd.iterdir()), (
+        f"outputs landed in the SuperLink's working directory: {list(link_cwd.iterdir())}"
+    )
 
     # the run shipped exactly the FAB built from the checkout above, and each site installed it under its hash
     fab_hash = hashlib.sha256(fab.read_bytes()).hexdigest()
@@ -306,11 +344,18 @@ def test_the_deployment_guide_runs_the_app_and_survives_a_killed_site(tmp_path: 
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     first, last = metrics["rounds"]
     assert set(first["sites_distilled"]) == set(SITES)  # everyone in round 1
-    assert set(last["sites_distilled"]) == set(SITES) - {VICTIM} and set(last["sites"]) == set(SITES) - {VICTIM}  # the killed site is left out
+    assert set(last["sites_distilled"]) == set(SITES) - {VICTIM} and set(last["sites"]) == set(SITES) - {
+        VICTIM
+    }  # the killed site is left out
     dropped = {(d["site"], d["phase"]) for d in metrics["dropped"]}
     assert (VICTIM, "distill-2") in dropped and all(site == VICTIM for site, _ in dropped), metrics["dropped"]
     for site in SITES:
-        assert set(metrics["upload_bytes"][site]) >= {"query.profile", "train.pretrain", "train.distill", "evaluate.models"}
+        assert set(metrics["upload_bytes"][site]) >= {
+            "query.profile",
+            "train.pretrain",
+            "train.distill",
+            "evaluate.models",
+        }
     for site in set(SITES) - {VICTIM}:
         assert last["sites"][site]["n_test"] > 0
         acc = last["sites"][site]["scores"]["mlp"]["accuracy"]

@@ -24,13 +24,37 @@ from server.validation import distill_budget
 from shared.checkpoint import load_model, model_hash
 from shared.pretrain import latent_dim_for
 from shared.protocol import (
-    KEY_CODES, KEY_CONFIG, KEY_METRICS, KEY_STATS, KEY_WEIGHTS, MSG_DISTILL, MSG_EVALUATE, MSG_PRETRAIN, MSG_PROFILE, DistillRequest,
+    KEY_CODES,
+    KEY_CONFIG,
+    KEY_METRICS,
+    KEY_STATS,
+    KEY_WEIGHTS,
+    MSG_DISTILL,
+    MSG_EVALUATE,
+    MSG_PRETRAIN,
+    MSG_PROFILE,
+    DistillRequest,
     ProfileReply,
 )
 
-KANG = {"sim-site-key": "batch", "label-key": "cell_type", "n-genes": 300, "num-pretrain-rounds": 2,
-        "vae-local-steps": 150, "scdg-local-steps": 30, "scdg-batch-size": 64, "pretrain-lr": 0.002, "cells-per-class": 10,
-        "num-distill-rounds": 2, "distill-iterations": 10, "finetune-steps": 10, "mlp-min-steps": 150, "mlp-max-steps": 150, "report": False, "run-id": "kang"}
+KANG = {
+    "sim-site-key": "batch",
+    "label-key": "cell_type",
+    "n-genes": 300,
+    "num-pretrain-rounds": 2,
+    "vae-local-steps": 150,
+    "scdg-local-steps": 30,
+    "scdg-batch-size": 64,
+    "pretrain-lr": 0.002,
+    "cells-per-class": 10,
+    "num-distill-rounds": 2,
+    "distill-iterations": 10,
+    "finetune-steps": 10,
+    "mlp-min-steps": 150,
+    "mlp-max-steps": 150,
+    "report": False,
+    "run-id": "kang",
+}
 K, CHANCE = 10, 0.2
 
 
@@ -55,8 +79,21 @@ def kang(tmp_path_factory: pytest.TempPathFactory, example_path: Path) -> tuple[
 
 def test_kang_run_writes_every_output(kang: tuple[InProcessGrid, Path, list[str]]) -> None:
     _, run_dir, _ = kang
-    for name in ("config.json", "plan.json", "metrics.json", "synthetic.h5ad", "synthetic_round1.h5ad", "synthetic_round2.h5ad",
-                 "vae.pt", "scdg.pt", "mlp.pt", "state/state.json", "pretrained/plan.json", "pretrained/vae.pt", "pretrained/scdg.pt"):
+    for name in (
+        "config.json",
+        "plan.json",
+        "metrics.json",
+        "synthetic.h5ad",
+        "synthetic_round1.h5ad",
+        "synthetic_round2.h5ad",
+        "vae.pt",
+        "scdg.pt",
+        "mlp.pt",
+        "state/state.json",
+        "pretrained/plan.json",
+        "pretrained/vae.pt",
+        "pretrained/scdg.pt",
+    ):
         assert (run_dir / name).is_file(), name
     # pretrained/ holds the models as FedAvg left them (a pretrained-path folder): the VAE is never fine-tuned, the SCDG is
     assert model_hash(load_model(run_dir / "pretrained" / "vae.pt")) == model_hash(load_model(run_dir / "vae.pt"))
@@ -67,12 +104,17 @@ def test_kang_run_writes_every_output(kang: tuple[InProcessGrid, Path, list[str]
     assert synth.n_obs == 4 * 5 * K and synth.n_vars == 300
     assert "provenance_json" in synth.uns["fedscdd"]
     # kang holds raw counts at every site: sampled counts and the decoder's expected expression travel with X
-    assert set(synth.layers) == {"counts", "expected"} and json.loads((run_dir / "metrics.json").read_text())["count_input"] is True
+    assert (
+        set(synth.layers) == {"counts", "expected"}
+        and json.loads((run_dir / "metrics.json").read_text())["count_input"] is True
+    )
     counts = synth.layers["counts"].toarray()
     assert (counts >= 0).all() and np.array_equal(counts, np.round(counts)) and 0.3 < (counts == 0).mean() < 0.98
     vae = load_model(run_dir / "vae.pt", "vae")
     assert vae.count_head is not None
-    assert vae.config.latent_dim == latent_dim_for(300) == 14  # latent-dim left at 0 (auto): a code is <= 1/20 of a 300-gene cell
+    assert (
+        vae.config.latent_dim == latent_dim_for(300) == 14
+    )  # latent-dim left at 0 (auto): a code is <= 1/20 of a 300-gene cell
     config = json.loads((run_dir / "config.json").read_text())
     assert {"flwr", "torch", "anndata", "scanpy", "numpy"} <= set(config["versions"])
 
@@ -93,7 +135,10 @@ def test_sites_report_validation_scores_and_the_privacy_audit(kang: tuple[InProc
         for site, entry in rnd["sites"].items():
             audit = entry["audit"]
             assert set(audit) == {"seed_mia", "population_mia", "density_mia", "dcr_share"}, site
-            assert all(0 <= v <= 1 for v in audit.values()), (site, audit)  # finite: the site found the cells that seeded its codes
+            assert all(0 <= v <= 1 for v in audit.values()), (
+                site,
+                audit,
+            )  # finite: the site found the cells that seeded its codes
             assert entry["validation"]["n_val"] > 0 and 0 <= entry["validation"]["scores"]["mlp"]["accuracy"] <= 1
             assert 0 <= entry["fidelity"]["marker_overlap"] <= 1
         agg = rnd["aggregate"]
@@ -113,8 +158,13 @@ def test_each_site_reports_what_it_gains_by_joining(kang: tuple[InProcessGrid, P
     first, second = (r["sites"] for r in metrics["rounds"])
     for site, entry in first.items():
         local = entry["local_only"]
-        assert set(local) == {"mlp", "logreg"} and all(0.5 < local[ev]["accuracy"] <= 1 for ev in local), (site, local)  # 5 classes
-        assert second[site]["local_only"] == local  # it depends on the site's cells only: computed once, kept in the site's cache
+        assert set(local) == {"mlp", "logreg"} and all(0.5 < local[ev]["accuracy"] <= 1 for ev in local), (
+            site,
+            local,
+        )  # 5 classes
+        assert (
+            second[site]["local_only"] == local
+        )  # it depends on the site's cells only: computed once, kept in the site's cache
         assert any(f"site {site}: MLP accuracy" in line and "local-only" in line for line in log), site
     agg = metrics["rounds"][0]["aggregate"]["local_only"]
     assert 0.5 < agg["cell_weighted"]["mlp"]["accuracy"] <= 1 and 0.5 < agg["macro"]["logreg"]["accuracy"] <= 1
@@ -123,13 +173,19 @@ def test_each_site_reports_what_it_gains_by_joining(kang: tuple[InProcessGrid, P
     assert "gain from joining" in rows and "MLP acc local-only" in rows
 
 
-def test_report_is_self_contained_html(kang: tuple[InProcessGrid, Path, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_is_self_contained_html(
+    kang: tuple[InProcessGrid, Path, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Report structure from the kang run; the embedding is stubbed (UMAP's numba compile costs ~10 s; the slow demo test runs it)."""
     from server import report
 
     monkeypatch.setattr(report, "_embedding", lambda a: (np.random.default_rng(0).normal(size=(a.n_obs, 2)), "UMAP"))
     html = report.write_report(kang[1]).read_text()
-    assert html.count("data:image/png;base64,") == 4 and 'src="http' not in html and "What each site gains by joining" in html
+    assert (
+        html.count("data:image/png;base64,") == 4
+        and 'src="http' not in html
+        and "What each site gains by joining" in html
+    )
     assert "Fidelity: do the synthetic cells look like real ones?" in html
     assert report.AUDIT_GUIDE in html and "stim107" in html and "sc.tl.umap" in html and "seed MIA" in html
 
@@ -149,7 +205,9 @@ def _all_strings(content: RecordDict) -> list[str]:
     return out
 
 
-def test_privacy_nothing_cell_level_leaves_a_site(kang: tuple[InProcessGrid, Path, list[str]], example_path: Path) -> None:
+def test_privacy_nothing_cell_level_leaves_a_site(
+    kang: tuple[InProcessGrid, Path, list[str]], example_path: Path
+) -> None:
     grid, run_dir, logs = kang
     obs_names = set(ad.read_h5ad(example_path, backed="r").obs_names)
     plan = json.loads((run_dir / "plan.json").read_text())
@@ -218,13 +276,19 @@ def _first_weight_wrong(rd: RecordDict) -> None:
 
 # What partition 0 does to its n-th reply of each message type (None: nothing); the phase it is dropped from.
 GAUNTLET: dict[str, list[tuple[str, Callable[[RecordDict], None]]]] = {
-    MSG_PRETRAIN: [("pretrain-vae-1", _first_weight_wrong),
-                   ("pretrain-latent-stats-0", lambda rd: rd.__setitem__("cells", ConfigRecord({"barcode": "AAAC-1"}))),
-                   ("pretrain-scdg-1", _raise)],
-    MSG_DISTILL: [("distill-1", lambda rd: rd[KEY_CODES].__setitem__("codes", Array(np.full((6, 8), np.nan, np.float32)))),
-                  ("distill-2", lambda rd: rd[KEY_CODES].__setitem__("codes", Array(np.zeros((6, 4000), np.float32))))],
-    MSG_EVALUATE: [("evaluate-1", lambda rd: rd[KEY_CONFIG].__setitem__("schema-version", 0)),
-                   ("evaluate-2", lambda rd: rd[KEY_METRICS].__setitem__("cell-ids", [1.0, 2.0]))],
+    MSG_PRETRAIN: [
+        ("pretrain-vae-1", _first_weight_wrong),
+        ("pretrain-latent-stats-0", lambda rd: rd.__setitem__("cells", ConfigRecord({"barcode": "AAAC-1"}))),
+        ("pretrain-scdg-1", _raise),
+    ],
+    MSG_DISTILL: [
+        ("distill-1", lambda rd: rd[KEY_CODES].__setitem__("codes", Array(np.full((6, 8), np.nan, np.float32)))),
+        ("distill-2", lambda rd: rd[KEY_CODES].__setitem__("codes", Array(np.zeros((6, 4000), np.float32)))),
+    ],
+    MSG_EVALUATE: [
+        ("evaluate-1", lambda rd: rd[KEY_CONFIG].__setitem__("schema-version", 0)),
+        ("evaluate-2", lambda rd: rd[KEY_METRICS].__setitem__("cell-ids", [1.0, 2.0])),
+    ],
 }
 
 
@@ -244,15 +308,24 @@ def _gauntlet_client() -> Callable[[Message, Context], Message]:
     return client
 
 
-def test_a_site_misbehaving_in_every_exchange_is_dropped_each_time_and_the_run_completes(tiny_config: dict, site_cache: dict[str, str]) -> None:
+def test_a_site_misbehaving_in_every_exchange_is_dropped_each_time_and_the_run_completes(
+    tiny_config: dict, site_cache: dict[str, str]
+) -> None:
     run_in_process(tiny_config, num_nodes=3, node_configs=[site_cache] * 3, client_app=_gauntlet_client())
     run_dir = Path(str(tiny_config["out-dir"])) / "tiny"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert len(metrics["rounds"]) == 2 and (run_dir / "synthetic.h5ad").is_file()
     dropped = {d["phase"]: d["reason"] for d in metrics["dropped"] if d["site"] == "site_a"}
     assert sorted(dropped) == sorted(phase for steps in GAUNTLET.values() for phase, _ in steps), metrics["dropped"]
-    assert "error reply" in dropped["pretrain-scdg-1"] and "budget" in dropped["distill-2"] and "NaN" in dropped["distill-1"]
-    assert all(set(r["sites_distilled"]) == {"site_b", "site_c"} and set(r["sites"]) == {"site_b", "site_c"} for r in metrics["rounds"])
+    assert (
+        "error reply" in dropped["pretrain-scdg-1"]
+        and "budget" in dropped["distill-2"]
+        and "NaN" in dropped["distill-1"]
+    )
+    assert all(
+        set(r["sites_distilled"]) == {"site_b", "site_c"} and set(r["sites"]) == {"site_b", "site_c"}
+        for r in metrics["rounds"]
+    )
     assert all(d["site"] == "site_a" for d in metrics["dropped"])
 
 
@@ -276,12 +349,20 @@ def test_a_silent_site_times_out_and_is_dropped_for_the_round(tiny_config: dict,
     from server.simulation import task_identity
 
     server = load_component(component_ref("serverapp"))
-    grid = _SilentGrid(load_component(component_ref("clientapp")), num_nodes=3, run_config=tiny_config, node_configs=[site_cache] * 3, record=True)
+    grid = _SilentGrid(
+        load_component(component_ref("clientapp")),
+        num_nodes=3,
+        run_config=tiny_config,
+        node_configs=[site_cache] * 3,
+        record=True,
+    )
     with task_identity():
         server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=tiny_config))
     metrics = json.loads((Path(str(tiny_config["out-dir"])) / "tiny" / "metrics.json").read_text())
     reasons = [d["reason"] for d in metrics["dropped"] if d["site"] == "site_a"]
-    assert len(reasons) == 2 and all("no reply (the node left, or stayed silent past round-timeout-s" in r for r in reasons)
+    assert len(reasons) == 2 and all(
+        "no reply (the node left, or stayed silent past round-timeout-s" in r for r in reasons
+    )
 
 
 def test_too_few_sites_stops_with_a_named_reason(tiny_config: dict, site_cache: dict[str, str]) -> None:
@@ -301,8 +382,9 @@ def test_duplicated_site_name_is_rejected(tiny_config: dict, site_cache: dict[st
     assert any("duplicated site name" in d["reason"] for d in metrics["dropped"])
 
 
-def test_interrupted_run_resumes_from_the_last_completed_phase(tiny_config: dict, site_cache: dict[str, str],
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_resumes_from_the_last_completed_phase(
+    tiny_config: dict, site_cache: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from server import orchestration
 
     real_round = orchestration.run_round
@@ -327,7 +409,11 @@ def test_interrupted_run_resumes_from_the_last_completed_phase(tiny_config: dict
     assert not any(ex.message_type == MSG_PRETRAIN for ex in grid.log)  # pretraining was not redone
     assert sum(ex.message_type == MSG_DISTILL for ex in grid.log) == 3  # round 2 only
     # nothing lost: round 2 warm-starts every site from its own round-1 codes, kept in the server's checkpoint
-    names = {ex.node_id: ProfileReply.from_record(ex.reply.content).site_name for ex in grid.log if ex.message_type == MSG_PROFILE and ex.reply}
+    names = {
+        ex.node_id: ProfileReply.from_record(ex.reply.content).site_name
+        for ex in grid.log
+        if ex.message_type == MSG_PROFILE and ex.reply
+    }
     for ex in (e for e in grid.log if e.message_type == MSG_DISTILL):
         req, own = DistillRequest.from_record(ex.instruction.content), round1_codes[names[ex.node_id]]
         assert req.warm_codes is not None and req.warm_labels is not None
@@ -348,6 +434,10 @@ def test_interrupted_run_resumes_from_the_last_completed_phase(tiny_config: dict
 def test_resume_with_a_changed_config_is_refused(tiny_config: dict, site_cache: dict[str, str]) -> None:
     run_in_process({**tiny_config, "num-distill-rounds": 1}, num_nodes=3, node_configs=[site_cache] * 3)
     with pytest.raises(FederationStopped, match="cells-per-class"):
-        run_in_process({**tiny_config, "resume": True, "cells-per-class": 3}, num_nodes=3, node_configs=[site_cache] * 3)
-    grid = run_in_process({**tiny_config, "resume": True}, num_nodes=3, node_configs=[site_cache] * 3, record=True)  # more rounds is fine
+        run_in_process(
+            {**tiny_config, "resume": True, "cells-per-class": 3}, num_nodes=3, node_configs=[site_cache] * 3
+        )
+    grid = run_in_process(
+        {**tiny_config, "resume": True}, num_nodes=3, node_configs=[site_cache] * 3, record=True
+    )  # more rounds is fine
     assert sum(ex.message_type == MSG_DISTILL for ex in grid.log) == 3

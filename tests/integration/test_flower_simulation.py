@@ -10,8 +10,19 @@ import pytest
 
 from server import demo
 
-SMALL = {"num-pretrain-rounds": 2, "vae-local-steps": 150, "scdg-local-steps": 30, "scdg-batch-size": 64, "pretrain-lr": 0.002,
-         "n-genes": 300, "latent-dim": 32, "distill-iterations": 10, "mlp-min-steps": 150, "mlp-max-steps": 150, "num-distill-rounds": 2}  # = the fast kang test
+SMALL = {
+    "num-pretrain-rounds": 2,
+    "vae-local-steps": 150,
+    "scdg-local-steps": 30,
+    "scdg-batch-size": 64,
+    "pretrain-lr": 0.002,
+    "n-genes": 300,
+    "latent-dim": 32,
+    "distill-iterations": 10,
+    "mlp-min-steps": 150,
+    "mlp-max-steps": 150,
+    "num-distill-rounds": 2,
+}  # = the fast kang test
 
 
 def _alive(pid: int) -> bool:
@@ -25,7 +36,7 @@ def stopped(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     pids: list[int] = []
     real = demo.stop_session
 
-    def record(proc, grace_s: float = 10.0):  # noqa: ANN001, ANN202
+    def record(proc, grace_s: float = 10.0):
         pids.extend(real(proc, grace_s))
         return pids
 
@@ -38,7 +49,16 @@ def test_flwr_run_simulation_completes_and_leaves_no_process(tmp_path: Path, sto
     lines: list[str] = []
     result = demo.run_demo(tmp_path / "demo", timeout_s=900, overrides=SMALL, echo=lines.append)
     assert result.status == demo.COMPLETED and result.run_dir == tmp_path / "demo"
-    for name in ("report.html", "synthetic.h5ad", "metrics.json", "plan.json", "vae.pt", "scdg.pt", "mlp.pt", "config.json"):
+    for name in (
+        "report.html",
+        "synthetic.h5ad",
+        "metrics.json",
+        "plan.json",
+        "vae.pt",
+        "scdg.pt",
+        "mlp.pt",
+        "config.json",
+    ):
         assert (result.run_dir / name).is_file(), name
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["sites"] == ["ctrl101", "ctrl107", "stim101", "stim107"] and len(metrics["rounds"]) == 2

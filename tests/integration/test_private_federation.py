@@ -12,8 +12,8 @@ from server.config import FederationConfig
 from server.privacy import check_report, privacy_plan
 from server.simulation import run_in_process
 from shared.errors import ConfigError, ProtocolError
-from shared.protocol import MSG_DISTILL, MSG_PRETRAIN, DistillReply, PretrainReply, Plan, ProfileReply, SiteSpec
 from shared.privacy.spec import DPSpec
+from shared.protocol import MSG_DISTILL, MSG_PRETRAIN, DistillReply, Plan, PretrainReply, ProfileReply, SiteSpec
 
 
 @pytest.mark.slow
@@ -21,14 +21,26 @@ def test_a_dp_federation_reports_each_sites_epsilon(tiny_config: dict[str, objec
     cfg = {**tiny_config, "dp-epsilon": 50.0, "num-distill-rounds": 1, "cells-per-class": 3, "report": True}
     grid = run_in_process(cfg, num_nodes=3, node_configs=[site_cache] * 3, record=True)
     metrics = json.loads((Path(str(cfg["out-dir"])) / "tiny" / "metrics.json").read_text())
-    assert sorted(metrics["privacy"]) == sorted(metrics["sites"]) and sorted(metrics["privacy_plan"]) == sorted(metrics["sites"])
+    assert sorted(metrics["privacy"]) == sorted(metrics["sites"]) and sorted(metrics["privacy_plan"]) == sorted(
+        metrics["sites"]
+    )
     for site, rep in metrics["privacy"].items():
         assert 0.98 * 50 <= rep["epsilon"] <= 50.0 and 0 < rep["delta"] < 1e-2
-        assert any("DP-SGD VAE: 5 steps" in m for m in rep["mechanisms"]) and any("label counts" in m for m in rep["mechanisms"])
+        assert any("DP-SGD VAE: 5 steps" in m for m in rep["mechanisms"]) and any(
+            "label counts" in m for m in rep["mechanisms"]
+        )
         assert rep["noise_multiplier_sgd"] == pytest.approx(metrics["privacy_plan"][site]["noise_multiplier_sgd"])
-    pretrain = [PretrainReply.from_record(e.reply.content) for e in grid.log if e.message_type == MSG_PRETRAIN and e.reply is not None]
+    pretrain = [
+        PretrainReply.from_record(e.reply.content)
+        for e in grid.log
+        if e.message_type == MSG_PRETRAIN and e.reply is not None
+    ]
     assert pretrain and all(r.loss == 0.0 for r in pretrain)  # no loss over real cells leaves a DP site
-    distill = [DistillReply.from_record(e.reply.content) for e in grid.log if e.message_type == MSG_DISTILL and e.reply is not None]
+    distill = [
+        DistillReply.from_record(e.reply.content)
+        for e in grid.log
+        if e.message_type == MSG_DISTILL and e.reply is not None
+    ]
     assert distill and all(r.privacy is not None for r in distill)
     report = (Path(str(cfg["out-dir"])) / "tiny" / "report.html").read_text()
     assert "Differential privacy spent" in report and all(f"<td>{site}</td>" in report for site in metrics["privacy"])
@@ -40,10 +52,14 @@ def test_a_dp_federation_reports_each_sites_epsilon(tiny_config: dict[str, objec
     assert again["run_key"] != metrics["run_key"] and sorted(again["privacy"]) == sorted(metrics["privacy"])
 
 
-def test_an_unreachable_epsilon_stops_the_run_before_training(tiny_config: dict[str, object], site_cache: dict[str, str]) -> None:
+def test_an_unreachable_epsilon_stops_the_run_before_training(
+    tiny_config: dict[str, object], site_cache: dict[str, str]
+) -> None:
     cfg = {**tiny_config, "dp-epsilon": 20.0, "num-pretrain-rounds": 1000, "vae-local-steps": 100}
     grid = None
-    with pytest.raises(ConfigError, match=r"^site site_a \(\d+ cells after noise\): dp-epsilon=20 cannot be met") as err:
+    with pytest.raises(
+        ConfigError, match=r"^site site_a \(\d+ cells after noise\): dp-epsilon=20 cannot be met"
+    ) as err:
         grid = run_in_process(cfg, num_nodes=3, node_configs=[site_cache] * 3)
     assert grid is None and "\n" not in str(err.value)
     assert not (Path(str(cfg["out-dir"])) / "tiny" / "vae.pt").exists()  # nothing was trained
@@ -52,18 +68,41 @@ def test_an_unreachable_epsilon_stops_the_run_before_training(tiny_config: dict[
 def test_privacy_plan_names_the_site_that_cannot_meet_epsilon() -> None:
     dp = DPSpec(0.2, 0.0, 1.0, "r", rounds=30, vae_steps=100, vae_batch=128, scdg_steps=50, scdg_batch=256)
     plan = Plan(("g1", "g2"), ("a", "b"), SiteSpec(dp=dp))
-    big = ProfileReply("big", ("g1", "g2"), np.ones(2), np.ones(2), np.ones(2, np.int64), 200_000, ("a", "b"), np.array([100_000, 100_000]))
-    small = ProfileReply("small", ("g1", "g2"), np.ones(2), np.ones(2), np.ones(2, np.int64), 300, ("a", "b"), np.array([150, 150]))
+    big = ProfileReply(
+        "big",
+        ("g1", "g2"),
+        np.ones(2),
+        np.ones(2),
+        np.ones(2, np.int64),
+        200_000,
+        ("a", "b"),
+        np.array([100_000, 100_000]),
+    )
+    small = ProfileReply(
+        "small", ("g1", "g2"), np.ones(2), np.ones(2), np.ones(2, np.int64), 300, ("a", "b"), np.array([150, 150])
+    )
     assert privacy_plan([big], plan)["big"]["noise_multiplier_sgd"] > 0
     with pytest.raises(ConfigError, match=r"^site small \(300 cells after noise\): dp-epsilon=0.2 cannot be met"):
         privacy_plan([big, small], plan)
 
 
 def test_reports_are_checked() -> None:
-    good = {"epsilon": 7.9, "delta": 1e-5, "noise_multiplier_sgd": 1.0, "noise_multiplier_stats": 4.0, "mechanisms": ["x"]}
+    good = {
+        "epsilon": 7.9,
+        "delta": 1e-5,
+        "noise_multiplier_sgd": 1.0,
+        "noise_multiplier_stats": 4.0,
+        "mechanisms": ["x"],
+    }
     check_report(good, dp_on=True, target=8.0)
     check_report(None, dp_on=False, target=0.0)
-    for bad, on in ((None, True), (good, False), ({**good, "epsilon": 9.0}, True), ({**good, "delta": 0.0}, True), ({**good, "mechanisms": []}, True)):
+    for bad, on in (
+        (None, True),
+        (good, False),
+        ({**good, "epsilon": 9.0}, True),
+        ({**good, "delta": 0.0}, True),
+        ({**good, "mechanisms": []}, True),
+    ):
         with pytest.raises(ProtocolError):
             check_report(bad, dp_on=on, target=8.0)
 
@@ -71,7 +110,13 @@ def test_reports_are_checked() -> None:
 def test_run_config_dp_keys() -> None:
     cfg = FederationConfig.from_run_config({"dp-epsilon": 4, "dp-delta": 1e-6, "dp-max-grad-norm": 0.5})
     spec = cfg.site_spec("run-x").dp
-    assert spec.enabled and spec.run_key == "run-x" and spec.rounds == 30 and spec.vae_steps == 100 and spec.vae_batch == 128
+    assert (
+        spec.enabled
+        and spec.run_key == "run-x"
+        and spec.rounds == 30
+        and spec.vae_steps == 100
+        and spec.vae_batch == 128
+    )
     assert spec.class_means  # under DP the distillation matches the released class means at every k
     assert FederationConfig().site_spec("r").dp == DPSpec()
     for bad in ({"dp-epsilon": -1}, {"dp-epsilon": 1, "dp-delta": 0.5}, {"dp-epsilon": 1, "dp-max-grad-norm": 0}):

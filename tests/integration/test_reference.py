@@ -17,15 +17,40 @@ from shared.errors import ConfigError
 from shared.models import SCDG, VAE, SCDGConfig, VAEConfig
 from shared.protocol import MSG_PRETRAIN, PretrainRequest
 
-RUN = {"sim-site-key": "batch", "label-key": "cell_type", "cells-per-class": 3, "num-distill-rounds": 1, "distill-iterations": 5,
-       "finetune-steps": 0, "mlp-min-steps": 100, "mlp-max-steps": 100, "report": False}
+RUN = {
+    "sim-site-key": "batch",
+    "label-key": "cell_type",
+    "cells-per-class": 3,
+    "num-distill-rounds": 1,
+    "distill-iterations": 5,
+    "finetune-steps": 0,
+    "mlp-min-steps": 100,
+    "mlp-max-steps": 100,
+    "report": False,
+}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, example_path: Path) -> Path:
     """A reference pretrained by the CLI on the bundled (real) kang file."""
     out = tmp_path_factory.mktemp("ref") / "kang-ref"
-    assert main(["pretrain", str(example_path), "--label-key", "cell_type", "--pretrain-steps", "300,200", "--n-genes", "250", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                str(example_path),
+                "--label-key",
+                "cell_type",
+                "--pretrain-steps",
+                "300,200",
+                "--n-genes",
+                "250",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -39,15 +64,25 @@ def test_pretrain_writes_what_pretrained_path_reads(reference: Path) -> None:
     assert info["n_cells"] == 1556 and info["vae_steps"] == 300
 
 
-def test_pretrain_refuses_a_missing_label_column_in_one_line(example_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pretrain_refuses_a_missing_label_column_in_one_line(
+    example_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["pretrain", str(example_path), "--label-key", "nope", "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("scdd pretrain: error:") and "nope" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.slow
-def test_a_federation_from_pretrained_path_uses_the_stored_models_and_trains_none(reference: Path, example_path: Path, tmp_path: Path) -> None:
-    cfg = {**RUN, "sim-data-path": str(example_path), "out-dir": str(tmp_path), "run-id": "fixed", "pretrained-path": str(reference)}
+def test_a_federation_from_pretrained_path_uses_the_stored_models_and_trains_none(
+    reference: Path, example_path: Path, tmp_path: Path
+) -> None:
+    cfg = {
+        **RUN,
+        "sim-data-path": str(example_path),
+        "out-dir": str(tmp_path),
+        "run-id": "fixed",
+        "pretrained-path": str(reference),
+    }
     grid = run_in_process(cfg, num_nodes=4, node_configs=[{"cache-dir": str(tmp_path / "cache")}] * 4, record=True)
     assert not [e for e in grid.log if e.message_type == MSG_PRETRAIN]  # no weights left the sites
     run = tmp_path / "fixed"
@@ -67,9 +102,20 @@ def _first_vae_request(grid: InProcessGrid) -> PretrainRequest:
 
 
 @pytest.mark.slow
-def test_init_path_starts_fedavg_from_the_reference_on_its_genes(reference: Path, example_path: Path, tmp_path: Path) -> None:
-    cfg = {**RUN, "sim-data-path": str(example_path), "out-dir": str(tmp_path), "run-id": "init", "init-path": str(reference), "n-genes": 120,
-           "num-pretrain-rounds": 2, "vae-local-steps": 20, "scdg-local-steps": 10}
+def test_init_path_starts_fedavg_from_the_reference_on_its_genes(
+    reference: Path, example_path: Path, tmp_path: Path
+) -> None:
+    cfg = {
+        **RUN,
+        "sim-data-path": str(example_path),
+        "out-dir": str(tmp_path),
+        "run-id": "init",
+        "init-path": str(reference),
+        "n-genes": 120,
+        "num-pretrain-rounds": 2,
+        "vae-local-steps": 20,
+        "scdg-local-steps": 10,
+    }
     grid = run_in_process(cfg, num_nodes=4, node_configs=[{"cache-dir": str(tmp_path / "cache")}] * 4, record=True)
     ref_plan, ref_vae, _ = load_reference(reference)
     run = tmp_path / "init"

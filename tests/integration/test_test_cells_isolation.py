@@ -12,8 +12,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from server.simulation import InProcessGrid, run_in_process
 from server.benchmark import BenchmarkConfig, SplitConfig, prepare_seed
+from server.simulation import InProcessGrid, run_in_process
 from shared.checkpoint import load_model
 from shared.data import prepare_site, read_h5ad
 from shared.distill import DistillConfig, distill_codes
@@ -23,9 +23,24 @@ from shared.sites import site_of_cells
 from shared.training import TrainConfig
 
 SEED = 3
-RUN = {"sim-site-key": "batch", "label-key": "cell_type", "n-genes": 200, "num-pretrain-rounds": 2, "vae-local-steps": 20,
-       "scdg-local-steps": 10, "vae-batch-size": 64, "scdg-batch-size": 64, "cells-per-class": 3, "num-distill-rounds": 2,
-       "distill-iterations": 5, "finetune-steps": 5, "mlp-min-steps": 20, "mlp-max-steps": 20, "report": False, "seed": SEED}
+RUN = {
+    "sim-site-key": "batch",
+    "label-key": "cell_type",
+    "n-genes": 200,
+    "num-pretrain-rounds": 2,
+    "vae-local-steps": 20,
+    "scdg-local-steps": 10,
+    "vae-batch-size": 64,
+    "scdg-batch-size": 64,
+    "cells-per-class": 3,
+    "num-distill-rounds": 2,
+    "distill-iterations": 5,
+    "finetune-steps": 5,
+    "mlp-min-steps": 20,
+    "mlp-max-steps": 20,
+    "report": False,
+    "seed": SEED,
+}
 
 
 def _test_rows(adata: ad.AnnData, sites: np.ndarray) -> np.ndarray:
@@ -60,7 +75,9 @@ def _state(path: Path, kind: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory: pytest.TempPathFactory, example_path: Path) -> tuple[tuple[InProcessGrid, Path], tuple[InProcessGrid, Path]]:
+def two_runs(
+    tmp_path_factory: pytest.TempPathFactory, example_path: Path
+) -> tuple[tuple[InProcessGrid, Path], tuple[InProcessGrid, Path]]:
     adata = read_h5ad(example_path)
     tmp = tmp_path_factory.mktemp("isolation")
     rows = _test_rows(adata, adata.obs["batch"].astype(str).to_numpy())
@@ -69,12 +86,14 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory, example_path: Path) -> tu
     runs = []
     for name, data in (("original", example_path), ("changed", changed)):
         cfg = {**RUN, "sim-data-path": str(data), "out-dir": str(tmp), "run-id": name}
-        grid = run_in_process(cfg, num_nodes=4, node_configs=[{"cache-dir": str(tmp / f"cache-{name}")}] * 4, record=True)
+        grid = run_in_process(
+            cfg, num_nodes=4, node_configs=[{"cache-dir": str(tmp / f"cache-{name}")}] * 4, record=True
+        )
         runs.append((grid, tmp / name))
     return runs[0], runs[1]
 
 
-def test_federation_plan_weights_and_codes_ignore_test_cells(two_runs) -> None:  # noqa: ANN001
+def test_federation_plan_weights_and_codes_ignore_test_cells(two_runs) -> None:
     (grid_a, dir_a), (grid_b, dir_b) = two_runs
     assert json.loads((dir_a / "plan.json").read_text()) == json.loads((dir_b / "plan.json").read_text())
     for kind in ("vae", "scdg"):
@@ -91,10 +110,13 @@ def test_federation_plan_weights_and_codes_ignore_test_cells(two_runs) -> None: 
     codes_a = [DistillReply.from_record(r) for r in _replies(grid_a, MSG_DISTILL)]
     codes_b = [DistillReply.from_record(r) for r in _replies(grid_b, MSG_DISTILL)]
     assert len(codes_a) == 8
-    assert all(np.array_equal(a.codes, b.codes) and np.array_equal(a.labels, b.labels) for a, b in zip(codes_a, codes_b, strict=True))
+    assert all(
+        np.array_equal(a.codes, b.codes) and np.array_equal(a.labels, b.labels)
+        for a, b in zip(codes_a, codes_b, strict=True)
+    )
 
 
-def test_federation_scores_do_see_the_changed_test_cells(two_runs) -> None:  # noqa: ANN001
+def test_federation_scores_do_see_the_changed_test_cells(two_runs) -> None:
     """The other half of the proof: the test cells did change, and they are what the sites score."""
     (grid_a, _), (grid_b, _) = two_runs
     eval_a = [EvaluateReply.from_record(r) for r in _replies(grid_a, MSG_EVALUATE)]
@@ -102,7 +124,9 @@ def test_federation_scores_do_see_the_changed_test_cells(two_runs) -> None:  # n
     assert [e.n_test for e in eval_a] == [e.n_test for e in eval_b]
     assert any(a.scores["mlp"].accuracy != b.scores["mlp"].accuracy for a, b in zip(eval_a, eval_b, strict=True))
     # validation cells were not changed, and nothing trained differs: their scores are identical
-    assert all(a.val_scores["mlp"].accuracy == b.val_scores["mlp"].accuracy for a, b in zip(eval_a, eval_b, strict=True))
+    assert all(
+        a.val_scores["mlp"].accuracy == b.val_scores["mlp"].accuracy for a, b in zip(eval_a, eval_b, strict=True)
+    )
 
 
 def test_benchmark_pipeline_ignores_test_cells_on_a_dirichlet_split(example_path: Path, tmp_path: Path) -> None:

@@ -16,8 +16,14 @@ from shared.training import TrainConfig, anchor_of, fit_scdg, fit_vae
 
 
 def _states(rng: np.random.Generator, n: int) -> list[dict[str, np.ndarray]]:
-    return [{"head.weight": rng.normal(size=(4, 3)).astype(np.float32), "head.bias": rng.normal(size=4).astype(np.float32),
-             "body": rng.normal(size=(2, 2)).astype(np.float32)} for _ in range(n)]
+    return [
+        {
+            "head.weight": rng.normal(size=(4, 3)).astype(np.float32),
+            "head.bias": rng.normal(size=4).astype(np.float32),
+            "body": rng.normal(size=(2, 2)).astype(np.float32),
+        }
+        for _ in range(n)
+    ]
 
 
 def test_class_rows_are_averaged_over_the_sites_that_have_the_class_only() -> None:
@@ -25,9 +31,15 @@ def test_class_rows_are_averaged_over_the_sites_that_have_the_class_only() -> No
     states, weights = _states(rng, 3), [10.0, 30.0, 60.0]
     previous = _states(rng, 1)[0]
     have = [{0, 1}, {1}, {1, 2}]  # class 3: no site has it
-    out = average(states, weights, site_classes=have, class_rows=("head.weight", "head.bias"), n_classes=4, previous=previous)
+    out = average(
+        states, weights, site_classes=have, class_rows=("head.weight", "head.bias"), n_classes=4, previous=previous
+    )
     np.testing.assert_allclose(out["head.weight"][0], states[0]["head.weight"][0], rtol=1e-6)  # only site 0 has class 0
-    np.testing.assert_allclose(out["head.weight"][1], sum(w * s["head.weight"][1] for w, s in zip([0.1, 0.3, 0.6], states, strict=True)), rtol=1e-5)
+    np.testing.assert_allclose(
+        out["head.weight"][1],
+        sum(w * s["head.weight"][1] for w, s in zip([0.1, 0.3, 0.6], states, strict=True)),
+        rtol=1e-5,
+    )
     np.testing.assert_allclose(out["head.bias"][2], states[2]["head.bias"][2], rtol=1e-6)
     np.testing.assert_array_equal(out["head.weight"][3], previous["head.weight"][3])  # absent everywhere: untouched
     np.testing.assert_array_equal(out["head.bias"][3], previous["head.bias"][3])
@@ -42,12 +54,18 @@ def test_class_rows_of_the_real_models_and_a_null_class_row_left_to_fedavg() -> 
         params = dict(model.named_parameters())
         assert all(params[k].shape[0] >= 3 for k in model.class_rows)
     states = [{k: v.detach().numpy() + i for k, v in scdg.state_dict().items()} for i in range(2)]
-    out = average(states, [1.0, 1.0], site_classes=[{0}, {0, 1}], class_rows=scdg.class_rows, n_classes=3, previous=states[0])
-    np.testing.assert_allclose(out["class_emb.weight"][3], (states[0]["class_emb.weight"][3] + states[1]["class_emb.weight"][3]) / 2, rtol=1e-6)
+    out = average(
+        states, [1.0, 1.0], site_classes=[{0}, {0, 1}], class_rows=scdg.class_rows, n_classes=3, previous=states[0]
+    )
+    np.testing.assert_allclose(
+        out["class_emb.weight"][3], (states[0]["class_emb.weight"][3] + states[1]["class_emb.weight"][3]) / 2, rtol=1e-6
+    )
     np.testing.assert_allclose(out["class_emb.weight"][1], states[1]["class_emb.weight"][1], rtol=1e-6)
 
 
-def _flower_step(strategy: FedAvg, current: dict[str, np.ndarray], averaged: dict[str, np.ndarray], rnd: int) -> dict[str, np.ndarray]:
+def _flower_step(
+    strategy: FedAvg, current: dict[str, np.ndarray], averaged: dict[str, np.ndarray], rnd: int
+) -> dict[str, np.ndarray]:
     """One aggregation of flwr's strategy, its FedAvg part replaced by the given average (the part both sides share)."""
     if isinstance(strategy, FedAvgM):  # what configure_train would have stored
         strategy.current_arrays = ArrayRecord({k: Array(v.copy()) for k, v in current.items()})
@@ -60,9 +78,14 @@ def _flower_step(strategy: FedAvg, current: dict[str, np.ndarray], averaged: dic
     return {k: a.numpy() for k, a in out.items()}
 
 
-@pytest.mark.parametrize(("kind", "flower"), [("fedadam", FedAdam(eta=1e-2, beta_1=0.9, beta_2=0.99, tau=1e-3)),
-                                              ("fedyogi", FedYogi(eta=1e-2, beta_1=0.9, beta_2=0.99, tau=1e-3)),
-                                              ("fedavgm", FedAvgM(server_learning_rate=0.5, server_momentum=0.9))])
+@pytest.mark.parametrize(
+    ("kind", "flower"),
+    [
+        ("fedadam", FedAdam(eta=1e-2, beta_1=0.9, beta_2=0.99, tau=1e-3)),
+        ("fedyogi", FedYogi(eta=1e-2, beta_1=0.9, beta_2=0.99, tau=1e-3)),
+        ("fedavgm", FedAvgM(server_learning_rate=0.5, server_momentum=0.9)),
+    ],
+)
 def test_server_optimizer_steps_as_flowers_strategy(kind: str, flower: FedAvg) -> None:
     rng = np.random.default_rng(1)
     current = {"w": rng.normal(size=(3, 2)), "b": rng.normal(size=3)}
@@ -89,7 +112,10 @@ def test_fedavgm_accumulates_momentum_and_fedavg_takes_the_average() -> None:
 
 def test_server_optimizer_leaves_buffers_and_refuses_bad_settings() -> None:
     opt = ServerOptimizer("fedadam", 1e-2, params=frozenset({"w"}))
-    out = opt.step({"w": np.zeros(2), "buf": np.zeros(2), "n": np.array([1])}, {"w": np.ones(2), "buf": np.full(2, 5.0), "n": np.array([3])})
+    out = opt.step(
+        {"w": np.zeros(2), "buf": np.zeros(2), "n": np.array([1])},
+        {"w": np.ones(2), "buf": np.full(2, 5.0), "n": np.array([3])},
+    )
     np.testing.assert_array_equal(out["buf"], [5.0, 5.0])  # not a parameter: the average
     np.testing.assert_array_equal(out["n"], [3])
     assert 0 < out["w"][0] < 1
@@ -125,7 +151,9 @@ def test_proximal_term_is_non_zero_and_pulls_the_weights_back() -> None:
     assert term is not None and term.item() > 0 and term.requires_grad
     term.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in scdg.parameters())
-    assert fit_scdg(scdg, rng.normal(size=(64, 4)).astype(np.float32), y, TrainConfig(steps=5), anchor=start, anchor_weight=0.5)
+    assert fit_scdg(
+        scdg, rng.normal(size=(64, 4)).astype(np.float32), y, TrainConfig(steps=5), anchor=start, anchor_weight=0.5
+    )
 
 
 def test_the_kl_warm_up_spans_all_rounds_as_in_pooled_training() -> None:

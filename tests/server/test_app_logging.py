@@ -19,7 +19,9 @@ def clean_loggers() -> Iterator[logging.Logger]:
     root.handlers, root.level, log.handlers, log.level, log.propagate = saved[0], saved[1], saved[2], saved[3], saved[4]
 
 
-def test_info_lines_reach_stderr_when_nothing_is_configured(clean_loggers: logging.Logger, capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_lines_reach_stderr_when_nothing_is_configured(
+    clean_loggers: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
     clean_loggers.setLevel(logging.WARNING)
     _progress_to_run_log()
     _progress_to_run_log()  # idempotent: one handler, one line
@@ -27,7 +29,9 @@ def test_info_lines_reach_stderr_when_nothing_is_configured(clean_loggers: loggi
     assert capsys.readouterr().err.count("INFO server.orchestration: plan: 7 genes") == 1
 
 
-def test_info_lines_reach_stderr_under_a_root_handler_at_warning(clean_loggers: logging.Logger, capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_lines_reach_stderr_under_a_root_handler_at_warning(
+    clean_loggers: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
     clean_loggers.addHandler(logging.StreamHandler())  # e.g. a library called logging.basicConfig()
     clean_loggers.setLevel(logging.WARNING)
     _progress_to_run_log()
@@ -44,7 +48,7 @@ def test_a_host_that_shows_info_keeps_its_own_setup(clean_loggers: logging.Logge
     assert not any(getattr(h, "fedscdd_run_log", False) for h in logging.getLogger("server").handlers)
 
 
-def test_run_log_holds_the_runs_lines_and_is_fresh_unless_resumed(clean_loggers: logging.Logger, tmp_path) -> None:  # noqa: ANN001
+def test_run_log_holds_the_runs_lines_and_is_fresh_unless_resumed(clean_loggers: logging.Logger, tmp_path) -> None:
     from server.run_store import run_log
 
     logging.getLogger("server").setLevel(logging.INFO)
@@ -59,4 +63,6 @@ def test_run_log_holds_the_runs_lines_and_is_fresh_unless_resumed(clean_loggers:
     with run_log(path, fresh=True):
         pass
     assert path.read_text() == ""
-    assert not any(isinstance(h, logging.FileHandler) for h in logging.getLogger("server").handlers)  # gone after the block
+    assert not any(
+        isinstance(h, logging.FileHandler) for h in logging.getLogger("server").handlers
+    )  # gone after the block

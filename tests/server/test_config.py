@@ -26,7 +26,13 @@ def test_pyproject_keys_are_exactly_the_config_keys_and_valid() -> None:
     app = _app_config()
     assert set(app) == set(FederationConfig.keys())
     cfg = FederationConfig.from_run_config(app)
-    assert cfg.sim_site_key == "batch" and cfg.latent_dim == 0 and cfg.n_genes == 2000 and cfg.pretrained_path == "" and cfg.resume is False
+    assert (
+        cfg.sim_site_key == "batch"
+        and cfg.latent_dim == 0
+        and cfg.n_genes == 2000
+        and cfg.pretrained_path == ""
+        and cfg.resume is False
+    )
 
 
 def test_kebab_case_maps_and_ints_pass_as_floats() -> None:
@@ -73,7 +79,10 @@ def test_without_out_dir_runs_go_to_the_coordinators_out_dir(tmp_path: Path, mon
     monkeypatch.setenv("FEDSCDD_OUT_DIR", str(tmp_path / "state" / "runs"))
     assert FederationConfig.from_run_config({}).run_dir("run-9") == tmp_path / "state" / "runs" / "run-9"
     # an explicit out-dir wins over the coordinator's default
-    assert FederationConfig.from_run_config({"out-dir": str(tmp_path / "mine")}).run_dir("run-9") == tmp_path / "mine" / "run-9"
+    assert (
+        FederationConfig.from_run_config({"out-dir": str(tmp_path / "mine")}).run_dir("run-9")
+        == tmp_path / "mine" / "run-9"
+    )
     monkeypatch.delenv("FEDSCDD_OUT_DIR")
     monkeypatch.chdir(tmp_path)
     assert FederationConfig.from_run_config({}).run_dir("run-9") == tmp_path / "scdd-out" / "run-9"

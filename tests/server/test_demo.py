@@ -35,7 +35,10 @@ def test_stop_session_ends_the_leader_and_what_it_started() -> None:
         subprocess.run(["sleep", "0.1"], check=True)
     pids = stop_session(leader, grace_s=5)
     assert len(pids) == 2 and pids[-1] == leader.pid
-    assert all(not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] for p in pids)
+    assert all(
+        not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        for p in pids
+    )
 
 
 def test_sigterm_runs_the_demos_cleanup_and_fails_with_a_named_reason() -> None:
@@ -48,14 +51,13 @@ def test_sigterm_runs_the_demos_cleanup_and_fails_with_a_named_reason() -> None:
 
     cleaned: list[str] = []
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(DemoFailed, match="stopped by SIGTERM"):
-        with _signals_raise():
-            try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(100):  # the handler runs between bytecodes
-                    subprocess.run(["sleep", "0.05"], check=True)
-            finally:
-                os.kill(os.getpid(), signal.SIGTERM)  # a second signal during cleanup does not interrupt it
-                cleaned.append("stopped the SuperLink session")
+    with pytest.raises(DemoFailed, match="stopped by SIGTERM"), _signals_raise():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs between bytecodes
+                subprocess.run(["sleep", "0.05"], check=True)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # a second signal during cleanup does not interrupt it
+            cleaned.append("stopped the SuperLink session")
     assert cleaned == ["stopped the SuperLink session"]
     assert signal.getsignal(signal.SIGTERM) == before  # restored after the block

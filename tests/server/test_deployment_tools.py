@@ -44,7 +44,9 @@ def test_connection_is_merged_into_the_config_flwr_wrote_and_made_the_default(fl
     _flwr_first_use(flwr_home)
     path = write_connection("fedscdd", "10.0.0.5:8000", ca)
     config = tomllib.loads(path.read_text(encoding="utf-8"))["superlink"]
-    assert config["default"] == "fedscdd" and {"local", "supergrid", "fedscdd"} <= set(config)  # flwr's own entries kept
+    assert config["default"] == "fedscdd" and {"local", "supergrid", "fedscdd"} <= set(
+        config
+    )  # flwr's own entries kept
     conn = read_superlink_connection()  # what `flwr ls` etc. will use without a connection name
     assert (conn.name, conn.address, conn.root_certificates) == ("fedscdd", "10.0.0.5:8000", str(ca.resolve()))
     # run again with another address: replaced, not duplicated; --no-default leaves the default alone
@@ -63,7 +65,12 @@ def test_connection_on_a_machine_where_flwr_never_ran(flwr_home: Path, ca: Path)
 
 @pytest.mark.parametrize(
     ("address", "match"),
-    [("https://10.0.0.5:8000", "without a scheme"), ("10.0.0.5", "HOST:PORT"), ("10.0.0.5:99999", "HOST:PORT"), ("a b:1", "HOST:PORT")],
+    [
+        ("https://10.0.0.5:8000", "without a scheme"),
+        ("10.0.0.5", "HOST:PORT"),
+        ("10.0.0.5:99999", "HOST:PORT"),
+        ("a b:1", "HOST:PORT"),
+    ],
 )
 def test_bad_addresses_are_refused(flwr_home: Path, ca: Path, address: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -114,7 +121,9 @@ def _copy(release: tuple[bytes, Path], tmp_path: Path) -> tuple[bytes, Path]:
     return fab, tmp_path / "home"
 
 
-def test_a_valid_bundle_passes_from_its_folder_or_the_supernode_home(release: tuple[bytes, Path], tmp_path: Path) -> None:
+def test_a_valid_bundle_passes_from_its_folder_or_the_supernode_home(
+    release: tuple[bytes, Path], tmp_path: Path
+) -> None:
     fab, home = _copy(release, tmp_path)
     app = next((home / "apps").iterdir())
     (app / "server" / "__pycache__").mkdir()
@@ -141,7 +150,11 @@ def test_a_changed_missing_or_added_file_fails(release: tuple[bytes, Path], tmp_
     (app / "client" / "helper.py").write_text("print('hi')\n", encoding="utf-8")
     result = verify_bundle(home, fab)
     assert not result.ok
-    assert result.changed == ("client/tasks.py",) and result.missing == ("shared/io.py",) and result.extra == ("client/helper.py",)
+    assert (
+        result.changed == ("client/tasks.py",)
+        and result.missing == ("shared/io.py",)
+        and result.extra == ("client/helper.py",)
+    )
     assert "MISMATCH" in result.summary() and "changed: client/tasks.py" in result.summary()
 
 
@@ -166,7 +179,9 @@ def test_no_app_of_this_release_is_reported(release: tuple[bytes, Path], tmp_pat
     app.rename(app.with_name(app.name[:-8] + "deadbeef"))  # installed from another FAB
     with pytest.raises(BundleError, match="no app installed from this release's FAB.*deadbeef"):
         verify_bundle(home, fab)
-    assert not verify_bundle(home / "apps" / (app.name[:-8] + "deadbeef"), fab).ok  # named directly: compared, and refused
+    assert not verify_bundle(
+        home / "apps" / (app.name[:-8] + "deadbeef"), fab
+    ).ok  # named directly: compared, and refused
     with pytest.raises(BundleError, match="not a directory"):
         verify_bundle(tmp_path / "nowhere", fab)
     with pytest.raises(BundleError, match="not a checkout"):

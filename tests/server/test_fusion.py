@@ -53,21 +53,42 @@ def test_latent_moments_match_pooled_mean_and_std() -> None:
 
 def _site(acc: float, n: int, mia: float = 0.5, val_acc: float = 0.7, n_val: int = 5) -> dict:
     scores = {ev: {"accuracy": acc, "macro_f1": acc / 2, "per_class_recall": [acc]} for ev in ("mlp", "logreg")}
-    val = {ev: {"accuracy": val_acc, "macro_f1": val_acc / 2, "per_class_recall": [val_acc]} for ev in ("mlp", "logreg")}
-    fid = {"mmd_pca": 0.1, "mean_corr": 0.9, "var_corr": 0.5, "marker_overlap": 0.4, "zero_fraction_real": 0.9, "zero_fraction_synthetic": 0.2}
+    val = {
+        ev: {"accuracy": val_acc, "macro_f1": val_acc / 2, "per_class_recall": [val_acc]} for ev in ("mlp", "logreg")
+    }
+    fid = {
+        "mmd_pca": 0.1,
+        "mean_corr": 0.9,
+        "var_corr": 0.5,
+        "marker_overlap": 0.4,
+        "zero_fraction_real": 0.9,
+        "zero_fraction_synthetic": 0.2,
+    }
     aud = {"seed_mia": mia, "population_mia": 0.5, "density_mia": 0.6, "dcr_share": 0.5}
     return {"n_test": n, "scores": scores, "validation": {"n_val": n_val, "scores": val}, "fidelity": fid, "audit": aud}
 
 
 def test_scores_aggregate_cell_weighted_and_macro() -> None:
-    agg = aggregate_scores({"b": _site(1.0, 30, mia=0.7, val_acc=0.9, n_val=3), "c": _site(0.5, 10, mia=float("nan"), val_acc=0.6, n_val=1),
-                            "a": _site(0.5, 10, mia=0.6)}, ["mlp", "logreg"])
+    agg = aggregate_scores(
+        {
+            "b": _site(1.0, 30, mia=0.7, val_acc=0.9, n_val=3),
+            "c": _site(0.5, 10, mia=float("nan"), val_acc=0.6, n_val=1),
+            "a": _site(0.5, 10, mia=0.6),
+        },
+        ["mlp", "logreg"],
+    )
     assert agg["cell_weighted"]["mlp"]["accuracy"] == pytest.approx((1.0 * 30 + 0.5 * 20) / 50)
     assert agg["macro"]["mlp"]["accuracy"] == pytest.approx(2 / 3)
-    assert agg["validation"]["cell_weighted"]["mlp"]["accuracy"] == pytest.approx((0.9 * 3 + 0.6 * 1 + 0.7 * 5) / 9) and agg["n_val"] == 9
+    assert (
+        agg["validation"]["cell_weighted"]["mlp"]["accuracy"] == pytest.approx((0.9 * 3 + 0.6 * 1 + 0.7 * 5) / 9)
+        and agg["n_val"] == 9
+    )
     assert agg["audit"]["seed_mia"] == pytest.approx(0.65) and agg["audit"]["seed_mia_max"] == 0.7  # NaN sites left out
     assert agg["audit"]["density_mia"] == pytest.approx(0.6) and agg["fidelity"]["marker_overlap"] == pytest.approx(0.4)
-    assert agg["fidelity_cell_weighted"]["zero_fraction_synthetic"] == pytest.approx(0.2) and "marker_overlap" not in agg["macro"]
+    assert (
+        agg["fidelity_cell_weighted"]["zero_fraction_synthetic"] == pytest.approx(0.2)
+        and "marker_overlap" not in agg["macro"]
+    )
     assert agg["n_test"] == 50 and agg["n_sites"] == 3
     assert not math.isnan(agg["cell_weighted"]["mlp"]["macro_f1"])
 

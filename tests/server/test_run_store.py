@@ -28,13 +28,22 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     for k, v in state_of(scdg).items():
         assert np.array_equal(state_of(back.scdg)[k], v)
     assert back.codes == {}
-    codes = {"site_b": Codes(np.ones((2, 4), np.float32), np.array([0, 1]), 600, 2.0), "site_a": Codes(np.zeros((1, 4), np.float32), np.array([1]), 400, 1.5)}
-    store.checkpoint(["pretrain", "round-1"], plan=PLAN, metrics={"rounds": []}, config={"seed": 0}, vae=vae, scdg=scdg, codes=codes)
+    codes = {
+        "site_b": Codes(np.ones((2, 4), np.float32), np.array([0, 1]), 600, 2.0),
+        "site_a": Codes(np.zeros((1, 4), np.float32), np.array([1]), 400, 1.5),
+    }
+    store.checkpoint(
+        ["pretrain", "round-1"], plan=PLAN, metrics={"rounds": []}, config={"seed": 0}, vae=vae, scdg=scdg, codes=codes
+    )
     again = store.load_checkpoint()
     assert again is not None and sorted(again.codes) == ["site_a", "site_b"]
     for site, c in codes.items():
         got = again.codes[site]
-        assert np.array_equal(got.codes, c.codes) and np.array_equal(got.labels, c.labels) and (got.t_star, got.guidance) == (c.t_star, c.guidance)
+        assert (
+            np.array_equal(got.codes, c.codes)
+            and np.array_equal(got.labels, c.labels)
+            and (got.t_star, got.guidance) == (c.t_star, c.guidance)
+        )
 
 
 def test_fresh_start_removes_previous_outputs_only(tmp_path: Path) -> None:

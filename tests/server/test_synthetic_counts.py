@@ -22,11 +22,13 @@ LIBRARY = np.array([[7.5, 0.3, 0.6], [8.0, 0.4, 0.5], [7.0, 0.2, 0.7]], np.float
 def _parts(library_b: np.ndarray = LIBRARY) -> list[SiteCodes]:
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(CLASSES), K)
-    return [SiteCodes(site, Codes(rng.normal(size=(labels.size, D)).astype(np.float32), labels, 5, 1.0), library=lib)
-            for site, lib in (("site-a", LIBRARY), ("site-b", library_b))]
+    return [
+        SiteCodes(site, Codes(rng.normal(size=(labels.size, D)).astype(np.float32), labels, 5, 1.0), library=lib)
+        for site, lib in (("site-a", LIBRARY), ("site-b", library_b))
+    ]
 
 
-def _models():  # noqa: ANN202
+def _models():
     vae, scdg = fresh_models(PLAN, latent_dim=D, seed=0, count_head=True)
     with torch.no_grad():  # class-dependent proportions, so that the classes differ in their counts
         vae.count_head.to_rho.bias.copy_(torch.linspace(-3, 3, GENES))
@@ -36,7 +38,10 @@ def _models():  # noqa: ANN202
 def test_counts_layer_and_x_by_decode_mode() -> None:
     vae, scdg = _models()
     parts = _parts()
-    fused = {mode: fuse_round(parts, vae, scdg, PLAN, round_=1, provenance={}, mode=mode, seed=3) for mode in ("counts", "expected", "sample")}
+    fused = {
+        mode: fuse_round(parts, vae, scdg, PLAN, round_=1, provenance={}, mode=mode, seed=3)
+        for mode in ("counts", "expected", "sample")
+    }
     counts = fused["counts"].layers["counts"].toarray()
     assert set(fused["counts"].layers) == {"counts", "expected"}
     assert (counts >= 0).all() and np.array_equal(counts, np.round(counts)) and counts.sum() > 0
@@ -60,7 +65,9 @@ def test_without_count_input_at_a_site_there_are_no_counts_and_x_falls_back(capl
     assert np.allclose(fused.X.toarray(), fused.layers["expected"].toarray())
     assert '"decode": "expected"' in fused.uns["fedscdd"]["provenance_json"]
     plain = fresh_models(PLAN, latent_dim=D, seed=0)[0]  # a VAE trained without count input has no count head
-    assert "counts" not in fuse_round(_parts(), plain, scdg, PLAN, round_=1, provenance={}, mode="expected", seed=3).layers
+    assert (
+        "counts" not in fuse_round(_parts(), plain, scdg, PLAN, round_=1, provenance={}, mode="expected", seed=3).layers
+    )
 
 
 def test_a_standard_scanpy_workflow_runs_on_the_counts_layer() -> None:
@@ -89,5 +96,10 @@ def test_sampling_modes_draw_several_cells_per_code_and_expected_does_not() -> N
     # each code's cells are consecutive, of its class, with the same expected expression but their own counts
     assert (three.obs["cell_type"].to_numpy()[::3] == one.obs["cell_type"].to_numpy()).all()
     ex = three.layers["expected"].toarray()
-    assert np.allclose(ex[0::3], ex[1::3]) and not np.array_equal(three.layers["counts"].toarray()[0::3], three.layers["counts"].toarray()[1::3])
-    assert fuse_round(parts, vae, scdg, PLAN, round_=1, provenance={}, mode="expected", seed=3, samples_per_code=3).n_obs == one.n_obs
+    assert np.allclose(ex[0::3], ex[1::3]) and not np.array_equal(
+        three.layers["counts"].toarray()[0::3], three.layers["counts"].toarray()[1::3]
+    )
+    assert (
+        fuse_round(parts, vae, scdg, PLAN, round_=1, provenance={}, mode="expected", seed=3, samples_per_code=3).n_obs
+        == one.n_obs
+    )

@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 from flwr.app import Array, ConfigRecord, RecordDict
 
-from server.validation import decode, distill_budget, validate_distill, validate_evaluate, validate_pretrain, validate_profile
+from server.validation import (
+    decode,
+    distill_budget,
+    validate_distill,
+    validate_evaluate,
+    validate_pretrain,
+    validate_profile,
+)
 from shared.errors import ProtocolError
 from shared.protocol import (
-    EVALUATORS, KEY_CODES, KEY_CONFIG, KEY_LATENT, KEY_METRICS, KEY_STATS, KEY_WEIGHTS, SCHEMA_KEY, DistillReply, DistillRequest,
-    EvaluateReply, EvaluatorScores, Plan, PretrainReply, PretrainRequest, ProfileReply, wire_bytes,
+    EVALUATORS,
+    KEY_CODES,
+    KEY_CONFIG,
+    KEY_LATENT,
+    KEY_METRICS,
+    KEY_STATS,
+    KEY_WEIGHTS,
+    SCHEMA_KEY,
+    DistillReply,
+    DistillRequest,
+    EvaluateReply,
+    EvaluatorScores,
+    Plan,
+    PretrainReply,
+    PretrainRequest,
+    ProfileReply,
+    wire_bytes,
 )
 
 PLAN = Plan(("g1", "g2", "g3"), ("B", "T", "mono"))
@@ -52,7 +73,9 @@ DISTILL_CASES: dict[str, Callable[[RecordDict], None]] = {
     "extra-key": _set(KEY_CODES, "expression", Array(np.zeros((4, 3), np.float32))),
     "missing-key": lambda rd: rd[KEY_CODES].pop("labels"),
     "missing-record": lambda rd: rd.pop(KEY_METRICS),
-    "schema-version": _set(KEY_CONFIG, SCHEMA_KEY, 1),  # a site of the release before the validation split and the audit
+    "schema-version": _set(
+        KEY_CONFIG, SCHEMA_KEY, 1
+    ),  # a site of the release before the validation split and the audit
     "empty": lambda rd: [rd.pop(k) for k in list(rd)],
     "label-out-of-range": _set(KEY_CODES, "labels", Array(np.array([0, 0, 1, 7], np.int32))),
     "label-negative": _set(KEY_CODES, "labels", Array(np.array([0, 0, 1, -1], np.int32))),
@@ -73,7 +96,9 @@ DISTILL_CASES: dict[str, Callable[[RecordDict], None]] = {
     "library-float64": _set(KEY_CODES, "library", Array(LIBRARY.astype(np.float64))),
     "library-shape": _set(KEY_CODES, "library", Array(LIBRARY[:2])),
     "library-partial-row": _set(KEY_CODES, "library", Array(np.array([[7.0, np.nan, 0.6], *LIBRARY[1:]], np.float32))),
-    "library-for-absent-class": _set(KEY_CODES, "library", Array(np.array([*LIBRARY[:2], [7.0, 0.5, 0.5]], np.float32))),
+    "library-for-absent-class": _set(
+        KEY_CODES, "library", Array(np.array([*LIBRARY[:2], [7.0, 0.5, 0.5]], np.float32))
+    ),
     "library-share-above-1": _set(KEY_CODES, "library", Array(np.array([[7.0, 0.5, 1.5], *LIBRARY[1:]], np.float32))),
     "library-negative-sd": _set(KEY_CODES, "library", Array(np.array([[7.0, -0.5, 0.5], *LIBRARY[1:]], np.float32))),
     "library-huge-total": _set(KEY_CODES, "library", Array(np.array([[70.0, 0.5, 0.5], *LIBRARY[1:]], np.float32))),
@@ -95,15 +120,28 @@ def test_malformed_distill_reply_is_rejected(case: str) -> None:
 
 
 def _profile(**over: object) -> ProfileReply:
-    base = {"site_name": "a", "genes": ("g1", "g2"), "sums": np.ones(2), "sumsq": np.ones(2), "detected": np.array([1, 2]), "n_cells": 4,
-            "label_names": ("B",), "label_counts": np.array([4])}
+    base = {
+        "site_name": "a",
+        "genes": ("g1", "g2"),
+        "sums": np.ones(2),
+        "sumsq": np.ones(2),
+        "detected": np.array([1, 2]),
+        "n_cells": 4,
+        "label_names": ("B",),
+        "label_counts": np.array([4]),
+    }
     return ProfileReply(**{**base, **over})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     ("over", "seen"),
-    [({}, {"a"}), ({"sums": np.array([-1.0, 1.0])}, set()), ({"detected": np.array([1, 9])}, set()),
-     ({"label_counts": np.array([9])}, set()), ({"label_counts": np.array([0])}, set())],
+    [
+        ({}, {"a"}),
+        ({"sums": np.array([-1.0, 1.0])}, set()),
+        ({"detected": np.array([1, 9])}, set()),
+        ({"label_counts": np.array([9])}, set()),
+        ({"label_counts": np.array([0])}, set()),
+    ],
     ids=["duplicated-site", "negative-sums", "detected-over-n", "labels-over-n", "zero-label-count"],
 )
 def test_malformed_profile_is_rejected(over: dict, seen: set) -> None:
@@ -123,10 +161,24 @@ PREQ = PretrainRequest("vae", 1, STATE, "{}", PLAN, 5, 1e-3, 8, (1.0, 1.0), 0)
 
 @pytest.mark.parametrize(
     "mutate",
-    [_set(KEY_WEIGHTS, "w", Array(np.ones((3, 3), np.float32))), lambda rd: rd[KEY_WEIGHTS].pop("b"),
-     _set(KEY_WEIGHTS, "extra", Array(np.ones(1, np.float32))), _set(KEY_WEIGHTS, "w", Array(np.ones((2, 3), np.float64))),
-     _set(KEY_METRICS, "num-examples", 0), _set(KEY_CONFIG, "stage", "scdg"), _set(KEY_CONFIG, "stage", "hack")],
-    ids=["weight-shape", "weight-missing", "weight-extra", "weight-dtype", "zero-examples", "wrong-stage", "unknown-stage"],
+    [
+        _set(KEY_WEIGHTS, "w", Array(np.ones((3, 3), np.float32))),
+        lambda rd: rd[KEY_WEIGHTS].pop("b"),
+        _set(KEY_WEIGHTS, "extra", Array(np.ones(1, np.float32))),
+        _set(KEY_WEIGHTS, "w", Array(np.ones((2, 3), np.float64))),
+        _set(KEY_METRICS, "num-examples", 0),
+        _set(KEY_CONFIG, "stage", "scdg"),
+        _set(KEY_CONFIG, "stage", "hack"),
+    ],
+    ids=[
+        "weight-shape",
+        "weight-missing",
+        "weight-extra",
+        "weight-dtype",
+        "zero-examples",
+        "wrong-stage",
+        "unknown-stage",
+    ],
 )
 def test_malformed_pretrain_reply_is_rejected(mutate: Callable[[RecordDict], None]) -> None:
     rd = PretrainReply("vae", 1, 10, 0.5, weights=STATE).to_record()
@@ -145,28 +197,81 @@ def test_latent_stats_of_the_wrong_length_are_rejected() -> None:
         decode(rd, PretrainReply)
 
 
-FIDELITY = {"mmd_pca": 0.1, "mean_corr": 0.9, "var_corr": 0.5, "marker_overlap": 0.4, "zero_fraction_real": 0.9, "zero_fraction_synthetic": 0.1}
+FIDELITY = {
+    "mmd_pca": 0.1,
+    "mean_corr": 0.9,
+    "var_corr": 0.5,
+    "marker_overlap": 0.4,
+    "zero_fraction_real": 0.9,
+    "zero_fraction_synthetic": 0.1,
+}
 AUDIT = {"seed_mia": 0.6, "population_mia": 0.5, "density_mia": 0.55, "dcr_share": 0.5}
 
 
-def _evaluate(acc: float = 0.9, recall: tuple = (1.0, 0.5, float("nan")), n_test: int = 10, val_acc: float = 0.85, n_val: int = 5,
-              audit: dict | None = None, fidelity: dict | None = None, local_acc: float = 0.88, val_fidelity: dict | None = None) -> EvaluateReply:
+def _evaluate(
+    acc: float = 0.9,
+    recall: tuple = (1.0, 0.5, float("nan")),
+    n_test: int = 10,
+    val_acc: float = 0.85,
+    n_val: int = 5,
+    audit: dict | None = None,
+    fidelity: dict | None = None,
+    local_acc: float = 0.88,
+    val_fidelity: dict | None = None,
+) -> EvaluateReply:
     scores = {ev: EvaluatorScores(acc, 0.8, recall) for ev in EVALUATORS}
     val = {ev: EvaluatorScores(val_acc, 0.7, recall) for ev in EVALUATORS}
     local = {"mlp": {"accuracy": local_acc, "macro_f1": 0.8}, "logreg": {"accuracy": 0.9, "macro_f1": 0.8}}
-    return EvaluateReply(1, n_test, scores, n_val, val, {**FIDELITY, **(fidelity or {})}, {**AUDIT, **(audit or {})}, local,
-                         {**FIDELITY, **(val_fidelity or {})})
+    return EvaluateReply(
+        1,
+        n_test,
+        scores,
+        n_val,
+        val,
+        {**FIDELITY, **(fidelity or {})},
+        {**AUDIT, **(audit or {})},
+        local,
+        {**FIDELITY, **(val_fidelity or {})},
+    )
 
 
-@pytest.mark.parametrize("reply", [_evaluate(acc=1.5), _evaluate(recall=(1.0,)), _evaluate(n_test=0), _evaluate(recall=(1.0, 2.0, 0.0)),
-                                   _evaluate(val_acc=1.2), _evaluate(val_acc=float("nan")), _evaluate(acc=float("nan")), _evaluate(n_val=-1),
-                                   _evaluate(audit={"seed_mia": 1.5}), _evaluate(audit={"dcr_share": -0.1}),
-                                   _evaluate(fidelity={"marker_overlap": 2.0}), _evaluate(fidelity={"var_corr": -3.0}), _evaluate(local_acc=1.3),
-                                   _evaluate(val_fidelity={"zero_fraction_synthetic": 1.5}), _evaluate(val_fidelity={"mmd_pca": -0.5})],
-                         ids=["accuracy-over-1", "recall-length", "no-test-cells", "recall-over-1", "val-accuracy-over-1",
-                              "val-accuracy-missing-with-val-cells", "test-accuracy-missing", "negative-val-cells", "seed-mia-over-1",
-                              "dcr-share-negative", "marker-overlap-over-1", "var-corr-below-minus-1", "local-only-over-1",
-                              "val-zero-fraction-over-1", "val-mmd-negative"])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        _evaluate(acc=1.5),
+        _evaluate(recall=(1.0,)),
+        _evaluate(n_test=0),
+        _evaluate(recall=(1.0, 2.0, 0.0)),
+        _evaluate(val_acc=1.2),
+        _evaluate(val_acc=float("nan")),
+        _evaluate(acc=float("nan")),
+        _evaluate(n_val=-1),
+        _evaluate(audit={"seed_mia": 1.5}),
+        _evaluate(audit={"dcr_share": -0.1}),
+        _evaluate(fidelity={"marker_overlap": 2.0}),
+        _evaluate(fidelity={"var_corr": -3.0}),
+        _evaluate(local_acc=1.3),
+        _evaluate(val_fidelity={"zero_fraction_synthetic": 1.5}),
+        _evaluate(val_fidelity={"mmd_pca": -0.5}),
+    ],
+    ids=[
+        "accuracy-over-1",
+        "recall-length",
+        "no-test-cells",
+        "recall-over-1",
+        "val-accuracy-over-1",
+        "val-accuracy-missing-with-val-cells",
+        "test-accuracy-missing",
+        "negative-val-cells",
+        "seed-mia-over-1",
+        "dcr-share-negative",
+        "marker-overlap-over-1",
+        "var-corr-below-minus-1",
+        "local-only-over-1",
+        "val-zero-fraction-over-1",
+        "val-mmd-negative",
+    ],
+)
 def test_malformed_evaluate_reply_is_rejected(reply: EvaluateReply) -> None:
     validate_evaluate(_evaluate(), round_=1, n_classes=3)
     with pytest.raises(ProtocolError):
@@ -178,7 +283,11 @@ def test_evaluate_reply_without_validation_cells_may_leave_validation_and_audit_
     reply = _evaluate(n_val=0, val_acc=nan, audit={"seed_mia": nan, "density_mia": nan})
     back = decode(reply.to_record(), EvaluateReply)
     validate_evaluate(back, round_=1, n_classes=3)
-    assert math.isnan(back.val_scores["mlp"].accuracy) and math.isnan(back.audit["seed_mia"]) and back.audit["dcr_share"] == 0.5
+    assert (
+        math.isnan(back.val_scores["mlp"].accuracy)
+        and math.isnan(back.audit["seed_mia"])
+        and back.audit["dcr_share"] == 0.5
+    )
 
 
 def test_evaluate_reply_with_nan_accuracy_fails_decoding() -> None:

@@ -28,12 +28,23 @@ def population() -> dict[str, np.ndarray]:
         out[f"y_{part}"] = RNG.choice(4, size=n, p=p)
         out[part] = _cells(out[f"y_{part}"], RNG)
     out["members"] = random_members(out["y_train"], {c: 40 for c in range(4)}, seed=1)  # class-balanced, as seeds are
-    out["fresh"] = _cells(np.repeat(np.arange(4), 40), RNG).astype(np.float32)  # k per class, independent of every real cell
+    out["fresh"] = _cells(np.repeat(np.arange(4), 40), RNG).astype(
+        np.float32
+    )  # k per class, independent of every real cell
     return out
 
 
-def _audit(pop: dict[str, np.ndarray], X_syn: np.ndarray, members: np.ndarray, *, aligned: bool = False):  # noqa: ANN202
-    return audit(pop["train"], pop["y_train"], members, pop["holdout"], pop["y_holdout"], pop["reference"], X_syn, aligned=aligned)
+def _audit(pop: dict[str, np.ndarray], X_syn: np.ndarray, members: np.ndarray, *, aligned: bool = False):
+    return audit(
+        pop["train"],
+        pop["y_train"],
+        members,
+        pop["holdout"],
+        pop["y_holdout"],
+        pop["reference"],
+        X_syn,
+        aligned=aligned,
+    )
 
 
 def test_copies_of_the_seed_cells_score_near_one(population: dict[str, np.ndarray]) -> None:
@@ -48,7 +59,9 @@ def test_copies_of_every_training_cell_reach_the_population_audit(population: di
     assert a.population_mia >= 0.95, a
 
 
-def test_independent_samples_score_about_one_half_despite_class_balanced_seeds(population: dict[str, np.ndarray]) -> None:
+def test_independent_samples_score_about_one_half_despite_class_balanced_seeds(
+    population: dict[str, np.ndarray],
+) -> None:
     """k synthetic cells per class vs held-out cells in the site's class mix: without class matching this scored well above 0.5."""
     a = _audit(population, population["fresh"], population["members"], aligned=True)
     for key in AUDIT_KEYS:
@@ -73,9 +86,13 @@ def test_too_few_cells_give_nan_not_a_number_that_looks_safe(population: dict[st
     p, syn = population, population["fresh"]
     y3 = np.zeros(3, np.int64)
     assert math.isnan(distance_mia(p["train"][:3], y3, p["holdout"], p["y_holdout"], syn))
-    assert math.isnan(density_mia(p["train"][:50], p["y_train"][:50], p["holdout"], p["y_holdout"], p["reference"][:2], syn))
+    assert math.isnan(
+        density_mia(p["train"][:50], p["y_train"][:50], p["holdout"], p["y_holdout"], p["reference"][:2], syn)
+    )
     assert math.isnan(dcr_share(p["train"], p["y_train"], np.arange(3), p["holdout"][:3], p["y_holdout"][:3], syn))
-    assert math.isnan(distance_mia(p["train"], p["y_train"], p["holdout"], p["y_holdout"], np.zeros((0, 20), np.float32)))
+    assert math.isnan(
+        distance_mia(p["train"], p["y_train"], p["holdout"], p["y_holdout"], np.zeros((0, 20), np.float32))
+    )
 
 
 def test_random_members_draws_the_requested_cells_per_class() -> None:

@@ -14,16 +14,26 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-
 from bad_sites import (
-    N_CELLS, N_GENES, SECRET_TEXTS, SECRET_VALUE, all_missing_labels, cell_ids, continuous_labels, counts, cpm_like,
-    duplicated_genes, lognorm, site, with_value,
+    N_CELLS,
+    N_GENES,
+    SECRET_TEXTS,
+    SECRET_VALUE,
+    all_missing_labels,
+    cell_ids,
+    continuous_labels,
+    counts,
+    cpm_like,
+    duplicated_genes,
+    lognorm,
+    site,
+    with_value,
 )
+
 from shared.data import check_file, detect_kind, prepare_site, read_h5ad
 from shared.errors import SiteDataError
 
 logger = logging.getLogger(__name__)
-
 
 
 def _prepare(build: Callable[[], anndata.AnnData], **kwargs: object) -> Callable[[Path], object]:

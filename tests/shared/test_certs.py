@@ -61,9 +61,7 @@ def test_generate_all_layout(pki: dict) -> None:
         assert site.public_key == out / "sites" / f"{site.site_name}.pub"
     expected = {"ca.crt", "ca.key", "server.pem", "server.key", "sites"}
     assert {p.name for p in out.iterdir()} == expected
-    assert {p.name for p in (out / "sites").iterdir()} == {
-        n for s in SITES for n in (s, f"{s}.pub")
-    }
+    assert {p.name for p in (out / "sites").iterdir()} == {n for s in SITES for n in (s, f"{s}.pub")}
 
 
 def test_ca_is_a_ca(pki: dict) -> None:
@@ -109,8 +107,17 @@ def test_san_parsing() -> None:
     assert certs.parse_san("[fd00::1]") == x509.IPAddress(ipaddress.ip_address("fd00::1"))
     assert certs.parse_san("Coordinator.Example.org.") == x509.DNSName("coordinator.example.org")
     assert certs.parse_san("*.example.org") == x509.DNSName("*.example.org")
-    for bad in ["", "  ", "https://coordinator.example.org", "host:8000", "a..b", "-x.org",
-                "999.1.1.1", "bad_name.org", "über.example.org"]:
+    for bad in [
+        "",
+        "  ",
+        "https://coordinator.example.org",
+        "host:8000",
+        "a..b",
+        "-x.org",
+        "999.1.1.1",
+        "bad_name.org",
+        "über.example.org",
+    ]:
         with pytest.raises(CertificateError):
             certs.parse_san(bad)
 
@@ -134,9 +141,7 @@ def test_server_cert_needs_a_ca(tmp_path: Path) -> None:
 
 def test_separate_dirs(tmp_path: Path) -> None:
     ca = certs.create_ca(tmp_path / "ca", days=30)
-    server = certs.create_server_cert(
-        tmp_path / "server", ca_dir=tmp_path / "ca", sans=["localhost"], days=3650
-    )
+    server = certs.create_server_cert(tmp_path / "server", ca_dir=tmp_path / "ca", sans=["localhost"], days=3650)
     cert = _load_cert(server.cert)
     cert.verify_directly_issued_by(_load_cert(ca.cert))
     # clamped to the CA's lifetime
@@ -178,9 +183,7 @@ def test_site_keys_accepted_by_flower(pki: dict) -> None:
     # flower-supernode: load_ssh_private_key + isinstance EllipticCurvePrivateKey (see above)
 
 
-@pytest.mark.parametrize(
-    "bad", ["", "../evil", "a/b", "a b", "a.pub", "-rf", "é", "x" * 65, ".hidden"]
-)
+@pytest.mark.parametrize("bad", ["", "../evil", "a/b", "a b", "a.pub", "-rf", "é", "x" * 65, ".hidden"])
 def test_bad_site_names_refused(tmp_path: Path, bad: str) -> None:
     with pytest.raises(CertificateError, match="invalid site name"):
         certs.create_site_keys(tmp_path, site_names=["ok", bad])
@@ -273,8 +276,18 @@ def test_existing_symlink_refused(tmp_path: Path) -> None:
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "certs"
-    argv = ["--out", str(out), "--san", "127.0.0.1", "--san", "coordinator.example.org",
-            "--site", "hospital-a", "--site", "hospital-b"]
+    argv = [
+        "--out",
+        str(out),
+        "--san",
+        "127.0.0.1",
+        "--san",
+        "coordinator.example.org",
+        "--site",
+        "hospital-a",
+        "--site",
+        "hospital-b",
+    ]
     assert certs_cli.main(argv) == 0
     text = capsys.readouterr().out
     for name in ["ca.crt", "ca.key", "server.pem", "server.key", "hospital-a.pub"]:
@@ -308,9 +321,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 # --------------------------------------------------------------------------- real TLS
 
 
-def _tls_handshake(
-    pki: dict, cafile: Path, server_hostname: str
-) -> tuple[bytes | None, BaseException | None]:
+def _tls_handshake(pki: dict, cafile: Path, server_hostname: str) -> tuple[bytes | None, BaseException | None]:
     """Serve one TLS connection with server.pem/server.key; connect as a client."""
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(pki["server"].cert, pki["server"].key)

@@ -16,7 +16,9 @@ from shared.models.likelihood import nb_log_prob, sample_nb
 from shared.models.vae import VAE, VAEConfig, counts_from_lognorm
 
 
-@pytest.mark.parametrize(("x", "mu", "theta"), [(0, 0.5, 1.0), (3, 2.0, 0.5), (17, 10.0, 20.0), (0, 1e-3, 5.0), (250, 80.0, 3.0)])
+@pytest.mark.parametrize(
+    ("x", "mu", "theta"), [(0, 0.5, 1.0), (3, 2.0, 0.5), (17, 10.0, 20.0), (0, 1e-3, 5.0), (250, 80.0, 3.0)]
+)
 def test_nb_log_prob_matches_scipy(x: int, mu: float, theta: float) -> None:
     # scipy's nbinom(n, p) with n = theta, p = theta / (theta + mu) has mean mu and variance mu + mu^2 / theta
     ref = stats.nbinom.logpmf(x, theta, theta / (theta + mu))
@@ -61,7 +63,9 @@ def test_the_count_head_learns_counts_without_moving_the_rest_of_the_model() -> 
     torch.manual_seed(1)
     with_counts = VAE(VAEConfig(n_genes=genes, latent_dim=4, hidden=(16, 8), count_head=True))
     shared = {k: v for k, v in with_counts.state_dict().items() if not k.startswith("count_head.")}
-    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in shared.items()) and set(shared) == set(plain.state_dict())
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in shared.items()) and set(shared) == set(
+        plain.state_dict()
+    )
     for model in (plain, with_counts):
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         torch.manual_seed(2)
@@ -71,7 +75,11 @@ def test_the_count_head_learns_counts_without_moving_the_rest_of_the_model() -> 
             out.total.backward()
             opt.step()
     # the shared weights trained identically (the NB term reaches the count head only) ...
-    assert all(torch.allclose(v, plain.state_dict()[k]) for k, v in with_counts.state_dict().items() if not k.startswith("count_head."))
+    assert all(
+        torch.allclose(v, plain.state_dict()[k])
+        for k, v in with_counts.state_dict().items()
+        if not k.startswith("count_head.")
+    )
     # ... and the count head fits the counts: proportions close to the true rates' shares
     rho, theta = with_counts.count_head.parts(with_counts.encode(x)[0])
     assert torch.allclose(rho.mean(0), rate / rate.sum(), atol=0.02)
@@ -94,14 +102,20 @@ def test_library_stats_are_the_per_class_totals_and_plan_shares() -> None:
         m = labels == c
         assert stats[c, 0] == pytest.approx(np.log(library[m]).mean(), rel=1e-5)
         assert stats[c, 1] == pytest.approx(np.log(library[m]).std(), rel=1e-4)
-        assert stats[c, 2] == pytest.approx((counts[m].sum(1) / library[m]).mean(), rel=1e-4)  # share recovered from X alone
+        assert stats[c, 2] == pytest.approx(
+            (counts[m].sum(1) / library[m]).mean(), rel=1e-4
+        )  # share recovered from X alone
     assert np.isnan(stats[2]).all() and stats.dtype == np.float32
     assert usable(stats, np.array([0, 1])) and not usable(stats, np.array([0, 2]))
     # a class of fewer than 5 cells gets the site's pooled row: no released number describes one or two cells
     few = np.concatenate([labels[:150], np.full(2, 2)]), np.concatenate([library[:150], library[150:152]])
     small = library_stats(sp.vstack([X[:150], X[150:152]]), few[1], few[0], n_classes=3)
-    assert small[2, 0] == pytest.approx(np.log(few[1]).mean(), rel=1e-5) and small[0, 0] == pytest.approx(np.log(library[:150]).mean(), rel=1e-5)
-    assert np.isnan(library_stats(X[:4], library[:4], labels[:4], n_classes=2)).all()  # a site of 4 cells releases nothing
+    assert small[2, 0] == pytest.approx(np.log(few[1]).mean(), rel=1e-5) and small[0, 0] == pytest.approx(
+        np.log(library[:150]).mean(), rel=1e-5
+    )
+    assert np.isnan(
+        library_stats(X[:4], library[:4], labels[:4], n_classes=2)
+    ).all()  # a site of 4 cells releases nothing
 
 
 def test_sampled_counts_have_the_sites_library_sizes_and_the_real_cells_scale() -> None:
@@ -112,7 +126,9 @@ def test_sampled_counts_have_the_sites_library_sizes_and_the_real_cells_scale() 
     z = np.random.default_rng(2).normal(size=(4000, 4)).astype(np.float32)
     y = np.repeat([0, 1], 2000)
     counts, X_syn = sample_counts(vae, z, y, stats, seed=3)
-    assert counts.shape == X_syn.shape == (4000, 40) and (counts >= 0).all() and np.array_equal(counts, np.round(counts))
+    assert (
+        counts.shape == X_syn.shape == (4000, 40) and (counts >= 0).all() and np.array_equal(counts, np.round(counts))
+    )
     for c in (0, 1):
         m = y == c
         share = plan_fraction(X_syn[m])  # X is log1p(counts / L * 1e4) with L the cell's total over ALL genes

@@ -18,8 +18,8 @@ from shared.data import (
     PreparedSite,
     align_genes,
     check_file,
-    check_labels,
     check_genes,
+    check_labels,
     detect_kind,
     gene_stats,
     normalize,
@@ -40,7 +40,7 @@ TEAM_FILES = sorted(TEAM_DATA.glob("*.h5ad")) if TEAM_DATA.is_dir() else []
 NO_TEAM_DATA = "../shared/data not present (team datasets are not part of a user clone)"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path: Path) -> anndata.AnnData:
     """Read an .h5ad once per session (tests must not modify the result)."""
     return anndata.read_h5ad(path)

@@ -46,8 +46,9 @@ def test_the_run_config_checks_the_device_and_keeps_dp_on_cpu() -> None:
         FederationConfig(device="auto", dp_epsilon=8.0)
 
 
-def test_simulate_refuses_a_missing_gpu_before_it_starts(example_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_simulate_refuses_a_missing_gpu_before_it_starts(
+    example_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     _gpus(monkeypatch, 0)
     assert main(["simulate", "--data", str(example_path), "--device", "cuda", "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
@@ -65,7 +66,12 @@ def test_a_dp_site_refuses_a_gpu_before_touching_its_cells(three_site_h5ad: Path
 
     dp_spec = DPSpec(50.0, 0.0, 1.0, "run", rounds=1, vae_steps=2, vae_batch=8, scdg_steps=2, scdg_batch=8)
     spec = SiteSpec(label_key="cell_type", dp=dp_spec)
-    site = load_site(resolve_source({"partition-id": 0}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"}), spec, None, cache=tmp_path)
+    site = load_site(
+        resolve_source({"partition-id": 0}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"}),
+        spec,
+        None,
+        cache=tmp_path,
+    )
     plan = Plan(site.genes, site.classes, spec)
     vae, _ = fresh_models(plan, latent_dim=4, seed=0)
     req = PretrainRequest("vae", 1, state_of(vae), model_json(vae), plan, 2, 1e-3, 8, (0.0, 1.0), 0)

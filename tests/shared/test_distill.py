@@ -84,7 +84,9 @@ def test_no_class_gets_more_codes_than_cells(fed: Federation, pre) -> None:
     assert got == {int(c): min(int(m), k) for c, m in zip(classes, n, strict=True)}
     assert any(m < k for m in n)
     assert codes_fit_again(codes, y, k, pre.vae.config.latent_dim)
-    assert not codes_fit_again(codes, y, k + 1, pre.vae.config.latent_dim)  # a class with >= k+1 cells now needs one more code
+    assert not codes_fit_again(
+        codes, y, k + 1, pre.vae.config.latent_dim
+    )  # a class with >= k+1 cells now needs one more code
     assert not codes_fit_again(codes, y, k, pre.vae.config.latent_dim + 1)
 
 
@@ -119,12 +121,32 @@ def test_scdd_beats_random_real_cells_at_k1(fed: Federation, pre) -> None:
     X_test, y_test = fed.pooled("test")
     acc = {"scdd": [], "random": []}
     for seed in range(2):
-        parts = [distill_codes(pre.vae, pre.scdg, *fed.train(i), DistillConfig(k=1, iterations=100, seed=seed)) for i in range(4)]
-        codes = Codes(np.concatenate([p.codes for p in parts]), np.concatenate([p.labels for p in parts]), parts[0].t_star, parts[0].guidance)
+        parts = [
+            distill_codes(pre.vae, pre.scdg, *fed.train(i), DistillConfig(k=1, iterations=100, seed=seed))
+            for i in range(4)
+        ]
+        codes = Codes(
+            np.concatenate([p.codes for p in parts]),
+            np.concatenate([p.labels for p in parts]),
+            parts[0].t_star,
+            parts[0].guidance,
+        )
         cells = generate(pre.vae, pre.scdg, codes, mode="expected")
         acc["scdd"].append(score(y_test, fit_predict("mlp", cells, codes.labels, X_test, 5, seed=seed)).accuracy)
         rand = [coreset(*fed.train(i), 1, method="random", seed=seed) for i in range(4)]
-        acc["random"].append(score(y_test, fit_predict("mlp", np.concatenate([r.X for r in rand]), np.concatenate([r.labels for r in rand]), X_test, 5, seed=seed)).accuracy)
+        acc["random"].append(
+            score(
+                y_test,
+                fit_predict(
+                    "mlp",
+                    np.concatenate([r.X for r in rand]),
+                    np.concatenate([r.labels for r in rand]),
+                    X_test,
+                    5,
+                    seed=seed,
+                ),
+            ).accuracy
+        )
     assert np.mean(acc["scdd"]) > np.mean(acc["random"]) + 0.05, acc
 
 
@@ -172,8 +194,24 @@ def test_marker_overlap_is_high_for_real_cells_and_low_for_shuffled_genes(fed: F
 
 def test_synthetic_anndata_is_scanpy_ready_and_fuses(fed: Federation) -> None:
     X = np.abs(np.random.default_rng(0).normal(size=(6, len(fed.genes)))).astype(np.float32)
-    a = to_anndata(X, np.array([0, 0, 1, 1, 2, 2]), class_names=fed.classes, genes=fed.genes, site="A", round_=1, provenance={"k": 2})
-    b = to_anndata(X, np.array([3, 3, 4, 4, 4, 4]), class_names=fed.classes, genes=fed.genes, site="B", round_=1, provenance={"k": 2})
+    a = to_anndata(
+        X,
+        np.array([0, 0, 1, 1, 2, 2]),
+        class_names=fed.classes,
+        genes=fed.genes,
+        site="A",
+        round_=1,
+        provenance={"k": 2},
+    )
+    b = to_anndata(
+        X,
+        np.array([3, 3, 4, 4, 4, 4]),
+        class_names=fed.classes,
+        genes=fed.genes,
+        site="B",
+        round_=1,
+        provenance={"k": 2},
+    )
     fused = fuse([a, b])
     assert fused.n_obs == 12 and list(fused.var_names) == list(fed.genes)
     assert set(fused.obs["site"]) == {"A", "B"} and fused.obs["synthetic"].all()
@@ -183,7 +221,7 @@ def test_synthetic_anndata_is_scanpy_ready_and_fuses(fed: Federation) -> None:
     assert replace(DistillConfig(), k=3).k == 3
 
 
-def test_a_large_class_mean_is_summed_in_blocks_to_the_same_value(monkeypatch) -> None:  # noqa: ANN001
+def test_a_large_class_mean_is_summed_in_blocks_to_the_same_value(monkeypatch) -> None:
     import scipy.sparse as sp
 
     from shared import distill
@@ -193,4 +231,6 @@ def test_a_large_class_mean_is_summed_in_blocks_to_the_same_value(monkeypatch) -
     rows = np.sort(rng.choice(500, 300, replace=False))
     whole = distill._rows_mean(X, rows)
     monkeypatch.setattr(distill, "MEAN_BLOCK", 64)
-    assert np.allclose(distill._rows_mean(X, rows), whole, rtol=1e-5) and np.allclose(whole, X[rows].toarray().mean(0), rtol=1e-5)
+    assert np.allclose(distill._rows_mean(X, rows), whole, rtol=1e-5) and np.allclose(
+        whole, X[rows].toarray().mean(0), rtol=1e-5
+    )

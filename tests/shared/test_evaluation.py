@@ -25,7 +25,7 @@ def test_train_mlp_takes_exactly_the_rule_steps(monkeypatch: pytest.MonkeyPatch)
     calls = []
 
     class Counting(torch.optim.AdamW):
-        def step(self, closure=None):  # noqa: ANN001, ANN202
+        def step(self, closure=None):
             calls.append(1)
             return super().step(closure)
 
@@ -43,14 +43,16 @@ def test_the_federation_reads_the_same_knob() -> None:
         FederationConfig.from_run_config({"mlp-min-steps": 50, "mlp-max-steps": 10})
 
 
-def _kang_split(example_path):  # noqa: ANN001, ANN202 - Path -> (train X, y, test X, y)
+def _kang_split(example_path):
     from shared.data import prepare_site, read_h5ad
 
     site = prepare_site(read_h5ad(example_path), label_key="cell_type")
     return site.X[site.train_idx], site.labels[site.train_idx], site.X[site.test_idx], site.labels[site.test_idx]
 
 
-def test_a_hospital_sized_site_is_scored_a_block_at_a_time_with_the_same_predictions(example_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_a_hospital_sized_site_is_scored_a_block_at_a_time_with_the_same_predictions(
+    example_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     X, y, X_test, y_test = _kang_split(example_path)
     whole = {ev: evaluation.fit_predict(ev, X, y, X_test, 5) for ev in ("logreg", "knn")}
     monkeypatch.setattr(evaluation, "PREDICT_ROWS", 7)
@@ -62,13 +64,15 @@ def test_a_hospital_sized_site_is_scored_a_block_at_a_time_with_the_same_predict
     assert np.mean(sparse_fit == whole["logreg"]) > 0.98 and np.mean(sparse_fit == y_test) > 0.8
 
 
-def sp_input_used(X) -> bool:  # noqa: ANN001
+def sp_input_used(X) -> bool:
     import scipy.sparse as sp
 
     return sp.issparse(X) and X.dtype == np.float32
 
 
-def test_fidelity_of_a_large_site_uses_a_seeded_subset_of_its_cells(example_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_fidelity_of_a_large_site_uses_a_seeded_subset_of_its_cells(
+    example_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     X, y, _, _ = _kang_split(example_path)
     syn, y_syn = X[::25].toarray(), y[::25]  # synthetic stand-ins of every class
     full = evaluation.fidelity(X, y, syn, y_syn)
@@ -76,5 +80,7 @@ def test_fidelity_of_a_large_site_uses_a_seeded_subset_of_its_cells(example_path
     part = evaluation.fidelity(X, y, syn, y_syn)
     again = evaluation.fidelity(X, y, syn, y_syn)
     values = [np.array(list(f.as_dict().values()), dtype=float) for f in (part, again, full)]
-    assert np.array_equal(values[0], values[1], equal_nan=True) and not np.array_equal(values[0], values[2], equal_nan=True)  # seeded, fewer cells
+    assert np.array_equal(values[0], values[1], equal_nan=True) and not np.array_equal(
+        values[0], values[2], equal_nan=True
+    )  # seeded, fewer cells
     assert abs(part.mean_corr - full.mean_corr) < 0.05 and abs(part.zero_fraction_real - full.zero_fraction_real) < 0.03

@@ -43,7 +43,15 @@ def test_aux_head_learns_the_embedding(cbmc_subset: Path) -> None:
 
 
 def test_distill_with_embedding_key_and_missing_key(cbmc_subset: Path) -> None:
-    report = distill_file(cbmc_subset, distill=DistillConfig(k=2, iterations=5), n_genes=300, embedding_key="ADT", pretrain_cfg=SMALL)
+    report = distill_file(
+        cbmc_subset, distill=DistillConfig(k=2, iterations=5), n_genes=300, embedding_key="ADT", pretrain_cfg=SMALL
+    )
     assert '"embedding_key": "ADT"' in report.synthetic.uns["fedscdd"]["provenance_json"]
     with pytest.raises(SiteDataError, match="obsm\\['X_scgpt'\\] not found"):
-        distill_file(cbmc_subset, distill=DistillConfig(k=2, iterations=5), n_genes=300, embedding_key="X_scgpt", pretrain_cfg=SMALL)
+        distill_file(
+            cbmc_subset,
+            distill=DistillConfig(k=2, iterations=5),
+            n_genes=300,
+            embedding_key="X_scgpt",
+            pretrain_cfg=SMALL,
+        )

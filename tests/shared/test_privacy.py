@@ -14,7 +14,8 @@ from scipy.special import gammaln, logsumexp
 from scipy.stats import norm
 
 from shared.errors import ConfigError, ProtocolError
-from shared.privacy import ledger, mechanisms as mech
+from shared.privacy import ledger
+from shared.privacy import mechanisms as mech
 from shared.privacy.accounting import MAX_SGD_NOISE, ORDERS, Noise, Schedule, SGDStage, calibrate, epsilon
 from shared.privacy.sgd import DPSGD, clipped_sum, noisy_step_grads
 from shared.privacy.spec import DPSpec
@@ -42,7 +43,9 @@ def test_one_gaussian_release_matches_its_closed_form() -> None:
     ours = epsilon(Schedule(("one release",)), Noise(sigma, 0.0), delta)
     assert ours == pytest.approx(by_hand, rel=1e-9)
     # and it is a valid, not too loose, bound on the exact privacy curve of the Gaussian mechanism (Balle & Wang 2018)
-    exact = brentq(lambda e: norm.cdf(0.5 / sigma - e * sigma) - math.exp(e) * norm.cdf(-0.5 / sigma - e * sigma) - delta, 1e-6, 50)
+    exact = brentq(
+        lambda e: norm.cdf(0.5 / sigma - e * sigma) - math.exp(e) * norm.cdf(-0.5 / sigma - e * sigma) - delta, 1e-6, 50
+    )
     assert exact <= ours <= 1.35 * exact
 
 
@@ -107,7 +110,9 @@ def test_dp_sgd_clips_each_cell_gradient() -> None:
     diff = lambda a, b: math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in a))  # noqa: E731
     assert diff(moved, without) <= 0.5 + 1e-5  # the extreme cell adds at most the clipping bound
     layered = clipped_sum(model, loss, (x_extreme, y_extreme), 0.5, per_layer=True)
-    layered_without = clipped_sum(model, loss, (torch.cat([x[:3], x[4:]]), torch.cat([y[:3], y[4:]])), 0.5, per_layer=True)
+    layered_without = clipped_sum(
+        model, loss, (torch.cat([x[:3], x[4:]]), torch.cat([y[:3], y[4:]])), 0.5, per_layer=True
+    )
     assert diff(layered, layered_without) <= 0.5 + 1e-5  # per layer too: every layer gets 0.5 / sqrt(3)
     assert diff(base, moved) <= 1.0 + 1e-5
     # the per-cell gradients agree with plain autograd on one cell
@@ -125,11 +130,13 @@ def test_noisy_step_uses_the_secret_generator_and_the_expected_batch() -> None:
     first = model.weight.grad.clone()
     noisy_step_grads(model, lambda m, xi, yi: ((m(xi) - yi) ** 2).sum(1), (x, y), dp, torch.Generator().manual_seed(1))
     assert torch.equal(first, model.weight.grad)
-    expected = torch.randn((1, 3), generator=torch.Generator().manual_seed(1)) * 1.0 / 10.0  # sigma * C / expected batch
+    expected = (
+        torch.randn((1, 3), generator=torch.Generator().manual_seed(1)) * 1.0 / 10.0
+    )  # sigma * C / expected batch
     assert torch.allclose(first, expected)
 
 
-def test_site_secret_is_private_stable_and_keys_the_noise(tmp_path) -> None:  # noqa: ANN001
+def test_site_secret_is_private_stable_and_keys_the_noise(tmp_path) -> None:
     secret = mech.site_secret(tmp_path)
     assert len(secret) == mech.SECRET_BYTES and mech.site_secret(tmp_path) == secret
     assert stat.S_IMODE(os.stat(tmp_path / mech.SECRET_FILE).st_mode) == 0o600
@@ -142,7 +149,7 @@ def test_site_secret_is_private_stable_and_keys_the_noise(tmp_path) -> None:  # 
         mech.site_secret(tmp_path)
 
 
-def test_ledger_allows_a_retry_and_refuses_a_second_release(tmp_path) -> None:  # noqa: ANN001
+def test_ledger_allows_a_retry_and_refuses_a_second_release(tmp_path) -> None:
     ledger.claim(tmp_path, "site", "run-1", "vae-1", "aaa")
     ledger.claim(tmp_path, "site", "run-1", "vae-1", "aaa")  # the same request again: same noise, nothing new
     with pytest.raises(ProtocolError, match="already released"):
@@ -175,28 +182,49 @@ def test_ghost_clipping_equals_clipping_materialised_per_cell_gradients(max_norm
     y = torch.randint(0, 3, (12,))
     lib = torch.full((12,), 2000.0)
 
-    def vae_losses(m: VAE, xi: torch.Tensor, yi: torch.Tensor, li: torch.Tensor) -> torch.Tensor:  # deterministic; the encoder runs twice
+    def vae_losses(
+        m: VAE, xi: torch.Tensor, yi: torch.Tensor, li: torch.Tensor
+    ) -> torch.Tensor:  # deterministic; the encoder runs twice
         mu = m.encode(xi)[0]
         again = m.encode(xi * 0.5)[0]
         counts = counts_from_lognorm(xi, li)
-        return (((m.decode(mu) - xi) ** 2).sum(1) + torch.nn.functional.cross_entropy(m.label_head(again), yi, reduction="none")
-                - m.count_head.log_prob(mu.detach(), counts, exact=False))
+        return (
+            ((m.decode(mu) - xi) ** 2).sum(1)
+            + torch.nn.functional.cross_entropy(m.label_head(again), yi, reduction="none")
+            - m.count_head.log_prob(mu.detach(), counts, exact=False)
+        )
 
     assert leftover_parameters(vae) == ["count_head.log_theta"]
     rows = (x, y, lib)
-    ghost = ghost_clipped_sum(vae, vae_losses, rows, max_norm, lambda names: per_cell_grads(vae, lambda m, *r: vae_losses(m, *r)[0], rows, names),
-                              per_layer=per_layer)
+    ghost = ghost_clipped_sum(
+        vae,
+        vae_losses,
+        rows,
+        max_norm,
+        lambda names: per_cell_grads(vae, lambda m, *r: vae_losses(m, *r)[0], rows, names),
+        per_layer=per_layer,
+    )
     assert _close(ghost, clipped_sum(vae, lambda m, *r: vae_losses(m, *r)[0], rows, max_norm, per_layer=per_layer))
 
     scdg = SCDG(SCDGConfig(latent_dim=6, n_classes=3, hidden=16)).eval()
-    torch.nn.init.normal_(scdg.out[1].weight, std=0.1)  # the output layer starts at zero: give it gradients through the blocks
+    torch.nn.init.normal_(
+        scdg.out[1].weight, std=0.1
+    )  # the output layer starts at zero: give it gradients through the blocks
     z = torch.randn(12, 6)
     t = torch.randint(0, 1000, (12,))
 
-    def scdg_losses(m: SCDG, zi: torch.Tensor, ci: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:  # embedding, time MLP, the QA head twice
+    def scdg_losses(
+        m: SCDG, zi: torch.Tensor, ci: torch.Tensor, ti: torch.Tensor
+    ) -> torch.Tensor:  # embedding, time MLP, the QA head twice
         ce = torch.nn.functional.cross_entropy
-        return (m.eps(zi, ti, ci, dedupe=False) ** 2).sum(1) + ce(m.classify(zi), ci, reduction="none") + ce(m.classify(zi * 0.3), ci, reduction="none")
+        return (
+            (m.eps(zi, ti, ci, dedupe=False) ** 2).sum(1)
+            + ce(m.classify(zi), ci, reduction="none")
+            + ce(m.classify(zi * 0.3), ci, reduction="none")
+        )
 
     rows = (z, y, t)
-    assert _close(ghost_clipped_sum(scdg, scdg_losses, rows, max_norm, per_layer=per_layer),
-                  clipped_sum(scdg, lambda m, *r: scdg_losses(m, *r)[0], rows, max_norm, per_layer=per_layer))
+    assert _close(
+        ghost_clipped_sum(scdg, scdg_losses, rows, max_norm, per_layer=per_layer),
+        clipped_sum(scdg, lambda m, *r: scdg_losses(m, *r)[0], rows, max_norm, per_layer=per_layer),
+    )
