@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from server.simulation import parse_overrides, simulate_file
+from server.cli.simulation import parse_overrides, simulate_file
 from shared.checkpoint import load_model
 from shared.data import prepare_site, read_h5ad
 from shared.io import write_json

@@ -1,6 +1,6 @@
 """Choose the evaluation MLP's training rule on VALIDATION cells (never test cells).
 
-For each file and seed, the benchmark's sites and splits are drawn (`server.benchmark.prepare_seed`,
+For each file and seed, the benchmark's sites and splits are drawn (`server.bench.benchmark.prepare_seed`,
 no pretraining needed) and the MLP is trained under every candidate rule on training sets of very
 different sizes: k random real cells per class per site (k = 1, 10, 50, fused over sites, as a
 distilled set would be) and all training cells (centralized). It is scored on the pooled validation
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.benchmark import BenchmarkConfig, SplitConfig, prepare_seed
-from shared.baselines import coreset
+from server.bench.baselines import coreset
+from server.bench.benchmark import BenchmarkConfig, SplitConfig, prepare_seed
 from shared.data import read_h5ad
 from shared.evaluation import MLPTrainConfig, fit_predict, score
 from shared.io import write_text

@@ -12,7 +12,7 @@ keep probability drawn from U(0.6, 0.9), about 900 non-zeros per cell. ``--wide`
 another real file (``cellbench_lung5``, thinned to 1 %) for a 20 396-gene variant. Written as uncompressed CSR
 a block of cells at a time, so generating a 1 M-cell file needs little memory.
 
-``site`` runs the shipped ServerApp and ClientApp in one process (``server.simulation.run_in_process``) with the
+``site`` runs the shipped ServerApp and ClientApp in one process (``server.cli.simulation.run_in_process``) with the
 file as the one deployed site (``data-path``), and reports for every message the site handled its wall seconds and
 peak resident memory (sampled every 20 ms from /proc/self/status, all resident pages and the anonymous ones: the
 difference is mostly the memory-mapped site cache; the process's baseline - Python, torch, the coordinator - is
@@ -196,7 +196,7 @@ class RssSampler:
 def site(path: Path, work: Path, overrides: dict[str, Any]) -> None:
     """One deployed site of ``path`` in the in-process federation; one JSON line per message the site handled."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from server.simulation import app_config_defaults, component_ref, load_component, run_in_process
+    from server.cli.simulation import app_config_defaults, component_ref, load_component, run_in_process
 
     client = load_component(component_ref("clientapp"))
     sampler = RssSampler()
@@ -240,7 +240,7 @@ def many_sites(data: Path, n_sites: int, work: Path, overrides: dict[str, Any]) 
     """An in-process federation of ``n_sites`` Dirichlet-split sites of ``data``: per group of messages (one phase of one round),
     the sites' seconds, the coordinator's seconds until the next group (aggregation, fusion, training) and its resident memory."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from server.simulation import app_config_defaults, component_ref, load_component, run_in_process
+    from server.cli.simulation import app_config_defaults, component_ref, load_component, run_in_process
 
     client = load_component(component_ref("clientapp"))
     sampler = RssSampler()
@@ -332,7 +332,7 @@ def run_all(sizes: list[int], folder: Path, *, wide: bool, overrides: list[str])
 
 
 def main() -> None:
-    from server.simulation import parse_overrides
+    from server.cli.simulation import parse_overrides
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,6 +1,6 @@
 """scdd distillation and decoding variants, scored on VALIDATION cells only (how defaults are chosen).
 
-The benchmark's multi-site setting (`server.benchmark.prepare_seed`: obs["batch"] sites or a Dirichlet(0.5)
+The benchmark's multi-site setting (`server.bench.benchmark.prepare_seed`: obs["batch"] sites or a Dirichlet(0.5)
 3-site split, each site split 70 / 10 / 20 into train / validation / test, pooled pretraining, codes from every
 site fused, the evaluation MLP), averaged over files and seeds; every seed re-draws the site split (Dirichlet
 files), the per-site splits, pretraining and distillation. Test cells are never scored here.
@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server.benchmark import BenchmarkConfig, prepare_seed
+from server.bench.benchmark import BenchmarkConfig, prepare_seed
 from shared.data import read_h5ad
 from shared.distill import DistillConfig, distill_codes, generate
 from shared.evaluation import fit_predict, score
+from shared.fitting import encode
 from shared.pretrain import PretrainConfig
-from shared.training import encode
 
 OLD = {"latent_weight": 1.0, "mmd_weight": 1.0, "class_weight": 0.1}  # the objective before 2026-11-26
 NEW = {"latent_weight": 0.0, "mmd_weight": 0.0, "class_weight": 1.0}  # the default since

@@ -203,7 +203,7 @@ def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, fo
     written straight into memory-mapped files in ``folder`` (with meta.npz: labels, split, names, library sizes).
 
     Rows are stored training cells first, then validation, then test cells (each in file order), so that
-    each part is a contiguous block: ``shared.training.row_view`` hands it to training without a copy.
+    each part is a contiguous block: ``shared.fitting.row_view`` hands it to training without a copy.
     """
     from shared.data import build_matrix, read_cells
     from shared.stream import open_site_file
@@ -289,8 +289,8 @@ def _profile_stats(blocks: Iterable[sp.csr_matrix], n_genes: int, clip: bool) ->
 
 def profile_of_site(site: SiteData, *, clip: bool) -> SiteProfile:
     """A prepared site's profile statistics (its matrix must hold all its genes)."""
+    from shared.fitting import row_view
     from shared.stream import CHUNK_ROWS
-    from shared.training import row_view
 
     train = row_view(site.X, site.train_idx)
     blocks = (train[a : a + CHUNK_ROWS] for a in range(0, train.shape[0], CHUNK_ROWS))

@@ -31,6 +31,7 @@ from shared.distill import (
 )
 from shared.errors import CheckpointError, ConfigError, ProtocolError
 from shared.evaluation import PREDICT_ROWS, Matrix, MLPTrainConfig, fidelity, fit_predict, predict_mlp, score
+from shared.fitting import TrainConfig, anchor_of, dense_rows, encode, fit_scdg, fit_vae, row_view
 from shared.privacy.ledger import digest
 from shared.privacy.mechanisms import torch_generator
 from shared.protocol import (
@@ -48,7 +49,6 @@ from shared.protocol import (
     StateDict,
 )
 from shared.protocol.rounds import LIBRARY_STATS
-from shared.training import TrainConfig, anchor_of, dense_rows, encode, fit_scdg, fit_vae, row_view
 
 logger = logging.getLogger(__name__)
 CPU = torch.device("cpu")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.fusion import fedavg
+from server.averaging import fedavg
 
 State = Mapping[str, np.ndarray]
 OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")

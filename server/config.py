@@ -222,7 +222,7 @@ class FederationConfig:
         """The DP plan the sites receive: target, and the pretraining schedule they will compose (off when dp-epsilon is 0)."""
         if self.dp_epsilon == 0:
             return DPSpec()
-        from server.pretraining import budgets  # the stage budgets (run config over PretrainConfig's defaults)
+        from server.fedavg import budgets  # the stage budgets (run config over PretrainConfig's defaults)
         from shared.distill import DistillConfig, resolve_gene_mean_weight
 
         vae, scdg = budgets(self)

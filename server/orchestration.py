@@ -20,15 +20,15 @@ import numpy as np
 from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
-from server import pretraining
+from server import fedavg as pretraining
+from server.averaging import aggregate_scores, site_result
 from server.config import FederationConfig
 from server.errors import NO_PLAN, RESUME_MISMATCH, FederationStopped
-from server.fusion import aggregate_scores, site_result
 from server.messaging import Link, wait_for_nodes
 from server.privacy import privacy_plan
 from server.reference import init_models, reference_genes
 from server.run_store import RESUME_FREE, RUN_LOG, RunStore, run_log
-from server.training import (
+from server.synthesis import (
     SiteCodes,
     finetune_generator,
     fresh_models,

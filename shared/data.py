@@ -597,7 +597,7 @@ def build_matrix(
     """The kept cells' log-normalised float32 CSR on ``vocabulary``'s columns (default: the input genes), and the coverage.
 
     ``parts``: sorted positions among the kept cells, written one part after the other (e.g. the
-    training, validation and test cells, so that each is a contiguous block of rows: ``shared.training.row_view``);
+    training, validation and test cells, so that each is a contiguous block of rows: ``shared.fitting.row_view``);
     default: every kept cell in order. Built in place: the arrays are sized from the first pass's
     non-zero counts, so peak memory is the result plus one block (8 bytes per stored value with
     int32 indices, 12 with int64 beyond 2^31 values). ``allocate`` gives the ``data``, ``indices`` and

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from shared.errors import ConfigError
+from shared.fitting import dense_rows, encode, model_device
 from shared.models import SCDG, VAE
 from shared.models.vae import DecodeMode
-from shared.training import dense_rows, encode, model_device
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from shared.fitting import dense_rows
 from shared.models import MLPClassifier, MLPConfig
-from shared.training import dense_rows
 
 logger = logging.getLogger(__name__)
 

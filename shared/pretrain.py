@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import scipy.sparse as sp
 
+from shared.fitting import TrainConfig, encode, fit_scdg, fit_vae, set_latent_stats
 from shared.models import SCDG, VAE, SCDGConfig, VAEConfig
-from shared.training import TrainConfig, encode, fit_scdg, fit_vae, set_latent_stats
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ SITES = ("site_a", "site_b", "site_c")
 @pytest.fixture(scope="session")
 def three_site_h5ad(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic raw-count file with 3 sites in obs['site'] (3 classes, 60 genes, 270 cells)."""
-    from shared.testing import make_site_adata
+    from fake_sites import make_site_adata
 
     adata = make_site_adata(n_cells=270, n_genes=60, n_labels=3, seed=3)
     adata.obs["site"] = pd.Categorical([SITES[i % 3] for i in range(adata.n_obs)])

@@ -61,3 +61,66 @@ def test_only_the_protocol_package_imports_flower_inside_shared() -> None:
         if "flwr" in _imports(p) and "protocol" not in p.relative_to(REPO / "shared").parts
     ]
     assert not offenders, offenders
+
+
+# The rooms that are not part of the Flower app bundle (pyproject [tool.flwr.app] fab-exclude).
+TOOLING = ("server/cli", "server/bench", "server/pki")
+
+
+def _bundle_names() -> set[str]:
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    return set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(REPO))).namelist())
+
+
+def test_the_app_bundle_carries_the_run_time_packages_and_nothing_else() -> None:
+    names = _bundle_names()
+    code = {
+        str(p.relative_to(REPO))
+        for pkg in ("shared", "server", "client")
+        for p in (REPO / pkg).rglob("*.py")
+        if not str(p.relative_to(REPO)).startswith(TOOLING) and "__pycache__" not in p.parts
+    }
+    assert names == code | {"pyproject.toml", "README.md", ".info/CONTENT"}, sorted(names ^ code)
+
+
+def test_what_the_apps_import_is_in_the_bundle_and_never_tooling() -> None:
+    code = (
+        "import importlib, sys\n"
+        "importlib.import_module('server.app'); importlib.import_module('client.app')\n"
+        "print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in ('shared', 'server', 'client'))))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert res.returncode == 0, res.stderr[-800:]
+    loaded = set(res.stdout.split())
+    names = _bundle_names()
+
+    def in_bundle(module: str) -> bool:
+        path = module.replace(".", "/")
+        return not path.startswith(TOOLING) and bool({f"{path}.py", f"{path}/__init__.py"} & names)
+
+    assert [m for m in sorted(loaded) if not in_bundle(m)] == []
+    # and no bundled module imports a tooling room anywhere (lazily inside a function included)
+    offenders = [
+        name
+        for name in names
+        if name.endswith(".py") and any(m.replace(".", "/").startswith(TOOLING) for m in _modules(REPO / name))
+    ]
+    assert not offenders, offenders
+
+
+def _modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return found

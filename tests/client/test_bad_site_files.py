@@ -31,7 +31,7 @@ from bad_sites import (
 from flwr.app import Context, Message, RecordDict
 
 from client.app import app
-from server.training import fresh_models, model_json, state_of
+from server.synthesis import fresh_models, model_json, state_of
 from shared.errors import FedscddError, SiteDataError
 from shared.protocol import Plan, PretrainRequest, ProfileRequest, SiteSpec
 

@@ -13,7 +13,7 @@ from flwr.app import Context, Message, RecordDict
 from client import site as site_mod
 from client import tasks
 from client.app import SiteTaskError, app
-from server.training import fresh_models, model_json, state_of
+from server.synthesis import fresh_models, model_json, state_of
 from shared.errors import ConfigError, SiteDataError
 from shared.evaluation import MLPTrainConfig
 from shared.protocol import (
@@ -108,7 +108,7 @@ def test_distill_returns_k_codes_per_class_and_warm_starts_from_codes_the_server
 
 
 def test_evaluate_scores_models_on_held_out_cells(ctx: Context, plan: Plan) -> None:
-    from server.training import train_evaluators
+    from server.synthesis import train_evaluators
 
     rng = np.random.default_rng(0)
     X, y = rng.random((12, len(plan.genes))).astype(np.float32), np.repeat([0, 1, 2], 4)

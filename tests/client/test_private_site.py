@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from client import privacy, tasks
 from client.privacy import SiteDP
 from client.site import SiteData, load_site, resolve_source
-from server.training import fresh_models, model_json, state_of
+from server.synthesis import fresh_models, model_json, state_of
 from shared.errors import ProtocolError
 from shared.privacy.mechanisms import site_secret
 from shared.privacy.spec import DPSpec

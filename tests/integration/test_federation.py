@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
 
+from server.cli.simulation import InProcessGrid, component_ref, load_component, run_in_process
 from server.errors import TOO_FEW_SITES, FederationStopped
 from server.run_store import RunStore
-from server.simulation import InProcessGrid, component_ref, load_component, run_in_process
 from server.validation import distill_budget
 from shared.checkpoint import load_model, model_hash
 from shared.pretrain import latent_dim_for
@@ -346,7 +346,7 @@ class _SilentGrid(InProcessGrid):
 
 
 def test_a_silent_site_times_out_and_is_dropped_for_the_round(tiny_config: dict, site_cache: dict[str, str]) -> None:
-    from server.simulation import task_identity
+    from server.cli.simulation import task_identity
 
     server = load_component(component_ref("serverapp"))
     grid = _SilentGrid(

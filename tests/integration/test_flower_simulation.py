@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server import demo
+from server.cli import demo
 
 SMALL = {
     "num-pretrain-rounds": 2,

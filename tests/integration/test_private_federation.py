@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.cli.simulation import run_in_process
 from server.config import FederationConfig
 from server.privacy import check_report, privacy_plan
-from server.simulation import run_in_process
 from shared.errors import ConfigError, ProtocolError
 from shared.privacy.spec import DPSpec
 from shared.protocol import MSG_DISTILL, MSG_PRETRAIN, DistillReply, Plan, PretrainReply, ProfileReply, SiteSpec

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from server.cli import main
+from server.cli.simulation import InProcessGrid, run_in_process
 from server.reference import init_models, load_reference, transfer
-from server.simulation import InProcessGrid, run_in_process
 from shared.checkpoint import load_model, model_hash
 from shared.errors import ConfigError
 from shared.models import SCDG, VAE, SCDGConfig, VAEConfig

@@ -12,15 +12,15 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from server.benchmark import BenchmarkConfig, SplitConfig, prepare_seed
-from server.simulation import InProcessGrid, run_in_process
+from server.bench.benchmark import BenchmarkConfig, SplitConfig, prepare_seed
+from server.cli.simulation import InProcessGrid, run_in_process
 from shared.checkpoint import load_model
 from shared.data import prepare_site, read_h5ad
 from shared.distill import DistillConfig, distill_codes
+from shared.fitting import TrainConfig
 from shared.pretrain import PretrainConfig
 from shared.protocol import MSG_DISTILL, MSG_EVALUATE, MSG_PRETRAIN, DistillReply, EvaluateReply, PretrainReply
 from shared.sites import site_of_cells
-from shared.training import TrainConfig
 
 SEED = 3
 RUN = {

@@ -11,8 +11,8 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
 from server.aggregation import ServerOptimizer, average
+from shared.fitting import TrainConfig, anchor_of, fit_scdg, fit_vae
 from shared.models import SCDG, VAE, SCDGConfig, VAEConfig
-from shared.training import TrainConfig, anchor_of, fit_scdg, fit_vae
 
 
 def _states(rng: np.random.Generator, n: int) -> list[dict[str, np.ndarray]]:
@@ -145,7 +145,7 @@ def test_proximal_term_is_non_zero_and_pulls_the_weights_back() -> None:
     with torch.no_grad():
         for p in scdg.parameters():
             p.add_(0.1)
-    from shared.training import _pull
+    from shared.fitting import _pull
 
     term = _pull(dict(scdg.named_parameters()), start, 0.5)
     assert term is not None and term.item() > 0 and term.requires_grad
@@ -157,7 +157,7 @@ def test_proximal_term_is_non_zero_and_pulls_the_weights_back() -> None:
 
 
 def test_the_kl_warm_up_spans_all_rounds_as_in_pooled_training() -> None:
-    from server.pretraining import kl_ramp
+    from server.fedavg import kl_ramp
 
     ramps = [kl_ramp(r, 10) for r in range(1, 11)]
     assert ramps[0] == (0.0, 1 / 3) and ramps[1] == (1 / 3, 2 / 3) and ramps[2] == (2 / 3, 1.0)  # 30 % of 10 rounds

@@ -8,7 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from server.demo import _toml_str, stage_app, started_pids, stop_session
+from server.cli.demo import _toml_str, stage_app, started_pids, stop_session
 
 
 def test_staged_app_builds_a_fab_with_code_only(tmp_path: Path) -> None:
@@ -47,7 +47,7 @@ def test_sigterm_runs_the_demos_cleanup_and_fails_with_a_named_reason() -> None:
 
     import pytest
 
-    from server.demo import DemoFailed, _signals_raise
+    from server.cli.demo import DemoFailed, _signals_raise
 
     cleaned: list[str] = []
     before = signal.getsignal(signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""Operator tooling of the deployment guide: `scdd flwr-connection` and `scdd verify-bundle` (server/deployment.py)."""
+"""Operator tooling of the deployment guide: `scdd flwr-connection` and `scdd verify-bundle` (server/cli/deployment.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from server.cli import main
-from server.deployment import BundleError, build_release_fab, verify_bundle, write_connection
-from shared.certs import generate_all
+from server.cli.deployment import BundleError, build_release_fab, verify_bundle, write_connection
+from server.pki.certs import generate_all
 from shared.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,7 +136,7 @@ def test_a_valid_bundle_passes_from_its_folder_or_the_supernode_home(
 
 
 def _names(fab: bytes) -> list[str]:
-    from server.deployment import fab_files
+    from server.cli.deployment import fab_files
 
     return list(fab_files(fab))
 

@@ -10,7 +10,7 @@ import pytest
 
 from server.report import write_report
 from server.run_store import RunStore, package_versions
-from server.training import fresh_models, state_of
+from server.synthesis import fresh_models, state_of
 from shared.distill import Codes
 from shared.errors import ConfigError
 from shared.protocol import Plan, SiteSpec

@@ -10,7 +10,7 @@ import pytest
 import scanpy as sc
 import torch
 
-from server.training import SiteCodes, fresh_models, fuse_round
+from server.synthesis import SiteCodes, fresh_models, fuse_round
 from shared.distill import Codes, generate
 from shared.protocol import Plan
 
@@ -59,7 +59,7 @@ def test_counts_layer_and_x_by_decode_mode() -> None:
 def test_without_count_input_at_a_site_there_are_no_counts_and_x_falls_back(caplog: pytest.LogCaptureFixture) -> None:
     vae, scdg = _models()
     parts = _parts(np.full((CLASSES, 3), np.nan, np.float32))  # site-b holds log-normalised data only
-    with caplog.at_level(logging.WARNING, logger="server.training"):
+    with caplog.at_level(logging.WARNING, logger="server.synthesis"):
         fused = fuse_round(parts, vae, scdg, PLAN, round_=1, provenance={}, mode="counts", seed=3)
     assert "counts" not in fused.layers and "decoding 'expected' instead" in caplog.text
     assert np.allclose(fused.X.toarray(), fused.layers["expected"].toarray())

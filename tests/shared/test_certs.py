@@ -1,4 +1,4 @@
-"""Tests of shared/certs.py: CA, SuperLink certificate, site keys, no-overwrite, real TLS."""
+"""Tests of server/pki/pki.py: CA, SuperLink certificate, site keys, no-overwrite, real TLS."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from server import cli_certs as certs_cli
-from shared import certs
-from shared.certs import CertificateError
+from server.pki import cli as certs_cli
+from server.pki import pki as certs
+from server.pki.certs import CertificateError
 from shared.errors import FedscddError
 
 SANS = ["127.0.0.1", "coordinator.example.org", "::1"]

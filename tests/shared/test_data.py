@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from fake_sites import make_site_adata
 
 from shared.data import (
     TARGET_SUM,
@@ -29,7 +30,6 @@ from shared.data import (
     stratified_split,
 )
 from shared.errors import ConfigError, SiteDataError
-from shared.testing import make_site_adata
 
 logger = logging.getLogger(__name__)
 

@@ -59,7 +59,7 @@ def test_a_dp_site_refuses_a_gpu_before_touching_its_cells(three_site_h5ad: Path
     from client import tasks
     from client.privacy import SiteDP
     from client.site import load_site, resolve_source
-    from server.training import fresh_models, model_json, state_of
+    from server.synthesis import fresh_models, model_json, state_of
     from shared.privacy.mechanisms import site_secret
     from shared.privacy.spec import DPSpec
     from shared.protocol import Plan, PretrainRequest, SiteSpec

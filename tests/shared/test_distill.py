@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from shared.baselines import coreset, distribution_matching, gaussian
+from server.bench.baselines import coreset, distribution_matching, gaussian
 from shared.data import read_h5ad
 from shared.distill import Codes, DistillConfig, distill_codes, generate, resolve_t_star
 from shared.distill import warm_start_fits as codes_fit_again
 from shared.errors import ConfigError
 from shared.evaluation import fidelity, fit_predict, score
+from shared.fitting import TrainConfig
 from shared.pretrain import PretrainConfig, latent_dim_for, pretrain
 from shared.sites import Federation, prepare_federation, split_sites
 from shared.synthetic import fuse, provenance, to_anndata
-from shared.training import TrainConfig
 
 SMALL = PretrainConfig(vae=TrainConfig(steps=500, batch_size=128), scdg=TrainConfig(steps=600, batch_size=256))
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from server.cli.single_site import distill_file, foundation_embedding
 from shared.data import prepare_site, read_h5ad
 from shared.distill import DistillConfig
 from shared.errors import SiteDataError
+from shared.fitting import TrainConfig, dense_rows
 from shared.pretrain import PretrainConfig, pretrain
-from shared.single_site import distill_file, foundation_embedding
-from shared.training import TrainConfig, dense_rows
 
 SMALL = PretrainConfig(vae=TrainConfig(steps=300, batch_size=128), scdg=TrainConfig(steps=100))
 

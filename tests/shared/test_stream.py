@@ -138,7 +138,7 @@ def test_check_streams_and_refuses_a_damaged_file(example_path: Path, tmp_path: 
 def test_the_cached_site_is_ordered_by_split_and_memory_mapped(
     example_path: Path, tmp_path: Path, small_chunks: None
 ) -> None:
-    from shared.training import row_view
+    from shared.fitting import row_view
 
     adata = read_h5ad(example_path)
     vocab = _vocabulary(adata)

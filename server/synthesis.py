@@ -20,12 +20,12 @@ from shared.checkpoint import config_to_dict, model_hash
 from shared.counts import sample_counts, usable
 from shared.distill import Codes, generate, latents
 from shared.evaluation import MLPTrainConfig, train_mlp
+from shared.fitting import TrainConfig, fit_scdg
 from shared.models import SCDG, VAE, MLPClassifier
 from shared.models.vae import DecodeMode
 from shared.pretrain import new_models
 from shared.protocol import Plan, StateDict
 from shared.synthetic import fuse, to_anndata
-from shared.training import TrainConfig, fit_scdg
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import anndata as ad
 import numpy as np
 import torch
 
+from server.averaging import fedavg
+from server.cli.simulation import app_config_defaults, count_sites, run_in_process
 from server.config import FederationConfig
-from server.fusion import fedavg
-from server.simulation import app_config_defaults, count_sites, run_in_process
 from shared.audit import AUDIT_KEYS, Audit
 from shared.checkpoint import save_model
 from shared.evaluation import MLPTrainConfig, train_mlp

@@ -1,7 +1,7 @@
 """The benchmark: sites from one file, every method at several k, scored on real held-out cells.
 
 ``scdd`` is the code that ships: the ServerApp and ClientApp run over the in-process grid
-(``server.simulation``) with the run's config: plan, FedAvg pretraining, distillation rounds,
+(``server.cli.simulation``) with the run's config: plan, FedAvg pretraining, distillation rounds,
 fusion. The benchmark reads the run's fused synthetic set and the sites' audits. ``scdd_noopt``
 distils with no optimisation from the same FedAvg-pretrained models; ``scdd_pooled`` (an upper
 bound) runs the same federation from models pretrained on the sites' POOLED training cells
@@ -32,11 +32,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from server.benchmark_runs import fedavg_mlp, federate, pretrain_rounds, run_config, save_pooled
+from server.bench.baselines import SyntheticSet, coreset, distribution_matching, gaussian
+from server.bench.federated import fedavg_mlp, federate, pretrain_rounds, run_config, save_pooled
+from server.cli.simulation import app_config_defaults
 from server.config import FederationConfig
-from server.simulation import app_config_defaults
 from shared.audit import AUDIT_KEYS, Audit, audit, random_members
-from shared.baselines import SyntheticSet, coreset, distribution_matching, gaussian
 from shared.distill import DECODE_MODE as SCDD_DECODE_MODE
 from shared.distill import DistillConfig, code_counts, distill_codes, generate
 from shared.errors import ConfigError

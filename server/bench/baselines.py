@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.decomposition import PCA
 
-from shared.training import dense_rows
+from shared.fitting import dense_rows
 
 logger = logging.getLogger(__name__)
 

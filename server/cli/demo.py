@@ -34,7 +34,7 @@ from shared.errors import ConfigError, FedscddError
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NUM_SUPERNODES = 4
 FEDERATION_CONFIG = f"num-supernodes={NUM_SUPERNODES} client-resources-num-cpus=1"
 COMPLETED = "finished:completed"

@@ -18,15 +18,15 @@ from typing import Any
 from flwr.app import RecordDict
 
 from server.aggregation import DEFAULT_SERVER_LR, ServerOptimizer, average
+from server.averaging import latent_moments
 from server.config import FederationConfig
-from server.fusion import latent_moments
 from server.messaging import Link, SiteReply
-from server.training import load_state, model_json, state_of
+from server.synthesis import load_state, model_json, state_of
 from server.validation import decode, validate_pretrain
+from shared.fitting import set_latent_stats
 from shared.models import SCDG, VAE
 from shared.pretrain import PretrainConfig
 from shared.protocol import MSG_PRETRAIN, Plan, PretrainReply, PretrainRequest, Stage
-from shared.training import set_latent_stats
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`scdd certs`: the command line over `shared.certs` (CLI code, so it prints for the operator)."""
+"""`scdd certs`: the command line over `server.pki.certs` (CLI code, so it prints for the operator)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from shared.certs import (
+from server.pki.certs import (
     DEFAULT_DAYS,
     SITES_DIR_NAME,
     CertificateError,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from server.fusion import aggregate_scores, fedavg, latent_moments
+from server.averaging import aggregate_scores, fedavg, latent_moments
 from shared.data import gene_stats, select_variable_genes
 from shared.plan import plan_vocabulary, profile_of
 

@@ -22,7 +22,7 @@ from flwr.supercore.run import Run
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CLIENTAPP = "client.app:app"
 DEFAULT_SERVERAPP = "server.app:app"
 FIRST_NODE_ID = 1000

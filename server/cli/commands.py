@@ -33,8 +33,8 @@ def check(args: argparse.Namespace) -> int:
 
 def distill(args: argparse.Namespace) -> int:
     """`scdd distill FILE --out synth.h5ad`: single-site distillation with numbers."""
+    from server.cli.single_site import distill_file
     from shared.distill import DistillConfig
-    from shared.single_site import distill_file
 
     out = Path(args.out)
     report = distill_file(
@@ -95,7 +95,7 @@ def _pretrain_config(steps: tuple[int, ...] | None, seed: int):  # noqa: ANN202
 
 
 def _benchmark_config(args: argparse.Namespace):  # noqa: ANN202 - local import of the return type
-    from server.benchmark import METHODS, PRETRAINING_MODE
+    from server.bench.benchmark import METHODS, PRETRAINING_MODE
 
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     modes = {m.strip() for m in args.pretraining.split(",") if m.strip()}
@@ -110,8 +110,8 @@ def _benchmark_config(args: argparse.Namespace):  # noqa: ANN202 - local import 
 
 
 def _make_benchmark_config(args: argparse.Namespace, methods: tuple[str, ...]):  # noqa: ANN202
-    from server.benchmark import BenchmarkConfig, SplitConfig
-    from server.simulation import parse_overrides
+    from server.bench.benchmark import BenchmarkConfig, SplitConfig
+    from server.cli.simulation import parse_overrides
     from shared.distill import DistillConfig
 
     return BenchmarkConfig(
@@ -136,7 +136,7 @@ def benchmark(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from server import benchmark as bm
+    from server.bench import benchmark as bm
     from shared.data import read_h5ad
 
     cfg = _benchmark_config(args)
@@ -241,7 +241,7 @@ def _outputs(run_dir: Path) -> None:
 
 def simulate(args: argparse.Namespace) -> int:
     """`scdd simulate --data FILE --out DIR`: the federation in this process (no Ray), one fake node per site."""
-    from server.simulation import parse_overrides, simulate_file
+    from server.cli.simulation import parse_overrides, simulate_file
 
     overrides = {
         "sim-site-key": args.site_key,
@@ -271,8 +271,8 @@ def demo(args: argparse.Namespace) -> int:
     """`scdd demo`: the real Flower simulation (flwr run, Ray) on the bundled example data; non-zero unless it completed."""
     import sys
 
-    from server.demo import DemoFailed, run_demo
-    from server.simulation import parse_overrides
+    from server.cli.demo import DemoFailed, run_demo
+    from server.cli.simulation import parse_overrides
 
     try:
         result = run_demo(Path(args.out), timeout_s=args.timeout, overrides=parse_overrides(args.overrides), echo=print)
@@ -294,7 +294,7 @@ def report(args: argparse.Namespace) -> int:
 
 def flwr_connection(args: argparse.Namespace) -> int:
     """`scdd flwr-connection [NAME] --address HOST:PORT --root-certificates ca.crt`: merge the connection into flwr's config."""
-    from server.deployment import superlink_health, write_connection
+    from server.cli.deployment import superlink_health, write_connection
 
     path = write_connection(args.name, args.address, Path(args.root_certificates), make_default=not args.no_default)
     default = "" if args.no_default else " (the default)"
@@ -309,8 +309,8 @@ def flwr_connection(args: argparse.Namespace) -> int:
 
 def verify_bundle(args: argparse.Namespace) -> int:
     """`scdd verify-bundle APP --source CHECKOUT`: exit 0 only when the installed app is the release's code."""
-    from server.deployment import build_release_fab
-    from server.deployment import verify_bundle as check
+    from server.cli.deployment import build_release_fab
+    from server.cli.deployment import verify_bundle as check
 
     result = check(Path(args.app), build_release_fab(Path(args.source)), published_hash=args.fab_hash)
     print(result.summary())

@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from server import cli_commands as commands
+    from server.cli import commands
 
     return int(getattr(commands, args.command.replace("-", "_"))(args))
 
@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `scdd` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["certs"]:
-        from server.cli_certs import main as certs_main
+        from server.pki.cli import main as certs_main
 
         return certs_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -249,7 +249,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"scdd {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
