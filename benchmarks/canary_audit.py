@@ -1,6 +1,8 @@
-"""Canary membership audit of a federated run: plant strongly perturbed cells in one site, score them against held-out ones.
+"""Canary membership audit of a federated run: plant strongly perturbed cells in one site, score them against held-out
+ones.
 
-    python benchmarks/canary_audit.py DATA.h5ad --site ctrl101 --out runs/canary-eps8 [--canaries 40] [--set dp-epsilon=8 ...]
+    python benchmarks/canary_audit.py DATA.h5ad --site ctrl101 --out runs/canary-eps8
+        [--canaries 40] [--set dp-epsilon=8 ...]
 
 Canaries are copies of the site's own cells with the counts of 60 random genes (among the 2,000 most
 detected) set to 30: each is unlike any real cell, so a release that remembers one can be told
@@ -69,7 +71,8 @@ def _min_dist(A: np.ndarray, B: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def scores(run_dir: Path, members: np.ndarray, others: np.ndarray, site: str) -> dict[str, float]:
     """The three attacks' AUCs (rows of members / others: log-normalised canaries on the plan genes)."""
-    vae, scdg = load_model(run_dir / "vae.pt"), load_model(run_dir / "scdg.pt")
+    # scdg.pt is loaded only to check that the run is whole: no attack uses it
+    vae, _scdg = load_model(run_dir / "vae.pt"), load_model(run_dir / "scdg.pt")
     syn = ad.read_h5ad(run_dir / "synthetic.h5ad")
     Xs = syn.X.toarray() if sp.issparse(syn.X) else np.asarray(syn.X)
     mine = Xs[(syn.obs["site"].astype(str) == site).to_numpy()] if "site" in syn.obs else Xs
@@ -87,7 +90,7 @@ def scores(run_dir: Path, members: np.ndarray, others: np.ndarray, site: str) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # first paragraph: argparse rewraps it
     ap.add_argument("data", type=Path)
     ap.add_argument("--site", required=True, help="value of the site column whose data gets the canaries")
     ap.add_argument("--site-key", default="batch")

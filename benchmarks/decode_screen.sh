@@ -21,7 +21,7 @@ for variant in "${MODES[@]}"; do
   if [ -d "$base/pretrained" ]; then extra+=(--set pretrained-path="$base/pretrained")
   elif [ "$variant" = expected ]; then run="$base"
   else echo "$variant: needs $base/pretrained (run mode expected first)"; continue; fi
-  .venv/bin/scdd simulate --data "$FILE" --site-key batch --k 10 --set report=false --set seed="$SEED" --set decode-mode="$mode" \
+  .venv/bin/scdd simulate "$FILE" --site-key batch --k 10 --set report=false --set seed="$SEED" --set decode-mode="$mode" \
     "${extra[@]}" --out "$run" > "$run.log" 2>&1 || { echo "$variant: FAILED (see $run.log)"; continue; }
   .venv/bin/python - "$run/metrics.json" "$variant" <<'PY'
 import json, sys

@@ -20,17 +20,16 @@ import threading
 import time
 from pathlib import Path
 
+from server.cli.processes import stat_fields
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _start_ticks(pid: str) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks since boot
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[19])  # field 22: start time in clock ticks since boot
 
 
 def _rss_bytes(pid: str) -> int:
@@ -96,7 +95,8 @@ def main() -> int:
         m = json.loads(metrics_path.read_text())
         accs = [round(r["aggregate"]["cell_weighted"]["mlp"]["accuracy"], 3) for r in m["rounds"]]
     print(
-        f"scdd demo: exit {proc.returncode}, wall {wall:.0f} s, peak summed RSS {peak / 2**30:.2f} GiB over {peak_n} processes, "
+        f"scdd demo: exit {proc.returncode}, wall {wall:.0f} s, "
+        f"peak summed RSS {peak / 2**30:.2f} GiB over {peak_n} processes, "
         f"MLP accuracy per round {accs}"
     )
     return proc.returncode

@@ -14,6 +14,6 @@ for eps in $epsilons; do
   run="$out/$name-eps$eps-seed$seed"
   if [ -f "$run/metrics.json" ] && [ -f "$run/report.html" ]; then echo "done: $run"; continue; fi
   echo "== $name epsilon=$eps seed=$seed"
-  python -m server.cli simulate --data "$file" --out "$run" --set dp-epsilon="$eps" --set seed="$seed" --set report=true "${sets[@]}" \
+  python -m server.cli simulate "$file" --out "$run" --set dp-epsilon="$eps" --set seed="$seed" --set report=true "${sets[@]}" \
     > "$run.log" 2>&1 || echo "FAILED ($run.log): $(tail -n 1 "$run.log")"
 done

@@ -1,4 +1,5 @@
-"""Print the noise a DP run needs at each epsilon: one-shot noise, the label-name threshold, the DP-SGD noise multiplier.
+"""Print the noise a DP run needs at each epsilon: one-shot noise, the label-name threshold, the DP-SGD noise
+multiplier.
 
     python benchmarks/dp_noise.py [--cells 300 2000 20000] [--rounds 30 --vae-steps 100 --scdg-steps 50]
 
@@ -16,7 +17,7 @@ from shared.privacy.spec import DPSpec
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # first paragraph: argparse rewraps it
     ap.add_argument("--cells", type=int, nargs="+", default=[300, 2000, 20000], help="training cells at a site")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--rounds", type=int, default=30)
@@ -25,7 +26,8 @@ def main() -> None:
     ap.add_argument("--counts", action="store_true", help="count input (one more release: library statistics)")
     args = ap.parse_args()
     print(
-        f"schedule: {args.rounds} rounds x {args.vae_steps} VAE steps (batch 128) + {args.scdg_steps} SCDG steps (batch 256); count input: {args.counts}"
+        f"schedule: {args.rounds} rounds x {args.vae_steps} VAE steps (batch 128) + "
+        f"{args.scdg_steps} SCDG steps (batch 256); count input: {args.counts}"
     )
     print("| cells | epsilon | delta | one-shot noise | label threshold (cells) | DP-SGD noise | epsilon spent |")
     print("|---|---|---|---|---|---|---|")
@@ -40,7 +42,8 @@ def main() -> None:
                 continue
             tau = name_threshold(noise.stats, spec.names_delta())
             print(
-                f"| {n} | {eps:g} | {delta:.1e} | {noise.stats:.2f} | {tau:.0f} | {noise.sgd:.2f} | {epsilon(sched, noise, delta):.3f} |"
+                f"| {n} | {eps:g} | {delta:.1e} | {noise.stats:.2f} | {tau:.0f} | {noise.sgd:.2f} "
+                f"| {epsilon(sched, noise, delta):.3f} |"
             )
 
 

@@ -1,4 +1,5 @@
-"""Markdown table of a dp_curve.sh folder: test accuracy (MLP, logistic regression) and the epsilon each site's accountant spent.
+"""Markdown table of a dp_curve.sh folder: test accuracy (MLP, logistic regression) and the epsilon each site's
+accountant spent.
 
 python benchmarks/dp_summary.py OUT_DIR
 """
@@ -15,7 +16,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
     print(
-        "| file | epsilon (target) | seed | MLP test acc | LR test acc | MLP validation acc | local-only MLP | epsilon spent (max over sites) | sites |"
+        "| file | epsilon (target) | seed | MLP test acc | LR test acc | MLP validation acc | local-only MLP "
+        "| epsilon spent (max over sites) | sites |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for log in sorted(out.glob("*-eps*-seed*.log")):
@@ -27,7 +29,8 @@ def main() -> None:
         if not metrics.is_file():
             last = (log.read_text().strip().splitlines()[-1:] or [""])[0]
             print(
-                f"| {name} | {eps} | {seed} | stopped: {last.partition('error: ')[2][:150] or 'still running or killed'} | | | | | |"
+                f"| {name} | {eps} | {seed} "
+                f"| stopped: {last.partition('error: ')[2][:150] or 'still running or killed'} | | | | | |"
             )
             continue
         mt = json.loads(metrics.read_text())
@@ -45,7 +48,8 @@ def main() -> None:
         vmlp = val.get("mlp", {}).get("accuracy", float("nan"))
         rows.setdefault((name, eps), []).append((cw["mlp"]["accuracy"], cw["logreg"]["accuracy"]))
         print(
-            f"| {name} | {eps if float(eps) > 0 else 'off'} | {seed} | {cw['mlp']['accuracy']:.3f} | {cw['logreg']['accuracy']:.3f} | {vmlp:.3f} | "
+            f"| {name} | {eps if float(eps) > 0 else 'off'} | {seed} | {cw['mlp']['accuracy']:.3f} "
+            f"| {cw['logreg']['accuracy']:.3f} | {vmlp:.3f} | "
             f"{sum(local) / max(len(local), 1):.3f} | {spent:.3f} | {len(mt['rounds'][-1]['sites'])} |"
         )
 

@@ -75,10 +75,12 @@ def main() -> None:
     lines = [
         "# Evaluation MLP training rule, chosen on validation cells",
         "",
-        f"Command: `python benchmarks/evaluator_rule.py {' '.join(Path(f).name for f in args.files)} --seeds {args.seeds}` "
-        "(files from ../shared/data). MLP accuracy on the pooled VALIDATION cells of all sites, mean over files and seeds; "
-        "training sets: k random real cells per class per site (fused) and all training cells. Steps = ceil(epochs x n / 256) "
-        "clipped to [min, max]; the first row is the old fixed rule (400 steps at any size).",
+        f"Command: `python benchmarks/evaluator_rule.py {' '.join(Path(f).name for f in args.files)} "
+        f"--seeds {args.seeds}` (files from ../shared/data). "
+        "MLP accuracy on the pooled VALIDATION cells of all sites, mean over files and seeds; "
+        "training sets: k random real cells per class per site (fused) and all training cells. "
+        "Steps = ceil(epochs x n / 256) clipped to [min, max]; "
+        "the first row is the old fixed rule (400 steps at any size).",
         "",
         "| epochs / min steps / max steps | "
         + " | ".join(SIZES)

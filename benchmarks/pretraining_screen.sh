@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 for name in "${ORDER[@]}"; do
   sets=(); for kv in ${V[$name]}; do sets+=(--set "$kv"); done
   t0=$(date +%s)
-  .venv/bin/scdd simulate --data "$FILE" --site-key batch --k 10 --rounds 1 --set report=false --set seed="$SEED" ${sets[@]+"${sets[@]}"} \
+  .venv/bin/scdd simulate "$FILE" --site-key batch --k 10 --rounds 1 --set report=false --set seed="$SEED" ${sets[@]+"${sets[@]}"} \
     --out "$OUT/$name-s$SEED" > "$OUT/$name-s$SEED.log" 2>&1 || { echo "$name: FAILED (see $OUT/$name-s$SEED.log)"; continue; }
   .venv/bin/python - "$OUT/$name-s$SEED/metrics.json" "$name" "$(( $(date +%s) - t0 ))" <<'PY'
 import json, sys

@@ -13,7 +13,7 @@ METHODS=${METHODS:-scdd,scdd_pooled,scdd_noopt,fedavg_mlp}
 stream() {
   for name in "$@"; do
     [ -f "$DATA/$name.h5ad" ] && [ -f "$OUT/$name/results.json" ] || { echo "skip $name (not in $DATA or no results to merge into)"; continue; }
-    .venv/bin/scdd benchmark "$DATA/$name.h5ad" --site-key batch --sites 3 --k "$KS" --seeds "$SEEDS" --evaluators "$EVALUATORS" \
+    .venv/bin/scdd benchmark "$DATA/$name.h5ad" --site-key batch --num-sites 3 --k "$KS" --seeds "$SEEDS" --evaluators "$EVALUATORS" \
       --methods "$METHODS" --merge --work "$WORK" --out "$OUT"
   done
 }

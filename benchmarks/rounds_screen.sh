@@ -10,7 +10,7 @@ export OMP_NUM_THREADS=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FL
 mkdir -p "$OUT"
 run() {  # name --set ...
   local name=$1; shift
-  .venv/bin/scdd simulate --data "$FILE" --site-key batch --k 10 --rounds 3 --set report=false --set seed="$SEED" --set "pretrained-path=$PRE" "$@" \
+  .venv/bin/scdd simulate "$FILE" --site-key batch --k 10 --rounds 3 --set report=false --set seed="$SEED" --set "pretrained-path=$PRE" "$@" \
     --out "$OUT/$name-s$SEED" > "$OUT/$name-s$SEED.log" 2>&1 || { echo "$name: FAILED"; return; }
   .venv/bin/python - "$OUT/$name-s$SEED/metrics.json" "$name" <<'PY'
 import json, sys

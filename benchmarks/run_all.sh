@@ -7,7 +7,7 @@ source "$(dirname "$0")/common.sh"
 stream() {
   for name in "$@"; do
     [ -f "$DATA/$name.h5ad" ] || { echo "skip $name (not in $DATA)"; continue; }
-    .venv/bin/scdd benchmark "$DATA/$name.h5ad" --site-key batch --sites 3 --k 1,10,50 --seeds "$SEEDS" --work "${WORK:-runs/benchmark-work}" --out "$OUT"
+    .venv/bin/scdd benchmark "$DATA/$name.h5ad" --site-key batch --num-sites 3 --k 1,10,50 --seeds "$SEEDS" --work "${WORK:-runs/benchmark-work}" --out "$OUT"
   done
 }
 run_streams stream

@@ -3,7 +3,8 @@
     python benchmarks/scale.py generate --cells 100000 --out /tmp/scale/site-100k.h5ad [--wide]
     python benchmarks/scale.py check /tmp/scale/site-100k.h5ad
     python benchmarks/scale.py site /tmp/scale/site-100k.h5ad --work /tmp/scale/work-100k [--set KEY=VALUE ...]
-    python benchmarks/scale.py run --cells 10000,100000 --dir /tmp/scale [--wide]   # all of it, one JSON line per measurement
+    # all of it, one JSON line per measurement:
+    python benchmarks/scale.py run --cells 10000,100000 --dir /tmp/scale [--wide]
     python benchmarks/scale.py sites FILE --num-sites 100 --work /tmp/many [--set KEY=VALUE ...]   # many small sites
 
 ``generate`` resamples the raw counts of real PBMC cells (the team's ``pbmc_sorted_mudan``, 2 140 cells x 8 863
@@ -42,7 +43,8 @@ sys.path.insert(0, str(REPO))
 SOURCE = "pbmc_sorted_mudan.h5ad"
 WIDE_SOURCE = "cellbench_lung5.h5ad"
 BLOCK = 50_000
-# The measured schedule: one pretraining round (a round's steps cost the same at any size), one distillation round, defaults otherwise.
+# The measured schedule: one pretraining round (a round's steps cost the same at any size), one distillation round,
+# defaults otherwise.
 SITE_CONFIG = {"min-sites": 1, "num-pretrain-rounds": 1, "report": False}
 
 
@@ -237,8 +239,9 @@ def site(path: Path, work: Path, overrides: dict[str, Any]) -> None:
 
 
 def many_sites(data: Path, n_sites: int, work: Path, overrides: dict[str, Any]) -> None:
-    """An in-process federation of ``n_sites`` Dirichlet-split sites of ``data``: per group of messages (one phase of one round),
-    the sites' seconds, the coordinator's seconds until the next group (aggregation, fusion, training) and its resident memory."""
+    """An in-process federation of ``n_sites`` Dirichlet-split sites of ``data``: per group of messages (one phase of
+    one round), the sites' seconds, the coordinator's seconds until the next group (aggregation, fusion, training) and
+    its resident memory."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from server.cli.simulation import app_config_defaults, component_ref, load_component, run_in_process
 

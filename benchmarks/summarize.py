@@ -1,4 +1,5 @@
-"""Summarise benchmark results across datasets: accuracy per method and k, federation parity, gains per site, bytes, audit.
+"""Summarise benchmark results across datasets: accuracy per method and k, federation parity, gains per site, bytes,
+audit.
 
 Usage: python benchmarks/summarize.py benchmarks/results [WORK]   (writes SUMMARY.md there and prints it)
 WORK: the `scdd benchmark --work` folder of the same runs (per-site local-only gains are read from its
@@ -84,8 +85,10 @@ def summary(results: dict[str, list[dict]], ev: str = "mlp") -> str:
             if not (s and d and cen):
                 continue
             lines.append(
-                f"| {name} | {k} | {s['accuracy_mean']:.3f} | {d['accuracy_mean']:.3f} | {cen['accuracy_mean'] - s['accuracy_mean']:+.3f} | "
-                f"1/{d['upload_bytes_per_site'] / s['upload_bytes_per_site']:.1f} | {s['distill_seconds']:.1f}/{d['distill_seconds']:.1f} |"
+                f"| {name} | {k} | {s['accuracy_mean']:.3f} | {d['accuracy_mean']:.3f} "
+                f"| {cen['accuracy_mean'] - s['accuracy_mean']:+.3f} | "
+                f"1/{d['upload_bytes_per_site'] / s['upload_bytes_per_site']:.1f} "
+                f"| {s['distill_seconds']:.1f}/{d['distill_seconds']:.1f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -124,11 +127,13 @@ def _acc(rows: list[dict], method: str, k: int | None, ev: str = "mlp") -> float
 
 
 def parity(results: dict[str, list[dict]], multi_site: set[str]) -> str:
-    """Markdown: the shipped federation against the pooled upper bound, centralized, real cells and FedAvg of the MLP."""
+    """Markdown: the shipped federation against the pooled upper bound, centralized, real cells and FedAvg of the
+    MLP."""
     lines = [
         "## Federation parity (MLP, k = 10 unless said; LR = logistic regression)",
         "",
-        "| dataset | sites | scdd (federated) | scdd_pooled | fed - pooled | centralized | fed / centralized | LR scdd | LR random | "
+        "| dataset | sites | scdd (federated) | scdd_pooled | fed - pooled | centralized | fed / centralized "
+        "| LR scdd | LR random | "
         "scdd vs dm, random k = 1 | fedavg_mlp | weights MB: scdd / fedavg_mlp |",
         "|---" * 12 + "|",
     ]
@@ -147,21 +152,25 @@ def parity(results: dict[str, list[dict]], multi_site: set[str]) -> str:
             else ""
         )
         lines.append(
-            f"| {name}{sat} | {'by batch' if name in multi_site else 'Dirichlet'} | {fed:.3f} | {pooled:.3f} | {fed - pooled:+.3f} | {cen:.3f} | "
+            f"| {name}{sat} | {'by batch' if name in multi_site else 'Dirichlet'} | {fed:.3f} | {pooled:.3f} "
+            f"| {fed - pooled:+.3f} | {cen:.3f} | "
             f"{fed / cen:.3f} | {_acc(rows, 'scdd', 10, 'logreg'):.3f} | {_acc(rows, 'random', 10, 'logreg'):.3f} | "
-            f"{_acc(rows, 'scdd', 1):.3f} vs {_acc(rows, 'dm', 1):.3f}, {_acc(rows, 'random', 1):.3f} | {_acc(rows, 'fedavg_mlp', None):.3f} | {mb} |"
+            f"{_acc(rows, 'scdd', 1):.3f} vs {_acc(rows, 'dm', 1):.3f}, {_acc(rows, 'random', 1):.3f} "
+            f"| {_acc(rows, 'fedavg_mlp', None):.3f} | {mb} |"
         )
     if ratios:
         lines += [
             "",
-            f"Mean of fed / centralized over the multi-site files and the Dirichlet splits of cbmc and pbmc4k: {np.mean(ratios):.3f} "
+            "Mean of fed / centralized over the multi-site files and the Dirichlet splits of cbmc and pbmc4k: "
+            f"{np.mean(ratios):.3f} "
             f"({len(ratios)} files).",
         ]
     return "\n".join(lines) + "\n"
 
 
 def site_gains(work: Path, results: dict[str, list[dict]], k: int = 10) -> str:
-    """Markdown: per site, the federated MLP (scdd, k) against the same MLP trained on the site's own cells; mean over seeds."""
+    """Markdown: per site, the federated MLP (scdd, k) against the same MLP trained on the site's own cells; mean over
+    seeds."""
     lines = [
         f"## What each site gains by joining (MLP on the site's test cells, scdd k = {k}, mean over seeds)",
         "",

@@ -101,7 +101,8 @@ def main() -> int:
     acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     secs: dict[str, float] = defaultdict(float)
     print(
-        f"scored on VALIDATION cells (pooled over sites), k={args.k}, {args.seeds} seeds per file; test cells are never read",
+        f"scored on VALIDATION cells (pooled over sites), k={args.k}, {args.seeds} seeds per file; "
+        "test cells are never read",
         flush=True,
     )
     for path in args.files:

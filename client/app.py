@@ -50,7 +50,7 @@ def safe_errors(action: str) -> Iterator[None]:
         yield
     except FedscddError:
         raise
-    except Exception as exc:  # deliberately broad: nothing unvetted may reach the server
+    except Exception as exc:  # noqa: BLE001 - deliberately broad: nothing unvetted may reach the server
         logger.error("%s failed at this site with %s", action, type(exc).__name__)
         msg = f"{action} failed at the site with {type(exc).__name__}; the site operator can see the site's log"
         raise SiteTaskError(msg) from None
@@ -74,7 +74,8 @@ def _profile(context: Context, spec: SiteSpec) -> SiteProfile:
 
 
 def _device(context: Context) -> torch.device:
-    """Where this site's models run: run config ``device`` (``cpu`` by default; ``auto`` takes a GPU when this node has one)."""
+    """Where this site's models run: run config ``device`` (``cpu`` by default; ``auto`` takes a GPU when this node has
+    one)."""
     return resolve_device(str(context.run_config.get("device", "cpu")))
 
 

@@ -1,4 +1,5 @@
-"""What a site releases under cell-level DP (run config ``dp-epsilon`` > 0): noised statistics, DP-SGD settings, its report.
+"""What a site releases under cell-level DP (run config ``dp-epsilon`` > 0): noised statistics, DP-SGD settings, its
+report.
 
 Every number here that leaves the site is a Gaussian mechanism on clipped per-cell contributions
 (``shared.privacy.mechanisms``), DP-SGD (``shared.privacy.sgd``) or computed from those. Noise is
@@ -26,7 +27,8 @@ from shared.protocol import Plan, ProfileReply
 from shared.protocol.rounds import LIBRARY_STATS
 
 SQRT3 = math.sqrt(3.0)
-LATENT_BOUND = 3.0  # per latent dimension (posterior means of a VAE with a standard-normal prior); sqrt(d) x this clips a cell's latent
+# per latent dimension (posterior means of a VAE with a standard-normal prior); sqrt(d) x this clips a cell's latent
+LATENT_BOUND = 3.0
 MIN_CELLS = 5  # classes with fewer (noised) cells get the site's pooled library statistics, as without DP
 
 
@@ -53,7 +55,8 @@ def _one_shot_sigma(site: SiteData | SiteProfile, dp: SiteDP) -> float:
 
 
 def label_counts(site: SiteData | SiteProfile, dp: SiteDP) -> dict[str, int]:
-    """Training cells per label, noised; only labels whose noised count passes the threshold (``mechanisms.name_threshold``)."""
+    """Training cells per label, noised; only labels whose noised count passes the threshold
+    (``mechanisms.name_threshold``)."""
     sigma = _one_shot_sigma(site, dp)
     y = site.labels[site.train_idx]
     noised = mech.noisy_counts(y, len(site.classes), sigma, dp.rng("label counts"))
@@ -73,7 +76,8 @@ def plan_counts(site: SiteData, plan: Plan, dp: SiteDP) -> np.ndarray:
 
 
 def profile(site: SiteProfile, dp: SiteDP) -> ProfileReply:
-    """The profile under DP: per-gene sums, sums of squares and detection counts from one Gaussian release, noised label counts."""
+    """The profile under DP: per-gene sums, sums of squares and detection counts from one Gaussian release, noised label
+    counts."""
     if site.clipped.shape[0] != len(mech.PROFILE_BOUNDS):
         msg = "the site's profile statistics were computed without DP clipping; prepare them again with DP on"
         raise SiteDataError(msg)
@@ -87,8 +91,8 @@ def profile(site: SiteProfile, dp: SiteDP) -> ProfileReply:
     if not counts:
         tau = mech.name_threshold(sigma, dp.spec.names_delta())
         msg = (
-            f"under DP (dp-epsilon={dp.spec.epsilon:g}) no cell type of this site passes the release threshold of about {tau:.0f} "
-            "training cells after noise; raise dp-epsilon or leave this site out"
+            f"under DP (dp-epsilon={dp.spec.epsilon:g}) no cell type of this site passes the release threshold "
+            f"of about {tau:.0f} training cells after noise; raise dp-epsilon or leave this site out"
         )
         raise SiteDataError(msg)
     names = tuple(sorted(counts))
@@ -161,7 +165,8 @@ def latent_moments(Z: np.ndarray, dp: SiteDP, sigma: float) -> tuple[np.ndarray,
 def library_stats(
     X: sp.csr_matrix, library: np.ndarray, y: np.ndarray, counts: np.ndarray, dp: SiteDP, sigma: float
 ) -> np.ndarray:
-    """(C, 3) per-class mean and sd of log total counts and mean plan share, from one Gaussian release (NaN: class not released)."""
+    """(C, 3) per-class mean and sd of log total counts and mean plan share, from one Gaussian release (NaN: class not
+    released)."""
     from shared.counts import plan_fraction
 
     n_classes = len(counts)
@@ -186,7 +191,8 @@ def library_stats(
 
 
 def class_gene_means(X: sp.csr_matrix, y: np.ndarray, counts: np.ndarray, dp: SiteDP, sigma: float) -> np.ndarray:
-    """(C, G) per-class mean expression from one Gaussian release of clipped cells (rows of unreleased classes are 0)."""
+    """(C, G) per-class mean expression from one Gaussian release of clipped cells (rows of unreleased classes are
+    0)."""
     dense = np.asarray(X.toarray(), np.float64)
     sums = (
         mech.noisy_class_sums(dense / mech.GENE_NORM, y, len(counts), sigma, dp.rng("class gene means"))
@@ -196,7 +202,8 @@ def class_gene_means(X: sp.csr_matrix, y: np.ndarray, counts: np.ndarray, dp: Si
 
 
 def report(b: Budget, dp: SiteDP) -> dict[str, object]:
-    """What the accountant says this site spent in the run: epsilon at delta (plus the label threshold's delta), and the mechanisms."""
+    """What the accountant says this site spent in the run: epsilon at delta (plus the label threshold's delta), and the
+    mechanisms."""
     eps = epsilon(b.schedule, b.noise, b.delta)
     mechanisms = [f"Gaussian (noise multiplier {b.noise.stats:.3g}): {name}" for name in b.schedule.one_shot]
     mechanisms += [

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -66,7 +66,8 @@ class SiteData:
 
     @property
     def has_counts(self) -> bool:
-        """The input held raw counts, so the plan genes' counts can be recovered (shared.models.vae.counts_from_lognorm)."""
+        """The input held raw counts, so the plan genes' counts can be recovered
+        (shared.models.vae.counts_from_lognorm)."""
         return self.library.shape[0] == self.X.shape[0] and self.X.shape[0] > 0
 
     def global_labels(self, plan_classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -186,21 +187,22 @@ def _select(source: SiteSource, label_key: str, obs: Any) -> tuple[str, np.ndarr
 
 
 def _split_config(spec: SiteSpec) -> Any:
-    from shared.data import SplitConfig
+    from shared.data import Expect, SplitConfig
 
     return SplitConfig(
         spec.label_key,
-        spec.expect,
+        cast(Expect, spec.expect),  # one of Expect's values: SiteSpec.parse refuses any other
         spec.min_cells_per_class,
         spec.test_fraction,
-        spec.val_fraction,  # type: ignore[arg-type]
+        spec.val_fraction,
         spec.split_seed,
     )
 
 
 def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, folder: Path) -> None:
-    """Stream the site's rows from its file (``shared.stream.CHUNK_ROWS`` cells at a time) into the prepared matrix on ``genes``,
-    written straight into memory-mapped files in ``folder`` (with meta.npz: labels, split, names, library sizes).
+    """Stream the site's rows from its file (``shared.stream.CHUNK_ROWS`` cells at a time) into the prepared matrix on
+    ``genes``, written straight into memory-mapped files in ``folder`` (with meta.npz: labels, split, names, library
+    sizes).
 
     Rows are stored training cells first, then validation, then test cells (each in file order), so that
     each part is a contiguous block: ``shared.fitting.row_view`` hands it to training without a copy.
@@ -218,8 +220,9 @@ def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, fo
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 return array  # a file system without fallocate: nothing reserved, the mapping is written as it is
             msg = (
-                f"not enough disk in the site cache ({folder.parent}) for the prepared cells ({path.stat().st_size / 1e9:.1f} GB for "
-                f"{name}; {type(exc).__name__}); free space there or set the SuperNode's cache-dir to a larger disk"
+                f"not enough disk in the site cache ({folder.parent}) for the prepared cells "
+                f"({path.stat().st_size / 1e9:.1f} GB for {name}; {type(exc).__name__}); free space there or set the "
+                "SuperNode's cache-dir to a larger disk"
             )
             raise SiteDataError(msg) from None
         return array
@@ -255,9 +258,11 @@ def _prepare(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, fo
 
 @dataclass(frozen=True, eq=False)
 class SiteProfile:
-    """What the profile message needs: a site's labels and split, and per-gene statistics of its training cells over all its genes.
+    """What the profile message needs: a site's labels and split, and per-gene statistics of its training cells over all
+    its genes.
 
-    ``clipped`` (3, G): the sums the DP profile noises (``shared.privacy.mechanisms.clipped_profile_sums``); empty without DP.
+    ``clipped`` (3, G): the sums the DP profile noises (``shared.privacy.mechanisms.clipped_profile_sums``); empty
+    without DP.
     """
 
     name: str
@@ -381,7 +386,8 @@ def _load(path: Path) -> SiteData:
 
 
 def load_site(source: SiteSource, spec: SiteSpec, genes: Sequence[str] | None, *, cache: Path) -> SiteData:
-    """The site's prepared data (aligned to ``genes`` when given; all its genes otherwise), from the disk cache when possible.
+    """The site's prepared data (aligned to ``genes`` when given; all its genes otherwise), from the disk cache when
+    possible.
 
     The cache is a folder, published by renaming a finished temporary one (a failed preparation leaves nothing behind).
     """
@@ -411,23 +417,13 @@ def _local_path(cache: Path, source: SiteSource, key: str) -> Path:
         version = [st.st_size, st.st_mtime_ns]
     except OSError:
         version = []
-    ident = json.dumps(
-        [
-            str(source.path.expanduser().resolve()),
-            source.name,
-            source.site_key,
-            source.num_sites,
-            source.partition,
-            source.split_seed,
-            version,
-            key,
-        ]
-    )
+    ident = json.dumps([*_selection(source), version, key])
     return cache / f"local-only-{hashlib.sha256(ident.encode()).hexdigest()[:20]}.json"
 
 
 def load_local_only(cache: Path, source: SiteSource, key: str) -> dict[str, dict[str, float]] | None:
-    """This site's local-only scores for ``key`` (plan digest, seed, training rule), if computed before: they do not change between rounds."""
+    """This site's local-only scores for ``key`` (plan digest, seed, training rule), if computed before: they do not
+    change between rounds."""
     try:
         return json.loads(_local_path(cache, source, key).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -435,25 +431,29 @@ def load_local_only(cache: Path, source: SiteSource, key: str) -> dict[str, dict
 
 
 def save_local_only(cache: Path, source: SiteSource, key: str, scores: Mapping[str, Mapping[str, float]]) -> None:
-    """Keep the local-only scores (aggregates, in the site's private cache) for later rounds and runs on the same plan."""
+    """Keep the local-only scores (aggregates, in the site's private cache) for later rounds and runs on the same
+    plan."""
     path = _local_path(cache, source, key)
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(scores), encoding="utf-8")
 
 
 def source_key(source: SiteSource) -> str:
-    """A short identity of the site's cells (file and selection): simulated sites (and sites of one host) may share a cache folder."""
-    ident = json.dumps(
-        [
-            str(source.path.expanduser().resolve()),
-            source.name,
-            source.site_key,
-            source.num_sites,
-            source.partition,
-            source.split_seed,
-        ]
-    )
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+    """A short identity of the site's cells (file and selection): simulated sites (and sites of one host) may share a
+    cache folder."""
+    return hashlib.sha256(json.dumps(_selection(source)).encode()).hexdigest()[:16]
+
+
+def _selection(source: SiteSource) -> list[Any]:
+    """What selects the site's cells: its file and, for a simulated site, how the file was split."""
+    return [
+        str(source.path.expanduser().resolve()),
+        source.name,
+        source.site_key,
+        source.num_sites,
+        source.partition,
+        source.split_seed,
+    ]
 
 
 def _members_path(cache: Path, run_id: int, source: SiteSource) -> Path:
@@ -469,7 +469,8 @@ def save_members(cache: Path, run_id: int, source: SiteSource, rows: np.ndarray)
 
 
 def load_members(cache: Path, run_id: int, source: SiteSource) -> np.ndarray | None:
-    """The rows ``save_members`` stored for ``run_id`` and this site, or None (then the seed-targeted audit is not computable)."""
+    """The rows ``save_members`` stored for ``run_id`` and this site, or None (then the seed-targeted audit is not
+    computable)."""
     path = _members_path(cache, run_id, source)
     try:
         return np.load(path, allow_pickle=False)

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from dataclasses import fields, replace
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from client import privacy
 from client.privacy import SiteDP
 from client.site import SiteData, SiteProfile, profile_of_site
 from shared.audit import audit
-from shared.checkpoint import build_model
+from shared.checkpoint import build_model, load_state, state_of
 from shared.counts import library_stats
 from shared.distill import (
     ClassCounts,
@@ -32,23 +33,19 @@ from shared.distill import (
 from shared.errors import CheckpointError, ConfigError, ProtocolError
 from shared.evaluation import PREDICT_ROWS, Matrix, MLPTrainConfig, fidelity, fit_predict, predict_mlp, score
 from shared.fitting import TrainConfig, anchor_of, dense_rows, encode, fit_scdg, fit_vae, row_view
+from shared.models import SCDG, VAE, MLPClassifier
 from shared.privacy.ledger import digest
 from shared.privacy.mechanisms import torch_generator
-from shared.protocol import (
-    EVALUATORS,
+from shared.protocol import EVALUATORS, Plan, PretrainReply, PretrainRequest, ProfileReply, StateDict
+from shared.protocol.rounds import (
+    LIBRARY_STATS,
     LOCAL_EVALUATORS,
     DistillReply,
     DistillRequest,
     EvaluateReply,
     EvaluateRequest,
     EvaluatorScores,
-    Plan,
-    PretrainReply,
-    PretrainRequest,
-    ProfileReply,
-    StateDict,
 )
-from shared.protocol.rounds import LIBRARY_STATS
 
 logger = logging.getLogger(__name__)
 CPU = torch.device("cpu")
@@ -76,20 +73,25 @@ def profile_site(site: SiteData | SiteProfile, dp: SiteDP | None = None) -> Prof
     )
 
 
+@overload
+def _model(kind: Literal["vae"], config_json: str, weights: StateDict) -> VAE: ...
+@overload
+def _model(kind: Literal["scdg"], config_json: str, weights: StateDict) -> SCDG: ...
+@overload
+def _model(kind: Literal["mlp"], config_json: str, weights: StateDict) -> MLPClassifier: ...
 def _model(kind: str, config_json: str, weights: StateDict) -> torch.nn.Module:
     """A model of ``kind`` from a JSON config and a state dict; protocol errors for anything that does not fit."""
     try:
         model = build_model(kind, json.loads(config_json))
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+        load_state(model, weights)
     except (CheckpointError, json.JSONDecodeError, TypeError, ValueError, RuntimeError) as exc:
-        msg = f"cannot build the {kind} model from the message ({type(exc).__name__}); server and site run different fedscdd versions?"
+        msg = (
+            f"cannot build the {kind} model from the message ({type(exc).__name__}); "
+            "server and site run different fedscdd versions?"
+        )
         raise ProtocolError(msg) from None
     model.eval()
     return model
-
-
-def _state(model: torch.nn.Module) -> StateDict:
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def _train_rows(site: SiteData, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +130,7 @@ def pretrain_site(
     X, y = _train_cells(site, req.plan)
     cfg = TrainConfig(steps=req.steps, lr=req.lr, batch_size=req.batch_size, seed=req.seed)
     b = privacy.budget(site, req.plan, dp) if dp is not None else None
-    n_cells = int(round(b.n_cells)) if b is not None else int(X.shape[0])
+    n_cells = round(b.n_cells) if b is not None else int(X.shape[0])
     if dp is not None:
         privacy.check_pretrain(
             dp,
@@ -153,6 +155,7 @@ def pretrain_site(
             "dp_generator": torch_generator(dp.secret, [dp.spec.run_key, dp.site_key, req.stage, req.round]),
         }
     )
+    model: VAE | SCDG
     if req.stage == "vae":
         model = _model("vae", req.model_config, req.weights).to(dev)
         library = site.library[_train_rows(site, req.plan)[0]] if site.has_counts else None
@@ -174,7 +177,7 @@ def pretrain_site(
             model, encode(vae, X), y, cfg, anchor=anchor_of(model) if prox > 0 else None, anchor_weight=prox, **private
         )
     loss = float(losses[-1]) if losses and b is None else 0.0
-    return PretrainReply(req.stage, req.round, n_cells, loss, weights=_state(model))
+    return PretrainReply(req.stage, req.round, n_cells, loss, weights=state_of(model))
 
 
 def _distill_config(req: DistillRequest) -> DistillConfig:
@@ -183,7 +186,8 @@ def _distill_config(req: DistillRequest) -> DistillConfig:
     if unknown:
         msg = f"unknown distillation settings {unknown}; server and site run different fedscdd versions"
         raise ProtocolError(msg)
-    return DistillConfig(**{**req.distill, "seed": req.seed})
+    settings: dict[str, Any] = {**req.distill, "seed": req.seed}  # scalars; DistillConfig checks their values
+    return DistillConfig(**settings)
 
 
 def _warm_codes(
@@ -202,7 +206,8 @@ def _warm_codes(
 
 
 def _private_config(cfg: DistillConfig, dp: SiteDP) -> DistillConfig:
-    """The distillation settings under DP: codes start from noise; objectives that read real cells directly are refused."""
+    """The distillation settings under DP: codes start from noise; objectives that read real cells directly are
+    refused."""
     direct = [name for name in ("latent_weight", "mmd_weight", "gene_weight", "gm_weight") if getattr(cfg, name) > 0]
     if direct:
         msg = (
@@ -211,7 +216,10 @@ def _private_config(cfg: DistillConfig, dp: SiteDP) -> DistillConfig:
         raise ProtocolError(msg)
     weight = resolve_gene_mean_weight(cfg, private=True)
     if weight > 0 and not dp.spec.class_means:
-        msg = "refused under DP: the objective matches class gene means, which the run's DP plan did not budget (dp-class-means)"
+        msg = (
+            "refused under DP: the objective matches class gene means, which the run's DP plan did not budget "
+            "(dp-class-means)"
+        )
         raise ProtocolError(msg)
     return replace(cfg, init="noise", gene_mean_weight=weight)
 
@@ -274,7 +282,8 @@ def distill_site(
 
 
 def _predict_logreg(X: Matrix, coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Predictions of a fitted multinomial/binary logistic regression from its coefficients (a block of cells densified at a time)."""
+    """Predictions of a fitted multinomial/binary logistic regression from its coefficients (a block of cells densified
+    at a time)."""
     parts = [
         dense_rows(X, np.arange(i, min(i + PREDICT_ROWS, X.shape[0]))).numpy() @ coef.T
         for i in range(0, X.shape[0], PREDICT_ROWS)
@@ -307,7 +316,8 @@ def _scores(X: Matrix, y: np.ndarray, req: EvaluateRequest, n_classes: int) -> d
 
 
 def local_only_key(req: EvaluateRequest) -> str:
-    """What the local-only scores depend on: the plan, the seed and the MLP rule (not the round, not the synthetic cells)."""
+    """What the local-only scores depend on: the plan, the seed and the MLP rule (not the round, not the synthetic
+    cells)."""
     return json.dumps([req.plan.digest(), req.seed, repr(MLPTrainConfig())])
 
 
@@ -318,7 +328,8 @@ def evaluate_site(
     local: dict[str, dict[str, float]] | None = None,
     device: torch.device = CPU,
 ) -> EvaluateReply:
-    """Score the server's models on held-out test and validation cells; fidelity, the privacy audit and local-only scores.
+    """Score the server's models on held-out test and validation cells; fidelity, the privacy audit and local-only
+    scores.
 
     ``members``: site-local rows of the cells that seeded this run's codes (``distill_site``); without
     them the seed-targeted and density audits are NaN. ``local``: local-only scores computed
@@ -362,7 +373,7 @@ LOCAL_LOGREG_MAX_CELLS = 50_000
 
 
 def local_only(
-    X_train,
+    X_train: Matrix,
     y_train: np.ndarray,
     X_test: np.ndarray,
     y_test: np.ndarray,
@@ -378,7 +389,7 @@ def local_only(
     proportion to the cells, so it fits on at most ``LOCAL_LOGREG_MAX_CELLS`` of them (a seeded subset;
     all of them at every site of the team's files).
     """
-    out = {}
+    out: dict[str, dict[str, float]] = {}
     for ev in LOCAL_EVALUATORS:
         X, y = X_train, y_train
         if ev == "logreg" and y.size > LOCAL_LOGREG_MAX_CELLS:

@@ -1,4 +1,5 @@
-"""Pure aggregation on the server: FedAvg of state dicts, latent moments, metric aggregation (the plan: ``shared.plan``).
+"""Pure aggregation on the server: FedAvg of state dicts, latent moments, metric aggregation (the plan:
+``shared.plan``).
 
 No Flower, no I/O: inputs are numpy arrays and plain values (profiles and replies are read through
 their attributes only), so every function is unit-tested on its own.
@@ -17,7 +18,8 @@ from shared.protocol.rounds import FIDELITY_KEYS
 
 
 def fedavg(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
-    """Weighted average of state dicts (float64 accumulation, original dtypes kept; non-float entries from the first)."""
+    """Weighted average of state dicts (float64 accumulation, original dtypes kept; non-float entries from the
+    first)."""
     if not states or len(states) != len(weights):
         msg = f"need one weight per state dict, got {len(states)} states and {len(weights)} weights"
         raise ValueError(msg)
@@ -83,7 +85,8 @@ def aggregate_scores(per_site: Mapping[str, Mapping[str, Any]], evaluators: Sequ
             vvals = [per_site[s]["validation"]["scores"][ev][metric] for s in sites]
             out["validation"]["cell_weighted"].setdefault(ev, {})[metric] = _nanmean(vvals, n_val)
             out["validation"]["macro"].setdefault(ev, {})[metric] = _nanmean(vvals)
-    # fidelity of the synthetic cells against each site's own test cells: the mean over sites (and weighted by test cells)
+    # fidelity of the synthetic cells against each site's own test cells: the mean over sites (and weighted by test
+    # cells)
     out["fidelity"] = {key: _nanmean([per_site[s]["fidelity"][key] for s in sites]) for key in FIDELITY_KEYS}
     out["fidelity_cell_weighted"] = {
         key: _nanmean([per_site[s]["fidelity"][key] for s in sites], n) for key in FIDELITY_KEYS

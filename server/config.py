@@ -1,28 +1,40 @@
 """Typed federation config: kebab-case run-config keys -> a frozen dataclass, unknown keys and bad ranges refused.
 
-Defaults make an EMPTY run config work (``run_simulation`` passes none). Values of -1 / "" mean
-"use the library default" where the library default is still being tuned (PretrainConfig,
-DistillConfig), so the federation never pins a number that the benchmark would move.
+Defaults make an EMPTY run config work (``run_simulation`` passes none). They are read from the library's
+dataclasses (PretrainConfig, MLPTrainConfig, shared.distill), never restated; None means "the library
+chooses" (written "auto" in the run config, or "" for a path or name). pyproject.toml's
+[tool.flwr.app.config] writes the same defaults (tests/server/test_config.py fails when they drift).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from shared.device import CHOICES as DEVICE_CHOICES
+from shared.distill import DECODE_MODE, Init
 from shared.errors import ConfigError
 from shared.evaluation import MLPTrainConfig
+from shared.models.vae import DecodeMode
+from shared.pretrain import PretrainConfig
 from shared.privacy.spec import DPSpec
 from shared.protocol import SiteSpec
 
-# Where a run without out-dir writes: deploy/coordinator/start-superlink.sh sets it under the coordinator's state directory.
+# Where a run without out-dir writes: deploy/coordinator/start-superlink.sh sets it under the coordinator's
+# state directory.
 OUT_DIR_ENV = "FEDSCDD_OUT_DIR"
+# The library defaults the run config starts from (one source: these dataclasses).
+_PRETRAIN = PretrainConfig()
+_MLP = MLPTrainConfig()
+# How a run config (TOML: no null) writes None: "auto" for a value the library chooses, "" for an absent path or name.
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -30,81 +42,78 @@ class FederationConfig:
     """Everything the ServerApp reads from the run config (client-only keys included, so none is unknown)."""
 
     # data (the sim-* keys are read by simulated sites; deployed sites use their node config)
-    sim_data_path: str = ""
+    sim_data_path: str | None = None  # None: the bundled example (source checkout only)
     sim_site_key: str = "batch"
     sim_num_sites: int = 3
     label_key: str = "cell_type"
-    expect: str = "auto"
+    expect: Literal["auto", "counts", "lognorm"] = "auto"
     min_cells_per_class: int = 2
     test_fraction: float = 0.2
-    val_fraction: float = (
-        0.1  # validation cells at every site: scored every round (metrics.json "validation"), never trained on
-    )
+    # validation cells at every site: scored every round (metrics.json "validation"), never trained on
+    val_fraction: float = 0.1
     min_coverage: float = 0.5
     # plan and models
     n_genes: int = 2000
-    latent_dim: int = 0  # 0: from the plan's gene count (shared.pretrain.latent_dim_for: 64, less for < 1300 genes)
+    latent_dim: int | None = None  # None: from the plan's gene count (shared.pretrain.latent_dim_for)
     # federated pretraining (FedAvg): rounds x local steps per site
-    pretrained_path: str = ""
+    pretrained_path: str | None = None
     # 30 rounds x 100 VAE / 50 SCDG steps: the pooled budget (3000 / 1500 steps) in short rounds; chosen on validation
     # cells (benchmarks/pretraining_screen.sh, benchmarks/results/pretraining_screen.md)
     num_pretrain_rounds: int = 30
     vae_local_steps: int = 100
     scdg_local_steps: int = 50
-    pretrain_lr: float = -1.0  # -1: PretrainConfig default
-    vae_batch_size: int = -1
-    scdg_batch_size: int = -1
+    pretrain_lr: float | None = None  # None: each model's PretrainConfig learning rate
+    vae_batch_size: int = _PRETRAIN.vae.batch_size
+    scdg_batch_size: int = _PRETRAIN.scdg.batch_size
     # how the server combines the sites' updates (server.aggregation) and what the sites optimise
-    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi
-    server_lr: float = -1.0  # -1: the optimiser's default (server.aggregation.DEFAULT_SERVER_LR)
-    class_aware_aggregation: bool = (
-        False  # average a class's rows (label head, class embeddings, QA head) over the sites that have it
-    )
+    server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
+    server_lr: float | None = None  # None: the optimiser's default (server.aggregation.DEFAULT_SERVER_LR)
+    # average a class's rows (label head, class embeddings, QA head) over the sites that have it
+    class_aware_aggregation: bool = False
     proximal_mu: float = 0.0  # FedProx: sites add mu/2 * ||w - w_global||^2 to their local loss
-    init_path: str = ""  # a `scdd pretrain` directory: FedAvg starts from its VAE/SCDG (plan genes within its genes)
+    init_path: str | None = None  # a `scdd pretrain` directory: FedAvg starts from its VAE/SCDG
     # distillation rounds
     cells_per_class: int = 10
-    num_distill_rounds: int = 1  # later rounds (warm start, fine-tuned generator) gained nothing on validation cells: benchmarks/rounds_screen.sh
-    distill_iterations: int = -1  # -1: DistillConfig default
-    distill_t_star: int = -1  # -1: chosen from k by shared.distill
-    distill_init: str = ""  # "": DistillConfig default ("real" or "noise")
+    # later rounds (warm start, fine-tuned generator) gained nothing on validation cells: benchmarks/rounds_screen.sh
+    num_distill_rounds: int = 1
+    distill_iterations: int | None = None  # None: chosen from k (shared.distill.resolve_iterations)
+    distill_t_star: int | None = None  # None: chosen from k (shared.distill.resolve_t_star)
+    distill_init: Init | None = None  # None: DistillConfig's default
     distill_warm_start: bool = True  # rounds >= 2 start from each site's previous codes
-    decode_mode: str = (
-        ""  # how codes become cells: "" = shared.distill.DECODE_MODE (as the benchmark), "expected", "sample", "counts"
-    )
-    samples_per_code: int = 10  # "sample" / "counts": cells drawn from each code (more cells, no more upload; benchmarks/results/decode_screen.md)
+    decode_mode: DecodeMode = DECODE_MODE  # how codes become cells (as the benchmark)
+    # "sample" / "counts": cells drawn from each code (more cells, no more upload; benchmarks/results/decode_screen.md)
+    samples_per_code: int = 10
     # cell-level differential privacy of everything a site releases (shared.privacy, client.privacy); 0 = off
     dp_epsilon: float = 0.0
-    dp_delta: float = 0.0  # 0: 1 / (10 x training cells) at each site
+    dp_delta: float | None = None  # None: 1 / (10 x training cells) at each site
     dp_max_grad_norm: float = 1.0  # DP-SGD: per-cell gradient clipping bound
     # server-side fine-tuning and evaluation models
     finetune_steps: int = 20
     finetune_lr: float = 1e-5
     finetune_anchor_weight: float = 1e-3
-    # the evaluation MLP: ceil(epochs * cells / 256) steps within [min, max] (shared.evaluation.MLPTrainConfig; 0 = its default)
-    mlp_epochs: float = 0.0
-    mlp_min_steps: int = 0
-    mlp_max_steps: int = 0
+    # the evaluation MLP: ceil(epochs * cells / 256) steps within [min, max] (shared.evaluation.MLPTrainConfig)
+    mlp_epochs: float = _MLP.epochs
+    mlp_min_steps: int = _MLP.min_steps
+    mlp_max_steps: int = _MLP.max_steps
     # participation and deadlines
     min_sites: int = 2
     expected_sites: int = 0  # 0: start as soon as min-sites SuperNodes are connected
     site_wait_s: float = 300.0
     round_timeout_s: float = 600.0
     # outputs
-    out_dir: str = ""  # "": $FEDSCDD_OUT_DIR (set by deploy/coordinator/start-superlink.sh), else ./scdd-out
-    run_id: str = ""  # "": run-<flower run id>
+    out_dir: str | None = None  # None: $FEDSCDD_OUT_DIR (set by deploy/coordinator/start-superlink.sh), else ./scdd-out
+    run_id: str | None = None  # None: run-<flower run id>
     resume: bool = False
     report: bool = True
     seed: int = 0
     torch_threads: int = 1  # 0: torch default (all cores)
-    device: str = (
-        "cpu"  # where each site's models run (shared.device): cpu | auto (a GPU when the site has one) | cuda | cuda:N
-    )
+    # where each site's models run (shared.device): cpu | auto (a GPU when the site has one) | cuda | cuda:N
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         checks = [
             (self.n_genes >= 10, "n-genes must be >= 10"),
-            (self.latent_dim == 0 or self.latent_dim >= 2, "latent-dim must be 0 (chosen from the gene count) or >= 2"),
+            (self.latent_dim is None or self.latent_dim >= 2, "latent-dim must be auto (from the gene count) or >= 2"),
             (self.cells_per_class >= 1, "cells-per-class must be >= 1"),
             (self.num_distill_rounds >= 1, "num-distill-rounds must be >= 1"),
             (self.num_pretrain_rounds >= 0, "num-pretrain-rounds must be >= 0"),
@@ -112,6 +121,8 @@ class FederationConfig:
                 self.vae_local_steps >= 1 and self.scdg_local_steps >= 1,
                 "vae-local-steps and scdg-local-steps must be >= 1",
             ),
+            (self.vae_batch_size >= 1 and self.scdg_batch_size >= 1, "vae-batch-size and scdg-batch-size must be >= 1"),
+            (self.pretrain_lr is None or self.pretrain_lr > 0, "pretrain-lr must be > 0 (or auto)"),
             (self.min_sites >= 1, "min-sites must be >= 1"),
             (self.expected_sites >= 0, "expected-sites must be >= 0"),
             (self.site_wait_s > 0 and self.round_timeout_s > 0, "site-wait-s and round-timeout-s must be > 0"),
@@ -123,32 +134,26 @@ class FederationConfig:
             ),
             (self.min_cells_per_class >= 1, "min-cells-per-class must be >= 1"),
             (0 <= self.min_coverage <= 1, "min-coverage must be in [0, 1]"),
-            (self.expect in ("auto", "counts", "lognorm"), "expect must be auto, counts or lognorm"),
-            (self.distill_init in ("", "real", "noise"), "distill-init must be '', 'real' or 'noise'"),
             (
-                self.decode_mode in ("", "expected", "sample", "sparse", "counts"),
-                "decode-mode must be '', 'expected', 'sample', 'sparse' or 'counts'",
+                self.distill_iterations is None or self.distill_iterations >= 0,
+                "distill-iterations must be >= 0 (or auto)",
             ),
+            (self.distill_t_star is None or self.distill_t_star >= 0, "distill-t-star must be >= 0 (or auto)"),
             (1 <= self.samples_per_code <= 20, "samples-per-code must be within 1..20"),
             (self.finetune_steps >= 0, "finetune-steps must be >= 0"),
-            (
-                self.mlp_epochs >= 0 and self.mlp_min_steps >= 0 and self.mlp_max_steps >= 0,
-                "mlp-epochs, mlp-min-steps and mlp-max-steps must be >= 0 (0 = default)",
-            ),
             (
                 self.finetune_lr > 0 and self.finetune_anchor_weight >= 0,
                 "finetune-lr must be > 0, finetune-anchor-weight >= 0",
             ),
             (self.sim_num_sites >= 1 and self.torch_threads >= 0, "sim-num-sites must be >= 1, torch-threads >= 0"),
             (
-                self.pretrained_path != "" or self.num_pretrain_rounds >= 1,
+                self.pretrained_path is not None or self.num_pretrain_rounds >= 1,
                 "num-pretrain-rounds must be >= 1 unless pretrained-path is set",
             ),
             (
-                self.server_optimizer in ("fedavg", "fedavgm", "fedadam", "fedyogi"),
-                "server-optimizer must be fedavg, fedavgm, fedadam or fedyogi",
+                self.server_lr is None or self.server_lr > 0,
+                "server-lr must be > 0 (or auto for the optimiser's default)",
             ),
-            (self.server_lr == -1.0 or self.server_lr > 0, "server-lr must be > 0 (or -1 for the optimiser's default)"),
             (0 <= self.proximal_mu < 1e6, "proximal-mu must be >= 0"),
             (
                 not (self.init_path and self.pretrained_path),
@@ -161,6 +166,11 @@ class FederationConfig:
             ),
         ]
         errors = [text for ok, text in checks if not ok]
+        errors += [
+            f"{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, got {getattr(self, f.name)!r}"
+            for f, (_, choices, _) in _fields().items()
+            if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices
+        ]
         try:
             _ = self.mlp
         except ValueError as exc:
@@ -184,26 +194,34 @@ class FederationConfig:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
-        """Map kebab-case keys to fields, refusing unknown keys and values of the wrong type."""
-        types = {f.name: type(f.default) for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in run_config if "_" in k or k.replace("-", "_") not in types)
+        """Map kebab-case keys to fields, refusing unknown keys and values of the wrong type.
+
+        A field that may be None reads it as "auto" (a value the library chooses) or "" (an absent path or name).
+        """
+        fields = {f.name: kind for f, kind in _fields().items()}
+        unknown = sorted(k for k in run_config if "_" in k or k.replace("-", "_") not in fields)
         if unknown:
             msg = f"unknown run-config keys {unknown}; known keys: {', '.join(cls.keys())}"
             raise ConfigError(msg)
         values: dict[str, Any] = {}
         for key, value in run_config.items():
             name = key.replace("-", "_")
-            values[name] = _coerce(key, value, types[name])
+            values[name] = _coerce(key, value, *fields[name])
         return cls(**values)
 
     def to_run_config(self) -> dict[str, Any]:
-        """Kebab-case dict (config.json, subprocess runs)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Kebab-case dict of run-config values (config.json, subprocess runs): None as "auto" or ""."""
+        return {
+            f.name.replace("_", "-"): _toml_none(kind, choices)
+            if getattr(self, f.name) is None
+            else getattr(self, f.name)
+            for f, (kind, choices, _) in _fields().items()
+        }
 
     @property
     def spec(self) -> SiteSpec:
-        """How sites prepare their data (DP keyed by the run-id key; the ServerApp uses ``site_spec`` with the run's name)."""
-        return self.site_spec(self.run_id)
+        """How sites prepare their data (DP keyed by run-id; the ServerApp uses ``site_spec`` with the run's name)."""
+        return self.site_spec(self.run_id or "")
 
     def site_spec(self, run_key: str) -> SiteSpec:
         """How sites prepare their data and what they may release, for the run named ``run_key``."""
@@ -219,7 +237,7 @@ class FederationConfig:
         )
 
     def dp_spec(self, run_key: str) -> DPSpec:
-        """The DP plan the sites receive: target, and the pretraining schedule they will compose (off when dp-epsilon is 0)."""
+        """The DP plan the sites receive: target and the pretraining schedule they compose (off at dp-epsilon 0)."""
         if self.dp_epsilon == 0:
             return DPSpec()
         from server.fedavg import budgets  # the stage budgets (run config over PretrainConfig's defaults)
@@ -229,7 +247,7 @@ class FederationConfig:
         rounds = 0 if self.pretrained_path else self.num_pretrain_rounds
         return DPSpec(
             self.dp_epsilon,
-            self.dp_delta,
+            self.dp_delta or 0.0,  # DPSpec (the wire): 0 = 1 / (10 x training cells) at each site
             self.dp_max_grad_norm,
             run_key or "unnamed",
             rounds,
@@ -243,13 +261,7 @@ class FederationConfig:
     @property
     def mlp(self) -> MLPTrainConfig:
         """How the server trains the evaluation MLP on the fused cells (the benchmark's rule unless overridden)."""
-        base = MLPTrainConfig()
-        return dataclasses.replace(
-            base,
-            epochs=self.mlp_epochs or base.epochs,
-            min_steps=self.mlp_min_steps or base.min_steps,
-            max_steps=self.mlp_max_steps or base.max_steps,
-        )
+        return MLPTrainConfig(epochs=self.mlp_epochs, min_steps=self.mlp_min_steps, max_steps=self.mlp_max_steps)
 
     def run_dir(self, run_id: str) -> Path:
         """out-dir/<run-id>, absolute; without out-dir, the coordinator's FEDSCDD_OUT_DIR, else ./scdd-out."""
@@ -257,8 +269,30 @@ class FederationConfig:
         return (Path(base).expanduser() / (self.run_id or run_id)).resolve()
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    """Run-config value -> field type (TOML ints are accepted for floats; nothing else is converted)."""
+@functools.cache
+def _fields() -> dict[dataclasses.Field[Any], tuple[type, tuple[Any, ...], bool]]:
+    """Per field: its value type, its allowed values (a Literal; empty otherwise) and whether it may be None."""
+    hints = get_type_hints(FederationConfig)
+    out: dict[dataclasses.Field[Any], tuple[type, tuple[Any, ...], bool]] = {}
+    for f in dataclasses.fields(FederationConfig):
+        union = get_origin(hints[f.name]) in (Union, types.UnionType)
+        args = get_args(hints[f.name]) if union else (hints[f.name],)
+        optional = type(None) in args
+        (hint,) = [a for a in args if a is not type(None)]
+        choices = get_args(hint) if get_origin(hint) is Literal else ()
+        out[f] = (type(choices[0]) if choices else hint, choices, optional)
+    return out
+
+
+def _toml_none(kind: type, choices: tuple[Any, ...]) -> str:
+    """How the run config writes None: "" for a path or name, "auto" for a value the library chooses."""
+    return "" if kind is str and not choices else AUTO
+
+
+def _coerce(key: str, value: Any, kind: type, choices: tuple[Any, ...], optional: bool) -> Any:
+    """Run-config value -> field type (TOML ints are accepted for floats; "auto" / "" -> None where allowed)."""
+    if optional and value == _toml_none(kind, choices):
+        return None
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:
@@ -269,6 +303,7 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     else:
         ok = isinstance(value, str)
     if not ok:
-        msg = f"run-config key '{key}' must be a {kind.__name__}, got {type(value).__name__} {value!r}"
+        auto = f' or "{_toml_none(kind, choices)}"' if optional else ""
+        msg = f"run-config key '{key}' must be a {kind.__name__}{auto}, got {type(value).__name__} {value!r}"
         raise ConfigError(msg)
     return value

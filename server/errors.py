@@ -10,11 +10,17 @@ NO_PLAN = "no-common-plan"
 RESUME_MISMATCH = "resume-mismatch"
 
 STOP_REASONS: dict[str, str] = {
-    NO_SITES_CONNECTED: "fewer than min-sites SuperNodes connected within site-wait-s; check that the sites' SuperNodes run "
-    "and reach the SuperLink, or lower min-sites",
-    TOO_FEW_SITES: "fewer than min-sites sites sent a valid reply within round-timeout-s; the coordinator log names each "
-    "dropped site and why (error reply, timeout, rejected reply); fix those sites or raise round-timeout-s",
-    NO_PLAN: "the sites' profiles admit no common plan (no shared genes or no classes); check gene identifiers and label-key",
+    NO_SITES_CONNECTED: (
+        "fewer than min-sites SuperNodes connected within site-wait-s; check that the sites' SuperNodes run "
+        "and reach the SuperLink, or lower min-sites"
+    ),
+    TOO_FEW_SITES: (
+        "fewer than min-sites sites sent a valid reply within round-timeout-s; the coordinator log names each "
+        "dropped site and why (error reply, timeout, rejected reply); fix those sites or raise round-timeout-s"
+    ),
+    NO_PLAN: (
+        "the sites' profiles admit no common plan (no shared genes or no classes); check gene identifiers and label-key"
+    ),
     RESUME_MISMATCH: "resume=true found a run directory written with another plan-relevant config; use a new run-id "
     "or the original config",
 }

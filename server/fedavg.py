@@ -9,24 +9,26 @@ How updates are combined (``server-optimizer``, ``class-aware-aggregation``) is
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 from flwr.app import RecordDict
 
 from server.aggregation import DEFAULT_SERVER_LR, ServerOptimizer, average
 from server.averaging import latent_moments
 from server.config import FederationConfig
 from server.messaging import Link, SiteReply
-from server.synthesis import load_state, model_json, state_of
 from server.validation import decode, validate_pretrain
+from shared.checkpoint import load_state, model_json, state_of
 from shared.fitting import set_latent_stats
 from shared.models import SCDG, VAE
 from shared.pretrain import PretrainConfig
-from shared.protocol import MSG_PRETRAIN, Plan, PretrainReply, PretrainRequest, Stage
+from shared.protocol import MSG_PRETRAIN, Plan, PretrainReply, PretrainRequest, Stage, StateDict
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,8 @@ VAE_WARMUP = (
 
 
 def kl_ramp(rnd: int, rounds: int, warmup: float = VAE_WARMUP) -> tuple[float, float]:
-    """KL weight at the start and end of VAE round ``rnd`` (1-based) of ``rounds``: a warm-up over ``warmup`` of all steps."""
+    """KL weight at the start and end of VAE round ``rnd`` (1-based) of ``rounds``: a warm-up over ``warmup`` of all
+    steps."""
     warm = max(warmup * rounds, 1e-9)
     return min(1.0, (rnd - 1) / warm), min(1.0, rnd / warm)
 
@@ -55,13 +58,13 @@ def budgets(cfg: FederationConfig) -> tuple[StageBudget, StageBudget]:
     pre = PretrainConfig()
     vae = StageBudget(
         cfg.vae_local_steps,
-        cfg.pretrain_lr if cfg.pretrain_lr > 0 else pre.vae.lr,
-        cfg.vae_batch_size if cfg.vae_batch_size > 0 else pre.vae.batch_size,
+        pre.vae.lr if cfg.pretrain_lr is None else cfg.pretrain_lr,
+        cfg.vae_batch_size,
     )
     scdg = StageBudget(
         cfg.scdg_local_steps,
-        cfg.pretrain_lr if cfg.pretrain_lr > 0 else pre.scdg.lr,
-        cfg.scdg_batch_size if cfg.scdg_batch_size > 0 else pre.scdg.batch_size,
+        pre.scdg.lr if cfg.pretrain_lr is None else cfg.pretrain_lr,
+        cfg.scdg_batch_size,
     )
     return vae, scdg
 
@@ -118,7 +121,7 @@ def _round(
 
 def optimizer_for(cfg: FederationConfig, model: Any) -> ServerOptimizer:
     """The run's server optimiser for one model (its own moments; trainable parameters only)."""
-    lr = cfg.server_lr if cfg.server_lr > 0 else DEFAULT_SERVER_LR[cfg.server_optimizer]
+    lr = DEFAULT_SERVER_LR[cfg.server_optimizer] if cfg.server_lr is None else cfg.server_lr
     return ServerOptimizer(cfg.server_optimizer, lr, params=frozenset(name for name, _ in model.named_parameters()))
 
 
@@ -138,15 +141,49 @@ def _combine(
         else None
     )
     avg = average(
-        [r.payload.weights for r in replies],
+        [cast(StateDict, r.payload.weights) for r in replies],  # a decoded vae/scdg reply carries its weights
         weights,
-        site_classes=by_class,  # type: ignore[misc]
+        site_classes=by_class,
         class_rows=model.class_rows,
         n_classes=model.config.n_classes,
         previous=current,
     )
     load_state(model, opt.step(current, avg))
     return sum(r.payload.loss * n for r, n in zip(replies, weights, strict=True)) / sum(weights)
+
+
+def _stage_rounds(
+    link: Link,
+    plan: Plan,
+    cfg: FederationConfig,
+    site_classes: Mapping[str, Collection[int]] | None,
+    stage: Stage,
+    model: VAE | SCDG,
+    budget: StageBudget,
+    *,
+    seed: int,
+    latent_dim: int,
+    encoder: VAE | None = None,
+) -> list[float]:
+    """``num-pretrain-rounds`` rounds of one model (the VAE's KL weight ramps up over them); each round's loss."""
+    opt = optimizer_for(cfg, model)
+    losses = []
+    for rnd in range(1, cfg.num_pretrain_rounds + 1):
+        replies = _round(
+            link,
+            plan,
+            stage,
+            rnd,
+            model,
+            budget,
+            seed=seed,
+            ramp=kl_ramp(rnd, cfg.num_pretrain_rounds) if stage == "vae" else (1.0, 1.0),
+            encoder=encoder,
+            latent_dim=latent_dim,
+            proximal_mu=cfg.proximal_mu,
+        )
+        losses.append(_combine(model, replies, opt, cfg, site_classes))
+    return losses
 
 
 def fedavg_pretrain(
@@ -180,47 +217,22 @@ def fedavg_pretrain(
             "proximal_mu": cfg.proximal_mu,
         },
     }
+    latent_dim = vae.config.latent_dim
+    stage = functools.partial(_stage_rounds, link, plan, cfg, site_classes, latent_dim=latent_dim)
     t0 = time.perf_counter()
-    opt = optimizer_for(cfg, vae)
-    for rnd in range(1, cfg.num_pretrain_rounds + 1):
-        replies = _round(
-            link,
-            plan,
-            "vae",
-            rnd,
-            vae,
-            vae_budget,
-            seed=cfg.seed,
-            ramp=kl_ramp(rnd, cfg.num_pretrain_rounds),
-            latent_dim=cfg.latent_dim,
-            proximal_mu=cfg.proximal_mu,
-        )
-        history["vae_loss"].append(_combine(vae, replies, opt, cfg, site_classes))
+    history["vae_loss"] = stage("vae", vae, vae_budget, seed=cfg.seed)
     t1 = time.perf_counter()
     stats = [
-        r.payload
-        for r in _round(link, plan, "latent-stats", 0, vae, vae_budget, seed=cfg.seed, latent_dim=cfg.latent_dim)
+        r.payload for r in _round(link, plan, "latent-stats", 0, vae, vae_budget, seed=cfg.seed, latent_dim=latent_dim)
     ]
-    mean, std = latent_moments(
-        [r.latent_sum for r in stats], [r.latent_sumsq for r in stats], [r.num_examples for r in stats]
-    )  # type: ignore[misc]
+    mean, std = latent_moments(  # a decoded latent-stats reply carries both sums
+        [cast(np.ndarray, r.latent_sum) for r in stats],
+        [cast(np.ndarray, r.latent_sumsq) for r in stats],
+        [r.num_examples for r in stats],
+    )
     set_latent_stats(scdg, mean, std)
     t2 = time.perf_counter()
-    opt = optimizer_for(cfg, scdg)
-    for rnd in range(1, cfg.num_pretrain_rounds + 1):
-        replies = _round(
-            link,
-            plan,
-            "scdg",
-            rnd,
-            scdg,
-            scdg_budget,
-            seed=cfg.seed + 500,
-            encoder=vae,
-            latent_dim=cfg.latent_dim,
-            proximal_mu=cfg.proximal_mu,
-        )
-        history["scdg_loss"].append(_combine(scdg, replies, opt, cfg, site_classes))
+    history["scdg_loss"] = stage("scdg", scdg, scdg_budget, seed=cfg.seed + 500, encoder=vae)
     history["seconds"] = {"vae": t1 - t0, "latent_stats": t2 - t1, "scdg": time.perf_counter() - t2}
     logger.info(
         "federated pretraining: VAE %d x %d steps (%.1f s), SCDG %d x %d steps (%.1f s)",

@@ -116,7 +116,8 @@ class Link:
 
 
 def wait_for_nodes(grid: Grid, *, min_sites: int, expected: int, deadline_s: float, poll_s: float = 1.0) -> list[int]:
-    """Node ids once ``max(min_sites, expected)`` are connected, or whatever is there at the deadline (if >= min_sites)."""
+    """Node ids once ``max(min_sites, expected)`` are connected, or whatever is there at the deadline (if >=
+    min_sites)."""
     want = max(min_sites, expected)
     end = time.monotonic() + deadline_s
     while True:

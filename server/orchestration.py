@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
-from server import fedavg as pretraining
+from server import fedavg
 from server.averaging import aggregate_scores, site_result
 from server.config import FederationConfig
 from server.errors import NO_PLAN, RESUME_MISMATCH, FederationStopped
@@ -33,14 +33,12 @@ from server.synthesis import (
     finetune_generator,
     fresh_models,
     fuse_round,
-    model_json,
     provenance,
-    state_of,
     train_evaluators,
 )
 from server.validation import decode, validate_distill, validate_evaluate, validate_profile
-from shared.checkpoint import load_model
-from shared.distill import DECODE_MODE, Codes, DistillConfig, resolve_t_star
+from shared.checkpoint import load_model, model_json, state_of
+from shared.distill import Codes, DistillConfig, resolve_t_star, wire_fields
 from shared.errors import ConfigError
 from shared.models import SCDG, VAE
 from shared.plan import plan_vocabulary
@@ -177,7 +175,7 @@ def pretrain(run: Run) -> None:
     else:
         latent_dim = cfg.latent_dim or latent_dim_for(len(run.plan.genes))
         run.vae, run.scdg = fresh_models(run.plan, latent_dim=latent_dim, seed=cfg.seed, count_head=run.count_input)
-    run.metrics["pretrain"] = pretraining.fedavg_pretrain(
+    run.metrics["pretrain"] = fedavg.fedavg_pretrain(
         run.link,
         run.plan,
         dataclasses.replace(cfg, latent_dim=latent_dim),
@@ -191,19 +189,19 @@ def pretrain(run: Run) -> None:
 
 def distill_config(cfg: FederationConfig) -> DistillConfig:
     """DistillConfig from the run config over the library's defaults (seed set per site later)."""
-    over: dict[str, Any] = {"k": cfg.cells_per_class, "t_star": cfg.distill_t_star}
-    if cfg.distill_iterations >= 0:
-        over["iterations"] = cfg.distill_iterations
-    if cfg.distill_init:
-        over["init"] = cfg.distill_init
-    return DistillConfig(**over)
+    over: dict[str, Any] = {
+        "iterations": cfg.distill_iterations,
+        "t_star": cfg.distill_t_star,
+        "init": cfg.distill_init,
+    }
+    return DistillConfig(k=cfg.cells_per_class, **{key: v for key, v in over.items() if v is not None})
 
 
 def distill(run: Run, rnd: int) -> list[SiteCodes]:
     """train.distill at every site; validated codes per site."""
     plan, vae, scdg = run.ready()
     dcfg = distill_config(run.cfg)
-    fields = {k: v for k, v in dataclasses.asdict(dcfg).items() if k != "seed"}
+    fields = {k: v for k, v in wire_fields(dcfg).items() if k != "seed"}
     vae_state, scdg_state, vae_json, scdg_json = state_of(vae), state_of(scdg), model_json(vae), model_json(scdg)
     warm = run.warm_codes if run.cfg.distill_warm_start else {}
     requests = {}
@@ -217,7 +215,7 @@ def distill(run: Run, rnd: int) -> list[SiteCodes]:
             scdg_json,
             plan,
             fields,
-            pretraining.site_seed(run.cfg.seed + 7, run.link, node, 100 * rnd),
+            fedavg.site_seed(run.cfg.seed + 7, run.link, node, 100 * rnd),
             run.cfg.distill_warm_start,
             warm_codes=last.codes if last is not None else None,
             warm_labels=last.labels.astype(np.int32) if last is not None else None,
@@ -263,7 +261,8 @@ def evaluate(run: Run, rnd: int, X: np.ndarray, y: np.ndarray) -> dict[str, Any]
     """Train the evaluation models on the fused cells, have every site score them, aggregate."""
     plan = run.ready()[0]
     n_classes = len(plan.classes)
-    # The same evaluator seed every round: rounds then differ only in their synthetic cells, not in the MLP's initialisation.
+    # The same evaluator seed every round: rounds then differ only in their synthetic cells, not in the MLP's
+    # initialisation.
     models = train_evaluators(X, y, n_classes, mlp=run.cfg.mlp, seed=run.cfg.seed)
     req = EvaluateRequest(
         rnd,
@@ -309,13 +308,13 @@ def run_round(run: Run, rnd: int) -> None:
     plan, vae, scdg = run.ready()
     t0 = time.perf_counter()
     parts = distill(run, rnd)
-    mode = run.cfg.decode_mode or DECODE_MODE
+    mode = run.cfg.decode_mode
     prov = provenance(
         vae,
         scdg,
         round_=rnd,
         sites=[p.site for p in parts],
-        distill=dataclasses.asdict(distill_config(run.cfg)),
+        distill=wire_fields(distill_config(run.cfg)),
         decode=mode,
     )
     fused = fuse_round(
@@ -326,7 +325,7 @@ def run_round(run: Run, rnd: int) -> None:
         round_=rnd,
         provenance=prov,
         mode=mode,
-        seed=run.cfg.seed + 10 * rnd,  # type: ignore[arg-type]
+        seed=run.cfg.seed + 10 * rnd,
         samples_per_code=run.cfg.samples_per_code,
     )
     t1 = time.perf_counter()
@@ -421,7 +420,8 @@ def _phases(r: Run, nodes: list[int]) -> None:
     """Every phase in order, skipping those a resumed checkpoint completed."""
     cfg, link, store = r.cfg, r.link, r.store
     t0 = time.perf_counter()
-    # DP noise and the sites' release ledgers are keyed by the run: a fresh start gets a fresh key, a resume keeps its own
+    # DP noise and the sites' release ledgers are keyed by the run: a fresh start gets a fresh key, a resume keeps
+    # its own
     spec = cfg.site_spec(r.metrics.setdefault("run_key", f"{store.dir.name}-{secrets.token_hex(6)}"))
     profiles = collect_profiles(link, nodes, spec)
     if r.plan is None:

@@ -37,7 +37,8 @@ def privacy_plan(profiles: Sequence[ProfileReply], plan: Plan) -> dict[str, dict
 
 
 def check_report(report: Mapping[str, Any] | None, *, dp_on: bool, target: float) -> None:
-    """A DP site must report what it spent (finite epsilon within 1% of the target, delta in (0, 1)); a non-DP site must not."""
+    """A DP site must report what it spent (finite epsilon within 1% of the target, delta in (0, 1)); a non-DP site must
+    not."""
     if not dp_on:
         if report is not None:
             msg = "a DP report from a site in a run without DP"
@@ -48,5 +49,8 @@ def check_report(report: Mapping[str, Any] | None, *, dp_on: bool, target: float
         raise ProtocolError(msg)
     eps, delta = float(report["epsilon"]), float(report["delta"])
     if not (math.isfinite(eps) and 0 <= eps <= target * 1.01 and 0 < delta < 1) or not report.get("mechanisms"):
-        msg = f"DP report out of range: epsilon {eps:.4g} (target {target:g}), delta {delta:.3g}, {len(report.get('mechanisms', []))} mechanisms"
+        msg = (
+            f"DP report out of range: epsilon {eps:.4g} (target {target:g}), delta {delta:.3g}, "
+            f"{len(report.get('mechanisms', []))} mechanisms"
+        )
         raise ProtocolError(msg)

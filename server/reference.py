@@ -16,12 +16,12 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from shared.checkpoint import load_model, save_model
-from shared.data import gene_stats, prepare_site, read_h5ad, select_variable_genes
+from shared.data import Expect, gene_stats, prepare_site, read_h5ad, select_variable_genes
 from shared.errors import ConfigError
 from shared.io import write_json
 from shared.models import SCDG, VAE
@@ -53,13 +53,19 @@ def pretrain_reference(
     cfg: PretrainConfig | None = None,
     expect: str = "auto",
 ) -> Path:
-    """Train VAE + SCDG on all cells of a reference .h5ad; write plan.json, vae.pt, scdg.pt, reference.json to ``out``."""
+    """Train VAE + SCDG on all cells of a reference .h5ad; write plan.json, vae.pt, scdg.pt, reference.json to
+    ``out``."""
     cfg = cfg or PretrainConfig()
     out = Path(out).expanduser()
     adata = read_h5ad(path)
     site = prepare_site(
-        adata, label_key=label_key, expect=expect, test_fraction=0.0, val_fraction=0.0, min_cells_per_class=1
-    )  # type: ignore[arg-type]
+        adata,
+        label_key=label_key,
+        expect=cast(Expect, expect),  # prepare_site refuses any other value
+        test_fraction=0.0,
+        val_fraction=0.0,
+        min_cells_per_class=1,
+    )
     sums, sumsq, detected = gene_stats(site.X)
     genes = select_variable_genes(site.genes, sums, sumsq, detected, site.X.shape[0], n_top=n_genes)
     pos = {g: i for i, g in enumerate(site.genes)}
@@ -68,7 +74,7 @@ def pretrain_reference(
     pre = pretrain(X, site.labels, len(site.classes), cfg)
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    plan = Plan(tuple(genes), site.classes, SiteSpec(label_key=label_key, expect=expect))  # type: ignore[arg-type]
+    plan = Plan(tuple(genes), site.classes, SiteSpec(label_key=label_key, expect=expect))
     save_model(pre.vae, out / "vae.pt")
     save_model(pre.scdg, out / "scdg.pt")
     write_json(
@@ -101,7 +107,10 @@ def load_reference(path: str | Path) -> tuple[Plan, VAE, SCDG]:
     base = Path(path).expanduser()
     missing = [f for f in FILES if not (base / f).is_file()]
     if missing:
-        msg = f"{base} is not a pretrained directory: {', '.join(missing)} missing; create one with `scdd pretrain REFERENCE.h5ad --label-key KEY --out DIR`"
+        msg = (
+            f"{base} is not a pretrained directory: {', '.join(missing)} missing; "
+            "create one with `scdd pretrain REFERENCE.h5ad --label-key KEY --out DIR`"
+        )
         raise ConfigError(msg)
     plan = Plan.from_json(json.loads((base / "plan.json").read_text(encoding="utf-8")))
     return plan, load_model(base / "vae.pt", "vae"), load_model(base / "scdg.pt", "scdg")  # type: ignore[return-value]
@@ -109,7 +118,10 @@ def load_reference(path: str | Path) -> tuple[Plan, VAE, SCDG]:
 
 def _copy(dst: dict[str, torch.Tensor], key: str, value: torch.Tensor, copied: list[str]) -> None:
     if value.shape != dst[key].shape:
-        msg = f"reference weight {key} has shape {tuple(value.shape)}, the run's model {tuple(dst[key].shape)}; pretrain the reference with this fedscdd version"
+        msg = (
+            f"reference weight {key} has shape {tuple(value.shape)}, the run's model {tuple(dst[key].shape)}; "
+            "pretrain the reference with this fedscdd version"
+        )
         raise ConfigError(msg)
     dst[key] = value.clone()
     copied.append(key)
@@ -129,7 +141,10 @@ def transfer(
     pos = {g: i for i, g in enumerate(src_genes)}
     absent = [g for g in dst_genes if g not in pos]
     if absent:
-        msg = f"{len(absent)} plan genes are not in the reference (e.g. {absent[:3]}); the plan must be chosen within the reference's genes"
+        msg = (
+            f"{len(absent)} plan genes are not in the reference (e.g. {absent[:3]}); "
+            "the plan must be chosen within the reference's genes"
+        )
         raise ConfigError(msg)
     idx = torch.as_tensor([pos[g] for g in dst_genes], dtype=torch.long)
     for key, value in s.items():

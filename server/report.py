@@ -18,9 +18,10 @@ from shared.io import write_text
 logger = logging.getLogger(__name__)
 
 AUDIT_GUIDE = (
-    "each site audits the fused synthetic cells on its own cells; 0.5 = no signal, 1.0 = a copied cell. Seed MIA: the cells "
-    "whose latents seeded this site's codes vs held-out cells, by distance to the closest synthetic cell. Population MIA: every "
-    "training cell vs held-out cells (blind to a few copies). Density MIA: a DOMIAS-style density-ratio attack on the seed cells. "
+    "each site audits the fused synthetic cells on its own cells; 0.5 = no signal, 1.0 = a copied cell. "
+    "Seed MIA: the cells whose latents seeded this site's codes vs held-out cells, by distance to the closest "
+    "synthetic cell. Population MIA: every training cell vs held-out cells (blind to a few copies). "
+    "Density MIA: a DOMIAS-style density-ratio attack on the seed cells. "
     "DCR share: synthetic cells closer to a training than to a held-out cell. Attacks bound the risk from below"
 )
 
@@ -46,7 +47,7 @@ def _embedding(adata: Any) -> tuple[np.ndarray, str]:
         sc.pp.neighbors(a, n_neighbors=max(2, min(15, a.n_obs - 1)), use_rep="X_pca")
         sc.tl.umap(a, random_state=0)
         return np.asarray(a.obsm["X_umap"]), "UMAP"
-    except Exception as exc:  # a plot must never fail a finished run
+    except Exception as exc:  # noqa: BLE001 - a plot must never fail a finished run
         logger.warning("UMAP failed (%s); plotting PCA instead", type(exc).__name__)
         return np.asarray(a.obsm["X_pca"][:, :2]), "PCA"
 
@@ -187,8 +188,9 @@ def _site_table(last: dict[str, Any], upload: dict[str, dict[str, int]]) -> str:
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     worst = last["aggregate"]["audit"]
     foot = (
-        f"<p>Worst site, seed MIA: {_fmt(worst['seed_mia_max'])}; mean over sites: seed {_fmt(worst['seed_mia'])}, population "
-        f"{_fmt(worst['population_mia'])}, density {_fmt(worst['density_mia'])}, DCR share {_fmt(worst['dcr_share'])}.</p>"
+        f"<p>Worst site, seed MIA: {_fmt(worst['seed_mia_max'])}; "
+        f"mean over sites: seed {_fmt(worst['seed_mia'])}, population {_fmt(worst['population_mia'])}, "
+        f"density {_fmt(worst['density_mia'])}, DCR share {_fmt(worst['dcr_share'])}.</p>"
     )
     return f"<table>{head}{''.join(rows)}</table>{foot}"
 
@@ -232,9 +234,10 @@ def render(metrics: dict[str, Any], synthetic: Any, *, label_key: str) -> str:
         fid = agg.get("fidelity", {})
         parts += [
             "<h2>Fidelity: do the synthetic cells look like real ones?</h2>",
-            f"<p>Each site compares the fused synthetic cells with its own test cells (top-50 wilcoxon marker genes per class, "
-            f"scanpy; per-gene mean and variance correlation; zero fraction). Mean over sites: marker overlap "
-            f"{_fmt(fid.get('marker_overlap', math.nan))}, zero fraction {_fmt(fid.get('zero_fraction_synthetic', math.nan))} synthetic vs "
+            "<p>Each site compares the fused synthetic cells with its own test cells "
+            "(top-50 wilcoxon marker genes per class, scanpy; per-gene mean and variance correlation; zero fraction). "
+            f"Mean over sites: marker overlap {_fmt(fid.get('marker_overlap', math.nan))}, "
+            f"zero fraction {_fmt(fid.get('zero_fraction_synthetic', math.nan))} synthetic vs "
             f"{_fmt(fid.get('zero_fraction_real', math.nan))} real.</p>",
             _fidelity_plot(rounds[-1]),
         ]
@@ -260,8 +263,14 @@ def render(metrics: dict[str, Any], synthetic: Any, *, label_key: str) -> str:
             for d in metrics["dropped"]
         )
         parts += ["<h2>Dropped sites</h2>", f"<ul>{items}</ul>"]
-    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>fedscdd report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px}"
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>fedscdd report</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    )
 
 
 def write_report(run_dir: str | Path) -> Path:

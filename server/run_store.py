@@ -2,8 +2,9 @@
 
 Layout: run.log, config.json, plan.json, metrics.json, synthetic_round<r>.h5ad, synthetic.h5ad, vae.pt,
 scdg.pt, mlp.pt, report.html; ``pretrained/`` (plan.json, vae.pt, scdg.pt as pretraining left them:
-what ``pretrained-path`` reads, to distill again without FedAvg); ``state/`` holds the checkpoint after the last completed phase
-(state.json, the generator pair and each site's latest codes, codes.npz), from which ``resume=true`` continues.
+what ``pretrained-path`` reads, to distill again without FedAvg); ``state/`` holds the checkpoint after the last
+completed phase (state.json, the generator pair and each site's latest codes, codes.npz), from which ``resume=true``
+continues.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anndata as ad
 import numpy as np
@@ -73,7 +74,8 @@ class Checkpoint:
 
 @contextmanager
 def run_log(path: Path, *, fresh: bool) -> Iterator[None]:
-    """Copy the coordinator's log lines ("server" loggers, at their configured level) into ``path`` while the block runs.
+    """Copy the coordinator's log lines ("server" loggers, at their configured level) into ``path`` while the block
+    runs.
 
     A deployed ServerApp's own output reaches only Flower's run log (``flwr log``), not the SuperLink's
     log file or journal: this file is what an operator finds beside the run's outputs. ``fresh``
@@ -162,7 +164,8 @@ class RunStore:
         scdg: SCDG,
         codes: Mapping[str, Codes] | None = None,
     ) -> None:
-        """Write the state after a completed phase (models and codes first, state.json last: it marks the checkpoint valid)."""
+        """Write the state after a completed phase (models and codes first, state.json last: it marks the checkpoint
+        valid)."""
         save_model(vae, self.state_dir / "vae.pt")
         save_model(scdg, self.state_dir / "scdg.pt")
         write_with(self.state_dir / "codes.npz", lambda tmp: _save_codes(tmp, codes or {}))
@@ -186,7 +189,9 @@ class RunStore:
         if not path.is_file():
             return None
         state = json.loads(path.read_text(encoding="utf-8"))
-        vae, scdg = load_model(self.state_dir / "vae.pt", "vae"), load_model(self.state_dir / "scdg.pt", "scdg")
+        # load_model checks each checkpoint's kind
+        vae = cast(VAE, load_model(self.state_dir / "vae.pt", "vae"))
+        scdg = cast(SCDG, load_model(self.state_dir / "scdg.pt", "scdg"))
         codes = _load_codes(self.state_dir / "codes.npz")
         return Checkpoint(
             tuple(state["completed"]),
@@ -196,7 +201,7 @@ class RunStore:
             vae,
             scdg,
             codes,
-        )  # type: ignore[arg-type]
+        )
 
 
 def _save_codes(path: Path, codes: Mapping[str, Codes]) -> None:
@@ -211,7 +216,7 @@ def _save_codes(path: Path, codes: Mapping[str, Codes]) -> None:
             f"meta{i}": np.array([c.t_star, c.guidance], dtype=np.float64),
         }
     with open(path, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub matches **arrays against allow_pickle: bool
 
 
 def _load_codes(path: Path) -> dict[str, Codes]:

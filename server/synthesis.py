@@ -3,56 +3,38 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anndata as ad
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
-from shared.checkpoint import config_to_dict, model_hash
+from shared.checkpoint import model_hash
 from shared.counts import sample_counts, usable
 from shared.distill import Codes, generate, latents
-from shared.evaluation import MLPTrainConfig, train_mlp
+from shared.evaluation import MLPTrainConfig, fit_logreg, train_mlp
 from shared.fitting import TrainConfig, fit_scdg
 from shared.models import SCDG, VAE, MLPClassifier
 from shared.models.vae import DecodeMode
 from shared.pretrain import new_models
-from shared.protocol import Plan, StateDict
+from shared.protocol import Plan
 from shared.synthetic import fuse, to_anndata
 
 logger = logging.getLogger(__name__)
 
 
 def fresh_models(plan: Plan, *, latent_dim: int, seed: int, count_head: bool = False) -> tuple[VAE, SCDG]:
-    """A new VAE (with a count head when every site has count input) and SCDG for the plan's genes and classes (seeded)."""
+    """A new VAE (with a count head when every site has count input) and SCDG for the plan's genes and classes
+    (seeded)."""
     torch.manual_seed(seed)
     vae, scdg = new_models(len(plan.genes), len(plan.classes), latent_dim, count_head=count_head)
     vae.eval()
     scdg.eval()
     return vae, scdg
-
-
-def model_json(model: torch.nn.Module) -> str:
-    """The model's config dataclass as JSON (travels with its weights)."""
-    return json.dumps(config_to_dict(model.config), sort_keys=True)  # type: ignore[arg-type]
-
-
-def state_of(model: torch.nn.Module) -> StateDict:
-    """Detached numpy copy of a model's state dict."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def load_state(model: torch.nn.Module, state: StateDict) -> None:
-    """Load a numpy state dict into ``model`` in place."""
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-    model.eval()
 
 
 @dataclass(frozen=True)
@@ -97,7 +79,8 @@ def fuse_round(
     with_counts = counts_available(parts, vae)
     if mode == "counts" and not with_counts:
         logger.warning(
-            "decode-mode 'counts' needs count input at every site (and a VAE trained with it): decoding 'expected' instead"
+            "decode-mode 'counts' needs count input at every site (and a VAE trained with it): "
+            "decoding 'expected' instead"
         )
         mode = "expected"
     repeat = samples_per_code if mode in ("sample", "counts") else 1
@@ -116,9 +99,8 @@ def fuse_round(
         )
         layers = {"expected": generate(vae, scdg, codes, mode="expected")}
         if with_counts:
-            layers["counts"], counts_X = sample_counts(
-                vae, latents(scdg, codes), codes.labels, part.library, seed=seed_i
-            )  # type: ignore[arg-type]
+            library = cast(np.ndarray, part.library)  # counts_available: every site sent its statistics
+            layers["counts"], counts_X = sample_counts(vae, latents(scdg, codes), codes.labels, library, seed=seed_i)
         cells = (
             counts_X
             if mode == "counts"
@@ -182,9 +164,7 @@ def train_evaluators(X: np.ndarray, y: np.ndarray, n_classes: int, *, mlp: MLPTr
     if present.size < 2:
         coef, icpt = np.zeros((1, X.shape[1])), np.zeros(1)
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)  # 300 lbfgs iterations, as in shared.evaluation
-            lr = LogisticRegression(max_iter=300, C=1.0, random_state=seed).fit(X, y)
+        lr = fit_logreg(X, y, seed=seed)
         coef, icpt = lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64)
     return EvalModels(model, coef, icpt, present.astype(np.int64))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping
-from typing import TypeVar
+from typing import Protocol, Self, TypeVar
 
 import numpy as np
 from flwr.app import RecordDict
@@ -30,21 +30,31 @@ from shared.protocol.rounds import LIBRARY_STATS
 BUDGET_SLACK_BYTES = 4096
 MAX_LOG_LIBRARY = 25.0  # e^25 counts in one cell: anything above is not a cell
 MAX_LOG_SD = 10.0
-P = TypeVar("P")
+
+
+class Decodable(Protocol):
+    """A reply payload: ``from_record`` decodes it strictly (``shared.protocol``)."""
+
+    @classmethod
+    def from_record(cls, rd: RecordDict) -> Self: ...
+
+
+P = TypeVar("P", bound=Decodable)
 
 
 def distill_budget(k: int, n_classes: int, latent_dim: int) -> int:
-    """Most bytes a distill reply may occupy on the wire: k·C·d float32 values, C·3 library statistics, plus 4096 bytes."""
+    """Most bytes a distill reply may occupy on the wire: k·C·d float32 values, C·3 library statistics, plus 4096
+    bytes."""
     return (k * n_classes * latent_dim + n_classes * LIBRARY_STATS) * 4 + BUDGET_SLACK_BYTES
 
 
 def decode(content: RecordDict, payload: type[P]) -> P:
     """``payload.from_record(content)``, turning unexpected decoder failures into ProtocolError."""
     try:
-        return payload.from_record(content)  # type: ignore[attr-defined,no-any-return]
+        return payload.from_record(content)
     except ProtocolError:
         raise
-    except Exception as exc:  # malformed input must never crash the server
+    except Exception as exc:  # noqa: BLE001 - malformed input must never crash the server
         msg = f"{payload.__name__} could not be decoded ({type(exc).__name__})"
         raise ProtocolError(msg) from None
 
@@ -72,7 +82,10 @@ def _same_state(got: StateDict, sent: Mapping[str, np.ndarray], what: str) -> No
         raise ProtocolError(msg)
     for key, ref in sent.items():
         if got[key].shape != ref.shape or got[key].dtype != ref.dtype:
-            msg = f"{what} weights: {key!r} is {got[key].dtype}{list(got[key].shape)}, expected {ref.dtype}{list(ref.shape)}"
+            msg = (
+                f"{what} weights: {key!r} is {got[key].dtype}{list(got[key].shape)}, "
+                f"expected {ref.dtype}{list(ref.shape)}"
+            )
             raise ProtocolError(msg)
 
 
@@ -96,7 +109,8 @@ def validate_pretrain(reply: PretrainReply, req: PretrainRequest, *, latent_dim:
 def validate_distill(
     reply: DistillReply, req: DistillRequest, *, latent_dim: int, site_classes: Collection[int], wire: int
 ) -> None:
-    """Codes (n, d) for classes the site reported, at most k (and at most its training cells) per class, counts of length C, within the byte budget."""
+    """Codes (n, d) for classes the site reported, at most k (and at most its training cells) per class, counts of
+    length C, within the byte budget."""
     n_classes, k = len(req.plan.classes), req.k
     budget = distill_budget(k, n_classes, latent_dim)
     if wire > budget:
@@ -138,7 +152,8 @@ def validate_distill(
 
 
 def _check_library(library: np.ndarray, class_counts: np.ndarray) -> None:
-    """Per class: all NaN (no such cells, or no count input), or a plausible mean / sd of log totals and a plan share in (0, 1]."""
+    """Per class: all NaN (no such cells, or no count input), or a plausible mean / sd of log totals and a plan share in
+    (0, 1]."""
     if library.shape != (class_counts.shape[0], LIBRARY_STATS):
         msg = f"library statistics have shape {library.shape}, expected ({class_counts.shape[0]}, {LIBRARY_STATS})"
         raise ProtocolError(msg)
@@ -152,7 +167,10 @@ def _check_library(library: np.ndarray, class_counts: np.ndarray) -> None:
         and np.all((rows[:, 1] >= 0) & (rows[:, 1] <= MAX_LOG_SD))
         and np.all((rows[:, 2] > 0) & (rows[:, 2] <= 1))
     ):
-        msg = f"library statistics out of range (log totals in [0, {MAX_LOG_LIBRARY:g}], their sd in [0, {MAX_LOG_SD:g}], plan share in (0, 1])"
+        msg = (
+            f"library statistics out of range (log totals in [0, {MAX_LOG_LIBRARY:g}], "
+            f"their sd in [0, {MAX_LOG_SD:g}], plan share in (0, 1])"
+        )
         raise ProtocolError(msg)
 
 
@@ -173,7 +191,8 @@ def _fidelity_ok(fid: Mapping[str, float]) -> bool:
 
 
 def validate_evaluate(reply: EvaluateReply, *, round_: int, n_classes: int) -> None:
-    """Scores in [0, 1] (NaN only where a metric is undefined), recall of length C, n-test positive, audit and fidelity in range."""
+    """Scores in [0, 1] (NaN only where a metric is undefined), recall of length C, n-test positive, audit and fidelity
+    in range."""
     if reply.round != round_:
         msg = f"reply is for round {reply.round}, expected {round_}"
         raise ProtocolError(msg)

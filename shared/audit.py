@@ -4,7 +4,7 @@
   cells (whose latents initialised codes, or that a coreset / DM picked), non-members held-out
   cells; score = minus the distance to the closest synthetic cell. A copied cell scores 1.0.
 - ``population_mia``: the same attack with every training cell as a member (the audit of the first
-  release, renamed). Blind to a few copied cells among thousands (50 copies scored 0.576 on kang).
+  release, renamed). Blind to a few copied cells among thousands (benchmarks/results/design_choices.md).
 - ``density_mia``: a density-ratio attack in the style of DOMIAS (van Breugel et al., AISTATS
   2023) on the seed members: score = log p_synthetic(x) - log p_reference(x), both k-NN density
   estimates, the reference being cells never trained on (validation cells). It flags cells
@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 import scipy.sparse as sp
 
 logger = logging.getLogger(__name__)
 
-Matrix = sp.csr_matrix | np.ndarray
+Matrix: TypeAlias = sp.csr_matrix | np.ndarray
 AUDIT_KEYS = ("seed_mia", "population_mia", "density_mia", "dcr_share")
 MIN_CELLS = 5  # fewer members, held-out or reference cells than this: the score is not computable (NaN)
 REFERENCE_K = 5  # neighbours of the reference density estimate
@@ -55,7 +56,7 @@ class Audit:
 
 
 def _dense(X: Matrix) -> np.ndarray:
-    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+    return np.asarray(cast(Any, X).toarray() if sp.issparse(X) else X, dtype=np.float32)  # Any: scipy is untyped
 
 
 def _sample(n_total: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -229,7 +230,8 @@ def audit(
 
 
 def random_members(labels: np.ndarray, counts: dict[int, int], seed: int) -> np.ndarray:
-    """Stand-in members for a method that privileges no cell (e.g. per-class Gaussians): counts[c] random cells of each class c."""
+    """Stand-in members for a method that privileges no cell (e.g. per-class Gaussians): counts[c] random cells of each
+    class c."""
     rng = np.random.default_rng(seed)
     picks = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in counts.items()]
     return np.sort(np.concatenate(picks)) if picks else np.zeros(0, np.int64)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -57,6 +58,26 @@ def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
         raise CheckpointError(msg)
     cls, cfg_cls = _KINDS[kind]
     return cls(config_from_dict(cfg_cls, config))
+
+
+# ----------------------------------------------------------------------------- the wire form of a model
+# (its config as JSON, its weights as a numpy state dict): what the server sends and the sites send back.
+
+
+def model_json(model: nn.Module) -> str:
+    """The model's config dataclass as JSON (travels with its weights; ``build_model`` reads it back)."""
+    return json.dumps(config_to_dict(model.config), sort_keys=True)
+
+
+def state_of(model: nn.Module) -> dict[str, np.ndarray]:
+    """Detached numpy copy of a model's state dict."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
+    """Load a numpy state dict into ``model`` in place, and put it in eval mode."""
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    model.eval()
 
 
 def model_hash(model: nn.Module) -> str:

@@ -11,6 +11,8 @@ negative binomial with mean ``l * rho_g`` and writes ``X = log1p(counts / L * TA
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -20,7 +22,7 @@ from shared.models.likelihood import sample_nb
 from shared.models.vae import VAE
 from shared.protocol.rounds import LIBRARY_STATS
 
-Matrix = sp.csr_matrix | np.ndarray
+Matrix: TypeAlias = sp.csr_matrix | np.ndarray
 BLOCK_ROWS = 8192
 
 
@@ -73,7 +75,8 @@ def usable(stats: np.ndarray, labels: np.ndarray) -> bool:
 def sample_counts(
     vae: VAE, z: np.ndarray, labels: np.ndarray, stats: np.ndarray, *, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Counts (n, G) sampled for latents ``z`` of classes ``labels``, and their log-normalised X on the real cells' scale."""
+    """Counts (n, G) sampled for latents ``z`` of classes ``labels``, and their log-normalised X on the real cells'
+    scale."""
     if vae.count_head is None:
         msg = "this VAE has no count head (it was trained without count input): synthetic counts are not available"
         raise ValueError(msg)

@@ -48,7 +48,7 @@ def read_h5ad(path: str | Path) -> anndata.AnnData:
     p = check_path(path)
     try:
         adata = anndata.read_h5ad(p)
-    except Exception as exc:  # any reader failure means "not a readable .h5ad"
+    except Exception as exc:  # noqa: BLE001 - any reader failure means "not a readable .h5ad"
         raise not_anndata(p, exc) from None
     return adata
 
@@ -73,7 +73,8 @@ def _check_matrix(rows: Rows) -> None:
 @dataclass
 class ValueScan:
     """One pass over the stored values of a site's rows: the contract's value checks, the counts-or-lognorm evidence,
-    each gene's non-zeros and each cell's total. Blocks come in row order; the kind sample takes every ``step``-th stored value."""
+    each gene's non-zeros and each cell's total. Blocks come in row order; the kind sample takes every ``step``-th
+    stored value."""
 
     n_genes: int
     step: int
@@ -303,7 +304,8 @@ def check_genes(var_names: Sequence[str] | pd.Index) -> None:
 def column_map(
     genes: Sequence[str], vocabulary: Sequence[str], *, min_coverage: float = 0.5
 ) -> tuple[np.ndarray, float]:
-    """Per input gene its column in ``vocabulary`` (-1: not in it), and the share of the vocabulary present, refusing low coverage."""
+    """Per input gene its column in ``vocabulary`` (-1: not in it), and the share of the vocabulary present, refusing
+    low coverage."""
     genes = [str(g) for g in genes]
     vocab = [str(g) for g in vocabulary]
     check_genes(genes)
@@ -370,7 +372,10 @@ def stratified_split(
         msg = f"labels must be 1-D, got shape {y.shape}"
         raise ValueError(msg)
     if not (0.0 <= test_fraction < 1.0 and 0.0 <= val_fraction < 1.0 and test_fraction + val_fraction < 1.0):
-        msg = f"test_fraction and val_fraction must be in [0, 1) with a sum below 1, got {test_fraction} and {val_fraction}"
+        msg = (
+            f"test_fraction and val_fraction must be in [0, 1) with a sum below 1, "
+            f"got {test_fraction} and {val_fraction}"
+        )
         raise ConfigError(msg)
     rng = np.random.default_rng(seed)
     tests: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
@@ -434,7 +439,7 @@ def select_variable_genes(
     if n_top < candidates.size:
         order = np.argsort(-variance[candidates], kind="stable")
         candidates = np.sort(candidates[order[:n_top]])
-    return [str(genes[i]) for i in candidates]
+    return [str(genes[int(i)]) for i in candidates]
 
 
 @dataclass(frozen=True, eq=False)
@@ -482,8 +487,8 @@ class PreparedSite:
     val_idx: np.ndarray = field(
         default_factory=lambda: np.empty(0, np.int64)
     )  # validation cells: for choices, never for training
-    # Count input only: each kept cell's total counts over ALL its genes (X = log1p(counts / library * TARGET_SUM)), so the
-    # plan genes' counts are expm1(X) * library / TARGET_SUM; None for log-normalised input.
+    # Count input only: each kept cell's total counts over ALL its genes (X = log1p(counts / library * TARGET_SUM)),
+    # so the plan genes' counts are expm1(X) * library / TARGET_SUM; None for log-normalised input.
     library: np.ndarray | None = None
 
 
@@ -594,7 +599,8 @@ def build_matrix(
     allocate: Allocate | None = None,
     chunk_rows: int | None = None,
 ) -> tuple[sp.csr_matrix, float]:
-    """The kept cells' log-normalised float32 CSR on ``vocabulary``'s columns (default: the input genes), and the coverage.
+    """The kept cells' log-normalised float32 CSR on ``vocabulary``'s columns (default: the input genes), and the
+    coverage.
 
     ``parts``: sorted positions among the kept cells, written one part after the other (e.g. the
     training, validation and test cells, so that each is a contiguous block of rows: ``shared.fitting.row_view``);
@@ -781,7 +787,7 @@ def check_file(
         n_cells=n_cells,
         n_genes=n_genes,
         kind=cells.kind,
-        classes={c: int(n) for c, n in zip(cells.classes, per_class)},
+        classes={c: int(n) for c, n in zip(cells.classes, per_class, strict=True)},
         n_dropped_cells=cells.n_dropped_cells,
         coverage=coverage,
         warnings=texts,

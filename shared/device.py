@@ -1,4 +1,5 @@
-"""Where a site's models train: ``cpu`` (the tested default), ``cuda`` / ``cuda:N``, or ``auto`` (a GPU when torch sees one)."""
+"""Where a site's models train: ``cpu`` (the tested default), ``cuda`` / ``cuda:N``, or ``auto`` (a GPU when torch sees
+one)."""
 
 from __future__ import annotations
 
@@ -27,12 +28,16 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda")
     if not torch.cuda.is_available():
         msg = (
-            f"device={name!r} asks for a GPU, but torch sees none (torch.cuda.is_available() is False: no GPU, or a CPU-only torch); "
+            f"device={name!r} asks for a GPU, but torch sees none "
+            "(torch.cuda.is_available() is False: no GPU, or a CPU-only torch); "
             "use device='auto' (a GPU when there is one) or 'cpu'"
         )
         raise ConfigError(msg)
     index = int(name.partition(":")[2] or 0)
     if index >= torch.cuda.device_count():
-        msg = f"device={name!r}, but torch sees {torch.cuda.device_count()} GPU(s) (cuda:0 ... cuda:{torch.cuda.device_count() - 1})"
+        msg = (
+            f"device={name!r}, but torch sees {torch.cuda.device_count()} GPU(s) "
+            f"(cuda:0 ... cuda:{torch.cuda.device_count() - 1})"
+        )
         raise ConfigError(msg)
     return torch.device(name)

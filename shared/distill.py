@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,14 +34,14 @@ class DistillConfig:
     """
 
     k: int = 10
-    iterations: int = -1  # -1: chosen from k (`resolve_iterations`)
+    iterations: int | None = None  # None: chosen from k (`resolve_iterations`)
     lr: float = 0.05
-    t_star: int = -1  # -1: chosen from k (see `resolve_t_star`)
+    t_star: int | None = None  # None: chosen from k (see `resolve_t_star`)
     guidance: float = 2.0
     init: Init = "real"
     latent_weight: float = 0.0  # class-mean matching in the encoder's latent space (option, off: see above)
     mmd_weight: float = 0.0  # RBF-MMD in the encoder's latent space (option)
-    gene_mean_weight: float = -1.0  # per-class gene-space mean matching; -1: chosen from k (`resolve_weights`)
+    gene_mean_weight: float | None = None  # per-class gene-space mean matching; None: chosen from k
     gene_weight: float = 0.0  # mean matching through random networks in gene space
     gm_weight: float = 0.0  # gradient matching on a random classifier (option)
     class_weight: float = 1.0  # QA-classifier cross-entropy on ẑ₀
@@ -50,17 +51,25 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.k < 1 or self.iterations < -1 or self.lr <= 0:
-            msg = f"DistillConfig needs k >= 1, iterations >= 0 (or -1 = auto), lr > 0; got k={self.k}, iterations={self.iterations}, lr={self.lr}"
+        if self.k < 1 or (self.iterations is not None and self.iterations < 0) or self.lr <= 0:
+            msg = (
+                "DistillConfig needs k >= 1, iterations >= 0 (or None = by k), lr > 0; "
+                f"got k={self.k}, iterations={self.iterations}, lr={self.lr}"
+            )
             raise ConfigError(msg)
         if self.init not in ("real", "noise"):
             msg = f"init must be 'real' or 'noise', got {self.init!r}"
             raise ConfigError(msg)
 
 
+def wire_fields(cfg: DistillConfig) -> dict[str, int | float | str | bool]:
+    """The fields a distill request carries: those set (None, "the library chooses", stays at the site's default)."""
+    return {key: value for key, value in dataclasses.asdict(cfg).items() if value is not None}
+
+
 def resolve_t_star(cfg: DistillConfig, timesteps: int = 1000) -> int:
     """t* from the config, or by k: a higher level (more prototype-like) for very small k."""
-    t = cfg.t_star if cfg.t_star >= 0 else (600 if cfg.k <= 2 else 400)
+    t = cfg.t_star if cfg.t_star is not None else (600 if cfg.k <= 2 else 400)
     if not 0 <= t < timesteps:
         msg = f"t_star must be in [0, {timesteps}), got {t}"
         raise ConfigError(msg)
@@ -70,11 +79,10 @@ def resolve_t_star(cfg: DistillConfig, timesteps: int = 1000) -> int:
 def resolve_iterations(cfg: DistillConfig) -> int:
     """Iterations from the config, or by k: 200 up to k = 10, 20 above.
 
-    At k=10 the budget made no measurable difference in the multi-site benchmark (200 vs 60
-    iterations: kang 0.865 vs 0.868, pbmc_sorted 0.788 vs 0.780, pbmc4k 0.794 vs 0.798);
-    200 keeps one budget up to k = 10. Above, the per-iteration cost grows with k·C: 20.
+    At k = 10 the budget made no measurable difference (benchmarks/results/design_choices.md); 200
+    keeps one budget up to k = 10. Above, the per-iteration cost grows with k·C: 20.
     """
-    if cfg.iterations >= 0:
+    if cfg.iterations is not None:
         return cfg.iterations
     return 200 if cfg.k <= 10 else 20
 
@@ -82,13 +90,11 @@ def resolve_iterations(cfg: DistillConfig) -> int:
 def resolve_gene_mean_weight(cfg: DistillConfig, *, private: bool = False) -> float:
     """Gene-space mean matching from the config, or by k: on for k <= 2 (prototypes), off above; always on under DP.
 
-    Measured on kang (MLP, pooled pretraining): at k=1 it lifts accuracy 0.854 -> 0.926; at k=10
-    it lowers it 0.913 -> 0.883 (codes collapse toward the mean). See benchmarks/README.md. Under DP
+    It helps prototypes (k <= 2) and hurts above, where codes collapse toward the class mean. Under DP
     (``private``) the noised class means are one cheap release and the strongest class signal left
-    when DP-SGD noise blurs the generator's classifier: cbmc, epsilon 8, validation MLP 0.182 without,
-    0.456 with (benchmarks/results/dp_curve.md).
+    when DP-SGD noise blurs the generator's classifier. Measurements: benchmarks/results/design_choices.md.
     """
-    if cfg.gene_mean_weight >= 0:
+    if cfg.gene_mean_weight is not None:
         return cfg.gene_mean_weight
     return 1.0 if cfg.k <= 2 or private else 0.0
 
@@ -127,12 +133,13 @@ ClassCounts = tuple[np.ndarray, np.ndarray]  # (class ids, codes per class)
 def warm_start_fits(
     init: Codes, labels: np.ndarray, k: int, latent_dim: int, counts: ClassCounts | None = None
 ) -> bool:
-    """Whether earlier codes can start this distillation: same latent size, classes and codes per class (``code_counts`` unless given)."""
-    classes, counts = code_counts(labels, k) if counts is None else counts
+    """Whether earlier codes can start this distillation: same latent size, classes and codes per class (``code_counts``
+    unless given)."""
+    classes, per_class = code_counts(labels, k) if counts is None else counts
     if init.codes.ndim != 2 or init.codes.shape[1] != latent_dim or len(init.labels) != init.codes.shape[0]:
         return False
     have, have_counts = np.unique(init.labels, return_counts=True)
-    return bool(np.array_equal(have, classes) and np.array_equal(have_counts, counts))
+    return bool(np.array_equal(have, classes) and np.array_equal(have_counts, per_class))
 
 
 def _init_codes(
@@ -199,9 +206,12 @@ def _gradient_match(
     b = torch.zeros(n_classes, device=real.device, requires_grad=True)
     g_real = torch.autograd.grad(F.cross_entropy(real @ w + b, y_real), [w, b])
     g_syn = torch.autograd.grad(F.cross_entropy(synth @ w + b, y_synth), [w, b], create_graph=True)
-    return sum(
-        1 - F.cosine_similarity(gr.detach().flatten(), gs.flatten(), dim=0)
-        for gr, gs in zip(g_real, g_syn, strict=True)
+    return cast(
+        torch.Tensor,
+        sum(
+            1 - F.cosine_similarity(gr.detach().flatten(), gs.flatten(), dim=0)
+            for gr, gs in zip(g_real, g_syn, strict=True)
+        ),
     )
 
 
@@ -284,14 +294,15 @@ def _distill(
         )
     w = w0.clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=cfg.lr)
-    cfg = replace(cfg, gene_mean_weight=resolve_gene_mean_weight(cfg), iterations=resolve_iterations(cfg))
-    for it in range(cfg.iterations):
+    iterations = resolve_iterations(cfg)
+    cfg = replace(cfg, gene_mean_weight=resolve_gene_mean_weight(cfg), iterations=iterations)
+    for it in range(iterations):
         loss = _objective(vae, scdg, X, tg, w, y_syn, cfg, t_star, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if progress is not None and (it % 20 == 0 or it == cfg.iterations - 1):
-            progress(it + 1, cfg.iterations)
+        if progress is not None and (it % 20 == 0 or it == iterations - 1):
+            progress(it + 1, iterations)
     return Codes(
         w.detach().cpu().numpy().astype(np.float32), y_syn.cpu().numpy().astype(np.int64), t_star, cfg.guidance, seeds
     )
@@ -317,9 +328,12 @@ def _rows_mean(X: sp.csr_matrix | np.ndarray, rows: np.ndarray) -> np.ndarray:
     """(G,) float32 mean of the rows ``rows`` of X."""
     if rows.size <= MEAN_BLOCK:
         return np.asarray(X[rows].mean(0), dtype=np.float32).ravel()
-    total = sum(
-        np.asarray(X[rows[i : i + MEAN_BLOCK]].sum(0, dtype=np.float64)).ravel()
-        for i in range(0, rows.size, MEAN_BLOCK)
+    total = cast(
+        np.ndarray,
+        sum(
+            np.asarray(X[rows[i : i + MEAN_BLOCK]].sum(0, dtype=np.float64)).ravel()
+            for i in range(0, rows.size, MEAN_BLOCK)
+        ),
     )
     return (total / rows.size).astype(np.float32)
 
@@ -368,8 +382,9 @@ def _objective(
     total = total + cfg.prior_weight * (((w**2).mean(1) - 1.0) ** 2).mean()
     for z_syn in (zs0, z_cells):
         total = total + cfg.latent_weight * ((tg.assign @ z_syn - tg.latent_means) ** 2).sum()
-    if cfg.gene_mean_weight > 0:
-        total = total + cfg.gene_mean_weight * ((tg.assign @ cells - tg.gene_means) ** 2).sum()
+    gene_mean_weight = resolve_gene_mean_weight(cfg)  # resolved by the caller: the value itself
+    if gene_mean_weight > 0:
+        total = total + gene_mean_weight * ((tg.assign @ cells - tg.gene_means) ** 2).sum()
     real_rows = {
         c: pool[torch.randint(len(pool), (min(cfg.real_batch, len(pool)),), generator=gen).numpy()]
         for c, pool in tg.pools.items()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 Evaluator = Literal["mlp", "logreg", "knn"]
 EVALUATORS: tuple[Evaluator, ...] = ("mlp", "logreg", "knn")
-Matrix = sp.csr_matrix | np.ndarray
+Matrix: TypeAlias = sp.csr_matrix | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ FIDELITY_MAX_CELLS = 20_000  # real cells fidelity statistics are computed on (a
 
 
 def _dense(X: Matrix) -> np.ndarray:
-    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+    return np.asarray(cast(Any, X).toarray() if sp.issparse(X) else X, dtype=np.float32)  # Any: scipy is untyped
 
 
 def _fit_input(X: Matrix) -> Matrix:
@@ -79,8 +80,9 @@ class MLPTrainConfig:
     def __post_init__(self) -> None:
         if self.epochs <= 0 or not 1 <= self.min_steps <= self.max_steps or self.batch_size < 1 or self.lr <= 0:
             msg = (
-                f"MLPTrainConfig needs epochs > 0, 1 <= min_steps <= max_steps, batch_size >= 1, lr > 0; got epochs={self.epochs}, "
-                f"min_steps={self.min_steps}, max_steps={self.max_steps}, batch_size={self.batch_size}, lr={self.lr}"
+                "MLPTrainConfig needs epochs > 0, 1 <= min_steps <= max_steps, batch_size >= 1, lr > 0; "
+                f"got epochs={self.epochs}, min_steps={self.min_steps}, max_steps={self.max_steps}, "
+                f"batch_size={self.batch_size}, lr={self.lr}"
             )
             raise ValueError(msg)
 
@@ -140,6 +142,16 @@ def predict_mlp(model: MLPClassifier, X: Matrix, batch_size: int = 2048) -> np.n
     return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
 
 
+def fit_logreg(X: Matrix, y: np.ndarray, *, seed: int) -> Any:
+    """The logistic regression of every evaluation (300 lbfgs iterations, C = 1): sites, server and benchmark."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # 300 iterations are the measured budget
+        return LogisticRegression(max_iter=300, C=1.0, random_state=seed).fit(X, y)
+
+
 def fit_predict(
     evaluator: Evaluator,
     X_train: Matrix,
@@ -151,8 +163,8 @@ def fit_predict(
     mlp: MLPTrainConfig | None = None,
     device: torch.device | None = None,
 ) -> np.ndarray:
-    """Train `evaluator` on (X_train, y_train) and predict X_test (``mlp``: how the MLP is trained; ``device``: where)."""
-    from sklearn.linear_model import LogisticRegression
+    """Train `evaluator` on (X_train, y_train) and predict X_test (``mlp``: how the MLP is trained; ``device``:
+    where)."""
     from sklearn.neighbors import KNeighborsClassifier
 
     if evaluator == "mlp":
@@ -160,8 +172,7 @@ def fit_predict(
     if len(np.unique(y_train)) == 1:
         return np.full(X_test.shape[0], y_train[0])
     if evaluator == "logreg":
-        clf = LogisticRegression(max_iter=300, C=1.0, random_state=seed)
-        return _predict(clf.fit(_fit_input(X_train), y_train), X_test)
+        return _predict(fit_logreg(_fit_input(X_train), y_train, seed=seed), X_test)
     if evaluator == "knn":
         counts = np.bincount(y_train)
         n_neighbors = int(max(1, min(5, counts[counts > 0].min())))
@@ -236,7 +247,8 @@ def _class_corr(
 
 
 def marker_genes(X: np.ndarray, y: np.ndarray, classes: np.ndarray, n_top: int = MARKER_GENES) -> dict[int, set[int]]:
-    """Top-n_top marker genes (column indices) per class: scanpy's rank_genes_groups, wilcoxon, each class vs the rest."""
+    """Top-n_top marker genes (column indices) per class: scanpy's rank_genes_groups, wilcoxon, each class vs the
+    rest."""
     import anndata as ad
     import pandas as pd
     import scanpy as sc
@@ -266,7 +278,8 @@ def marker_overlap(
 
 
 def fidelity(X_real: Matrix, y_real: np.ndarray, X_syn: np.ndarray, y_syn: np.ndarray, *, seed: int = 0) -> Fidelity:
-    """Fidelity of synthetic cells against real cells, over the classes both have (at most FIDELITY_MAX_CELLS real cells)."""
+    """Fidelity of synthetic cells against real cells, over the classes both have (at most FIDELITY_MAX_CELLS real
+    cells)."""
     from sklearn.decomposition import PCA
 
     shared_classes = np.intersect1d(np.unique(y_real), np.unique(y_syn))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -16,7 +16,7 @@ from shared.privacy.sgd import DPSGD, noisy_step_grads, poisson_batch
 
 logger = logging.getLogger(__name__)
 
-Matrix = sp.csr_matrix | np.ndarray
+Matrix: TypeAlias = sp.csr_matrix | np.ndarray
 Progress = Callable[[int, int], None]
 
 
@@ -33,7 +33,8 @@ class TrainConfig:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """Where the model's parameters are (batches are moved there): callers place the model, ``shared.device.resolve_device``."""
+    """Where the model's parameters are (batches are moved there): callers place the model,
+    ``shared.device.resolve_device``."""
     return next(model.parameters()).device
 
 
@@ -46,8 +47,8 @@ def dense_rows(X: Matrix, idx: np.ndarray) -> torch.Tensor:
 
 
 def row_view(X: Any, idx: np.ndarray) -> Any:
-    """Rows ``idx`` of X: a view sharing X's arrays when they are one contiguous ascending run of a CSR matrix (no copy of a
-    hospital site's training cells), else ``X[idx]``."""
+    """Rows ``idx`` of X: a view sharing X's arrays when they are one contiguous ascending run of a CSR matrix (no copy
+    of a hospital site's training cells), else ``X[idx]``."""
     idx = np.asarray(idx)
     if not (
         sp.issparse(X)
@@ -77,7 +78,43 @@ def _pull(
     """``weight * sum ||p - anchor||^2`` over the parameters (None when off); gradients flow into ``params`` only."""
     if anchor is None or weight <= 0:
         return None
-    return weight * sum(((params[k] - anchor[k].detach()) ** 2).sum() for k in params)
+    return weight * cast(torch.Tensor, sum(((params[k] - anchor[k].detach()) ** 2).sum() for k in params))
+
+
+def _seeded(model: torch.nn.Module, cfg: TrainConfig, dp: DPSGD | None) -> tuple[np.random.Generator, torch.device]:
+    """Seed torch and the minibatch generator from ``cfg``; the model's device (CPU under DP-SGD)."""
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    dev = model_device(model)
+    if dp is not None and dev.type != "cpu":
+        msg = "DP-SGD runs on CPU (its noise comes from the site's CPU generator); use device='cpu' with dp-epsilon"
+        raise ValueError(msg)
+    return rng, dev
+
+
+def _step(
+    opt: torch.optim.Optimizer,
+    total: torch.Tensor,
+    prox: torch.Tensor | None,
+    step: int,
+    steps: int,
+    history: list[float],
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Back-propagate ``total`` plus the proximal pull ``prox``, step, and record every 100th loss.
+
+    A DP-SGD step has set the noised gradients already and passes a loss without a graph: only the pull (it reads
+    no cell) adds its gradient to them.
+    """
+    if prox is not None:
+        total = total + prox
+    if total.requires_grad:
+        total.backward()
+    opt.step()
+    if step % 100 == 0 or step == steps - 1:
+        history.append(total.item())
+        if progress is not None:
+            progress(step + 1, steps)
 
 
 def _batches(n: int, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
@@ -114,12 +151,7 @@ def fit_vae(
     from `dp_generator`, a generator the site alone can reproduce); the returned losses are then NaN
     (a loss over real cells would be one more release).
     """
-    rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    dev = model_device(model)
-    if dp is not None and dev.type != "cpu":
-        msg = "DP-SGD runs on CPU (its noise comes from the site's CPU generator); use device='cpu' with dp-epsilon"
-        raise ValueError(msg)
+    rng, dev = _seeded(model, cfg, dp)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
     )  # fused: ~15% faster steps on CPU
@@ -155,16 +187,7 @@ def fit_vae(
                 library=lib[idx] if lib is not None else None,
             )
             total = out.total
-        prox = _pull(params, anchor, anchor_weight)  # no data in it: added to DP gradients as it is
-        if prox is not None:
-            total = total + prox
-        if total.requires_grad:
-            total.backward()
-        opt.step()
-        if step % 100 == 0 or step == cfg.steps - 1:
-            history.append(total.item())
-            if progress is not None:
-                progress(step + 1, cfg.steps)
+        _step(opt, total, _pull(params, anchor, anchor_weight), step, cfg.steps, history, progress)
     model.eval()
     return history
 
@@ -245,12 +268,7 @@ def fit_scdg(
     With `anchor` (a state dict) an L2 pull toward those weights bounds fine-tuning drift. `dp`:
     DP-SGD steps, as in ``fit_vae``.
     """
-    rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    dev = model_device(model)
-    if dp is not None and dev.type != "cpu":
-        msg = "DP-SGD runs on CPU (its noise comes from the site's CPU generator); use device='cpu' with dp-epsilon"
-        raise ValueError(msg)
+    rng, dev = _seeded(model, cfg, dp)
     zs = model.standardize(torch.as_tensor(Z, dtype=torch.float32).to(dev))
     y = torch.as_tensor(labels, dtype=torch.long).to(dev)
     anchor = {k: v.to(dev) for k, v in anchor.items()} if anchor is not None else None
@@ -269,15 +287,6 @@ def fit_scdg(
         else:
             idx = torch.as_tensor(_batches(len(zs), cfg, rng))
             total, _, _ = model.loss(zs[idx], y[idx])
-        prox = _pull(params, anchor, anchor_weight)
-        if prox is not None:
-            total = total + prox
-        if total.requires_grad:
-            total.backward()
-        opt.step()
-        if step % 100 == 0 or step == cfg.steps - 1:
-            history.append(total.item())
-            if progress is not None:
-                progress(step + 1, cfg.steps)
+        _step(opt, total, _pull(params, anchor, anchor_weight), step, cfg.steps, history, progress)
     model.eval()
     return history

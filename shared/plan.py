@@ -1,7 +1,8 @@
 """The run's plan from per-site gene statistics: the one implementation the federation and the benchmark share.
 
 The server plans from the sites' profile replies; the in-process benchmark plans from the same
-statistics of its prepared sites (``profile_of``, which the sites' profile replies come from too), so both choose the same genes for the same cells.
+statistics of its prepared sites (``profile_of``, which the sites' profile replies come from too), so both choose the
+same genes for the same cells.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ def plan_vocabulary(
     common = set(ordered[0].genes).intersection(*(p.genes for p in ordered[1:]))
     genes = [g for g in ordered[0].genes if g in common and (allowed is None or g in allowed)]
     if not genes and allowed is not None:
-        msg = "the sites share no gene with the init-path reference; check that the reference uses the sites' gene identifiers"
+        msg = (
+            "the sites share no gene with the init-path reference; "
+            "check that the reference uses the sites' gene identifiers"
+        )
         raise ValueError(msg)
     if not genes:
         msg = (
@@ -50,7 +54,8 @@ def plan_vocabulary(
 
 
 def profile_of(name: str, X, genes: Sequence[str], labels: Sequence[str], *, has_counts: bool = False) -> ProfileReply:  # noqa: ANN001 - csr
-    """A site's profile: gene statistics of its training cells ``X`` (columns ``genes``), cells per label name, count input or not."""
+    """A site's profile: gene statistics of its training cells ``X`` (columns ``genes``), cells per label name, count
+    input or not."""
     sums, sumsq, detected = gene_stats(X)
     return profile_from_stats(
         name, genes, (sums, sumsq, detected), labels, n_cells=int(X.shape[0]), has_counts=has_counts
@@ -66,7 +71,8 @@ def profile_from_stats(
     n_cells: int,
     has_counts: bool = False,
 ) -> ProfileReply:
-    """A site's profile from the per-gene (sums, sums of squares, detection counts) of its ``n_cells`` training cells and their label names."""
+    """A site's profile from the per-gene (sums, sums of squares, detection counts) of its ``n_cells`` training cells
+    and their label names."""
     sums, sumsq, detected = stats
     names, counts = np.unique(np.asarray(labels, dtype=str), return_counts=True)
     return ProfileReply(

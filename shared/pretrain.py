@@ -19,9 +19,8 @@ logger = logging.getLogger(__name__)
 class PretrainConfig:
     """Model sizes and step budgets for pretraining."""
 
-    latent_dim: int = 0  # 0: chosen from the gene count (`latent_dim_for`)
-    # 3000 VAE steps, not 1000: an MLP trained on the VAE's reconstructions of all training cells
-    # scores 0.888 vs 0.835 on cbmc's held-out real cells and 0.913 vs 0.899 on pbmc4k (5000: 0.883 / 0.908).
+    latent_dim: int | None = None  # None: chosen from the gene count (`latent_dim_for`)
+    # 3000 VAE steps, not 1000 or 5000: benchmarks/results/design_choices.md
     vae: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1e-3, batch_size=128))
     scdg: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, lr=1e-3, batch_size=256))
     seed: int = 0

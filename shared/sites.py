@@ -109,7 +109,8 @@ class Federation:
 
 
 def plan_genes(names: Sequence[str], sites: Sequence[PreparedSite], n_genes: int) -> list[str]:
-    """Top variable genes from the sites' TRAINING cells only: the federation's plan (``shared.plan``) on the same statistics."""
+    """Top variable genes from the sites' TRAINING cells only: the federation's plan (``shared.plan``) on the same
+    statistics."""
     profiles = [
         profile_of(name, s.X[s.train_idx], s.genes, [s.classes[j] for j in s.labels[s.train_idx]])
         for name, s in zip(names, sites, strict=True)

@@ -43,7 +43,8 @@ CHUNK_ROWS = (
 
 @dataclass(frozen=True)
 class Rows:
-    """Row access to a cells x genes matrix: ``read(start, stop)`` gives rows [start, stop) as CSR in the stored dtype."""
+    """Row access to a cells x genes matrix: ``read(start, stop)`` gives rows [start, stop) as CSR in the
+    stored dtype."""
 
     shape: tuple[int, int]
     dtype: np.dtype
@@ -51,8 +52,8 @@ class Rows:
     stored: np.ndarray  # values stored per row (sparse: non-zeros; dense: the row length)
 
     def blocks(self, rows: np.ndarray, size: int | None = None) -> Iterator[tuple[slice, sp.csr_matrix]]:
-        """For sorted row positions ``rows``: (which entries of ``rows`` the block holds, their CSR rows), ``size`` rows of the
-        matrix at a time (default ``CHUNK_ROWS``)."""
+        """For sorted row positions ``rows``: (which entries of ``rows`` the block holds, their CSR rows), ``size`` rows
+        of the matrix at a time (default ``CHUNK_ROWS``)."""
         size = CHUNK_ROWS if size is None else size
         if size < 1:
             msg = f"chunk size must be >= 1 row, got {size}"
@@ -136,8 +137,8 @@ def h5_rows(elem: h5py.Group | h5py.Dataset) -> Rows:
         )
         return memory_rows(sp.csr_matrix(anndata.io.read_elem(elem)))
     msg = (
-        f"X is stored as {kind or 'an unknown element'!r}, not a matrix anndata writes (csr_matrix, csc_matrix or a dense array); "
-        "rewrite the file with anndata (adata.write_h5ad)"
+        f"X is stored as {kind or 'an unknown element'!r}, not a matrix anndata writes "
+        "(csr_matrix, csc_matrix or a dense array); rewrite the file with anndata (adata.write_h5ad)"
     )
     raise SiteDataError(msg)
 
@@ -189,7 +190,7 @@ def open_site_file(path: str | Path) -> Iterator[SiteFile]:
         try:
             obs = anndata.io.read_elem(fh["obs"])
             var_names = anndata.io.read_elem(fh["var"]).index
-        except Exception as exc:  # any reader failure means "not a readable .h5ad"
+        except Exception as exc:  # noqa: BLE001 - any reader failure means "not a readable .h5ad"
             raise not_anndata(p, exc) from None
         X = h5_rows(fh["X"]) if "X" in fh else None
         if X is not None and X.shape != (len(obs), len(var_names)):

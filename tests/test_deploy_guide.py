@@ -73,7 +73,10 @@ case "$1 $2" in
   "supernode list")
     printf '{"success": true, "nodes": ['
     sep=""
-    while read -r line; do id="${line#*: }"; id="${id%%,*}"; printf '%s{"node-id": "%s", "status": "registered"}' "$sep" "$id"; sep=", "; done < "$state/nodes"
+    while read -r line; do
+      id="${line#*: }"; id="${id%%,*}"
+      printf '%s{"node-id": "%s", "status": "registered"}' "$sep" "$id"; sep=", "
+    done < "$state/nodes"
     printf ']}\n';;
   *) echo "unexpected: $*" >&2; exit 2;;
 esac

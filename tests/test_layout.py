@@ -22,8 +22,17 @@ def test_packages_resolve_inside_the_repository() -> None:
         assert Path(pkg.__file__).resolve().is_relative_to(REPO), pkg.__file__
 
 
+def _python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter at the repository root; its stdout (it must exit 0)."""
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert res.returncode == 0, res.stderr[-800:]
+    return res.stdout
+
+
 def test_core_modules_import_without_flower() -> None:
-    code = (
+    _python(
         "import importlib, sys\n"
         "for m in ('shared.data', 'shared.distill', 'shared.models'):\n"
         "    importlib.import_module(m)\n"
@@ -31,10 +40,6 @@ def test_core_modules_import_without_flower() -> None:
         "    if bad:\n"
         "        sys.exit(f'{m} imported {bad[:3]}')\n"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert res.returncode == 0, res.stderr[-500:]
 
 
 def _imports(path: Path) -> set[str]:
@@ -88,16 +93,13 @@ def test_the_app_bundle_carries_the_run_time_packages_and_nothing_else() -> None
 
 
 def test_what_the_apps_import_is_in_the_bundle_and_never_tooling() -> None:
-    code = (
-        "import importlib, sys\n"
-        "importlib.import_module('server.app'); importlib.import_module('client.app')\n"
-        "print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in ('shared', 'server', 'client'))))\n"
+    loaded = set(
+        _python(
+            "import importlib, sys\n"
+            "importlib.import_module('server.app'); importlib.import_module('client.app')\n"
+            "print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in ('shared', 'server', 'client'))))\n"
+        ).split()
     )
-    res = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert res.returncode == 0, res.stderr[-800:]
-    loaded = set(res.stdout.split())
     names = _bundle_names()
 
     def in_bundle(module: str) -> bool:

@@ -22,10 +22,10 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import anndata as ad
 import numpy as np
@@ -67,23 +67,24 @@ PRETRAINING_MODE = {"scdd": "fedavg", "scdd_noopt": "fedavg", "scdd_pooled": "po
 MLP_ONLY = ("fedavg_mlp",)  # a trained model, not a training set: scored with its own MLP only
 DECODE_MODE = "expected expression at every k"  # how scdd codes become cells (shared.distill.DECODE_MODE)
 ScoreOn = Literal["test", "val"]
+_RUN = FederationConfig()  # the run config's defaults: the benchmark splits files as a federation does
 
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """How one file becomes sites and each site's cells train / validation / test parts."""
+    """How one file becomes sites and each site's cells train / validation / test parts (the federation's defaults)."""
 
-    label_key: str = "cell_type"
-    site_key: str = "batch"  # absent from obs: a Dirichlet(0.5) label-skew split into n_sites
-    n_sites: int = 3
-    n_genes: int = 2000
-    test_fraction: float = 0.2
-    val_fraction: float = 0.1
+    label_key: str = _RUN.label_key
+    site_key: str = _RUN.sim_site_key  # absent from obs: a Dirichlet(0.5) label-skew split into n_sites
+    n_sites: int = _RUN.sim_num_sites
+    n_genes: int = _RUN.n_genes
+    test_fraction: float = _RUN.test_fraction
+    val_fraction: float = _RUN.val_fraction
 
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    """What to run; defaults follow DESIGN §7.
+    """What to run: every method at k = 1, 10, 50 with three seeds, scored by every evaluator (README, "Benchmark").
 
     ``federation``: run-config overrides for the federated rows (as ``scdd simulate --set``); the
     distillation settings of ``distill`` (iterations, t*, init) reach them as run-config keys too.
@@ -100,8 +101,8 @@ class BenchmarkConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     score_on: ScoreOn = "test"
     federation: tuple[tuple[str, Any], ...] = ()
-    leave_out: str = ""  # a site that takes no part: every number is scored on its cells only
-    work_dir: str = ""  # where the federated runs are kept ("": a temporary folder, removed afterwards)
+    leave_out: str | None = None  # a site that takes no part: every number is scored on its cells only
+    work_dir: str | None = None  # where the federated runs are kept (None: a temporary folder, removed afterwards)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -118,9 +119,9 @@ class BenchmarkConfig:
     def overrides(self) -> dict[str, Any]:
         """Run-config keys of the federated rows: the distillation settings, then ``federation``."""
         out: dict[str, Any] = {}
-        if self.distill.iterations >= 0:
+        if self.distill.iterations is not None:
             out["distill-iterations"] = self.distill.iterations
-        if self.distill.t_star >= 0:
+        if self.distill.t_star is not None:
             out["distill-t-star"] = self.distill.t_star
         if self.distill.init != DistillConfig().init:
             out["distill-init"] = self.distill.init
@@ -128,7 +129,7 @@ class BenchmarkConfig:
 
 
 @dataclass
-class Cell:
+class ResultCell:
     """Accumulated results of one (method, k, evaluator): one entry per seed."""
 
     accuracy: list[float] = field(default_factory=list)
@@ -146,7 +147,8 @@ class Cell:
 
 @dataclass(frozen=True)
 class SeedRun:
-    """What one seed prepared: the sites (on the federation's plan), their split hash, pooled pretraining, a left-out site."""
+    """What one seed prepared: the sites (on the federation's plan), their split hash, pooled pretraining, a left-out
+    site."""
 
     seed: int
     fed: Federation
@@ -185,7 +187,8 @@ def _parts(adata: ad.AnnData, cfg: BenchmarkConfig, seed: int) -> tuple[np.ndarr
 
 
 def prepare_seed(adata: ad.AnnData, cfg: BenchmarkConfig, seed: int, *, pretrain_models: bool = False) -> SeedRun:
-    """Sites, splits and the plan of one seed (the federation's rule, on training cells); pooled pretraining when asked."""
+    """Sites, splits and the plan of one seed (the federation's rule, on training cells); pooled pretraining when
+    asked."""
     sp_cfg = cfg.split
     col, parts = _parts(adata, cfg, seed)
     held = None
@@ -214,7 +217,8 @@ def prepare_seed(adata: ad.AnnData, cfg: BenchmarkConfig, seed: int, *, pretrain
 def _site_set(
     method: str, X: sp.csr_matrix, y: np.ndarray, pre: Pretrained | None, k: int, seed: int, cfg: BenchmarkConfig
 ) -> SiteSet:
-    """One site's synthetic set for an in-process `method` (and scdd distilled from given models, for tuning scripts)."""
+    """One site's synthetic set for an in-process `method` (and scdd distilled from given models, for tuning
+    scripts)."""
     if method in ("scdd", "scdd_noopt"):
         assert pre is not None, "scdd needs pretrained models"
         dcfg = replace(cfg.distill, k=k, seed=seed, iterations=0 if method == "scdd_noopt" else cfg.distill.iterations)
@@ -302,7 +306,8 @@ SITE_COLUMN = "benchmark_site"  # the site of every cell, written into a leave-o
 
 
 class Workspace:
-    """Per-seed federated runs on disk: the FedAvg-pretrained and pooled ``pretrained-path`` folders are reused across k."""
+    """Per-seed federated runs on disk: the FedAvg-pretrained and pooled ``pretrained-path`` folders are reused across
+    k."""
 
     def __init__(self, path: Path, adata_path: Path, cfg: BenchmarkConfig) -> None:
         self.root, self.data, self.cfg = path, adata_path, cfg
@@ -312,7 +317,8 @@ class Workspace:
         ] = {}  # seed -> (weights uploaded per site, FedAvg rounds) of its FedAvg pretraining
 
     def data_for(self, run: SeedRun, adata: ad.AnnData) -> tuple[Path, str]:
-        """The file the simulated sites read and its site column: the input, or (leave-one-out) a copy without the left-out site."""
+        """The file the simulated sites read and its site column: the input, or (leave-one-out) a copy without the
+        left-out site."""
         if run.heldout is None:
             return self.data, self.cfg.split.site_key
         col, _ = _parts(adata, self.cfg, run.seed)
@@ -325,7 +331,8 @@ class Workspace:
 
 
 def _federated(method: str, k: int, run: SeedRun, cfg: BenchmarkConfig, ws: Workspace, adata: ad.AnnData) -> Produced:
-    """A scdd row from the shipped federation: FedAvg pretraining once per seed, then ``pretrained-path`` for the other k and rows."""
+    """A scdd row from the shipped federation: FedAvg pretraining once per seed, then ``pretrained-path`` for the other
+    k and rows."""
     data, site_key = ws.data_for(run, adata)
     sp_cfg = cfg.split
     over = cfg.overrides()
@@ -364,7 +371,10 @@ def _federated(method: str, k: int, run: SeedRun, cfg: BenchmarkConfig, ws: Work
     res = federate(rc, classes=run.fed.classes, cache=ws.root / "site-cache")
     logger.info("seed %d %s k=%d: federation in %.0f s (%s)", run.seed, method, k, time.perf_counter() - t0, out)
     if res.genes != run.fed.genes:
-        msg = f"the federation planned other genes than the benchmark for the same training cells ({out}); the two must share shared.plan"
+        msg = (
+            f"the federation planned other genes than the benchmark for the same training cells ({out}); "
+            "the two must share shared.plan"
+        )
         raise RuntimeError(msg)
     if base is None:  # this run pretrained: later k and rows of this seed reuse its models, and carry its cost
         ws.pretrained[(run.seed, mode)] = out / "pretrained"
@@ -404,13 +414,14 @@ def _produce(
 
 def run(
     path: str | Path, cfg: BenchmarkConfig, *, progress: Callable[[str], None] | None = None
-) -> tuple[dict[tuple[str, int | None, str], Cell], list[dict[str, object]]]:
-    """Run every (seed, method, k, evaluator) of `cfg` on one file; also returns each seed's summary (split hash, sites, pretraining)."""
+) -> tuple[dict[tuple[str, int | None, str], ResultCell], list[dict[str, object]]]:
+    """Run every (seed, method, k, evaluator) of `cfg` on one file; also returns each seed's summary (split hash, sites,
+    pretraining)."""
     from shared.data import read_h5ad
 
     path = Path(path)
     adata = read_h5ad(path)
-    cells: dict[tuple[str, int | None, str], Cell] = {}
+    cells: dict[tuple[str, int | None, str], ResultCell] = {}
     tick = progress or (lambda _msg: None)
     runs = []
     root = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="scdd-benchmark-"))
@@ -432,7 +443,7 @@ def run(
 
 
 def _record(
-    cells: dict[tuple[str, int | None, str], Cell],
+    cells: dict[tuple[str, int | None, str], ResultCell],
     method: str,
     k: int | None,
     got: Produced,
@@ -449,7 +460,7 @@ def _record(
             accs, f1s = [s.accuracy], [s.macro_f1]
         else:
             accs, f1s = zip(*(_score_set(X, y, run, ev, run.seed, cfg) for X, y in got.sets), strict=True)  # type: ignore[assignment]
-        cell = cells.setdefault((method, k, ev), Cell())
+        cell = cells.setdefault((method, k, ev), ResultCell())
         if got.model is None and ev == cfg.evaluators[0]:
             cell.fidelity.append(_fidelity(got, run, cfg))
         cell.accuracy.append(float(np.mean(accs)))
@@ -466,7 +477,7 @@ def _record(
 def _fidelity(got: Produced, run: SeedRun, cfg: BenchmarkConfig) -> dict[str, float]:
     """Fidelity of a method's training cells (every site's set together) against the cells every method is scored on."""
     X_real, y_real = eval_cells(run, cfg)
-    X = np.vstack([m.toarray() if sp.issparse(m) else np.asarray(m) for m, _ in got.sets]).astype(np.float32)
+    X = np.vstack([cast(Any, m).toarray() if sp.issparse(m) else np.asarray(m) for m, _ in got.sets]).astype(np.float32)
     y = np.concatenate([np.asarray(labels) for _, labels in got.sets])
     return fidelity(X_real, y_real, X, y, seed=run.seed).as_dict()
 
@@ -476,7 +487,7 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
 
 
-def rows(cells: dict[tuple[str, int | None, str], Cell]) -> list[dict[str, object]]:
+def rows(cells: dict[tuple[str, int | None, str], ResultCell]) -> list[dict[str, object]]:
     """results.json rows: one per (method, k, evaluator), with per-seed accuracies and the audit."""
     out = []
     for (method, k, ev), c in cells.items():
@@ -536,22 +547,27 @@ def markdown(dataset: str, table_rows: Sequence[dict[str, object]], ks: Sequence
     fid_rows = [r for r in table_rows if r["evaluator"] == evaluators[0] and "fidelity" in r]
     if fid_rows:
         lines += [
-            "## fidelity: each method's training cells against the scored cells (scanpy wilcoxon top-50 markers per class; mean over seeds)",
+            "## fidelity: each method's training cells against the scored cells "
+            "(scanpy wilcoxon top-50 markers per class; mean over seeds)",
             "",
-            "| method | k | marker overlap | zero fraction synthetic / real | per-gene var corr | per-gene mean corr | MMD (50 PCs) |",
+            "| method | k | marker overlap | zero fraction synthetic / real | per-gene var corr | per-gene mean corr "
+            "| MMD (50 PCs) |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in fid_rows:
-            f = r["fidelity"]  # type: ignore[index]
+            f = cast(Mapping[str, float], r["fidelity"])  # mean over seeds per fidelity key
             lines.append(
-                f"| {r['method']} | {r['k'] if r['k'] is not None else ''} | {f['marker_overlap']:.3f} | {f['zero_fraction_synthetic']:.3f} / "
+                f"| {r['method']} | {r['k'] if r['k'] is not None else ''} | {f['marker_overlap']:.3f} "
+                f"| {f['zero_fraction_synthetic']:.3f} / "
                 f"{f['zero_fraction_real']:.3f} | {f['var_corr']:.3f} | {f['mean_corr']:.3f} | {f['mmd_pca']:.3f} |"
             )
         lines.append("")
     lines += [
-        "## upload bytes and distillation seconds per site; privacy audit (0.5 = no signal; mean over sites and seeds, worst site); zero fraction",
+        "## upload bytes and distillation seconds per site; privacy audit "
+        "(0.5 = no signal; mean over sites and seeds, worst site); zero fraction",
         "",
-        "| method | k | bytes | seconds | seed MIA | seed MIA worst site | population MIA | density MIA | DCR share | zero frac |",
+        "| method | k | bytes | seconds | seed MIA | seed MIA worst site | population MIA | density MIA | DCR share "
+        "| zero frac |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     nan = float("nan")
@@ -562,13 +578,15 @@ def markdown(dataset: str, table_rows: Sequence[dict[str, object]], ks: Sequence
                 for key in ("seed_mia", "seed_mia_max", "population_mia", "density_mia", "dcr_share")
             )
             lines.append(
-                f"| {r['method']} | {r['k']} | {r['upload_bytes_per_site']:.0f} | {r['distill_seconds']:.2f} | {audit_cols} | {r.get('zero_fraction', nan):.3f} |"
+                f"| {r['method']} | {r['k']} | {r['upload_bytes_per_site']:.0f} | {r['distill_seconds']:.2f} "
+                f"| {audit_cols} | {r.get('zero_fraction', nan):.3f} |"
             )
     fed_rows = [r for r in table_rows if r["evaluator"] == evaluators[0] and "rounds" in r]
     if fed_rows:
         lines += [
             "",
-            "## federated rows: pretraining mode, FedAvg rounds, bytes uploaded per site (model weights while training; data: codes or cells)",
+            "## federated rows: pretraining mode, FedAvg rounds, bytes uploaded per site "
+            "(model weights while training; data: codes or cells)",
             "",
             "| method | k | pretraining | rounds | weights uploaded (MB) | data uploaded (KB) |",
             "|---|---|---|---|---|---|",
@@ -577,6 +595,6 @@ def markdown(dataset: str, table_rows: Sequence[dict[str, object]], ks: Sequence
             data = "0" if r["method"] == "fedavg_mlp" else f"{float(r['upload_bytes_per_site']) / 1e3:.1f}"  # type: ignore[arg-type]
             lines.append(
                 f"| {r['method']} | {r['k'] if r['k'] is not None else ''} | {r['pretraining_mode']} | {r['rounds']} | "
-                f"{float(r['pretrain_upload_bytes_per_site']) / 1e6:.1f} | {data} |"
-            )  # type: ignore[arg-type]
+                f"{float(r['pretrain_upload_bytes_per_site']) / 1e6:.1f} | {data} |"  # type: ignore[arg-type]
+            )
     return "\n".join(lines) + "\n"

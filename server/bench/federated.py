@@ -88,7 +88,7 @@ def run_config(
 def federate(run_cfg: Mapping[str, Any], *, classes: Sequence[str], cache: Path) -> FederatedResult:
     """Run the federation of ``run_cfg`` in this process; read back its last round."""
     cfg = FederationConfig.from_run_config(run_cfg)
-    n = count_sites(Path(cfg.sim_data_path), site_key=cfg.sim_site_key, num_sites=cfg.sim_num_sites)
+    n = count_sites(Path(str(run_cfg["sim-data-path"])), site_key=cfg.sim_site_key, num_sites=cfg.sim_num_sites)
     cache.mkdir(parents=True, exist_ok=True)
     run_in_process(run_cfg, num_nodes=n, node_configs=[{"cache-dir": str(cache)}] * n)
     return read_run(cfg.run_dir("benchmark"), classes=classes, label_key=cfg.label_key)

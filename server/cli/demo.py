@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.cli.processes import stop_session
 from shared.errors import ConfigError, FedscddError
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ def _toml_str(value: Any) -> str:
 
 
 def flower_env(home: Path) -> dict[str, str]:
-    """Environment of every flwr process: isolated FLWR_HOME, no telemetry/update check/runtime installs, our venv first."""
+    """Environment of every flwr process: isolated FLWR_HOME, no telemetry/update check/runtime installs, our venv
+    first."""
     env = {**os.environ, **ENV, "FLWR_HOME": str(home)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -171,64 +173,6 @@ def _wait_ready(proc: subprocess.Popen[bytes], home: Path, port: int, timeout_s:
             time.sleep(0.3)
     msg = f"flower-superlink did not become ready within {timeout_s:g} s; see {home / 'superlink.log'}"
     raise DemoFailed(msg)
-
-
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """Map every process id to (parent pid, session id), from /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            table[int(entry.name)] = (int(fields[1]), int(fields[3]))  # stat fields 4 (ppid) and 6 (session)
-    return table
-
-
-def started_pids(leader: int) -> list[int]:
-    """Return the PIDs the ``leader`` process started: its descendants and every process in a session one of them leads, leader last.
-
-    The SuperLink's SuperExec opens its own session, and Ray workers outlive their parents there,
-    so descendants alone would miss them.
-    """
-    table = _proc_table()
-    tree, frontier = {leader}, [leader]
-    while frontier:
-        parent = frontier.pop()
-        kids = [p for p, (pp, _) in table.items() if pp == parent and p not in tree]
-        tree.update(kids)
-        frontier.extend(kids)
-    sessions = {p for p in tree if table.get(p, (0, 0))[1] == p} | {leader}
-    found = tree | {p for p, (_, sid) in table.items() if sid in sessions}
-    found.discard(leader)
-    return [*sorted(found), leader]
-
-
-def stop_session(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> list[int]:
-    """SIGTERM, then SIGKILL, every process ``proc`` started (by PID, see ``started_pids``); return the PIDs signalled."""
-    pids = started_pids(proc.pid)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        end = time.monotonic() + grace_s
-        while time.monotonic() < end and any(_alive(p) for p in pids):
-            time.sleep(0.2)
-            proc.poll()
-        if not any(_alive(p) for p in pids):
-            break
-    proc.poll()
-    logger.info("stopped the SuperLink session: pids %s", pids)
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _flwr(args: Sequence[str], env: Mapping[str, str], timeout: float) -> str:
@@ -296,7 +240,7 @@ def run_demo(
 
     data = Path(shared.__file__).resolve().parent / "example_data" / "kang_pbmc_muscat.h5ad"
     if not data.is_file():
-        msg = f"the bundled example file is missing ({data}); reinstall fedscdd or run scdd simulate --data FILE"
+        msg = f"the bundled example file is missing ({data}); reinstall fedscdd or run scdd simulate FILE"
         raise ConfigError(msg)
     out = Path(out).expanduser().resolve()
     home = out / ".flwr"
@@ -367,7 +311,10 @@ def _run(
     finally:
         stop_session(link)
     if status != COMPLETED:
-        msg = f"Flower run {run_id} ended with status {status!r} (flwr run exits 0 even then); see the log above and {home / 'superlink.log'}"
+        msg = (
+            f"Flower run {run_id} ended with status {status!r} (flwr run exits 0 even then); "
+            f"see the log above and {home / 'superlink.log'}"
+        )
         raise DemoFailed(msg)
     return DemoResult(out, run_id, status, time.perf_counter() - t0)
 

@@ -1,4 +1,5 @@
-"""Deployment tooling for operators: the `flwr` CLI connection on the coordinator, and a site's check of the app it runs.
+"""Deployment tooling for operators: the `flwr` CLI connection on the coordinator, and a site's check of the app it
+runs.
 
 Both lean on Flower's own code so that they follow its formats: the connection is written with
 ``flwr.cli.flower_config`` (the module `flwr` itself reads ``$FLWR_HOME/config.toml`` with), and the
@@ -121,7 +122,7 @@ def build_release_fab(source: Path) -> bytes:
         )
     try:
         return build_fab_from_disk(source)
-    except Exception as exc:  # flwr raises click/typer errors and ValueError for a project it cannot build
+    except Exception as exc:  # noqa: BLE001 - flwr raises click/typer errors and ValueError for a project it cannot build
         raise BundleError(f"`flwr build` of {source} failed: {exc}") from None
 
 
@@ -136,7 +137,8 @@ def fab_files(fab: bytes) -> dict[str, str]:
 
 
 def find_app_dir(path: Path, fab_hash: str) -> Path:
-    """The installed app directory: ``path`` itself, or the one for ``fab_hash`` under ``path`` (an ``apps/`` or FLWR_HOME folder)."""
+    """The installed app directory: ``path`` itself, or the one for ``fab_hash`` under ``path`` (an ``apps/`` or
+    FLWR_HOME folder)."""
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise BundleError(f"{path} is not a directory: give the app folder under the SuperNode's $FLWR_HOME/apps/")
@@ -180,7 +182,8 @@ class BundleCheck:
             )
         if self.ok:
             lines.append(
-                f"OK: the {self.n_files} files match the release ({self.bytecode_files} bytecode-cache files not compared)."
+                f"OK: the {self.n_files} files match the release "
+                f"({self.bytecode_files} bytecode-cache files not compared)."
             )
         else:
             lines.append("MISMATCH: this is not the release's code. Stop the SuperNode and ask the coordinator.")

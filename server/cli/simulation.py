@@ -133,7 +133,7 @@ class InProcessGrid(Grid):
             return None
         try:
             return self._client_app(msg, ctx)
-        except Exception as exc:  # mirrors Flower: any ClientApp exception becomes an error reply
+        except Exception as exc:  # noqa: BLE001 - mirrors Flower: any ClientApp exception becomes an error reply
             return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -166,7 +166,8 @@ def run_in_process(
     client_app: ClientAppFn | None = None,
     record: bool = False,
 ) -> InProcessGrid:
-    """Run the ServerApp against ``num_nodes`` in-process ClientApps; return the grid (with ``record``, its log holds every exchange)."""
+    """Run the ServerApp against ``num_nodes`` in-process ClientApps; return the grid (with ``record``, its log holds
+    every exchange)."""
     client = client_app or load_component(component_ref("clientapp"))
     server = load_component(component_ref("serverapp"))
     grid = InProcessGrid(client, num_nodes=num_nodes, run_config=run_config, node_configs=node_configs, record=record)
@@ -176,7 +177,8 @@ def run_in_process(
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` strings -> run-config dict; values are read as TOML (``true``, ``3``, ``0.5``) or else kept as text."""
+    """``key=value`` strings -> run-config dict; values are read as TOML (``true``, ``3``, ``0.5``) or else kept as
+    text."""
     from shared.errors import ConfigError
 
     out: dict[str, Any] = {}
@@ -193,13 +195,14 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 
 def count_sites(path: Path, *, site_key: str, num_sites: int) -> int:
-    """Simulated sites in ``path``: the distinct values of obs[site_key], or ``num_sites`` when that column is absent."""
+    """Simulated sites in ``path``: the distinct values of obs[site_key], or ``num_sites`` when that column is
+    absent."""
     import anndata as ad
 
     from shared.errors import SiteDataError
 
     if not path.is_file():
-        msg = f"no such file: {path}; pass the .h5ad to simulate with --data"
+        msg = f"no such file: {path}; pass the .h5ad to simulate: scdd simulate FILE"
         raise SiteDataError(msg)
     obs = ad.read_h5ad(path, backed="r").obs
     if site_key and site_key in obs:
@@ -212,15 +215,16 @@ def simulate_file(data: Path, *, out: Path, overrides: Mapping[str, Any]) -> Pat
     from server.config import FederationConfig
 
     out = Path(out).expanduser().resolve()
+    data = Path(data).expanduser().resolve()
     run_config = {
         **app_config_defaults(),
-        "sim-data-path": str(Path(data).expanduser().resolve()),
+        "sim-data-path": str(data),
         "out-dir": str(out.parent),
         "run-id": out.name,
         **overrides,
     }
     cfg = FederationConfig.from_run_config(run_config)
-    n = count_sites(Path(cfg.sim_data_path), site_key=cfg.sim_site_key, num_sites=cfg.sim_num_sites)
-    logger.info("simulating %d sites in-process from %s", n, cfg.sim_data_path)
+    n = count_sites(data, site_key=cfg.sim_site_key, num_sites=cfg.sim_num_sites)
+    logger.info("simulating %d sites in-process from %s", n, data)
     run_in_process(run_config, num_nodes=n)
     return cfg.run_dir("simulate")

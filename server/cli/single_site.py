@@ -46,8 +46,10 @@ class DistillReport:
                 f"cells: {self.n_train} train / {self.n_test} held-out, {self.n_genes} genes, {self.n_classes} classes",
                 f"pretraining (VAE + SCDG on this site's training cells): {self.pretrain_seconds:.1f} s",
                 f"distillation: {self.distill_seconds:.1f} s -> {self.synthetic.n_obs} synthetic cells",
-                f"codes: {self.code_bytes} bytes (the same cells as float32 genes: {self.real_bytes} bytes of real training data)",
-                f"MLP held-out accuracy: {self.accuracy_synthetic:.3f} trained on synthetic cells vs {self.accuracy_real:.3f} on all real training cells",
+                f"codes: {self.code_bytes} bytes "
+                f"(the same cells as float32 genes: {self.real_bytes} bytes of real training data)",
+                f"MLP held-out accuracy: {self.accuracy_synthetic:.3f} trained on synthetic cells "
+                f"vs {self.accuracy_real:.3f} on all real training cells",
             ]
         )
 
@@ -124,13 +126,19 @@ def distill_file(
 def foundation_embedding(adata: ad.AnnData, site: PreparedSite, key: str) -> np.ndarray:
     """The training cells' rows of `adata.obsm[key]` (an external foundation-model embedding), standardised."""
     if key not in adata.obsm:
-        msg = f"obsm[{key!r}] not found; available obsm keys: {sorted(adata.obsm)}; compute the embedding with its own tool (scGPT, Geneformer, UCE, ...) and store it there"
+        msg = (
+            f"obsm[{key!r}] not found; available obsm keys: {sorted(adata.obsm)}; "
+            "compute the embedding with its own tool (scGPT, Geneformer, UCE, ...) and store it there"
+        )
         raise SiteDataError(msg)
     emb = np.asarray(
         adata.obsm[key].toarray() if hasattr(adata.obsm[key], "toarray") else adata.obsm[key], dtype=np.float32
     )
     if emb.ndim != 2 or not np.isfinite(emb).all():
-        msg = f"obsm[{key!r}] must be a finite 2-D array (cells x dims); got ndim={emb.ndim} with non-finite entries={int((~np.isfinite(emb)).sum())}"
+        msg = (
+            f"obsm[{key!r}] must be a finite 2-D array (cells x dims); "
+            f"got ndim={emb.ndim} with non-finite entries={int((~np.isfinite(emb)).sum())}"
+        )
         raise SiteDataError(msg)
     assert site.rows is not None
     rows = emb[site.rows][site.train_idx]

@@ -7,10 +7,12 @@ import logging
 import sys
 from pathlib import Path
 
+from server.cli import Parser, exit_code, int_arg, one_line, out_dir
 from server.pki.certs import (
     DEFAULT_DAYS,
     SITES_DIR_NAME,
     CertificateError,
+    CertPaths,
     SiteKeyPaths,
     create_server_cert,
     create_site_keys,
@@ -18,18 +20,30 @@ from server.pki.certs import (
     parse_san,
 )
 
+logger = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  scdd certs --out runs/certs --san 10.0.0.5 --san 127.0.0.1 --site hospital-a --site hospital-b
+  scdd certs --out runs/certs --sites-only --site hospital-c"""
+
 # --------------------------------------------------------------------------- CLI
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _out_dir(text: str) -> Path:
+    return Path(out_dir(text))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `scdd certs` parser: scdd's error format (one line, exit 2) and defaults from server.pki.certs."""
+    parser = Parser(
         prog="scdd certs",
         description=(
             "Create the TLS CA, the SuperLink certificate and one SuperNode-authentication "
             "key pair per site. Never overwrites existing files."
         ),
+        epilog=EXAMPLES,
     )
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--out", required=True, type=_out_dir, help="output directory")
     parser.add_argument(
         "--san",
         action="append",
@@ -46,7 +60,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="site name, [A-Za-z0-9_-]+ (repeatable); becomes OUT/sites/NAME(.pub)",
     )
-    parser.add_argument("--days", type=int, default=DEFAULT_DAYS, help=f"validity (default {DEFAULT_DAYS})")
+    parser.add_argument("--days", type=int_arg(1), help=f"validity in days (default: {DEFAULT_DAYS})")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--sites-only",
@@ -62,9 +76,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ca-dir",
-        type=Path,
+        type=Path,  # checked by server.pki.certs (ca.crt and ca.key in it), in one line
         default=None,
-        help="directory with ca.crt and ca.key for --server-only (default: --out)",
+        help="directory with ca.crt and ca.key for --server-only (without it: the --out directory)",
     )
     return parser
 
@@ -86,13 +100,17 @@ def _print_sites_next_steps(sites: list[SiteKeyPaths], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``scdd certs``: create certificates/keys and print where each file goes."""
-    args = _build_parser().parse_args(argv)
+    """``scdd certs``: create certificates/keys and print where each file goes; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a refused value (its line already printed)
+        return exit_code(exc)
     out: Path = args.out.expanduser().absolute()
+    days = {} if args.days is None else {"days": args.days}  # None: server.pki.certs' default
     try:
         if args.server_only:
             ca_dir = (args.ca_dir or out).expanduser().absolute()
-            server = create_server_cert(out, ca_dir=ca_dir, sans=args.san, days=args.days)
+            server = create_server_cert(out, ca_dir=ca_dir, sans=args.san, **days)
             print("Wrote:")
             for path in (server.cert, server.key):
                 print("  " + _describe(path))
@@ -111,14 +129,14 @@ def main(argv: list[str] | None = None) -> int:
                 print("  " + _describe(path))
             _print_sites_next_steps(sites, out / SITES_DIR_NAME)
             return 0
-        result = generate_all(out, sans=args.san, site_names=args.site, days=args.days)
+        result = generate_all(out, sans=args.san, site_names=args.site, **days)
     except CertificateError as err:
-        print(f"scdd certs: error: {err}", file=sys.stderr)
+        print(f"scdd certs: error: {one_line(str(err))}", file=sys.stderr)
         return 1
 
     ca: CertPaths = result["ca"]
-    server: CertPaths = result["server"]
-    sites: list[SiteKeyPaths] = result["sites"]
+    server = result["server"]  # CertPaths (the name's first use is the --server-only branch's)
+    sites = result["sites"]  # list[SiteKeyPaths]
     print("Wrote:")
     for path in [ca.cert, ca.key, server.cert, server.key] + [p for s in sites for p in (s.private_key, s.public_key)]:
         print("  " + _describe(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ class MLPClassifier(nn.Module):
         self.config = config
         sizes = [config.n_genes, *config.hidden]
         layers: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        for a, b in pairwise(sizes):
             layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(config.dropout)]
         layers.append(nn.Linear(sizes[-1], config.n_classes))
         self.net = nn.Sequential(*layers)

@@ -1,6 +1,6 @@
 """SCDG: a class-conditional denoiser on (standardised) latents, used for ONE denoising step.
 
-ẑ₀ = (w − √(1−ᾱ_t) · ε̃(w, t, c)) / √ᾱ_t, with ε̃ the classifier-free-guidance mix of the
+ẑ₀ = (w - √(1-ᾱ_t) · ε̃(w, t, c)) / √ᾱ_t, with ε̃ the classifier-free-guidance mix of the
 conditional and null predictions. One network call, so gradients of any loss on ẑ₀ (or on the
 decoded cells) reach the code w intact.
 """
@@ -8,7 +8,9 @@ decoded cells) reach the code w intact.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +75,10 @@ class SCDG(nn.Module):
 
     # parameters whose first n_classes rows belong to one class each (the null-class row after them is shared)
     class_rows: tuple[str, ...] = ("class_emb.weight", "qa.2.weight", "qa.2.bias")
+    # buffers (registered in __init__), declared for type checkers: nn.Module's __getattr__ is untyped
+    alpha_bar: torch.Tensor
+    z_mean: torch.Tensor
+    z_std: torch.Tensor
 
     def __init__(self, config: SCDGConfig) -> None:
         super().__init__()
@@ -86,9 +92,14 @@ class SCDG(nn.Module):
         self.class_emb = nn.Embedding(config.n_classes + 1, h)  # last index = null class
         self.blocks = nn.ModuleList(_ResBlock(h) for _ in range(config.n_blocks))
         self.out = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, d))
-        nn.init.zeros_(self.out[1].weight)
-        nn.init.zeros_(self.out[1].bias)
+        last = cast(nn.Linear, self.out[1])
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
         self.qa = nn.Sequential(nn.Linear(d, h), nn.SiLU(), nn.Linear(h, config.n_classes))
+
+    def _res_blocks(self) -> Iterable[_ResBlock]:
+        """The residual blocks, typed (nn.ModuleList iterates as plain modules)."""
+        return cast("Iterable[_ResBlock]", self.blocks)
 
     @property
     def null_class(self) -> int:
@@ -108,7 +119,7 @@ class SCDG(nn.Module):
         if not dedupe:  # row by row (per-cell gradients: torch.func cannot vmap torch.unique)
             emb = self.time_mlp(timestep_embedding(t, self.config.time_dim)) + self.class_emb(c)
             h = self.inp(z_t)
-            for block in self.blocks:
+            for block in self._res_blocks():
                 h = block(h, block.cond(emb))
             return self.out(h)
         # Conditioning depends only on (t, c): compute it once per distinct pair (distillation uses
@@ -118,12 +129,12 @@ class SCDG(nn.Module):
         t_u, c_u = uniq // (self.config.n_classes + 1), uniq % (self.config.n_classes + 1)
         emb = self.time_mlp(timestep_embedding(t_u, self.config.time_dim)) + self.class_emb(c_u)
         h = self.inp(z_t)
-        for block in self.blocks:
+        for block in self._res_blocks():
             h = block(h, block.cond(emb)[inv])
         return self.out(h)
 
     def guided_eps(self, z_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor, guidance: float) -> torch.Tensor:
-        """Classifier-free guidance: (1 + s) ε(z, t, c) − s ε(z, t, ∅)."""
+        """Classifier-free guidance: (1 + s) ε(z, t, c) - s ε(z, t, ∅)."""
         if guidance == 0:
             return self.eps(z_t, t, c)
         n = z_t.shape[0]
@@ -162,7 +173,8 @@ class SCDG(nn.Module):
         return mse + self.config.qa_weight * (qa_hat * w / w.clamp(min=1.0) + qa_clean)
 
     def _cell_terms(self, zs: torch.Tensor, c: torch.Tensor, *, dedupe: bool) -> tuple[torch.Tensor, ...]:
-        """Per row: noise MSE, QA cross-entropy on the one-step estimate and its weight, QA cross-entropy on the clean latent."""
+        """Per row: noise MSE, QA cross-entropy on the one-step estimate and its weight, QA cross-entropy on the clean
+        latent."""
         n = zs.shape[0]
         t = torch.randint(0, self.config.timesteps, (n,), device=zs.device)
         noise = torch.randn_like(zs)

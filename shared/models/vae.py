@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Literal
 
 import torch
@@ -51,7 +52,7 @@ class VAELoss:
 
 def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+    for a, b in pairwise(sizes):
         layers += [nn.Linear(a, b), nn.LayerNorm(b), nn.SiLU(), nn.Dropout(dropout)]
     return nn.Sequential(*layers)
 
@@ -59,7 +60,8 @@ def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
 TARGET_SUM = 1e4  # shared.data.TARGET_SUM: log-normalised input is log1p(counts / library * TARGET_SUM)
 
 
-COUNT_ROWS = 64  # cells of each batch the count head learns from: it trains on the detached z, so fewer rows cost it nothing else
+# cells of each batch the count head learns from: it trains on the detached z, so fewer rows cost it nothing else
+COUNT_ROWS = 64
 
 
 def counts_from_lognorm(x: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
@@ -179,7 +181,8 @@ class VAE(nn.Module):
         beta_scale: float = 1.0,
         library: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Each cell's own loss (n,): the terms of ``loss`` row by row, the count term on every row (DP-SGD clips per cell)."""
+        """Each cell's own loss (n,): the terms of ``loss`` row by row, the count term on every row (DP-SGD clips per
+        cell)."""
         recon, kl, label_loss, aux_loss, count_loss = self._cell_terms(x, labels, aux, library, x.shape[0])
         c = self.config
         return recon + c.beta * beta_scale * kl + c.class_weight * label_loss + c.aux_weight * aux_loss + count_loss

@@ -1,1 +1,2 @@
-"""Cell-level differential privacy of what a site releases: accounting, Gaussian mechanisms, DP-SGD, the release ledger."""
+"""Cell-level differential privacy of what a site releases: accounting, Gaussian mechanisms, DP-SGD, the release
+ledger."""

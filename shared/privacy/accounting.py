@@ -32,7 +32,7 @@ MAX_SGD_NOISE = 30.0  # a plan that needs more DP-SGD noise than this learns not
 NAMES_DELTA_SHARE = 0.1  # share of delta for releasing a label name only above a noise threshold (see mechanisms)
 # Integer Renyi orders: the sampled Gaussian's RDP has a closed form there (fractional orders need a series that
 # does not converge at high sampling rates, and small sites train at rates near 1).
-ORDERS = tuple(range(2, 129)) + (160, 192, 256, 384, 512, 1024)
+ORDERS = (*range(2, 129), 160, 192, 256, 384, 512, 1024)
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,8 @@ def epsilon(schedule: Schedule, noise: Noise, delta: float) -> float:
 
 
 def _smallest(fits, lo: float, hi: float, rel: float = 1e-3) -> float:  # noqa: ANN001 - callable(float) -> bool
-    """The smallest x in [lo, hi] with fits(x), to a relative ``rel`` (fits is monotone: false below, true above); bisection in log space."""
+    """The smallest x in [lo, hi] with fits(x), to a relative ``rel`` (fits is monotone: false below, true above);
+    bisection in log space."""
     while hi / lo > 1 + rel:
         mid = math.sqrt(lo * hi)
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
@@ -97,7 +98,8 @@ def _smallest(fits, lo: float, hi: float, rel: float = 1e-3) -> float:  # noqa: 
 
 @functools.lru_cache(maxsize=64)
 def stats_noise(target: float, n_releases: int, share: float = STATS_SHARE) -> float:
-    """Noise multiplier of each one-shot release so that ``n_releases`` of them spend ``share * target`` at DELTA_REF."""
+    """Noise multiplier of each one-shot release so that ``n_releases`` of them spend ``share * target`` at
+    DELTA_REF."""
     if n_releases == 0:
         return 0.0
     sched = Schedule(tuple(f"r{i}" for i in range(n_releases)))
@@ -105,14 +107,16 @@ def stats_noise(target: float, n_releases: int, share: float = STATS_SHARE) -> f
 
 
 def one_shot_noise(target: float, schedule: Schedule) -> float:
-    """The one-shot releases' noise multiplier: their share of ``target`` (all of it without DP-SGD); independent of the site's cells."""
+    """The one-shot releases' noise multiplier: their share of ``target`` (all of it without DP-SGD); independent of the
+    site's cells."""
     has_sgd = any(st.steps > 0 for st in schedule.sgd)
     return stats_noise(target, len(schedule.one_shot), STATS_SHARE if has_sgd else 1.0)
 
 
 @functools.lru_cache(maxsize=64)  # every message of a run asks again with the same numbers
 def calibrate(target: float, delta: float, schedule: Schedule) -> Noise:
-    """The noise that meets ``(target, delta)`` for ``schedule``; ConfigError when DP-SGD would need more than MAX_SGD_NOISE."""
+    """The noise that meets ``(target, delta)`` for ``schedule``; ConfigError when DP-SGD would need more than
+    MAX_SGD_NOISE."""
     if not math.isfinite(target) or target <= 0:
         msg = f"dp-epsilon must be a positive number, got {target}"
         raise ConfigError(msg)
@@ -124,8 +128,9 @@ def calibrate(target: float, delta: float, schedule: Schedule) -> Noise:
             f"{st.steps} {st.name} steps at sampling rate {st.sample_rate:.3g}" for st in schedule.sgd if st.steps
         )
         msg = (
-            f"dp-epsilon={target:g} cannot be met: {steps} would need a DP-SGD noise multiplier above {MAX_SGD_NOISE:g}; "
-            "raise dp-epsilon, or lower num-pretrain-rounds, the local steps or the batch sizes"
+            f"dp-epsilon={target:g} cannot be met: {steps} would need a DP-SGD noise multiplier "
+            f"above {MAX_SGD_NOISE:g}; raise dp-epsilon, or lower num-pretrain-rounds, the local steps "
+            "or the batch sizes"
         )
         raise ConfigError(msg)
     sig = _smallest(lambda s: epsilon(schedule, Noise(sig_stats, s), delta) <= target, 0.05, MAX_SGD_NOISE)

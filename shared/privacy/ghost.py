@@ -12,8 +12,9 @@ the same clipped sum as clipping materialised per-cell gradients (tested against
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +74,14 @@ def _layer_norm_input(m: nn.LayerNorm, a: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(a, m.normalized_shape, eps=m.eps)
 
 
+def _sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(terms)`` (0 + t1 + t2 + ...), typed for a non-empty run of tensors."""
+    return cast(torch.Tensor, sum(terms))
+
+
 def _pairwise(vecs: list[torch.Tensor]) -> torch.Tensor:
-    """Per row, sum over u, v of <vecs[u]_i, vecs[v]_i>: the squared norm of the row sum, without forming it when there is one use."""
+    """Per row, sum over u, v of <vecs[u]_i, vecs[v]_i>: the squared norm of the row sum, without forming it when there
+    is one use."""
     if len(vecs) == 1:
         return vecs[0].pow(2).sum(1)
     return torch.stack(vecs).sum(0).pow(2).sum(1)
@@ -86,7 +93,8 @@ Group = tuple[
 
 
 def _groups(model: nn.Module, uses: dict[str, _Uses], grads: dict[str, list[torch.Tensor]], n: int) -> list[Group]:
-    """Per module: each cell's squared gradient norm over the module's parameters, and its clipped sums given the clip scales."""
+    """Per module: each cell's squared gradient norm over the module's parameters, and its clipped sums given the clip
+    scales."""
     out: list[Group] = []
     for name, m in ghost_modules(model).items():
         a_list, g_list = uses[name].inputs, grads[name]
@@ -106,62 +114,75 @@ def _groups(model: nn.Module, uses: dict[str, _Uses], grads: dict[str, list[torc
                         sq += (g_list[u] * g_list[v]).sum(1) * (a_list[u] * a_list[v]).sum(1)
             if m.bias is not None:
                 sq += _pairwise(g_list)
-            out.append(
-                (
-                    sq,
-                    lambda s, m=m, a_list=a_list, g_list=g_list, prefix=prefix: {
-                        f"{prefix}weight": sum((s[:, None] * g).T @ a for g, a in zip(g_list, a_list, strict=True)),
-                        **(
-                            {f"{prefix}bias": sum((s[:, None] * g).sum(0) for g in g_list)}
-                            if m.bias is not None
-                            else {}
-                        ),
-                    },
-                )
-            )
+
+            def linear_sums(
+                s: torch.Tensor,
+                m: nn.Linear = m,
+                a_list: list[torch.Tensor] = a_list,
+                g_list: list[torch.Tensor] = g_list,
+                prefix: str = prefix,
+            ) -> dict[str, torch.Tensor]:
+                return {
+                    f"{prefix}weight": _sum((s[:, None] * g).T @ a for g, a in zip(g_list, a_list, strict=True)),
+                    **({f"{prefix}bias": _sum((s[:, None] * g).sum(0) for g in g_list)} if m.bias is not None else {}),
+                }
+
+            out.append((sq, linear_sums))
         elif isinstance(m, nn.LayerNorm):
-            w_cell = sum(g * _layer_norm_input(m, a) for g, a in zip(g_list, a_list, strict=True))
-            b_cell = sum(g_list)
+            w_cell = _sum(g * _layer_norm_input(m, a) for g, a in zip(g_list, a_list, strict=True))
+            b_cell = _sum(g_list)
             if m.weight is not None:
                 sq += w_cell.pow(2).sum(1)
             if m.bias is not None:
                 sq += b_cell.pow(2).sum(1)
-            out.append(
-                (
-                    sq,
-                    lambda s, m=m, w_cell=w_cell, b_cell=b_cell, prefix=prefix: {
-                        **({f"{prefix}weight": (s[:, None] * w_cell).sum(0)} if m.weight is not None else {}),
-                        **({f"{prefix}bias": (s[:, None] * b_cell).sum(0)} if m.bias is not None else {}),
-                    },
-                )
-            )
+
+            def layer_norm_sums(
+                s: torch.Tensor,
+                m: nn.LayerNorm = m,
+                w_cell: torch.Tensor = w_cell,
+                b_cell: torch.Tensor = b_cell,
+                prefix: str = prefix,
+            ) -> dict[str, torch.Tensor]:
+                return {
+                    **({f"{prefix}weight": (s[:, None] * w_cell).sum(0)} if m.weight is not None else {}),
+                    **({f"{prefix}bias": (s[:, None] * b_cell).sum(0)} if m.bias is not None else {}),
+                }
+
+            out.append((sq, layer_norm_sums))
         else:  # nn.Embedding: a cell's gradient is g on the rows it looked up
+            emb = cast(nn.Embedding, m)  # the one GHOST_TYPES left
             for u in range(len(a_list)):
                 for v in range(len(a_list)):
                     sq += (a_list[u] == a_list[v]).float() * (g_list[u] * g_list[v]).sum(1)
-            out.append(
-                (
-                    sq,
-                    lambda s, m=m, a_list=a_list, g_list=g_list, prefix=prefix: {
-                        f"{prefix}weight": sum(
-                            torch.zeros_like(m.weight).index_add_(0, a, s[:, None] * g)
-                            for a, g in zip(a_list, g_list, strict=True)
-                        )
-                    },
-                )
-            )
+
+            def embedding_sums(
+                s: torch.Tensor,
+                m: nn.Embedding = emb,
+                a_list: list[torch.Tensor] = a_list,
+                g_list: list[torch.Tensor] = g_list,
+                prefix: str = prefix,
+            ) -> dict[str, torch.Tensor]:
+                return {
+                    f"{prefix}weight": _sum(
+                        torch.zeros_like(m.weight).index_add_(0, a, s[:, None] * g)
+                        for a, g in zip(a_list, g_list, strict=True)
+                    )
+                }
+
+            out.append((sq, embedding_sums))
     return out
 
 
 def n_groups(model: nn.Module) -> int:
-    """Clipping groups of a model under per-layer clipping: its ghost modules and each leftover parameter (fixed by the model, not the data)."""
+    """Clipping groups of a model under per-layer clipping: its ghost modules and each leftover parameter (fixed by the
+    model, not the data)."""
     return len(ghost_modules(model)) + len(leftover_parameters(model))
 
 
 def scales(groups: list[torch.Tensor], max_norm: float, n_total: int, *, per_layer: bool) -> list[torch.Tensor]:
-    """Clip scales (n,) per group: flat clipping bounds each cell's whole gradient by max_norm; per-layer clipping bounds each of the
-    ``n_total`` groups by max_norm / sqrt(n_total) (McMahan et al. 2018), so a small layer's signal is not lost in a large one's norm.
-    Either way a cell's clipped gradient has norm <= max_norm."""
+    """Clip scales (n,) per group: flat clipping bounds each cell's whole gradient by max_norm; per-layer clipping
+    bounds each of the ``n_total`` groups by max_norm / sqrt(n_total) (McMahan et al. 2018), so a small layer's signal
+    is not lost in a large one's norm. Either way a cell's clipped gradient has norm <= max_norm."""
     if not per_layer:
         total = torch.stack(groups).sum(0) if groups else torch.zeros(0)
         one = (max_norm / total.sqrt().clamp_min(1e-12)).clamp(max=1.0)
@@ -203,7 +224,11 @@ def ghost_clipped_sum(
             msg = f"parameters {rest} are not covered by ghost clipping: pass their per-cell gradients (leftover)"
             raise ValueError(msg)
         for k, v in leftover(rest).items():
-            groups.append((v.flatten(1).pow(2).sum(1), lambda s, k=k, v=v: {k: torch.tensordot(s, v, dims=1)}))
+
+            def leftover_sums(s: torch.Tensor, k: str = k, v: torch.Tensor = v) -> dict[str, torch.Tensor]:
+                return {k: torch.tensordot(s, v, dims=1)}
+
+            groups.append((v.flatten(1).pow(2).sum(1), leftover_sums))
     for (_, apply), s in zip(
         groups, scales([g for g, _ in groups], max_norm, n_groups(model), per_layer=per_layer), strict=True
     ):

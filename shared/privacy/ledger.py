@@ -32,7 +32,8 @@ def digest(obj: Any) -> str:
 
 
 def claim(cache: Path, site_key: str, run_key: str, slot: str, content: str) -> None:
-    """Record that ``slot`` of ``run_key`` releases ``content`` (a digest); ProtocolError when it released something else."""
+    """Record that ``slot`` of ``run_key`` releases ``content`` (a digest); ProtocolError when it released something
+    else."""
     name = hashlib.sha256(json.dumps([site_key, run_key]).encode()).hexdigest()[:20]
     path = cache / f"dp-ledger-{name}.json"
     try:
@@ -42,8 +43,8 @@ def claim(cache: Path, site_key: str, run_key: str, slot: str, content: str) -> 
     if slot in entries:
         if entries[slot] != content:
             msg = (
-                f"refused: {slot} was already released in this run with other inputs, and the DP budget counts each release once; "
-                "start a new run (a new run-id) instead"
+                f"refused: {slot} was already released in this run with other inputs, "
+                "and the DP budget counts each release once; start a new run (a new run-id) instead"
             )
             raise ProtocolError(msg)
         return

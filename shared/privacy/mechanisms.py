@@ -14,6 +14,7 @@ message releases nothing new.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -45,13 +46,14 @@ def site_secret(cache: Path) -> bytes:
     if not path.exists():
         with atomic_path(cache / f"{SECRET_FILE}.new") as tmp:  # mkstemp: mode 0600
             tmp.write_bytes(os.urandom(SECRET_BYTES))
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.link(tmp, path)  # exclusive: of two processes creating it at once, one secret wins for both
-            except FileExistsError:
-                pass
     data = path.read_bytes()
     if len(data) != SECRET_BYTES:
-        msg = f"the DP noise secret {path} is damaged ({len(data)} bytes, expected {SECRET_BYTES}); delete it and start a new run"
+        msg = (
+            f"the DP noise secret {path} is damaged ({len(data)} bytes, expected {SECRET_BYTES}); "
+            "delete it and start a new run"
+        )
         raise SiteDataError(msg)
     return data
 
@@ -80,8 +82,9 @@ def clip_rows(V: np.ndarray, bound: float = 1.0) -> np.ndarray:
 
 
 def clipped_profile_sums(X: sp.csr_matrix) -> np.ndarray:
-    """(3, G): over the rows of ``X``, sums of each cell's values, squares and detection vectors, each clipped to its public norm
-    bound and scaled by 1 / (bound * sqrt 3), so that one cell's three vectors together have norm <= 1 (the DP profile's release)."""
+    """(3, G): over the rows of ``X``, sums of each cell's values, squares and detection vectors, each clipped to its
+    public norm bound and scaled by 1 / (bound * sqrt 3), so that one cell's three vectors together have norm <= 1 (the
+    DP profile's release)."""
     X = sp.csr_matrix(X, dtype=np.float64)
     sq = X.multiply(X).tocsr()
     det = X.copy()
@@ -97,7 +100,8 @@ def clipped_profile_sums(X: sp.csr_matrix) -> np.ndarray:
 def noisy_class_sums(
     V: np.ndarray, labels: np.ndarray, n_classes: int, sigma: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """Per class, the sum of the rows of V (each clipped to norm 1) plus N(0, sigma^2) on every entry: (n_classes, m)."""
+    """Per class, the sum of the rows of V (each clipped to norm 1) plus N(0, sigma^2) on every entry:
+    (n_classes, m)."""
     V = clip_rows(V)
     out = np.zeros((n_classes, V.shape[1]))
     np.add.at(out, labels, V)
@@ -110,7 +114,8 @@ def noisy_counts(labels: np.ndarray, n_classes: int, sigma: float, rng: np.rando
 
 
 def name_threshold(sigma: float, delta: float) -> float:
-    """A label name is released only when its noised count exceeds this: a class of one cell passes with probability <= delta."""
+    """A label name is released only when its noised count exceeds this: a class of one cell passes with probability <=
+    delta."""
     from scipy.stats import norm
 
     return 1.0 + sigma * float(norm.isf(delta))

@@ -1,4 +1,5 @@
-"""DP-SGD (Abadi et al. 2016) for the VAE and the SCDG: Poisson-sampled cells, each cell's gradient clipped, Gaussian noise.
+"""DP-SGD (Abadi et al. 2016) for the VAE and the SCDG: Poisson-sampled cells, each cell's gradient clipped, Gaussian
+noise.
 
 Why not opacus: its hooks assume every layer sees the batch as its first dimension, which the
 SCDG's default forward breaks on purpose (conditioning computed once per distinct (t, class) pair),
@@ -17,7 +18,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-CHUNK = 8  # cells whose gradients are held at once (on CPU 8 was fastest: 0.51 s per VAE step of 128 cells on 2,000 genes; 32: 1.1 s)
+# cells whose gradients are held at once (on CPU 8 was fastest: 0.51 s per VAE step of 128 cells on 2,000 genes;
+# 32: 1.1 s)
+CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,8 @@ def clipped_sum(
     *,
     per_layer: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Sum over cells of each cell's gradient clipped to L2 norm ``max_norm`` (all trainable parameters together, or per layer:
-    the parameters of one module, as ``shared.privacy.ghost.scales``), from materialised per-cell gradients.
+    """Sum over cells of each cell's gradient clipped to L2 norm ``max_norm`` (all trainable parameters together, or per
+    layer: the parameters of one module, as ``shared.privacy.ghost.scales``), from materialised per-cell gradients.
 
     ``loss(model, *one_cell_rows)`` is the loss of ONE cell; each tensor in ``rows`` has the cells
     along dimension 0 and is given to ``loss`` with a leading dimension of 1.
@@ -87,7 +90,8 @@ def clipped_sum(
 def per_cell_grads(
     model: nn.Module, loss: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...], names: list[str]
 ) -> dict[str, torch.Tensor]:
-    """Per-cell gradients (n, ...) of the parameters ``names`` only (``loss`` as in ``clipped_sum``), the rest held fixed."""
+    """Per-cell gradients (n, ...) of the parameters ``names`` only (``loss`` as in ``clipped_sum``), the rest held
+    fixed."""
     wrapper = _Method(model, loss)
     params = {f"model.{k}": p.detach() for k, p in model.named_parameters() if k in names}
 
@@ -105,7 +109,8 @@ def noisy_step_grads(
     dp: DPSGD,
     gen: torch.Generator,
 ) -> None:
-    """Set every trainable parameter's ``.grad`` to (clipped sum + N(0, (sigma C)^2)) / expected batch: one DP-SGD step's gradient.
+    """Set every trainable parameter's ``.grad`` to (clipped sum + N(0, (sigma C)^2)) / expected batch: one DP-SGD
+    step's gradient.
 
     ``losses(model, *rows)`` returns each cell's own loss (n,); the clipped sum comes from ghost
     clipping (``shared.privacy.ghost``), parameters it does not cover from ``per_cell_grads``.

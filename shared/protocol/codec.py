@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -21,8 +21,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from shared.errors import ConfigError, ProtocolError
 from shared.privacy.spec import DPSpec
 
-SCHEMA_VERSION = 5  # 2: validation split, validation scores + privacy audit; 3: FedProx mu in the pretrain request, local-only scores in the evaluate reply;
-# 4: count input in the profile, per-class library statistics in the distill reply; 5: DP settings in the spec, the DP report in the distill reply
+# 2: validation split, validation scores + privacy audit; 3: FedProx mu in the pretrain request, local-only scores in
+# the evaluate reply; 4: count input in the profile, per-class library statistics in the distill reply; 5: DP settings
+# in the spec, the DP report in the distill reply
+SCHEMA_VERSION = 5
 MSG_PROFILE = "query.profile"
 MSG_PRETRAIN = "train.pretrain"
 MSG_DISTILL = "train.distill"
@@ -89,8 +91,14 @@ def check_records(
         if kind is ConfigRecord and rd[name].get(SCHEMA_KEY) != SCHEMA_VERSION:
             raise fail(
                 where,
-                f"record {name!r} has schema version {rd[name].get(SCHEMA_KEY)!r}, expected {SCHEMA_VERSION}; update fedscdd on both sides",
+                f"record {name!r} has schema version {rd[name].get(SCHEMA_KEY)!r}, expected {SCHEMA_VERSION}; "
+                "update fedscdd on both sides",
             )
+
+
+def array_record(rd: RecordDict, key: str) -> ArrayRecord:
+    """``rd[key]``, typed as the ArrayRecord that ``check_records`` found it to be."""
+    return cast(ArrayRecord, rd[key])
 
 
 def check_keys(record: Mapping[str, Any], expected: Iterable[str], where: str) -> None:
@@ -111,7 +119,7 @@ def get_value(record: Mapping[str, Any], key: str, kind: type[T], where: str) ->
         raise fail(where, f"{key!r} is {type(v).__name__}, expected {kind.__name__}")
     if isinstance(v, float) and not math.isfinite(v):
         raise fail(where, f"{key!r} is not finite")
-    return v  # type: ignore[return-value]
+    return v
 
 
 def get_float_list(record: Mapping[str, Any], key: str, where: str) -> tuple[float, ...]:
@@ -135,10 +143,11 @@ def get_str_list(record: Mapping[str, Any], key: str, where: str) -> tuple[str, 
 def get_array(
     record: ArrayRecord, key: str, dtype: str, ndim: int, where: str, *, allow_nan: bool = False
 ) -> np.ndarray:
-    """The numpy array under ``key``, refusing other dtypes, ranks and non-finite floats (NaN allowed with ``allow_nan``: "absent")."""
+    """The numpy array under ``key``, refusing other dtypes, ranks and non-finite floats (NaN allowed with
+    ``allow_nan``: "absent")."""
     try:
         arr = record[key].numpy()
-    except Exception as exc:  # any decode failure is a protocol error
+    except Exception as exc:  # noqa: BLE001 - any decode failure is a protocol error
         raise fail(where, f"array {key!r} cannot be decoded ({type(exc).__name__})") from None
     if arr.dtype != np.dtype(dtype):
         raise fail(where, f"array {key!r} has dtype {arr.dtype}, expected {dtype}")
@@ -252,7 +261,8 @@ class SiteSpec:
         if spec.expect not in ("auto", "counts", "lognorm") or spec.min_cells_per_class < 1 or not fractions_ok:
             raise fail(
                 where,
-                "site spec out of range (expect, min-cells-per-class >= 1, test-fraction and val-fraction in [0, 1) with a sum below 1)",
+                "site spec out of range (expect, min-cells-per-class >= 1, "
+                "test-fraction and val-fraction in [0, 1) with a sum below 1)",
             )
         return spec
 
@@ -293,7 +303,7 @@ class Plan:
         rec = rd[KEY_PLAN]
         check_keys(rec, SPEC_KEYS | {"classes"}, where)
         check_keys(rd[KEY_PLAN_GENES], {"names"}, where)
-        genes = decode_strings(get_array(rd[KEY_PLAN_GENES], "names", "uint8", 1, where), where)
+        genes = decode_strings(get_array(array_record(rd, KEY_PLAN_GENES), "names", "uint8", 1, where), where)
         classes = get_str_list(rec, "classes", where)
         if len(set(classes)) != len(classes):
             raise fail(where, "plan classes are not unique")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from shared.protocol.codec import (
     SiteSpec,
     Stage,
     StateDict,
+    array_record,
     check_keys,
     check_records,
     check_round,
@@ -101,7 +103,7 @@ class ProfileReply:
         """Decode strictly."""
         where = "profile reply"
         check_records(rd, where, configs=[KEY_CONFIG], arrays=[KEY_STATS])
-        cfg, stats = rd[KEY_CONFIG], rd[KEY_STATS]
+        cfg, stats = rd[KEY_CONFIG], array_record(rd, KEY_STATS)
         check_keys(cfg, {SCHEMA_KEY, "site-name", "n-cells", "label-names", "has-counts"}, where)
         check_keys(stats, {"gene-names", "sums", "sumsq", "detected", "label-counts"}, where)
         genes = decode_strings(get_array(stats, "gene-names", "uint8", 1, where), where)
@@ -168,7 +170,7 @@ class PretrainRequest:
     def from_record(cls, rd: RecordDict) -> PretrainRequest:
         """Decode strictly."""
         where = "pretrain request"
-        cfg = rd.get(KEY_CONFIG, {})
+        cfg: Mapping[str, Any] = rd.get(KEY_CONFIG, {})
         stage = cfg.get("stage") if isinstance(cfg, ConfigRecord) else None
         if stage not in STAGES:
             raise fail(where, f"stage {stage!r} unknown; expected one of {STAGES}")
@@ -198,7 +200,7 @@ class PretrainRequest:
         req = cls(
             stage=stage,
             round=check_round(get_value(cfg, "round", int, where), where),
-            weights=state_from_record(rd[KEY_WEIGHTS], where),
+            weights=state_from_record(array_record(rd, KEY_WEIGHTS), where),
             model_config=get_value(cfg, "model-config", str, where),
             plan=Plan.from_records(rd, where),
             steps=get_value(cfg, "steps", int, where),
@@ -206,7 +208,7 @@ class PretrainRequest:
             batch_size=get_value(cfg, "batch-size", int, where),
             kl_ramp=_ramp(get_float_list(cfg, "kl-ramp", where), where),
             seed=get_value(cfg, "seed", int, where),
-            encoder=state_from_record(rd[KEY_ENCODER], where) if stage == "scdg" else None,
+            encoder=state_from_record(array_record(rd, KEY_ENCODER), where) if stage == "scdg" else None,
             encoder_config=get_value(cfg, "encoder-config", str, where),
             proximal_mu=get_value(cfg, "proximal-mu", float, where),
         )
@@ -264,7 +266,7 @@ class PretrainReply:
     def from_record(cls, rd: RecordDict) -> PretrainReply:
         """Decode strictly."""
         where = "pretrain reply"
-        cfg = rd.get(KEY_CONFIG, {})
+        cfg: Mapping[str, Any] = rd.get(KEY_CONFIG, {})
         stage = cfg.get("stage") if isinstance(cfg, ConfigRecord) else None
         if stage not in STAGES:
             raise fail(where, f"stage {stage!r} unknown; expected one of {STAGES}")
@@ -276,13 +278,13 @@ class PretrainReply:
         if stage == "latent-stats":
             check_keys(rd[KEY_LATENT], {"sum", "sumsq"}, where)
             out = {
-                "latent_sum": get_array(rd[KEY_LATENT], "sum", "float64", 1, where),
-                "latent_sumsq": get_array(rd[KEY_LATENT], "sumsq", "float64", 1, where),
+                "latent_sum": get_array(array_record(rd, KEY_LATENT), "sum", "float64", 1, where),
+                "latent_sumsq": get_array(array_record(rd, KEY_LATENT), "sumsq", "float64", 1, where),
             }
             if out["latent_sum"].shape != out["latent_sumsq"].shape:
                 raise fail(where, "latent sum and sumsq differ in length")
         else:
-            out = {"weights": state_from_record(rd[KEY_WEIGHTS], where)}
+            out = {"weights": state_from_record(array_record(rd, KEY_WEIGHTS), where)}
         return cls(
             stage=stage,
             round=check_round(get_value(cfg, "round", int, where), where),

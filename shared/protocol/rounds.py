@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
@@ -30,6 +30,7 @@ from shared.protocol.codec import (
     SCHEMA_KEY,
     Plan,
     StateDict,
+    array_record,
     check_keys,
     check_records,
     check_round,
@@ -107,7 +108,7 @@ class DistillRequest:
     def from_record(cls, rd: RecordDict) -> DistillRequest:
         """Decode strictly."""
         where = "distill request"
-        warm = KEY_WARM in rd.keys()
+        warm = KEY_WARM in rd
         check_records(
             rd,
             where,
@@ -116,7 +117,7 @@ class DistillRequest:
         )
         cfg = rd[KEY_CONFIG]
         check_keys(cfg, {SCHEMA_KEY, "round", "vae-config", "scdg-config", "seed", "warm-start"}, where)
-        distill = {k: v for k, v in rd[KEY_DISTILL].items() if k != SCHEMA_KEY}
+        distill: dict[str, Any] = {k: v for k, v in rd[KEY_DISTILL].items() if k != SCHEMA_KEY}
         bad = [
             k
             for k, v in distill.items()
@@ -126,15 +127,15 @@ class DistillRequest:
             raise fail(where, f"distill config needs an integer k >= 1 and finite scalar values (bad: {sorted(bad)})")
         return cls(
             round=check_round(get_value(cfg, "round", int, where), where),
-            vae=state_from_record(rd[KEY_VAE], where),
+            vae=state_from_record(array_record(rd, KEY_VAE), where),
             vae_config=get_value(cfg, "vae-config", str, where),
-            scdg=state_from_record(rd[KEY_SCDG], where),
+            scdg=state_from_record(array_record(rd, KEY_SCDG), where),
             scdg_config=get_value(cfg, "scdg-config", str, where),
             plan=Plan.from_records(rd, where),
             distill=distill,
             seed=get_value(cfg, "seed", int, where),
             warm_start=get_value(cfg, "warm-start", bool, where),
-            **(_warm_arrays(rd[KEY_WARM], where) if warm else {}),
+            **(_warm_arrays(array_record(rd, KEY_WARM), where) if warm else {}),
         )
 
     @property
@@ -199,25 +200,25 @@ class DistillReply:
         check_keys(
             rd[KEY_METRICS], {"distill-seconds", *([f"dp-{_wire(k)}" for k in PRIVACY_KEYS] if private else [])}, where
         )
-        report = None
+        report: dict[str, Any] | None = None
         if private:
             report = {k: get_value(rd[KEY_METRICS], f"dp-{_wire(k)}", float, where) for k in PRIVACY_KEYS}
             report["mechanisms"] = list(get_str_list(rd[KEY_CONFIG], "dp-mechanisms", where))
-        codes = get_array(rd[KEY_CODES], "codes", "float32", 2, where)
-        labels = get_array(rd[KEY_CODES], "labels", "int32", 1, where)
+        codes = get_array(array_record(rd, KEY_CODES), "codes", "float32", 2, where)
+        labels = get_array(array_record(rd, KEY_CODES), "labels", "int32", 1, where)
         if labels.shape[0] != codes.shape[0] or codes.shape[0] == 0:
             raise fail(
                 where,
                 f"{codes.shape[0]} codes but {labels.shape[0]} labels (need one label per code, at least one code)",
             )
-        library = get_array(rd[KEY_CODES], "library", "float32", 2, where, allow_nan=True)
+        library = get_array(array_record(rd, KEY_CODES), "library", "float32", 2, where, allow_nan=True)
         if library.shape[1:] != (LIBRARY_STATS,):
             raise fail(where, f"library statistics have shape {library.shape}, expected (classes, {LIBRARY_STATS})")
         return cls(
             round=check_round(get_value(rd[KEY_CONFIG], "round", int, where), where),
             codes=codes,
             labels=labels,
-            class_counts=get_array(rd[KEY_CODES], "class-counts", "int64", 1, where),
+            class_counts=get_array(array_record(rd, KEY_CODES), "class-counts", "int64", 1, where),
             distill_seconds=get_value(rd[KEY_METRICS], "distill-seconds", float, where),
             library=library,
             privacy=report,
@@ -270,7 +271,7 @@ class EvaluateRequest:
         check_records(
             rd, where, configs=[KEY_CONFIG, KEY_PLAN], arrays=[KEY_SYNTHETIC, KEY_MLP, KEY_LOGREG, KEY_PLAN_GENES]
         )
-        cfg, syn, lr = rd[KEY_CONFIG], rd[KEY_SYNTHETIC], rd[KEY_LOGREG]
+        cfg, syn, lr = rd[KEY_CONFIG], array_record(rd, KEY_SYNTHETIC), array_record(rd, KEY_LOGREG)
         check_keys(cfg, {SCHEMA_KEY, "round", "mlp-config", "seed"}, where)
         check_keys(syn, {"X", "labels"}, where)
         check_keys(lr, {"coef", "intercept", "classes"}, where)
@@ -288,7 +289,7 @@ class EvaluateRequest:
             round=check_round(get_value(cfg, "round", int, where), where),
             X=X,
             labels=labels,
-            mlp=state_from_record(rd[KEY_MLP], where),
+            mlp=state_from_record(array_record(rd, KEY_MLP), where),
             mlp_config=get_value(cfg, "mlp-config", str, where),
             logreg_coef=coef,
             logreg_intercept=icpt,
@@ -311,7 +312,8 @@ FIDELITY_KEYS = ("mmd_pca", "mean_corr", "var_corr", "marker_overlap", "zero_fra
 CORRELATIONS = ("mean_corr", "var_corr")  # in [-1, 1]; the others are >= 0
 
 
-LOCAL_EVALUATORS = ("mlp", "logreg")  # what a site trains on its own cells for the local-only comparison
+# what a site trains on its own cells for the local-only comparison
+LOCAL_EVALUATORS: tuple[Literal["mlp", "logreg"], ...] = ("mlp", "logreg")
 
 
 def _wire(key: str) -> str:
@@ -343,7 +345,8 @@ def _scores_from_wire(prefix: str, m: Mapping[str, Any], where: str) -> dict[str
 
 @dataclass(frozen=True)
 class EvaluateReply:
-    """Site -> server: scores per evaluator on test and validation cells, fidelity and the privacy audit (NaN = not computable).
+    """Site -> server: scores per evaluator on test and validation cells, fidelity and the privacy audit (NaN = not
+    computable).
 
     Schema 2 (this release) added validation scores, the four-part privacy audit (``shared.audit``)
     and two fidelity numbers (per-gene variance correlation, marker-gene overlap).
@@ -362,7 +365,8 @@ class EvaluateReply:
     local_only: Mapping[str, Mapping[str, float]] = field(
         default_factory=dict
     )  # LOCAL_EVALUATORS -> {"accuracy", "macro_f1"}
-    # fidelity against the site's validation cells (what decode choices are made on); keys FIDELITY_KEYS, NaN without validation cells
+    # fidelity against the site's validation cells (what decode choices are made on); keys FIDELITY_KEYS, NaN without
+    # validation cells
     val_fidelity: Mapping[str, float] = field(default_factory=dict)
 
     def to_record(self) -> RecordDict:
@@ -407,7 +411,7 @@ class EvaluateReply:
             for k in FIDELITY_KEYS
         }
         aud = {k: wire_to_nan(get_value(m, _wire(k), float, where)) for k in AUDIT_KEYS}
-        local = {
+        local: dict[str, dict[str, float]] = {
             ev: {
                 part: wire_to_nan(get_value(m, f"local-{ev}-{_wire(part)}", float, where))
                 for part in ("accuracy", "macro_f1")

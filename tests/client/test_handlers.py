@@ -13,7 +13,8 @@ from flwr.app import Context, Message, RecordDict
 from client import site as site_mod
 from client import tasks
 from client.app import SiteTaskError, app
-from server.synthesis import fresh_models, model_json, state_of
+from server.synthesis import fresh_models
+from shared.checkpoint import model_json, state_of
 from shared.errors import ConfigError, SiteDataError
 from shared.evaluation import MLPTrainConfig
 from shared.protocol import (
@@ -113,17 +114,17 @@ def test_evaluate_scores_models_on_held_out_cells(ctx: Context, plan: Plan) -> N
     rng = np.random.default_rng(0)
     X, y = rng.random((12, len(plan.genes))).astype(np.float32), np.repeat([0, 1, 2], 4)
     models = train_evaluators(X, y, 3, mlp=MLPTrainConfig(min_steps=3, max_steps=3), seed=0)
-    req = EvaluateRequest(
-        1,
-        X,
-        y.astype(np.int32),
-        state_of(models.mlp),
-        model_json(models.mlp),
-        models.coef,
-        models.intercept,
-        models.classes,
-        plan,
-        0,
+    req = EvaluateRequest(  # what server.orchestration.evaluate sends
+        round=1,
+        X=X,
+        labels=y.astype(np.int32),
+        mlp=state_of(models.mlp),
+        mlp_config=model_json(models.mlp),
+        logreg_coef=models.coef,
+        logreg_intercept=models.intercept,
+        logreg_classes=models.classes,
+        plan=plan,
+        seed=0,
     )
     reply = EvaluateReply.from_record(_send(req.to_record(), "evaluate.models", ctx))
     assert reply.n_test > 0 and all(0 <= s.accuracy <= 1 and len(s.recall) == 3 for s in reply.scores.values())
@@ -223,7 +224,7 @@ def test_deployment_identity_comes_from_node_config(three_site_h5ad: Path, tmp_p
 
 def test_missing_bundled_example_says_how_to_pass_the_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(site_mod, "example_path", lambda: tmp_path / "absent.h5ad")
-    with pytest.raises(ConfigError, match="sim-data-path='/abs/path.h5ad'"):
+    with pytest.raises(ConfigError, match=r"sim-data-path='/abs/path\.h5ad'"):
         site_mod.resolve_source({"partition-id": 0}, {"sim-data-path": ""})
 
 

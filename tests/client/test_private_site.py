@@ -1,4 +1,5 @@
-"""A site under DP: what it releases is noised, keyed by the run, bounded by its plan, and its codes never read one cell."""
+"""A site under DP: what it releases is noised, keyed by the run, bounded by its plan, and its codes never read one
+cell."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import scipy.sparse as sp
 from client import privacy, tasks
 from client.privacy import SiteDP
 from client.site import SiteData, load_site, resolve_source
-from server.synthesis import fresh_models, model_json, state_of
+from server.synthesis import fresh_models
+from shared.checkpoint import model_json, state_of
 from shared.errors import ProtocolError
 from shared.privacy.mechanisms import site_secret
 from shared.privacy.spec import DPSpec
 from shared.protocol import DistillRequest, Plan, PretrainRequest, SiteSpec
 
-# A large epsilon: the three-site file has ~20 training cells per class, and label names need to pass the noise threshold.
+# A large epsilon: the three-site file has ~20 training cells per class, and label names need to pass the noise
+# threshold.
 DP = DPSpec(
     50.0, 0.0, 1.0, "run-test", rounds=2, vae_steps=3, vae_batch=16, scdg_steps=3, scdg_batch=16, class_means=True
 )
@@ -86,8 +89,8 @@ def test_codes_under_dp_depend_on_one_cell_only_through_the_released_means(
     assert not np.array_equal(released[0], released[1]) and not np.array_equal(
         a, b
     )  # the changed cell moved the noised means
-    # given the same released means, the changed cell makes no difference: codes start from noise, the objective reads no cell,
-    # and the class counts come from the (unchanged) noised release
+    # given the same released means, the changed cell makes no difference: codes start from noise, the objective
+    # reads no cell, and the class counts come from the (unchanged) noised release
     monkeypatch.setattr(privacy, "class_gene_means", lambda *a, **kw: released[0])
     assert np.array_equal(_distill(_changed_cell(site), plan, _dp(tmp_path), k=10), a)
 
@@ -117,7 +120,7 @@ def test_pretraining_stays_within_the_dp_plan(site: SiteData, tmp_path: Path) ->
     vae, _ = fresh_models(plan, latent_dim=8, seed=0)
     req = PretrainRequest("vae", 1, state_of(vae), model_json(vae), plan, 3, 1e-3, 16, (0.0, 0.5), 1)
     reply = tasks.pretrain_site(site, req, dp)
-    noised_n = int(round(privacy.budget(site, plan, dp).n_cells))
+    noised_n = round(privacy.budget(site, plan, dp).n_cells)
     assert reply.loss == 0.0 and reply.num_examples == noised_n
     assert (
         tasks.pretrain_site(site, req, dp).weights["to_mu.weight"].tobytes() == reply.weights["to_mu.weight"].tobytes()

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.cli.processes import signal_all, started_pids
+
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent  # the venv running pytest holds flwr, flower-superlink, flower-supernode
 FLWR_ENV = {
@@ -130,8 +132,8 @@ def start(name: str, argv: Sequence[str], env: Mapping[str, str], log_dir: Path,
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)  # the process started its own session: its pgid is its pid
+    """``sig`` to ``pid`` and every process it started (found by PID: its own session included)."""
+    signal_all(started_pids(pid), sig)
 
 
 def stop(proc: Proc, *, timeout: float = 15.0) -> None:
@@ -190,7 +192,10 @@ class CliResult:
     stderr: str
 
     def describe(self) -> str:
-        return f"$ {shlex.join(self.argv)}\nrc={self.returncode}\n--- stdout\n{self.stdout[-6000:]}\n--- stderr\n{self.stderr[-6000:]}"
+        return (
+            f"$ {shlex.join(self.argv)}\nrc={self.returncode}\n"
+            f"--- stdout\n{self.stdout[-6000:]}\n--- stderr\n{self.stderr[-6000:]}"
+        )
 
 
 def flwr(args: Sequence[str], env: Mapping[str, str], *, timeout: float, cwd: Path | None = None) -> CliResult:
@@ -199,7 +204,8 @@ def flwr(args: Sequence[str], env: Mapping[str, str], *, timeout: float, cwd: Pa
 
 
 def command(argv: Sequence[str], env: Mapping[str, str], *, timeout: float, cwd: Path | None = None) -> CliResult:
-    """Run one command to completion, output captured (bounded; its own session so a timeout kills everything it started)."""
+    """Run one command to completion, output captured (bounded; its own session so a timeout kills everything it
+    started)."""
     argv = [str(a) for a in argv]
     with subprocess.Popen(
         argv,

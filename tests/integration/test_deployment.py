@@ -23,7 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anndata as ad
-import deploy_helpers as dh  # beside this file; pytest's default "prepend" import mode puts tests/integration/ on sys.path
+
+# deploy_helpers is beside this file; pytest's default "prepend" import mode puts tests/integration/ on sys.path
+import deploy_helpers as dh
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -325,7 +327,8 @@ def test_the_deployment_guide_runs_the_app_and_survives_a_killed_site(tmp_path: 
         installed = sorted(p.name for p in (tmp_path / f"home-{site}" / "apps").glob(f"*.{fab_hash[:8]}"))
         assert len(installed) == 1, f"{site}: no app installed for FAB {fab_hash[:8]}"
 
-    # guide, "Sites run the code the coordinator sends": scdd verify-bundle passes on the installed app, fails on a changed copy
+    # guide, "Sites run the code the coordinator sends": scdd verify-bundle passes on the installed app, fails on a
+    # changed copy
     verify = [scdd, "verify-bundle", tmp_path / "home-site-a", "--source", REPO, "--fab-hash", run["fab-hash"]]
     res = dh.command(verify, base_env, timeout=CLI_S)
     assert res.returncode == 0 and "OK: the" in res.stdout, res.describe()

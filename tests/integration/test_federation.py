@@ -23,19 +23,8 @@ from server.run_store import RunStore
 from server.validation import distill_budget
 from shared.checkpoint import load_model, model_hash
 from shared.pretrain import latent_dim_for
-from shared.protocol import (
-    KEY_CODES,
-    KEY_CONFIG,
-    KEY_METRICS,
-    KEY_STATS,
-    KEY_WEIGHTS,
-    MSG_DISTILL,
-    MSG_EVALUATE,
-    MSG_PRETRAIN,
-    MSG_PROFILE,
-    DistillRequest,
-    ProfileReply,
-)
+from shared.protocol import MSG_DISTILL, MSG_EVALUATE, MSG_PRETRAIN, MSG_PROFILE, DistillRequest, ProfileReply
+from shared.protocol.codec import KEY_CODES, KEY_CONFIG, KEY_METRICS, KEY_STATS, KEY_WEIGHTS
 
 KANG = {
     "sim-site-key": "batch",
@@ -95,7 +84,8 @@ def test_kang_run_writes_every_output(kang: tuple[InProcessGrid, Path, list[str]
         "pretrained/scdg.pt",
     ):
         assert (run_dir / name).is_file(), name
-    # pretrained/ holds the models as FedAvg left them (a pretrained-path folder): the VAE is never fine-tuned, the SCDG is
+    # pretrained/ holds the models as FedAvg left them (a pretrained-path folder): the VAE is never fine-tuned, the
+    # SCDG is
     assert model_hash(load_model(run_dir / "pretrained" / "vae.pt")) == model_hash(load_model(run_dir / "vae.pt"))
     assert model_hash(load_model(run_dir / "pretrained" / "scdg.pt")) != model_hash(load_model(run_dir / "scdg.pt"))
     synth = ad.read_h5ad(run_dir / "synthetic.h5ad")
@@ -129,7 +119,8 @@ def test_kang_accuracy_is_well_above_chance_and_round_2_holds(kang: tuple[InProc
 
 
 def test_sites_report_validation_scores_and_the_privacy_audit(kang: tuple[InProcessGrid, Path, list[str]]) -> None:
-    """Every round's per-site entry and its aggregate carry validation scores and the four-part audit (seeds kept at the site)."""
+    """Every round's per-site entry and its aggregate carry validation scores and the four-part audit (seeds kept at the
+    site)."""
     metrics = json.loads((kang[1] / "metrics.json").read_text())
     for rnd in metrics["rounds"]:
         for site, entry in rnd["sites"].items():
@@ -150,7 +141,8 @@ def test_sites_report_validation_scores_and_the_privacy_audit(kang: tuple[InProc
 
 
 def test_each_site_reports_what_it_gains_by_joining(kang: tuple[InProcessGrid, Path, list[str]]) -> None:
-    """Local-only scores (a model on the site's own training cells) beside the federated ones: metrics.json, the log, report.html."""
+    """Local-only scores (a model on the site's own training cells) beside the federated ones: metrics.json, the log,
+    report.html."""
     from server import report
 
     _, run_dir, log = kang
@@ -176,7 +168,8 @@ def test_each_site_reports_what_it_gains_by_joining(kang: tuple[InProcessGrid, P
 def test_report_is_self_contained_html(
     kang: tuple[InProcessGrid, Path, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Report structure from the kang run; the embedding is stubbed (UMAP's numba compile costs ~10 s; the slow demo test runs it)."""
+    """Report structure from the kang run; the embedding is stubbed (UMAP's numba compile costs ~10 s; the slow demo
+    test runs it)."""
     from server import report
 
     monkeypatch.setattr(report, "_embedding", lambda a: (np.random.default_rng(0).normal(size=(a.n_obs, 2)), "UMAP"))

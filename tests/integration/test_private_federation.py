@@ -1,4 +1,5 @@
-"""A federation under cell-level DP: every site reports what its accountant spent; an epsilon no site can meet stops the run early."""
+"""A federation under cell-level DP: every site reports what its accountant spent; an epsilon no site can meet stops the
+run early."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`scdd pretrain` on real data, then a federation that uses it: pretrained-path (no FedAvg) and init-path (FedAvg from it)."""
+"""`scdd pretrain` on real data, then a federation that uses it: pretrained-path (no FedAvg) and init-path (FedAvg from
+it)."""
 
 from __future__ import annotations
 
@@ -72,20 +73,19 @@ def test_pretrain_refuses_a_missing_label_column_in_one_line(
     assert err.startswith("scdd pretrain: error:") and "nope" in err and len(err.splitlines()) == 1
 
 
+def _federate(example_path: Path, tmp_path: Path, run_id: str, extra: dict[str, object]) -> tuple[InProcessGrid, Path]:
+    """A recorded in-process federation of the kang file's 4 batches (RUN plus ``extra``); its grid and run folder."""
+    cfg = {**RUN, "sim-data-path": str(example_path), "out-dir": str(tmp_path), "run-id": run_id, **extra}
+    grid = run_in_process(cfg, num_nodes=4, node_configs=[{"cache-dir": str(tmp_path / "cache")}] * 4, record=True)
+    return grid, tmp_path / run_id
+
+
 @pytest.mark.slow
 def test_a_federation_from_pretrained_path_uses_the_stored_models_and_trains_none(
     reference: Path, example_path: Path, tmp_path: Path
 ) -> None:
-    cfg = {
-        **RUN,
-        "sim-data-path": str(example_path),
-        "out-dir": str(tmp_path),
-        "run-id": "fixed",
-        "pretrained-path": str(reference),
-    }
-    grid = run_in_process(cfg, num_nodes=4, node_configs=[{"cache-dir": str(tmp_path / "cache")}] * 4, record=True)
+    grid, run = _federate(example_path, tmp_path, "fixed", {"pretrained-path": str(reference)})
     assert not [e for e in grid.log if e.message_type == MSG_PRETRAIN]  # no weights left the sites
-    run = tmp_path / "fixed"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["pretrain"]["source"] == "checkpoint"
     assert json.loads((run / "plan.json").read_text())["genes"] == list(load_reference(reference)[0].genes)
@@ -105,20 +105,15 @@ def _first_vae_request(grid: InProcessGrid) -> PretrainRequest:
 def test_init_path_starts_fedavg_from_the_reference_on_its_genes(
     reference: Path, example_path: Path, tmp_path: Path
 ) -> None:
-    cfg = {
-        **RUN,
-        "sim-data-path": str(example_path),
-        "out-dir": str(tmp_path),
-        "run-id": "init",
+    from_reference = {
         "init-path": str(reference),
         "n-genes": 120,
         "num-pretrain-rounds": 2,
         "vae-local-steps": 20,
         "scdg-local-steps": 10,
     }
-    grid = run_in_process(cfg, num_nodes=4, node_configs=[{"cache-dir": str(tmp_path / "cache")}] * 4, record=True)
+    grid, run = _federate(example_path, tmp_path, "init", from_reference)
     ref_plan, ref_vae, _ = load_reference(reference)
-    run = tmp_path / "init"
     genes = json.loads((run / "plan.json").read_text())["genes"]
     assert len(genes) == 120 and set(genes) <= set(ref_plan.genes)
     sent = _first_vae_request(grid).weights  # the weights FedAvg started from

@@ -1,5 +1,6 @@
-"""Test cells are only ever scored: rewriting the expression of every test cell (same kind of data, same labels) leaves the
-plan, every model weight and every code bit-identical, in the federation and in the benchmark pipeline; only the scores move."""
+"""Test cells are only ever scored: rewriting the expression of every test cell (same kind of data, same labels) leaves
+the plan, every model weight and every code bit-identical, in the federation and in the benchmark pipeline; only the
+scores move."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ RUN = {
 
 
 def _test_rows(adata: ad.AnnData, sites: np.ndarray) -> np.ndarray:
-    """Positions in the file of every site's test cells, found the way a site splits (prepare_site with the run's seed)."""
+    """Positions in the file of every site's test cells, found the way a site splits (prepare_site with the run's
+    seed)."""
     rows = []
     for name in np.unique(sites):
         where = np.flatnonzero(sites == name)
@@ -55,7 +57,8 @@ def _test_rows(adata: ad.AnnData, sites: np.ndarray) -> np.ndarray:
 
 
 def _rewrite(adata: ad.AnnData, rows: np.ndarray, path: Path) -> Path:
-    """The file with each listed cell's counts shuffled over the genes (integer counts, same library size, same label)."""
+    """The file with each listed cell's counts shuffled over the genes (integer counts, same library size, same
+    label)."""
     X = adata.X.toarray() if sp.issparse(adata.X) else np.array(adata.X)
     rng = np.random.default_rng(0)
     for r in rows:

@@ -1,7 +1,9 @@
-"""Aggregation rules of federated pretraining: class-aware averaging, server optimisers (against flwr's own), FedProx."""
+"""Aggregation rules of federated pretraining: class-aware averaging, server optimisers (against flwr's own),
+FedProx."""
 
 from __future__ import annotations
 
+from itertools import pairwise
 from unittest import mock
 
 import numpy as np
@@ -162,5 +164,5 @@ def test_the_kl_warm_up_spans_all_rounds_as_in_pooled_training() -> None:
     ramps = [kl_ramp(r, 10) for r in range(1, 11)]
     assert ramps[0] == (0.0, 1 / 3) and ramps[1] == (1 / 3, 2 / 3) and ramps[2] == (2 / 3, 1.0)  # 30 % of 10 rounds
     assert all(r == (1.0, 1.0) for r in ramps[3:])
-    assert all(a[1] == b[0] for a, b in zip(ramps, ramps[1:], strict=False))  # continuous across rounds
+    assert all(a[1] == b[0] for a, b in pairwise(ramps))  # continuous across rounds
     assert kl_ramp(1, 1) == (0.0, 1.0)

@@ -73,7 +73,8 @@ def test_distill_writes_a_scanpy_ready_synthetic_file(
 
 @pytest.mark.slow
 def test_benchmark_runs_the_shipped_federation_and_scdd_beats_random_at_k1(tmp_path: Path, example_path: Path) -> None:
-    """The bundled real data; scdd is the federation (FedAvg pretraining over the in-process grid), fedavg_mlp its classic rival."""
+    """The bundled real data; scdd is the federation (FedAvg pretraining over the in-process grid), fedavg_mlp its
+    classic rival."""
     rc = main(
         [
             "benchmark",
@@ -138,7 +139,8 @@ def test_benchmark_runs_the_shipped_federation_and_scdd_beats_random_at_k1(tmp_p
     )  # uploaded real cells: the audit sees them
     assert rows[("scdd", 1)]["seed_mia"] < rows[("random", 1)]["seed_mia"]
     assert "seed_mia" not in rows[("centralized", None)]
-    # the federated row counts the distill message on the wire (codes, per-class counts, the record's framing): still below 5 real cells of 300 genes
+    # the federated row counts the distill message on the wire (codes, per-class counts, the record's framing):
+    # still below 5 real cells of 300 genes
     assert rows[("scdd", 1)]["upload_bytes_per_site"] < rows[("random", 1)]["upload_bytes_per_site"]
     md = (tmp_path / "kang_pbmc_muscat" / "results.md").read_text()
     assert md.startswith("# kang_pbmc_muscat") and "shipped federation" in md and "| fedavg_mlp |" in md
@@ -170,7 +172,8 @@ def test_benchmark_leave_one_site_out_scores_the_left_out_site_only(tmp_path: Pa
     assert result["left_out"] == "stim107" and result["per_seed"][0]["left_out"] == "stim107"
     assert "stim107" not in result["sites"] and len(result["sites"]) == 3
     assert "left-out site stim107" in (tmp_path / "kang_pbmc_muscat" / "results.md").read_text()
-    # every method's training cells get a fidelity against the scored cells: many real cells resemble them more than 2 per class
+    # every method's training cells get a fidelity against the scored cells: many real cells resemble them more
+    # than 2 per class
     fid = {r["method"]: r["fidelity"] for r in result["rows"]}
     assert set(fid) == {"random", "local", "centralized"} and all(0 <= f["marker_overlap"] <= 1 for f in fid.values())
     assert fid["centralized"]["marker_overlap"] > fid["random"]["marker_overlap"]
@@ -246,10 +249,17 @@ def test_benchmark_leave_one_site_out_runs_the_federation_without_that_site(tmp_
 def test_benchmark_refuses_bad_methods_and_overrides_in_one_line(
     tmp_path: Path, example_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for extra in (["--methods", "nope"], ["--set", "no-such-key=1"], ["--pretraining", "central"]):
-        assert main(["benchmark", str(example_path), "--out", str(tmp_path), *extra]) == 1
+    """Usage errors (exit 2) before any work; every flag of every command: tests/server/test_cli_flags.py."""
+    for extra in (
+        ["--methods", "nope"],
+        ["--set", "no-such-key=1"],
+        ["--set", "n-genes=3"],
+        ["--pretraining", "central"],
+    ):
+        assert main(["benchmark", str(example_path), "--out", str(tmp_path), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("scdd benchmark: error:") and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_benchmark_merge_reruns_one_method_and_keeps_the_others(tmp_path: Path, example_path: Path) -> None:

@@ -28,11 +28,38 @@ def test_pyproject_keys_are_exactly_the_config_keys_and_valid() -> None:
     cfg = FederationConfig.from_run_config(app)
     assert (
         cfg.sim_site_key == "batch"
-        and cfg.latent_dim == 0
+        and cfg.latent_dim is None
         and cfg.n_genes == 2000
-        and cfg.pretrained_path == ""
+        and cfg.pretrained_path is None
         and cfg.resume is False
     )
+
+
+def test_pyproject_writes_the_library_defaults_exactly() -> None:
+    """One source: pyproject's run config is FederationConfig's defaults, value and type, and those are the
+    library's own dataclass defaults where the library owns the value."""
+    from shared.distill import DECODE_MODE, DistillConfig
+    from shared.evaluation import MLPTrainConfig
+    from shared.pretrain import PretrainConfig
+
+    defaults = FederationConfig().to_run_config()
+    drift = {k: (v, defaults[k]) for k, v in _app_config().items() if (v, type(v)) != (defaults[k], type(defaults[k]))}
+    assert drift == {}, f"pyproject value vs FederationConfig default: {drift}"
+    cfg, pre, mlp = FederationConfig(), PretrainConfig(), MLPTrainConfig()
+    assert (cfg.vae_batch_size, cfg.scdg_batch_size) == (pre.vae.batch_size, pre.scdg.batch_size)
+    assert (cfg.mlp_epochs, cfg.mlp_min_steps, cfg.mlp_max_steps) == (mlp.epochs, mlp.min_steps, mlp.max_steps)
+    assert cfg.mlp == mlp and cfg.decode_mode == DECODE_MODE
+    library = DistillConfig()
+    assert (library.iterations, library.t_star) == (cfg.distill_iterations, cfg.distill_t_star) == (None, None)
+
+
+def test_auto_and_empty_read_as_none_and_write_back() -> None:
+    cfg = FederationConfig.from_run_config({"latent-dim": "auto", "distill-init": "auto", "out-dir": ""})
+    assert cfg.latent_dim is None and cfg.distill_init is None and cfg.out_dir is None
+    assert FederationConfig.from_run_config({"latent-dim": 16}).latent_dim == 16
+    assert FederationConfig.from_run_config(cfg.to_run_config()) == cfg
+    with pytest.raises(ConfigError, match='must be a int or "auto"'):
+        FederationConfig.from_run_config({"latent-dim": ""})
 
 
 def test_kebab_case_maps_and_ints_pass_as_floats() -> None:
@@ -51,10 +78,14 @@ def test_kebab_case_maps_and_ints_pass_as_floats() -> None:
         ({"test-fraction": 1.0}, "test-fraction"),
         ({"val-fraction": 0.85}, "val-fraction"),  # with the default test-fraction 0.2 no training cells would be left
         ({"mlp-epochs": -1.0}, "mlp-epochs"),
+        ({"mlp-epochs": 0.0}, "mlp-epochs"),
         ({"expect": "raw"}, "expect"),
         ({"num-pretrain-rounds": 0}, "pretrained-path"),
         ({"round-timeout-s": 0}, "round-timeout-s"),
-        ({"latent-dim": 1}, "latent-dim must be 0"),
+        ({"latent-dim": 1}, "latent-dim must be auto"),
+        ({"distill-init": "zeros"}, "distill-init must be one of real, noise"),
+        ({"pretrain-lr": -1.0}, "pretrain-lr must be > 0"),
+        ({"vae-batch-size": 0}, "vae-batch-size"),
         ({"server-optimizer": "sgd"}, "server-optimizer must be"),
         ({"server-lr": 0.0}, "server-lr must be > 0"),
         ({"proximal-mu": -0.1}, "proximal-mu must be >= 0"),

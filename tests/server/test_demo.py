@@ -8,7 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from server.cli.demo import _toml_str, stage_app, started_pids, stop_session
+from server.cli.demo import _toml_str, stage_app
+from server.cli.processes import started_pids, stop_session
 
 
 def test_staged_app_builds_a_fab_with_code_only(tmp_path: Path) -> None:
@@ -27,7 +28,10 @@ def test_run_config_values_are_toml() -> None:
 
 
 def test_stop_session_ends_the_leader_and_what_it_started() -> None:
-    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    code = (
+        "import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    )
     leader = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     for _ in range(50):
         if len(started_pids(leader.pid)) == 2:

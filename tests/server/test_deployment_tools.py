@@ -1,4 +1,5 @@
-"""Operator tooling of the deployment guide: `scdd flwr-connection` and `scdd verify-bundle` (server/cli/deployment.py)."""
+"""Operator tooling of the deployment guide: `scdd flwr-connection` and `scdd verify-bundle`
+(server/cli/deployment.py)."""
 
 from __future__ import annotations
 
@@ -177,7 +178,7 @@ def test_no_app_of_this_release_is_reported(release: tuple[bytes, Path], tmp_pat
     fab, home = _copy(release, tmp_path)
     app = next((home / "apps").iterdir())
     app.rename(app.with_name(app.name[:-8] + "deadbeef"))  # installed from another FAB
-    with pytest.raises(BundleError, match="no app installed from this release's FAB.*deadbeef"):
+    with pytest.raises(BundleError, match=r"no app installed from this release's FAB.*deadbeef"):
         verify_bundle(home, fab)
     assert not verify_bundle(
         home / "apps" / (app.name[:-8] + "deadbeef"), fab

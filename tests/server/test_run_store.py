@@ -10,7 +10,8 @@ import pytest
 
 from server.report import write_report
 from server.run_store import RunStore, package_versions
-from server.synthesis import fresh_models, state_of
+from server.synthesis import fresh_models
+from shared.checkpoint import state_of
 from shared.distill import Codes
 from shared.errors import ConfigError
 from shared.protocol import Plan, SiteSpec
@@ -64,5 +65,5 @@ def test_config_json_records_versions(tmp_path: Path) -> None:
 
 
 def test_report_needs_a_completed_run(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="metrics.json"):
+    with pytest.raises(ConfigError, match=r"metrics\.json"):
         write_report(tmp_path)

@@ -1,4 +1,5 @@
-"""The fused synthetic AnnData with count input: counts and expected layers, X by decode mode, the fallback, and scanpy."""
+"""The fused synthetic AnnData with count input: counts and expected layers, X by decode mode, the fallback, and
+scanpy."""
 
 from __future__ import annotations
 

@@ -20,13 +20,6 @@ from server.validation import (
 from shared.errors import ProtocolError
 from shared.protocol import (
     EVALUATORS,
-    KEY_CODES,
-    KEY_CONFIG,
-    KEY_LATENT,
-    KEY_METRICS,
-    KEY_STATS,
-    KEY_WEIGHTS,
-    SCHEMA_KEY,
     DistillReply,
     DistillRequest,
     EvaluateReply,
@@ -37,6 +30,7 @@ from shared.protocol import (
     ProfileReply,
     wire_bytes,
 )
+from shared.protocol.codec import KEY_CODES, KEY_CONFIG, KEY_LATENT, KEY_METRICS, KEY_STATS, KEY_WEIGHTS, SCHEMA_KEY
 
 PLAN = Plan(("g1", "g2", "g3"), ("B", "T", "mono"))
 D = 4  # latent dim

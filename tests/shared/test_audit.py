@@ -62,7 +62,8 @@ def test_copies_of_every_training_cell_reach_the_population_audit(population: di
 def test_independent_samples_score_about_one_half_despite_class_balanced_seeds(
     population: dict[str, np.ndarray],
 ) -> None:
-    """k synthetic cells per class vs held-out cells in the site's class mix: without class matching this scored well above 0.5."""
+    """k synthetic cells per class vs held-out cells in the site's class mix: without class matching this scored well
+    above 0.5."""
     a = _audit(population, population["fresh"], population["members"], aligned=True)
     for key in AUDIT_KEYS:
         assert abs(getattr(a, key) - 0.5) < 0.1, (key, a)

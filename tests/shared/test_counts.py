@@ -1,4 +1,5 @@
-"""The count head of the VAE: the negative-binomial likelihood, sampling, and counts recovered from log-normalised input."""
+"""The count head of the VAE: the negative-binomial likelihood, sampling, and counts recovered from log-normalised
+input."""
 
 from __future__ import annotations
 
@@ -81,13 +82,14 @@ def test_the_count_head_learns_counts_without_moving_the_rest_of_the_model() -> 
         if not k.startswith("count_head.")
     )
     # ... and the count head fits the counts: proportions close to the true rates' shares
-    rho, theta = with_counts.count_head.parts(with_counts.encode(x)[0])
+    rho, _theta = with_counts.count_head.parts(with_counts.encode(x)[0])
     assert torch.allclose(rho.mean(0), rate / rate.sum(), atol=0.02)
     assert out.counts.item() > 0 and plain.loss(x, library=library).counts.item() == 0.0
 
 
 def _count_site(rng: np.random.Generator) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
-    """Two classes of Poisson cells over 60 genes; the plan keeps the first 40. Returns (X of the plan genes, L, labels, counts)."""
+    """Two classes of Poisson cells over 60 genes; the plan keeps the first 40. Returns (X of the plan genes, L, labels,
+    counts)."""
     rates = np.vstack([rng.gamma(0.5, 4.0, 60), rng.gamma(0.5, 4.0, 60)])
     labels = np.repeat([0, 1], 150)
     counts = rng.poisson(rates[labels] * rng.lognormal(0.0, 0.3, (300, 1)))

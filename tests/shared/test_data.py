@@ -260,7 +260,8 @@ def test_select_variable_genes_on_data_matches_dense_variance() -> None:
 
 
 def test_stratified_split_is_stratified_disjoint_complete_and_seeded() -> None:
-    """Per class round(n*f) test cells (>= 1 if n >= 2, 0 if n == 1) and round(n*v) validation cells (>= 1 if 2 cells are left); disjoint; deterministic."""
+    """Per class round(n*f) test cells (>= 1 if n >= 2, 0 if n == 1) and round(n*v) validation cells (>= 1 if 2 cells
+    are left); disjoint; deterministic."""
     labels = np.array(["a"] * 50 + ["b"] * 7 + ["c"] * 2 + ["d"] * 1 + ["e"] * 3)
     train, val, test = stratified_split(labels, test_fraction=0.2, val_fraction=0.1, seed=0)
     assert train.dtype == val.dtype == test.dtype == np.int64
@@ -381,7 +382,7 @@ def test_make_site_adata_is_deterministic() -> None:
 
 def test_check_file_summary_on_kang(tmp_path: Path) -> None:
     """check_file reports shape, kind, classes and coverage in a short human summary."""
-    report = check_file(KANG, label_key="cell_type", vocabulary=list(_load(KANG).var_names[:1000]) + ["NOPE"])
+    report = check_file(KANG, label_key="cell_type", vocabulary=[*list(_load(KANG).var_names[:1000]), "NOPE"])
     assert report.n_cells == 1556 and report.n_genes == 1267 and report.kind == "counts"
     assert sum(report.classes.values()) == 1556 and len(report.classes) == 5
     text = report.summary()

@@ -1,4 +1,5 @@
-"""The `device` option: cpu by default, auto takes a GPU when torch sees one, and a GPU that is not there is refused in one line."""
+"""The `device` option: cpu by default, auto takes a GPU when torch sees one, and a GPU that is not there is refused in
+one line."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def test_auto_is_the_gpu_when_there_is_one_and_the_cpu_otherwise(monkeypatch: py
 
 def test_a_gpu_that_is_not_there_or_a_bad_name_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     _gpus(monkeypatch, 0)
-    with pytest.raises(ConfigError, match="torch sees none.*device='auto'"):
+    with pytest.raises(ConfigError, match=r"torch sees none.*device='auto'"):
         resolve_device("cuda")
     _gpus(monkeypatch, 1)
     with pytest.raises(ConfigError, match=r"sees 1 GPU\(s\)"):
@@ -50,7 +51,7 @@ def test_simulate_refuses_a_missing_gpu_before_it_starts(
     example_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _gpus(monkeypatch, 0)
-    assert main(["simulate", "--data", str(example_path), "--device", "cuda", "--out", str(tmp_path / "run")]) == 1
+    assert main(["simulate", str(example_path), "--device", "cuda", "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert "torch sees none" in err and "Traceback" not in err and not (tmp_path / "run").exists()
 
@@ -59,7 +60,8 @@ def test_a_dp_site_refuses_a_gpu_before_touching_its_cells(three_site_h5ad: Path
     from client import tasks
     from client.privacy import SiteDP
     from client.site import load_site, resolve_source
-    from server.synthesis import fresh_models, model_json, state_of
+    from server.synthesis import fresh_models
+    from shared.checkpoint import model_json, state_of
     from shared.privacy.mechanisms import site_secret
     from shared.privacy.spec import DPSpec
     from shared.protocol import Plan, PretrainRequest, SiteSpec

@@ -194,23 +194,9 @@ def test_marker_overlap_is_high_for_real_cells_and_low_for_shuffled_genes(fed: F
 
 def test_synthetic_anndata_is_scanpy_ready_and_fuses(fed: Federation) -> None:
     X = np.abs(np.random.default_rng(0).normal(size=(6, len(fed.genes)))).astype(np.float32)
-    a = to_anndata(
-        X,
-        np.array([0, 0, 1, 1, 2, 2]),
-        class_names=fed.classes,
-        genes=fed.genes,
-        site="A",
-        round_=1,
-        provenance={"k": 2},
-    )
-    b = to_anndata(
-        X,
-        np.array([3, 3, 4, 4, 4, 4]),
-        class_names=fed.classes,
-        genes=fed.genes,
-        site="B",
-        round_=1,
-        provenance={"k": 2},
+    a, b = (
+        to_anndata(X, np.array(y), class_names=fed.classes, genes=fed.genes, site=s, round_=1, provenance={"k": 2})
+        for s, y in (("A", [0, 0, 1, 1, 2, 2]), ("B", [3, 3, 4, 4, 4, 4]))
     )
     fused = fuse([a, b])
     assert fused.n_obs == 12 and list(fused.var_names) == list(fed.genes)

@@ -1,4 +1,5 @@
-"""The evaluation MLP's training rule: epochs with a floor and a cap on steps, one knob for the benchmark and the federation."""
+"""The evaluation MLP's training rule: epochs with a floor and a cap on steps, one knob for the benchmark and the
+federation."""
 
 from __future__ import annotations
 

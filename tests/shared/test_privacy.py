@@ -1,4 +1,5 @@
-"""The DP building blocks: the accountant against independent computations, calibration, clipping, noise secrets, the ledger."""
+"""The DP building blocks: the accountant against independent computations, calibration, clipping, noise secrets, the
+ledger."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def test_one_gaussian_release_matches_its_closed_form() -> None:
 
 
 def test_dp_sgd_composition_matches_the_published_sampled_gaussian_rdp() -> None:
-    # The MNIST configuration of Abadi et al. 2016 / TF Privacy: 60,000 examples, batch 256, noise 1.1, 60 epochs, delta 1e-5.
+    # The MNIST configuration of Abadi et al. 2016 / TF Privacy: 60,000 examples, batch 256, noise 1.1, 60 epochs, delta
+    # 1e-5.
     q, sigma, steps, delta = 256 / 60_000, 1.1, 60 * 60_000 // 256, 1e-5
     orders = np.array(ORDERS, dtype=float)
     rdp = np.array([steps * _sampled_gaussian_rdp(q, sigma, int(a)) for a in ORDERS])

@@ -1,4 +1,5 @@
-"""Every payload of shared.protocol survives to_record -> from_record, and decoding is strict."""
+"""Every payload of shared.protocol survives to_record -> from_record, and decoding is strict (each name is
+imported from the module that defines it: codec, payloads, rounds)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict
 
 from shared.errors import ProtocolError
-from shared.protocol import (
+from shared.protocol.codec import (
     EVALUATORS,
     KEY_CODES,
     KEY_CONFIG,
@@ -18,21 +19,14 @@ from shared.protocol import (
     MESSAGE_TYPES,
     SCHEMA_KEY,
     SCHEMA_VERSION,
-    DistillReply,
-    DistillRequest,
-    EvaluateReply,
-    EvaluateRequest,
-    EvaluatorScores,
     Plan,
-    PretrainReply,
-    PretrainRequest,
-    ProfileReply,
-    ProfileRequest,
     SiteSpec,
     decode_strings,
     encode_strings,
     wire_bytes,
 )
+from shared.protocol.payloads import PretrainReply, PretrainRequest, ProfileReply, ProfileRequest
+from shared.protocol.rounds import DistillReply, DistillRequest, EvaluateReply, EvaluateRequest, EvaluatorScores
 
 RNG = np.random.default_rng(0)
 PLAN = Plan(
