@@ -6,7 +6,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: setup demo test test-fast benchmark clean
+.PHONY: setup demo lint test test-fast benchmark clean
 
 $(BIN)/scdd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,16 @@ setup: $(BIN)/scdd
 demo: setup
 	$(BIN)/scdd demo --out runs/demo
 
-test: setup
+# ruff (lint + format) and mypy first: seconds, and CI keeps the house in order (rules in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:

@@ -87,9 +87,42 @@ def _pairwise(vecs: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(vecs).sum(0).pow(2).sum(1)
 
 
-Group = tuple[
-    torch.Tensor, Callable[[torch.Tensor], dict[str, torch.Tensor]]
-]  # per-cell squared norms (n,), clip scales (n,) -> clipped sums
+Group = tuple[torch.Tensor, Callable[[torch.Tensor], dict[str, torch.Tensor]]]  # per-cell squared norms, clipped sums
+
+
+Tensors = list[torch.Tensor]
+Sums = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # clip scales (n,) -> the module's clipped gradient sums
+
+
+def _linear_sums(m: nn.Linear, a_list: Tensors, g_list: Tensors, prefix: str) -> Sums:
+    def sums(s: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}weight": _sum((s[:, None] * g).T @ a for g, a in zip(g_list, a_list, strict=True)),
+            **({f"{prefix}bias": _sum((s[:, None] * g).sum(0) for g in g_list)} if m.bias is not None else {}),
+        }
+
+    return sums
+
+
+def _layer_norm_sums(m: nn.LayerNorm, w_cell: torch.Tensor, b_cell: torch.Tensor, prefix: str) -> Sums:
+    def sums(s: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            **({f"{prefix}weight": (s[:, None] * w_cell).sum(0)} if m.weight is not None else {}),
+            **({f"{prefix}bias": (s[:, None] * b_cell).sum(0)} if m.bias is not None else {}),
+        }
+
+    return sums
+
+
+def _embedding_sums(m: nn.Embedding, a_list: Tensors, g_list: Tensors, prefix: str) -> Sums:
+    def sums(s: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}weight": _sum(
+                torch.zeros_like(m.weight).index_add_(0, a, s[:, None] * g) for a, g in zip(a_list, g_list, strict=True)
+            )
+        }
+
+    return sums
 
 
 def _groups(model: nn.Module, uses: dict[str, _Uses], grads: dict[str, list[torch.Tensor]], n: int) -> list[Group]:
@@ -115,19 +148,7 @@ def _groups(model: nn.Module, uses: dict[str, _Uses], grads: dict[str, list[torc
             if m.bias is not None:
                 sq += _pairwise(g_list)
 
-            def linear_sums(
-                s: torch.Tensor,
-                m: nn.Linear = m,
-                a_list: list[torch.Tensor] = a_list,
-                g_list: list[torch.Tensor] = g_list,
-                prefix: str = prefix,
-            ) -> dict[str, torch.Tensor]:
-                return {
-                    f"{prefix}weight": _sum((s[:, None] * g).T @ a for g, a in zip(g_list, a_list, strict=True)),
-                    **({f"{prefix}bias": _sum((s[:, None] * g).sum(0) for g in g_list)} if m.bias is not None else {}),
-                }
-
-            out.append((sq, linear_sums))
+            out.append((sq, _linear_sums(m, a_list, g_list, prefix)))
         elif isinstance(m, nn.LayerNorm):
             w_cell = _sum(g * _layer_norm_input(m, a) for g, a in zip(g_list, a_list, strict=True))
             b_cell = _sum(g_list)
@@ -136,40 +157,14 @@ def _groups(model: nn.Module, uses: dict[str, _Uses], grads: dict[str, list[torc
             if m.bias is not None:
                 sq += b_cell.pow(2).sum(1)
 
-            def layer_norm_sums(
-                s: torch.Tensor,
-                m: nn.LayerNorm = m,
-                w_cell: torch.Tensor = w_cell,
-                b_cell: torch.Tensor = b_cell,
-                prefix: str = prefix,
-            ) -> dict[str, torch.Tensor]:
-                return {
-                    **({f"{prefix}weight": (s[:, None] * w_cell).sum(0)} if m.weight is not None else {}),
-                    **({f"{prefix}bias": (s[:, None] * b_cell).sum(0)} if m.bias is not None else {}),
-                }
-
-            out.append((sq, layer_norm_sums))
+            out.append((sq, _layer_norm_sums(m, w_cell, b_cell, prefix)))
         else:  # nn.Embedding: a cell's gradient is g on the rows it looked up
             emb = cast(nn.Embedding, m)  # the one GHOST_TYPES left
             for u in range(len(a_list)):
                 for v in range(len(a_list)):
                     sq += (a_list[u] == a_list[v]).float() * (g_list[u] * g_list[v]).sum(1)
 
-            def embedding_sums(
-                s: torch.Tensor,
-                m: nn.Embedding = emb,
-                a_list: list[torch.Tensor] = a_list,
-                g_list: list[torch.Tensor] = g_list,
-                prefix: str = prefix,
-            ) -> dict[str, torch.Tensor]:
-                return {
-                    f"{prefix}weight": _sum(
-                        torch.zeros_like(m.weight).index_add_(0, a, s[:, None] * g)
-                        for a, g in zip(a_list, g_list, strict=True)
-                    )
-                }
-
-            out.append((sq, embedding_sums))
+            out.append((sq, _embedding_sums(emb, a_list, g_list, prefix)))
     return out
 
 

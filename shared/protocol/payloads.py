@@ -124,6 +124,15 @@ class ProfileReply:
         )
 
 
+def _stage_of(rd: RecordDict, where: str) -> tuple[Mapping[str, Any], Stage]:
+    """The config record of a pretraining message and its stage, refusing an unknown stage."""
+    cfg: Mapping[str, Any] = rd.get(KEY_CONFIG, {})
+    stage = cfg.get("stage") if isinstance(cfg, ConfigRecord) else None
+    if stage not in STAGES:
+        raise fail(where, f"stage {stage!r} unknown; expected one of {STAGES}")
+    return cfg, stage  # one of STAGES, checked above
+
+
 # ----------------------------------------------------------------------------- train.pretrain
 @dataclass(frozen=True, eq=False)
 class PretrainRequest:
@@ -170,10 +179,7 @@ class PretrainRequest:
     def from_record(cls, rd: RecordDict) -> PretrainRequest:
         """Decode strictly."""
         where = "pretrain request"
-        cfg: Mapping[str, Any] = rd.get(KEY_CONFIG, {})
-        stage = cfg.get("stage") if isinstance(cfg, ConfigRecord) else None
-        if stage not in STAGES:
-            raise fail(where, f"stage {stage!r} unknown; expected one of {STAGES}")
+        cfg, stage = _stage_of(rd, where)
         check_records(
             rd,
             where,
@@ -266,10 +272,7 @@ class PretrainReply:
     def from_record(cls, rd: RecordDict) -> PretrainReply:
         """Decode strictly."""
         where = "pretrain reply"
-        cfg: Mapping[str, Any] = rd.get(KEY_CONFIG, {})
-        stage = cfg.get("stage") if isinstance(cfg, ConfigRecord) else None
-        if stage not in STAGES:
-            raise fail(where, f"stage {stage!r} unknown; expected one of {STAGES}")
+        cfg, stage = _stage_of(rd, where)
         payload = KEY_LATENT if stage == "latent-stats" else KEY_WEIGHTS
         check_records(rd, where, configs=[KEY_CONFIG], metrics=[KEY_METRICS], arrays=[payload])
         check_keys(cfg, {SCHEMA_KEY, "stage", "round"}, where)
