@@ -247,7 +247,7 @@ class FederationConfig:
         rounds = 0 if self.pretrained_path else self.num_pretrain_rounds
         return DPSpec(
             self.dp_epsilon,
-            self.dp_delta or 0.0,  # DPSpec (the wire): 0 = 1 / (10 x training cells) at each site
+            self.dp_delta,
             self.dp_max_grad_norm,
             run_key or "unnamed",
             rounds,

@@ -21,7 +21,7 @@ class DPSpec:
     """
 
     epsilon: float = 0.0  # 0 = off
-    delta: float = 0.0  # 0 = 1 / (10 x the site's training cells), from the site's noised cell count
+    delta: float | None = None  # None: 1 / (10 x the site's training cells), from the site's noised cell count
     max_grad_norm: float = 1.0  # DP-SGD: each cell's gradient is clipped to this L2 norm
     run_key: str = (
         ""  # the run's name: noise is drawn from a site secret keyed by it (a resumed run re-releases nothing new)
@@ -42,7 +42,7 @@ class DPSpec:
         """Wire items (prefixed ``dp-``)."""
         return {
             "dp-epsilon": float(self.epsilon),
-            "dp-delta": float(self.delta),
+            "dp-delta": float(self.delta or 0.0),  # the wire has no null: 0 stands for None
             "dp-max-grad-norm": float(self.max_grad_norm),
             "dp-run-key": self.run_key,
             "dp-rounds": int(self.rounds),
@@ -58,7 +58,7 @@ class DPSpec:
         """Decode from wire items with ``get(rec, key, type)``; ConfigError when out of range."""
         spec = cls(
             get(rec, "dp-epsilon", float),
-            get(rec, "dp-delta", float),
+            get(rec, "dp-delta", float) or None,
             get(rec, "dp-max-grad-norm", float),
             get(rec, "dp-run-key", str),
             get(rec, "dp-rounds", int),
@@ -78,8 +78,10 @@ class DPSpec:
             raise ConfigError(msg)
         if not self.enabled:
             return
-        if not 0 <= self.delta <= MAX_DELTA:
-            msg = f"dp-delta must be in (0, {MAX_DELTA}] (0 = 1 / (10 x training cells) per site), got {self.delta}"
+        if self.delta is not None and not 0 < self.delta <= MAX_DELTA:
+            msg = (
+                f"dp-delta must be in (0, {MAX_DELTA}] (or auto: 1 / (10 x training cells) per site), got {self.delta}"
+            )
             raise ConfigError(msg)
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             msg = f"dp-max-grad-norm must be > 0, got {self.max_grad_norm}"
@@ -90,11 +92,11 @@ class DPSpec:
 
     def names_delta(self) -> float:
         """The delta spent on releasing label names above a noise threshold (public: not from the site's cells)."""
-        return NAMES_DELTA_SHARE * (self.delta if self.delta > 0 else DELTA_REF / 10)
+        return NAMES_DELTA_SHARE * (DELTA_REF / 10 if self.delta is None else self.delta)
 
     def site_delta(self, n_cells: float) -> float:
         """The delta of a site with ``n_cells`` (noised) training cells."""
-        return self.delta if self.delta > 0 else min(MAX_DELTA, 1.0 / (10.0 * max(n_cells, 1.0)))
+        return min(MAX_DELTA, 1.0 / (10.0 * max(n_cells, 1.0))) if self.delta is None else self.delta
 
     def schedule(self, n_cells: float, *, has_counts: bool) -> Schedule:
         """Every release of a site with ``n_cells`` (noised) training cells over the run."""

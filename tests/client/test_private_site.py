@@ -23,7 +23,7 @@ from shared.protocol import DistillRequest, Plan, PretrainRequest, SiteSpec
 # A large epsilon: the three-site file has ~20 training cells per class, and label names need to pass the noise
 # threshold.
 DP = DPSpec(
-    50.0, 0.0, 1.0, "run-test", rounds=2, vae_steps=3, vae_batch=16, scdg_steps=3, scdg_batch=16, class_means=True
+    50.0, None, 1.0, "run-test", rounds=2, vae_steps=3, vae_batch=16, scdg_steps=3, scdg_batch=16, class_means=True
 )
 SPEC = SiteSpec(label_key="cell_type", split_seed=0, dp=DP)
 

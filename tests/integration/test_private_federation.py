@@ -67,7 +67,7 @@ def test_an_unreachable_epsilon_stops_the_run_before_training(
 
 
 def test_privacy_plan_names_the_site_that_cannot_meet_epsilon() -> None:
-    dp = DPSpec(0.2, 0.0, 1.0, "r", rounds=30, vae_steps=100, vae_batch=128, scdg_steps=50, scdg_batch=256)
+    dp = DPSpec(0.2, None, 1.0, "r", rounds=30, vae_steps=100, vae_batch=128, scdg_steps=50, scdg_batch=256)
     plan = Plan(("g1", "g2"), ("a", "b"), SiteSpec(dp=dp))
     big = ProfileReply(
         "big",

@@ -66,7 +66,7 @@ def test_a_dp_site_refuses_a_gpu_before_touching_its_cells(three_site_h5ad: Path
     from shared.privacy.spec import DPSpec
     from shared.protocol import Plan, PretrainRequest, SiteSpec
 
-    dp_spec = DPSpec(50.0, 0.0, 1.0, "run", rounds=1, vae_steps=2, vae_batch=8, scdg_steps=2, scdg_batch=8)
+    dp_spec = DPSpec(50.0, None, 1.0, "run", rounds=1, vae_steps=2, vae_batch=8, scdg_steps=2, scdg_batch=8)
     spec = SiteSpec(label_key="cell_type", dp=dp_spec)
     site = load_site(
         resolve_source({"partition-id": 0}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"}),

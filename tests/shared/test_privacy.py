@@ -64,19 +64,19 @@ def test_dp_sgd_composition_matches_the_published_sampled_gaussian_rdp() -> None
 
 
 def test_calibration_meets_the_target_and_refuses_what_it_cannot() -> None:
-    sched = DPSpec(8.0, 0.0, 1.0, "r", 30, 100, 128, 50, 256).schedule(2000.0, has_counts=True)
+    sched = DPSpec(8.0, None, 1.0, "r", 30, 100, 128, 50, 256).schedule(2000.0, has_counts=True)
     for target in (1.0, 8.0):
         noise = calibrate(target, 5e-5, sched)
         spent = epsilon(sched, noise, 5e-5)
         assert 0.98 * target <= spent <= target
-    small = DPSpec(0.05, 0.0, 1.0, "r", 30, 100, 128, 50, 256).schedule(150.0, has_counts=False)
+    small = DPSpec(0.05, None, 1.0, "r", 30, 100, 128, 50, 256).schedule(150.0, has_counts=False)
     with pytest.raises(ConfigError, match=r"dp-epsilon=0.05 cannot be met: .*noise multiplier above") as err:
         calibrate(0.05, 1e-4, small)
     assert "\n" not in str(err.value) and str(MAX_SGD_NOISE).rstrip("0").rstrip(".") in str(err.value)
 
 
 def test_spec_refuses_bad_settings() -> None:
-    for bad in (DPSpec(-1.0), DPSpec(1.0, 0.5, 1.0, "r"), DPSpec(1.0, 0.0, 0.0, "r"), DPSpec(1.0, 0.0, 1.0, "")):
+    for bad in (DPSpec(-1.0), DPSpec(1.0, 0.5, 1.0, "r"), DPSpec(1.0, None, 0.0, "r"), DPSpec(1.0, None, 1.0, "")):
         with pytest.raises(ConfigError):
             bad.check()
     DPSpec().check()  # off

@@ -108,7 +108,7 @@ def test_streamed_dp_profile_sums_equal_the_in_memory_ones(
 
     spec = SiteSpec(
         label_key="cell_type",
-        dp=DPSpec(8.0, 0.0, 1.0, "run", rounds=1, vae_steps=1, vae_batch=8, scdg_steps=1, scdg_batch=8),
+        dp=DPSpec(8.0, None, 1.0, "run", rounds=1, vae_steps=1, vae_batch=8, scdg_steps=1, scdg_batch=8),
     )
     source = SiteSource(name="kang", path=example_path)
     streamed = load_profile(source, spec, cache=tmp_path)
