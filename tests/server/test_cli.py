@@ -146,27 +146,17 @@ def test_benchmark_runs_the_shipped_federation_and_scdd_beats_random_at_k1(tmp_p
     assert md.startswith("# kang_pbmc_muscat") and "shipped federation" in md and "| fedavg_mlp |" in md
 
 
+def _left_out(example_path: Path, methods: str, site: str, *more: str) -> list[str]:
+    """`scdd benchmark` of ``methods`` at k = 2, one seed, logistic regression, 200 genes, without ``site``."""
+    return [
+        *f"benchmark {example_path} --methods {methods} --k 2 --seeds 1 --evaluators logreg".split(),
+        *f"--n-genes 200 --leave-out {site}".split(),
+        *more,
+    ]
+
+
 def test_benchmark_leave_one_site_out_scores_the_left_out_site_only(tmp_path: Path, example_path: Path) -> None:
-    rc = main(
-        [
-            "benchmark",
-            str(example_path),
-            "--methods",
-            "random,local,centralized",
-            "--k",
-            "2",
-            "--seeds",
-            "1",
-            "--evaluators",
-            "logreg",
-            "--n-genes",
-            "200",
-            "--leave-out",
-            "stim107",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    rc = main(_left_out(example_path, "random,local,centralized", "stim107", "--out", str(tmp_path)))
     assert rc == 0
     result = json.loads((tmp_path / "kang_pbmc_muscat" / "results.json").read_text())
     assert result["left_out"] == "stim107" and result["per_seed"][0]["left_out"] == "stim107"
@@ -205,20 +195,9 @@ def test_benchmark_leave_one_site_out_scores_the_left_out_site_only(tmp_path: Pa
 @pytest.mark.slow
 def test_benchmark_leave_one_site_out_runs_the_federation_without_that_site(tmp_path: Path, example_path: Path) -> None:
     rc = main(
-        [
-            "benchmark",
-            str(example_path),
-            "--methods",
+        _left_out(
+            example_path,
             "scdd",
-            "--k",
-            "2",
-            "--seeds",
-            "1",
-            "--evaluators",
-            "logreg",
-            "--n-genes",
-            "200",
-            "--leave-out",
             "ctrl101",
             "--set",
             "num-pretrain-rounds=2",
@@ -230,7 +209,7 @@ def test_benchmark_leave_one_site_out_runs_the_federation_without_that_site(tmp_
             str(tmp_path / "work"),
             "--out",
             str(tmp_path),
-        ]
+        )
     )
     assert rc == 0
     run = tmp_path / "work" / "kang_pbmc_muscat" / "seed0" / "scdd-k2"
