@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from server.cli import UsageError
+from server.cli.flags import UsageError
 from shared.errors import ConfigError
 from shared.io import write_h5ad, write_json, write_text
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from server.cli import Parser, exit_code, int_arg, one_line, out_dir
+from server.cli.flags import Parser, exit_code, int_arg, one_line, out_dir
 from server.pki.certs import (
     DEFAULT_DAYS,
     SITES_DIR_NAME,
