@@ -38,7 +38,7 @@ from server.synthesis import (
 )
 from server.validation import decode, validate_distill, validate_evaluate, validate_profile
 from shared.checkpoint import load_model, model_json, state_of
-from shared.distill import Codes, DistillConfig, resolve_t_star, wire_fields
+from shared.distill import Codes, DistillConfig, resolve_iterations, resolve_t_star, wire_fields
 from shared.errors import ConfigError
 from shared.models import SCDG, VAE
 from shared.plan import plan_vocabulary
@@ -197,6 +197,15 @@ def distill_config(cfg: FederationConfig) -> DistillConfig:
     return DistillConfig(k=cfg.cells_per_class, **{key: v for key, v in over.items() if v is not None})
 
 
+def _resolved(dcfg: DistillConfig, scdg: SCDG) -> dict[str, Any]:
+    """The distillation settings as the sites use them (what the library chose by k included), for provenance."""
+    return {
+        **wire_fields(dcfg),
+        "iterations": resolve_iterations(dcfg),
+        "t_star": resolve_t_star(dcfg, scdg.config.timesteps),
+    }
+
+
 def distill(run: Run, rnd: int) -> list[SiteCodes]:
     """train.distill at every site; validated codes per site."""
     plan, vae, scdg = run.ready()
@@ -314,7 +323,7 @@ def run_round(run: Run, rnd: int) -> None:
         scdg,
         round_=rnd,
         sites=[p.site for p in parts],
-        distill=wire_fields(distill_config(run.cfg)),
+        distill=_resolved(distill_config(run.cfg), scdg),
         decode=mode,
     )
     fused = fuse_round(
