@@ -36,6 +36,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if source is not None:
             shown = show_default(source()).replace("%", "%%")
             text = f"{text} (default: {shown})" if text else f"default: {shown}"
+        note: LibraryDefault | None = getattr(action, "library_note", None)
+        if note is not None:
+            text = f"{text}; {note()}".replace("%", "%%")
         return text
 
 
@@ -292,6 +295,19 @@ def seed(p: argparse.ArgumentParser, library: LibraryDefault) -> None:
 
 
 def overrides(p: argparse.ArgumentParser, text: str) -> None:
-    p.add_argument(
+    action = p.add_argument(
         "--set", dest="overrides", action="append", default=[], type=run_config_item, metavar="KEY=VALUE", help=text
+    )
+    action.library_note = run_config_defaults  # type: ignore[attr-defined]  # read by HelpFormatter
+
+
+def run_config_defaults() -> str:
+    """Every run-config key with its default, as ``--set`` writes it (read from FederationConfig when shown)."""
+    from server.config import FederationConfig
+
+    def written(value: object) -> str:
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return "the keys, as a run starts: " + ", ".join(
+        f"{k}={written(v)}" for k, v in FederationConfig().to_run_config().items()
     )

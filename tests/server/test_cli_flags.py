@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import build_parser, main, parse, subparser
+from server.cli import build_parser, flags, main, parse, subparser
 from server.pki import cli as certs_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -409,3 +409,13 @@ def test_the_check_example_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     for line in lines:
         assert main(shlex.split(line)[1:]) == 0
         assert "OK: this file can join a federation." in capsys.readouterr().out
+
+
+def test_set_help_lists_every_run_config_key_as_a_run_starts() -> None:
+    """`--set` help is generated from FederationConfig: every key, with the value a run starts from."""
+    from server.config import FederationConfig
+
+    text = flags.run_config_defaults()
+    for key, value in FederationConfig().to_run_config().items():
+        written = str(value).lower() if isinstance(value, bool) else str(value)
+        assert f"{key}={written}" in text.split(": ", 1)[1].split(", "), key
