@@ -37,10 +37,11 @@ RENAMED = {  # flags that were removed or renamed: an unknown-argument error nam
 
 
 def _add_check(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = flags.command(
+        sub,
         "check",
-        help="validate a site's .h5ad before joining a federation",
-        epilog=flags.epilog(f"scdd check {EXAMPLE} --label-key cell_type"),
+        "validate a site's .h5ad before joining a federation",
+        f"scdd check {EXAMPLE} --label-key cell_type",
     )
     p.add_argument("file", type=flags.h5ad_in, help="the site's .h5ad")
     flags.label_key(p, flags.field("shared.protocol", "SiteSpec", "label_key"))
@@ -55,25 +56,18 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_distill(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = flags.command(
+        sub,
         "distill",
-        help="single site, no federation: .h5ad in, synthetic .h5ad out",
-        epilog=flags.epilog(
-            f"scdd distill {EXAMPLE} --label-key cell_type --k 10 --out runs/kang-synthetic.h5ad",
-            f"scdd distill {EXAMPLE} --label-key cell_type --k 1 --pretrain-steps 500,500 --out runs/kang-k1.h5ad",
-        ),
+        "single site, no federation: .h5ad in, synthetic .h5ad out",
+        f"scdd distill {EXAMPLE} --label-key cell_type --k 10 --out runs/kang-synthetic.h5ad",
+        f"scdd distill {EXAMPLE} --label-key cell_type --k 1 --pretrain-steps 500,500 --out runs/kang-k1.h5ad",
     )
     single = "server.cli.single_site"
     p.add_argument("file", type=flags.h5ad_in, help="the site's .h5ad")
     flags.label_key(p, flags.param(single, "distill_file", "label_key"))
     flags.expect(p, flags.param(single, "distill_file", "expect"))
-    flags.add(
-        p,
-        "--k",
-        type=flags.int_arg(1),
-        library=flags.field("shared.distill", "DistillConfig", "k"),
-        help="codes per class",
-    )
+    flags.codes_per_class(p, flags.field("shared.distill", "DistillConfig", "k"), "codes per class")
     flags.add(p, "--iterations", type=flags.int_arg(0), library=flags.iterations, help="distillation iterations")
     flags.n_genes(p, flags.param(single, "distill_file", "n_genes"))
     flags.pretrain_steps_flag(p)
@@ -88,10 +82,11 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = flags.command(
+        sub,
         "pretrain",
-        help="train the VAE + SCDG on a public reference .h5ad (for init-path or pretrained-path)",
-        epilog=flags.epilog(f"scdd pretrain {EXAMPLE} --label-key cell_type --out runs/kang-reference"),
+        "train the VAE + SCDG on a public reference .h5ad (for init-path or pretrained-path)",
+        f"scdd pretrain {EXAMPLE} --label-key cell_type --out runs/kang-reference",
     )
     p.add_argument("file", type=flags.h5ad_in, help="the reference .h5ad (public data: it is not a member of any site)")
     flags.label_key(p, None, required=True)
@@ -109,14 +104,13 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = flags.command(
+        sub,
         "benchmark",
-        help="benchmark: the shipped federation (in-process) against baselines, on held-out real cells",
-        epilog=flags.epilog(
-            f"scdd benchmark {EXAMPLE} --label-key cell_type --site-key batch --methods random,centralized --k 1,10 "
-            "--seeds 1 --out runs/bench",
-            f"scdd benchmark {EXAMPLE} --label-key cell_type --site-key batch --leave-out stim107 --out runs/bench-loo",
-        ),
+        "benchmark: the shipped federation (in-process) against baselines, on held-out real cells",
+        f"scdd benchmark {EXAMPLE} --label-key cell_type --site-key batch --methods random,centralized --k 1,10 "
+        "--seeds 1 --out runs/bench",
+        f"scdd benchmark {EXAMPLE} --label-key cell_type --site-key batch --leave-out stim107 --out runs/bench-loo",
     )
     bench = "server.bench.benchmark"
     p.add_argument("files", nargs="+", type=flags.h5ad_in, metavar="file", help="one .h5ad per dataset")
@@ -198,25 +192,18 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = flags.command(
+        sub,
         "simulate",
-        help="a federation from one file split into sites, in this process (no Ray)",
-        epilog=flags.epilog(
-            f"scdd simulate {EXAMPLE} --label-key cell_type --site-key batch --k 10 --out runs/kang-sim",
-            f"scdd simulate {EXAMPLE} --label-key cell_type --site-key batch --set dp-epsilon=8 --out runs/kang-dp",
-        ),
+        "a federation from one file split into sites, in this process (no Ray)",
+        f"scdd simulate {EXAMPLE} --label-key cell_type --site-key batch --k 10 --out runs/kang-sim",
+        f"scdd simulate {EXAMPLE} --label-key cell_type --site-key batch --set dp-epsilon=8 --out runs/kang-dp",
     )
     fed = "server.config"
     p.add_argument("file", type=flags.h5ad_in, help=".h5ad shared out to the simulated sites")
     flags.site_key(p, flags.field(fed, "FederationConfig", "sim_site_key"))
     flags.label_key(p, flags.field(fed, "FederationConfig", "label_key"))
-    flags.add(
-        p,
-        "--k",
-        type=flags.int_arg(1),
-        library=flags.field(fed, "FederationConfig", "cells_per_class"),
-        help="codes per class per site",
-    )
+    flags.codes_per_class(p, flags.field(fed, "FederationConfig", "cells_per_class"), "codes per class per site")
     flags.add(
         p,
         "--rounds",
@@ -242,10 +229,12 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_runs(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = flags.command(
+        sub,
         "demo",
-        help="the real Flower simulation (flwr run, Ray) on the bundled example data",
-        epilog=flags.epilog("scdd demo --out runs/demo", "scdd demo --out runs/demo-short --set num-pretrain-rounds=2"),
+        "the real Flower simulation (flwr run, Ray) on the bundled example data",
+        "scdd demo --out runs/demo",
+        "scdd demo --out runs/demo-short --set num-pretrain-rounds=2",
     )
     p.add_argument(
         "--out",
@@ -261,17 +250,16 @@ def _add_runs(sub: argparse._SubParsersAction) -> None:
         help="seconds before the run is stopped and reported as failed",
     )
     flags.overrides(p, "extra run-config values (repeatable)")
-    p = sub.add_parser(
-        "report", help="(re)write report.html of a run directory", epilog=flags.epilog("scdd report runs/kang-sim")
-    )
+    p = flags.command(sub, "report", "(re)write report.html of a run directory", "scdd report runs/kang-sim")
     p.add_argument("run_dir", help="the directory of a completed run (out-dir/<run-id>)")
 
 
 def _add_deployment(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = flags.command(
+        sub,
         "flwr-connection",
-        help="coordinator: add the TLS SuperLink connection to $FLWR_HOME/config.toml (merged, made the default)",
-        epilog=flags.epilog("scdd flwr-connection fedscdd --address 10.0.0.5:8000 --root-certificates certs/ca.crt"),
+        "coordinator: add the TLS SuperLink connection to $FLWR_HOME/config.toml (merged, made the default)",
+        "scdd flwr-connection fedscdd --address 10.0.0.5:8000 --root-certificates certs/ca.crt",
     )
     p.add_argument(
         "name", nargs="?", default="fedscdd", help="connection name used in flwr commands (default: %(default)s)"
@@ -281,10 +269,11 @@ def _add_deployment(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--root-certificates", required=True, help="the federation's ca.crt (stored as an absolute path)")
     p.add_argument("--no-default", action="store_true", help="keep flwr's current default connection")
-    p = sub.add_parser(
+    p = flags.command(
+        sub,
         "verify-bundle",
-        help="site: check that the app a SuperNode installed is exactly the release's code",
-        epilog=flags.epilog("scdd verify-bundle /var/lib/fedscdd/supernode --source /opt/fedscdd/src"),
+        "site: check that the app a SuperNode installed is exactly the release's code",
+        "scdd verify-bundle /var/lib/fedscdd/supernode --source /opt/fedscdd/src",
     )
     p.add_argument(
         "app",

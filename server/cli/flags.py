@@ -258,6 +258,17 @@ def add(p: argparse.ArgumentParser, *flags: str, library: LibraryDefault | None 
         action.library_default = library  # type: ignore[attr-defined]  # read by HelpFormatter
 
 
+def command(sub: argparse._SubParsersAction, name: str, help_text: str, *examples: str) -> argparse.ArgumentParser:
+    """A subcommand's parser, its ``--help`` ending with ``examples`` (command lines that run on the bundled data)."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, epilog=epilog(*examples))
+    return parser
+
+
+def codes_per_class(p: argparse.ArgumentParser, library: LibraryDefault, text: str) -> None:
+    """``--k``: codes per class, one number."""
+    add(p, "--k", type=int_arg(1), library=library, help=text)
+
+
 def epilog(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
