@@ -15,6 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client import tasks
+from client.optimizer_state import drop_carries, load_carry, save_carry
 from client.privacy import SiteDP
 from client.site import (
     SiteData,
@@ -103,9 +104,14 @@ def pretrain(msg: Message, context: Context) -> Message:
     """train.pretrain: local VAE/SCDG steps, or latent moments."""
     with safe_errors("train.pretrain"):
         req = PretrainRequest.from_record(msg.content)
+        training = req.stage != "latent-stats" and req.keep_optimizer
+        drop_carries(context.state, keep=req.stage if training else None)
+        adam = load_carry(context.state, req.stage, req.round, req.model_config) if training else None
         reply = tasks.pretrain_site(
-            _site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec), _device(context)
+            _site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec), _device(context), adam
         )
+        if adam is not None:
+            save_carry(context.state, req.stage, req.round, req.model_config, adam)
     return Message(reply.to_record(), reply_to=msg)
 
 
@@ -113,6 +119,7 @@ def pretrain(msg: Message, context: Context) -> Message:
 def distill(msg: Message, context: Context) -> Message:
     """train.distill: k codes per local class (warm start from the previous round's codes the server sends back)."""
     with safe_errors("train.distill"):
+        drop_carries(context.state)  # pretraining is over
         req = DistillRequest.from_record(msg.content)
         reply, seeds = tasks.distill_site(
             _site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec), _device(context)

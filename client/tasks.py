@@ -32,7 +32,7 @@ from shared.distill import (
 )
 from shared.errors import CheckpointError, ConfigError, ProtocolError
 from shared.evaluation import PREDICT_ROWS, Matrix, MLPTrainConfig, fidelity, fit_predict, predict_mlp, score
-from shared.fitting import TrainConfig, anchor_of, dense_rows, encode, fit_scdg, fit_vae, row_view
+from shared.fitting import AdamCarry, TrainConfig, anchor_of, dense_rows, encode, fit_scdg, fit_vae, row_view
 from shared.models import SCDG, VAE, MLPClassifier
 from shared.privacy.ledger import digest
 from shared.privacy.mechanisms import torch_generator
@@ -119,12 +119,17 @@ def _on(device: torch.device, dp: SiteDP | None) -> torch.device:
 
 
 def pretrain_site(
-    site: SiteData, req: PretrainRequest, dp: SiteDP | None = None, device: torch.device = CPU
+    site: SiteData,
+    req: PretrainRequest,
+    dp: SiteDP | None = None,
+    device: torch.device = CPU,
+    adam: AdamCarry | None = None,
 ) -> PretrainReply:
     """Local steps of the requested stage (or latent moments for 'latent-stats'); DP-SGD and noised moments under DP.
 
     Under DP the reply's cell count is the noised count of the profile and its loss 0 (a loss over
-    real cells would be one more release). ``device``: where the models run (``shared.device``).
+    real cells would be one more release). ``device``: where the models run (``shared.device``). ``adam``: the
+    AdamW moments to continue from, updated in place (``client.optimizer_state`` keeps them between rounds).
     """
     dev = _on(device, dp)
     X, y = _train_cells(site, req.plan)
@@ -168,13 +173,21 @@ def pretrain_site(
             anchor_weight=prox,
             kl_ramp=req.kl_ramp,
             library=library,
+            adam=adam,
             **private,
         )
     else:
         vae = _model("vae", req.encoder_config, req.encoder or {}).to(dev)
         model = _model("scdg", req.model_config, req.weights).to(dev)
         losses = fit_scdg(
-            model, encode(vae, X), y, cfg, anchor=anchor_of(model) if prox > 0 else None, anchor_weight=prox, **private
+            model,
+            encode(vae, X),
+            y,
+            cfg,
+            anchor=anchor_of(model) if prox > 0 else None,
+            anchor_weight=prox,
+            adam=adam,
+            **private,
         )
     loss = float(losses[-1]) if losses and b is None else 0.0
     return PretrainReply(req.stage, req.round, n_cells, loss, weights=state_of(model))

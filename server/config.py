@@ -71,6 +71,9 @@ class FederationConfig:
     # average a class's rows (label head, class embeddings, QA head) over the sites that have it
     class_aware_aggregation: bool = False
     proximal_mu: float = 0.0  # FedProx: sites add mu/2 * ||w - w_global||^2 to their local loss
+    # "keep": a site continues its AdamW moments from its previous round of the same model (they never leave it);
+    # "reset": fresh moments every round
+    site_optimizer_state: Literal["reset", "keep"] = "reset"
     init_path: str | None = None  # a `scdd pretrain` directory: FedAvg starts from its VAE/SCDG
     # distillation rounds
     cells_per_class: int = 10

@@ -88,6 +88,7 @@ def _round(
     encoder: VAE | None = None,
     latent_dim: int,
     proximal_mu: float = 0.0,
+    keep_optimizer: bool = False,
 ) -> list[SiteReply[PretrainReply]]:
     """Send one stage round to every site; return the validated replies (sorted by site)."""
     sent = state_of(model)
@@ -106,6 +107,7 @@ def _round(
             encoder=state_of(encoder) if encoder is not None else None,
             encoder_config=model_json(encoder) if encoder is not None else "",
             proximal_mu=proximal_mu,
+            keep_optimizer=keep_optimizer,
         )
         for node in sorted(link.nodes)
     }
@@ -181,6 +183,7 @@ def _stage_rounds(
             encoder=encoder,
             latent_dim=latent_dim,
             proximal_mu=cfg.proximal_mu,
+            keep_optimizer=cfg.site_optimizer_state == "keep",
         )
         losses.append(_combine(model, replies, opt, cfg, site_classes))
     return losses
@@ -215,6 +218,7 @@ def fedavg_pretrain(
             "server_lr": optimizer_for(cfg, vae).lr,
             "class_aware_aggregation": cfg.class_aware_aggregation,
             "proximal_mu": cfg.proximal_mu,
+            "site_optimizer_state": cfg.site_optimizer_state,
         },
     }
     latent_dim = vae.config.latent_dim

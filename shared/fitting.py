@@ -32,6 +32,35 @@ class TrainConfig:
     warmup_fraction: float = 0.3  # KL warm-up for the VAE
 
 
+@dataclass
+class AdamCarry:
+    """AdamW moments carried from one training call to the next (a site keeps them across its FedAvg rounds).
+
+    ``state`` is an ``optimizer.state_dict()`` (None: start fresh). A call loads it when given and replaces it with
+    the state after its steps; the moments then keep their history (and Adam's bias correction its step count)
+    instead of restarting at every round, which makes each round's first steps sign-like steps of size ``lr``.
+    """
+
+    state: dict[str, Any] | None = None
+
+
+def _adamw(model: torch.nn.Module, cfg: TrainConfig, carry: AdamCarry | None) -> torch.optim.Optimizer:
+    """AdamW over the model's parameters, continuing ``carry``'s moments when it holds any."""
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
+    )  # fused: ~15% faster steps on CPU
+    if carry is not None and carry.state is not None:
+        opt.load_state_dict(carry.state)
+        for group in opt.param_groups:  # this call's budget, not the one the moments were made with
+            group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+    return opt
+
+
+def _keep(opt: torch.optim.Optimizer, carry: AdamCarry | None) -> None:
+    if carry is not None:
+        carry.state = opt.state_dict()
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where the model's parameters are (batches are moved there): callers place the model,
     ``shared.device.resolve_device``."""
@@ -135,6 +164,7 @@ def fit_vae(
     library: np.ndarray | None = None,
     dp: DPSGD | None = None,
     dp_generator: torch.Generator | None = None,
+    adam: AdamCarry | None = None,
 ) -> list[float]:
     """Train `model` in place for cfg.steps minibatch steps; return the loss every 100 steps.
 
@@ -152,9 +182,7 @@ def fit_vae(
     (a loss over real cells would be one more release).
     """
     rng, dev = _seeded(model, cfg, dp)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
-    )  # fused: ~15% faster steps on CPU
+    opt = _adamw(model, cfg, adam)
     y = torch.as_tensor(labels, dtype=torch.long).to(dev) if labels is not None else None
     a = torch.as_tensor(aux, dtype=torch.float32).to(dev) if aux is not None else None
     lib = (
@@ -188,6 +216,7 @@ def fit_vae(
             )
             total = out.total
         _step(opt, total, _pull(params, anchor, anchor_weight), step, cfg.steps, history, progress)
+    _keep(opt, adam)
     model.eval()
     return history
 
@@ -262,19 +291,18 @@ def fit_scdg(
     progress: Progress | None = None,
     dp: DPSGD | None = None,
     dp_generator: torch.Generator | None = None,
+    adam: AdamCarry | None = None,
 ) -> list[float]:
     """Train the generator in place on encoder latents Z (n, d) with class ids; return losses.
 
     With `anchor` (a state dict) an L2 pull toward those weights bounds fine-tuning drift. `dp`:
-    DP-SGD steps, as in ``fit_vae``.
+    DP-SGD steps and `adam`, as in ``fit_vae``.
     """
     rng, dev = _seeded(model, cfg, dp)
     zs = model.standardize(torch.as_tensor(Z, dtype=torch.float32).to(dev))
     y = torch.as_tensor(labels, dtype=torch.long).to(dev)
     anchor = {k: v.to(dev) for k, v in anchor.items()} if anchor is not None else None
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
-    )  # fused: ~15% faster steps on CPU
+    opt = _adamw(model, cfg, adam)
     params = dict(model.named_parameters())
     model.train()
     history: list[float] = []
@@ -288,5 +316,6 @@ def fit_scdg(
             idx = torch.as_tensor(_batches(len(zs), cfg, rng))
             total, _, _ = model.loss(zs[idx], y[idx])
         _step(opt, total, _pull(params, anchor, anchor_weight), step, cfg.steps, history, progress)
+    _keep(opt, adam)
     model.eval()
     return history

@@ -153,6 +153,7 @@ class PretrainRequest:
     encoder: StateDict | None = None  # the VAE, for the "scdg" stage
     encoder_config: str = ""
     proximal_mu: float = 0.0  # FedProx: the site adds mu/2 * ||w - weights||^2 to its local loss
+    keep_optimizer: bool = False  # continue the site's AdamW moments from its previous round of this stage
 
     def to_record(self) -> RecordDict:
         """Encode."""
@@ -168,6 +169,7 @@ class PretrainRequest:
                 "seed": self.seed,
                 "encoder-config": self.encoder_config,
                 "proximal-mu": float(self.proximal_mu),
+                "keep-optimizer": bool(self.keep_optimizer),
             }
         )
         rd = RecordDict({KEY_CONFIG: cfg, KEY_WEIGHTS: state_record(self.weights), **self.plan.records()})
@@ -200,6 +202,7 @@ class PretrainRequest:
                 "seed",
                 "encoder-config",
                 "proximal-mu",
+                "keep-optimizer",
             },
             where,
         )
@@ -217,6 +220,7 @@ class PretrainRequest:
             encoder=state_from_record(array_record(rd, KEY_ENCODER), where) if stage == "scdg" else None,
             encoder_config=get_value(cfg, "encoder-config", str, where),
             proximal_mu=get_value(cfg, "proximal-mu", float, where),
+            keep_optimizer=get_value(cfg, "keep-optimizer", bool, where),
         )
         if (
             req.steps < 0
