@@ -47,7 +47,9 @@ def load_carry(state: RecordDict, stage: str, rnd: int, model_config: str) -> Ad
     moments: dict[int, dict[str, torch.Tensor]] = {}
     for name, arr in arrays.items():
         index, field = name.split("/", 1)
-        moments.setdefault(int(index), {})[field] = torch.from_numpy(arr.numpy().copy())
+        value = torch.from_numpy(arr.numpy().copy())
+        # Adam's step count is a 0-d tensor, which an Array stores as shape (1,)
+        moments.setdefault(int(index), {})[field] = value.reshape(()) if field == "step" else value
     groups = json.loads(str(info["param-groups"]))
     return AdamCarry({"state": moments, "param_groups": groups})
 

@@ -74,6 +74,8 @@ class FederationConfig:
     # "keep": a site continues its AdamW moments from its previous round of the same model (they never leave it);
     # "reset": fresh moments every round
     site_optimizer_state: Literal["reset", "keep"] = "reset"
+    # "cosine": the sites' learning rate falls from the stage's to a tenth over the rounds (server.fedavg.local_lr)
+    local_lr_decay: Literal["none", "cosine"] = "none"
     init_path: str | None = None  # a `scdd pretrain` directory: FedAvg starts from its VAE/SCDG
     # distillation rounds
     cells_per_class: int = 10

@@ -1,0 +1,53 @@
+"""The pretraining options `site-optimizer-state` and `local-lr-decay` through the real ServerApp and ClientApp."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from server.cli.simulation import run_in_process
+from server.fedavg import LR_FLOOR, local_lr
+from shared.checkpoint import load_model, model_hash
+from shared.pretrain import PretrainConfig
+from shared.protocol import MSG_PRETRAIN, PretrainRequest
+
+
+def test_cosine_decay_runs_from_the_stage_rate_to_its_floor() -> None:
+    rates = [local_lr(1e-3, r, 5, "cosine") for r in range(1, 6)]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(LR_FLOOR * 1e-3)
+    assert all(a > b for a, b in itertools.pairwise(rates))
+    assert rates[2] == pytest.approx(1e-3 * (LR_FLOOR + (1 - LR_FLOOR) / 2))  # half-way: the mid-point
+    assert [local_lr(1e-3, r, 5, "none") for r in range(1, 6)] == [1e-3] * 5
+    assert local_lr(1e-3, 1, 1, "cosine") == 1e-3  # one round: nothing to decay
+
+
+@pytest.mark.slow
+def test_both_options_reach_the_sites_and_change_the_models(tiny_config: dict, site_cache: dict[str, str]) -> None:
+    rounds = {"num-pretrain-rounds": 3}
+    grid = run_in_process(
+        {**tiny_config, **rounds, "site-optimizer-state": "keep", "local-lr-decay": "cosine"},
+        num_nodes=3,
+        node_configs=[site_cache] * 3,
+        record=True,
+    )
+    sent = [PretrainRequest.from_record(ex.instruction.content) for ex in grid.log if ex.message_type == MSG_PRETRAIN]
+    vae_lr = PretrainConfig().vae.lr
+    by_round = {r.round: r.lr for r in sent if r.stage == "vae"}
+    assert by_round == pytest.approx({r: local_lr(vae_lr, r, 3, "cosine") for r in (1, 2, 3)})
+    assert all(r.keep_optimizer for r in sent if r.stage != "latent-stats")
+    # the moments stay on the nodes during pretraining only: distillation drops them
+    assert not any(name.startswith("adam-") for ctx in grid.contexts.values() for name in ctx.state)
+    run_dir = Path(str(tiny_config["out-dir"])) / "tiny"
+    schedule = json.loads((run_dir / "metrics.json").read_text())["pretrain"]["schedule"]
+    assert schedule["site_optimizer_state"] == "keep" and schedule["local_lr_decay"] == "cosine"
+
+    kept = model_hash(load_model(run_dir / "pretrained" / "vae.pt"))
+    run_in_process({**tiny_config, **rounds, "run-id": "plain"}, num_nodes=3, node_configs=[site_cache] * 3)
+    plain_dir = Path(str(tiny_config["out-dir"])) / "plain"
+    assert model_hash(load_model(plain_dir / "pretrained" / "vae.pt")) != kept
+    scores = json.loads((plain_dir / "metrics.json").read_text())["rounds"][0]["aggregate"]["cell_weighted"]
+    assert math.isfinite(scores["mlp"]["accuracy"])
