@@ -32,7 +32,17 @@ from shared.distill import (
 )
 from shared.errors import CheckpointError, ConfigError, ProtocolError
 from shared.evaluation import PREDICT_ROWS, Matrix, MLPTrainConfig, fidelity, fit_predict, predict_mlp, score
-from shared.fitting import AdamCarry, TrainConfig, anchor_of, dense_rows, encode, fit_scdg, fit_vae, row_view
+from shared.fitting import (
+    AdamCarry,
+    TrainConfig,
+    anchor_of,
+    class_frequencies,
+    dense_rows,
+    encode,
+    fit_scdg,
+    fit_vae,
+    row_view,
+)
 from shared.models import SCDG, VAE, MLPClassifier
 from shared.privacy.ledger import digest
 from shared.privacy.mechanisms import torch_generator
@@ -151,6 +161,7 @@ def pretrain_site(
             s, q = privacy.latent_moments(Z, dp, b.noise.stats)
             return PretrainReply("latent-stats", req.round, n_cells, 0.0, latent_sum=s, latent_sumsq=q)
         return PretrainReply("latent-stats", req.round, n_cells, 0.0, latent_sum=Z.sum(0), latent_sumsq=(Z**2).sum(0))
+    prior = class_frequencies(y, len(req.plan.classes)) if req.balanced_heads and dp is None else None
     prox = req.proximal_mu / 2  # FedProx: mu/2 * ||w - w_global||^2 around the weights this round started from
     private = (
         {}
@@ -174,6 +185,7 @@ def pretrain_site(
             kl_ramp=req.kl_ramp,
             library=library,
             adam=adam,
+            class_prior=prior,
             **private,
         )
     else:
@@ -187,6 +199,7 @@ def pretrain_site(
             anchor=anchor_of(model) if prox > 0 else None,
             anchor_weight=prox,
             adam=adam,
+            class_prior=prior,
             **private,
         )
     loss = float(losses[-1]) if losses and b is None else 0.0

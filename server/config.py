@@ -76,6 +76,9 @@ class FederationConfig:
     site_optimizer_state: Literal["reset", "keep"] = "reset"
     # "cosine": the sites' learning rate falls from the stage's to a tenth over the rounds (server.fedavg.local_lr)
     local_lr_decay: Literal["none", "cosine"] = "none"
+    # the class heads (VAE label head, SCDG QA head) train with each site's class frequencies added to their logits
+    # (balanced softmax), so a site's label mix does not bias the shared heads (shared.fitting.balanced_heads)
+    balanced_class_heads: bool = False
     init_path: str | None = None  # a `scdd pretrain` directory: FedAvg starts from its VAE/SCDG
     # distillation rounds
     cells_per_class: int = 10
@@ -165,6 +168,11 @@ class FederationConfig:
                 "set init-path (start FedAvg from a reference) or pretrained-path (no FedAvg), not both",
             ),
             (re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device) is not None, f"device must be {DEVICE_CHOICES}"),
+            (
+                not (self.balanced_class_heads and self.dp_epsilon > 0),
+                "balanced-class-heads reads the site's exact class counts in every DP-SGD step; use it without "
+                "dp-epsilon",
+            ),
             (
                 self.device == "cpu" or self.dp_epsilon == 0,
                 "device must be 'cpu' when dp-epsilon > 0 (DP-SGD runs on CPU in this release)",

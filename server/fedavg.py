@@ -104,6 +104,7 @@ def _round(
     latent_dim: int,
     proximal_mu: float = 0.0,
     keep_optimizer: bool = False,
+    balanced_heads: bool = False,
 ) -> list[SiteReply[PretrainReply]]:
     """Send one stage round to every site; return the validated replies (sorted by site)."""
     sent = state_of(model)
@@ -123,6 +124,7 @@ def _round(
             encoder_config=model_json(encoder) if encoder is not None else "",
             proximal_mu=proximal_mu,
             keep_optimizer=keep_optimizer,
+            balanced_heads=balanced_heads,
         )
         for node in sorted(link.nodes)
     }
@@ -199,6 +201,7 @@ def _stage_rounds(
             latent_dim=latent_dim,
             proximal_mu=cfg.proximal_mu,
             keep_optimizer=cfg.site_optimizer_state == "keep",
+            balanced_heads=cfg.balanced_class_heads,
         )
         losses.append(_combine(model, replies, opt, cfg, site_classes))
     return losses
@@ -235,6 +238,7 @@ def fedavg_pretrain(
             "proximal_mu": cfg.proximal_mu,
             "site_optimizer_state": cfg.site_optimizer_state,
             "local_lr_decay": cfg.local_lr_decay,
+            "balanced_class_heads": cfg.balanced_class_heads,
         },
     }
     latent_dim = vae.config.latent_dim

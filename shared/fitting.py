@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
@@ -59,6 +60,34 @@ def _adamw(model: torch.nn.Module, cfg: TrainConfig, carry: AdamCarry | None) ->
 def _keep(opt: torch.optim.Optimizer, carry: AdamCarry | None) -> None:
     if carry is not None:
         carry.state = opt.state_dict()
+
+
+# A class absent from the training cells: its logit is lowered by log(1e-30) ~ -69, which leaves its gradient far
+# below AdamW's eps (1e-8). A floor of 1e-6 does not: Adam rescales a 1e-7 gradient to a full step.
+PRIOR_FLOOR = 1e-30
+
+
+@contextmanager
+def balanced_heads(model: VAE | SCDG, class_prior: np.ndarray | None) -> Iterator[None]:
+    """Within the block, train the model's class head with balanced softmax (Ren et al., 2020; FedLC's logit
+    calibration in federated learning): the log of ``class_prior`` (these training cells' class frequencies) is added to
+    the logits in the loss, so the head learns class-balanced posteriors instead of this site's label mix, and a class
+    the site lacks is not pushed down. Inference (``classify``, the label head) is unchanged."""
+    if class_prior is None:
+        yield
+        return
+    prior = np.maximum(np.asarray(class_prior, dtype=np.float64), PRIOR_FLOOR)
+    model.train_logit_offset = torch.as_tensor(np.log(prior / prior.sum()), dtype=torch.float32).to(model_device(model))
+    try:
+        yield
+    finally:
+        model.train_logit_offset = None
+
+
+def class_frequencies(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Each class's share of ``labels`` (n_classes,)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)[:n_classes]
+    return counts / max(int(counts.sum()), 1)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -165,6 +194,7 @@ def fit_vae(
     dp: DPSGD | None = None,
     dp_generator: torch.Generator | None = None,
     adam: AdamCarry | None = None,
+    class_prior: np.ndarray | None = None,
 ) -> list[float]:
     """Train `model` in place for cfg.steps minibatch steps; return the loss every 100 steps.
 
@@ -195,27 +225,28 @@ def fit_vae(
     model.train()
     history: list[float] = []
     warm = max(1, int(cfg.steps * cfg.warmup_fraction))
-    for step in range(cfg.steps):
-        beta = (
-            min(1.0, (step + 1) / warm)
-            if kl_ramp is None
-            else kl_ramp[0] + (kl_ramp[1] - kl_ramp[0]) * (step + 1) / cfg.steps
-        )
-        opt.zero_grad(set_to_none=True)
-        if dp is not None:
-            _dp_vae_grads(model, X, y, a, lib, beta, dp, dp_generator)
-            total = torch.tensor(float("nan"))
-        else:
-            idx = _batches(X.shape[0], cfg, rng)
-            out = model.loss(
-                dense_rows(X, idx).to(dev),
-                y[idx] if y is not None else None,
-                a[idx] if a is not None else None,
-                beta_scale=beta,
-                library=lib[idx] if lib is not None else None,
+    with balanced_heads(model, class_prior):
+        for step in range(cfg.steps):
+            beta = (
+                min(1.0, (step + 1) / warm)
+                if kl_ramp is None
+                else kl_ramp[0] + (kl_ramp[1] - kl_ramp[0]) * (step + 1) / cfg.steps
             )
-            total = out.total
-        _step(opt, total, _pull(params, anchor, anchor_weight), step, cfg.steps, history, progress)
+            opt.zero_grad(set_to_none=True)
+            if dp is not None:
+                _dp_vae_grads(model, X, y, a, lib, beta, dp, dp_generator)
+                total = torch.tensor(float("nan"))
+            else:
+                idx = _batches(X.shape[0], cfg, rng)
+                out = model.loss(
+                    dense_rows(X, idx).to(dev),
+                    y[idx] if y is not None else None,
+                    a[idx] if a is not None else None,
+                    beta_scale=beta,
+                    library=lib[idx] if lib is not None else None,
+                )
+                total = out.total
+            _step(opt, total, _pull(params, anchor, anchor_weight), step, cfg.steps, history, progress)
     _keep(opt, adam)
     model.eval()
     return history
@@ -292,11 +323,12 @@ def fit_scdg(
     dp: DPSGD | None = None,
     dp_generator: torch.Generator | None = None,
     adam: AdamCarry | None = None,
+    class_prior: np.ndarray | None = None,
 ) -> list[float]:
     """Train the generator in place on encoder latents Z (n, d) with class ids; return losses.
 
     With `anchor` (a state dict) an L2 pull toward those weights bounds fine-tuning drift. `dp`:
-    DP-SGD steps and `adam`, as in ``fit_vae``.
+    DP-SGD steps, `adam` and `class_prior` (for the QA head), as in ``fit_vae``.
     """
     rng, dev = _seeded(model, cfg, dp)
     zs = model.standardize(torch.as_tensor(Z, dtype=torch.float32).to(dev))
@@ -306,16 +338,17 @@ def fit_scdg(
     params = dict(model.named_parameters())
     model.train()
     history: list[float] = []
-    for step in range(cfg.steps):
-        opt.zero_grad(set_to_none=True)
-        if dp is not None:
-            idx = poisson_batch(len(zs), dp.sample_rate, _dp_generator(dp, dp_generator))
-            noisy_step_grads(model, lambda m, zi, ci: m.cell_losses(zi, ci), (zs[idx], y[idx]), dp, dp_generator)  # type: ignore[arg-type]
-            total = torch.tensor(float("nan"))
-        else:
-            idx = torch.as_tensor(_batches(len(zs), cfg, rng))
-            total, _, _ = model.loss(zs[idx], y[idx])
-        _step(opt, total, _pull(params, anchor, anchor_weight), step, cfg.steps, history, progress)
+    with balanced_heads(model, class_prior):
+        for step in range(cfg.steps):
+            opt.zero_grad(set_to_none=True)
+            if dp is not None:
+                idx = poisson_batch(len(zs), dp.sample_rate, _dp_generator(dp, dp_generator))
+                noisy_step_grads(model, lambda m, zi, ci: m.cell_losses(zi, ci), (zs[idx], y[idx]), dp, dp_generator)  # type: ignore[arg-type]
+                total = torch.tensor(float("nan"))
+            else:
+                idx = torch.as_tensor(_batches(len(zs), cfg, rng))
+                total, _, _ = model.loss(zs[idx], y[idx])
+            _step(opt, total, _pull(params, anchor, anchor_weight), step, cfg.steps, history, progress)
     _keep(opt, adam)
     model.eval()
     return history

@@ -96,6 +96,8 @@ class SCDG(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
         self.qa = nn.Sequential(nn.Linear(d, h), nn.SiLU(), nn.Linear(h, config.n_classes))
+        # Added to the QA logits in the training loss only (balanced softmax, as the VAE's ``train_logit_offset``).
+        self.train_logit_offset: torch.Tensor | None = None
 
     def _res_blocks(self) -> Iterable[_ResBlock]:
         """The residual blocks, typed (nn.ModuleList iterates as plain modules)."""
@@ -186,9 +188,10 @@ class SCDG(nn.Module):
         ab = self.alpha_bar[t][:, None]
         z0_hat = (z_t - (1 - ab).sqrt() * pred) / ab.sqrt()
         w = ab.squeeze(1) * (~drop).float()
+        offset = self.train_logit_offset if self.train_logit_offset is not None else 0.0
         return (
             mse,
-            F.cross_entropy(self.classify(z0_hat), c, reduction="none"),
+            F.cross_entropy(self.classify(z0_hat) + offset, c, reduction="none"),
             w,
-            F.cross_entropy(self.classify(zs), c, reduction="none"),
+            F.cross_entropy(self.classify(zs) + offset, c, reduction="none"),
         )

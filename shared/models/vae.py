@@ -119,6 +119,9 @@ class VAE(nn.Module):
         self.count_head = (
             CountHead(config.latent_dim, h[-1], config.n_genes) if config.count_head else None
         )  # as wide as the narrowest layer
+        # Added to the label head's logits in the training loss only (balanced softmax; ``shared.fitting``'s
+        # ``class_prior``): not a parameter or buffer, so it never travels with the weights.
+        self.train_logit_offset: torch.Tensor | None = None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (mu, logvar), each (n, d)."""
@@ -206,7 +209,10 @@ class VAE(nn.Module):
         zero = x.new_zeros(1)
         label_loss = zero
         if self.label_head is not None and labels is not None:
-            label_loss = F.cross_entropy(self.label_head(mu), labels, reduction="none")
+            logits = self.label_head(mu)
+            if self.train_logit_offset is not None:
+                logits = logits + self.train_logit_offset
+            label_loss = F.cross_entropy(logits, labels, reduction="none")
         aux_loss = zero
         if self.aux_head is not None and aux is not None:
             aux_loss = F.mse_loss(self.aux_head(mu), aux, reduction="none").sum(1)

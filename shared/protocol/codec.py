@@ -23,7 +23,7 @@ from shared.privacy.spec import DPSpec
 
 # 2: validation split, validation scores + privacy audit; 3: FedProx mu in the pretrain request, local-only scores in
 # the evaluate reply; 4: count input in the profile, per-class library statistics in the distill reply; 5: DP settings
-# in the spec, the DP report in the distill reply; 6: keep-optimizer in the pretrain request
+# in the spec, the DP report in the distill reply; 6: keep-optimizer and balanced-heads in the pretrain request
 SCHEMA_VERSION = 6
 MSG_PROFILE = "query.profile"
 MSG_PRETRAIN = "train.pretrain"

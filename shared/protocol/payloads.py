@@ -154,6 +154,7 @@ class PretrainRequest:
     encoder_config: str = ""
     proximal_mu: float = 0.0  # FedProx: the site adds mu/2 * ||w - weights||^2 to its local loss
     keep_optimizer: bool = False  # continue the site's AdamW moments from its previous round of this stage
+    balanced_heads: bool = False  # class heads train with the site's class frequencies on their logits
 
     def to_record(self) -> RecordDict:
         """Encode."""
@@ -170,6 +171,7 @@ class PretrainRequest:
                 "encoder-config": self.encoder_config,
                 "proximal-mu": float(self.proximal_mu),
                 "keep-optimizer": bool(self.keep_optimizer),
+                "balanced-heads": bool(self.balanced_heads),
             }
         )
         rd = RecordDict({KEY_CONFIG: cfg, KEY_WEIGHTS: state_record(self.weights), **self.plan.records()})
@@ -203,6 +205,7 @@ class PretrainRequest:
                 "encoder-config",
                 "proximal-mu",
                 "keep-optimizer",
+                "balanced-heads",
             },
             where,
         )
@@ -221,6 +224,7 @@ class PretrainRequest:
             encoder_config=get_value(cfg, "encoder-config", str, where),
             proximal_mu=get_value(cfg, "proximal-mu", float, where),
             keep_optimizer=get_value(cfg, "keep-optimizer", bool, where),
+            balanced_heads=get_value(cfg, "balanced-heads", bool, where),
         )
         if (
             req.steps < 0

@@ -265,3 +265,29 @@ def test_a_full_cache_disk_is_one_clear_error_and_leaves_nothing(
     with pytest.raises(SiteDataError, match="not enough disk in the site cache") as info:
         site_mod.load_site(source, SPEC, None, cache=tmp_path)
     assert "cache-dir" in str(info.value) and not list(tmp_path.iterdir())  # the half-written folder is gone
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_pretrain_hands_the_sites_class_frequencies_to_balanced_heads(
+    ctx: Context, plan: Plan, monkeypatch: pytest.MonkeyPatch, balanced: bool
+) -> None:
+    seen: dict[str, object] = {}
+    real = tasks.fit_vae
+
+    def spy(model, X, y, cfg, **kw):
+        seen["prior"], seen["labels"] = kw.get("class_prior"), np.asarray(y)
+        return real(model, X, y, cfg, **kw)
+
+    monkeypatch.setattr(tasks, "fit_vae", spy)
+    vae, _ = fresh_models(plan, latent_dim=8, seed=0)
+    req = PretrainRequest(
+        "vae", 1, state_of(vae), model_json(vae), plan, 2, 1e-3, 16, (1.0, 1.0), 1, balanced_heads=balanced
+    )
+    _send(req.to_record(), "train.pretrain", ctx)
+    if not balanced:
+        assert seen["prior"] is None
+        return
+    labels = seen["labels"]
+    assert isinstance(labels, np.ndarray)
+    expected = np.bincount(labels, minlength=3) / labels.size
+    assert np.allclose(np.asarray(seen["prior"]), expected) and expected.min() > 0

@@ -1,4 +1,5 @@
-"""The pretraining options `site-optimizer-state` and `local-lr-decay` through the real ServerApp and ClientApp."""
+"""The pretraining options `site-optimizer-state`, `local-lr-decay` and `balanced-class-heads` through the real
+ServerApp and ClientApp."""
 
 from __future__ import annotations
 
@@ -26,10 +27,16 @@ def test_cosine_decay_runs_from_the_stage_rate_to_its_floor() -> None:
 
 
 @pytest.mark.slow
-def test_both_options_reach_the_sites_and_change_the_models(tiny_config: dict, site_cache: dict[str, str]) -> None:
+def test_the_options_reach_the_sites_and_change_the_models(tiny_config: dict, site_cache: dict[str, str]) -> None:
     rounds = {"num-pretrain-rounds": 3}
     grid = run_in_process(
-        {**tiny_config, **rounds, "site-optimizer-state": "keep", "local-lr-decay": "cosine"},
+        {
+            **tiny_config,
+            **rounds,
+            "site-optimizer-state": "keep",
+            "local-lr-decay": "cosine",
+            "balanced-class-heads": True,
+        },
         num_nodes=3,
         node_configs=[site_cache] * 3,
         record=True,
@@ -38,12 +45,13 @@ def test_both_options_reach_the_sites_and_change_the_models(tiny_config: dict, s
     vae_lr = PretrainConfig().vae.lr
     by_round = {r.round: r.lr for r in sent if r.stage == "vae"}
     assert by_round == pytest.approx({r: local_lr(vae_lr, r, 3, "cosine") for r in (1, 2, 3)})
-    assert all(r.keep_optimizer for r in sent if r.stage != "latent-stats")
+    assert all(r.keep_optimizer and r.balanced_heads for r in sent if r.stage != "latent-stats")
     # the moments stay on the nodes during pretraining only: distillation drops them
     assert not any(name.startswith("adam-") for ctx in grid.contexts.values() for name in ctx.state)
     run_dir = Path(str(tiny_config["out-dir"])) / "tiny"
     schedule = json.loads((run_dir / "metrics.json").read_text())["pretrain"]["schedule"]
     assert schedule["site_optimizer_state"] == "keep" and schedule["local_lr_decay"] == "cosine"
+    assert schedule["balanced_class_heads"] is True
 
     kept = model_hash(load_model(run_dir / "pretrained" / "vae.pt"))
     run_in_process({**tiny_config, **rounds, "run-id": "plain"}, num_nodes=3, node_configs=[site_cache] * 3)

@@ -166,3 +166,57 @@ def test_the_kl_warm_up_spans_all_rounds_as_in_pooled_training() -> None:
     assert all(r == (1.0, 1.0) for r in ramps[3:])
     assert all(a[1] == b[0] for a, b in pairwise(ramps))  # continuous across rounds
     assert kl_ramp(1, 1) == (0.0, 1.0)
+
+
+def test_balanced_heads_leave_a_class_the_site_lacks_alone_and_bias_nothing_at_inference() -> None:
+    """Balanced softmax (FedLC-style logit calibration): with the site's class frequencies on the logits, training on
+    cells of classes 0 and 1 only barely moves class 2's rows; plain cross-entropy pushes them down."""
+    from shared.fitting import balanced_heads, class_frequencies
+
+    rng = np.random.default_rng(0)
+    X = np.abs(rng.normal(size=(200, 30))).astype(np.float32)
+    y = rng.integers(0, 2, 200)  # class 2 of 3 absent
+    prior = class_frequencies(y, 3)
+    assert prior[2] == 0 and prior[:2].sum() == pytest.approx(1.0)
+    moved = {}
+    for balanced in (False, True):
+        torch.manual_seed(0)
+        vae = VAE(VAEConfig(n_genes=30, latent_dim=4, n_classes=3))
+        head = vae.label_head
+        assert head is not None
+        before = head.bias.detach().clone()
+        fit_vae(vae, X, y, TrainConfig(steps=60, batch_size=32), class_prior=prior if balanced else None)
+        moved[balanced] = float(before[2] - head.bias.detach()[2])
+        assert vae.train_logit_offset is None  # only during training
+    assert moved[False] > 0.02 and abs(moved[True]) < 0.2 * moved[False]
+
+    # inside the block the loss is cross-entropy on logits + log(prior) (with the floor for absent classes)
+    vae = VAE(VAEConfig(n_genes=30, latent_dim=4, n_classes=3))
+    vae.eval()
+    x, labels = torch.from_numpy(X[:8]), torch.from_numpy(y[:8])
+    with balanced_heads(vae, prior):
+        got = vae.loss(x, labels).label
+    assert vae.label_head is not None
+    logits = vae.label_head(vae.encode(x)[0]) + torch.log(torch.tensor(np.maximum(prior, 1e-30), dtype=torch.float32))
+    assert float(got.detach()) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, labels).detach()), rel=1e-5
+    )
+
+
+def test_balanced_heads_train_the_generators_qa_head_too() -> None:
+    from shared.fitting import class_frequencies
+
+    rng = np.random.default_rng(1)
+    Z, y = rng.normal(size=(128, 4)).astype(np.float32), rng.integers(0, 2, 128)
+    moved = {}
+    for balanced in (False, True):
+        torch.manual_seed(0)
+        scdg = SCDG(SCDGConfig(latent_dim=4, n_classes=3, hidden=32))
+        last = scdg.qa[-1]
+        before = last.bias.detach().clone()
+        fit_scdg(
+            scdg, Z, y, TrainConfig(steps=60, batch_size=32), class_prior=class_frequencies(y, 3) if balanced else None
+        )
+        moved[balanced] = float(before[2] - last.bias.detach()[2])
+        assert scdg.train_logit_offset is None
+    assert moved[False] > 0.02 and abs(moved[True]) < 0.2 * moved[False]

@@ -92,6 +92,9 @@ def test_kebab_case_maps_and_ints_pass_as_floats() -> None:
         ({"init-path": "/a", "pretrained-path": "/b"}, "not both"),
         ({"samples-per-code": 0}, "samples-per-code"),
         ({"decode-mode": "poisson"}, "decode-mode"),
+        ({"site-optimizer-state": "warm"}, "site-optimizer-state must be one of reset, keep"),
+        ({"local-lr-decay": "linear"}, "local-lr-decay must be one of none, cosine"),
+        ({"balanced-class-heads": True, "dp-epsilon": 8.0}, "balanced-class-heads reads the site's exact class"),
     ],
 )
 def test_bad_run_config_is_refused_with_a_named_reason(run_config: dict, match: str) -> None:
