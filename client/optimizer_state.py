@@ -38,12 +38,15 @@ def load_carry(state: RecordDict, stage: str, rnd: int, model_config: str) -> Ad
     arrays_key, info_key = _key(stage)
     if arrays_key not in state or info_key not in state:
         return AdamCarry()
-    info = state[info_key]
-    if not isinstance(info, ConfigRecord) or info.get("round") != rnd - 1 or info.get("model") != _owner(model_config):
+    info, arrays = state[info_key], state[arrays_key]
+    if (
+        not isinstance(info, ConfigRecord)
+        or not isinstance(arrays, ArrayRecord)
+        or info.get("round") != rnd - 1
+        or info.get("model") != _owner(model_config)
+    ):
         logger.info("stage %s round %d: no AdamW moments of round %d here; starting fresh", stage, rnd, rnd - 1)
         return AdamCarry()
-    arrays = state[arrays_key]
-    assert isinstance(arrays, ArrayRecord)
     moments: dict[int, dict[str, torch.Tensor]] = {}
     for name, arr in arrays.items():
         index, field = name.split("/", 1)

@@ -60,6 +60,20 @@ def local_lr(lr: float, rnd: int, rounds: int, schedule: str) -> float:
 
 
 @dataclass(frozen=True)
+class SiteOptions:
+    """How the sites train locally beyond their budget: the PretrainRequest fields of the same names."""
+
+    proximal_mu: float = 0.0  # FedProx
+    keep_optimizer: bool = False  # site-optimizer-state = "keep"
+    balanced_heads: bool = False  # balanced-class-heads
+
+    @classmethod
+    def of(cls, cfg: FederationConfig) -> SiteOptions:
+        """The run config's options."""
+        return cls(cfg.proximal_mu, cfg.site_optimizer_state == "keep", cfg.balanced_class_heads)
+
+
+@dataclass(frozen=True)
 class StageBudget:
     """Local optimisation budget of one stage."""
 
@@ -102,9 +116,7 @@ def _round(
     ramp: tuple[float, float] = (1.0, 1.0),
     encoder: VAE | None = None,
     latent_dim: int,
-    proximal_mu: float = 0.0,
-    keep_optimizer: bool = False,
-    balanced_heads: bool = False,
+    options: SiteOptions = SiteOptions(),
 ) -> list[SiteReply[PretrainReply]]:
     """Send one stage round to every site; return the validated replies (sorted by site)."""
     sent = state_of(model)
@@ -122,9 +134,7 @@ def _round(
             site_seed(seed, link, node, rnd),
             encoder=state_of(encoder) if encoder is not None else None,
             encoder_config=model_json(encoder) if encoder is not None else "",
-            proximal_mu=proximal_mu,
-            keep_optimizer=keep_optimizer,
-            balanced_heads=balanced_heads,
+            **dataclasses.asdict(options),
         )
         for node in sorted(link.nodes)
     }
@@ -199,9 +209,7 @@ def _stage_rounds(
             ramp=kl_ramp(rnd, cfg.num_pretrain_rounds) if stage == "vae" else (1.0, 1.0),
             encoder=encoder,
             latent_dim=latent_dim,
-            proximal_mu=cfg.proximal_mu,
-            keep_optimizer=cfg.site_optimizer_state == "keep",
-            balanced_heads=cfg.balanced_class_heads,
+            options=SiteOptions.of(cfg),
         )
         losses.append(_combine(model, replies, opt, cfg, site_classes))
     return losses
