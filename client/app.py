@@ -104,7 +104,7 @@ def pretrain(msg: Message, context: Context) -> Message:
     """train.pretrain: local VAE/SCDG steps, or latent moments."""
     with safe_errors("train.pretrain"):
         req = PretrainRequest.from_record(msg.content)
-        training = req.stage != "latent-stats" and req.keep_optimizer
+        training = req.stage in ("vae", "scdg") and req.keep_optimizer
         drop_carries(context.state, keep=req.stage if training else None)
         adam = load_carry(context.state, req.stage, req.round, req.model_config) if training else None
         reply = tasks.pretrain_site(

@@ -141,9 +141,15 @@ def check_pretrain(dp: SiteDP, stage: str, rnd: int, steps: int, batch: int, con
     """A pretraining request must be one of the rounds the DP plan promised, once (ProtocolError otherwise)."""
     spec = dp.spec
     want = {"vae": (spec.vae_steps, spec.vae_batch), "scdg": (spec.scdg_steps, spec.scdg_batch)}.get(stage)
-    if stage == "latent-stats":
+    if stage == "latent-stats" and spec.rounds > 0:
         dp.claim("latent-stats", content)
         return
+    if stage == "class-means" and spec.class_means:  # the release distillation matches: the same noise, no extra cost
+        dp.claim("class-means", content)
+        return
+    if stage in ("latent-stats", "class-means"):
+        msg = f"refused: a {stage} release is not part of the run's DP plan"
+        raise ProtocolError(msg)
     if want is None or not 1 <= rnd <= spec.rounds or (steps, batch) != want:
         msg = (
             f"refused: {stage} round {rnd} with {steps} steps of batch {batch} is outside the run's DP plan "
@@ -198,7 +204,9 @@ def class_gene_means(X: sp.csr_matrix, y: np.ndarray, counts: np.ndarray, dp: Si
         mech.noisy_class_sums(dense / mech.GENE_NORM, y, len(counts), sigma, dp.rng("class gene means"))
         * mech.GENE_NORM
     )
-    return (np.maximum(sums, 0.0) / np.maximum(counts, 1)[:, None]).astype(np.float32)
+    means = np.maximum(sums, 0.0) / np.maximum(counts, 1)[:, None]
+    means[np.asarray(counts) <= 0] = 0.0  # a class this site did not release (its name stayed below the threshold)
+    return means.astype(np.float32)
 
 
 def report(b: Budget, dp: SiteDP) -> dict[str, object]:

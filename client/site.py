@@ -325,7 +325,7 @@ def load_profile(source: SiteSource, spec: SiteSpec, *, cache: Path) -> SiteProf
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
-                return SiteProfile(
+                cached = SiteProfile(
                     str(z["name"]),
                     tuple(str(g) for g in z["genes"]),
                     tuple(str(c) for c in z["classes"]),
@@ -337,6 +337,9 @@ def load_profile(source: SiteSource, spec: SiteSpec, *, cache: Path) -> SiteProf
                     z["detected"],
                     z["clipped"],
                 )
+            if cached.clipped.shape[0] or not spec.dp.enabled:
+                return cached
+            logger.info("profile cache %s lacks the DP-clipped sums (written without DP): computing them", path.name)
         except (OSError, ValueError, KeyError) as exc:
             logger.warning("ignoring unreadable profile cache %s (%s)", path.name, type(exc).__name__)
     p = _stream_profile(source, spec)

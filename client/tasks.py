@@ -155,6 +155,13 @@ def pretrain_site(
             req.batch_size,
             digest({**req.weights, **{f"encoder/{k}": v for k, v in (req.encoder or {}).items()}}),
         )
+    if req.stage == "class-means":
+        if b is None or dp is None:
+            msg = "refused: per-class gene means are released only under DP (dp-epsilon > 0)"
+            raise ProtocolError(msg)
+        counts = privacy.plan_counts(site, req.plan, dp)
+        means = privacy.class_gene_means(X, y, counts, dp, b.noise.stats)
+        return PretrainReply("class-means", req.round, n_cells, 0.0, class_means=means, class_counts=counts)
     if req.stage == "latent-stats":
         Z = encode(_model("vae", req.model_config, req.weights).to(dev), X).astype(np.float64)
         if b is not None and dp is not None:

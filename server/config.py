@@ -95,6 +95,10 @@ class FederationConfig:
     dp_epsilon: float = 0.0
     dp_delta: float | None = None  # None: 1 / (10 x training cells) at each site
     dp_max_grad_norm: float = 1.0  # DP-SGD: per-cell gradient clipping bound
+    # how the shared models learn under DP: "statistics" (each site releases its per-class gene means once, the
+    # server trains the VAE and SCDG on cells drawn around them: server.dp_pretrain) or "dp-sgd" (FedAvg rounds of
+    # DP-SGD at the sites). Chosen on validation cells: benchmarks/results/dp_curve.md
+    dp_pretraining: Literal["statistics", "dp-sgd"] = "statistics"
     # server-side fine-tuning and evaluation models
     finetune_steps: int = 20
     finetune_lr: float = 1e-5
@@ -172,6 +176,11 @@ class FederationConfig:
                 not (self.balanced_class_heads and self.dp_epsilon > 0),
                 "balanced-class-heads reads the site's exact class counts in every DP-SGD step; use it without "
                 "dp-epsilon",
+            ),
+            (
+                not (self.init_path and self.dp_epsilon > 0 and self.dp_pretraining == "statistics"),
+                "init-path starts FedAvg, which dp-pretraining=statistics replaces; set dp-pretraining=dp-sgd or drop "
+                "init-path",
             ),
             (
                 self.device == "cpu" or self.dp_epsilon == 0,
@@ -257,7 +266,8 @@ class FederationConfig:
         from shared.distill import DistillConfig, resolve_gene_mean_weight
 
         vae, scdg = budgets(self)
-        rounds = 0 if self.pretrained_path else self.num_pretrain_rounds
+        statistics = self.dp_pretraining == "statistics" and not self.pretrained_path
+        rounds = 0 if self.pretrained_path or statistics else self.num_pretrain_rounds
         return DPSpec(
             self.dp_epsilon,
             self.dp_delta,
@@ -268,7 +278,7 @@ class FederationConfig:
             vae.batch_size,
             scdg.steps,
             scdg.batch_size,
-            resolve_gene_mean_weight(DistillConfig(k=self.cells_per_class), private=True) > 0,
+            statistics or resolve_gene_mean_weight(DistillConfig(k=self.cells_per_class), private=True) > 0,
         )
 
     @property

@@ -104,7 +104,7 @@ def site_seed(base: int, link: Link, node: int, salt: int) -> int:
     return base + 1000 * names.index(link.name(node)) + salt
 
 
-def _round(
+def stage_round(
     link: Link,
     plan: Plan,
     stage: Stage,
@@ -198,7 +198,7 @@ def _stage_rounds(
     opt = optimizer_for(cfg, model)
     losses = []
     for rnd in range(1, cfg.num_pretrain_rounds + 1):
-        replies = _round(
+        replies = stage_round(
             link,
             plan,
             stage,
@@ -254,9 +254,8 @@ def fedavg_pretrain(
     t0 = time.perf_counter()
     history["vae_loss"] = stage("vae", vae, vae_budget, seed=cfg.seed)
     t1 = time.perf_counter()
-    stats = [
-        r.payload for r in _round(link, plan, "latent-stats", 0, vae, vae_budget, seed=cfg.seed, latent_dim=latent_dim)
-    ]
+    replies = stage_round(link, plan, "latent-stats", 0, vae, vae_budget, seed=cfg.seed, latent_dim=latent_dim)
+    stats = [r.payload for r in replies]
     mean, std = latent_moments(  # a decoded latent-stats reply carries both sums
         [cast(np.ndarray, r.latent_sum) for r in stats],
         [cast(np.ndarray, r.latent_sumsq) for r in stats],

@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
-from server import fedavg
+from server import dp_pretrain, fedavg
 from server.averaging import aggregate_scores, site_result
 from server.config import FederationConfig
 from server.errors import NO_PLAN, RESUME_MISMATCH, FederationStopped
@@ -165,6 +165,12 @@ def pretrain(run: Run) -> None:
         base = Path(cfg.pretrained_path).expanduser()
         run.vae, run.scdg = load_model(base / "vae.pt", "vae"), load_model(base / "scdg.pt", "scdg")  # type: ignore[assignment]
         run.metrics["pretrain"] = {"source": "checkpoint", "path": str(base)}
+        return
+    if cfg.dp_epsilon > 0 and cfg.dp_pretraining == "statistics":
+        latent_dim = cfg.latent_dim or latent_dim_for(len(run.plan.genes))
+        run.vae, run.scdg, run.metrics["pretrain"] = dp_pretrain.statistics_pretrain(
+            run.link, run.plan, cfg, latent_dim
+        )
         return
     init: dict[str, Any] | None = None
     if cfg.init_path:

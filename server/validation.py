@@ -20,6 +20,7 @@ from shared.protocol import (
     DistillReply,
     DistillRequest,
     EvaluateReply,
+    Plan,
     PretrainReply,
     PretrainRequest,
     ProfileReply,
@@ -103,7 +104,25 @@ def validate_pretrain(reply: PretrainReply, req: PretrainRequest, *, latent_dim:
             msg = f"latent statistics must be two length-{latent_dim} vectors with non-negative sums of squares"
             raise ProtocolError(msg)
         return
+    if reply.stage == "class-means":
+        _class_means(reply, req.plan)
+        return
     _same_state(reply.weights or {}, req.weights, req.stage)
+
+
+def _class_means(reply: PretrainReply, plan: Plan) -> None:
+    """(C, G) non-negative means and (C,) non-negative counts for the plan; a class without cells has a zero row."""
+    means, counts = reply.class_means, reply.class_counts
+    shape = (len(plan.classes), len(plan.genes))
+    if means is None or counts is None or means.shape != shape or counts.shape != shape[:1]:
+        msg = f"class means must be a {shape[0]} x {shape[1]} matrix (plan classes x genes) with {shape[0]} counts"
+        raise ProtocolError(msg)
+    if np.any(means < 0) or np.any(counts < 0) or not np.any(counts > 0):
+        msg = "class means and counts must be non-negative, with at least one class released"
+        raise ProtocolError(msg)
+    if np.any(means[counts == 0] != 0):
+        msg = "a class released with 0 cells must have a zero row of means"
+        raise ProtocolError(msg)
 
 
 def validate_distill(

@@ -100,7 +100,9 @@ class DPSpec:
 
     def schedule(self, n_cells: float, *, has_counts: bool) -> Schedule:
         """Every release of a site with ``n_cells`` (noised) training cells over the run."""
-        one_shot = ["profile gene statistics", "label counts", "latent moments"]
+        one_shot = ["profile gene statistics", "label counts"]
+        if self.rounds > 0:  # without DP-SGD rounds the server takes its latent moments from the models it trained
+            one_shot.append("latent moments")
         if has_counts:
             one_shot.append("library statistics")
         if self.class_means:

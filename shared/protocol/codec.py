@@ -24,7 +24,7 @@ from shared.privacy.spec import DPSpec
 # 2: validation split, validation scores + privacy audit; 3: FedProx mu in the pretrain request, local-only scores in
 # the evaluate reply; 4: count input in the profile, per-class library statistics in the distill reply; 5: DP settings
 # in the spec, the DP report in the distill reply; 6: keep-optimizer and balanced-heads in the pretrain request
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 MSG_PROFILE = "query.profile"
 MSG_PRETRAIN = "train.pretrain"
 MSG_DISTILL = "train.distill"
@@ -45,13 +45,14 @@ KEY_SCDG = "scdg-weights"
 KEY_MLP = "mlp-weights"
 KEY_LOGREG = "logreg"
 KEY_LATENT = "latent-stats"
+KEY_CLASS_MEANS = "class-means"  # ArrayRecord: a site's released per-class gene means and cell counts (DP)
 KEY_CODES = "codes"
 KEY_DISTILL = "distill-config"  # ConfigRecord: DistillConfig fields
 KEY_SYNTHETIC = "synthetic"
 KEY_WARM = "warm-codes"  # ArrayRecord: a site's own codes of the previous round (server -> that site)
 
-Stage = Literal["vae", "latent-stats", "scdg"]
-STAGES: tuple[Stage, ...] = ("vae", "latent-stats", "scdg")
+Stage = Literal["vae", "latent-stats", "scdg", "class-means"]
+STAGES: tuple[Stage, ...] = ("vae", "latent-stats", "scdg", "class-means")
 EVALUATORS = ("mlp", "logreg", "knn")
 ABSENT = -1.0  # wire value of a missing non-negative metric (NaN in Python)
 ABSENT_CORR = -2.0  # wire value of a missing correlation

@@ -10,6 +10,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from shared.protocol.codec import (
+    KEY_CLASS_MEANS,
     KEY_CONFIG,
     KEY_ENCODER,
     KEY_LATENT,
@@ -136,7 +137,8 @@ def _stage_of(rd: RecordDict, where: str) -> tuple[Mapping[str, Any], Stage]:
 # ----------------------------------------------------------------------------- train.pretrain
 @dataclass(frozen=True, eq=False)
 class PretrainRequest:
-    """Server -> site: run local steps of one pretraining stage on these weights (or report latent moments)."""
+    """Server -> site: run local steps of one pretraining stage on these weights (or report latent moments, or under DP
+    release per-class gene means: the "class-means" stage, whose weights are the untrained VAE's)."""
 
     stage: Stage
     round: int
@@ -247,7 +249,8 @@ def _ramp(values: tuple[float, ...], where: str) -> tuple[float, float]:
 
 @dataclass(frozen=True, eq=False)
 class PretrainReply:
-    """Site -> server: updated weights (vae/scdg stages) or per-dimension latent sums (latent-stats stage)."""
+    """Site -> server: updated weights (vae/scdg stages), per-dimension latent sums (latent-stats stage) or, under DP,
+    the released per-class gene means and cell counts (class-means stage)."""
 
     stage: Stage
     round: int
@@ -256,6 +259,8 @@ class PretrainReply:
     weights: StateDict | None = None
     latent_sum: np.ndarray | None = None  # float64 (d,)
     latent_sumsq: np.ndarray | None = None  # float64 (d,)
+    class_means: np.ndarray | None = None  # float32 (C, G): the plan's classes x genes (zero rows: not released)
+    class_counts: np.ndarray | None = None  # int64 (C,): the released (noised) training cells per plan class
 
     def to_record(self) -> RecordDict:
         """Encode."""
@@ -272,6 +277,13 @@ class PretrainReply:
                     "sumsq": Array(np.asarray(self.latent_sumsq, np.float64)),
                 }
             )
+        elif self.stage == "class-means":
+            rd[KEY_CLASS_MEANS] = ArrayRecord(
+                {
+                    "means": Array(np.asarray(self.class_means, np.float32)),
+                    "counts": Array(np.asarray(self.class_counts, np.int64)),
+                }
+            )
         else:
             rd[KEY_WEIGHTS] = state_record(self.weights or {})
         return rd
@@ -281,7 +293,7 @@ class PretrainReply:
         """Decode strictly."""
         where = "pretrain reply"
         cfg, stage = _stage_of(rd, where)
-        payload = KEY_LATENT if stage == "latent-stats" else KEY_WEIGHTS
+        payload = {"latent-stats": KEY_LATENT, "class-means": KEY_CLASS_MEANS}.get(stage, KEY_WEIGHTS)
         check_records(rd, where, configs=[KEY_CONFIG], metrics=[KEY_METRICS], arrays=[payload])
         check_keys(cfg, {SCHEMA_KEY, "stage", "round"}, where)
         check_keys(rd[KEY_METRICS], {"num-examples", "loss"}, where)
@@ -294,6 +306,14 @@ class PretrainReply:
             }
             if out["latent_sum"].shape != out["latent_sumsq"].shape:
                 raise fail(where, "latent sum and sumsq differ in length")
+        elif stage == "class-means":
+            check_keys(rd[KEY_CLASS_MEANS], {"means", "counts"}, where)
+            out = {
+                "class_means": get_array(array_record(rd, KEY_CLASS_MEANS), "means", "float32", 2, where),
+                "class_counts": get_array(array_record(rd, KEY_CLASS_MEANS), "counts", "int64", 1, where),
+            }
+            if out["class_means"].shape[0] != out["class_counts"].shape[0]:
+                raise fail(where, "class means and class counts differ in their number of classes")
         else:
             out = {"weights": state_from_record(array_record(rd, KEY_WEIGHTS), where)}
         return cls(

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 from client import privacy, tasks
 from client.privacy import SiteDP
-from client.site import SiteData, load_site, resolve_source
+from client.site import SiteData, load_profile, load_site, resolve_source
 from server.synthesis import fresh_models
 from shared.checkpoint import model_json, state_of
 from shared.errors import ProtocolError
@@ -148,3 +148,53 @@ def test_objectives_that_read_cells_are_refused_under_dp(site: SiteData, tmp_pat
     req = DistillRequest(1, *_models(unbudgeted), unbudgeted, {"k": 10, "iterations": 1}, 3)
     with pytest.raises(ProtocolError, match="did not budget"):
         tasks.distill_site(site, req, _dp(tmp_path, unbudgeted.spec.dp))
+
+
+def test_the_class_means_release_is_the_one_distillation_matches(site: SiteData, tmp_path: Path) -> None:
+    """dp-pretraining=statistics: the pretraining release is the distillation's class means (same noise: no extra
+    cost), refused without DP, outside the plan, or with other content."""
+    spec = dataclasses.replace(DP, rounds=0)
+    plan, dp = _plan(site, spec), _dp(tmp_path, spec)
+    vae, _ = fresh_models(plan, latent_dim=8, seed=0)
+    req = PretrainRequest("class-means", 0, state_of(vae), model_json(vae), plan, 0, 1e-3, 1, (1.0, 1.0), 1)
+    reply = tasks.pretrain_site(site, req, dp)
+    counts = privacy.plan_counts(site, plan, dp)
+    y, ok = site.global_labels(plan.classes)
+    idx = site.train_idx[ok[site.train_idx]]
+    matched = privacy.class_gene_means(site.X[idx], y[idx], counts, dp, privacy.budget(site, plan, dp).noise.stats)
+    assert reply.class_means is not None and reply.class_counts is not None
+    assert np.array_equal(reply.class_counts, counts) and np.array_equal(reply.class_means, matched)
+    assert reply.loss == 0.0 and reply.weights is None
+    exact = np.stack([np.asarray(site.X[idx][y[idx] == c].mean(0)).ravel() for c in range(3)])
+    assert not np.allclose(reply.class_means, exact)  # noised
+    assert np.array_equal(tasks.pretrain_site(site, req, dp).class_means, reply.class_means)  # a retry: same release
+    with pytest.raises(ProtocolError, match="already released"):
+        tasks.pretrain_site(site, dataclasses.replace(req, weights={k: v + 1 for k, v in req.weights.items()}), dp)
+    with pytest.raises(ProtocolError, match="only under DP"):
+        tasks.pretrain_site(site, req)
+    unbudgeted = dataclasses.replace(spec, class_means=False)
+    with pytest.raises(ProtocolError, match="not part of the run's DP plan"):
+        tasks.pretrain_site(site, dataclasses.replace(req, plan=_plan(site, unbudgeted)), _dp(tmp_path, unbudgeted))
+    with pytest.raises(ProtocolError, match="not part of the run's DP plan"):  # no DP-SGD rounds: no latent moments
+        tasks.pretrain_site(site, dataclasses.replace(req, stage="latent-stats"), dp)
+
+
+def test_a_profile_cached_without_dp_is_completed_for_a_dp_run(three_site_h5ad: Path, tmp_path: Path) -> None:
+    source = resolve_source({"partition-id": 0}, {"sim-data-path": str(three_site_h5ad), "sim-site-key": "site"})
+    plain = load_profile(source, dataclasses.replace(SPEC, dp=DPSpec()), cache=tmp_path)
+    assert plain.clipped.shape[0] == 0
+    private = load_profile(source, SPEC, cache=tmp_path)  # the same cache file: DP needs the clipped sums too
+    assert private.clipped.shape == (3, len(private.genes)) and np.array_equal(private.sums, plain.sums)
+    assert tasks.profile_site(private, _dp(tmp_path)).n_cells > 0
+    assert load_profile(source, dataclasses.replace(SPEC, dp=DPSpec()), cache=tmp_path).clipped.shape[0] == 3
+
+
+def test_class_means_of_an_unreleased_class_are_zero(site: SiteData, tmp_path: Path) -> None:
+    plan, dp = _plan(site), _dp(tmp_path)
+    y, ok = site.global_labels(plan.classes)
+    idx = site.train_idx[ok[site.train_idx]]
+    counts = privacy.plan_counts(site, plan, dp)
+    counts[1] = 0  # as if class 1's noised count had stayed below the name threshold
+    sigma = privacy.budget(site, plan, dp).noise.stats
+    means = privacy.class_gene_means(site.X[idx], y[idx], counts, dp, sigma)
+    assert np.all(means[1] == 0) and np.any(means[0] > 0) and np.any(means[2] > 0)

@@ -19,7 +19,14 @@ from shared.protocol import MSG_DISTILL, MSG_PRETRAIN, DistillReply, Plan, Pretr
 
 @pytest.mark.slow
 def test_a_dp_federation_reports_each_sites_epsilon(tiny_config: dict[str, object], site_cache: dict[str, str]) -> None:
-    cfg = {**tiny_config, "dp-epsilon": 50.0, "num-distill-rounds": 1, "cells-per-class": 3, "report": True}
+    cfg = {
+        **tiny_config,
+        "dp-epsilon": 50.0,
+        "dp-pretraining": "dp-sgd",
+        "num-distill-rounds": 1,
+        "cells-per-class": 3,
+        "report": True,
+    }
     grid = run_in_process(cfg, num_nodes=3, node_configs=[site_cache] * 3, record=True)
     metrics = json.loads((Path(str(cfg["out-dir"])) / "tiny" / "metrics.json").read_text())
     assert sorted(metrics["privacy"]) == sorted(metrics["sites"]) and sorted(metrics["privacy_plan"]) == sorted(
@@ -56,7 +63,13 @@ def test_a_dp_federation_reports_each_sites_epsilon(tiny_config: dict[str, objec
 def test_an_unreachable_epsilon_stops_the_run_before_training(
     tiny_config: dict[str, object], site_cache: dict[str, str]
 ) -> None:
-    cfg = {**tiny_config, "dp-epsilon": 20.0, "num-pretrain-rounds": 1000, "vae-local-steps": 100}
+    cfg = {
+        **tiny_config,
+        "dp-epsilon": 20.0,
+        "dp-pretraining": "dp-sgd",
+        "num-pretrain-rounds": 1000,
+        "vae-local-steps": 100,
+    }
     grid = None
     with pytest.raises(
         ConfigError, match=r"^site site_a \(\d+ cells after noise\): dp-epsilon=20 cannot be met"
@@ -108,8 +121,35 @@ def test_reports_are_checked() -> None:
             check_report(bad, dp_on=on, target=8.0)
 
 
+@pytest.mark.slow
+def test_under_statistics_pretraining_no_model_update_leaves_a_site(
+    tiny_config: dict[str, object], site_cache: dict[str, str]
+) -> None:
+    """The DP default: one class-means release per site, the server trains the models on cells drawn around them, and
+    the accountant counts no DP-SGD."""
+    cfg = {**tiny_config, "dp-epsilon": 50.0, "num-distill-rounds": 1, "cells-per-class": 3}
+    grid = run_in_process(cfg, num_nodes=3, node_configs=[site_cache] * 3, record=True)
+    metrics = json.loads((Path(str(cfg["out-dir"])) / "tiny" / "metrics.json").read_text())
+    replies = [
+        PretrainReply.from_record(e.reply.content)
+        for e in grid.log
+        if e.message_type == MSG_PRETRAIN and e.reply is not None
+    ]
+    assert len(replies) == 3 and all(r.stage == "class-means" and r.weights is None for r in replies)
+    assert metrics["pretrain"]["source"] == "dp-statistics" and metrics["pretrain"]["drawn_cells"] > 0
+    for rep in metrics["privacy"].values():
+        assert 0 < rep["epsilon"] <= 50.0 and rep["noise_multiplier_sgd"] == 0.0
+        assert any("class gene means" in m for m in rep["mechanisms"])
+        assert not any("DP-SGD" in m or "latent moments" in m for m in rep["mechanisms"])
+    assert metrics["rounds"][-1]["aggregate"]["cell_weighted"]["mlp"]["accuracy"] > 0
+
+
 def test_run_config_dp_keys() -> None:
-    cfg = FederationConfig.from_run_config({"dp-epsilon": 4, "dp-delta": 1e-6, "dp-max-grad-norm": 0.5})
+    stats = FederationConfig.from_run_config({"dp-epsilon": 4}).site_spec("run-x").dp
+    assert stats.rounds == 0 and stats.class_means  # the default: no DP-SGD, the class means released once
+    cfg = FederationConfig.from_run_config(
+        {"dp-epsilon": 4, "dp-delta": 1e-6, "dp-max-grad-norm": 0.5, "dp-pretraining": "dp-sgd"}
+    )
     spec = cfg.site_spec("run-x").dp
     assert (
         spec.enabled
@@ -120,6 +160,13 @@ def test_run_config_dp_keys() -> None:
     )
     assert spec.class_means  # under DP the distillation matches the released class means at every k
     assert FederationConfig().site_spec("r").dp == DPSpec()
-    for bad in ({"dp-epsilon": -1}, {"dp-epsilon": 1, "dp-delta": 0.5}, {"dp-epsilon": 1, "dp-max-grad-norm": 0}):
+    for bad in (
+        {"dp-epsilon": -1},
+        {"dp-epsilon": 1, "dp-delta": 0.5},
+        {"dp-epsilon": 1, "dp-max-grad-norm": 0},
+        {"dp-epsilon": 1, "dp-pretraining": "sgd"},
+        {"dp-epsilon": 1, "init-path": "/some/reference"},  # init-path starts FedAvg, which statistics replaces
+    ):
         with pytest.raises(ConfigError, match="dp-"):
             FederationConfig.from_run_config(bad)
+    FederationConfig.from_run_config({"dp-epsilon": 1, "dp-pretraining": "dp-sgd", "init-path": "/some/reference"})

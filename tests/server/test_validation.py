@@ -191,6 +191,31 @@ def test_latent_stats_of_the_wrong_length_are_rejected() -> None:
         decode(rd, PretrainReply)
 
 
+def test_class_means_must_fit_the_plan() -> None:
+    req = PretrainRequest("class-means", 0, STATE, "{}", PLAN, 0, 1e-3, 1, (1.0, 1.0), 0)
+    means, counts = np.ones((3, 3), np.float32), np.array([10, 7, 0])
+    means[2] = 0.0
+
+    def reply(m: np.ndarray, n: np.ndarray) -> PretrainReply:
+        rd = PretrainReply("class-means", 0, 17, 0.0, class_means=m, class_counts=n).to_record()
+        return decode(rd, PretrainReply)
+
+    validate_pretrain(reply(means, counts), req, latent_dim=D)
+    for m, n, what in (
+        (means[:, :2], counts, "matrix"),
+        (-means, counts, "non-negative"),
+        (means + 1, counts, "zero row"),  # a class released with 0 cells
+        (means, counts * 0, "at least one class"),
+    ):
+        with pytest.raises(ProtocolError, match=what):
+            validate_pretrain(reply(np.ascontiguousarray(m), n), req, latent_dim=D)
+    with pytest.raises(ProtocolError, match="differ"):
+        reply(means, counts[:2])
+    rd = PretrainReply("class-means", 0, 17, 0.0, class_means=means * np.nan, class_counts=counts).to_record()
+    with pytest.raises(ProtocolError):
+        decode(rd, PretrainReply)
+
+
 FIDELITY = {
     "mmd_pca": 0.1,
     "mean_corr": 0.9,

@@ -110,16 +110,21 @@ def test_pretrain_request_roundtrip(stage: str) -> None:
     assert (back.encoder is None) == (stage != "scdg")
 
 
-@pytest.mark.parametrize("stage", ["vae", "scdg", "latent-stats"])
+@pytest.mark.parametrize("stage", ["vae", "scdg", "latent-stats", "class-means"])
 def test_pretrain_reply_roundtrip(stage: str) -> None:
     if stage == "latent-stats":
         reply = PretrainReply(stage, 0, 11, 0.0, latent_sum=np.ones(8), latent_sumsq=np.full(8, 2.0))
+    elif stage == "class-means":
+        means = np.arange(6, dtype=np.float32).reshape(2, 3)
+        reply = PretrainReply(stage, 0, 11, 0.0, class_means=means, class_counts=np.array([5, 6]))
     else:
         reply = PretrainReply(stage, 3, 11, 0.25, weights=STATE)
     back = PretrainReply.from_record(reply.to_record())
     assert (back.stage, back.round, back.num_examples, back.loss) == (stage, reply.round, 11, reply.loss)
     if stage == "latent-stats":
         assert np.array_equal(back.latent_sumsq, reply.latent_sumsq)
+    elif stage == "class-means":
+        assert np.array_equal(back.class_means, reply.class_means) and back.class_counts.tolist() == [5, 6]
     else:
         assert _arrays_equal(back.weights, STATE)
 
