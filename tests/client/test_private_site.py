@@ -108,10 +108,31 @@ def test_class_means_move_by_at_most_the_clipping_bound(site: SiteData, tmp_path
     counts = privacy.plan_counts(site, plan, dp)
     sigma = privacy.budget(site, plan, dp).noise.stats
     X_plan = site.X[idx]
-    a = privacy.class_gene_means(X_plan, y[idx], counts, dp, sigma)
-    b = privacy.class_gene_means(_changed_cell(site).X[idx], y[idx], counts, dp, sigma)
-    moved = np.linalg.norm((a - b) * np.maximum(counts, 1)[:, None])  # back to sums
+    a = privacy.class_gene_sums(X_plan, y[idx], 3, dp, sigma)
+    b = privacy.class_gene_sums(_changed_cell(site).X[idx], y[idx], 3, dp, sigma)
+    moved = np.linalg.norm(a - b)
     assert 0 < moved <= 2 * 60.0 + 1e-3  # two clipped rows (the old cell out, the new one in) of norm <= GENE_NORM
+    means = privacy.class_gene_means(X_plan, y[idx], counts, dp, sigma)  # post-processing of the same release
+    assert np.array_equal(means, privacy.denoise_means(a, counts, sigma * 60.0).astype(np.float32))
+
+
+def test_denoising_keeps_the_differences_that_stand_out_of_the_noise() -> None:
+    sums = np.array([[10.0, 40.0, 20.0], [30.0, 20.0, 20.0], [5.0, 5.0, 5.0]])
+    counts = np.array([10, 10, 0])  # site mean (2, 3, 2); class 2 not released
+    exact = privacy.denoise_means(sums, counts, 0.0)
+    assert np.allclose(exact[:2], sums[:2] / 10) and np.all(exact[2] == 0)
+    shrunk = privacy.denoise_means(sums, counts, 5.0)  # threshold 1 x 5 / 10 = 0.5 per gene
+    assert np.allclose(shrunk[0], [1.5, 3.5, 2.0]) and np.allclose(shrunk[1], [2.5, 2.5, 2.0])
+    # on noised sums of real-looking data the denoised means are closer to the truth than the raw ones
+    rng = np.random.default_rng(0)
+    truth = np.zeros((5, 500))
+    truth[:, :] = rng.gamma(0.5, 1.0, 500)
+    for c in range(5):
+        truth[c, rng.choice(500, 20, replace=False)] += 3.0  # a few markers per class
+    n = np.full(5, 50)
+    noisy = truth * n[:, None] + rng.normal(0.0, 60.0, truth.shape)
+    raw_err = np.abs(noisy / n[:, None] - truth).mean()
+    assert np.abs(privacy.denoise_means(noisy, n, 60.0) - truth).mean() < 0.7 * raw_err
 
 
 def test_pretraining_stays_within_the_dp_plan(site: SiteData, tmp_path: Path) -> None:
