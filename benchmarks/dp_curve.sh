@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Accuracy vs epsilon of the shipped federation: `scdd simulate` on FILE at each epsilon (0 = no DP), one seed, same schedule.
 #   benchmarks/dp_curve.sh FILE OUT_DIR SEED "EPSILONS" [KEY=VALUE ...]
-# e.g. benchmarks/dp_curve.sh ../shared/data/cbmc_citeseq_scdcc.h5ad runs/dp 0 "0 1 2 4 8" num-pretrain-rounds=10 vae-local-steps=30 scdg-local-steps=30
+# e.g. benchmarks/dp_curve.sh ../shared/data/cbmc_citeseq_scdcc.h5ad runs/dp 0 "1 2 4 8"   (the DP default:
+#      dp-pretraining=statistics); the previous release's DP-SGD runs added dp-pretraining=dp-sgd num-pretrain-rounds=10
+#      vae-local-steps=30 scdg-local-steps=30
 # Summarise with: python benchmarks/dp_summary.py OUT_DIR
 set -euo pipefail
 file=$1; out=$2; seed=$3; epsilons=$4; shift 4

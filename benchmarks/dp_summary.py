@@ -11,10 +11,13 @@ import re
 import sys
 from pathlib import Path
 
+AUDITS = ("seed_mia", "population_mia", "density_mia")
+
 
 def main() -> None:
     out = Path(sys.argv[1])
     rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    audits: dict[tuple[str, str], dict[str, float]] = {}
     print(
         "| file | epsilon (target) | seed | MLP test acc | LR test acc | MLP validation acc | local-only MLP "
         "| epsilon spent (max over sites) | sites |"
@@ -47,6 +50,12 @@ def main() -> None:
         spent = max((p["epsilon"] for p in mt.get("privacy", {}).values()), default=float("nan"))
         vmlp = val.get("mlp", {}).get("accuracy", float("nan"))
         rows.setdefault((name, eps), []).append((cw["mlp"]["accuracy"], cw["logreg"]["accuracy"]))
+        worst = audits.setdefault((name, eps), {})
+        for site in mt["rounds"][-1]["sites"].values():
+            for key in AUDITS:
+                value = site.get("audit", {}).get(key)
+                if value is not None and value == value:  # not NaN
+                    worst[key] = max(worst.get(key, 0.0), value)
         print(
             f"| {name} | {eps if float(eps) > 0 else 'off'} | {seed} | {cw['mlp']['accuracy']:.3f} "
             f"| {cw['logreg']['accuracy']:.3f} | {vmlp:.3f} | "
@@ -61,6 +70,13 @@ def main() -> None:
     ):
         mlp, lr = (sum(v[i] for v in vals) / len(vals) for i in (0, 1))
         print(f"| {name} | {eps if float(eps) > 0 else 'off'} | {len(vals)} | {mlp:.3f} | {lr:.3f} |")
+
+    print("\nMembership audits, the largest over sites and seeds (AUC; 0.5 = nothing learned):\n")
+    print("| file | epsilon | " + " | ".join(AUDITS) + " |")
+    print("|---|---|" + "---|" * len(AUDITS))
+    for (name, eps), worst in sorted(audits.items()):
+        cells = " | ".join(f"{worst[k]:.3f}" if k in worst else "" for k in AUDITS)
+        print(f"| {name} | {eps if float(eps) > 0 else 'off'} | {cells} |")
 
 
 if __name__ == "__main__":
