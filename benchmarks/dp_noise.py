@@ -1,7 +1,8 @@
 """Print the noise a DP run needs at each epsilon: one-shot noise, the label-name threshold, the DP-SGD noise
 multiplier.
 
-    python benchmarks/dp_noise.py [--cells 300 2000 20000] [--rounds 30 --vae-steps 100 --scdg-steps 50]
+    python benchmarks/dp_noise.py [--cells 300 2000 20000] [--counts] [--rounds 30 --vae-steps 100 --scdg-steps 50]
+    python benchmarks/dp_noise.py --statistics [--counts]   (dp-pretraining=statistics, the DP default: no DP-SGD)
 
 Pure accounting (no data): the numbers the README's privacy section quotes.
 """
@@ -24,16 +25,22 @@ def main() -> None:
     ap.add_argument("--vae-steps", type=int, default=100)
     ap.add_argument("--scdg-steps", type=int, default=50)
     ap.add_argument("--counts", action="store_true", help="count input (one more release: library statistics)")
+    ap.add_argument(
+        "--statistics", action="store_true", help="dp-pretraining=statistics: class means released, no DP-SGD rounds"
+    )
     args = ap.parse_args()
+    rounds = 0 if args.statistics else args.rounds
     print(
-        f"schedule: {args.rounds} rounds x {args.vae_steps} VAE steps (batch 128) + "
-        f"{args.scdg_steps} SCDG steps (batch 256); count input: {args.counts}"
+        f"schedule: {rounds} DP-SGD rounds x {args.vae_steps} VAE steps (batch 128) + "
+        f"{args.scdg_steps} SCDG steps (batch 256); count input: {args.counts}; class means: {args.statistics}"
     )
     print("| cells | epsilon | delta | one-shot noise | label threshold (cells) | DP-SGD noise | epsilon spent |")
     print("|---|---|---|---|---|---|---|")
     for n in args.cells:
         for eps in args.epsilons:
-            spec = DPSpec(eps, 0.0, 1.0, "table", args.rounds, args.vae_steps, 128, args.scdg_steps, 256)
+            spec = DPSpec(
+                eps, None, 1.0, "table", rounds, args.vae_steps, 128, args.scdg_steps, 256, class_means=args.statistics
+            )
             sched, delta = spec.schedule(n, has_counts=args.counts), spec.site_delta(n)
             try:
                 noise = calibrate(eps, delta, sched)
