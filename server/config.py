@@ -184,7 +184,7 @@ class FederationConfig:
             ),
             (
                 self.device == "cpu" or self.dp_epsilon == 0,
-                "device must be 'cpu' when dp-epsilon > 0 (DP-SGD runs on CPU in this release)",
+                "device must be 'cpu' when dp-epsilon > 0 (the DP path runs on CPU in this release)",
             ),
         ]
         errors = [text for ok, text in checks if not ok]

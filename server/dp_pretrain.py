@@ -27,6 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from server.config import FederationConfig
+from server.errors import NOTHING_RELEASED, FederationStopped
 from server.fedavg import StageBudget, budgets, stage_round
 from server.messaging import Link
 from server.synthesis import fresh_models
@@ -57,8 +58,7 @@ def draw_cells(
         (m[c], int(n[c]), int(c)) for m, n in zip(means, counts, strict=True) for c in np.flatnonzero(n >= MIN_CELLS)
     ]
     if not jobs:
-        msg = f"no site released a class with at least {MIN_CELLS} cells: nothing to pretrain on"
-        raise RuntimeError(msg)
+        raise FederationStopped(NOTHING_RELEASED, f"no class with at least {MIN_CELLS} released cells at any site")
     scale = min(1.0, max_cells / sum(n for _, n, _ in jobs))
     blocks, labels = [], []
     for mean, n, c in jobs:

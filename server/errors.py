@@ -8,6 +8,7 @@ TOO_FEW_SITES = "too-few-sites"
 NO_SITES_CONNECTED = "no-sites-connected"
 NO_PLAN = "no-common-plan"
 RESUME_MISMATCH = "resume-mismatch"
+NOTHING_RELEASED = "nothing-released"
 
 STOP_REASONS: dict[str, str] = {
     NO_SITES_CONNECTED: (
@@ -20,6 +21,10 @@ STOP_REASONS: dict[str, str] = {
     ),
     NO_PLAN: (
         "the sites' profiles admit no common plan (no shared genes or no classes); check gene identifiers and label-key"
+    ),
+    NOTHING_RELEASED: (
+        "under DP no site released a cell type with enough cells to pretrain on; raise dp-epsilon, add sites, or "
+        "use dp-pretraining=dp-sgd"
     ),
     RESUME_MISMATCH: "resume=true found a run directory written with another plan-relevant config; use a new run-id "
     "or the original config",

@@ -7,6 +7,7 @@ import pytest
 
 from server.config import FederationConfig
 from server.dp_pretrain import LOG_MAX, MIN_CELLS, draw_cells, server_budgets
+from server.errors import FederationStopped
 from shared.pretrain import PretrainConfig
 
 
@@ -29,7 +30,7 @@ def test_the_draw_is_scaled_down_to_its_cap_and_refuses_nothing_to_draw() -> Non
     means, counts = [np.ones((2, 4))], [np.array([3000, 1000])]
     _, y = draw_cells(means, counts, seed=1, max_cells=400)
     assert np.bincount(y).tolist() == [300, 100]
-    with pytest.raises(RuntimeError, match="nothing to pretrain on"):
+    with pytest.raises(FederationStopped, match=r"nothing-released.*no class with at least 5 released cells"):
         draw_cells([np.ones((2, 4))], [np.array([MIN_CELLS - 1, 0])], seed=0)
 
 
