@@ -1,5 +1,5 @@
-"""Print the noise a DP run needs at each epsilon: one-shot noise, the label-name threshold, the DP-SGD noise
-multiplier.
+"""Print the noise a DP run needs at each epsilon: one-shot noise (the class means' and the other releases'), the
+label-name threshold, the DP-SGD noise multiplier.
 
     python benchmarks/dp_noise.py [--cells 300 2000 20000] [--counts] [--rounds 30 --vae-steps 100 --scdg-steps 50]
     python benchmarks/dp_noise.py --statistics [--counts]   (dp-pretraining=statistics, the DP default: no DP-SGD)
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from shared.errors import ConfigError
-from shared.privacy.accounting import calibrate, epsilon
+from shared.privacy.accounting import PRIMARY, calibrate, epsilon
 from shared.privacy.mechanisms import name_threshold
 from shared.privacy.spec import DPSpec
 
@@ -34,8 +34,11 @@ def main() -> None:
         f"schedule: {rounds} DP-SGD rounds x {args.vae_steps} VAE steps (batch 128) + "
         f"{args.scdg_steps} SCDG steps (batch 256); count input: {args.counts}; class means: {args.statistics}"
     )
-    print("| cells | epsilon | delta | one-shot noise | label threshold (cells) | DP-SGD noise | epsilon spent |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| cells | epsilon | delta | one-shot noise: class means | other one-shot releases | label threshold (cells) "
+        "| DP-SGD noise | epsilon spent |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for n in args.cells:
         for eps in args.epsilons:
             spec = DPSpec(
@@ -45,11 +48,13 @@ def main() -> None:
             try:
                 noise = calibrate(eps, delta, sched)
             except ConfigError:
-                print(f"| {n} | {eps:g} | {delta:.1e} | - | - | unreachable | - |")
+                print(f"| {n} | {eps:g} | {delta:.1e} | - | - | - | unreachable | - |")
                 continue
-            tau = name_threshold(noise.stats, spec.names_delta())
+            main_noise = f"{noise.stats * sched.scale(PRIMARY):.2f}" if PRIMARY in sched.one_shot else "-"
+            other = noise.stats * sched.scale("label counts")
+            tau = name_threshold(other, spec.names_delta())
             print(
-                f"| {n} | {eps:g} | {delta:.1e} | {noise.stats:.2f} | {tau:.0f} | {noise.sgd:.2f} "
+                f"| {n} | {eps:g} | {delta:.1e} | {main_noise} | {other:.2f} | {tau:.0f} | {noise.sgd:.2f} "
                 f"| {epsilon(sched, noise, delta):.3f} |"
             )
 

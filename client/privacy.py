@@ -20,7 +20,7 @@ from client.site import SiteData, SiteProfile
 from shared.errors import ProtocolError, SiteDataError
 from shared.privacy import ledger
 from shared.privacy import mechanisms as mech
-from shared.privacy.accounting import Noise, Schedule, calibrate, epsilon, one_shot_noise
+from shared.privacy.accounting import PRIMARY, Noise, Schedule, calibrate, epsilon, release_noise
 from shared.privacy.sgd import DPSGD
 from shared.privacy.spec import DPSpec
 from shared.protocol import Plan, ProfileReply
@@ -51,14 +51,14 @@ class SiteDP:
         ledger.claim(self.cache, self.site_key, self.spec.run_key, slot, content)
 
 
-def _one_shot_sigma(site: SiteData | SiteProfile, dp: SiteDP) -> float:
-    return one_shot_noise(dp.spec.epsilon, dp.spec.schedule(1.0, has_counts=site.has_counts))
+def _one_shot_sigma(site: SiteData | SiteProfile, dp: SiteDP, name: str) -> float:
+    return release_noise(dp.spec.epsilon, dp.spec.schedule(1.0, has_counts=site.has_counts), name)
 
 
 def label_counts(site: SiteData | SiteProfile, dp: SiteDP) -> dict[str, int]:
     """Training cells per label, noised; only labels whose noised count passes the threshold
     (``mechanisms.name_threshold``)."""
-    sigma = _one_shot_sigma(site, dp)
+    sigma = _one_shot_sigma(site, dp, "label counts")
     y = site.labels[site.train_idx]
     noised = mech.noisy_counts(y, len(site.classes), sigma, dp.rng("label counts"))
     tau = mech.name_threshold(sigma, dp.spec.names_delta())
@@ -82,7 +82,7 @@ def profile(site: SiteProfile, dp: SiteDP) -> ProfileReply:
     if site.clipped.shape[0] != len(mech.PROFILE_BOUNDS):
         msg = "the site's profile statistics were computed without DP clipping; prepare them again with DP on"
         raise SiteDataError(msg)
-    sigma = _one_shot_sigma(site, dp)
+    sigma = _one_shot_sigma(site, dp, "profile gene statistics")
     rng = dp.rng("profile gene statistics")
     out = []
     for part, bound in zip(site.clipped, mech.PROFILE_BOUNDS, strict=True):
@@ -90,7 +90,7 @@ def profile(site: SiteProfile, dp: SiteDP) -> ProfileReply:
         out.append(np.maximum(noised * bound * SQRT3, 0.0))
     counts = label_counts(site, dp)
     if not counts:
-        tau = mech.name_threshold(sigma, dp.spec.names_delta())
+        tau = mech.name_threshold(_one_shot_sigma(site, dp, "label counts"), dp.spec.names_delta())
         msg = (
             f"under DP (dp-epsilon={dp.spec.epsilon:g}) no cell type of this site passes the release threshold "
             f"of about {tau:.0f} training cells after noise; raise dp-epsilon or leave this site out"
@@ -120,6 +120,10 @@ class Budget:
     schedule: Schedule
     noise: Noise
 
+    def sigma(self, name: str) -> float:
+        """The noise multiplier of one-shot release ``name``."""
+        return self.noise.stats * self.schedule.scale(name)
+
 
 def budget(site: SiteData, plan: Plan, dp: SiteDP) -> Budget:
     """Noise multipliers that meet the run's epsilon at this site (ConfigError when they cannot)."""
@@ -145,8 +149,7 @@ def check_pretrain(dp: SiteDP, stage: str, rnd: int, steps: int, batch: int, con
     if stage == "latent-stats" and spec.rounds > 0:
         dp.claim("latent-stats", content)
         return
-    if stage == "class-means" and spec.class_means:  # the release distillation matches: the same noise, no extra cost
-        dp.claim("class-means", content)
+    if stage == "class-means" and spec.class_means:  # the release distillation matches; claimed by class_means_release
         return
     if stage in ("latent-stats", "class-means"):
         msg = f"refused: a {stage} release is not part of the run's DP plan"
@@ -197,19 +200,46 @@ def library_stats(
     return out
 
 
-def class_gene_sums(X: sp.csr_matrix, y: np.ndarray, n_classes: int, dp: SiteDP, sigma: float) -> np.ndarray:
-    """(C, G) per-class sums of the cells, each clipped to L2 norm GENE_NORM, plus Gaussian noise of sd sigma x
-    GENE_NORM per entry: the release (one cell moves it by at most GENE_NORM in L2)."""
+def class_gene_sums(
+    X: sp.csr_matrix, y: np.ndarray, n_classes: int, dp: SiteDP, sigma: float, center: np.ndarray | None = None
+) -> np.ndarray:
+    """(C, G) per-class sums plus Gaussian noise of sd sigma x the clip bound per entry: the release (one cell moves it
+    by at most the bound in L2).
+
+    Without ``center`` each cell is clipped to L2 norm GENE_NORM. With the plan's center (all sites' mean cell) each
+    cell's difference to it is clipped to CENTERED_NORM instead: those differences are shorter than the cells, so the
+    same epsilon buys less noise. The release is then the sum of the clipped differences.
+    """
     dense = np.asarray(X.toarray(), np.float64)
     rng = dp.rng("class gene means")
-    return mech.noisy_class_sums(dense / mech.GENE_NORM, y, n_classes, sigma, rng) * mech.GENE_NORM
+    if center is None:
+        return mech.noisy_class_sums(dense / mech.GENE_NORM, y, n_classes, sigma, rng) * mech.GENE_NORM
+    return mech.noisy_class_sums((dense - center) / mech.CENTERED_NORM, y, n_classes, sigma, rng) * mech.CENTERED_NORM
 
 
-def class_gene_means(X: sp.csr_matrix, y: np.ndarray, counts: np.ndarray, dp: SiteDP, sigma: float) -> np.ndarray:
-    """(C, G) per-class mean expression from the ``class_gene_sums`` release, denoised (``denoise_means``; rows of
-    unreleased classes are 0)."""
-    sums = class_gene_sums(X, y, len(counts), dp, sigma)
-    return denoise_means(sums, np.asarray(counts), sigma * mech.GENE_NORM).astype(np.float32)
+def class_gene_means(
+    X: sp.csr_matrix, y: np.ndarray, counts: np.ndarray, dp: SiteDP, sigma: float, center: np.ndarray | None = None
+) -> np.ndarray:
+    """(C, G) per-class mean expression from the ``class_gene_sums`` release and the released ``counts``, denoised
+    (``denoise_means``; rows of unreleased classes are 0)."""
+    counts = np.asarray(counts)
+    sums = class_gene_sums(X, y, len(counts), dp, sigma, center)
+    bound = mech.GENE_NORM
+    if center is not None:  # back to sums of cells, with the released counts (post-processing)
+        sums = sums + counts[:, None].astype(np.float64) * np.asarray(center, np.float64)
+        bound = mech.CENTERED_NORM
+    return denoise_means(sums, counts, sigma * bound).astype(np.float32)
+
+
+def class_means_release(
+    X: sp.csr_matrix, y: np.ndarray, counts: np.ndarray, plan: Plan, dp: SiteDP, b: Budget
+) -> np.ndarray:
+    """The site's one release of per-class gene means in this run (pretraining and distillation both use it; the same
+    noise, no extra cost). The ledger ties it to the plan: the same noise over other genes or around another center
+    would let the coordinator subtract two releases, so a second plan is refused."""
+    dp.claim("class-means", plan.digest())
+    center = np.asarray(plan.center, np.float64) if plan.center else None
+    return class_gene_means(X, y, counts, dp, b.sigma(PRIMARY), center)
 
 
 def denoise_means(sums: np.ndarray, counts: np.ndarray, noise_sd: float, threshold: float = SHRINK) -> np.ndarray:
@@ -238,7 +268,7 @@ def report(b: Budget, dp: SiteDP) -> dict[str, object]:
     """What the accountant says this site spent in the run: epsilon at delta (plus the label threshold's delta), and the
     mechanisms."""
     eps = epsilon(b.schedule, b.noise, b.delta)
-    mechanisms = [f"Gaussian (noise multiplier {b.noise.stats:.3g}): {name}" for name in b.schedule.one_shot]
+    mechanisms = [f"Gaussian (noise multiplier {b.sigma(name):.3g}): {name}" for name in b.schedule.one_shot]
     mechanisms += [
         f"DP-SGD {st.name}: {st.steps} steps, Poisson rate {st.sample_rate:.4g}, noise multiplier {b.noise.sgd:.3g}, "
         f"clip {dp.spec.max_grad_norm:g}"

@@ -160,12 +160,12 @@ def pretrain_site(
             msg = "refused: per-class gene means are released only under DP (dp-epsilon > 0)"
             raise ProtocolError(msg)
         counts = privacy.plan_counts(site, req.plan, dp)
-        means = privacy.class_gene_means(X, y, counts, dp, b.noise.stats)
+        means = privacy.class_means_release(X, y, counts, req.plan, dp, b)
         return PretrainReply("class-means", req.round, n_cells, 0.0, class_means=means, class_counts=counts)
     if req.stage == "latent-stats":
         Z = encode(_model("vae", req.model_config, req.weights).to(dev), X).astype(np.float64)
         if b is not None and dp is not None:
-            s, q = privacy.latent_moments(Z, dp, b.noise.stats)
+            s, q = privacy.latent_moments(Z, dp, b.sigma("latent moments"))
             return PretrainReply("latent-stats", req.round, n_cells, 0.0, latent_sum=s, latent_sumsq=q)
         return PretrainReply("latent-stats", req.round, n_cells, 0.0, latent_sum=Z.sum(0), latent_sumsq=(Z**2).sum(0))
     prior = class_frequencies(y, len(req.plan.classes)) if req.balanced_heads and dp is None else None
@@ -280,7 +280,7 @@ def distill_site(
         classes = np.flatnonzero(counts > 0)
         given = (classes, np.minimum(counts[classes], cfg.k))
         if resolve_gene_mean_weight(cfg) > 0:
-            means = privacy.class_gene_means(X, y, counts, dp, b.noise.stats)
+            means = privacy.class_means_release(X, y, counts, req.plan, dp, b)
         report = privacy.report(b, dp)
     else:
         counts = np.bincount(y, minlength=n_classes).astype(np.int64)
@@ -291,7 +291,7 @@ def distill_site(
     if not site.has_counts:
         library = np.full((n_classes, LIBRARY_STATS), np.nan, np.float32)
     elif dp is not None and b is not None:
-        library = privacy.library_stats(X, site.library[idx], y, counts, dp, b.noise.stats)
+        library = privacy.library_stats(X, site.library[idx], y, counts, dp, b.sigma("library statistics"))
     else:
         library = library_stats(X, site.library[idx], y, n_classes)
     logger.info(

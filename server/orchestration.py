@@ -41,7 +41,7 @@ from shared.checkpoint import load_model, model_json, state_of
 from shared.distill import Codes, DistillConfig, resolve_iterations, resolve_t_star, wire_fields
 from shared.errors import ConfigError
 from shared.models import SCDG, VAE
-from shared.plan import plan_vocabulary
+from shared.plan import plan_center, plan_vocabulary
 from shared.pretrain import latent_dim_for
 from shared.protocol import (
     EVALUATORS,
@@ -146,13 +146,17 @@ def make_plan(profiles: list[ProfileReply], cfg: FederationConfig, spec: SiteSpe
         if not path.is_file():
             msg = f"pretrained-path needs plan.json, vae.pt and scdg.pt (a previous run's directory); {path} is missing"
             raise ConfigError(msg)
-        return dataclasses.replace(Plan.from_json(json.loads(path.read_text(encoding="utf-8"))), spec=spec)
-    allowed = reference_genes(cfg.init_path) if cfg.init_path else None
-    try:
-        genes, classes = plan_vocabulary(profiles, n_genes=cfg.n_genes, allowed=allowed)
-    except ValueError as exc:
-        raise FederationStopped(NO_PLAN, str(exc)) from None
-    return Plan(tuple(genes), tuple(classes), spec)
+        plan = dataclasses.replace(Plan.from_json(json.loads(path.read_text(encoding="utf-8"))), spec=spec, center=())
+    else:
+        allowed = reference_genes(cfg.init_path) if cfg.init_path else None
+        try:
+            genes, classes = plan_vocabulary(profiles, n_genes=cfg.n_genes, allowed=allowed)
+        except ValueError as exc:
+            raise FederationStopped(NO_PLAN, str(exc)) from None
+        plan = Plan(tuple(genes), tuple(classes), spec)
+    if spec.dp.enabled and spec.dp.class_means:  # the center the sites clip around (this run's profiles, never stored)
+        plan = dataclasses.replace(plan, center=plan_center(profiles, plan.genes))
+    return plan
 
 
 def pretrain(run: Run) -> None:

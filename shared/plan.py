@@ -53,6 +53,19 @@ def plan_vocabulary(
     return chosen, classes
 
 
+def plan_center(profiles: Sequence[ProfileReply], genes: Sequence[str]) -> tuple[float, ...]:
+    """Every plan gene's mean over the cells of the sites that have it, from their (under DP: released, noised) profile
+    sums and cell counts; negative values clipped to 0, genes no site has 0."""
+    total, n = np.zeros(len(genes)), np.zeros(len(genes))
+    for p in profiles:
+        pos = {g: i for i, g in enumerate(p.genes)}
+        idx = np.array([pos.get(g, -1) for g in genes], dtype=np.int64)
+        has = idx >= 0
+        total[has] += np.asarray(p.sums, np.float64)[idx[has]]
+        n[has] += int(p.n_cells)
+    return tuple(float(v) for v in np.maximum(total / np.maximum(n, 1.0), 0.0))
+
+
 def profile_of(name: str, X, genes: Sequence[str], labels: Sequence[str], *, has_counts: bool = False) -> ProfileReply:  # noqa: ANN001 - csr
     """A site's profile: gene statistics of its training cells ``X`` (columns ``genes``), cells per label name, count
     input or not."""

@@ -15,7 +15,10 @@ for the sampled Gaussian), which composes all of them into one epsilon at the si
 
 Calibration: the one-shot statistics get ``STATS_SHARE`` of the target epsilon (their noise does not
 depend on the site's cell count, which is itself private), DP-SGD the rest; the epsilon a site
-reports is what the accountant computes for the whole composition, not the target.
+reports is what the accountant computes for the whole composition, not the target. Without DP-SGD
+(``dp-pretraining = "statistics"``) everything the federation learns comes from one release, the
+per-class gene means: the other one-shot releases then get ``SUPPORT_SCALE`` times its noise, so
+that most of the budget goes where the accuracy is made (``Schedule.scales``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ NAMES_DELTA_SHARE = 0.1  # share of delta for releasing a label name only above 
 # Integer Renyi orders: the sampled Gaussian's RDP has a closed form there (fractional orders need a series that
 # does not converge at high sampling rates, and small sites train at rates near 1).
 ORDERS = (*range(2, 129), 160, 192, 256, 384, 512, 1024)
+PRIMARY = "class gene means"  # without DP-SGD, the release every model and code is fitted to
+# Without DP-SGD, each other one-shot release (plan profile, label counts, library statistics) gets this many times the
+# class means' noise. Chosen on validation cells (benchmarks/results/dp_curve.md); the composition stays exact.
+SUPPORT_SCALE = 2.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,22 @@ class Schedule:
 
     one_shot: tuple[str, ...]  # names of the one-shot Gaussian releases
     sgd: tuple[SGDStage, ...] = ()
+    scales: tuple[float, ...] = ()  # each one-shot release's noise / Noise.stats (empty: all 1)
+
+    def scale(self, name: str) -> float:
+        """The noise of one-shot release ``name`` relative to ``Noise.stats``."""
+        if name not in self.one_shot:
+            msg = f"{name!r} is not a release of this schedule ({', '.join(self.one_shot)})"
+            raise KeyError(msg)
+        return self.scales[self.one_shot.index(name)] if self.scales else 1.0
+
+
+def scales_for(one_shot: tuple[str, ...], *, with_sgd: bool) -> tuple[float, ...]:
+    """The one-shot releases' relative noise: ``SUPPORT_SCALE`` for all but PRIMARY when it is there and there is no
+    DP-SGD, else 1 for all."""
+    if with_sgd or PRIMARY not in one_shot:
+        return ()
+    return tuple(1.0 if name == PRIMARY else SUPPORT_SCALE for name in one_shot)
 
 
 @dataclass(frozen=True)
@@ -63,9 +86,7 @@ class Noise:
 def _event(schedule: Schedule, noise: Noise):  # noqa: ANN202 - a dp_accounting DpEvent
     import dp_accounting as dpa  # imported here: only DP runs pay for it
 
-    events = []
-    if schedule.one_shot:
-        events.append(dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(noise.stats), len(schedule.one_shot)))
+    events = [dpa.GaussianDpEvent(noise.stats * schedule.scale(name)) for name in schedule.one_shot]
     for st in schedule.sgd:
         if st.steps > 0:
             q = min(1.0, st.sample_rate)
@@ -97,12 +118,12 @@ def _smallest(fits, lo: float, hi: float, rel: float = 1e-3) -> float:  # noqa: 
 
 
 @functools.lru_cache(maxsize=64)
-def stats_noise(target: float, n_releases: int, share: float = STATS_SHARE) -> float:
-    """Noise multiplier of each one-shot release so that ``n_releases`` of them spend ``share * target`` at
-    DELTA_REF."""
+def stats_noise(target: float, n_releases: int, share: float = STATS_SHARE, scales: tuple[float, ...] = ()) -> float:
+    """``Noise.stats`` such that ``n_releases`` one-shot releases (noise ``scales[i]`` x it; all 1 when empty) spend
+    ``share * target`` at DELTA_REF."""
     if n_releases == 0:
         return 0.0
-    sched = Schedule(tuple(f"r{i}" for i in range(n_releases)))
+    sched = Schedule(tuple(f"r{i}" for i in range(n_releases)), (), scales)
     return _smallest(lambda s: epsilon(sched, Noise(s, 1.0), DELTA_REF) <= share * target, 1e-2, 1e5)
 
 
@@ -110,7 +131,12 @@ def one_shot_noise(target: float, schedule: Schedule) -> float:
     """The one-shot releases' noise multiplier: their share of ``target`` (all of it without DP-SGD); independent of the
     site's cells."""
     has_sgd = any(st.steps > 0 for st in schedule.sgd)
-    return stats_noise(target, len(schedule.one_shot), STATS_SHARE if has_sgd else 1.0)
+    return stats_noise(target, len(schedule.one_shot), STATS_SHARE if has_sgd else 1.0, schedule.scales)
+
+
+def release_noise(target: float, schedule: Schedule, name: str) -> float:
+    """The noise multiplier of one-shot release ``name`` (public: it does not depend on the site's cells)."""
+    return one_shot_noise(target, schedule) * schedule.scale(name)
 
 
 @functools.lru_cache(maxsize=64)  # every message of a run asks again with the same numbers

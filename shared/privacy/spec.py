@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import ConfigError
-from shared.privacy.accounting import DELTA_REF, NAMES_DELTA_SHARE, Schedule, SGDStage
+from shared.privacy.accounting import DELTA_REF, NAMES_DELTA_SHARE, Schedule, SGDStage, scales_for
 
 MAX_DELTA = 1e-2  # a delta above this is no guarantee worth the name
 
@@ -112,4 +112,5 @@ class DPSpec:
             SGDStage("VAE", self.rounds * self.vae_steps, min(1.0, self.vae_batch / n)),
             SGDStage("SCDG", self.rounds * self.scdg_steps, min(1.0, self.scdg_batch / n)),
         )
-        return Schedule(tuple(one_shot), sgd)
+        with_sgd = any(st.steps > 0 for st in sgd)
+        return Schedule(tuple(one_shot), sgd, scales_for(tuple(one_shot), with_sgd=with_sgd))

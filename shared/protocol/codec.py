@@ -23,8 +23,9 @@ from shared.privacy.spec import DPSpec
 
 # 2: validation split, validation scores + privacy audit; 3: FedProx mu in the pretrain request, local-only scores in
 # the evaluate reply; 4: count input in the profile, per-class library statistics in the distill reply; 5: DP settings
-# in the spec, the DP report in the distill reply; 6: keep-optimizer and balanced-heads in the pretrain request
-SCHEMA_VERSION = 7
+# in the spec, the DP report in the distill reply; 6: keep-optimizer and balanced-heads in the pretrain request; 7: the
+# class-means pretrain stage; 8: the plan's DP center
+SCHEMA_VERSION = 8
 MSG_PROFILE = "query.profile"
 MSG_PRETRAIN = "train.pretrain"
 MSG_DISTILL = "train.distill"
@@ -285,17 +286,27 @@ class Plan:
     genes: tuple[str, ...]
     classes: tuple[str, ...]
     spec: SiteSpec = field(default_factory=SiteSpec)
+    # Under DP with released class means: every gene's mean over all sites' cells, from their DP profiles (public
+    # within the run). Sites centre their cells on it before clipping (``client.privacy.class_gene_sums``). Empty
+    # otherwise.
+    center: tuple[float, ...] = ()
 
     def digest(self) -> str:
-        """Short SHA-256 of the plan (cache keys, warm-start checks)."""
-        blob = json.dumps([self.genes, self.classes, self.spec.items()], sort_keys=True).encode()
+        """Short SHA-256 of the plan (cache keys, warm-start checks, the DP ledger's class-means entry)."""
+        parts: list[Any] = [self.genes, self.classes, self.spec.items()]
+        if self.center:
+            parts.append([float(v) for v in self.center])
+        blob = json.dumps(parts, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def records(self) -> dict[str, ConfigRecord | ArrayRecord]:
         """Return the plan's two records."""
+        arrays = {"names": Array(encode_strings(self.genes))}
+        if self.center:
+            arrays["center"] = Array(np.asarray(self.center, np.float64))
         return {
             KEY_PLAN: config_record({**self.spec.items(), "classes": list(self.classes)}),
-            KEY_PLAN_GENES: ArrayRecord({"names": Array(encode_strings(self.genes))}),
+            KEY_PLAN_GENES: ArrayRecord(arrays),
         }
 
     @classmethod
@@ -303,21 +314,31 @@ class Plan:
         """Decode the plan's records (caller checked the record set)."""
         rec = rd[KEY_PLAN]
         check_keys(rec, SPEC_KEYS | {"classes"}, where)
-        check_keys(rd[KEY_PLAN_GENES], {"names"}, where)
-        genes = decode_strings(get_array(array_record(rd, KEY_PLAN_GENES), "names", "uint8", 1, where), where)
+        arrays = array_record(rd, KEY_PLAN_GENES)
+        check_keys(arrays, {"names", "center"} if "center" in arrays else {"names"}, where)
+        genes = decode_strings(get_array(arrays, "names", "uint8", 1, where), where)
         classes = get_str_list(rec, "classes", where)
         if len(set(classes)) != len(classes):
             raise fail(where, "plan classes are not unique")
-        return cls(genes=genes, classes=classes, spec=SiteSpec.parse(rec, where))
+        center: tuple[float, ...] = ()
+        if "center" in arrays:
+            values = get_array(arrays, "center", "float64", 1, where)
+            if values.shape != (len(genes),) or not (np.isfinite(values).all() and (values >= 0).all()):
+                raise fail(where, f"plan center must be {len(genes)} finite non-negative values, got {values.shape}")
+            center = tuple(float(v) for v in values)
+        return cls(genes=genes, classes=classes, spec=SiteSpec.parse(rec, where), center=center)
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict for plan.json."""
-        return {
+        out: dict[str, Any] = {
             "genes": list(self.genes),
             "classes": list(self.classes),
             "spec": self.spec.items(),
             "digest": self.digest(),
         }
+        if self.center:
+            out["center"] = [float(v) for v in self.center]
+        return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Plan:
@@ -333,7 +354,7 @@ class Plan:
             float(s.get("val-fraction", 0.0)),  # plans written before the validation split had none
             DPSpec.from_items(s, lambda r, k, t: t(r[k])) if "dp-epsilon" in s else DPSpec(),
         )  # nor DP settings
-        return cls(tuple(obj["genes"]), tuple(obj["classes"]), spec)
+        return cls(tuple(obj["genes"]), tuple(obj["classes"]), spec, tuple(float(v) for v in obj.get("center", ())))
 
 
 PLAN_RECORDS = (KEY_PLAN, KEY_PLAN_GENES)

@@ -114,6 +114,14 @@ def test_class_means_move_by_at_most_the_clipping_bound(site: SiteData, tmp_path
     assert 0 < moved <= 2 * 60.0 + 1e-3  # two clipped rows (the old cell out, the new one in) of norm <= GENE_NORM
     means = privacy.class_gene_means(X_plan, y[idx], counts, dp, sigma)  # post-processing of the same release
     assert np.array_equal(means, privacy.denoise_means(a, counts, sigma * 60.0).astype(np.float32))
+    # around the plan's center each cell's difference to it is clipped to CENTERED_NORM (30): half the noise
+    center = np.asarray(X_plan.mean(0)).ravel()
+    a = privacy.class_gene_sums(X_plan, y[idx], 3, dp, sigma, center)
+    b = privacy.class_gene_sums(_changed_cell(site).X[idx], y[idx], 3, dp, sigma, center)
+    assert 0 < np.linalg.norm(a - b) <= 2 * 30.0 + 1e-3
+    means = privacy.class_gene_means(X_plan, y[idx], counts, dp, sigma, center)
+    sums = a + counts[:, None] * center  # back to sums of cells with the released counts
+    assert np.array_equal(means, privacy.denoise_means(sums, counts, sigma * 30.0).astype(np.float32))
 
 
 def test_denoising_keeps_the_differences_that_stand_out_of_the_noise() -> None:
@@ -189,8 +197,11 @@ def test_the_class_means_release_is_the_one_distillation_matches(site: SiteData,
     exact = np.stack([np.asarray(site.X[idx][y[idx] == c].mean(0)).ravel() for c in range(3)])
     assert not np.allclose(reply.class_means, exact)  # noised
     assert np.array_equal(tasks.pretrain_site(site, req, dp).class_means, reply.class_means)  # a retry: same release
-    with pytest.raises(ProtocolError, match="already released"):
-        tasks.pretrain_site(site, dataclasses.replace(req, weights={k: v + 1 for k, v in req.weights.items()}), dp)
+    other = dataclasses.replace(req, weights={k: v + 1 for k, v in req.weights.items()})  # the release reads no model
+    assert np.array_equal(tasks.pretrain_site(site, other, dp).class_means, reply.class_means)
+    moved = dataclasses.replace(plan, center=tuple(0.5 for _ in plan.genes))  # the same noise around another center
+    with pytest.raises(ProtocolError, match="already released"):  # would let the two releases be subtracted
+        tasks.pretrain_site(site, dataclasses.replace(req, plan=moved), dp)
     with pytest.raises(ProtocolError, match="only under DP"):
         tasks.pretrain_site(site, req)
     unbudgeted = dataclasses.replace(spec, class_means=False)

@@ -137,6 +137,10 @@ def test_under_statistics_pretraining_no_model_update_leaves_a_site(
     ]
     assert len(replies) == 3 and all(r.stage == "class-means" and r.weights is None for r in replies)
     assert metrics["pretrain"]["source"] == "dp-statistics" and metrics["pretrain"]["drawn_cells"] > 0
+    plan = json.loads(
+        (Path(str(cfg["out-dir"])) / "tiny" / "plan.json").read_text()
+    )  # the center the sites clip around
+    assert len(plan["center"]) == len(plan["genes"]) and min(plan["center"]) >= 0 < max(plan["center"])
     for rep in metrics["privacy"].values():
         assert 0 < rep["epsilon"] <= 50.0 and rep["noise_multiplier_sgd"] == 0.0
         assert any("class gene means" in m for m in rep["mechanisms"])

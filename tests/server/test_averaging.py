@@ -9,7 +9,7 @@ import pytest
 
 from server.averaging import aggregate_scores, fedavg, latent_moments
 from shared.data import gene_stats, select_variable_genes
-from shared.plan import plan_vocabulary, profile_of
+from shared.plan import plan_center, plan_vocabulary, profile_of
 
 
 def test_plan_equals_the_pooled_variable_genes_of_the_shared_genes() -> None:
@@ -22,6 +22,16 @@ def test_plan_equals_the_pooled_variable_genes_of_the_shared_genes() -> None:
     expected = select_variable_genes(["g0", "g1", "g2", "g3", "g4"], *gene_stats(pooled), pooled.shape[0], n_top=3)
     assert sorted(genes) == sorted(expected) and "only_a" not in genes
     assert classes == ["B", "T", "mono"]
+
+
+def test_the_plan_center_is_the_pooled_mean_of_the_sites_that_have_each_gene() -> None:
+    rng = np.random.default_rng(2)
+    Xa, Xb = rng.poisson(1.0, (30, 3)).astype(float), rng.poisson(3.0, (10, 2)).astype(float)
+    a = profile_of("a", Xa, ["g0", "g1", "only_a"], ("T",))
+    b = profile_of("b", Xb[:, ::-1], ["g1", "g0"], ("B",))
+    center = plan_center([a, b], ["g0", "g1", "only_a", "nowhere"])
+    pooled = np.vstack([Xa[:, :2], Xb]).mean(0)
+    assert np.allclose(center, [pooled[0], pooled[1], Xa[:, 2].mean(), 0.0])
 
 
 def test_plan_refuses_sites_without_shared_genes() -> None:

@@ -17,7 +17,17 @@ from scipy.stats import norm
 from shared.errors import ConfigError, ProtocolError
 from shared.privacy import ledger
 from shared.privacy import mechanisms as mech
-from shared.privacy.accounting import MAX_SGD_NOISE, ORDERS, Noise, Schedule, SGDStage, calibrate, epsilon
+from shared.privacy.accounting import (
+    MAX_SGD_NOISE,
+    ORDERS,
+    PRIMARY,
+    SUPPORT_SCALE,
+    Noise,
+    Schedule,
+    SGDStage,
+    calibrate,
+    epsilon,
+)
 from shared.privacy.sgd import DPSGD, clipped_sum, noisy_step_grads
 from shared.privacy.spec import DPSpec
 
@@ -48,6 +58,28 @@ def test_one_gaussian_release_matches_its_closed_form() -> None:
         lambda e: norm.cdf(0.5 / sigma - e * sigma) - math.exp(e) * norm.cdf(-0.5 / sigma - e * sigma) - delta, 1e-6, 50
     )
     assert exact <= ours <= 1.35 * exact
+
+
+def test_releases_with_different_noise_compose_as_one_gaussian() -> None:
+    # Gaussian releases of noise s_1..s_n compose (RDP alpha / 2 sum 1/s_i^2) exactly as one Gaussian of noise
+    # (sum 1/s_i^2)^-1/2: the class means at noise s and three others at SUPPORT_SCALE x s.
+    sigma, delta = 0.84, 5e-5
+    sched = DPSpec(8.0, None, 1.0, "r", class_means=True).schedule(2000.0, has_counts=True)
+    assert sched.scale(PRIMARY) == 1.0 and sched.scale("label counts") == SUPPORT_SCALE and len(sched.one_shot) == 4
+    equivalent = sigma / math.sqrt(1 + 3 / SUPPORT_SCALE**2)
+    assert epsilon(sched, Noise(sigma, 0.0), delta) == pytest.approx(
+        epsilon(Schedule(("one",)), Noise(equivalent, 0.0), delta), rel=1e-9
+    )
+    # calibration spends the target on the mix, and the class means get less noise than an even split would give them
+    noise = calibrate(8.0, delta, sched)
+    even = calibrate(8.0, delta, Schedule(sched.one_shot))
+    assert epsilon(sched, noise, delta) == pytest.approx(epsilon(Schedule(sched.one_shot), even, delta), rel=0.01)
+    assert noise.stats < 0.7 * even.stats and SUPPORT_SCALE * noise.stats > even.stats
+    # with DP-SGD in the run every one-shot release gets the same noise
+    sgd = DPSpec(8.0, None, 1.0, "r", 30, 100, 128, 50, 256, class_means=True).schedule(2000.0, has_counts=True)
+    assert {sgd.scale(name) for name in sgd.one_shot} == {1.0}
+    with pytest.raises(KeyError, match="latent moments"):
+        sched.scale("latent moments")
 
 
 def test_dp_sgd_composition_matches_the_published_sampled_gaussian_rdp() -> None:

@@ -3,6 +3,8 @@ imported from the module that defines it: codec, payloads, rounds)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -136,6 +138,17 @@ def test_distill_request_roundtrip() -> None:
     back = DistillRequest.from_record(req.to_record())
     assert dict(back.distill) == dict(req.distill) and back.k == 10 and back.seed == 42 and back.warm_start is False
     assert back.plan == PLAN and _arrays_equal(back.scdg, STATE)
+
+
+def test_the_plans_dp_center_travels_joins_its_digest_and_is_checked() -> None:
+    centered = dataclasses.replace(PLAN, center=(0.5, 1.0, 2.0, 0.0))
+    back = DistillRequest.from_record(DistillRequest(1, STATE, "{}", STATE, "{}", centered, {"k": 2}, 1).to_record())
+    assert back.plan == centered and Plan.from_json(json.loads(json.dumps(centered.to_json()))) == centered
+    assert centered.digest() != PLAN.digest() and "center" not in PLAN.to_json()
+    for bad, why in (((0.5, 1.0), "4 finite non-negative"), ((0.5, -1.0, 2.0, 0.0), "4 finite non-negative")):
+        rec = DistillRequest(1, STATE, "{}", STATE, "{}", dataclasses.replace(PLAN, center=bad), {"k": 2}, 1)
+        with pytest.raises(ProtocolError, match=why):
+            DistillRequest.from_record(rec.to_record())
 
 
 def test_distill_request_carries_the_sites_previous_codes_back_and_checks_them() -> None:
