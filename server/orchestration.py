@@ -154,7 +154,7 @@ def make_plan(profiles: list[ProfileReply], cfg: FederationConfig, spec: SiteSpe
         except ValueError as exc:
             raise FederationStopped(NO_PLAN, str(exc)) from None
         plan = Plan(tuple(genes), tuple(classes), spec)
-    if spec.dp.enabled and spec.dp.class_means:  # the center the sites clip around (this run's profiles, never stored)
+    if spec.dp.enabled and spec.dp.class_means:  # the center the sites clip around: from this run's profiles only
         plan = dataclasses.replace(plan, center=plan_center(profiles, plan.genes))
     return plan
 

@@ -287,7 +287,7 @@ class Plan:
     classes: tuple[str, ...]
     spec: SiteSpec = field(default_factory=SiteSpec)
     # Under DP with released class means: every gene's mean over all sites' cells, from their DP profiles (public
-    # within the run). Sites centre their cells on it before clipping (``client.privacy.class_gene_sums``). Empty
+    # within the run). Sites center their cells on it before clipping (``client.privacy.class_gene_sums``). Empty
     # otherwise.
     center: tuple[float, ...] = ()
 
