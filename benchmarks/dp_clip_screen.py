@@ -54,8 +54,17 @@ def main() -> None:
     ap.add_argument("--label-key", default="cell_type")
     args = ap.parse_args()
 
-    genes = json.loads(Path(args.plan).read_text(encoding="utf-8"))["genes"]
+    plan = Path(args.plan)
+    if not plan.is_file():
+        raise SystemExit(f"{plan}: no such plan; pass the plan.json of a finished DP run (scdd simulate --out DIR)")
+    genes = json.loads(plan.read_text(encoding="utf-8"))["genes"]
     a = ad.read_h5ad(args.data)
+    missing = [g for g in genes if g not in a.var_names]
+    if missing:
+        raise SystemExit(
+            f"{len(missing)} of the plan's {len(genes)} genes are not in {args.data} (e.g. {missing[0]}): "
+            "pass the plan of a run on this file"
+        )
     head = a.X[:50].toarray() if sp.issparse(a.X) else np.asarray(a.X[:50])
     X_all = normalize(a.X, "counts" if head.max() > 20 else "lognorm")
     cols = [a.var_names.get_loc(g) for g in genes]
