@@ -4,6 +4,7 @@ audit.
 Usage: python benchmarks/summarize.py benchmarks/results [WORK]   (writes SUMMARY.md there and prints it)
 WORK: the `scdd benchmark --work` folder of the same runs (per-site local-only gains are read from its
 federated runs' metrics.json); without it that table is left out.
+       python benchmarks/summarize.py --gains WORK   (prints the per-site gains table of every file under WORK only)
 """
 
 from __future__ import annotations
@@ -174,11 +175,11 @@ def site_gains(work: Path, results: dict[str, list[dict]], k: int = 10) -> str:
     lines = [
         f"## What each site gains by joining (MLP on the site's test cells, scdd k = {k}, mean over seeds)",
         "",
-        "| dataset | site | federated | local-only | gain |",
-        "|---|---|---|---|---|",
+        "| dataset | site | federated | local-only | gain | fine-tuned at the site | gain, fine-tuned |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in results:
-        per: dict[str, list[tuple[float, float]]] = {}
+        per: dict[str, list[tuple[float, float, float]]] = {}
         for m in sorted(work.glob(f"{name}/seed*/scdd-k{k}/metrics.json")):
             last = json.loads(m.read_text())["rounds"][-1]["sites"]
             for site, v in last.items():
@@ -186,16 +187,29 @@ def site_gains(work: Path, results: dict[str, list[dict]], k: int = 10) -> str:
                     (
                         v["scores"]["mlp"]["accuracy"],
                         v.get("local_only", {}).get("mlp", {}).get("accuracy", float("nan")),
+                        v.get("fine_tuned", {}).get("mlp", {}).get("accuracy", float("nan")),
                     )
                 )
         for site, vals in sorted(per.items()):
-            fed, loc = np.mean([a for a, _ in vals]), np.nanmean([b for _, b in vals])
-            lines.append(f"| {name} | {site} | {fed:.3f} | {loc:.3f} | {fed - loc:+.3f} |")
+            fed, loc, tun = (
+                np.nanmean([v[i] for v in vals]) if any(np.isfinite(v[i]) for v in vals) else np.nan for i in range(3)
+            )
+            lines.append(
+                f"| {name} | {site} | {fed:.3f} | {loc:.3f} | {fed - loc:+.3f} | {tun:.3f} | {tun - loc:+.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     """Entry point."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--gains":
+        work = Path(sys.argv[2])
+        names = sorted({p.parts[-4] for p in work.glob("*/seed*/scdd-k10/metrics.json")})
+        if not names:
+            print(f"no NAME/seedS/scdd-k10/metrics.json under {work}")
+            return 1
+        print(site_gains(work, {n: [] for n in names}))
+        return 0
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
     work = Path(sys.argv[2]) if len(sys.argv) > 2 else None
     results = load(root)

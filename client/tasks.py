@@ -31,7 +31,7 @@ from shared.distill import (
     warm_start_fits,
 )
 from shared.errors import CheckpointError, ConfigError, ProtocolError
-from shared.evaluation import PREDICT_ROWS, Matrix, MLPTrainConfig, fidelity, fit_predict, predict_mlp, score
+from shared.evaluation import PREDICT_ROWS, Matrix, MLPTrainConfig, fidelity, fit_predict, predict_mlp, score, train_mlp
 from shared.fitting import (
     AdamCarry,
     TrainConfig,
@@ -389,6 +389,8 @@ def evaluate_site(
     aud = audit(X_train, y_all[train], seed_rows, X_test, y_test, X_val, req.X, seed=req.seed)
     if local is None:
         local = local_only(X_train, y_all[train], X_test, y_test, n_classes, seed=req.seed, device=device)
+    shared_mlp = _model("mlp", req.mlp_config, req.mlp)
+    tuned = fine_tuned(shared_mlp, X_train, y_all[train], X_test, y_test, n_classes, seed=req.seed, device=device)
     return EvaluateReply(
         req.round,
         int(test.size),
@@ -399,10 +401,42 @@ def evaluate_site(
         aud.as_dict(),
         local,
         val_fid.as_dict(),
+        tuned,
     )
 
 
 LOCAL_LOGREG_MAX_CELLS = 50_000
+# The site trains the server's MLP further at this fraction of the local-only rule's learning rate (same steps): chosen
+# on validation cells over the rule's own rate and over training on the site's plus the fused synthetic cells
+# (benchmarks/fine_tune_screen.py; README, "What each site gains by joining").
+FINE_TUNE_LR_SCALE = 0.1
+
+
+def fine_tuned(
+    shared: MLPClassifier,
+    X_train: Matrix,
+    y_train: np.ndarray,
+    X_test: Matrix,
+    y_test: np.ndarray,
+    n_classes: int,
+    *,
+    seed: int,
+    device: torch.device = CPU,
+) -> dict[str, dict[str, float]]:
+    """What the site can deploy after joining: the server's MLP, trained further on the site's own training cells,
+    scored on its test cells.
+
+    It follows the local-only rule (``MLPTrainConfig``: same steps, same seed) at ``FINE_TUNE_LR_SCALE`` of its learning
+    rate, from the shared weights instead of a random start: the difference to local-only is what joining gave the
+    site's own model (local adaptation of a federated model: Yu et al. 2020, "Salvaging federated learning by local
+    adaptation"). The shared model itself is scored as ``scores``.
+    """
+    init = {name: t.detach().clone() for name, t in shared.state_dict().items()}
+    rule = MLPTrainConfig()
+    cfg = replace(rule, lr=rule.lr * FINE_TUNE_LR_SCALE)
+    model = train_mlp(X_train, y_train, n_classes, seed=seed, cfg=cfg, init=init, device=device)
+    s = score(y_test, predict_mlp(model, X_test))
+    return {"mlp": {"accuracy": s.accuracy, "macro_f1": s.macro_f1}}
 
 
 def local_only(

@@ -60,6 +60,18 @@ def _nanmean(values: Sequence[float], weights: Sequence[float] | None = None) ->
     return float(np.sum(v[ok] * w[ok]) / np.sum(w[ok])) if ok.any() else float("nan")
 
 
+def _aggregate_block(per_site: Mapping[str, Mapping[str, Any]], block: str, n: Sequence[float]) -> dict[str, Any]:
+    """A per-site ``{evaluator: {metric: value}}`` block (``local_only``, ``fine_tuned``), aggregated like scores."""
+    sites = sorted(per_site)
+    out: dict[str, Any] = {"cell_weighted": {}, "macro": {}}
+    for ev in sorted({ev for s in sites for ev in per_site[s].get(block, {})}):
+        for metric in ("accuracy", "macro_f1"):
+            vals = [per_site[s].get(block, {}).get(ev, {}).get(metric, float("nan")) for s in sites]
+            out["cell_weighted"].setdefault(ev, {})[metric] = _nanmean(vals, n)
+            out["macro"].setdefault(ev, {})[metric] = _nanmean(vals)
+    return out
+
+
 def aggregate_scores(per_site: Mapping[str, Mapping[str, Any]], evaluators: Sequence[str]) -> dict[str, Any]:
     """Aggregate per-site results (``site_result`` dicts) into cell-weighted and macro (mean over sites) numbers.
 
@@ -96,15 +108,8 @@ def aggregate_scores(per_site: Mapping[str, Mapping[str, Any]], evaluators: Sequ
         for key in FIDELITY_KEYS
     }
     out["audit"] = {key: _nanmean([per_site[s]["audit"][key] for s in sites]) for key in AUDIT_KEYS}
-    out["local_only"] = {
-        "cell_weighted": {},
-        "macro": {},
-    }  # each site's own model on its own test cells, aggregated like the scores
-    for ev in sorted({ev for s in sites for ev in per_site[s].get("local_only", {})}):
-        for metric in ("accuracy", "macro_f1"):
-            vals = [per_site[s].get("local_only", {}).get(ev, {}).get(metric, float("nan")) for s in sites]
-            out["local_only"]["cell_weighted"].setdefault(ev, {})[metric] = _nanmean(vals, n)
-            out["local_only"]["macro"].setdefault(ev, {})[metric] = _nanmean(vals)
+    for block in ("local_only", "fine_tuned"):  # a site's own model and the shared one trained further at the site
+        out[block] = _aggregate_block(per_site, block, n)
     worst = [per_site[s]["audit"]["seed_mia"] for s in sites if math.isfinite(per_site[s]["audit"]["seed_mia"])]
     out["audit"]["seed_mia_max"] = max(worst) if worst else float("nan")
     return out
@@ -130,4 +135,5 @@ def site_result(reply: Any) -> dict[str, Any]:
         "fidelity": dict(reply.fidelity),
         "audit": dict(reply.audit),
         "local_only": {ev: dict(v) for ev, v in reply.local_only.items()},
+        "fine_tuned": {ev: dict(v) for ev, v in reply.fine_tuned.items()},
     }

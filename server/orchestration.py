@@ -306,17 +306,21 @@ def evaluate(run: Run, rnd: int, X: np.ndarray, y: np.ndarray) -> dict[str, Any]
     )
     per_site = {r.site: site_result(r.payload) for r in replies}
     for site, res in per_site.items():
-        fed_acc, local_acc = (
+        fed_acc, local_acc, tuned_acc = (
             res["scores"]["mlp"]["accuracy"],
             res["local_only"].get("mlp", {}).get("accuracy", float("nan")),
+            res["fine_tuned"].get("mlp", {}).get("accuracy", float("nan")),
         )
         logger.info(
-            "round %d, site %s: MLP accuracy %.3f federated vs %.3f local-only (gain %+.3f)",
+            "round %d, site %s: MLP accuracy %.3f federated, %.3f fine-tuned at the site vs %.3f local-only "
+            "(gain %+.3f, fine-tuned %+.3f)",
             rnd,
             site,
             fed_acc,
+            tuned_acc,
             local_acc,
             fed_acc - local_acc,
+            tuned_acc - local_acc,
         )
     run.store.save_models(mlp=models.mlp)
     return {"sites": per_site, "aggregate": aggregate_scores(per_site, EVALUATORS)}

@@ -92,25 +92,29 @@ def _curves(rounds: list[dict[str, Any]]) -> str:
     return _png(fig)
 
 
-def _local(m: dict[str, Any], ev: str = "mlp") -> float:
-    return float(m.get("local_only", {}).get(ev, {}).get("accuracy", math.nan))
+def _local(m: dict[str, Any], ev: str = "mlp", block: str = "local_only") -> float:
+    return float(m.get(block, {}).get(ev, {}).get("accuracy", math.nan))
 
 
 def _gain_plot(last: dict[str, Any]) -> str:
-    """Bars per site: the federated MLP vs the same MLP trained on the site's own cells only."""
+    """Bars per site: the MLP trained on the site's own cells only, the federated MLP, and the federated MLP trained
+    further on the site's own cells."""
     import matplotlib.pyplot as plt
 
     sites = sorted(last["sites"])
-    fed = [last["sites"][s]["scores"]["mlp"]["accuracy"] for s in sites]
     loc = [_local(last["sites"][s]) for s in sites]
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(sites) + 2), 3.5))
+    fed = [last["sites"][s]["scores"]["mlp"]["accuracy"] for s in sites]
+    tuned = [_local(last["sites"][s], block="fine_tuned") for s in sites]
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(sites) + 2), 3.5))
     x = np.arange(len(sites))
-    ax.bar(x - 0.2, loc, 0.4, label="local-only (own training cells)")
-    ax.bar(x + 0.2, fed, 0.4, label="federated (fused synthetic cells)")
+    ax.bar(x - 0.27, loc, 0.27, label="local-only (own training cells)")
+    ax.bar(x, fed, 0.27, label="federated (fused synthetic cells)")
+    ax.bar(x + 0.27, np.nan_to_num(tuned, nan=0.0), 0.27, label="federated, fine-tuned on own cells")
     ax.set_xticks(x, sites, rotation=20)
+    finite = [v for v in (*fed, *loc, *tuned) if math.isfinite(v)]
     ax.set(
         ylabel="MLP accuracy on the site's test cells",
-        ylim=(max(0.0, min([*fed, *loc, 1.0]) - 0.1), 1.0),
+        ylim=(max(0.0, min([*finite, 1.0]) - 0.1), 1.0),
         title="what each site gains by joining",
     )
     ax.legend(fontsize=8, loc="lower right")
@@ -160,6 +164,8 @@ def _site_table(last: dict[str, Any], upload: dict[str, dict[str, int]]) -> str:
         "kNN acc",
         "MLP acc local-only",
         "gain from joining",
+        "MLP acc fine-tuned at the site",
+        "gain, fine-tuned",
         "MLP acc (validation)",
         "seed MIA",
         "population MIA",
@@ -179,6 +185,8 @@ def _site_table(last: dict[str, Any], upload: dict[str, dict[str, int]]) -> str:
             *(_fmt(sc[ev]["accuracy"]) for ev in ("mlp", "logreg", "knn")),
             _fmt(_local(m)),
             _fmt(sc["mlp"]["accuracy"] - _local(m)),
+            _fmt(_local(m, block="fine_tuned")),
+            _fmt(_local(m, block="fine_tuned") - _local(m)),
             _fmt(m["validation"]["scores"]["mlp"]["accuracy"]),
             *(_fmt(a[k]) for k in ("seed_mia", "population_mia", "density_mia", "dcr_share")),
             _fmt(f["marker_overlap"]),

@@ -231,9 +231,9 @@ def validate_evaluate(reply: EvaluateReply, *, round_: int, n_classes: int) -> N
             ):
                 msg = f"{ev} {part} scores outside [0, 1]"
                 raise ProtocolError(msg)
-    local = [v for per_ev in reply.local_only.values() for v in per_ev.values()]
+    local = [v for block in (reply.local_only, reply.fine_tuned) for per_ev in block.values() for v in per_ev.values()]
     in_unit = [*reply.audit.values(), *local]
     fids_ok = all(_fidelity_ok(f) for f in (reply.fidelity, reply.val_fidelity))
     if not all(unit(v, allow_nan=True) for v in in_unit) or not fids_ok:
-        msg = "fidelity, privacy-audit or local-only numbers out of range"
+        msg = "fidelity, privacy-audit, local-only or fine-tuned numbers out of range"
         raise ProtocolError(msg)

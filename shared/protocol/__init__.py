@@ -22,6 +22,7 @@ from shared.protocol.codec import (
 from shared.protocol.payloads import PretrainReply, PretrainRequest, ProfileReply, ProfileRequest
 from shared.protocol.rounds import (
     LOCAL_EVALUATORS,
+    TUNED_EVALUATORS,
     DistillReply,
     DistillRequest,
     EvaluateReply,
@@ -39,6 +40,7 @@ __all__ = [
     "MSG_PRETRAIN",
     "MSG_PROFILE",
     "SCHEMA_VERSION",
+    "TUNED_EVALUATORS",
     "DistillReply",
     "DistillRequest",
     "EvaluateReply",

@@ -314,6 +314,9 @@ CORRELATIONS = ("mean_corr", "var_corr")  # in [-1, 1]; the others are >= 0
 
 # what a site trains on its own cells for the local-only comparison
 LOCAL_EVALUATORS: tuple[Literal["mlp", "logreg"], ...] = ("mlp", "logreg")
+# what a site trains further from the server's weights on its own cells (client.tasks.fine_tuned)
+TUNED_EVALUATORS: tuple[Literal["mlp"], ...] = ("mlp",)
+SCORE_PARTS = ("accuracy", "macro_f1")
 
 
 def _wire(key: str) -> str:
@@ -348,8 +351,8 @@ class EvaluateReply:
     """Site -> server: scores per evaluator on test and validation cells, fidelity and the privacy audit (NaN = not
     computable).
 
-    Schema 2 (this release) added validation scores, the four-part privacy audit (``shared.audit``)
-    and two fidelity numbers (per-gene variance correlation, marker-gene overlap).
+    Schema 2 added validation scores, the four-part privacy audit (``shared.audit``) and two fidelity numbers
+    (per-gene variance correlation, marker-gene overlap); schema 3 the local-only scores, schema 9 the fine-tuned ones.
     """
 
     round: int
@@ -368,6 +371,11 @@ class EvaluateReply:
     # fidelity against the site's validation cells (what decode choices are made on); keys FIDELITY_KEYS, NaN without
     # validation cells
     val_fidelity: Mapping[str, float] = field(default_factory=dict)
+    # the server's MLP trained further on this site's training cells (the local-only rule), on the same test cells: what
+    # the site can deploy after joining
+    fine_tuned: Mapping[str, Mapping[str, float]] = field(
+        default_factory=dict
+    )  # TUNED_EVALUATORS -> {"accuracy", "macro_f1"}
 
     def to_record(self) -> RecordDict:
         """Encode (NaN travels as ABSENT / ABSENT_CORR)."""
@@ -384,9 +392,13 @@ class EvaluateReply:
             )
         for key in AUDIT_KEYS:
             m[_wire(key)] = nan_to_wire(self.audit[key])
-        for ev in LOCAL_EVALUATORS:
-            for part in ("accuracy", "macro_f1"):
-                m[f"local-{ev}-{_wire(part)}"] = nan_to_wire(self.local_only.get(ev, {}).get(part, float("nan")))
+        for prefix, evs, vals in (
+            ("local", LOCAL_EVALUATORS, self.local_only),
+            ("tuned", TUNED_EVALUATORS, self.fine_tuned),
+        ):
+            for ev in evs:
+                for part in SCORE_PARTS:
+                    m[f"{prefix}-{ev}-{_wire(part)}"] = nan_to_wire(vals.get(ev, {}).get(part, float("nan")))
         return RecordDict({KEY_CONFIG: config_record({"round": self.round}), KEY_METRICS: MetricRecord(m)})
 
     @classmethod
@@ -399,7 +411,12 @@ class EvaluateReply:
         score_keys = {
             f"{p}{ev}-{part}" for p in ("", "val-") for ev in EVALUATORS for part in ("accuracy", "macro-f1", "recall")
         }
-        local_keys = {f"local-{ev}-{_wire(part)}" for ev in LOCAL_EVALUATORS for part in ("accuracy", "macro_f1")}
+        local_keys = {
+            f"{prefix}-{ev}-{_wire(part)}"
+            for prefix, evs in (("local", LOCAL_EVALUATORS), ("tuned", TUNED_EVALUATORS))
+            for ev in evs
+            for part in SCORE_PARTS
+        }
         fid_keys = {p + _wire(k) for p in ("", "val-") for k in FIDELITY_KEYS}
         check_keys(m, {"n-test", "n-val", *score_keys, *local_keys, *fid_keys, *(_wire(k) for k in AUDIT_KEYS)}, where)
         fid = {
@@ -411,13 +428,17 @@ class EvaluateReply:
             for k in FIDELITY_KEYS
         }
         aud = {k: wire_to_nan(get_value(m, _wire(k), float, where)) for k in AUDIT_KEYS}
-        local: dict[str, dict[str, float]] = {
-            ev: {
-                part: wire_to_nan(get_value(m, f"local-{ev}-{_wire(part)}", float, where))
-                for part in ("accuracy", "macro_f1")
+        blocks: tuple[tuple[str, tuple[str, ...]], ...] = (("local", LOCAL_EVALUATORS), ("tuned", TUNED_EVALUATORS))
+        local, tuned = (
+            {
+                ev: {
+                    part: wire_to_nan(get_value(m, f"{prefix}-{ev}-{_wire(part)}", float, where))
+                    for part in SCORE_PARTS
+                }
+                for ev in evs
             }
-            for ev in LOCAL_EVALUATORS
-        }
+            for prefix, evs in blocks
+        )
         return cls(
             check_round(get_value(rd[KEY_CONFIG], "round", int, where), where),
             get_value(m, "n-test", int, where),
@@ -428,4 +449,5 @@ class EvaluateReply:
             aud,
             local,
             val_fid,
+            tuned,
         )

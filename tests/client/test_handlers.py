@@ -249,6 +249,26 @@ def test_local_only_logistic_regression_of_a_large_site_fits_a_seeded_subset(
     assert 0.5 < first["logreg"]["accuracy"] <= 1.0
 
 
+def test_fine_tuned_scores_start_from_the_shared_model(example_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The site trains the server's MLP further by the local-only rule: with a step too small to move it, its scores are
+    the shared model's, not those of the same rule from a random start."""
+    from shared.data import prepare_site, read_h5ad
+    from shared.evaluation import MLPTrainConfig, predict_mlp, score, train_mlp
+
+    site = prepare_site(read_h5ad(example_path), label_key="cell_type")
+    tr, te = site.train_idx, site.test_idx
+    shared = train_mlp(site.X[tr], site.labels[tr], 5, seed=1, cfg=MLPTrainConfig(min_steps=200, max_steps=200))
+    expected = score(site.labels[te], predict_mlp(shared, site.X[te]))
+    assert expected.accuracy > 0.6  # 5 classes: well above chance
+    monkeypatch.setattr(tasks, "MLPTrainConfig", lambda: MLPTrainConfig(min_steps=1, max_steps=1, lr=1e-12))
+    args = (site.X[tr], site.labels[tr], site.X[te], site.labels[te], 5)
+    tuned = tasks.fine_tuned(shared, *args, seed=0)
+    assert tuned == {"mlp": {"accuracy": expected.accuracy, "macro_f1": expected.macro_f1}}
+    assert tasks.local_only(*args, seed=0)["mlp"]["accuracy"] < expected.accuracy - 0.2  # the same rule, random start
+    moved = tasks.fine_tuned(shared, *args, seed=0)  # the shared model itself is left as it was
+    assert moved == tuned and score(site.labels[te], predict_mlp(shared, site.X[te])).accuracy == expected.accuracy
+
+
 def test_a_full_cache_disk_is_one_clear_error_and_leaves_nothing(
     three_site_h5ad: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

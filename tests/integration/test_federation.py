@@ -157,12 +157,15 @@ def test_each_site_reports_what_it_gains_by_joining(kang: tuple[InProcessGrid, P
         assert (
             second[site]["local_only"] == local
         )  # it depends on the site's cells only: computed once, kept in the site's cache
-        assert any(f"site {site}: MLP accuracy" in line and "local-only" in line for line in log), site
+        assert any(f"site {site}: MLP accuracy" in line and "fine-tuned" in line for line in log), site
+        tuned = entry["fine_tuned"]["mlp"]  # the shared MLP trained further on the site's cells: recomputed each round
+        assert 0.5 < tuned["accuracy"] <= 1 and 0 < tuned["macro_f1"] <= 1, (site, tuned)
     agg = metrics["rounds"][0]["aggregate"]["local_only"]
     assert 0.5 < agg["cell_weighted"]["mlp"]["accuracy"] <= 1 and 0.5 < agg["macro"]["logreg"]["accuracy"] <= 1
+    assert 0.5 < metrics["rounds"][0]["aggregate"]["fine_tuned"]["macro"]["mlp"]["accuracy"] <= 1
     assert len(list((run_dir.parent / "cache").glob("local-only-*.json"))) == 4
     rows = report._site_table(metrics["rounds"][-1], {})
-    assert "gain from joining" in rows and "MLP acc local-only" in rows
+    assert "gain from joining" in rows and "MLP acc local-only" in rows and "gain, fine-tuned" in rows
 
 
 def test_report_is_self_contained_html(

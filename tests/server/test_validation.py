@@ -237,6 +237,7 @@ def _evaluate(
     fidelity: dict | None = None,
     local_acc: float = 0.88,
     val_fidelity: dict | None = None,
+    tuned_acc: float = 0.9,
 ) -> EvaluateReply:
     scores = {ev: EvaluatorScores(acc, 0.8, recall) for ev in EVALUATORS}
     val = {ev: EvaluatorScores(val_acc, 0.7, recall) for ev in EVALUATORS}
@@ -251,6 +252,7 @@ def _evaluate(
         {**AUDIT, **(audit or {})},
         local,
         {**FIDELITY, **(val_fidelity or {})},
+        {"mlp": {"accuracy": tuned_acc, "macro_f1": 0.8}},
     )
 
 
@@ -270,6 +272,7 @@ def _evaluate(
         _evaluate(fidelity={"marker_overlap": 2.0}),
         _evaluate(fidelity={"var_corr": -3.0}),
         _evaluate(local_acc=1.3),
+        _evaluate(tuned_acc=-0.2),
         _evaluate(val_fidelity={"zero_fraction_synthetic": 1.5}),
         _evaluate(val_fidelity={"mmd_pca": -0.5}),
     ],
@@ -287,6 +290,7 @@ def _evaluate(
         "marker-overlap-over-1",
         "var-corr-below-minus-1",
         "local-only-over-1",
+        "fine-tuned-negative",
         "val-zero-fraction-over-1",
         "val-mmd-negative",
     ],

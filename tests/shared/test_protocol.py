@@ -233,7 +233,8 @@ def test_evaluate_reply_roundtrip_keeps_nan_as_absent() -> None:
     }
     aud = {"seed_mia": 0.65, "population_mia": 0.55, "density_mia": nan, "dcr_share": 0.6}
     local = {"mlp": {"accuracy": 0.91, "macro_f1": 0.85}, "logreg": {"accuracy": 0.93, "macro_f1": nan}}
-    reply = EvaluateReply(2, 40, scores, 0, val, fid, aud, local, {**fid, "marker_overlap": 0.61})
+    tuned = {"mlp": {"accuracy": 0.95, "macro_f1": nan}}
+    reply = EvaluateReply(2, 40, scores, 0, val, fid, aud, local, {**fid, "marker_overlap": 0.61}, tuned)
     rd = reply.to_record()
     m = rd[KEY_METRICS]
     assert (
@@ -259,6 +260,8 @@ def test_evaluate_reply_roundtrip_keeps_nan_as_absent() -> None:
         back.local_only["logreg"]["macro_f1"]
     )
     assert m["local-logreg-accuracy"] == 0.93
+    assert back.fine_tuned["mlp"]["accuracy"] == 0.95 and math.isnan(back.fine_tuned["mlp"]["macro_f1"])
+    assert m["tuned-mlp-accuracy"] == 0.95 and m["tuned-mlp-macro-f1"] == -1.0
 
 
 def test_every_config_record_carries_the_schema_version() -> None:
