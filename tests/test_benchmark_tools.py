@@ -1,4 +1,4 @@
-"""The accounting table that the README's privacy section quotes comes out of benchmarks/dp_noise.py as stated."""
+"""The benchmark scripts whose output the docs quote: the accounting table (dp_noise.py) and the site-gains table."""
 
 from __future__ import annotations
 
@@ -26,3 +26,41 @@ def test_dp_noise_prints_the_noise_of_both_pretraining_modes() -> None:
     assert stats[3] == "0.84" and stats[4] == "1.69" and stats[6] == "0.00" and float(stats[7]) <= 8.0
     (sgd,) = _table("--counts", "--cells", "2000", "--epsilons", "8")
     assert sgd[3] == "-" and float(sgd[4]) > float(stats[4]) and float(sgd[6]) > 0 and 7.9 <= float(sgd[7]) <= 8.0
+
+
+def test_summarize_gains_prints_each_sites_mean_over_seeds(tmp_path: Path) -> None:
+    """`summarize.py --gains WORK` (what benchmarks/site_gains.sh prints): per site, the mean over seeds of the
+    federated, local-only and fine-tuned MLP and both gains; a site without fine-tuned scores (an older run): nan."""
+    import json
+
+    def site(fed: float, local: float, tuned: float | None) -> dict:
+        entry = {"scores": {"mlp": {"accuracy": fed}}, "local_only": {"mlp": {"accuracy": local}}}
+        return entry if tuned is None else {**entry, "fine_tuned": {"mlp": {"accuracy": tuned}}}
+
+    for seed, (a, b) in enumerate(
+        [(site(0.80, 0.90, 0.92), site(0.70, 0.60, None)), (site(0.90, 0.90, 0.96), site(0.70, 0.60, None))]
+    ):
+        run = tmp_path / "fileA" / f"seed{seed}" / "scdd-k10"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({"rounds": [{"sites": {"s1": a, "s2": b}}]}))
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--gains", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    rows = {
+        r[1]: r
+        for r in ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines())
+        if r[0] == "fileA"
+    }
+    assert rows["s1"][2:] == ["0.850", "0.900", "-0.050", "0.940", "+0.040"]
+    assert rows["s2"][2:5] == ["0.700", "0.600", "+0.100"] and rows["s2"][5] == "nan"
+    empty = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--gains", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert empty.returncode == 1 and "no NAME/seedS/scdd-k10/metrics.json" in empty.stdout
