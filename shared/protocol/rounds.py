@@ -371,8 +371,8 @@ class EvaluateReply:
     # fidelity against the site's validation cells (what decode choices are made on); keys FIDELITY_KEYS, NaN without
     # validation cells
     val_fidelity: Mapping[str, float] = field(default_factory=dict)
-    # the server's MLP trained further on this site's training cells (the local-only rule), on the same test cells: what
-    # the site can deploy after joining
+    # the server's MLP trained further on this site's training cells (the local-only rule's steps at a tenth of its
+    # learning rate), on the same test cells: what the site can deploy after joining
     fine_tuned: Mapping[str, Mapping[str, float]] = field(
         default_factory=dict
     )  # TUNED_EVALUATORS -> {"accuracy", "macro_f1"}
