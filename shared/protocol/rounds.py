@@ -314,7 +314,9 @@ CORRELATIONS = ("mean_corr", "var_corr")  # in [-1, 1]; the others are >= 0
 
 # what a site trains on its own cells for the local-only comparison
 LOCAL_EVALUATORS: tuple[Literal["mlp", "logreg"], ...] = ("mlp", "logreg")
-# what a site trains further from the server's weights on its own cells (client.tasks.fine_tuned)
+# what a site trains further from the server's weights on its own cells (client.tasks.fine_tuned); not the logistic
+# regression: its L2-regularised loss is strictly convex, so training it further on the site's cells ends where
+# local-only's does, whatever the start
 TUNED_EVALUATORS: tuple[Literal["mlp"], ...] = ("mlp",)
 SCORE_PARTS = ("accuracy", "macro_f1")
 
