@@ -9,7 +9,8 @@ noise draws: each site releases noised counts and class sums as ``client.privacy
 (``denoise_means``), cells are drawn around them as ``server.dp_pretrain.draw_cells`` draws them, and a logistic
 regression trained on the drawn cells is scored on the held-out cells. Variants: the even split of epsilon with cells
 clipped to 60 (the previous default); the class means at half the other releases' noise, clipped to 60; the same,
-each cell's difference to the center (the pooled mean of the sites' noised profiles) clipped to each of ``--clips``.
+each cell's difference to the center (the pooled mean of the sites' noised profiles) clipped to each of ``--clips``;
+with ``--support-scales``, other ratios of the other releases' noise to the class means' (centered, first clip).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from client.privacy import denoise_means
 from server.dp_pretrain import MIN_CELLS, draw_cells
 from shared.data import normalize
 from shared.privacy import mechanisms as mech
-from shared.privacy.accounting import PRIMARY, release_noise, stats_noise
+from shared.privacy.accounting import PRIMARY, SUPPORT_SCALE, release_noise, stats_noise
 from shared.privacy.spec import DPSpec
 
 DRAWS = 3
@@ -51,6 +52,14 @@ def main() -> None:
     ap.add_argument("--sites", choices=("batch", "dirichlet"), default="batch")
     ap.add_argument("--clips", type=float, nargs="+", default=[30.0, 40.0])
     ap.add_argument("--epsilon", type=float, default=8.0)
+    ap.add_argument(
+        "--support-scales",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also screen these other-release / class-means noise ratios (centered, first clip); the default is "
+        f"SUPPORT_SCALE = {SUPPORT_SCALE:g}",
+    )
     ap.add_argument("--label-key", default="cell_type")
     args = ap.parse_args()
 
@@ -105,6 +114,10 @@ def main() -> None:
     variants = [("even split, clip 60", even, even, 60.0, False)]
     variants += [("split, clip 60", split_main, split_other, 60.0, False)]
     variants += [(f"split, centered, clip {c:g}", split_main, split_other, c, True) for c in args.clips]
+    for ratio in args.support_scales:  # the class means at 1 / ratio of the other releases' noise
+        scales = tuple(1.0 if name == PRIMARY else ratio for name in sched.one_shot)
+        base = stats_noise(args.epsilon, len(sched.one_shot), 1.0, scales)
+        variants.append((f"ratio {ratio:g}, centered, clip {args.clips[0]:g}", base, base * ratio, args.clips[0], True))
     print(f"{args.data}: {len(genes)} genes, {len(np.unique(site))} sites, epsilon {args.epsilon:g}")
     print("| variant | held-out LR accuracy (mean of 3 noise draws) | draws |")
     print("|---|---|---|")
