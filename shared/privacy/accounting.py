@@ -38,8 +38,9 @@ NAMES_DELTA_SHARE = 0.1  # share of delta for releasing a label name only above 
 ORDERS = (*range(2, 129), 160, 192, 256, 384, 512, 1024)
 PRIMARY = "class gene means"  # without DP-SGD, the release every model and code is fitted to
 # Without DP-SGD, each other one-shot release (plan profile, label counts, library statistics) gets this many times the
-# class means' noise. 2 was compared with 1 (the even split) on validation cells, no other value was screened
-# (benchmarks/results/dp_curve.md); the composition stays exact.
+# class means' noise. 2 was compared with 1 (the even split) on validation cells; 1.5 to 8 were screened offline later
+# (3-4 gain about 0.008 there, but the label-name threshold rises with it: not adopted without the federation's runs;
+# benchmarks/results/dp_curve.md). The composition stays exact.
 SUPPORT_SCALE = 2.0
 
 
