@@ -55,8 +55,10 @@ def test_summarize_gains_prints_each_sites_mean_over_seeds(tmp_path: Path) -> No
         for r in ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines())
         if r[0] == "fileA"
     }
-    assert rows["s1"][2:] == ["0.850", "0.900", "-0.050", "0.940", "+0.040"]
+    assert rows["s1"][2:] == ["0.850", "0.900", "-0.050", "0.940", "+0.040", "2"]
     assert rows["s2"][2:5] == ["0.700", "0.600", "+0.100"] and rows["s2"][5] == "nan"
+    assert "- federated: at least local-only at 1 of 2 sites (ties included), mean gain +0.025, smallest -0.050" in out
+    assert "- fine-tuned: at least local-only at 1 of 1 sites (ties included), mean gain +0.040, smallest +0.040" in out
     empty = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--gains", str(tmp_path / "nothing")],
         capture_output=True,
