@@ -182,8 +182,10 @@ def site_gains(work: Path, results: dict[str, list[dict]], k: int = 10) -> str:
     for name in results:
         per: dict[str, list[tuple[float, float, float]]] = {}
         for m in sorted(work.glob(f"{name}/seed*/scdd-k{k}/metrics.json")):
-            last = json.loads(m.read_text())["rounds"][-1]["sites"]
-            for site, v in last.items():
+            rounds = json.loads(m.read_text())["rounds"]
+            if not rounds:  # a run still in progress (or stopped before its first evaluation)
+                continue
+            for site, v in rounds[-1]["sites"].items():
                 per.setdefault(site, []).append(
                     (
                         v["scores"]["mlp"]["accuracy"],

@@ -43,6 +43,9 @@ def test_summarize_gains_prints_each_sites_mean_over_seeds(tmp_path: Path) -> No
         run = tmp_path / "fileA" / f"seed{seed}" / "scdd-k10"
         run.mkdir(parents=True)
         (run / "metrics.json").write_text(json.dumps({"rounds": [{"sites": {"s1": a, "s2": b}}]}))
+    running = tmp_path / "fileA" / "seed2" / "scdd-k10"  # a run still in progress: no evaluated round yet
+    running.mkdir(parents=True)
+    (running / "metrics.json").write_text(json.dumps({"rounds": []}))
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--gains", str(tmp_path)],
         capture_output=True,
