@@ -40,12 +40,15 @@ def _embedding(adata: Any) -> tuple[np.ndarray, str]:
     """UMAP of the fused synthetic cells (scanpy), or PCA when UMAP cannot run (too few cells)."""
     import scanpy as sc
 
+    from shared.device import torch_threads_kept
+
     a = adata.copy()
     n_comps = max(2, min(30, a.n_obs - 1, a.n_vars - 1))
     sc.pp.pca(a, n_comps=n_comps)
     try:
-        sc.pp.neighbors(a, n_neighbors=max(2, min(15, a.n_obs - 1)), use_rep="X_pca")
-        sc.tl.umap(a, random_state=0)
+        with torch_threads_kept():  # numba's pool would leave the ServerApp's next round on every core
+            sc.pp.neighbors(a, n_neighbors=max(2, min(15, a.n_obs - 1)), use_rep="X_pca")
+            sc.tl.umap(a, random_state=0)
         return np.asarray(a.obsm["X_umap"]), "UMAP"
     except Exception as exc:  # noqa: BLE001 - a plot must never fail a finished run
         logger.warning("UMAP failed (%s); plotting PCA instead", type(exc).__name__)

@@ -17,6 +17,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from shared.device import torch_threads_kept
 from shared.fitting import dense_rows
 from shared.models import MLPClassifier, MLPConfig
 
@@ -259,7 +260,8 @@ def marker_genes(X: np.ndarray, y: np.ndarray, classes: np.ndarray, n_top: int =
     )
     adata = ad.AnnData(X[keep].astype(np.float32), obs=obs, var=pd.DataFrame(index=[str(i) for i in range(X.shape[1])]))
     adata.uns["log1p"] = {"base": None}  # X is log1p-normalised: tells scanpy how to compute fold changes
-    sc.tl.rank_genes_groups(adata, "label", method="wilcoxon", n_genes=n_top, use_raw=False)
+    with torch_threads_kept():
+        sc.tl.rank_genes_groups(adata, "label", method="wilcoxon", n_genes=n_top, use_raw=False)
     names = adata.uns["rank_genes_groups"]["names"]
     return {int(c): {int(g) for g in names[str(c)]} for c in classes}
 

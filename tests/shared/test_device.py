@@ -3,6 +3,9 @@ one line."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +82,30 @@ def test_a_dp_site_refuses_a_gpu_before_touching_its_cells(three_site_h5ad: Path
     req = PretrainRequest("vae", 1, state_of(vae), model_json(vae), plan, 2, 1e-3, 8, (0.0, 1.0), 0)
     with pytest.raises(ConfigError, match="DP runs on CPU"):
         tasks.pretrain_site(site, req, SiteDP(dp_spec, site_secret(tmp_path), tmp_path, "site"), torch.device("cuda"))
+
+
+FIDELITY_THEN_THREADS = """
+import numpy as np, torch
+torch.set_num_threads(1)
+import sklearn  # a site process has scikit-learn's OpenMP runtime loaded before its first fidelity score
+from shared.evaluation import marker_genes
+assert torch.get_num_threads() == 1  # read once before: only then does the reset show (measured)
+rng = np.random.default_rng(0)
+X = np.log1p(rng.poisson(1.0, (120, 80)).astype(np.float32))
+marker_genes(X, np.repeat([0, 1, 2], 40), np.array([0, 1, 2]))
+print(torch.get_num_threads())
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the reset is to all cores: invisible on one")
+def test_scanpy_marker_genes_leave_torch_on_the_threads_the_site_set() -> None:
+    # A fresh process: numba's OpenMP pool starts once per process, on scanpy's first wilcoxon.
+    out = subprocess.run(
+        [sys.executable, "-c", FIDELITY_THEN_THREADS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+        check=True,
+    )
+    assert out.stdout.strip().splitlines()[-1] == "1"
