@@ -1,6 +1,6 @@
 """Wall time and peak memory of `scdd demo` (the Ray simulation of `make demo`), every process included.
 
-Usage: python benchmarks/demo_cost.py [--out runs/demo-cost]
+Usage: python benchmarks/demo_cost.py [--out runs/demo-cost] [--set KEY=VALUE ...]
 
 Ray starts its workers as daemons outside the demo's process tree, so memory is sampled as the
 summed resident set size (RSS, from /proc) of every process of this user that started after the
@@ -24,6 +24,7 @@ from server.cli.processes import stat_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = os.sysconf("SC_PAGE_SIZE")
+PHASES = ("federated pretraining:", "distill-", "evaluate-")  # the run log's lines that time each phase
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -59,6 +60,7 @@ def main() -> int:
     """Run the demo once and print its cost."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "runs" / "demo-cost"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed on to scdd demo")
     args = p.parse_args()
     uptime_ticks = int(float(Path("/proc/uptime").read_text().split()[0]) * TICKS)
     env = {
@@ -70,7 +72,7 @@ def main() -> int:
     scdd = Path(sys.executable).with_name("scdd")
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [str(scdd), "demo", "--out", args.out],
+        [str(scdd), "demo", "--out", args.out, *(a for kv in args.set for a in ("--set", kv))],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -93,11 +95,20 @@ def main() -> int:
     accs = []
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
-        accs = [round(r["aggregate"]["cell_weighted"]["mlp"]["accuracy"], 3) for r in m["rounds"]]
+        accs = [
+            tuple(round(r["aggregate"]["cell_weighted"][e]["accuracy"], 3) for e in ("mlp", "logreg"))
+            for r in m["rounds"]
+        ]
+    log = Path(args.out) / "run.log"
+    phases = (
+        [ln.split(": ", 1)[1].strip() for ln in log.read_text().splitlines() if any(p in ln for p in PHASES)]
+        if log.is_file()
+        else []
+    )
     print(
         f"scdd demo: exit {proc.returncode}, wall {wall:.0f} s, "
         f"peak summed RSS {peak / 2**30:.2f} GiB over {peak_n} processes, "
-        f"MLP accuracy per round {accs}"
+        f"(MLP, LR) accuracy per round {accs}; " + "; ".join(phases)
     )
     return proc.returncode
 

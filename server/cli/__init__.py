@@ -232,9 +232,10 @@ def _add_runs(sub: argparse._SubParsersAction) -> None:
     p = flags.command(
         sub,
         "demo",
-        "the real Flower simulation (flwr run, Ray) on the bundled example data",
+        "the real Flower simulation (flwr run, Ray) on the bundled example data, with 10 pretraining rounds "
+        "(the default run config has 30: --set num-pretrain-rounds=30)",
         "scdd demo --out runs/demo",
-        "scdd demo --out runs/demo-short --set num-pretrain-rounds=2",
+        "scdd demo --out runs/demo-default --set num-pretrain-rounds=30",
     )
     p.add_argument(
         "--out",

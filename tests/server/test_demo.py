@@ -8,8 +8,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-from server.cli.demo import _toml_str, stage_app
+from server.cli.demo import DEMO_RUN_CONFIG, _toml_str, demo_run_config, stage_app
 from server.cli.processes import started_pids, stop_session
+from server.config import FederationConfig
 
 
 def test_staged_app_builds_a_fab_with_code_only(tmp_path: Path) -> None:
@@ -25,6 +26,16 @@ def test_staged_app_builds_a_fab_with_code_only(tmp_path: Path) -> None:
 
 def test_run_config_values_are_toml() -> None:
     assert _toml_str("/a b/c.h5ad") == '"/a b/c.h5ad"' and _toml_str(True) == "true" and _toml_str(4) == "4"
+
+
+def test_the_demo_runs_its_own_shorter_pretraining_and_set_values_win(tmp_path: Path) -> None:
+    data, out = tmp_path / "kang.h5ad", tmp_path / "runs" / "demo"
+    cfg = demo_run_config(data, out, None)
+    assert cfg["num-pretrain-rounds"] == 10 < FederationConfig().num_pretrain_rounds
+    assert (cfg["sim-data-path"], cfg["out-dir"], cfg["run-id"]) == (str(data), str(out.parent), "demo")
+    full = demo_run_config(data, out, {"num-pretrain-rounds": 30, "seed": 3})
+    assert full["num-pretrain-rounds"] == 30 and full["seed"] == 3
+    assert set(DEMO_RUN_CONFIG) <= {k.replace("_", "-") for k in FederationConfig.__dataclass_fields__}
 
 
 def test_stop_session_ends_the_leader_and_what_it_started() -> None:
