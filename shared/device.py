@@ -51,9 +51,9 @@ def torch_threads_kept() -> Iterator[None]:
     count back afterwards.
 
     Starting that pool (with scikit-learn's OpenMP runtime loaded) resets the process's OpenMP thread count to all
-    cores, and torch reads it: a site process set to 1 thread trained with 2 after its first fidelity score. Two
-    simulated sites on 2 cores then oversubscribed them, and the demo's evaluation took 64-92 s instead of about 30 s
-    (local-only and fine-tuned MLPs 22-26 s each instead of 4-6 s).
+    cores, and torch reads it: a site process set to 1 thread trained on every core after its first fidelity score,
+    and simulated sites sharing the cores oversubscribed them (the demo's evaluation ran about 4 times slower; README,
+    "Demo cost").
     """
     threads = torch.get_num_threads()
     try:

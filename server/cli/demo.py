@@ -39,9 +39,8 @@ REPO = Path(__file__).resolve().parents[2]
 NUM_SUPERNODES = 4
 FEDERATION_CONFIG = f"num-supernodes={NUM_SUPERNODES} client-resources-num-cpus=1"
 # The demo's own run config: a third of the default's pretraining rounds, so that `make demo` (setup included) fits in
-# 5 minutes on 2 cores. Measured (benchmarks/demo_cost.py, README "Demo cost"): 173 s and MLP / LR 0.910 / 0.923 on the
-# sites' test cells, against 377 s and 0.913 / 0.932 with the default 30 rounds. `--set` values win over it
-# (`scdd demo --set num-pretrain-rounds=30` runs the default config).
+# 5 minutes on 2 cores; its cost and accuracy beside the default's: README "Demo cost" (benchmarks/demo_cost.py).
+# `--set` values win over it (`scdd demo --set num-pretrain-rounds=30` runs the default config).
 DEMO_RUN_CONFIG: dict[str, Any] = {"num-pretrain-rounds": 10}
 COMPLETED = "finished:completed"
 ENV = {
