@@ -351,7 +351,12 @@ def _scores(X: Matrix, y: np.ndarray, req: EvaluateRequest, n_classes: int) -> d
 def local_only_key(req: EvaluateRequest) -> str:
     """What the local-only scores depend on: the plan, the seed and the MLP rule (not the round, not the synthetic
     cells)."""
-    return json.dumps([req.plan.digest(), req.seed, repr(MLPTrainConfig())])
+    return json.dumps([req.plan.digest(), req.seed, repr(mlp_rule(req))])
+
+
+def mlp_rule(req: EvaluateRequest) -> MLPTrainConfig:
+    """The training rule of the server's MLP, which the site's local-only and fine-tuned MLPs follow too."""
+    return MLPTrainConfig(epochs=req.mlp_epochs, min_steps=req.mlp_min_steps, max_steps=req.mlp_max_steps)
 
 
 def evaluate_site(
@@ -388,9 +393,13 @@ def evaluate_site(
     seed_rows = np.flatnonzero(np.isin(train, members)) if members is not None else np.zeros(0, np.int64)
     aud = audit(X_train, y_all[train], seed_rows, X_test, y_test, X_val, req.X, seed=req.seed)
     if local is None:
-        local = local_only(X_train, y_all[train], X_test, y_test, n_classes, seed=req.seed, device=device)
+        local = local_only(
+            X_train, y_all[train], X_test, y_test, n_classes, seed=req.seed, rule=mlp_rule(req), device=device
+        )
     shared_mlp = _model("mlp", req.mlp_config, req.mlp)
-    tuned = fine_tuned(shared_mlp, X_train, y_all[train], X_test, y_test, n_classes, seed=req.seed, device=device)
+    tuned = fine_tuned(
+        shared_mlp, X_train, y_all[train], X_test, y_test, n_classes, seed=req.seed, rule=mlp_rule(req), device=device
+    )
     return EvaluateReply(
         req.round,
         int(test.size),
@@ -421,18 +430,19 @@ def fine_tuned(
     n_classes: int,
     *,
     seed: int,
+    rule: MLPTrainConfig | None = None,
     device: torch.device = CPU,
 ) -> dict[str, dict[str, float]]:
     """What the site can deploy after joining: the server's MLP, trained further on the site's own training cells,
     scored on its test cells.
 
-    It follows the local-only rule (``MLPTrainConfig``: same steps, same seed) at ``FINE_TUNE_LR_SCALE`` of its learning
-    rate, from the shared weights instead of a random start: the difference to local-only is what joining gave the
-    site's own model (local adaptation of a federated model: Yu et al. 2020, "Salvaging federated learning by local
-    adaptation"). The shared model itself is scored as ``scores``.
+    It follows the local-only rule (``rule``, the server MLP's; ``MLPTrainConfig()`` when None: same steps, same
+    seed) at ``FINE_TUNE_LR_SCALE`` of its learning rate, from the shared weights instead of a random start: the
+    difference to local-only is what joining gave the site's own model (local adaptation of a federated model: Yu et
+    al. 2020, "Salvaging federated learning by local adaptation"). The shared model itself is scored as ``scores``.
     """
     init = {name: t.detach().clone() for name, t in shared.state_dict().items()}
-    rule = MLPTrainConfig()
+    rule = rule or MLPTrainConfig()
     cfg = replace(rule, lr=rule.lr * FINE_TUNE_LR_SCALE)
     model = train_mlp(X_train, y_train, n_classes, seed=seed, cfg=cfg, init=init, device=device)
     s = score(y_test, predict_mlp(model, X_test))
@@ -447,23 +457,23 @@ def local_only(
     n_classes: int,
     *,
     seed: int,
+    rule: MLPTrainConfig | None = None,
     device: torch.device = CPU,
 ) -> dict[str, dict[str, float]]:
     """What the site has without joining: each evaluator trained on its own training cells, scored on its test cells.
 
-    The MLP follows the benchmark's training rule (``MLPTrainConfig``), as the server's does, drawing its
-    minibatches from every training cell. The logistic regression's full-batch solver costs time in
+    The MLP follows ``rule``, the server MLP's training rule (``MLPTrainConfig()`` when None), drawing its minibatches
+    from every training cell. The logistic regression's full-batch solver costs time in
     proportion to the cells, so it fits on at most ``LOCAL_LOGREG_MAX_CELLS`` of them (a seeded subset;
     all of them at every site of the team's files).
     """
+    rule = rule or MLPTrainConfig()
     out: dict[str, dict[str, float]] = {}
     for ev in LOCAL_EVALUATORS:
         X, y = X_train, y_train
         if ev == "logreg" and y.size > LOCAL_LOGREG_MAX_CELLS:
             pick = np.sort(np.random.default_rng(seed).choice(y.size, LOCAL_LOGREG_MAX_CELLS, replace=False))
             X, y = X[pick], y[pick]
-        s = score(
-            y_test, np.asarray(fit_predict(ev, X, y, X_test, n_classes, seed=seed, mlp=MLPTrainConfig(), device=device))
-        )
+        s = score(y_test, np.asarray(fit_predict(ev, X, y, X_test, n_classes, seed=seed, mlp=rule, device=device)))
         out[ev] = {"accuracy": s.accuracy, "macro_f1": s.macro_f1}
     return out

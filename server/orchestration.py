@@ -294,6 +294,9 @@ def evaluate(run: Run, rnd: int, X: np.ndarray, y: np.ndarray) -> dict[str, Any]
         models.classes,
         plan,
         run.cfg.seed,
+        run.cfg.mlp.epochs,
+        run.cfg.mlp.min_steps,
+        run.cfg.mlp.max_steps,
     )
 
     def check(node: int, rd: RecordDict, wire: int) -> EvaluateReply:

@@ -24,8 +24,9 @@ from shared.privacy.spec import DPSpec
 # 2: validation split, validation scores + privacy audit; 3: FedProx mu in the pretrain request, local-only scores in
 # the evaluate reply; 4: count input in the profile, per-class library statistics in the distill reply; 5: DP settings
 # in the spec, the DP report in the distill reply; 6: keep-optimizer and balanced-heads in the pretrain request; 7: the
-# class-means pretrain stage; 8: the plan's DP center; 9: fine-tuned scores in the evaluate reply
-SCHEMA_VERSION = 9
+# class-means pretrain stage; 8: the plan's DP center; 9: fine-tuned scores in the evaluate reply; 10: the MLP training
+# rule in the evaluate request
+SCHEMA_VERSION = 10
 MSG_PROFILE = "query.profile"
 MSG_PRETRAIN = "train.pretrain"
 MSG_DISTILL = "train.distill"

@@ -240,6 +240,11 @@ class EvaluateRequest:
     logreg_classes: np.ndarray  # int64 (m,) global ids the logistic regression was fitted on
     plan: Plan
     seed: int
+    # The MLP training rule the server's MLP followed (run config mlp-epochs / mlp-min-steps / mlp-max-steps): the
+    # site trains its local-only and fine-tuned MLPs by the same rule, so that only their cells differ.
+    mlp_epochs: float
+    mlp_min_steps: int
+    mlp_max_steps: int
 
     def to_record(self) -> RecordDict:
         """Encode."""
@@ -253,7 +258,16 @@ class EvaluateRequest:
                 "classes": Array(np.asarray(self.logreg_classes, np.int64)),
             }
         )
-        cfg = config_record({"round": self.round, "mlp-config": self.mlp_config, "seed": self.seed})
+        cfg = config_record(
+            {
+                "round": self.round,
+                "mlp-config": self.mlp_config,
+                "seed": self.seed,
+                "mlp-epochs": float(self.mlp_epochs),
+                "mlp-min-steps": self.mlp_min_steps,
+                "mlp-max-steps": self.mlp_max_steps,
+            }
+        )
         return RecordDict(
             {
                 KEY_CONFIG: cfg,
@@ -272,7 +286,9 @@ class EvaluateRequest:
             rd, where, configs=[KEY_CONFIG, KEY_PLAN], arrays=[KEY_SYNTHETIC, KEY_MLP, KEY_LOGREG, KEY_PLAN_GENES]
         )
         cfg, syn, lr = rd[KEY_CONFIG], array_record(rd, KEY_SYNTHETIC), array_record(rd, KEY_LOGREG)
-        check_keys(cfg, {SCHEMA_KEY, "round", "mlp-config", "seed"}, where)
+        check_keys(
+            cfg, {SCHEMA_KEY, "round", "mlp-config", "seed", "mlp-epochs", "mlp-min-steps", "mlp-max-steps"}, where
+        )
         check_keys(syn, {"X", "labels"}, where)
         check_keys(lr, {"coef", "intercept", "classes"}, where)
         X, labels = get_array(syn, "X", "float32", 2, where), get_array(syn, "labels", "int32", 1, where)
@@ -285,6 +301,13 @@ class EvaluateRequest:
             or coef.shape[1] != X.shape[1]
         ):
             raise fail(where, "synthetic cells/labels or logistic-regression shapes are inconsistent")
+        epochs = get_value(cfg, "mlp-epochs", float, where)
+        lo, hi = get_value(cfg, "mlp-min-steps", int, where), get_value(cfg, "mlp-max-steps", int, where)
+        if not (math.isfinite(epochs) and epochs > 0 and 1 <= lo <= hi):
+            raise fail(
+                where,
+                f"MLP rule needs mlp-epochs > 0 and 1 <= mlp-min-steps <= mlp-max-steps; got {epochs}, {lo}, {hi}",
+            )
         return cls(
             round=check_round(get_value(cfg, "round", int, where), where),
             X=X,
@@ -296,6 +319,9 @@ class EvaluateRequest:
             logreg_classes=classes,
             plan=Plan.from_records(rd, where),
             seed=get_value(cfg, "seed", int, where),
+            mlp_epochs=epochs,
+            mlp_min_steps=lo,
+            mlp_max_steps=hi,
         )
 
 

@@ -108,8 +108,9 @@ def test_distill_returns_k_codes_per_class_and_warm_starts_from_codes_the_server
     assert DistillReply.from_record(_send(other_k.to_record(), "train.distill", ctx)).codes.shape == (9, 8)
 
 
-def test_evaluate_scores_models_on_held_out_cells(ctx: Context, plan: Plan) -> None:
+def test_evaluate_scores_models_on_held_out_cells(ctx: Context, plan: Plan, monkeypatch: pytest.MonkeyPatch) -> None:
     from server.synthesis import train_evaluators
+    from shared import evaluation
 
     rng = np.random.default_rng(0)
     X, y = rng.random((12, len(plan.genes))).astype(np.float32), np.repeat([0, 1, 2], 4)
@@ -125,8 +126,18 @@ def test_evaluate_scores_models_on_held_out_cells(ctx: Context, plan: Plan) -> N
         logreg_classes=models.classes,
         plan=plan,
         seed=0,
+        mlp_epochs=1.0,
+        mlp_min_steps=3,
+        mlp_max_steps=3,
     )
+    rules = []  # the site's local-only and fine-tuned MLPs follow the server MLP's rule, sent with the request
+    real_train = evaluation.train_mlp
+    monkeypatch.setattr(
+        evaluation, "train_mlp", lambda *a, cfg, **kw: rules.append(cfg) or real_train(*a, cfg=cfg, **kw)
+    )
+    monkeypatch.setattr(tasks, "train_mlp", evaluation.train_mlp)
     reply = EvaluateReply.from_record(_send(req.to_record(), "evaluate.models", ctx))
+    assert [(r.min_steps, r.max_steps) for r in rules] == [(3, 3), (3, 3)] and rules[1].lr == rules[0].lr / 10
     assert reply.n_test > 0 and all(0 <= s.accuracy <= 1 and len(s.recall) == 3 for s in reply.scores.values())
     assert reply.n_val > 0 and all(0 <= s.accuracy <= 1 for s in reply.val_scores.values())
     assert 0 <= reply.audit["population_mia"] <= 1 and all(math.isnan(v) or 0 <= v <= 1 for v in reply.audit.values())
@@ -242,10 +253,10 @@ def test_local_only_logistic_regression_of_a_large_site_fits_a_seeded_subset(
     monkeypatch.setattr(
         tasks, "fit_predict", lambda ev, X, *a, **kw: fitted.append((ev, X.shape[0])) or real_fit(ev, X, *a, **kw)
     )
-    monkeypatch.setattr(tasks, "MLPTrainConfig", lambda: MLPTrainConfig(min_steps=5, max_steps=5))  # a quick MLP
+    quick = MLPTrainConfig(min_steps=5, max_steps=5)
     monkeypatch.setattr(tasks, "LOCAL_LOGREG_MAX_CELLS", 300)
-    first = tasks.local_only(*args, seed=0)
-    assert fitted == [("mlp", tr.size), ("logreg", 300)] and first == tasks.local_only(*args, seed=0)
+    first = tasks.local_only(*args, seed=0, rule=quick)
+    assert fitted == [("mlp", tr.size), ("logreg", 300)] and first == tasks.local_only(*args, seed=0, rule=quick)
     assert 0.5 < first["logreg"]["accuracy"] <= 1.0
 
 
@@ -260,12 +271,12 @@ def test_fine_tuned_scores_start_from_the_shared_model(example_path: Path, monke
     shared = train_mlp(site.X[tr], site.labels[tr], 5, seed=1, cfg=MLPTrainConfig(min_steps=200, max_steps=200))
     expected = score(site.labels[te], predict_mlp(shared, site.X[te]))
     assert expected.accuracy > 0.6  # 5 classes: well above chance
-    monkeypatch.setattr(tasks, "MLPTrainConfig", lambda: MLPTrainConfig(min_steps=1, max_steps=1, lr=1e-12))
+    still = MLPTrainConfig(min_steps=1, max_steps=1, lr=1e-12)
     args = (site.X[tr], site.labels[tr], site.X[te], site.labels[te], 5)
-    tuned = tasks.fine_tuned(shared, *args, seed=0)
+    tuned = tasks.fine_tuned(shared, *args, seed=0, rule=still)
     assert tuned == {"mlp": {"accuracy": expected.accuracy, "macro_f1": expected.macro_f1}}
-    assert tasks.local_only(*args, seed=0)["mlp"]["accuracy"] < expected.accuracy - 0.2  # the same rule, random start
-    moved = tasks.fine_tuned(shared, *args, seed=0)  # the shared model itself is left as it was
+    assert tasks.local_only(*args, seed=0, rule=still)["mlp"]["accuracy"] < expected.accuracy - 0.2  # random start
+    moved = tasks.fine_tuned(shared, *args, seed=0, rule=still)  # the shared model itself is left as it was
     assert moved == tuned and score(site.labels[te], predict_mlp(shared, site.X[te])).accuracy == expected.accuracy
 
 

@@ -209,6 +209,9 @@ def test_evaluate_request_roundtrip() -> None:
         np.array([0, 1, 2]),
         PLAN,
         9,
+        20.0,
+        150,
+        5000,
     )
     back = EvaluateRequest.from_record(req.to_record())
     assert (
@@ -216,7 +219,12 @@ def test_evaluate_request_roundtrip() -> None:
         and np.array_equal(back.logreg_coef, req.logreg_coef)
         and back.plan == PLAN
         and back.seed == 9
+        and (back.mlp_epochs, back.mlp_min_steps, back.mlp_max_steps) == (20.0, 150, 5000)
     )
+    bad = req.to_record()
+    bad[KEY_CONFIG]["mlp-min-steps"] = 6000  # above the max: no rule the site could follow
+    with pytest.raises(ProtocolError, match="mlp-min-steps"):
+        EvaluateRequest.from_record(bad)
 
 
 def test_evaluate_reply_roundtrip_keeps_nan_as_absent() -> None:
