@@ -97,6 +97,10 @@ def test_benchmark_runs_the_shipped_federation_and_scdd_beats_random_at_k1(tmp_p
             "scdg-local-steps=40",
             "--set",
             "num-distill-rounds=1",
+            "--set",  # the federation's own evaluate phase (the benchmark scores every method with its own rule)
+            "mlp-min-steps=20",
+            "--set",
+            "mlp-max-steps=20",
             "--work",
             str(tmp_path / "work"),
             "--out",
