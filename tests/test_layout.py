@@ -81,6 +81,7 @@ def _bundle_names() -> set[str]:
     return set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(REPO))).namelist())
 
 
+@pytest.mark.slow  # over 5 s: outside the fast tier
 def test_the_app_bundle_carries_the_run_time_packages_and_nothing_else() -> None:
     names = _bundle_names()
     code = {
@@ -92,6 +93,7 @@ def test_the_app_bundle_carries_the_run_time_packages_and_nothing_else() -> None
     assert names == code | {"pyproject.toml", "README.md", ".info/CONTENT"}, sorted(names ^ code)
 
 
+@pytest.mark.slow  # over 5 s: outside the fast tier
 def test_what_the_apps_import_is_in_the_bundle_and_never_tooling() -> None:
     loaded = set(
         _python(

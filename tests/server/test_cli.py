@@ -31,6 +31,7 @@ def test_check_refuses_with_one_line_and_no_traceback(
     assert "cannot read" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # over 5 s: outside the fast tier
 def test_distill_writes_a_scanpy_ready_synthetic_file(
     tmp_path: Path, example_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -224,6 +224,7 @@ def test_an_unknown_command_or_renamed_flag_is_refused_in_one_line(capsys: pytes
         assert hint in err
 
 
+@pytest.mark.slow  # over 5 s: outside the fast tier
 def test_the_real_process_prints_the_same_single_line(tmp_path: Path) -> None:
     """The console script's process, not just main(): log handlers and the interpreter add nothing."""
     cases = [

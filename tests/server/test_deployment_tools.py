@@ -189,6 +189,7 @@ def test_no_app_of_this_release_is_reported(release: tuple[bytes, Path], tmp_pat
         build_release_fab(tmp_path)
 
 
+@pytest.mark.slow  # over 5 s: outside the fast tier
 def test_verify_bundle_command(release: tuple[bytes, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, home = _copy(release, tmp_path)
     assert main(["verify-bundle", str(home), "--source", str(REPO)]) == 0

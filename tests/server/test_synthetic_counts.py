@@ -71,6 +71,7 @@ def test_without_count_input_at_a_site_there_are_no_counts_and_x_falls_back(capl
     )
 
 
+@pytest.mark.slow  # over 5 s: outside the fast tier
 def test_a_standard_scanpy_workflow_runs_on_the_counts_layer() -> None:
     vae, scdg = _models()
     adata = fuse_round(_parts(), vae, scdg, PLAN, round_=1, provenance={}, mode="counts", seed=3)

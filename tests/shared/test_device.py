@@ -97,6 +97,7 @@ print(torch.get_num_threads())
 """
 
 
+@pytest.mark.slow  # over 5 s: outside the fast tier
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the reset is to all cores: invisible on one")
 def test_scanpy_marker_genes_leave_torch_on_the_threads_the_site_set() -> None:
     # A fresh process: numba's OpenMP pool starts once per process, on scanpy's first wilcoxon.

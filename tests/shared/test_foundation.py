@@ -29,6 +29,7 @@ def cbmc_subset(team_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return path
 
 
+@pytest.mark.slow  # over 5 s: outside the fast tier
 def test_aux_head_learns_the_embedding(cbmc_subset: Path) -> None:
     adata = read_h5ad(cbmc_subset)
     site = prepare_site(adata, label_key="cell_type", seed=0)
@@ -42,6 +43,7 @@ def test_aux_head_learns_the_embedding(cbmc_subset: Path) -> None:
     assert r2 > 0.3, r2
 
 
+@pytest.mark.slow  # over 5 s: outside the fast tier
 def test_distill_with_embedding_key_and_missing_key(cbmc_subset: Path) -> None:
     report = distill_file(
         cbmc_subset, distill=DistillConfig(k=2, iterations=5), n_genes=300, embedding_key="ADT", pretrain_cfg=SMALL
