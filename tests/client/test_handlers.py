@@ -260,7 +260,7 @@ def test_local_only_logistic_regression_of_a_large_site_fits_a_seeded_subset(
     assert 0.5 < first["logreg"]["accuracy"] <= 1.0
 
 
-def test_fine_tuned_scores_start_from_the_shared_model(example_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fine_tuned_scores_start_from_the_shared_model(example_path: Path) -> None:
     """The site trains the server's MLP further by the local-only rule: with a step too small to move it, its scores are
     the shared model's, not those of the same rule from a random start."""
     from shared.data import prepare_site, read_h5ad
