@@ -1,10 +1,13 @@
-"""The benchmark scripts whose output the docs quote: the accounting table (dp_noise.py) and the site-gains table."""
+"""The benchmark scripts whose output the docs quote: the accounting table (dp_noise.py), the site-gains table and the
+decode-mode reference (decode_reference.py)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,3 +72,45 @@ def test_summarize_gains_prints_each_sites_mean_over_seeds(tmp_path: Path) -> No
         timeout=120,
     )
     assert empty.returncode == 1 and "no NAME/seedS/scdd-k10/metrics.json" in empty.stdout
+
+
+@pytest.mark.slow
+def test_decode_reference_compares_decode_modes_with_real_cells(tmp_path: Path, example_path: Path) -> None:
+    """`decode_reference.py RUN`: marker overlap, zeros and accuracy of real cells and of each decode mode of a run's
+    codes; a folder that is not a finished run is refused with one line."""
+    from server.cli.simulation import run_in_process
+
+    cache = tmp_path / "cache"
+    cfg = {
+        "sim-data-path": str(example_path),
+        "sim-site-key": "batch",
+        "out-dir": str(tmp_path),
+        "run-id": "tiny",
+        "n-genes": 200,
+        "num-pretrain-rounds": 1,
+        "vae-local-steps": 60,
+        "scdg-local-steps": 20,
+        "distill-iterations": 5,
+        "mlp-min-steps": 30,
+        "mlp-max-steps": 30,
+        "report": False,
+    }
+    run_in_process(cfg, num_nodes=4, node_configs=[{"cache-dir": str(cache)}] * 4)
+    script = str(ROOT / "benchmarks" / "decode_reference.py")
+    args = [sys.executable, script, str(tmp_path / "tiny"), "--modes", "expected,counts", "--samples", "2"]
+    out = subprocess.run([*args, "--cache", str(cache)], capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = {r[1]: r[2:] for r in ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()[2:])}
+    assert list(rows)[:4] == [
+        "real, all training cells",
+        "real, 10 per class per site",
+        "expected",
+        "counts, 2 per code",
+    ]
+    real_all, real_few, expected, counts = (list(map(float, rows[k])) for k in list(rows)[:4])
+    # columns: markers vs validation cells, markers vs all cells, zero fraction, MLP, LR
+    assert real_all[1] >= 0.8  # the training cells are most of "all cells"
+    assert real_few[1] > expected[1]  # smooth expected cells rank markers by ties
+    assert expected[2] == 0.0 and 0.3 < counts[2] < 1.0  # sampled counts have zeros, the expected expression none
+    assert all(0.0 <= v <= 1.0 for r in (real_all, real_few, expected, counts) for v in r)
+    bad = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "not a finished run" in bad.stderr

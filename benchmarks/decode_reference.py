@@ -1,0 +1,184 @@
+"""Marker genes and accuracy of a run's synthetic cells against real ones, per decode mode (VALIDATION cells; a tuning
+script never reads test scores).
+
+    python benchmarks/decode_reference.py RUN_DIR [RUN_DIR ...] [--modes expected,counts] [--samples 10] [--cache DIR]
+
+RUN_DIR is a finished ``scdd simulate`` run with one distillation round (its plan.json, config.json, metrics.json,
+pretrained/ and state/codes.npz). Each site is loaded as the run loaded it (same file, split and seed). The run's
+codes are decoded again by the shipped fusion (``server.synthesis.fuse_round``) with the generator they were made
+with, once per decode mode, and compared with reference sets of real cells of the same sites:
+
+- ``real, all training cells`` and ``real, 10 per class per site`` (random training cells: the issue's baseline);
+- ``MODE`` for every decode mode asked for (``counts`` / ``sample`` draw ``--samples`` cells per code).
+
+Per set it prints the marker overlap (scanpy wilcoxon, top 50 per class; ``shared.evaluation.marker_overlap``)
+twice: against the pooled validation cells of the sites (held out), and against every cell of the sites (training,
+validation and test: the measurement the fidelity issue quotes, where 10 random real cells per class per site reach
+0.84 on kang); then the zero fraction, and the MLP / logistic-regression accuracy on the pooled validation cells of
+the run's evaluators (the run's MLP rule) trained on that set.
+
+The sites' own fidelity in metrics.json compares each site's cells alone (a few dozen validation cells per site on
+kang), so its marker overlaps are lower for every set, real cells included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from client.site import SiteData, cache_dir, load_site, resolve_source
+from server.run_store import RunStore
+from server.synthesis import SiteCodes, fuse_round
+from shared.checkpoint import load_model
+from shared.counts import library_stats
+from shared.evaluation import MLPTrainConfig, fit_logreg, marker_overlap, predict_mlp, train_mlp
+from shared.protocol import Plan
+
+PER_CLASS = 10  # real cells per class per site in the baseline set (the fidelity issue's)
+FILES = ("plan.json", "config.json", "metrics.json", "pretrained/vae.pt", "pretrained/scdg.pt", "state/codes.npz")
+
+
+def _accuracy(
+    X: np.ndarray, y: np.ndarray, val: tuple[np.ndarray, np.ndarray], n_classes: int, rule: MLPTrainConfig, seed: int
+) -> tuple[float, float]:
+    """(MLP, logistic regression) accuracy on the validation cells, trained on (X, y) as the federation trains them."""
+    X_val, y_val = val
+    mlp = train_mlp(X, y, n_classes, seed=seed, cfg=rule)
+    lr = fit_logreg(X, y, seed=seed)
+    return float((predict_mlp(mlp, X_val) == y_val).mean()), float((lr.predict(X_val) == y_val).mean())
+
+
+def _site_rows(site: SiteData, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(plan class per cell, training rows, validation rows) over the cells whose class is in the plan."""
+    y, ok = site.global_labels(plan.classes)
+    return y, site.train_idx[ok[site.train_idx]], site.val_idx[ok[site.val_idx]]
+
+
+Row = tuple[str, float, float, float, float, float]
+
+
+def study(run: Path, modes: list[str], samples: int, cache: Path) -> list[Row]:
+    """(set, marker overlap vs validation cells, vs all cells, zero fraction, MLP, LR) per set of one run."""
+    plan = Plan.from_json(json.loads((run / "plan.json").read_text(encoding="utf-8")))
+    run_config = json.loads((run / "config.json").read_text(encoding="utf-8"))["run_config"]
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    if len(metrics["rounds"]) != 1:
+        raise SystemExit(f"{run}: {len(metrics['rounds'])} distillation rounds; this script reads one-round runs")
+    seed = int(run_config["seed"])
+    rule = MLPTrainConfig(
+        epochs=float(run_config["mlp-epochs"]),
+        min_steps=int(run_config["mlp-min-steps"]),
+        max_steps=int(run_config["mlp-max-steps"]),
+    )
+    vae, scdg = load_model(run / "pretrained/vae.pt", "vae"), load_model(run / "pretrained/scdg.pt", "scdg")
+    checkpoint = RunStore(run).load_checkpoint()
+    codes = checkpoint.codes if checkpoint is not None else {}
+    n_classes = len(plan.classes)
+    rng = np.random.default_rng(seed)
+    parts: list[SiteCodes] = []
+    train_X, train_y, few_X, few_y, val_X, val_y, all_X, all_y = ([] for _ in range(8))
+    for partition in range(len(metrics["rounds"][-1]["sites"])):
+        site = load_site(resolve_source({"partition-id": partition}, run_config), plan.spec, plan.genes, cache=cache)
+        y, train, val = _site_rows(site, plan)
+        if site.name not in codes:
+            raise SystemExit(f"{run}: no codes of site {site.name} in state/codes.npz")
+        library = library_stats(site.X[train], site.library[train], y[train], n_classes) if site.has_counts else None
+        parts.append(SiteCodes(site.name, codes[site.name], library=library))
+        train_X.append(site.X[train])
+        train_y.append(y[train])
+        picks = [
+            rng.choice(train[y[train] == c], min(PER_CLASS, int((y[train] == c).sum())), replace=False)
+            for c in np.unique(y[train])
+        ]
+        few = np.concatenate(picks)
+        few_X.append(site.X[few])
+        few_y.append(y[few])
+        val_X.append(site.X[val])
+        val_y.append(y[val])
+        known = np.flatnonzero(y >= 0)
+        all_X.append(site.X[known])
+        all_y.append(y[known])
+    dense = lambda blocks: np.asarray(sp.vstack(blocks).toarray(), dtype=np.float32)  # noqa: E731
+    val_set = (dense(val_X), np.concatenate(val_y))
+    every = (dense(all_X), np.concatenate(all_y))
+    sets = {
+        "real, all training cells": (dense(train_X), np.concatenate(train_y)),
+        f"real, {PER_CLASS} per class per site": (dense(few_X), np.concatenate(few_y)),
+    }
+    for mode in modes:
+        fused = fuse_round(
+            parts,
+            vae,
+            scdg,
+            plan,
+            round_=1,
+            provenance={},
+            mode=mode,  # type: ignore[arg-type]
+            seed=seed + 10,
+            samples_per_code=samples,
+        )
+        label = mode if mode == "expected" else f"{mode}, {samples} per code"
+        sets[label] = (
+            np.asarray(fused.X.toarray(), dtype=np.float32),
+            np.asarray(fused.obs[plan.spec.label_key].cat.codes, dtype=np.int64),
+        )
+    rows: list[Row] = []
+    for name, (X, y) in sets.items():
+        mlp, lr = _accuracy(X, y, val_set, n_classes, rule, seed)
+        overlap_val, overlap_all = (marker_overlap(r[0], r[1], X, y) for r in (val_set, every))
+        rows.append((name, overlap_val, overlap_all, float((X == 0).mean()), mlp, lr))
+    nan = float("nan")
+    rows.append(
+        (
+            f"(real: {len(val_set[1])} validation / {len(every[1])} cells)",
+            nan,
+            nan,
+            float((val_set[0] == 0).mean()),
+            nan,
+            nan,
+        )
+    )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--modes", default="expected,counts", help="decode modes, comma-separated (default: %(default)s)")
+    ap.add_argument("--samples", type=int, default=10, help="cells per code in the sampling modes (default: 10)")
+    ap.add_argument("--cache", type=Path, help="the sites' cache folder (default: the SuperNodes' default)")
+    args = ap.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in ("expected", "sample", "counts")]
+    if unknown or not modes:
+        raise SystemExit(f"--modes: {', '.join(unknown) or 'none given'}; choose from expected, sample, counts")
+    if not 1 <= args.samples <= 20:
+        raise SystemExit(f"--samples must be within 1..20 (as samples-per-code), got {args.samples}")
+    for run in args.runs:
+        missing = [f for f in FILES if not (run / f).is_file()]
+        if missing:
+            raise SystemExit(
+                f"{run}: not a finished run (no {', '.join(missing)}); pass an `scdd simulate --out` folder"
+            )
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    cache = cache_dir({"cache-dir": str(args.cache)} if args.cache else {})
+    print("| run | set | markers vs validation cells | markers vs all cells | zero fraction | MLP | LR |")
+    print("|---|---|---|---|---|---|---|")
+    for run in args.runs:
+        for name, ov_val, ov_all, zeros, mlp, lr in study(run, modes, args.samples, cache):
+            print(
+                f"| {run.name} | {name} | {ov_val:.3f} | {ov_all:.3f} | {zeros:.3f} | {mlp:.3f} | {lr:.3f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
