@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -39,6 +39,7 @@ from server.synthesis import SiteCodes, fuse_round
 from shared.checkpoint import load_model
 from shared.counts import library_stats
 from shared.evaluation import MLPTrainConfig, fit_logreg, marker_overlap, predict_mlp, train_mlp
+from shared.models import SCDG, VAE
 from shared.protocol import Plan
 
 PER_CLASS = 10  # real cells per class per site in the baseline set (the fidelity issue's)
@@ -77,7 +78,8 @@ def study(run: Path, modes: list[str], samples: int, cache: Path) -> list[Row]:
         min_steps=int(run_config["mlp-min-steps"]),
         max_steps=int(run_config["mlp-max-steps"]),
     )
-    vae, scdg = load_model(run / "pretrained/vae.pt", "vae"), load_model(run / "pretrained/scdg.pt", "scdg")
+    vae = cast(VAE, load_model(run / "pretrained/vae.pt", "vae"))
+    scdg = cast(SCDG, load_model(run / "pretrained/scdg.pt", "scdg"))
     checkpoint = RunStore(run).load_checkpoint()
     codes = checkpoint.codes if checkpoint is not None else {}
     n_classes = len(plan.classes)
@@ -181,4 +183,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
