@@ -35,13 +35,14 @@ import torch
 
 from client.site import SiteData, cache_dir, load_site, resolve_source
 from server.run_store import RunStore
-from server.synthesis import SiteCodes, fuse_round
+from server.synthesis import SiteCodes, counts_available, fuse_round
 from shared.checkpoint import load_model
 from shared.counts import library_stats
 from shared.evaluation import MLPTrainConfig, fit_logreg, marker_overlap, predict_mlp, train_mlp
 from shared.models import SCDG, VAE
 from shared.protocol import Plan
 
+logger = logging.getLogger("decode_reference")
 PER_CLASS = 10  # real cells per class per site in the baseline set (the fidelity issue's)
 FILES = ("plan.json", "config.json", "metrics.json", "pretrained/vae.pt", "pretrained/scdg.pt", "state/codes.npz")
 
@@ -115,6 +116,9 @@ def study(run: Path, modes: list[str], samples: int, cache: Path) -> list[Row]:
         f"real, {PER_CLASS} per class per site": (dense(few_X), np.concatenate(few_y)),
     }
     for mode in modes:
+        if mode == "counts" and not counts_available(parts, vae):
+            logger.warning("%s: no count input at every site, so no counts to decode; mode 'counts' skipped", run)
+            continue
         fused = fuse_round(
             parts,
             vae,
