@@ -1,12 +1,13 @@
-"""Marker genes and accuracy of a run's synthetic cells against real ones, per decode mode (VALIDATION cells; a tuning
-script never reads test scores).
+"""Marker genes and accuracy of a run's synthetic cells against real ones, per decode mode (a tuning script: choices
+are made on its VALIDATION columns; the all-cells column, which includes test cells, is the issue's figure, reported
+only).
 
     python benchmarks/decode_reference.py RUN_DIR [RUN_DIR ...] [--modes expected,counts] [--samples 10] [--cache DIR]
 
-RUN_DIR is a finished ``scdd simulate`` run with one distillation round (its plan.json, config.json, metrics.json,
-pretrained/ and state/codes.npz). Each site is loaded as the run loaded it (same file, split and seed). The run's
-codes are decoded again by the shipped fusion (``server.synthesis.fuse_round``) with the generator they were made
-with, once per decode mode, and compared with reference sets of real cells of the same sites:
+RUN_DIR is a finished ``scdd simulate`` run without DP, with one distillation round (its plan.json, config.json,
+metrics.json, pretrained/ and state/codes.npz). Each site is loaded as the run loaded it (same file, split and
+seed). The run's codes are decoded again by the shipped fusion (``server.synthesis.fuse_round``) with the generator
+they were made with, once per decode mode, and compared with reference sets of real cells of the same sites:
 
 - ``real, all training cells`` and ``real, 10 per class per site`` (random training cells: the issue's baseline);
 - ``MODE`` for every decode mode asked for (``counts`` / ``sample`` draw ``--samples`` cells per code).
@@ -73,6 +74,10 @@ def study(run: Path, modes: list[str], samples: int, cache: Path) -> list[Row]:
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     if len(metrics["rounds"]) != 1:
         raise SystemExit(f"{run}: {len(metrics['rounds'])} distillation rounds; this script reads one-round runs")
+    if float(run_config.get("dp-epsilon", 0.0) or 0.0) > 0:
+        raise SystemExit(
+            f"{run}: a DP run; this script rebuilds the library statistics without noise: pass a run without dp-epsilon"
+        )
     seed = int(run_config["seed"])
     rule = MLPTrainConfig(
         epochs=float(run_config["mlp-epochs"]),
