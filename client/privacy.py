@@ -195,7 +195,9 @@ def library_stats(
         s, n = rows.get(int(c), pooled)
         m1, m2 = s[0] / n, s[1] / n
         mean = float(np.clip(m1, 0.0, 1.0))
-        sd = math.sqrt(max(float(m2) - mean**2, 0.0))
+        # a value within [0, 1] has a standard deviation of at most 1/2: the noised second moment of a small class
+        # can imply more, which the coordinator rightly refuses (a site was dropped from distillation for it)
+        sd = min(math.sqrt(max(float(m2) - mean**2, 0.0)), 0.5)
         out[c] = (mean * mech.LOG_LIBRARY_MAX, sd * mech.LOG_LIBRARY_MAX, float(np.clip(s[2] / n, 1e-6, 1.0)))
     return out
 

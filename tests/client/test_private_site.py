@@ -16,7 +16,7 @@ from client.site import SiteData, load_profile, load_site, resolve_source
 from server.synthesis import fresh_models
 from shared.checkpoint import model_json, state_of
 from shared.errors import ProtocolError
-from shared.privacy.mechanisms import site_secret
+from shared.privacy.mechanisms import LOG_LIBRARY_MAX, site_secret
 from shared.privacy.spec import DPSpec
 from shared.protocol import DistillRequest, Plan, PretrainRequest, SiteSpec
 
@@ -230,3 +230,22 @@ def test_class_means_of_an_unreleased_class_are_zero(site: SiteData, tmp_path: P
     sigma = privacy.budget(site, plan, dp).noise.stats
     means = privacy.class_gene_means(site.X[idx], y[idx], counts, dp, sigma)
     assert np.all(means[1] == 0) and np.any(means[0] > 0) and np.any(means[2] > 0)
+
+
+def test_noised_library_statistics_stay_within_what_the_coordinator_accepts(site: SiteData, tmp_path: Path) -> None:
+    """A small class's noised second moment can imply a spread no value in [0, 1] has; the release is bounded, so the
+    coordinator does not refuse the site's distill reply (it dropped kang's stim107 at epsilon 8 before)."""
+    from server.validation import _check_library
+
+    assert site.has_counts
+    plan = _plan(site)
+    y, ok = site.global_labels(plan.classes)
+    idx = site.train_idx[ok[site.train_idx]]
+    counts = np.bincount(y[idx], minlength=len(plan.classes))
+    sds = []
+    for run in range(20):  # noise afresh for every run key; sigma 5: ~0.4 of noise on a class's second moment
+        dp = _dp(tmp_path, dataclasses.replace(DP, run_key=f"run-{run}"))
+        stats = privacy.library_stats(site.X[idx], site.library[idx], y[idx], counts, dp, 5.0)
+        _check_library(stats, counts)
+        sds.append(stats[:, 1])
+    assert np.max(sds) == pytest.approx(0.5 * LOG_LIBRARY_MAX)  # the bound is reached: without it the check above fails
