@@ -4,13 +4,15 @@ only).
 
     python benchmarks/decode_reference.py RUN_DIR [RUN_DIR ...] [--modes expected,counts] [--samples 10] [--cache DIR]
 
-RUN_DIR is a finished ``scdd simulate`` run without DP, with one distillation round (its plan.json, config.json,
-metrics.json, pretrained/ and state/codes.npz). Each site is loaded as the run loaded it (same file, split and
-seed). The run's codes are decoded again by the shipped fusion (``server.synthesis.fuse_round``) with the generator
-they were made with, once per decode mode, and compared with reference sets of real cells of the same sites:
+RUN_DIR is a finished ``scdd simulate`` run with one distillation round (its plan.json, config.json, metrics.json,
+pretrained/ and state/codes.npz); a DP run only without ``counts`` (its sites noised their library statistics, which
+this script would rebuild without noise). Each site is loaded as the run loaded it (same file, split and seed). The
+run's codes are decoded again by the shipped fusion (``server.synthesis.fuse_round``) with the generator they were
+made with, once per decode mode, and compared with reference sets of real cells of the same sites:
 
 - ``real, all training cells`` and ``real, 10 per class per site`` (random training cells: the issue's baseline);
-- ``MODE`` for every decode mode asked for (``counts`` / ``sample`` draw ``--samples`` cells per code).
+- ``MODE`` for every decode mode asked for (``counts`` / ``sample`` / ``gaussian`` draw ``--samples`` cells per
+  code).
 
 Per set it prints the marker overlap (scanpy wilcoxon, top 50 per class; ``shared.evaluation.marker_overlap``)
 twice: against the pooled validation cells of the sites (held out), and against every cell of the sites (training,
@@ -36,7 +38,7 @@ import torch
 
 from client.site import SiteData, cache_dir, load_site, resolve_source
 from server.run_store import RunStore
-from server.synthesis import SiteCodes, counts_available, fuse_round
+from server.synthesis import DRAWING_MODES, SiteCodes, counts_available, fuse_round
 from shared.checkpoint import load_model
 from shared.counts import library_stats
 from shared.evaluation import MLPTrainConfig, fit_logreg, marker_overlap, predict_mlp, train_mlp
@@ -74,9 +76,11 @@ def study(run: Path, modes: list[str], samples: int, cache: Path) -> list[Row]:
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     if len(metrics["rounds"]) != 1:
         raise SystemExit(f"{run}: {len(metrics['rounds'])} distillation rounds; this script reads one-round runs")
-    if float(run_config.get("dp-epsilon", 0.0) or 0.0) > 0:
+    dp = float(run_config.get("dp-epsilon", 0.0) or 0.0) > 0
+    if dp and "counts" in modes:
         raise SystemExit(
-            f"{run}: a DP run; this script rebuilds the library statistics without noise: pass a run without dp-epsilon"
+            f"{run}: a DP run; this script would rebuild its library statistics without noise: drop 'counts' from "
+            "--modes, or pass a run without dp-epsilon"
         )
     seed = int(run_config["seed"])
     rule = MLPTrainConfig(
@@ -95,10 +99,17 @@ def study(run: Path, modes: list[str], samples: int, cache: Path) -> list[Row]:
     for partition in range(len(metrics["rounds"][-1]["sites"])):
         site = load_site(resolve_source({"partition-id": partition}, run_config), plan.spec, plan.genes, cache=cache)
         y, train, val = _site_rows(site, plan)
-        if site.name not in codes:
-            raise SystemExit(f"{run}: no codes of site {site.name} in state/codes.npz")
-        library = library_stats(site.X[train], site.library[train], y[train], n_classes) if site.has_counts else None
-        parts.append(SiteCodes(site.name, codes[site.name], library=library))
+        if site.name in codes:
+            library = (
+                library_stats(site.X[train], site.library[train], y[train], n_classes)
+                if site.has_counts and not dp
+                else None
+            )
+            parts.append(SiteCodes(site.name, codes[site.name], library=library))
+        else:  # dropped from distillation: the run scored it without its codes, and so does this script
+            logger.warning(
+                "%s: site %s sent no codes (dropped from distillation); its cells are still scored", run, site.name
+            )
         train_X.append(site.X[train])
         train_y.append(y[train])
         picks = [
@@ -113,6 +124,8 @@ def study(run: Path, modes: list[str], samples: int, cache: Path) -> list[Row]:
         known = np.flatnonzero(y >= 0)
         all_X.append(site.X[known])
         all_y.append(y[known])
+    if not parts:
+        raise SystemExit(f"{run}: no site's codes in state/codes.npz")
     dense = lambda blocks: np.asarray(sp.vstack(blocks).toarray(), dtype=np.float32)  # noqa: E731
     val_set = (dense(val_X), np.concatenate(val_y))
     every = (dense(all_X), np.concatenate(all_y))
@@ -163,13 +176,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--modes", default="expected,counts", help="decode modes, comma-separated (default: %(default)s)")
-    ap.add_argument("--samples", type=int, default=10, help="cells per code in the sampling modes (default: 10)")
+    ap.add_argument("--samples", type=int, default=10, help="cells per code in the drawing modes (default: 10)")
     ap.add_argument("--cache", type=Path, help="the sites' cache folder (default: the SuperNodes' default)")
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in ("expected", "sample", "counts")]
+    unknown = [m for m in modes if m not in ("expected", *DRAWING_MODES)]
     if unknown or not modes:
-        raise SystemExit(f"--modes: {', '.join(unknown) or 'none given'}; choose from expected, sample, counts")
+        raise SystemExit(
+            f"--modes: {', '.join(unknown) or 'none given'}; choose from {', '.join(('expected', *DRAWING_MODES))}"
+        )
     if not 1 <= args.samples <= 20:
         raise SystemExit(f"--samples must be within 1..20 (as samples-per-code), got {args.samples}")
     for run in args.runs:

@@ -88,8 +88,11 @@ class FederationConfig:
     distill_t_star: int | None = None  # None: chosen from k (shared.distill.resolve_t_star)
     distill_init: Init | None = None  # None: DistillConfig's default
     distill_warm_start: bool = True  # rounds >= 2 start from each site's previous codes
-    decode_mode: DecodeMode = DECODE_MODE  # how codes become cells (as the benchmark)
-    # "sample" / "counts": cells drawn from each code (more cells, no more upload; benchmarks/results/decode_screen.md)
+    # how codes become cells; None ("auto"): DECODE_MODE, or "gaussian" under DP with statistics pretraining
+    # (``resolved_decode_mode``; benchmarks/results/dp_curve.md)
+    decode_mode: DecodeMode | None = None
+    # "sample" / "counts" / "gaussian": cells drawn from each code (more cells, no more upload;
+    # benchmarks/results/decode_screen.md)
     samples_per_code: int = 10
     # cell-level differential privacy of everything a site releases (shared.privacy, client.privacy); 0 = off
     dp_epsilon: float = 0.0
@@ -280,6 +283,16 @@ class FederationConfig:
             scdg.batch_size,
             statistics or resolve_gene_mean_weight(DistillConfig(k=self.cells_per_class), private=True) > 0,
         )
+
+    @property
+    def resolved_decode_mode(self) -> DecodeMode:
+        """decode-mode with "auto" resolved: "gaussian" when DP pretraining trains the models on cells drawn around the
+        released class means (decoded cells are then about as tight as those means; chosen on validation cells,
+        benchmarks/results/dp_curve.md), DECODE_MODE otherwise."""
+        if self.decode_mode is not None:
+            return self.decode_mode
+        statistics = self.dp_epsilon > 0 and self.dp_pretraining == "statistics" and not self.pretrained_path
+        return "gaussian" if statistics else DECODE_MODE
 
     @property
     def mlp(self) -> MLPTrainConfig:

@@ -18,7 +18,6 @@ The models get no count head here (no released statistic teaches one): under thi
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import replace
 from typing import Any
@@ -33,6 +32,7 @@ from server.messaging import Link
 from server.synthesis import fresh_models
 from shared.fitting import TrainConfig, encode, fit_scdg, fit_vae, set_latent_stats
 from shared.models import SCDG, VAE
+from shared.models.vae import CELL_VAR_RATIO, LOG_MAX
 from shared.pretrain import PretrainConfig
 from shared.protocol import Plan
 
@@ -40,12 +40,11 @@ logger = logging.getLogger(__name__)
 
 MIN_CELLS = 5  # a (site, class) mean released from fewer (noised) cells is not drawn from (as client.privacy)
 MAX_CELLS = 50_000  # cells drawn in all; above, every mean gets its share
-# Within-class variance of a gene's log-normalised expression, as a share of its mean (a fixed, public model: no
-# released statistic describes the spread of one class at one site). Offline on validation cells (epsilon 8, raw
-# released means, a logistic regression on the drawn cells), 0.5 x mean vs no spread at all: kang 0.761 vs 0.761,
-# cbmc 0.781 vs 0.802, kidney 0.884 vs 0.879; the spread keeps the VAE from training on a handful of points.
-VAR_RATIO = 0.5
-LOG_MAX = math.log1p(1e4)  # the largest log-normalised value a cell can have
+# Within-class variance of a gene's log-normalised expression, as a share of its mean (shared.models.vae's public cell
+# model: no released statistic describes the spread of one class at one site). Offline on validation cells (epsilon
+# 8, raw released means, a logistic regression on the drawn cells), 0.5 x mean vs no spread at all: kang 0.761 vs
+# 0.761, cbmc 0.781 vs 0.802, kidney 0.884 vs 0.879; the spread keeps the VAE from training on a handful of points.
+VAR_RATIO = CELL_VAR_RATIO
 
 
 def draw_cells(

@@ -334,7 +334,7 @@ def run_round(run: Run, rnd: int) -> None:
     plan, vae, scdg = run.ready()
     t0 = time.perf_counter()
     parts = distill(run, rnd)
-    mode = run.cfg.decode_mode
+    mode = run.cfg.resolved_decode_mode
     prov = provenance(
         vae,
         scdg,

@@ -50,6 +50,9 @@ class SiteCodes:
     )
 
 
+DRAWING_MODES = ("sample", "counts", "gaussian")  # decode modes that draw samples_per_code cells from every code
+
+
 def counts_available(parts: Sequence[SiteCodes], vae: VAE) -> bool:
     """Synthetic counts need the VAE's count head and every contributing site's library statistics for its classes."""
     return vae.count_head is not None and all(
@@ -74,7 +77,8 @@ def fuse_round(
     With count input at every site, each cell also gets sampled counts (``layers["counts"]``) and the
     decoder's expected expression (``layers["expected"]``); ``X`` holds what ``mode`` asks for, where
     "counts" (X = the sampled counts, log-normalised like the real cells) falls back to "expected"
-    when counts are not available. The sampling modes draw ``samples_per_code`` cells from every code.
+    when counts are not available. The drawing modes (``DRAWING_MODES``) draw ``samples_per_code`` cells from every
+    code.
     """
     with_counts = counts_available(parts, vae)
     if mode == "counts" and not with_counts:
@@ -83,7 +87,7 @@ def fuse_round(
             "decoding 'expected' instead"
         )
         mode = "expected"
-    repeat = samples_per_code if mode in ("sample", "counts") else 1
+    repeat = samples_per_code if mode in DRAWING_MODES else 1
     provenance = {**provenance, "decode": mode, "samples_per_code": repeat}
     pieces = []
     for i, part in enumerate(sorted(parts, key=lambda p: p.site)):

@@ -65,7 +65,6 @@ K_FREE = ("fedavg_mlp", "local", "centralized")
 FEDERATED = ("scdd", "scdd_pooled", "scdd_noopt")  # run through the shipped ServerApp / ClientApp
 PRETRAINING_MODE = {"scdd": "fedavg", "scdd_noopt": "fedavg", "scdd_pooled": "pooled"}  # every other method: "none"
 MLP_ONLY = ("fedavg_mlp",)  # a trained model, not a training set: scored with its own MLP only
-DECODE_MODE = "expected expression at every k"  # how scdd codes become cells (shared.distill.DECODE_MODE)
 ScoreOn = Literal["test", "val"]
 _RUN = FederationConfig()  # the run config's defaults: the benchmark splits files as a federation does
 

@@ -174,6 +174,8 @@ def benchmark(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from server.bench import benchmark as bm
+    from server.cli.simulation import app_config_defaults
+    from server.config import FederationConfig
     from shared.data import read_h5ad
 
     cfg = _benchmark_config(args)
@@ -252,7 +254,9 @@ def benchmark(args: argparse.Namespace) -> int:
             "audit": "class-matched",
             "mlp": asdict(cfg.mlp),
             "split": asdict(cfg.split),
-            "scdd_decode_mode": bm.DECODE_MODE,
+            "scdd_decode_mode": FederationConfig.from_run_config(
+                {**app_config_defaults(), **cfg.overrides()}
+            ).resolved_decode_mode,
             "python": platform.python_version(),
             "seeds": cfg.seeds,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Literal
@@ -13,8 +14,15 @@ from torch import nn
 from shared.models.likelihood import nb_log_prob
 
 DecodeMode = Literal[
-    "expected", "sparse", "sample", "counts"
+    "expected", "sparse", "sample", "counts", "gaussian"
 ]  # "counts": X from counts sampled by the count head (shared.counts)
+
+# A fixed, public model of how real cells spread around an expected profile (log-normalised values): per gene, a
+# Gaussian of variance CELL_VAR_RATIO x the value, clipped to [0, LOG_MAX]. The DP path uses it twice: the server
+# pretrains on cells drawn with it around the released class means (server.dp_pretrain), and decode-mode "gaussian"
+# draws synthetic cells with it around each code's expected expression.
+CELL_VAR_RATIO = 0.5
+LOG_MAX = math.log1p(1e4)  # the largest log-normalised value a cell can have (all its counts on one gene)
 
 
 @dataclass(frozen=True)
@@ -140,11 +148,16 @@ class VAE(nn.Module):
 
         expected: sigmoid(logit) * mean (smooth, differentiable); sparse: mean where logit > 0;
         sample: mean where a Bernoulli(sigmoid(logit)) draw says the gene is detected (cell-like
-        zero fraction; seeded through `generator`).
+        zero fraction; seeded through `generator`); gaussian: expected plus the public cell model's noise
+        (variance CELL_VAR_RATIO x the value, clipped to [0, LOG_MAX]; seeded through `generator`).
         """
         mean, logit = self.decode_parts(z)
         if mode == "expected":
             return torch.sigmoid(logit) * mean
+        if mode == "gaussian":
+            x = torch.sigmoid(logit) * mean
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)  # on CPU: same on any device
+            return (x + torch.sqrt(CELL_VAR_RATIO * x) * noise).clamp(0.0, LOG_MAX)
         if mode == "sample":
             return mean * torch.bernoulli(torch.sigmoid(logit), generator=generator)
         if mode == "sparse":

@@ -48,9 +48,20 @@ def test_pyproject_writes_the_library_defaults_exactly() -> None:
     cfg, pre, mlp = FederationConfig(), PretrainConfig(), MLPTrainConfig()
     assert (cfg.vae_batch_size, cfg.scdg_batch_size) == (pre.vae.batch_size, pre.scdg.batch_size)
     assert (cfg.mlp_epochs, cfg.mlp_min_steps, cfg.mlp_max_steps) == (mlp.epochs, mlp.min_steps, mlp.max_steps)
-    assert cfg.mlp == mlp and cfg.decode_mode == DECODE_MODE
+    assert cfg.mlp == mlp and cfg.decode_mode is None and cfg.resolved_decode_mode == DECODE_MODE
     library = DistillConfig()
     assert (library.iterations, library.t_star) == (cfg.distill_iterations, cfg.distill_t_star) == (None, None)
+
+
+def test_decode_mode_auto_draws_gaussian_cells_only_under_dp_statistics_pretraining() -> None:
+    read = FederationConfig.from_run_config
+    assert read({}).resolved_decode_mode == "expected"
+    assert read({"decode-mode": "auto", "dp-epsilon": 8.0}).resolved_decode_mode == "gaussian"
+    assert read({"dp-epsilon": 8.0, "dp-pretraining": "dp-sgd"}).resolved_decode_mode == "expected"
+    assert read({"dp-epsilon": 8.0, "pretrained-path": "/models"}).resolved_decode_mode == "expected"
+    assert read({"dp-epsilon": 8.0, "decode-mode": "expected"}).resolved_decode_mode == "expected"  # a set mode wins
+    assert read({"decode-mode": "gaussian"}).resolved_decode_mode == "gaussian"
+    assert read({"decode-mode": "auto"}).to_run_config()["decode-mode"] == "auto"
 
 
 def test_auto_and_empty_read_as_none_and_write_back() -> None:

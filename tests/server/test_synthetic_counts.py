@@ -57,6 +57,24 @@ def test_counts_layer_and_x_by_decode_mode() -> None:
     assert np.array_equal(fused["sample"].layers["counts"].toarray(), counts)
 
 
+def test_gaussian_mode_draws_samples_per_code_cells_around_each_code() -> None:
+    vae, scdg = _models()
+    parts = _parts()
+    fused = fuse_round(parts, vae, scdg, PLAN, round_=1, provenance={}, mode="gaussian", seed=3, samples_per_code=4)
+    n_codes = sum(len(p.codes.labels) for p in parts)
+    assert fused.n_obs == 4 * n_codes
+    labels = np.concatenate([np.repeat(p.codes.labels, 4) for p in parts])
+    assert np.array_equal(fused.obs["cell_type"].cat.codes.to_numpy(), labels)
+    # the expected layer is each code's expected expression, repeated; X scatters around it (never below 0)
+    expected = np.vstack([np.repeat(generate(vae, scdg, p.codes, mode="expected"), 4, axis=0) for p in parts])
+    X = fused.X.toarray()
+    assert np.allclose(fused.layers["expected"].toarray(), expected, atol=1e-6)
+    assert (X >= 0).all() and not np.allclose(X, expected, atol=1e-3)
+    assert abs(float((X - expected).mean())) < 0.05
+    assert '"decode": "gaussian"' in fused.uns["fedscdd"]["provenance_json"]
+    assert '"samples_per_code": 4' in fused.uns["fedscdd"]["provenance_json"]
+
+
 def test_without_count_input_at_a_site_there_are_no_counts_and_x_falls_back(caplog: pytest.LogCaptureFixture) -> None:
     vae, scdg = _models()
     parts = _parts(np.full((CLASSES, 3), np.nan, np.float32))  # site-b holds log-normalised data only

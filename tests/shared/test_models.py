@@ -11,6 +11,7 @@ from shared.checkpoint import load_model, model_hash, save_model
 from shared.errors import CheckpointError
 from shared.models import SCDG, VAE, MLPClassifier, MLPConfig, SCDGConfig, VAEConfig
 from shared.models.scdg import cosine_alpha_bar
+from shared.models.vae import CELL_VAR_RATIO, LOG_MAX
 
 
 def test_cosine_schedule_is_monotone_from_one_to_zero() -> None:
@@ -69,6 +70,25 @@ def test_vae_decodes_non_negative_and_sparse_mode_has_zeros() -> None:
     dense, sparse = vae.decode(z, "expected"), vae.decode(z, "sparse")
     assert (dense >= 0).all() and (sparse >= 0).all()
     assert (sparse == 0).float().mean() > 0.1
+
+
+def test_gaussian_decoding_draws_the_public_cell_model_around_the_expected_expression() -> None:
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(n_genes=40, latent_dim=4, hidden=(16,))).eval()  # no dropout: one expected profile
+    with torch.no_grad():  # expected values of about 1-3, away from the clip at 0
+        vae.to_mean.bias.fill_(2.0)
+        vae.to_logit.bias.fill_(4.0)
+    z = torch.randn(1, 4).repeat(4000, 1)  # one latent, drawn 4000 times
+    expected = vae.decode(z[:1], "expected")[0]
+    draws = vae.decode(z, "gaussian", generator=torch.Generator().manual_seed(1))
+    assert (draws >= 0).all() and (draws <= LOG_MAX).all()
+    assert torch.allclose(draws.mean(0), expected, atol=0.06)
+    assert torch.allclose(draws.var(0) / expected, torch.full_like(expected, CELL_VAR_RATIO), atol=0.06)
+    again = vae.decode(z, "gaussian", generator=torch.Generator().manual_seed(1))
+    other = vae.decode(z, "gaussian", generator=torch.Generator().manual_seed(2))
+    assert torch.equal(draws, again) and not torch.equal(draws, other)
+    with pytest.raises(ValueError, match="unknown decode mode 'poisson'"):
+        vae.decode(z, "poisson")  # type: ignore[arg-type]
 
 
 def test_vae_loss_terms_are_finite_and_label_head_trains() -> None:
