@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from anndata import read_h5ad
 
 from server.cli.simulation import run_in_process
 from server.config import FederationConfig
@@ -146,6 +147,17 @@ def test_under_statistics_pretraining_no_model_update_leaves_a_site(
         assert any("class gene means" in m for m in rep["mechanisms"])
         assert not any("DP-SGD" in m or "latent moments" in m for m in rep["mechanisms"])
     assert metrics["rounds"][-1]["aggregate"]["cell_weighted"]["mlp"]["accuracy"] > 0
+    # decode-mode auto: each code becomes samples-per-code (10) cells drawn around its expected expression
+    codes = sum(
+        len(DistillReply.from_record(e.reply.content).labels)
+        for e in grid.log
+        if e.message_type == MSG_DISTILL and e.reply is not None
+    )
+    synthetic = read_h5ad(Path(str(cfg["out-dir"])) / "tiny" / "synthetic.h5ad")
+    assert json.loads(synthetic.uns["fedscdd"]["provenance_json"])["decode"] == "gaussian"
+    assert synthetic.n_obs == 10 * codes == metrics["rounds"][-1]["n_synthetic"]
+    X, expected = synthetic.X.toarray(), synthetic.layers["expected"].toarray()
+    assert (X >= 0).all() and not np.allclose(X, expected, atol=1e-3)
 
 
 def test_run_config_dp_keys() -> None:
