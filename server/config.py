@@ -35,6 +35,7 @@ _PRETRAIN = PretrainConfig()
 _MLP = MLPTrainConfig()
 # How a run config (TOML: no null) writes None: "auto" for a value the library chooses, "" for an absent path or name.
 AUTO = "auto"
+SITE_DIM = 8  # size of the VAE's site vector under site-covariate (scVI's batch one-hot has one entry per batch)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ class FederationConfig:
     # (balanced softmax), so a site's label mix does not bias the shared heads (shared.fitting.balanced_heads)
     balanced_class_heads: bool = False
     init_path: str | None = None  # a `scdd pretrain` directory: FedAvg starts from its VAE/SCDG
+    # a learned site vector joins the VAE's encoder and decoder inputs (scVI's batch covariate, FedBN's idea: site
+    # effects kept out of the shared weights); each site trains its own, FedAvg averages the rest. The server decodes
+    # a site's codes with that site's vector ("own") or with the sites' average ("neutral"). server.fedavg
+    site_covariate: Literal["off", "own", "neutral"] = "off"
     # distillation rounds
     cells_per_class: int = 10
     # later rounds (warm start, fine-tuned generator) gained nothing on validation cells: benchmarks/rounds_screen.sh
@@ -184,6 +189,11 @@ class FederationConfig:
                 not (self.init_path and self.dp_epsilon > 0 and self.dp_pretraining == "statistics"),
                 "init-path starts FedAvg, which dp-pretraining=statistics replaces; set dp-pretraining=dp-sgd or drop "
                 "init-path",
+            ),
+            (
+                self.site_covariate == "off" or not (self.dp_epsilon > 0 or self.pretrained_path or self.init_path),
+                "site-covariate trains a site vector during FedAvg pretraining at the sites; it is not available with "
+                "dp-epsilon, pretrained-path or init-path in this release: set site-covariate=off",
             ),
             (
                 self.device == "cpu" or self.dp_epsilon == 0,
@@ -293,6 +303,11 @@ class FederationConfig:
             return self.decode_mode
         statistics = self.dp_epsilon > 0 and self.dp_pretraining == "statistics" and not self.pretrained_path
         return "gaussian" if statistics else DECODE_MODE
+
+    @property
+    def site_dim(self) -> int:
+        """Size of the VAE's site vector: SITE_DIM with a site covariate, else 0."""
+        return 0 if self.site_covariate == "off" else SITE_DIM
 
     @property
     def mlp(self) -> MLPTrainConfig:

@@ -29,6 +29,7 @@ from server.validation import decode, validate_pretrain
 from shared.checkpoint import load_state, model_json, state_of
 from shared.fitting import set_latent_stats
 from shared.models import SCDG, VAE
+from shared.models.vae import SITE_KEY
 from shared.pretrain import PretrainConfig
 from shared.protocol import MSG_PRETRAIN, Plan, PretrainReply, PretrainRequest, Stage, StateDict
 
@@ -104,6 +105,23 @@ def site_seed(base: int, link: Link, node: int, salt: int) -> int:
     return base + 1000 * names.index(link.name(node)) + salt
 
 
+def with_site_vector(state: StateDict, vectors: Mapping[str, np.ndarray], site: str) -> StateDict:
+    """A VAE state dict with ``site``'s own site vector in place of the average (unchanged without one): what the
+    server sends a site under ``site-covariate``."""
+    if SITE_KEY not in state or site not in vectors:
+        return state
+    return {**state, SITE_KEY: np.asarray(vectors[site], dtype=state[SITE_KEY].dtype)}
+
+
+def start_site_vectors(vectors: dict[str, np.ndarray], link: Link, dim: int, *, seed: int) -> None:
+    """A standard-normal site vector for every connected site that has none yet (seeded per site): distinct from the
+    first step, as scVI's one-hot batch covariate is, rather than all sites starting from the same zeros."""
+    for node in sorted(link.nodes):
+        name = link.name(node)
+        if name not in vectors:
+            vectors[name] = np.random.default_rng(site_seed(seed, link, node, 0)).standard_normal(dim).astype(np.float32)
+
+
 def stage_round(
     link: Link,
     plan: Plan,
@@ -117,14 +135,19 @@ def stage_round(
     encoder: VAE | None = None,
     latent_dim: int,
     options: SiteOptions = SiteOptions(),
+    site_vectors: Mapping[str, np.ndarray] | None = None,
 ) -> list[SiteReply[PretrainReply]]:
-    """Send one stage round to every site; return the validated replies (sorted by site)."""
-    sent = state_of(model)
+    """Send one stage round to every site; return the validated replies (sorted by site).
+
+    ``site_vectors``: each site's VAE site vector (``site-covariate``), put into the VAE (or the SCDG stage's
+    encoder) that site receives."""
+    sent, enc = state_of(model), state_of(encoder) if encoder is not None else None
+    own = site_vectors or {}
     requests = {
         node: PretrainRequest(
             stage,
             rnd,
-            sent,
+            with_site_vector(sent, own, link.name(node)) if stage != "scdg" else sent,
             model_json(model),
             plan,
             budget.steps,
@@ -132,7 +155,7 @@ def stage_round(
             budget.batch_size,
             ramp,
             site_seed(seed, link, node, rnd),
-            encoder=state_of(encoder) if encoder is not None else None,
+            encoder=with_site_vector(enc, own, link.name(node)) if enc is not None else None,
             encoder_config=model_json(encoder) if encoder is not None else "",
             **dataclasses.asdict(options),
         )
@@ -193,9 +216,14 @@ def _stage_rounds(
     seed: int,
     latent_dim: int,
     encoder: VAE | None = None,
+    site_vectors: dict[str, np.ndarray],
 ) -> list[float]:
-    """``num-pretrain-rounds`` rounds of one model (the VAE's KL weight ramps up over them); each round's loss."""
+    """``num-pretrain-rounds`` rounds of one model (the VAE's KL weight ramps up over them); each round's loss.
+
+    ``site_vectors`` (site-covariate): each site's VAE site vector, sent to it and updated from its VAE replies."""
     opt = optimizer_for(cfg, model)
+    if stage == "vae" and SITE_KEY in state_of(model):
+        start_site_vectors(site_vectors, link, int(model.config.site_dim), seed=seed)
     losses = []
     for rnd in range(1, cfg.num_pretrain_rounds + 1):
         replies = stage_round(
@@ -210,7 +238,10 @@ def _stage_rounds(
             encoder=encoder,
             latent_dim=latent_dim,
             options=SiteOptions.of(cfg),
+            site_vectors=site_vectors,
         )
+        if stage == "vae" and SITE_KEY in state_of(model):  # each site's own vector, before FedAvg averages them
+            site_vectors.update({r.site: np.array(cast(StateDict, r.payload.weights)[SITE_KEY]) for r in replies})
         losses.append(_combine(model, replies, opt, cfg, site_classes))
     return losses
 
@@ -223,11 +254,14 @@ def fedavg_pretrain(
     scdg: SCDG,
     *,
     site_classes: Mapping[str, Collection[int]] | None = None,
+    site_vectors: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Train ``vae`` and ``scdg`` in place across the sites; return losses and seconds per stage.
 
-    ``site_classes``: plan class ids held by each site (needed for class-aware aggregation).
+    ``site_classes``: plan class ids held by each site (needed for class-aware aggregation). ``site_vectors``: filled
+    with each site's VAE site vector when the VAE has one (``site-covariate``); the VAE itself keeps their average.
     """
+    vectors = {} if site_vectors is None else site_vectors
     vae_budget, scdg_budget = budgets(cfg)
     history: dict[str, Any] = {
         "source": "fedavg",
@@ -247,14 +281,19 @@ def fedavg_pretrain(
             "site_optimizer_state": cfg.site_optimizer_state,
             "local_lr_decay": cfg.local_lr_decay,
             "balanced_class_heads": cfg.balanced_class_heads,
+            "site_covariate": cfg.site_covariate,
         },
     }
     latent_dim = vae.config.latent_dim
-    stage = functools.partial(_stage_rounds, link, plan, cfg, site_classes, latent_dim=latent_dim)
+    stage = functools.partial(
+        _stage_rounds, link, plan, cfg, site_classes, latent_dim=latent_dim, site_vectors=vectors
+    )
     t0 = time.perf_counter()
     history["vae_loss"] = stage("vae", vae, vae_budget, seed=cfg.seed)
     t1 = time.perf_counter()
-    replies = stage_round(link, plan, "latent-stats", 0, vae, vae_budget, seed=cfg.seed, latent_dim=latent_dim)
+    replies = stage_round(
+        link, plan, "latent-stats", 0, vae, vae_budget, seed=cfg.seed, latent_dim=latent_dim, site_vectors=vectors
+    )
     stats = [r.payload for r in replies]
     mean, std = latent_moments(  # a decoded latent-stats reply carries both sums
         [cast(np.ndarray, r.latent_sum) for r in stats],

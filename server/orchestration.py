@@ -76,6 +76,8 @@ class Run:
     warm_codes: dict[str, Codes] = field(
         default_factory=dict
     )  # each site's latest codes, sent back to it for the warm start
+    # site-covariate: each site's own VAE site vector (the VAE keeps their average)
+    site_vectors: dict[str, np.ndarray] = field(default_factory=dict)
     completed: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(
         default_factory=lambda: {"rounds": [], "phase_seconds": {}, "upload_bytes": {}, "dropped": []}
@@ -102,6 +104,7 @@ class Run:
             vae=vae,
             scdg=scdg,
             codes=self.warm_codes,
+            site_vectors=self.site_vectors,
         )
 
     def _sync_metrics(self) -> None:
@@ -184,7 +187,9 @@ def pretrain(run: Run) -> None:
         latent_dim = run.vae.config.latent_dim
     else:
         latent_dim = cfg.latent_dim or latent_dim_for(len(run.plan.genes))
-        run.vae, run.scdg = fresh_models(run.plan, latent_dim=latent_dim, seed=cfg.seed, count_head=run.count_input)
+        run.vae, run.scdg = fresh_models(
+            run.plan, latent_dim=latent_dim, seed=cfg.seed, count_head=run.count_input, site_dim=cfg.site_dim
+        )
     run.metrics["pretrain"] = fedavg.fedavg_pretrain(
         run.link,
         run.plan,
@@ -192,6 +197,7 @@ def pretrain(run: Run) -> None:
         run.vae,
         run.scdg,
         site_classes=run.site_classes,
+        site_vectors=run.site_vectors,
     )
     if init is not None:
         run.metrics["pretrain"]["init"] = init
@@ -228,7 +234,7 @@ def distill(run: Run, rnd: int) -> list[SiteCodes]:
         last = warm.get(run.link.name(node))  # this site's own codes of its last round, never another site's
         requests[node] = DistillRequest(
             rnd,
-            vae_state,
+            fedavg.with_site_vector(vae_state, run.site_vectors, run.link.name(node)),
             vae_json,
             scdg_state,
             scdg_json,
@@ -269,6 +275,7 @@ def distill(run: Run, rnd: int) -> list[SiteCodes]:
             r.payload.distill_seconds,
             r.wire,
             r.payload.library,
+            run.site_vectors.get(r.site) if run.cfg.site_covariate == "own" else None,
         )
         for r in replies
     ]
@@ -416,7 +423,7 @@ def _start(run: Run, grid: Grid, run_id: str) -> list[int]:
             state.vae,
             state.scdg,
         )
-        run.warm_codes = dict(state.codes)
+        run.warm_codes, run.site_vectors = dict(state.codes), dict(state.site_vectors)
         logger.info("resuming run %s after phase %s", run_id, state.completed[-1])
     run.store.write_config(cfg.to_run_config(), run_id=run_id)
     return wait_for_nodes(grid, min_sites=cfg.min_sites, expected=cfg.expected_sites, deadline_s=cfg.site_wait_s)

@@ -70,6 +70,7 @@ class Checkpoint:
     vae: VAE
     scdg: SCDG
     codes: Mapping[str, Codes]  # each site's latest codes (the next round's warm start)
+    site_vectors: Mapping[str, np.ndarray]  # site-covariate: each site's VAE site vector (empty without)
 
 
 @contextmanager
@@ -163,12 +164,14 @@ class RunStore:
         vae: VAE,
         scdg: SCDG,
         codes: Mapping[str, Codes] | None = None,
+        site_vectors: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Write the state after a completed phase (models and codes first, state.json last: it marks the checkpoint
         valid)."""
         save_model(vae, self.state_dir / "vae.pt")
         save_model(scdg, self.state_dir / "scdg.pt")
         write_with(self.state_dir / "codes.npz", lambda tmp: _save_codes(tmp, codes or {}))
+        write_with(self.state_dir / "site_vectors.npz", lambda tmp: _save_vectors(tmp, site_vectors or {}))
         write_json(
             self.state_dir / "state.json",
             {
@@ -193,6 +196,7 @@ class RunStore:
         vae = cast(VAE, load_model(self.state_dir / "vae.pt", "vae"))
         scdg = cast(SCDG, load_model(self.state_dir / "scdg.pt", "scdg"))
         codes = _load_codes(self.state_dir / "codes.npz")
+        vectors = _load_vectors(self.state_dir / "site_vectors.npz")
         return Checkpoint(
             tuple(state["completed"]),
             Plan.from_json(state["plan"]),
@@ -201,6 +205,7 @@ class RunStore:
             vae,
             scdg,
             codes,
+            vectors,
         )
 
 
@@ -217,6 +222,21 @@ def _save_codes(path: Path, codes: Mapping[str, Codes]) -> None:
         }
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub matches **arrays against allow_pickle: bool
+
+
+def _save_vectors(path: Path, vectors: Mapping[str, np.ndarray]) -> None:
+    """One npz: per site (in sorted order) its site vector; site names in 'sites'."""
+    sites = sorted(vectors)
+    arrays = {"sites": np.array(sites, dtype=np.str_)} | {f"v{i}": np.asarray(vectors[s]) for i, s in enumerate(sites)}
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]  # as in _save_codes
+
+
+def _load_vectors(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():  # a checkpoint written before site vectors existed: a run without them
+        return {}
+    with np.load(path, allow_pickle=False) as npz:
+        return {str(site): np.array(npz[f"v{i}"]) for i, site in enumerate(npz["sites"])}
 
 
 def _load_codes(path: Path) -> dict[str, Codes]:

@@ -27,11 +27,13 @@ from shared.synthetic import fuse, to_anndata
 logger = logging.getLogger(__name__)
 
 
-def fresh_models(plan: Plan, *, latent_dim: int, seed: int, count_head: bool = False) -> tuple[VAE, SCDG]:
-    """A new VAE (with a count head when every site has count input) and SCDG for the plan's genes and classes
-    (seeded)."""
+def fresh_models(
+    plan: Plan, *, latent_dim: int, seed: int, count_head: bool = False, site_dim: int = 0
+) -> tuple[VAE, SCDG]:
+    """A new VAE (with a count head when every site has count input, a site vector of ``site_dim``) and SCDG for the
+    plan's genes and classes (seeded)."""
     torch.manual_seed(seed)
-    vae, scdg = new_models(len(plan.genes), len(plan.classes), latent_dim, count_head=count_head)
+    vae, scdg = new_models(len(plan.genes), len(plan.classes), latent_dim, count_head=count_head, site_dim=site_dim)
     vae.eval()
     scdg.eval()
     return vae, scdg
@@ -48,6 +50,7 @@ class SiteCodes:
     library: np.ndarray | None = (
         None  # (C, 3) per-class library statistics (shared.counts); NaN rows without count input
     )
+    site_vector: np.ndarray | None = None  # site-covariate "own": the site's VAE site vector its codes decode with
 
 
 DRAWING_MODES = ("sample", "counts", "gaussian")  # decode modes that draw samples_per_code cells from every code
@@ -101,17 +104,20 @@ def fuse_round(
                 labels=np.repeat(part.codes.labels, repeat),
             )
         )
-        layers = {"expected": generate(vae, scdg, codes, mode="expected")}
-        if with_counts:
-            library = cast(np.ndarray, part.library)  # counts_available: every site sent its statistics
-            layers["counts"], counts_X = sample_counts(vae, latents(scdg, codes), codes.labels, library, seed=seed_i)
-        cells = (
-            counts_X
-            if mode == "counts"
-            else layers["expected"]
-            if mode == "expected"
-            else generate(vae, scdg, codes, mode=mode, seed=seed_i)
-        )
+        with vae.as_site(part.site_vector) as site_vae:  # the VAE's average site vector without one
+            layers = {"expected": generate(site_vae, scdg, codes, mode="expected")}
+            if with_counts:
+                library = cast(np.ndarray, part.library)  # counts_available: every site sent its statistics
+                layers["counts"], counts_X = sample_counts(
+                    site_vae, latents(scdg, codes), codes.labels, library, seed=seed_i
+                )
+            cells = (
+                counts_X
+                if mode == "counts"
+                else layers["expected"]
+                if mode == "expected"
+                else generate(site_vae, scdg, codes, mode=mode, seed=seed_i)
+            )
         pieces.append(
             to_anndata(
                 cells,

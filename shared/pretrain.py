@@ -56,11 +56,25 @@ def latent_dim_for(n_genes: int) -> int:
 
 
 def new_models(
-    n_genes: int, n_classes: int, latent_dim: int, *, n_aux: int = 0, count_head: bool = False
+    n_genes: int,
+    n_classes: int,
+    latent_dim: int,
+    *,
+    n_aux: int = 0,
+    count_head: bool = False,
+    site_dim: int = 0,
 ) -> tuple[VAE, SCDG]:
-    """Fresh VAE (with a count head for count input) and SCDG for a gene and class vocabulary."""
+    """Fresh VAE (with a count head for count input, a site vector of ``site_dim``) and SCDG for a gene and class
+    vocabulary."""
     vae = VAE(
-        VAEConfig(n_genes=n_genes, latent_dim=latent_dim, n_classes=n_classes, n_aux=n_aux, count_head=count_head)
+        VAEConfig(
+            n_genes=n_genes,
+            latent_dim=latent_dim,
+            n_classes=n_classes,
+            n_aux=n_aux,
+            count_head=count_head,
+            site_dim=site_dim,
+        )
     )
     scdg = SCDG(SCDGConfig(latent_dim=latent_dim, n_classes=n_classes))
     return vae, scdg

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,10 +42,16 @@ class VAEConfig:
     class_weight: float = 1.0
     aux_weight: float = 1.0
     count_head: bool = False  # True adds a negative-binomial head on (detached) z for raw counts (synthetic counts)
+    # > 0: a learned site vector of this size joins the encoder's and decoder's inputs (scVI's batch covariate; run
+    # config ``site-covariate``): one vector per model, each site trains its own and the server keeps them apart
+    site_dim: int = 0
 
     def __post_init__(self) -> None:
-        if self.n_genes < 1 or self.latent_dim < 1:
-            msg = f"VAEConfig needs n_genes >= 1 and latent_dim >= 1, got {self.n_genes}, {self.latent_dim}"
+        if self.n_genes < 1 or self.latent_dim < 1 or self.site_dim < 0:
+            msg = (
+                "VAEConfig needs n_genes >= 1, latent_dim >= 1 and site_dim >= 0, got "
+                f"{self.n_genes}, {self.latent_dim}, {self.site_dim}"
+            )
             raise ValueError(msg)
 
 
@@ -99,6 +108,9 @@ class CountHead(nn.Module):
         return nb_log_prob(counts, mu, theta, exact=exact).sum(1)
 
 
+SITE_KEY = "site_embedding"  # the state-dict entry of the site vector (``VAEConfig.site_dim``)
+
+
 class VAE(nn.Module):
     """VAE with a zero-inflated decoder: a non-negative mean and a detection logit per gene.
 
@@ -114,10 +126,10 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config
         h = list(config.hidden)
-        self.encoder = _mlp([config.n_genes, *h], config.dropout)
+        self.encoder = _mlp([config.n_genes + config.site_dim, *h], config.dropout)
         self.to_mu = nn.Linear(h[-1], config.latent_dim)
         self.to_logvar = nn.Linear(h[-1], config.latent_dim)
-        self.decoder = _mlp([config.latent_dim, *reversed(h)], config.dropout)
+        self.decoder = _mlp([config.latent_dim + config.site_dim, *reversed(h)], config.dropout)
         self.to_mean = nn.Linear(h[0], config.n_genes)
         self.to_logit = nn.Linear(h[0], config.n_genes)
         self.label_head = nn.Linear(config.latent_dim, config.n_classes) if config.n_classes else None
@@ -127,18 +139,42 @@ class VAE(nn.Module):
         self.count_head = (
             CountHead(config.latent_dim, h[-1], config.n_genes) if config.count_head else None
         )  # as wide as the narrowest layer
+        # The site this model instance stands for (zeros draw nothing from the random stream); None without it.
+        self.site_embedding = nn.Parameter(torch.zeros(config.site_dim)) if config.site_dim else None
         # Added to the label head's logits in the training loss only (balanced softmax; ``shared.fitting``'s
         # ``class_prior``): not a parameter or buffer, so it never travels with the weights.
         self.train_logit_offset: torch.Tensor | None = None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (mu, logvar), each (n, d)."""
-        h = self.encoder(x)
+        h = self.encoder(self._with_site(x))
         return self.to_mu(h), self.to_logvar(h).clamp(-10.0, 10.0)
+
+    @contextmanager
+    def as_site(self, vector: np.ndarray | None) -> Iterator[VAE]:
+        """This model with ``vector`` as its site vector while the block runs (the model's own is restored after);
+        ``None`` keeps the model's own."""
+        if vector is None or self.site_embedding is None:
+            yield self
+            return
+        own = self.site_embedding.detach().clone()
+        with torch.no_grad():
+            self.site_embedding.copy_(torch.as_tensor(np.asarray(vector), dtype=own.dtype))
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                self.site_embedding.copy_(own)
+
+    def _with_site(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` with the site vector appended to every row (unchanged without a site covariate)."""
+        if self.site_embedding is None:
+            return t
+        return torch.cat([t, self.site_embedding.to(t.dtype).expand(t.shape[0], -1)], dim=1)
 
     def decode_parts(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (mean >= 0, detection logit), each (n, G)."""
-        h = self.decoder(z)
+        h = self.decoder(self._with_site(z))
         return F.softplus(self.to_mean(h)), self.to_logit(h)
 
     def decode(
