@@ -105,7 +105,9 @@ def study(run: Path, modes: list[str], samples: int, cache: Path) -> list[Row]:
                 if site.has_counts and not dp
                 else None
             )
-            parts.append(SiteCodes(site.name, codes[site.name], library=library))
+            own = run_config.get("site-covariate", "off") == "own" and checkpoint is not None
+            vector = checkpoint.site_vectors.get(site.name) if own and checkpoint is not None else None
+            parts.append(SiteCodes(site.name, codes[site.name], library=library, site_vector=vector))
         else:  # dropped from distillation: the run scored it without its codes, and so does this script
             logger.warning(
                 "%s: site %s sent no codes (dropped from distillation); its cells are still scored", run, site.name

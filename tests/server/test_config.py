@@ -106,6 +106,10 @@ def test_kebab_case_maps_and_ints_pass_as_floats() -> None:
         ({"site-optimizer-state": "warm"}, "site-optimizer-state must be one of reset, keep"),
         ({"local-lr-decay": "linear"}, "local-lr-decay must be one of none, cosine"),
         ({"balanced-class-heads": True, "dp-epsilon": 8.0}, "balanced-class-heads reads the site's exact class"),
+        ({"site-covariate": "batch"}, "site-covariate must be one of off, own, neutral"),
+        ({"site-covariate": "own", "dp-epsilon": 8.0}, "site-covariate trains a site vector"),
+        ({"site-covariate": "neutral", "pretrained-path": "/m"}, "site-covariate trains a site vector"),
+        ({"site-covariate": "own", "init-path": "/ref"}, "site-covariate trains a site vector"),
     ],
 )
 def test_bad_run_config_is_refused_with_a_named_reason(run_config: dict, match: str) -> None:

@@ -28,16 +28,26 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert back is not None and back.completed == ("pretrain",) and back.plan == PLAN and back.config == {"seed": 0}
     for k, v in state_of(scdg).items():
         assert np.array_equal(state_of(back.scdg)[k], v)
-    assert back.codes == {}
+    assert back.codes == {} and back.site_vectors == {}
     codes = {
         "site_b": Codes(np.ones((2, 4), np.float32), np.array([0, 1]), 600, 2.0),
         "site_a": Codes(np.zeros((1, 4), np.float32), np.array([1]), 400, 1.5),
     }
+    vectors = {"site_b": np.arange(3, dtype=np.float32), "site_a": -np.ones(3, np.float32)}
     store.checkpoint(
-        ["pretrain", "round-1"], plan=PLAN, metrics={"rounds": []}, config={"seed": 0}, vae=vae, scdg=scdg, codes=codes
+        ["pretrain", "round-1"],
+        plan=PLAN,
+        metrics={"rounds": []},
+        config={"seed": 0},
+        vae=vae,
+        scdg=scdg,
+        codes=codes,
+        site_vectors=vectors,
     )
     again = store.load_checkpoint()
     assert again is not None and sorted(again.codes) == ["site_a", "site_b"]
+    assert sorted(again.site_vectors) == ["site_a", "site_b"]
+    assert all(np.array_equal(again.site_vectors[s], v) for s, v in vectors.items())
     for site, c in codes.items():
         got = again.codes[site]
         assert (

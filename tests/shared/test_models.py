@@ -151,3 +151,26 @@ def test_sample_mode_is_seeded_and_cell_like() -> None:
     expected_zero = float((1 - torch.sigmoid(logit)).mean())
     assert abs(zero_frac - expected_zero) < 0.05
     assert torch.all((a == 0) | torch.isclose(a, mean))
+
+
+def test_site_vector_conditions_encoder_and_decoder_and_as_site_restores_it() -> None:
+    torch.manual_seed(0)
+    plain = VAE(VAEConfig(n_genes=30, latent_dim=4))
+    assert plain.site_embedding is None and "site_embedding" not in plain.state_dict()
+    vae = VAE(VAEConfig(n_genes=30, latent_dim=4, site_dim=3)).eval()
+    assert vae.state_dict()["site_embedding"].shape == (3,)
+    x, z = torch.rand(5, 30), torch.randn(5, 4)
+    own = (vae.encode(x)[0].detach(), vae.decode(z).detach())
+    other = torch.ones(3).numpy()
+    with vae.as_site(other) as v:
+        assert torch.equal(v.site_embedding.detach(), torch.ones(3))  # type: ignore[union-attr]
+        assert not torch.allclose(v.encode(x)[0], own[0]) and not torch.allclose(v.decode(z), own[1])
+    assert torch.equal(vae.site_embedding.detach(), torch.zeros(3))  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError), vae.as_site(other):
+        raise RuntimeError  # restored on the way out of a failure too
+    assert torch.equal(vae.site_embedding.detach(), torch.zeros(3))  # type: ignore[union-attr]
+    with vae.as_site(None) as v:
+        assert torch.equal(v.decode(z), own[1])
+    loss = vae.loss(x).total
+    loss.backward()
+    assert vae.site_embedding.grad is not None and vae.site_embedding.grad.abs().sum() > 0  # type: ignore[union-attr]
