@@ -119,7 +119,8 @@ def start_site_vectors(vectors: dict[str, np.ndarray], link: Link, dim: int, *, 
     for node in sorted(link.nodes):
         name = link.name(node)
         if name not in vectors:
-            vectors[name] = np.random.default_rng(site_seed(seed, link, node, 0)).standard_normal(dim).astype(np.float32)
+            rng = np.random.default_rng(site_seed(seed, link, node, 0))
+            vectors[name] = rng.standard_normal(dim).astype(np.float32)
 
 
 def stage_round(
@@ -222,8 +223,8 @@ def _stage_rounds(
 
     ``site_vectors`` (site-covariate): each site's VAE site vector, sent to it and updated from its VAE replies."""
     opt = optimizer_for(cfg, model)
-    if stage == "vae" and SITE_KEY in state_of(model):
-        start_site_vectors(site_vectors, link, int(model.config.site_dim), seed=seed)
+    if isinstance(model, VAE) and model.site_embedding is not None:
+        start_site_vectors(site_vectors, link, model.config.site_dim, seed=seed)
     losses = []
     for rnd in range(1, cfg.num_pretrain_rounds + 1):
         replies = stage_round(
@@ -285,9 +286,7 @@ def fedavg_pretrain(
         },
     }
     latent_dim = vae.config.latent_dim
-    stage = functools.partial(
-        _stage_rounds, link, plan, cfg, site_classes, latent_dim=latent_dim, site_vectors=vectors
-    )
+    stage = functools.partial(_stage_rounds, link, plan, cfg, site_classes, latent_dim=latent_dim, site_vectors=vectors)
     t0 = time.perf_counter()
     history["vae_loss"] = stage("vae", vae, vae_budget, seed=cfg.seed)
     t1 = time.perf_counter()

@@ -229,7 +229,7 @@ def _save_vectors(path: Path, vectors: Mapping[str, np.ndarray]) -> None:
     sites = sorted(vectors)
     arrays = {"sites": np.array(sites, dtype=np.str_)} | {f"v{i}": np.asarray(vectors[s]) for i, s in enumerate(sites)}
     with open(path, "wb") as fh:
-        np.savez(fh, **arrays)  # type: ignore[arg-type]  # as in _save_codes
+        np.savez(fh, **arrays)
 
 
 def _load_vectors(path: Path) -> dict[str, np.ndarray]:
