@@ -241,7 +241,7 @@ def _stage_rounds(
             options=SiteOptions.of(cfg),
             site_vectors=site_vectors,
         )
-        if stage == "vae" and SITE_KEY in state_of(model):  # each site's own vector, before FedAvg averages them
+        if isinstance(model, VAE) and model.site_embedding is not None:  # each site's own vector, before FedAvg
             site_vectors.update({r.site: np.array(cast(StateDict, r.payload.weights)[SITE_KEY]) for r in replies})
         losses.append(_combine(model, replies, opt, cfg, site_classes))
     return losses

@@ -3,8 +3,8 @@
 Layout: run.log, config.json, plan.json, metrics.json, synthetic_round<r>.h5ad, synthetic.h5ad, vae.pt,
 scdg.pt, mlp.pt, report.html; ``pretrained/`` (plan.json, vae.pt, scdg.pt as pretraining left them:
 what ``pretrained-path`` reads, to distill again without FedAvg); ``state/`` holds the checkpoint after the last
-completed phase (state.json, the generator pair and each site's latest codes, codes.npz), from which ``resume=true``
-continues.
+completed phase (state.json, the generator pair, each site's latest codes in codes.npz and, under ``site-covariate``,
+each site's VAE site vector in site_vectors.npz), from which ``resume=true`` continues.
 """
 
 from __future__ import annotations
