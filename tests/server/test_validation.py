@@ -318,3 +318,27 @@ def test_evaluate_reply_with_nan_accuracy_fails_decoding() -> None:
     rd[KEY_METRICS]["mlp-accuracy"] = float("nan")
     with pytest.raises(ProtocolError, match="finite"):
         decode(rd, EvaluateReply)
+
+
+@pytest.mark.parametrize(
+    "vector", [np.full(8, np.nan, np.float32), np.zeros(7, np.float32), np.zeros(8, np.float64), None]
+)
+def test_a_site_vector_that_is_not_finite_or_of_the_wrong_shape_is_rejected(vector: np.ndarray | None) -> None:
+    from server.synthesis import fresh_models
+    from shared.checkpoint import state_of
+
+    vae, _ = fresh_models(PLAN, latent_dim=D, seed=0, site_dim=8)
+    sent = state_of(vae)
+    req = PretrainRequest("vae", 1, sent, "{}", PLAN, 1, 1e-3, 8, (1.0, 1.0), 0)
+    validate_pretrain(
+        decode(PretrainReply("vae", 1, 10, 0.5, weights=sent).to_record(), PretrainReply), req, latent_dim=D
+    )
+    weights = dict(sent)  # the same keys in the same order: only the site vector differs
+    if vector is None:
+        del weights["site_embedding"]
+    else:
+        weights["site_embedding"] = vector
+    with pytest.raises(ProtocolError):
+        validate_pretrain(
+            decode(PretrainReply("vae", 1, 10, 0.5, weights=weights).to_record(), PretrainReply), req, latent_dim=D
+        )
