@@ -105,7 +105,7 @@ def study(run: Path, modes: list[str], samples: int, cache: Path) -> list[Row]:
                 if site.has_counts and not dp
                 else None
             )
-            own = run_config.get("site-covariate", "off") == "own" and checkpoint is not None
+            own = run_config.get("site-covariate", "off") == "own"  # decode with the site's vector, as the run did
             vector = checkpoint.site_vectors.get(site.name) if own and checkpoint is not None else None
             parts.append(SiteCodes(site.name, codes[site.name], library=library, site_vector=vector))
         else:  # dropped from distillation: the run scored it without its codes, and so does this script
