@@ -97,9 +97,13 @@ def test_decode_reference_compares_decode_modes_with_real_cells(tmp_path: Path, 
     }
     run_in_process(cfg, num_nodes=4, node_configs=[{"cache-dir": str(cache)}] * 4)
     script = str(ROOT / "benchmarks" / "decode_reference.py")
-    args = [sys.executable, script, str(tmp_path / "tiny"), "--modes", "expected,counts", "--samples", "2"]
-    out = subprocess.run([*args, "--cache", str(cache)], capture_output=True, text=True, check=True, timeout=600).stdout
-    rows = {r[1]: r[2:] for r in ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()[2:])}
+    args = [sys.executable, script, str(tmp_path / "tiny"), "--samples", "2", "--cache", str(cache)]
+
+    def table(*extra: str) -> dict[str, list[str]]:
+        out = subprocess.run([*args, *extra], capture_output=True, text=True, check=True, timeout=600).stdout
+        return {r[1]: r[2:] for r in ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()[2:])}
+
+    rows = table("--modes", "expected,counts", "--draws", "2")
     assert list(rows)[:4] == [
         "real, all training cells",
         "real, 10 per class per site",
@@ -112,5 +116,9 @@ def test_decode_reference_compares_decode_modes_with_real_cells(tmp_path: Path, 
     assert real_few[1] > expected[1]  # smooth expected cells rank markers by ties
     assert expected[2] == 0.0 and 0.3 < counts[2] < 1.0  # sampled counts have zeros, the expected expression none
     assert all(0.0 <= v <= 1.0 for r in (real_all, real_few, expected, counts) for v in r)
+    # --draws 2 averages two draws of the counts (other figures than the first draw alone); real cells are fixed
+    once = table("--modes", "counts")
+    assert once["real, all training cells"][:3] == rows["real, all training cells"][:3]
+    assert once["counts, 2 per code"] != rows["counts, 2 per code"]
     bad = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "not a finished run" in bad.stderr
