@@ -22,8 +22,8 @@ validation and test: the measurement the fidelity issue quotes, where 10 random 
 the run's evaluators (the run's MLP rule) trained on that set.
 
 ``--draws N`` averages every figure over N draws: the drawing modes decode their cells afresh each time (seeds
-seed + 10, + 11, ...) and the evaluators of every set train with seeds seed, seed + 1, ...; one draw of sampled cells
-moves the accuracy by up to about 0.01, the size of the differences between modes.
+seed + 10, + 11, ...) and the evaluators of every set train with seeds seed, seed + 1, ...: one draw of sampled cells
+moves the accuracy by about as much as the differences between modes do.
 
 The sites' own fidelity in metrics.json compares each site's cells alone (a few dozen validation cells per site on
 kang), so its marker overlaps are lower for every set, real cells included.
