@@ -3,7 +3,7 @@ are made on its VALIDATION columns; the all-cells column, which includes test ce
 only).
 
     python benchmarks/decode_reference.py RUN_DIR [RUN_DIR ...] [--modes expected,counts] [--samples 10] [--draws 1]
-        [--cache DIR]
+        [--weigh-draws] [--cache DIR]
 
 RUN_DIR is a finished ``scdd simulate`` run with one distillation round (its plan.json, config.json, metrics.json,
 pretrained/ and state/codes.npz); a DP run only without ``counts`` (its sites noised their library statistics, which
@@ -24,6 +24,11 @@ the run's evaluators (the run's MLP rule) trained on that set.
 ``--draws N`` averages every figure over N draws: the drawing modes decode their cells afresh each time (seeds
 seed + 10, + 11, ...) and the evaluators of every set train with seeds seed, seed + 1, ...: one draw of sampled cells
 moves the accuracy by about as much as the differences between modes do.
+
+``--weigh-draws`` fits the logistic regression on the drawing modes' cells with weight 1 / ``--samples`` per cell
+(``shared.evaluation.fit_logreg``'s sample_weight): its L2 penalty is fixed while its loss sums over rows, so ten
+cells drawn from one code are otherwise fitted with a tenth of the regularisation of the code itself. The MLP is
+unchanged (a uniform weight scales its loss, which Adam does not see). The sets are labelled ``..., weighted``.
 
 The sites' own fidelity in metrics.json compares each site's cells alone (a few dozen validation cells per site on
 kang), so its marker overlaps are lower for every set, real cells included.
@@ -56,12 +61,19 @@ FILES = ("plan.json", "config.json", "metrics.json", "pretrained/vae.pt", "pretr
 
 
 def _accuracy(
-    X: np.ndarray, y: np.ndarray, val: tuple[np.ndarray, np.ndarray], n_classes: int, rule: MLPTrainConfig, seed: int
+    X: np.ndarray,
+    y: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray],
+    n_classes: int,
+    rule: MLPTrainConfig,
+    seed: int,
+    weight: float = 1.0,
 ) -> tuple[float, float]:
-    """(MLP, logistic regression) accuracy on the validation cells, trained on (X, y) as the federation trains them."""
+    """(MLP, logistic regression) accuracy on the validation cells, trained on (X, y) as the federation trains them
+    (``weight``: every row's weight in the logistic regression)."""
     X_val, y_val = val
     mlp = train_mlp(X, y, n_classes, seed=seed, cfg=rule)
-    lr = fit_logreg(X, y, seed=seed)
+    lr = fit_logreg(X, y, seed=seed, sample_weight=None if weight == 1.0 else np.full(len(y), weight))
     return float((predict_mlp(mlp, X_val) == y_val).mean()), float((lr.predict(X_val) == y_val).mean())
 
 
@@ -74,9 +86,10 @@ def _site_rows(site: SiteData, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.n
 Row = tuple[str, float, float, float, float, float]
 
 
-def study(run: Path, modes: list[str], samples: int, cache: Path, draws: int = 1) -> list[Row]:
+def study(run: Path, modes: list[str], samples: int, cache: Path, draws: int = 1, weigh: bool = False) -> list[Row]:
     """(set, marker overlap vs validation cells, vs all cells, zero fraction, MLP, LR) per set of one run, each the
-    mean over ``draws`` draws of the drawing modes' cells and seeds of the evaluators (seed, seed + 1, ...)."""
+    mean over ``draws`` draws of the drawing modes' cells and seeds of the evaluators (seed, seed + 1, ...);
+    ``weigh``: the logistic regression weighs each drawn cell 1 / ``samples``."""
     plan = Plan.from_json(json.loads((run / "plan.json").read_text(encoding="utf-8")))
     run_config = json.loads((run / "config.json").read_text(encoding="utf-8"))["run_config"]
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
@@ -146,7 +159,7 @@ def study(run: Path, modes: list[str], samples: int, cache: Path, draws: int = 1
         if mode == "counts" and not counts_available(parts, vae):
             logger.warning("%s: no count input at every site, so no counts to decode; mode 'counts' skipped", run)
             continue
-        label = mode if mode == "expected" else f"{mode}, {samples} per code"
+        label = mode if mode == "expected" else f"{mode}, {samples} per code" + (", weighted" if weigh else "")
         drawn[label] = []
         for d in range(draws if mode in DRAWING_MODES else 1):  # a fresh draw of every cell each time
             fused = fuse_round(
@@ -176,8 +189,10 @@ def study(run: Path, modes: list[str], samples: int, cache: Path, draws: int = 1
             axis=0,
         )
         # the evaluators' seed moves with each draw; a set that draws nothing is trained on again with the next seed
+        weight = 1.0 / samples if weigh and name.endswith(", weighted") else 1.0
         mlp, lr = np.mean(
-            [_accuracy(*versions[d % len(versions)], val_set, n_classes, rule, seed + d) for d in range(draws)], axis=0
+            [_accuracy(*versions[d % len(versions)], val_set, n_classes, rule, seed + d, weight) for d in range(draws)],
+            axis=0,
         )
         rows.append((name, float(fidelity[0]), float(fidelity[1]), float(fidelity[2]), float(mlp), float(lr)))
     nan = float("nan")
@@ -205,6 +220,11 @@ def main() -> None:
         default=1,
         help="average every score over this many draws of the sampled cells and evaluator seeds (default: 1)",
     )
+    ap.add_argument(
+        "--weigh-draws",
+        action="store_true",
+        help="the logistic regression weighs each cell of a drawing mode 1 / --samples (default: weight 1)",
+    )
     ap.add_argument("--cache", type=Path, help="the sites' cache folder (default: the SuperNodes' default)")
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -229,7 +249,8 @@ def main() -> None:
     print("| run | set | markers vs validation cells | markers vs all cells | zero fraction | MLP | LR |")
     print("|---|---|---|---|---|---|---|")
     for run in args.runs:
-        for name, ov_val, ov_all, zeros, mlp, lr in study(run, modes, args.samples, cache, args.draws):
+        rows = study(run, modes, args.samples, cache, args.draws, args.weigh_draws)
+        for name, ov_val, ov_all, zeros, mlp, lr in rows:
             print(
                 f"| {run.name} | {name} | {ov_val:.3f} | {ov_all:.3f} | {zeros:.3f} | {mlp:.3f} | {lr:.3f} |",
                 flush=True,

@@ -143,14 +143,19 @@ def predict_mlp(model: MLPClassifier, X: Matrix, batch_size: int = 2048) -> np.n
     return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
 
 
-def fit_logreg(X: Matrix, y: np.ndarray, *, seed: int) -> Any:
-    """The logistic regression of every evaluation (300 lbfgs iterations, C = 1): sites, server and benchmark."""
+def fit_logreg(X: Matrix, y: np.ndarray, *, seed: int, sample_weight: np.ndarray | None = None) -> Any:
+    """The logistic regression of every evaluation (300 lbfgs iterations, C = 1): sites, server and benchmark.
+
+    ``sample_weight``: scikit-learn's per-row weights. Its loss is a sum over rows against a fixed L2 penalty, so
+    S rows drawn from one code fit with S times less regularisation than the code alone; weights 1 / S make them
+    count as one row (benchmarks/decode_reference.py --weigh-draws measures what that does).
+    """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # 300 iterations are the measured budget
-        return LogisticRegression(max_iter=300, C=1.0, random_state=seed).fit(X, y)
+        return LogisticRegression(max_iter=300, C=1.0, random_state=seed).fit(X, y, sample_weight=sample_weight)
 
 
 def fit_predict(

@@ -120,5 +120,9 @@ def test_decode_reference_compares_decode_modes_with_real_cells(tmp_path: Path, 
     once = table("--modes", "counts")
     assert once["real, all training cells"][:3] == rows["real, all training cells"][:3]
     assert once["counts, 2 per code"] != rows["counts, 2 per code"]
+    # --weigh-draws reweighs only the logistic regression: the same draw, fidelity and MLP as without it
+    weighed = table("--modes", "counts", "--weigh-draws")
+    assert weighed["counts, 2 per code, weighted"][:4] == once["counts, 2 per code"][:4]
+    assert weighed["real, all training cells"] == once["real, all training cells"]
     bad = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "not a finished run" in bad.stderr

@@ -85,3 +85,17 @@ def test_fidelity_of_a_large_site_uses_a_seeded_subset_of_its_cells(
         values[0], values[2], equal_nan=True
     )  # seeded, fewer cells
     assert abs(part.mean_corr - full.mean_corr) < 0.05 and abs(part.zero_fraction_real - full.zero_fraction_real) < 0.03
+
+
+def test_weights_of_one_over_s_make_s_copies_of_a_row_count_as_one() -> None:
+    """The logistic regression's L2 penalty is fixed while its loss sums over rows: S copies of every row fit a
+    larger model than the rows once, unless each copy weighs 1 / S (what decode_reference.py --weigh-draws does)."""
+    rng = np.random.default_rng(0)
+    X = np.r_[rng.normal(0.0, 1.0, (20, 5)), rng.normal(1.0, 1.0, (20, 5))].astype(np.float32)
+    y = np.repeat([0, 1], 20)
+    once = evaluation.fit_logreg(X, y, seed=0).coef_
+    copies, labels = np.tile(X, (10, 1)), np.tile(y, 10)
+    weighted = evaluation.fit_logreg(copies, labels, seed=0, sample_weight=np.full(len(labels), 0.1)).coef_
+    plain = evaluation.fit_logreg(copies, labels, seed=0).coef_
+    np.testing.assert_allclose(weighted, once, rtol=1e-3, atol=1e-4)
+    assert np.linalg.norm(plain) > 1.2 * np.linalg.norm(once)
