@@ -189,7 +189,7 @@ def study(run: Path, modes: list[str], samples: int, cache: Path, draws: int = 1
             axis=0,
         )
         # the evaluators' seed moves with each draw; a set that draws nothing is trained on again with the next seed
-        weight = 1.0 / samples if weigh and name.endswith(", weighted") else 1.0
+        weight = 1.0 / samples if name.endswith(", weighted") else 1.0  # the drawing modes under --weigh-draws
         mlp, lr = np.mean(
             [_accuracy(*versions[d % len(versions)], val_set, n_classes, rule, seed + d, weight) for d in range(draws)],
             axis=0,
