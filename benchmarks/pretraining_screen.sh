@@ -18,6 +18,7 @@ declare -A V=(
   [30x100-3x-cos]="num-pretrain-rounds=30 vae-local-steps=100 scdg-local-steps=50 local-lr-decay=cosine"
   [30x100-3x-fedavgm]="num-pretrain-rounds=30 vae-local-steps=100 scdg-local-steps=50 server-optimizer=fedavgm server-lr=0.1"
   [30x100-3x-site]="num-pretrain-rounds=30 vae-local-steps=100 scdg-local-steps=50 site-covariate=own"
+  [30x100-3x-scaffold]="num-pretrain-rounds=30 vae-local-steps=100 scdg-local-steps=50 drift-control=scaffold"
   [30x100-3x-siten]="num-pretrain-rounds=30 vae-local-steps=100 scdg-local-steps=50 site-covariate=neutral"
   [30x200v]="num-pretrain-rounds=30 vae-local-steps=200 scdg-local-steps=50"
   [15x200-3x]="num-pretrain-rounds=15 vae-local-steps=200 scdg-local-steps=100"

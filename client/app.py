@@ -10,11 +10,13 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client import tasks
+from client.control_state import load_control, save_control
 from client.optimizer_state import drop_carries, load_carry, save_carry
 from client.privacy import SiteDP
 from client.site import (
@@ -107,11 +109,19 @@ def pretrain(msg: Message, context: Context) -> Message:
         training = req.stage in ("vae", "scdg") and req.keep_optimizer
         drop_carries(context.state, keep=req.stage if training else None)
         adam = load_carry(context.state, req.stage, req.round, req.model_config) if training else None
+        own = None
+        if req.control is not None:
+            zeros = {n: np.zeros_like(v) for n, v in req.control.items()}
+            own = load_control(context.state, req.stage, req.model_config, zeros)
         reply = tasks.pretrain_site(
-            _site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec), _device(context), adam
+            _site(context, req.plan.spec, req.plan), req, _dp(context, req.plan.spec), _device(context), adam, own
         )
         if adam is not None:
             save_carry(context.state, req.stage, req.round, req.model_config, adam)
+        if own is not None and reply.control_delta is not None:
+            save_control(
+                context.state, req.stage, req.model_config, {n: own[n] + d for n, d in reply.control_delta.items()}
+            )
     return Message(reply.to_record(), reply_to=msg)
 
 

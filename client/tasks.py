@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import fields, replace
 from typing import Any, Literal, overload
 
@@ -30,6 +31,7 @@ from shared.distill import (
     resolve_t_star,
     warm_start_fits,
 )
+from shared.drift import GradientShift, zero_controls
 from shared.errors import CheckpointError, ConfigError, ProtocolError
 from shared.evaluation import PREDICT_ROWS, Matrix, MLPTrainConfig, fidelity, fit_predict, predict_mlp, score, train_mlp
 from shared.fitting import (
@@ -134,12 +136,15 @@ def pretrain_site(
     dp: SiteDP | None = None,
     device: torch.device = CPU,
     adam: AdamCarry | None = None,
+    control: Mapping[str, np.ndarray] | None = None,
 ) -> PretrainReply:
     """Local steps of the requested stage (or latent moments for 'latent-stats'); DP-SGD and noised moments under DP.
 
     Under DP the reply's cell count is the noised count of the profile and its loss 0 (a loss over
     real cells would be one more release). ``device``: where the models run (``shared.device``). ``adam``: the
     AdamW moments to continue from, updated in place (``client.optimizer_state`` keeps them between rounds).
+    ``control``: the site's SCAFFOLD control variate when the request carries the server's (``shared.drift``; zeros
+    when None); the reply then carries the variate's change (the site keeps old + change, ``client.control_state``).
     """
     dev = _on(device, dp)
     X, y = _train_cells(site, req.plan)
@@ -178,9 +183,13 @@ def pretrain_site(
             "dp_generator": torch_generator(dp.secret, [dp.spec.run_key, dp.site_key, req.stage, req.round]),
         }
     )
+    if req.control is not None and dp is not None:
+        msg = "refused: SCAFFOLD control variates are not released under DP in this release; set drift-control=none"
+        raise ProtocolError(msg)
     model: VAE | SCDG
     if req.stage == "vae":
         model = _model("vae", req.model_config, req.weights).to(dev)
+        shift = _shift(model, req, control)
         library = site.library[_train_rows(site, req.plan)[0]] if site.has_counts else None
         losses = fit_vae(
             model,
@@ -193,11 +202,13 @@ def pretrain_site(
             library=library,
             adam=adam,
             class_prior=prior,
+            shift=shift,
             **private,
         )
     else:
         vae = _model("vae", req.encoder_config, req.encoder or {}).to(dev)
         model = _model("scdg", req.model_config, req.weights).to(dev)
+        shift = _shift(model, req, control)
         losses = fit_scdg(
             model,
             encode(vae, X),
@@ -207,10 +218,25 @@ def pretrain_site(
             anchor_weight=prox,
             adam=adam,
             class_prior=prior,
+            shift=shift,
             **private,
         )
     loss = float(losses[-1]) if losses and b is None else 0.0
-    return PretrainReply(req.stage, req.round, n_cells, loss, weights=state_of(model))
+    delta = None
+    if shift is not None:
+        own = control if control is not None else zero_controls(model)
+        delta = {name: (new - own[name]).astype(np.float32) for name, new in shift.mean_gradient().items()}
+    return PretrainReply(req.stage, req.round, n_cells, loss, weights=state_of(model), control_delta=delta)
+
+
+def _shift(model: VAE | SCDG, req: PretrainRequest, control: Mapping[str, np.ndarray] | None) -> GradientShift | None:
+    """SCAFFOLD's gradient correction for this round when the server sent its control variate."""
+    if req.control is None:
+        return None
+    try:
+        return GradientShift(model, req.control, control if control is not None else zero_controls(model))
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
 
 
 def _distill_config(req: DistillRequest) -> DistillConfig:

@@ -80,6 +80,9 @@ class FederationConfig:
     # the class heads (VAE label head, SCDG QA head) train with each site's class frequencies added to their logits
     # (balanced softmax), so a site's label mix does not bias the shared heads (shared.fitting.balanced_heads)
     balanced_class_heads: bool = False
+    # "scaffold": SCAFFOLD's control variates correct every local gradient for client drift (shared.drift); doubles the
+    # pretraining upload (each site also sends its variate's change)
+    drift_control: Literal["none", "scaffold"] = "none"
     init_path: str | None = None  # a `scdd pretrain` directory: FedAvg starts from its VAE/SCDG
     # a learned site vector joins the VAE's encoder and decoder inputs (scVI's batch covariate, FedBN's idea: site
     # effects kept out of the shared weights); each site trains its own, FedAvg averages the rest. The server decodes
@@ -194,6 +197,11 @@ class FederationConfig:
                 self.site_covariate == "off" or not (self.dp_epsilon > 0 or self.pretrained_path or self.init_path),
                 "site-covariate trains a site vector during FedAvg pretraining at the sites; it is not available with "
                 "dp-epsilon, pretrained-path or init-path in this release: set site-covariate=off",
+            ),
+            (
+                self.drift_control == "none" or self.dp_epsilon == 0,
+                "drift-control=scaffold sends each site's gradient estimate, which DP does not cover in this release; "
+                "set drift-control=none with dp-epsilon",
             ),
             (
                 self.device == "cpu" or self.dp_epsilon == 0,

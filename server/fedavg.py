@@ -4,7 +4,8 @@ Schedule: ``num-pretrain-rounds`` rounds of ``vae-local-steps`` VAE steps at eve
 latent-stats round (pooled per-dimension mean/std of the encoder's latents, for the SCDG's
 standardisation), then ``num-pretrain-rounds`` rounds of ``scdg-local-steps`` SCDG steps.
 How updates are combined (``server-optimizer``, ``class-aware-aggregation``) is
-``server.aggregation``; ``proximal-mu`` travels to the sites (FedProx).
+``server.aggregation``; ``proximal-mu`` travels to the sites (FedProx); ``drift-control = "scaffold"`` keeps the
+server's SCAFFOLD control variate here (``update_control``) and sends it with every round.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from server.config import FederationConfig
 from server.messaging import Link, SiteReply
 from server.validation import decode, validate_pretrain
 from shared.checkpoint import load_state, model_json, state_of
+from shared.drift import zero_controls
 from shared.fitting import set_latent_stats
 from shared.models import SCDG, VAE
 from shared.models.vae import SITE_KEY
@@ -137,11 +139,12 @@ def stage_round(
     latent_dim: int,
     options: SiteOptions = SiteOptions(),
     site_vectors: Mapping[str, np.ndarray] | None = None,
+    control: StateDict | None = None,
 ) -> list[SiteReply[PretrainReply]]:
     """Send one stage round to every site; return the validated replies (sorted by site).
 
     ``site_vectors``: each site's VAE site vector (``site-covariate``), put into the VAE (or the SCDG stage's
-    encoder) that site receives."""
+    encoder) that site receives. ``control``: the server's SCAFFOLD control variate (``drift-control``)."""
     sent, enc = state_of(model), state_of(encoder) if encoder is not None else None
     own = site_vectors or {}
     requests = {
@@ -158,6 +161,7 @@ def stage_round(
             site_seed(seed, link, node, rnd),
             encoder=with_site_vector(enc, own, link.name(node)) if enc is not None else None,
             encoder_config=model_json(encoder) if encoder is not None else "",
+            control=control,
             **dataclasses.asdict(options),
         )
         for node in sorted(link.nodes)
@@ -170,6 +174,22 @@ def stage_round(
 
     contents = {node: req.to_record() for node, req in requests.items()}
     return link.exchange(MSG_PRETRAIN, contents, f"pretrain-{stage}-{rnd}", check)
+
+
+def update_control(control: StateDict, replies: list[SiteReply[PretrainReply]]) -> StateDict:
+    """SCAFFOLD's server variate after a round: plus the cell-weighted mean of the sites' changes of their own, which
+    keeps it the cell-weighted mean of the sites' variates while every site replies (FedAvg weighs the same way)."""
+    weights = np.array([r.payload.num_examples for r in replies], dtype=np.float64)
+    if not replies:
+        return control
+    share = weights / weights.sum()
+    deltas = [cast(StateDict, r.payload.control_delta) for r in replies]  # validated: present, same keys and shapes
+    return {
+        name: (value + sum(w * d[name].astype(np.float64) for w, d in zip(share, deltas, strict=True))).astype(
+            np.float32
+        )
+        for name, value in control.items()
+    }
 
 
 def optimizer_for(cfg: FederationConfig, model: Any) -> ServerOptimizer:
@@ -225,6 +245,7 @@ def _stage_rounds(
     opt = optimizer_for(cfg, model)
     if isinstance(model, VAE) and model.site_embedding is not None:
         start_site_vectors(site_vectors, link, model.config.site_dim, seed=seed)
+    control = zero_controls(model) if cfg.drift_control == "scaffold" else None
     losses = []
     for rnd in range(1, cfg.num_pretrain_rounds + 1):
         replies = stage_round(
@@ -240,7 +261,10 @@ def _stage_rounds(
             latent_dim=latent_dim,
             options=SiteOptions.of(cfg),
             site_vectors=site_vectors,
+            control=control,
         )
+        if control is not None:
+            control = update_control(control, replies)
         if isinstance(model, VAE) and model.site_embedding is not None:  # each site's own vector, before FedAvg
             site_vectors.update({r.site: np.array(cast(StateDict, r.payload.weights)[SITE_KEY]) for r in replies})
         losses.append(_combine(model, replies, opt, cfg, site_classes))
@@ -283,6 +307,7 @@ def fedavg_pretrain(
             "local_lr_decay": cfg.local_lr_decay,
             "balanced_class_heads": cfg.balanced_class_heads,
             "site_covariate": cfg.site_covariate,
+            "drift_control": cfg.drift_control,
         },
     }
     latent_dim = vae.config.latent_dim

@@ -108,6 +108,12 @@ def validate_pretrain(reply: PretrainReply, req: PretrainRequest, *, latent_dim:
         _class_means(reply, req.plan)
         return
     _same_state(reply.weights or {}, req.weights, req.stage)
+    if (req.control is None) != (reply.control_delta is None):
+        what = "came back but were not requested" if req.control is None else "were requested but none came back"
+        msg = f"{req.stage} reply: SCAFFOLD control variates {what}"
+        raise ProtocolError(msg)
+    if req.control is not None:
+        _same_state(reply.control_delta or {}, req.control, f"{req.stage} control-variate")
 
 
 def _class_means(reply: PretrainReply, plan: Plan) -> None:

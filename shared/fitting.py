@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from shared.drift import GradientShift
 from shared.models import SCDG, VAE
 from shared.privacy.sgd import DPSGD, noisy_step_grads, poisson_batch
 
@@ -158,8 +159,10 @@ def _step(
     steps: int,
     history: list[float],
     progress: Callable[[int, int], None] | None,
+    shift: GradientShift | None = None,
 ) -> None:
-    """Back-propagate ``total`` plus the proximal pull ``prox``, step, and record every 100th loss.
+    """Back-propagate ``total`` plus the proximal pull ``prox``, shift the gradients (SCAFFOLD), step, and record
+    every 100th loss.
 
     A DP-SGD step has set the noised gradients already and passes a loss without a graph: only the pull (it reads
     no cell) adds its gradient to them.
@@ -168,6 +171,8 @@ def _step(
         total = total + prox
     if total.requires_grad:
         total.backward()
+    if shift is not None:
+        shift.apply()
     opt.step()
     if step % 100 == 0 or step == steps - 1:
         history.append(total.item())
@@ -195,6 +200,7 @@ def fit_vae(
     dp_generator: torch.Generator | None = None,
     adam: AdamCarry | None = None,
     class_prior: np.ndarray | None = None,
+    shift: GradientShift | None = None,
 ) -> list[float]:
     """Train `model` in place for cfg.steps minibatch steps; return the loss every 100 steps.
 
@@ -206,6 +212,8 @@ def fit_vae(
     FedProx's local objective: the loss plus ``mu/2 * ||w - w_global||^2``.
 
     `library` (count input: each row's total counts over all genes) trains the VAE's count head too.
+
+    `shift` (SCAFFOLD, ``shared.drift``) corrects every step's gradients for client drift and records them.
 
     `dp` makes every step a DP-SGD step (Poisson-sampled cells, per-cell clipping, Gaussian noise
     from `dp_generator`, a generator the site alone can reproduce); the returned losses are then NaN
@@ -246,7 +254,7 @@ def fit_vae(
                     library=lib[idx] if lib is not None else None,
                 )
                 total = out.total
-            _step(opt, total, _pull(params, anchor, anchor_weight), step, cfg.steps, history, progress)
+            _step(opt, total, _pull(params, anchor, anchor_weight), step, cfg.steps, history, progress, shift)
     _keep(opt, adam)
     model.eval()
     return history
@@ -324,11 +332,12 @@ def fit_scdg(
     dp_generator: torch.Generator | None = None,
     adam: AdamCarry | None = None,
     class_prior: np.ndarray | None = None,
+    shift: GradientShift | None = None,
 ) -> list[float]:
     """Train the generator in place on encoder latents Z (n, d) with class ids; return losses.
 
     With `anchor` (a state dict) an L2 pull toward those weights bounds fine-tuning drift. `dp`:
-    DP-SGD steps, `adam` and `class_prior` (for the QA head), as in ``fit_vae``.
+    DP-SGD steps, `adam`, `class_prior` (for the QA head) and `shift`, as in ``fit_vae``.
     """
     rng, dev = _seeded(model, cfg, dp)
     zs = model.standardize(torch.as_tensor(Z, dtype=torch.float32).to(dev))
@@ -348,7 +357,7 @@ def fit_scdg(
             else:
                 idx = torch.as_tensor(_batches(len(zs), cfg, rng))
                 total, _, _ = model.loss(zs[idx], y[idx])
-            _step(opt, total, _pull(params, anchor, anchor_weight), step, cfg.steps, history, progress)
+            _step(opt, total, _pull(params, anchor, anchor_weight), step, cfg.steps, history, progress, shift)
     _keep(opt, adam)
     model.eval()
     return history

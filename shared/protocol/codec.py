@@ -42,6 +42,7 @@ KEY_PLAN_GENES = "plan-genes"  # ArrayRecord: the plan's gene names (utf-8 bytes
 KEY_STATS = "site-stats"  # ArrayRecord: per-gene and per-label aggregates
 KEY_WEIGHTS = "weights"
 KEY_ENCODER = "encoder-weights"
+KEY_CONTROL = "control-variates"  # ArrayRecord: SCAFFOLD's server variate (request), a site's change of its own (reply)
 KEY_VAE = "vae-weights"
 KEY_SCDG = "scdg-weights"
 KEY_MLP = "mlp-weights"

@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from shared.protocol.codec import (
     KEY_CLASS_MEANS,
     KEY_CONFIG,
+    KEY_CONTROL,
     KEY_ENCODER,
     KEY_LATENT,
     KEY_METRICS,
@@ -157,6 +158,7 @@ class PretrainRequest:
     proximal_mu: float = 0.0  # FedProx: the site adds mu/2 * ||w - weights||^2 to its local loss
     keep_optimizer: bool = False  # continue the site's AdamW moments from its previous round of this stage
     balanced_heads: bool = False  # class heads train with the site's class frequencies on their logits
+    control: StateDict | None = None  # SCAFFOLD: the server's control variate, one array per trainable parameter
 
     def to_record(self) -> RecordDict:
         """Encode."""
@@ -174,11 +176,14 @@ class PretrainRequest:
                 "proximal-mu": float(self.proximal_mu),
                 "keep-optimizer": bool(self.keep_optimizer),
                 "balanced-heads": bool(self.balanced_heads),
+                "scaffold": self.control is not None,
             }
         )
         rd = RecordDict({KEY_CONFIG: cfg, KEY_WEIGHTS: state_record(self.weights), **self.plan.records()})
         if self.stage == "scdg":
             rd[KEY_ENCODER] = state_record(self.encoder or {})
+        if self.control is not None:
+            rd[KEY_CONTROL] = state_record(self.control)
         return rd
 
     @classmethod
@@ -186,11 +191,19 @@ class PretrainRequest:
         """Decode strictly."""
         where = "pretrain request"
         cfg, stage = _stage_of(rd, where)
+        scaffold = get_value(cfg, "scaffold", bool, where)
+        if scaffold and stage not in ("vae", "scdg"):
+            raise fail(where, f"control variates are sent with the vae and scdg stages only, not {stage!r}")
         check_records(
             rd,
             where,
             configs=[KEY_CONFIG, KEY_PLAN],
-            arrays=[KEY_WEIGHTS, KEY_PLAN_GENES, *([KEY_ENCODER] if stage == "scdg" else [])],
+            arrays=[
+                KEY_WEIGHTS,
+                KEY_PLAN_GENES,
+                *([KEY_ENCODER] if stage == "scdg" else []),
+                *([KEY_CONTROL] if scaffold else []),
+            ],
         )
         check_keys(
             cfg,
@@ -208,6 +221,7 @@ class PretrainRequest:
                 "proximal-mu",
                 "keep-optimizer",
                 "balanced-heads",
+                "scaffold",
             },
             where,
         )
@@ -227,6 +241,7 @@ class PretrainRequest:
             proximal_mu=get_value(cfg, "proximal-mu", float, where),
             keep_optimizer=get_value(cfg, "keep-optimizer", bool, where),
             balanced_heads=get_value(cfg, "balanced-heads", bool, where),
+            control=state_from_record(array_record(rd, KEY_CONTROL), where) if scaffold else None,
         )
         if (
             req.steps < 0
@@ -261,6 +276,7 @@ class PretrainReply:
     latent_sumsq: np.ndarray | None = None  # float64 (d,)
     class_means: np.ndarray | None = None  # float32 (C, G): the plan's classes x genes (zero rows: not released)
     class_counts: np.ndarray | None = None  # int64 (C,): the released (noised) training cells per plan class
+    control_delta: StateDict | None = None  # SCAFFOLD: the change of the site's control variate this round
 
     def to_record(self) -> RecordDict:
         """Encode."""
@@ -286,6 +302,8 @@ class PretrainReply:
             )
         else:
             rd[KEY_WEIGHTS] = state_record(self.weights or {})
+            if self.control_delta is not None:
+                rd[KEY_CONTROL] = state_record(self.control_delta)
         return rd
 
     @classmethod
@@ -294,7 +312,9 @@ class PretrainReply:
         where = "pretrain reply"
         cfg, stage = _stage_of(rd, where)
         payload = {"latent-stats": KEY_LATENT, "class-means": KEY_CLASS_MEANS}.get(stage, KEY_WEIGHTS)
-        check_records(rd, where, configs=[KEY_CONFIG], metrics=[KEY_METRICS], arrays=[payload])
+        control = payload == KEY_WEIGHTS and KEY_CONTROL in rd
+        arrays = [payload, *([KEY_CONTROL] if control else [])]
+        check_records(rd, where, configs=[KEY_CONFIG], metrics=[KEY_METRICS], arrays=arrays)
         check_keys(cfg, {SCHEMA_KEY, "stage", "round"}, where)
         check_keys(rd[KEY_METRICS], {"num-examples", "loss"}, where)
         out: dict[str, Any] = {}
@@ -316,6 +336,8 @@ class PretrainReply:
                 raise fail(where, "class means and class counts differ in their number of classes")
         else:
             out = {"weights": state_from_record(array_record(rd, KEY_WEIGHTS), where)}
+            if control:
+                out["control_delta"] = state_from_record(array_record(rd, KEY_CONTROL), where)
         return cls(
             stage=stage,
             round=check_round(get_value(cfg, "round", int, where), where),

@@ -110,6 +110,8 @@ def test_kebab_case_maps_and_ints_pass_as_floats() -> None:
         ({"site-covariate": "own", "dp-epsilon": 8.0}, "site-covariate trains a site vector"),
         ({"site-covariate": "neutral", "pretrained-path": "/m"}, "site-covariate trains a site vector"),
         ({"site-covariate": "own", "init-path": "/ref"}, "site-covariate trains a site vector"),
+        ({"drift-control": "scaffold", "dp-epsilon": 8.0}, "drift-control=scaffold sends each site's gradient"),
+        ({"drift-control": "fedbn"}, "drift-control must be one of none, scaffold"),
     ],
 )
 def test_bad_run_config_is_refused_with_a_named_reason(run_config: dict, match: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -342,3 +343,21 @@ def test_a_site_vector_that_is_not_finite_or_of_the_wrong_shape_is_rejected(vect
         validate_pretrain(
             decode(PretrainReply("vae", 1, 10, 0.5, weights=weights).to_record(), PretrainReply), req, latent_dim=D
         )
+
+
+def test_control_variates_must_come_back_exactly_when_sent_and_fit_the_sent_ones() -> None:
+    control = {k: np.zeros_like(v) for k, v in STATE.items()}
+    req = dataclasses.replace(PREQ, control=control)
+
+    def reply(delta: dict[str, np.ndarray] | None) -> PretrainReply:
+        return decode(PretrainReply("vae", 1, 10, 0.5, weights=STATE, control_delta=delta).to_record(), PretrainReply)
+
+    validate_pretrain(reply({k: v + 0.1 for k, v in control.items()}), req, latent_dim=D)
+    with pytest.raises(ProtocolError, match="requested but none came back"):
+        validate_pretrain(reply(None), req, latent_dim=D)
+    with pytest.raises(ProtocolError, match="not requested"):
+        validate_pretrain(reply(control), PREQ, latent_dim=D)
+    with pytest.raises(ProtocolError, match="control-variate weights"):
+        validate_pretrain(reply({"w": control["w"]}), req, latent_dim=D)
+    with pytest.raises(ProtocolError, match="control-variate weights"):
+        validate_pretrain(reply({"w": np.zeros((3, 2), np.float32), "b": control["b"]}), req, latent_dim=D)

@@ -16,6 +16,7 @@ from shared.protocol.codec import (
     EVALUATORS,
     KEY_CODES,
     KEY_CONFIG,
+    KEY_CONTROL,
     KEY_METRICS,
     KEY_STATS,
     MESSAGE_TYPES,
@@ -25,6 +26,7 @@ from shared.protocol.codec import (
     SiteSpec,
     decode_strings,
     encode_strings,
+    state_record,
     wire_bytes,
 )
 from shared.protocol.payloads import PretrainReply, PretrainRequest, ProfileReply, ProfileRequest
@@ -354,3 +356,23 @@ def test_empty_content_is_refused_by_every_decoder() -> None:
     ):
         with pytest.raises(ProtocolError):
             payload.from_record(RecordDict())
+
+
+def test_scaffold_control_variates_travel_with_training_stages_only() -> None:
+    control = {k: np.full_like(v, 0.5) for k, v in STATE.items()}
+    req = PretrainRequest("vae", 2, STATE, "{}", PLAN, 10, 1e-3, 64, (0.0, 1.0), 5, control=control)
+    back = PretrainRequest.from_record(req.to_record())
+    assert back.control is not None and _arrays_equal(back.control, control)
+    assert PretrainRequest.from_record(dataclasses.replace(req, control=None).to_record()).control is None
+    rd = dataclasses.replace(req, stage="latent-stats").to_record()
+    with pytest.raises(ProtocolError, match="control variates"):
+        PretrainRequest.from_record(rd)
+
+    reply = PretrainReply("vae", 2, 11, 0.25, weights=STATE, control_delta=control)
+    got = PretrainReply.from_record(reply.to_record())
+    assert got.control_delta is not None and _arrays_equal(got.control_delta, control)
+    assert PretrainReply.from_record(dataclasses.replace(reply, control_delta=None).to_record()).control_delta is None
+    bad = reply.to_record()
+    bad[KEY_CONTROL] = state_record({k: v * np.nan for k, v in control.items()})
+    with pytest.raises(ProtocolError):
+        PretrainReply.from_record(bad)
