@@ -24,14 +24,14 @@ StateArrays = Mapping[str, np.ndarray]
 
 def zero_controls(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """A zero control variate for every trainable parameter of ``model`` (float32, the parameters' shapes)."""
-    return {name: np.zeros(tuple(p.shape), dtype=np.float32) for name, p in model.named_parameters()}
+    return {name: np.zeros(tuple(p.shape), dtype=np.float32) for name, p in model.named_parameters() if p.requires_grad}
 
 
 class GradientShift:
     """Adds ``server - local`` to each step's gradients and averages the raw gradients it saw (the new ``c_i``)."""
 
     def __init__(self, model: torch.nn.Module, server: StateArrays, local: StateArrays) -> None:
-        params = dict(model.named_parameters())
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         for what, given in (("server", server), ("site", local)):
             if set(given) != set(params):
                 missing, extra = sorted(set(params) - set(given)), sorted(set(given) - set(params))
