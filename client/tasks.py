@@ -222,10 +222,7 @@ def pretrain_site(
             **private,
         )
     loss = float(losses[-1]) if losses and b is None else 0.0
-    delta = None
-    if shift is not None:
-        own = control if control is not None else zero_controls(model)
-        delta = {name: (new - own[name]).astype(np.float32) for name, new in shift.mean_gradient().items()}
+    delta = shift.change() if shift is not None else None
     return PretrainReply(req.stage, req.round, n_cells, loss, weights=state_of(model), control_delta=delta)
 
 

@@ -179,9 +179,9 @@ def stage_round(
 def update_control(control: StateDict, replies: list[SiteReply[PretrainReply]]) -> StateDict:
     """SCAFFOLD's server variate after a round: plus the cell-weighted mean of the sites' changes of their own, which
     keeps it the cell-weighted mean of the sites' variates while every site replies (FedAvg weighs the same way)."""
-    weights = np.array([r.payload.num_examples for r in replies], dtype=np.float64)
     if not replies:
         return control
+    weights = np.array([r.payload.num_examples for r in replies], dtype=np.float64)
     share = weights / weights.sum()
     deltas = [cast(StateDict, r.payload.control_delta) for r in replies]  # validated: present, same keys and shapes
     return {

@@ -41,6 +41,7 @@ class GradientShift:
                 )
                 raise ValueError(msg)
         self._params = params
+        self._local = {name: np.asarray(local[name], dtype=np.float32) for name in params}
         self._shift: dict[str, torch.Tensor] = {}
         for name, p in params.items():
             diff = np.asarray(server[name], dtype=np.float32) - np.asarray(local[name], dtype=np.float32)
@@ -66,3 +67,7 @@ class GradientShift:
         """The site's new control variate: the mean raw gradient over the steps taken (zeros when none were)."""
         n = max(self.steps, 1)
         return {name: (s / n).detach().cpu().numpy().astype(np.float32) for name, s in self._sums.items()}
+
+    def change(self) -> dict[str, np.ndarray]:
+        """What the site sends: its new control variate minus the one it started the round with."""
+        return {name: (new - self._local[name]).astype(np.float32) for name, new in self.mean_gradient().items()}
