@@ -95,6 +95,7 @@ class FederationConfig:
     distill_iterations: int | None = None  # None: chosen from k (shared.distill.resolve_iterations)
     distill_t_star: int | None = None  # None: chosen from k (shared.distill.resolve_t_star)
     distill_init: Init | None = None  # None: DistillConfig's default
+    distill_guidance: float | None = None  # guidance of the codes' one denoising step; None: DistillConfig's (2.0)
     distill_warm_start: bool = True  # rounds >= 2 start from each site's previous codes
     # how codes become cells; None ("auto"): DECODE_MODE, or "gaussian" under DP with statistics pretraining
     # (``resolved_decode_mode``; benchmarks/results/dp_curve.md)
@@ -162,6 +163,10 @@ class FederationConfig:
                 "distill-iterations must be >= 0 (or auto)",
             ),
             (self.distill_t_star is None or self.distill_t_star >= 0, "distill-t-star must be >= 0 (or auto)"),
+            (
+                self.distill_guidance is None or 0 <= self.distill_guidance <= 10,
+                "distill-guidance must be within 0..10 (or auto)",
+            ),
             (1 <= self.samples_per_code <= 20, "samples-per-code must be within 1..20"),
             (self.finetune_steps >= 0, "finetune-steps must be >= 0"),
             (

@@ -209,6 +209,7 @@ def distill_config(cfg: FederationConfig) -> DistillConfig:
         "iterations": cfg.distill_iterations,
         "t_star": cfg.distill_t_star,
         "init": cfg.distill_init,
+        "guidance": cfg.distill_guidance,
     }
     return DistillConfig(k=cfg.cells_per_class, **{key: v for key, v in over.items() if v is not None})
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from server.config import FederationConfig
+from server.orchestration import distill_config
 from shared.errors import ConfigError
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
@@ -51,6 +52,14 @@ def test_pyproject_writes_the_library_defaults_exactly() -> None:
     assert cfg.mlp == mlp and cfg.decode_mode is None and cfg.resolved_decode_mode == DECODE_MODE
     library = DistillConfig()
     assert (library.iterations, library.t_star) == (cfg.distill_iterations, cfg.distill_t_star) == (None, None)
+    assert cfg.distill_guidance is None and distill_config(cfg).guidance == library.guidance == 2.0
+
+
+def test_distill_keys_reach_the_sites_distill_config() -> None:
+    read = FederationConfig.from_run_config
+    dcfg = distill_config(read({"distill-guidance": 0.0, "distill-t-star": 250, "cells-per-class": 3}))
+    assert (dcfg.guidance, dcfg.t_star, dcfg.k) == (0.0, 250, 3)
+    assert distill_config(read({"distill-guidance": "auto"})).guidance == 2.0
 
 
 def test_decode_mode_auto_draws_gaussian_cells_only_under_dp_statistics_pretraining() -> None:
@@ -95,6 +104,8 @@ def test_kebab_case_maps_and_ints_pass_as_floats() -> None:
         ({"round-timeout-s": 0}, "round-timeout-s"),
         ({"latent-dim": 1}, "latent-dim must be auto"),
         ({"distill-init": "zeros"}, "distill-init must be one of real, noise"),
+        ({"distill-guidance": -0.5}, "distill-guidance must be within 0..10"),
+        ({"distill-guidance": 11.0}, "distill-guidance must be within 0..10"),
         ({"pretrain-lr": -1.0}, "pretrain-lr must be > 0"),
         ({"vae-batch-size": 0}, "vae-batch-size"),
         ({"server-optimizer": "sgd"}, "server-optimizer must be"),
