@@ -24,7 +24,8 @@ from server.cli.processes import stat_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = os.sysconf("SC_PAGE_SIZE")
-PHASES = ("federated pretraining:", "distill-", "evaluate-")  # the run log's lines that time each phase
+# the run log's lines that time each phase
+PHASES = ("federated pretraining:", "distill-", "evaluate-", "report written")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 

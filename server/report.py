@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +298,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Write run_dir/report.html from the run's synthetic.h5ad and metrics.json."""
     import anndata as ad
 
+    t0 = time.perf_counter()
     run_dir = Path(run_dir)
     for need in ("metrics.json", "synthetic.h5ad", "plan.json"):
         if not (run_dir / need).is_file():
@@ -308,5 +310,5 @@ def write_report(run_dir: str | Path) -> Path:
     plan = json.loads((run_dir / "plan.json").read_text(encoding="utf-8"))
     synthetic = ad.read_h5ad(run_dir / "synthetic.h5ad")
     out = write_text(run_dir / "report.html", render(metrics, synthetic, label_key=plan["spec"]["label-key"]))
-    logger.info("report written: %s", out)
+    logger.info("report written in %.1f s: %s", time.perf_counter() - t0, out)
     return out
