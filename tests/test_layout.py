@@ -128,3 +128,10 @@ def _modules(path: Path) -> set[str]:
             found.add(node.module)
             found.update(f"{node.module}.{a.name}" for a in node.names)
     return found
+
+
+def test_the_files_make_test_starts_first_exist() -> None:
+    """A renamed long test file would silently lose its place at the front of the 2-worker run (tests/conftest.py)."""
+    from conftest import LONGEST_FIRST, REPO
+
+    assert [name for name in LONGEST_FIRST if not (REPO / name).is_file()] == []
