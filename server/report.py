@@ -37,8 +37,16 @@ def _png(fig: Any) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
 
 
+PLOT_CELLS = 2000  # the picture shows at most this many cells (a seeded random subset): t-SNE of 2000 takes seconds
+
+
 def _embedding(adata: Any) -> tuple[np.ndarray, str]:
-    """UMAP of the fused synthetic cells (scanpy), or PCA when UMAP cannot run (too few cells)."""
+    """t-SNE (scanpy's, on 30 principal components) of the cells, or PCA when t-SNE cannot run (too few cells).
+
+    t-SNE, not UMAP: importing umap-learn compiles pynndescent's numba kernels the first time in an environment (24 s
+    of a fresh clone's demo report) and its neighbour graph compiles more in every process (about 10 s); scanpy's
+    t-SNE is scikit-learn's, 0.6 s for the demo's 200 cells.
+    """
     import scanpy as sc
 
     from shared.device import torch_threads_kept
@@ -46,26 +54,29 @@ def _embedding(adata: Any) -> tuple[np.ndarray, str]:
     a = adata.copy()
     n_comps = max(2, min(30, a.n_obs - 1, a.n_vars - 1))
     sc.pp.pca(a, n_comps=n_comps)
-    verbosity = sc.settings.verbosity
     try:
-        with torch_threads_kept():  # numba's pool would leave the ServerApp's next round on every core
-            # Gaussian-kernel connectivities: scanpy computes them with numpy, where its default ("umap") first
-            # compiles umap-learn's numba kernels, about 10 s of a 200-cell demo report. The layout is still UMAP's;
-            # scanpy's warning that the connectivities are not UMAP's own is silenced for that call.
-            sc.settings.verbosity = 0
-            sc.pp.neighbors(a, n_neighbors=max(2, min(15, a.n_obs - 1)), use_rep="X_pca", method="gauss")
-            sc.tl.umap(a, random_state=0)
-        return np.asarray(a.obsm["X_umap"]), "UMAP"
+        with torch_threads_kept():  # an OpenMP pool would leave the ServerApp's next round on every core
+            # scikit-learn's own learning-rate rule (n / 12, at least 50): scanpy's fixed 1000 throws a few of a small
+            # set's cells far out and squeezes the rest into a corner of the picture
+            sc.tl.tsne(
+                a,
+                use_rep="X_pca",
+                perplexity=min(30.0, (a.n_obs - 1) / 3),
+                learning_rate=max(a.n_obs / 12, 50.0),
+                random_state=0,
+            )
+        return np.asarray(a.obsm["X_tsne"]), "t-SNE"
     except Exception as exc:  # noqa: BLE001 - a plot must never fail a finished run
-        logger.warning("UMAP failed (%s); plotting PCA instead", type(exc).__name__)
+        logger.warning("t-SNE failed (%s); plotting PCA instead", type(exc).__name__)
         return np.asarray(a.obsm["X_pca"][:, :2]), "PCA"
-    finally:
-        sc.settings.verbosity = verbosity
 
 
 def _scatter(adata: Any, label_key: str) -> tuple[str, str]:
     import matplotlib.pyplot as plt
 
+    if adata.n_obs > PLOT_CELLS:
+        rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, PLOT_CELLS, replace=False))
+        adata = adata[rows]
     xy, name = _embedding(adata)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, col in zip(axes, (label_key, "site"), strict=True):
@@ -268,14 +279,15 @@ def render(metrics: dict[str, Any], synthetic: Any, *, label_key: str) -> str:
     if metrics.get("privacy"):
         parts += ["<h2>Differential privacy spent</h2>", _privacy_table(metrics["privacy"])]
     img, method = _scatter(synthetic, label_key)
-    how = (
-        "scanpy sc.pp.pca, sc.pp.neighbors (method=gauss), sc.tl.umap"
-        if method == "UMAP"
-        else "scanpy sc.pp.pca (UMAP could not run)"
+    how = "scanpy sc.pp.pca, sc.tl.tsne" if method == "t-SNE" else "scanpy sc.pp.pca (t-SNE could not run)"
+    shown = (
+        f"a random {PLOT_CELLS} of its {synthetic.n_obs} cells"
+        if synthetic.n_obs > PLOT_CELLS
+        else f"its {synthetic.n_obs} cells"
     )
     parts += [
         "<h2>Fused synthetic cells</h2>",
-        f"<p>{method} of the final fused synthetic set ({how}), coloured by class and by site.</p>",
+        f"<p>{method} of the final fused synthetic set ({shown}; {how}), coloured by class and by site.</p>",
         img,
     ]
     if metrics.get("dropped"):

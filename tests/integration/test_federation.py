@@ -171,11 +171,10 @@ def test_each_site_reports_what_it_gains_by_joining(kang: tuple[InProcessGrid, P
 def test_report_is_self_contained_html(
     kang: tuple[InProcessGrid, Path, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Report structure from the kang run; the embedding is stubbed (UMAP's numba compile costs ~10 s; the slow demo
-    test runs it)."""
+    """Report structure from the kang run; the embedding is stubbed (tests/server/test_report.py runs it)."""
     from server import report
 
-    monkeypatch.setattr(report, "_embedding", lambda a: (np.random.default_rng(0).normal(size=(a.n_obs, 2)), "UMAP"))
+    monkeypatch.setattr(report, "_embedding", lambda a: (np.random.default_rng(0).normal(size=(a.n_obs, 2)), "t-SNE"))
     html = report.write_report(kang[1]).read_text()
     assert (
         html.count("data:image/png;base64,") == 4
@@ -183,7 +182,7 @@ def test_report_is_self_contained_html(
         and "What each site gains by joining" in html
     )
     assert "Fidelity: do the synthetic cells look like real ones?" in html
-    assert report.AUDIT_GUIDE in html and "stim107" in html and "sc.tl.umap" in html and "seed MIA" in html
+    assert report.AUDIT_GUIDE in html and "stim107" in html and "sc.tl.tsne" in html and "seed MIA" in html
 
 
 def _all_strings(content: RecordDict) -> list[str]:
