@@ -25,7 +25,7 @@ def cells(example_path: Path) -> ad.AnnData:
     return adata
 
 
-def test_embedding_is_a_tsne_that_keeps_cell_types_together_without_umap(cells: ad.AnnData) -> None:
+def test_embedding_is_a_tsne_that_keeps_cell_types_together(cells: ad.AnnData) -> None:
     xy, name = report._embedding(cells)
     assert name == "t-SNE" and xy.shape == (300, 2) and np.isfinite(xy).all()
     assert "X_tsne" not in cells.obsm  # the caller's data untouched
