@@ -122,6 +122,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
 
     def key(item: pytest.Item) -> int:
-        return rank.get(Path(item.path).relative_to(REPO).as_posix(), len(LONGEST_FIRST))
+        return rank.get("tests/" + item.nodeid.split("::")[0].removeprefix("tests/"), len(LONGEST_FIRST))
 
     items.sort(key=key)  # stable: the order within a file and among the other files is pytest's
