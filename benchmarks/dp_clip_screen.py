@@ -10,7 +10,9 @@ noise draws: each site releases noised counts and class sums as ``client.privacy
 regression trained on the drawn cells is scored on the held-out cells. Variants: the even split of epsilon with cells
 clipped to 60 (the previous default); the class means at half the other releases' noise, clipped to 60; the same,
 each cell's difference to the center (the pooled mean of the sites' noised profiles) clipped to each of ``--clips``;
-with ``--support-scales``, other ratios of the other releases' noise to the class means' (centered, first clip).
+with ``--support-scales``, other ratios of the other releases' noise to the class means' (centered, first clip);
+with ``--site-delta``, the class means' noise each site's accountant gives them (``spend_rest``: the run spends the
+target at the site's delta from its noised count; centered, first clip). The noise draws are shared across variants.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from client.privacy import denoise_means
 from server.dp_pretrain import MIN_CELLS, draw_cells
 from shared.data import normalize
 from shared.privacy import mechanisms as mech
-from shared.privacy.accounting import PRIMARY, SUPPORT_SCALE, release_noise, stats_noise
+from shared.privacy.accounting import PRIMARY, SUPPORT_SCALE, calibrate, release_noise, spend_rest, stats_noise
 from shared.privacy.spec import DPSpec
 
 DRAWS = 3
@@ -60,6 +62,9 @@ def main() -> None:
         help="also screen these other-release / class-means noise ratios (centered, first clip); the default is "
         f"SUPPORT_SCALE = {SUPPORT_SCALE:g}",
     )
+    ap.add_argument(
+        "--site-delta", action="store_true", help="also screen the class means at the noise each site's delta allows"
+    )
     ap.add_argument("--label-key", default="cell_type")
     args = ap.parse_args()
 
@@ -89,7 +94,15 @@ def main() -> None:
     split_main = release_noise(args.epsilon, sched, PRIMARY)
     split_other = release_noise(args.epsilon, sched, "label counts")
 
-    def score(sig_means: float, sig_other: float, clip: float, centered: bool, draw: int) -> float:
+    def at_site_delta(n: float) -> float:  # the class means' noise of a site with n noised training cells
+        spec = DPSpec(args.epsilon, None, 1.0, "screen", class_means=True)
+        site_sched, delta = spec.schedule(n, has_counts=True), spec.site_delta(n)
+        return calibrate(args.epsilon, delta, site_sched).stats * spend_rest(args.epsilon, delta, site_sched).scale(
+            PRIMARY
+        )
+
+    def score(sig_means: float | None, sig_other: float, clip: float, centered: bool, draw: int) -> float:
+        """sig_means None: each site's own (``at_site_delta``)."""
         rng = np.random.default_rng(100 + draw)
         center = np.zeros(len(genes))
         if centered:  # the pooled mean of every site's noised profile sums (their full-gene clipped release)
@@ -105,8 +118,9 @@ def main() -> None:
             m = train & (site == k)
             cnt = np.bincount(y[m], minlength=len(classes)) + rng.normal(0.0, sig_other, len(classes))
             cnt = np.where(cnt >= MIN_CELLS, np.rint(cnt), 0).astype(np.int64)
-            sums = mech.noisy_class_sums((X[m] - center) / clip, y[m], len(classes), sig_means, rng) * clip
-            means.append(denoise_means(sums + cnt[:, None] * center, cnt, sig_means * clip))
+            sig = at_site_delta(float(max(cnt.sum(), 1))) if sig_means is None else sig_means
+            sums = mech.noisy_class_sums((X[m] - center) / clip, y[m], len(classes), sig, rng) * clip
+            means.append(denoise_means(sums + cnt[:, None] * center, cnt, sig * clip))
             counts.append(cnt)
         Xd, yd = draw_cells(means, counts, seed=draw)
         return float(LogisticRegression(max_iter=300).fit(Xd.toarray(), yd).score(X[held], y[held]))
@@ -118,6 +132,10 @@ def main() -> None:
         scales = tuple(1.0 if name == PRIMARY else ratio for name in sched.one_shot)
         base = stats_noise(args.epsilon, len(sched.one_shot), 1.0, scales)
         variants.append((f"ratio {ratio:g}, centered, clip {args.clips[0]:g}", base, base * ratio, args.clips[0], True))
+    if args.site_delta:
+        variants.append(
+            (f"split, centered, clip {args.clips[0]:g}, site's delta", None, split_other, args.clips[0], True)
+        )
     print(f"{args.data}: {len(genes)} genes, {len(np.unique(site))} sites, epsilon {args.epsilon:g}")
     print("| variant | held-out LR accuracy (mean of 3 noise draws) | draws |")
     print("|---|---|---|")

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from shared.errors import ConfigError, ProtocolError
-from shared.privacy.accounting import calibrate
+from shared.privacy.accounting import PRIMARY, calibrate, spend_rest
 from shared.protocol import Plan, ProfileReply
 
 
@@ -23,7 +23,8 @@ def privacy_plan(profiles: Sequence[ProfileReply], plan: Plan) -> dict[str, dict
         n = float(sum(int(c) for name, c in zip(p.label_names, p.label_counts, strict=True) if name in plan.classes))
         delta = spec.site_delta(n)
         try:
-            noise = calibrate(spec.epsilon, delta, spec.schedule(n, has_counts=p.has_counts))
+            schedule = spec.schedule(n, has_counts=p.has_counts)
+            noise = calibrate(spec.epsilon, delta, schedule)
         except ConfigError as exc:
             msg = f"site {p.site_name} ({n:.0f} cells after noise): {exc}"
             raise ConfigError(msg) from None
@@ -33,6 +34,10 @@ def privacy_plan(profiles: Sequence[ProfileReply], plan: Plan) -> dict[str, dict
             "noise_multiplier_sgd": noise.sgd,
             "noise_multiplier_stats": noise.stats,
         }
+        if PRIMARY in schedule.one_shot:  # the class means' noise spends what the public calibration left
+            out[p.site_name]["noise_multiplier_class_means"] = noise.stats * spend_rest(
+                spec.epsilon, delta, schedule
+            ).scale(PRIMARY)
     return out
 
 

@@ -16,6 +16,7 @@ from client.site import SiteData, load_profile, load_site, resolve_source
 from server.synthesis import fresh_models
 from shared.checkpoint import model_json, state_of
 from shared.errors import ProtocolError
+from shared.privacy.accounting import PRIMARY
 from shared.privacy.mechanisms import LOG_LIBRARY_MAX, site_secret
 from shared.privacy.spec import DPSpec
 from shared.protocol import DistillRequest, Plan, PretrainRequest, SiteSpec
@@ -190,7 +191,7 @@ def test_the_class_means_release_is_the_one_distillation_matches(site: SiteData,
     counts = privacy.plan_counts(site, plan, dp)
     y, ok = site.global_labels(plan.classes)
     idx = site.train_idx[ok[site.train_idx]]
-    matched = privacy.class_gene_means(site.X[idx], y[idx], counts, dp, privacy.budget(site, plan, dp).noise.stats)
+    matched = privacy.class_gene_means(site.X[idx], y[idx], counts, dp, privacy.budget(site, plan, dp).sigma(PRIMARY))
     assert reply.class_means is not None and reply.class_counts is not None
     assert np.array_equal(reply.class_counts, counts) and np.array_equal(reply.class_means, matched)
     assert reply.loss == 0.0 and reply.weights is None

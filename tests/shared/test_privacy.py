@@ -27,6 +27,8 @@ from shared.privacy.accounting import (
     SGDStage,
     calibrate,
     epsilon,
+    release_noise,
+    spend_rest,
 )
 from shared.privacy.sgd import DPSGD, clipped_sum, noisy_step_grads
 from shared.privacy.spec import DPSpec
@@ -80,6 +82,36 @@ def test_releases_with_different_noise_compose_as_one_gaussian() -> None:
     assert {sgd.scale(name) for name in sgd.one_shot} == {1.0}
     with pytest.raises(KeyError, match="latent moments"):
         sched.scale("latent moments")
+
+
+@pytest.mark.parametrize("cells", [60.0, 270.0, 2500.0, 20_000.0, 100_000.0])
+def test_the_class_means_spend_what_the_public_calibration_leaves(cells: float) -> None:
+    """Without DP-SGD the one-shot noise is calibrated at the public DELTA_REF; the class means, released once the
+    site's count is public, get the noise that makes the run spend the target at the site's own delta: less noise below
+    10,000 cells, more above (where the public calibration alone overspends)."""
+    spec = DPSpec(8.0, None, 1.0, "r", class_means=True)
+    sched, delta = spec.schedule(cells, has_counts=True), spec.site_delta(cells)
+    noise = calibrate(8.0, delta, sched)
+    public = epsilon(sched, noise, delta)
+    spent = spend_rest(8.0, delta, sched)
+    # by hand: Gaussian releases compose as one of noise (sum 1/s_i^2)^-1/2, whose RDP at order a is a / (2 s^2)
+    sigmas = np.array([noise.stats * spent.scale(name) for name in spent.one_shot])
+    s_eq = float(np.sum(sigmas**-2.0) ** -0.5)
+    orders = np.array(ORDERS, dtype=float)
+    assert 0.995 * 8.0 <= _rdp_to_eps(orders / (2 * s_eq**2), orders, delta) <= 8.0 * (1 + 1e-6)
+    for name in spent.one_shot:  # the releases made before the count keep their public noise
+        if name != PRIMARY:
+            assert spent.scale(name) == sched.scale(name)
+            assert noise.stats * spent.scale(name) == pytest.approx(release_noise(8.0, sched, name))
+    if cells < 10_000:
+        assert public < 0.96 * 8.0 and spent.scale(PRIMARY) < sched.scale(PRIMARY)
+    else:
+        assert public > 8.0 and spent.scale(PRIMARY) > sched.scale(PRIMARY)
+
+
+def test_with_dp_sgd_the_one_shot_noise_stays_public() -> None:
+    sched = DPSpec(8.0, None, 1.0, "r", 30, 100, 128, 50, 256, class_means=True).schedule(2000.0, has_counts=True)
+    assert spend_rest(8.0, 5e-5, sched) is sched  # DP-SGD's noise, calibrated at the site's delta, takes the rest
 
 
 def test_dp_sgd_composition_matches_the_published_sampled_gaussian_rdp() -> None:
