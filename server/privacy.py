@@ -25,6 +25,7 @@ def privacy_plan(profiles: Sequence[ProfileReply], plan: Plan) -> dict[str, dict
         try:
             schedule = spec.schedule(n, has_counts=p.has_counts)
             noise = calibrate(spec.epsilon, delta, schedule)
+            spent = spend_rest(spec.epsilon, delta, schedule)  # the class means spend what the public calibration left
         except ConfigError as exc:
             msg = f"site {p.site_name} ({n:.0f} cells after noise): {exc}"
             raise ConfigError(msg) from None
@@ -34,10 +35,8 @@ def privacy_plan(profiles: Sequence[ProfileReply], plan: Plan) -> dict[str, dict
             "noise_multiplier_sgd": noise.sgd,
             "noise_multiplier_stats": noise.stats,
         }
-        if PRIMARY in schedule.one_shot:  # the class means' noise spends what the public calibration left
-            out[p.site_name]["noise_multiplier_class_means"] = noise.stats * spend_rest(
-                spec.epsilon, delta, schedule
-            ).scale(PRIMARY)
+        if PRIMARY in schedule.one_shot:
+            out[p.site_name]["noise_multiplier_class_means"] = noise.stats * spent.scale(PRIMARY)
     return out
 
 

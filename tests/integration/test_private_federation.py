@@ -99,6 +99,16 @@ def test_privacy_plan_names_the_site_that_cannot_meet_epsilon() -> None:
     assert privacy_plan([big], plan)["big"]["noise_multiplier_sgd"] > 0
     with pytest.raises(ConfigError, match=r"^site small \(300 cells after noise\): dp-epsilon=0.2 cannot be met"):
         privacy_plan([big, small], plan)
+    # without DP-SGD: a dp-delta so small that the releases calibrated at the public delta already overspend
+    stats = Plan(("g1", "g2"), ("a", "b"), SiteSpec(dp=DPSpec(1.0, 1e-14, 1.0, "r", class_means=True)))
+    with pytest.raises(
+        ConfigError, match=r"^site big \(200000 cells after noise\): dp-epsilon=1 cannot be met at delta"
+    ):
+        privacy_plan([big], stats)
+    ok = privacy_plan(
+        [big], Plan(("g1", "g2"), ("a", "b"), SiteSpec(dp=DPSpec(1.0, 1e-10, 1.0, "r", class_means=True)))
+    )
+    assert ok["big"]["noise_multiplier_class_means"] > ok["big"]["noise_multiplier_stats"]  # more noise, still met
 
 
 def test_reports_are_checked() -> None:
