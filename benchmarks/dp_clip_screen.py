@@ -31,7 +31,7 @@ from client.privacy import denoise_means
 from server.dp_pretrain import MIN_CELLS, draw_cells
 from shared.data import normalize
 from shared.privacy import mechanisms as mech
-from shared.privacy.accounting import PRIMARY, SUPPORT_SCALE, calibrate, release_noise, spend_rest, stats_noise
+from shared.privacy.accounting import PRIMARY, SUPPORT_SCALE, release_noise, site_calibration, stats_noise
 from shared.privacy.spec import DPSpec
 
 DRAWS = 3
@@ -96,10 +96,9 @@ def main() -> None:
 
     def at_site_delta(n: float) -> float:  # the class means' noise of a site with n noised training cells
         spec = DPSpec(args.epsilon, None, 1.0, "screen", class_means=True)
-        site_sched, delta = spec.schedule(n, has_counts=True), spec.site_delta(n)
-        return calibrate(args.epsilon, delta, site_sched).stats * spend_rest(args.epsilon, delta, site_sched).scale(
-            PRIMARY
-        )
+        delta = spec.site_delta(n)
+        site_sched, noise = site_calibration(args.epsilon, delta, spec.schedule(n, has_counts=True))
+        return noise.stats * site_sched.scale(PRIMARY)
 
     def score(sig_means: float | None, sig_other: float, clip: float, centered: bool, draw: int) -> float:
         """sig_means None: each site's own (``at_site_delta``)."""

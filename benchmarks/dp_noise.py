@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from shared.errors import ConfigError
-from shared.privacy.accounting import PRIMARY, calibrate, epsilon, spend_rest
+from shared.privacy.accounting import PRIMARY, epsilon, site_calibration
 from shared.privacy.mechanisms import name_threshold
 from shared.privacy.spec import DPSpec
 
@@ -46,8 +46,7 @@ def main() -> None:
             )
             sched, delta = spec.schedule(n, has_counts=args.counts), spec.site_delta(n)
             try:
-                noise = calibrate(eps, delta, sched)
-                sched = spend_rest(eps, delta, sched)  # the class means spend what the public calibration left
+                sched, noise = site_calibration(eps, delta, sched)  # the class means spend what the rest left
             except ConfigError:
                 print(f"| {n} | {eps:g} | {delta:.1e} | - | - | - | unreachable | - |")
                 continue

@@ -20,7 +20,7 @@ from client.site import SiteData, SiteProfile
 from shared.errors import ProtocolError, SiteDataError
 from shared.privacy import ledger
 from shared.privacy import mechanisms as mech
-from shared.privacy.accounting import PRIMARY, Noise, Schedule, calibrate, epsilon, release_noise, spend_rest
+from shared.privacy.accounting import PRIMARY, Noise, Schedule, epsilon, release_noise, site_calibration
 from shared.privacy.sgd import DPSGD
 from shared.privacy.spec import DPSpec
 from shared.protocol import Plan, ProfileReply
@@ -133,8 +133,7 @@ def budget(site: SiteData, plan: Plan, dp: SiteDP) -> Budget:
         raise ProtocolError(msg)
     delta = dp.spec.site_delta(n)
     schedule = dp.spec.schedule(n, has_counts=site.has_counts)
-    noise = calibrate(dp.spec.epsilon, delta, schedule)
-    return Budget(n, delta, spend_rest(dp.spec.epsilon, delta, schedule), noise)
+    return Budget(n, delta, *site_calibration(dp.spec.epsilon, delta, schedule))
 
 
 def dp_sgd(b: Budget, batch: int, max_grad_norm: float) -> DPSGD:

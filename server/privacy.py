@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from shared.errors import ConfigError, ProtocolError
-from shared.privacy.accounting import PRIMARY, calibrate, spend_rest
+from shared.privacy.accounting import PRIMARY, site_calibration
 from shared.protocol import Plan, ProfileReply
 
 
@@ -23,9 +23,7 @@ def privacy_plan(profiles: Sequence[ProfileReply], plan: Plan) -> dict[str, dict
         n = float(sum(int(c) for name, c in zip(p.label_names, p.label_counts, strict=True) if name in plan.classes))
         delta = spec.site_delta(n)
         try:
-            schedule = spec.schedule(n, has_counts=p.has_counts)
-            noise = calibrate(spec.epsilon, delta, schedule)
-            spent = spend_rest(spec.epsilon, delta, schedule)  # the class means spend what the public calibration left
+            schedule, noise = site_calibration(spec.epsilon, delta, spec.schedule(n, has_counts=p.has_counts))
         except ConfigError as exc:
             msg = f"site {p.site_name} ({n:.0f} cells after noise): {exc}"
             raise ConfigError(msg) from None
@@ -36,7 +34,7 @@ def privacy_plan(profiles: Sequence[ProfileReply], plan: Plan) -> dict[str, dict
             "noise_multiplier_stats": noise.stats,
         }
         if PRIMARY in schedule.one_shot:
-            out[p.site_name]["noise_multiplier_class_means"] = noise.stats * spent.scale(PRIMARY)
+            out[p.site_name]["noise_multiplier_class_means"] = noise.stats * schedule.scale(PRIMARY)
     return out
 
 

@@ -196,3 +196,10 @@ def calibrate(target: float, delta: float, schedule: Schedule) -> Noise:
         raise ConfigError(msg)
     sig = _smallest(lambda s: epsilon(schedule, Noise(sig_stats, s), delta) <= target, 0.05, MAX_SGD_NOISE)
     return Noise(sig_stats, sig)
+
+
+def site_calibration(target: float, delta: float, schedule: Schedule) -> tuple[Schedule, Noise]:
+    """What a site releases with: the noise ``calibrate`` gives ``schedule``, and the schedule with the class means'
+    share set by ``spend_rest``; ConfigError (from either) when the target cannot be met."""
+    noise = calibrate(target, delta, schedule)
+    return spend_rest(target, delta, schedule), noise
