@@ -1,5 +1,6 @@
-"""Markdown table of a dp_curve.sh folder: test accuracy (MLP, logistic regression) and the epsilon each site's
-accountant spent.
+"""Markdown table of a dp_curve.sh folder: test accuracy (MLP, logistic regression), the epsilon each site's
+accountant spent, and the membership audits: the largest over sites and seeds, and how many site audits score above
+their own chance bound (``shared.audit.null_bound``; runs of releases without the bound count as n/a).
 
 python benchmarks/dp_summary.py OUT_DIR
 """
@@ -18,6 +19,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
     audits: dict[tuple[str, str], dict[str, float]] = {}
+    above: dict[tuple[str, str, str], list[bool]] = {}  # (file, epsilon, attack) -> per site audit: above its bound?
     print(
         "| file | epsilon (target) | seed | MLP test acc | LR test acc | MLP validation acc | local-only MLP "
         "| epsilon spent (max over sites) | sites |"
@@ -56,6 +58,9 @@ def main() -> None:
                 value = site.get("audit", {}).get(key)
                 if value is not None and value == value:  # not NaN
                     worst[key] = max(worst.get(key, 0.0), value)
+                    bound = site.get("audit", {}).get(f"{key}_null95")
+                    if bound is not None and bound == bound:
+                        above.setdefault((name, eps, key), []).append(value > bound)
         print(
             f"| {name} | {eps if float(eps) > 0 else 'off'} | {seed} | {cw['mlp']['accuracy']:.3f} "
             f"| {cw['logreg']['accuracy']:.3f} | {vmlp:.3f} | "
@@ -72,11 +77,16 @@ def main() -> None:
         print(f"| {name} | {eps if float(eps) > 0 else 'off'} | {len(vals)} | {mlp:.3f} | {lr:.3f} |")
 
     print("\nMembership audits, the largest over sites and seeds (AUC; 0.5 = nothing learned):\n")
+    print("In brackets: site audits above their own chance bound (95th percentile without signal), of all scored.\n")
     print("| file | epsilon | " + " | ".join(AUDITS) + " |")
     print("|---|---|" + "---|" * len(AUDITS))
     for (name, eps), worst in sorted(audits.items()):
-        cells = " | ".join(f"{worst[k]:.3f}" if k in worst else "" for k in AUDITS)
-        print(f"| {name} | {eps if float(eps) > 0 else 'off'} | {cells} |")
+        cells = []
+        for k in AUDITS:
+            flags = above.get((name, eps, k))
+            count = f" ({sum(flags)} of {len(flags)})" if flags else " (n/a)"
+            cells.append(f"{worst[k]:.3f}{count}" if k in worst else "")
+        print(f"| {name} | {eps if float(eps) > 0 else 'off'} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

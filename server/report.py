@@ -177,6 +177,13 @@ def _fmt(v: Any) -> str:
     )
 
 
+def _attack(audit: dict[str, float], key: str) -> str:
+    """An attack's AUC with its chance bound, bold when above it."""
+    value, bound = audit[key], audit.get(f"{key}_null95", math.nan)
+    text = f"{_fmt(value)} ({_fmt(bound)})"
+    return f"<b>{text}</b>" if math.isfinite(value) and math.isfinite(bound) and value > bound else text
+
+
 def _site_table(last: dict[str, Any], upload: dict[str, dict[str, int]]) -> str:
     cols = (
         "site",
@@ -189,9 +196,9 @@ def _site_table(last: dict[str, Any], upload: dict[str, dict[str, int]]) -> str:
         "MLP acc fine-tuned at the site",
         "gain, fine-tuned",
         "MLP acc (validation)",
-        "seed MIA",
-        "population MIA",
-        "density MIA",
+        "seed MIA (chance bound)",
+        "population MIA (chance bound)",
+        "density MIA (chance bound)",
         "DCR share",
         "marker overlap",
         "zero fraction real / synthetic",
@@ -210,7 +217,8 @@ def _site_table(last: dict[str, Any], upload: dict[str, dict[str, int]]) -> str:
             _fmt(_local(m, block="fine_tuned")),
             _fmt(_local(m, block="fine_tuned") - _local(m)),
             _fmt(m["validation"]["scores"]["mlp"]["accuracy"]),
-            *(_fmt(a[k]) for k in ("seed_mia", "population_mia", "density_mia", "dcr_share")),
+            *(_attack(a, k) for k in ("seed_mia", "population_mia", "density_mia")),
+            _fmt(a["dcr_share"]),
             _fmt(f["marker_overlap"]),
             f"{_fmt(f['zero_fraction_real'])} / {_fmt(f['zero_fraction_synthetic'])}",
             str(sum(upload.get(site, {}).values())),
@@ -220,7 +228,9 @@ def _site_table(last: dict[str, Any], upload: dict[str, dict[str, int]]) -> str:
     foot = (
         f"<p>Worst site, seed MIA: {_fmt(worst['seed_mia_max'])}; "
         f"mean over sites: seed {_fmt(worst['seed_mia'])}, population {_fmt(worst['population_mia'])}, "
-        f"density {_fmt(worst['density_mia'])}, DCR share {_fmt(worst['dcr_share'])}.</p>"
+        f"density {_fmt(worst['density_mia'])}, DCR share {_fmt(worst['dcr_share'])}. In brackets, each AUC's chance "
+        "bound at that site: the 95th percentile of the same AUC with members and held-out cells exchanged at random "
+        "within each class; a score above it (bold) is evidence of leakage at the 5 % level.</p>"
     )
     return f"<table>{head}{''.join(rows)}</table>{foot}"
 

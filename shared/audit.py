@@ -13,6 +13,12 @@
 - ``dcr_share``: distance-to-closest-record share, the fraction of synthetic cells closer to a
   training cell than to a held-out cell, with as many training as held-out cells of each class
   (the seed members always among the training ones). 0.5 means no preference; copies give 1.0.
+- ``seed_mia_null95``, ``population_mia_null95``, ``density_mia_null95``: how high each of the
+  three AUCs goes without any membership signal at this site's sizes: the 95th percentile of the
+  same AUC with members and non-members exchanged at random within each class (NULL_PERMUTATIONS
+  times, seeded). An AUC above its bound is evidence of leakage at the 5 % level; one below it is
+  not distinguishable from chance with this many cells (a site with a few dozen held-out cells
+  has a bound near 0.6, so a score of 0.58 there says nothing either way).
 
 Members (k per class) and held-out cells (the site's class mix) differ in their classes; every
 comparison is class-matched (`class_weights`), or an attack would "find" class membership.
@@ -35,7 +41,16 @@ import scipy.sparse as sp
 logger = logging.getLogger(__name__)
 
 Matrix: TypeAlias = sp.csr_matrix | np.ndarray
-AUDIT_KEYS = ("seed_mia", "population_mia", "density_mia", "dcr_share")
+AUDIT_KEYS = (
+    "seed_mia",
+    "population_mia",
+    "density_mia",
+    "dcr_share",
+    "seed_mia_null95",
+    "population_mia_null95",
+    "density_mia_null95",
+)
+NULL_PERMUTATIONS = 200  # the 95th percentile of 200 draws moves by about 0.01 between seeds at 60 + 60 cells
 MIN_CELLS = 5  # fewer members, held-out or reference cells than this: the score is not computable (NaN)
 REFERENCE_K = 5  # neighbours of the reference density estimate
 TINY = 1e-8  # distances below this count as 0 (a copy)
@@ -43,12 +58,16 @@ TINY = 1e-8  # distances below this count as 0 (a copy)
 
 @dataclass(frozen=True)
 class Audit:
-    """The four audit scores of one synthetic set at one site (NaN where not computable)."""
+    """The four audit scores of one synthetic set at one site, and the three AUCs' bounds without signal (NaN where not
+    computable)."""
 
     seed_mia: float
     population_mia: float
     density_mia: float
     dcr_share: float
+    seed_mia_null95: float = float("nan")
+    population_mia_null95: float = float("nan")
+    density_mia_null95: float = float("nan")
 
     def as_dict(self) -> dict[str, float]:
         """Plain dict keyed by AUDIT_KEYS."""
@@ -81,17 +100,47 @@ def class_weights(member_labels: np.ndarray, other_labels: np.ndarray) -> tuple[
     return w_member, w_other
 
 
-def _auc(
-    member_scores: np.ndarray, other_scores: np.ndarray, member_labels: np.ndarray, other_labels: np.ndarray
-) -> float:
+@dataclass(frozen=True)
+class Scored:
+    """One attack's scores: members and non-members with their classes."""
+
+    member: np.ndarray
+    other: np.ndarray
+    member_labels: np.ndarray
+    other_labels: np.ndarray
+
+
+def _auc(s: Scored) -> float:
     """AUC of members over non-members, non-members reweighted to the members' class mix."""
     from sklearn.metrics import roc_auc_score
 
-    w_member, w_other = class_weights(member_labels, other_labels)
+    w_member, w_other = class_weights(s.member_labels, s.other_labels)
     if (w_member > 0).sum() < MIN_CELLS or (w_other > 0).sum() < MIN_CELLS:
         return float("nan")
-    y = np.r_[np.ones(len(member_scores)), np.zeros(len(other_scores))]
-    return float(roc_auc_score(y, np.r_[member_scores, other_scores], sample_weight=np.r_[w_member, w_other]))
+    y = np.r_[np.ones(len(s.member)), np.zeros(len(s.other))]
+    return float(roc_auc_score(y, np.r_[s.member, s.other], sample_weight=np.r_[w_member, w_other]))
+
+
+def _auc_of(s: Scored | None) -> float:
+    return float("nan") if s is None else _auc(s)
+
+
+def null_bound(s: Scored, rng: np.random.Generator, n_perm: int = NULL_PERMUTATIONS, q: float = 0.95) -> float:
+    """The ``q`` quantile of ``_auc`` when membership carries no signal: within each class, which of its scored cells
+    are members is drawn at random (the class's member and non-member counts kept, so the class weights are too)."""
+    if not np.isfinite(_auc(s)):
+        return float("nan")
+    scores = np.r_[s.member, s.other]
+    labels = np.r_[s.member_labels, s.other_labels]
+    is_member = np.r_[np.ones(len(s.member), bool), np.zeros(len(s.other), bool)]
+    groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    draws = []
+    for _ in range(n_perm):
+        shuffled = is_member.copy()
+        for g in groups:
+            shuffled[g] = is_member[g][rng.permutation(len(g))]
+        draws.append(_auc(Scored(scores[shuffled], scores[~shuffled], labels[shuffled], labels[~shuffled])))
+    return float(np.quantile(draws, q))
 
 
 def _nn_distance(X_syn: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -100,15 +149,22 @@ def _nn_distance(X_syn: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return NearestNeighbors(n_neighbors=1).fit(X_syn).kneighbors(queries)[0][:, 0]
 
 
+def distance_scores(
+    members: Matrix, member_labels: np.ndarray, non_members: Matrix, other_labels: np.ndarray, X_syn: np.ndarray
+) -> Scored | None:
+    """Minus the distance to the closest synthetic cell, for members and non-members (None: too few cells)."""
+    if X_syn.shape[0] == 0 or min(members.shape[0], non_members.shape[0]) < MIN_CELLS:
+        return None
+    return Scored(
+        -_nn_distance(X_syn, _dense(members)), -_nn_distance(X_syn, _dense(non_members)), member_labels, other_labels
+    )
+
+
 def distance_mia(
     members: Matrix, member_labels: np.ndarray, non_members: Matrix, other_labels: np.ndarray, X_syn: np.ndarray
 ) -> float:
     """AUC of minus the distance to the closest synthetic cell, members vs (class-matched) non-members."""
-    if X_syn.shape[0] == 0 or min(members.shape[0], non_members.shape[0]) < MIN_CELLS:
-        return float("nan")
-    return _auc(
-        -_nn_distance(X_syn, _dense(members)), -_nn_distance(X_syn, _dense(non_members)), member_labels, other_labels
-    )
+    return _auc_of(distance_scores(members, member_labels, non_members, other_labels, X_syn))
 
 
 def density_mia(
@@ -119,7 +175,19 @@ def density_mia(
     reference: Matrix,
     X_syn: np.ndarray,
 ) -> float:
-    """DOMIAS-style AUC: the synthetic set's density at a cell over the reference population's density there.
+    """DOMIAS-style AUC (``density_scores``)."""
+    return _auc_of(density_scores(members, member_labels, non_members, other_labels, reference, X_syn))
+
+
+def density_scores(
+    members: Matrix,
+    member_labels: np.ndarray,
+    non_members: Matrix,
+    other_labels: np.ndarray,
+    reference: Matrix,
+    X_syn: np.ndarray,
+) -> Scored | None:
+    """DOMIAS-style scores: the synthetic set's density at a cell over the reference population's density there.
 
     Both densities are k-nearest-neighbour estimates, p(x) ~ k / (n * r_k(x)^D) (Loftsgaarden &
     Quesenberry 1965), so the log ratio ranks cells by D * (log r_ref(x) - log r_syn(x)): the
@@ -131,14 +199,14 @@ def density_mia(
 
     ref = _dense(reference)
     if X_syn.shape[0] == 0 or min(ref.shape[0], members.shape[0], non_members.shape[0]) < MIN_CELLS:
-        return float("nan")
+        return None
     ref_index = NearestNeighbors(n_neighbors=min(REFERENCE_K, ref.shape[0])).fit(ref)
 
     def log_ratio(X: Matrix) -> np.ndarray:
         q = _dense(X)
         return np.log(ref_index.kneighbors(q)[0][:, -1] + TINY) - np.log(_nn_distance(X_syn, q) + TINY)
 
-    return _auc(log_ratio(members), log_ratio(non_members), member_labels, other_labels)
+    return Scored(log_ratio(members), log_ratio(non_members), member_labels, other_labels)
 
 
 def dcr_share(
@@ -219,13 +287,20 @@ def audit(
     pop = _sample(train.shape[0], min(max_n, train.shape[0], len(hold)), rng)
     ref = reference[_sample(reference.shape[0], min(max_n, reference.shape[0]), rng)]
     X_hold, y_hold = holdout[hold], y_holdout[hold]
+    seed_s = distance_scores(train[seeds], y_train[seeds], X_hold, y_hold, X_syn)
+    pop_s = distance_scores(train[pop], y_train[pop], X_hold, y_hold, X_syn)
+    dens_s = density_scores(train[seeds], y_train[seeds], X_hold, y_hold, ref, X_syn)
+    bound = lambda s: float("nan") if s is None else null_bound(s, rng)  # noqa: E731
     return Audit(
-        seed_mia=distance_mia(train[seeds], y_train[seeds], X_hold, y_hold, X_syn),
-        population_mia=distance_mia(train[pop], y_train[pop], X_hold, y_hold, X_syn),
-        density_mia=density_mia(train[seeds], y_train[seeds], X_hold, y_hold, ref, X_syn),
+        seed_mia=_auc_of(seed_s),
+        population_mia=_auc_of(pop_s),
+        density_mia=_auc_of(dens_s),
         dcr_share=dcr_share(
             train, y_train, members, holdout, y_holdout, X_syn, aligned=aligned, max_n=max_n, seed=seed
         ),
+        seed_mia_null95=bound(seed_s),
+        population_mia_null95=bound(pop_s),
+        density_mia_null95=bound(dens_s),
     )
 
 

@@ -21,6 +21,7 @@ from server.cli.simulation import InProcessGrid, component_ref, load_component, 
 from server.errors import TOO_FEW_SITES, FederationStopped
 from server.run_store import RunStore
 from server.validation import distill_budget
+from shared.audit import AUDIT_KEYS
 from shared.checkpoint import load_model, model_hash
 from shared.pretrain import latent_dim_for
 from shared.protocol import MSG_DISTILL, MSG_EVALUATE, MSG_PRETRAIN, MSG_PROFILE, DistillRequest, ProfileReply
@@ -119,13 +120,17 @@ def test_kang_accuracy_is_well_above_chance_and_round_2_holds(kang: tuple[InProc
 
 
 def test_sites_report_validation_scores_and_the_privacy_audit(kang: tuple[InProcessGrid, Path, list[str]]) -> None:
-    """Every round's per-site entry and its aggregate carry validation scores and the four-part audit (seeds kept at the
-    site)."""
+    """Every round's per-site entry and its aggregate carry validation scores and the four-part audit with its chance
+    bounds (seeds kept at the site)."""
     metrics = json.loads((kang[1] / "metrics.json").read_text())
     for rnd in metrics["rounds"]:
         for site, entry in rnd["sites"].items():
             audit = entry["audit"]
-            assert set(audit) == {"seed_mia", "population_mia", "density_mia", "dcr_share"}, site
+            assert set(audit) == set(AUDIT_KEYS), site
+            assert all(0.5 < audit[f"{k}_null95"] < 1 for k in ("seed_mia", "population_mia", "density_mia")), (
+                site,
+                audit,
+            )  # the chance bound of each AUC at this site's sizes
             assert all(0 <= v <= 1 for v in audit.values()), (
                 site,
                 audit,

@@ -75,6 +75,7 @@ def _site(acc: float, n: int, mia: float = 0.5, val_acc: float = 0.7, n_val: int
         "zero_fraction_synthetic": 0.2,
     }
     aud = {"seed_mia": mia, "population_mia": 0.5, "density_mia": 0.6, "dcr_share": 0.5}
+    aud |= {"seed_mia_null95": 0.6, "population_mia_null95": 0.55, "density_mia_null95": 0.6}
     return {"n_test": n, "scores": scores, "validation": {"n_val": n_val, "scores": val}, "fidelity": fid, "audit": aud}
 
 

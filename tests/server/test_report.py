@@ -1,4 +1,4 @@
-"""The report's picture of the fused cells, on real cells of the bundled example."""
+"""The report: its picture of the fused cells (on real cells of the bundled example) and its audit cells."""
 
 from __future__ import annotations
 
@@ -67,3 +67,10 @@ def test_a_large_set_is_pictured_by_a_seeded_subset(cells: ad.AnnData, monkeypat
     monkeypatch.setattr(report, "PLOT_CELLS", 300)
     report._scatter(cells, "cell_type")
     assert seen[2] == cells.obs_names.tolist()
+
+
+def test_an_attack_above_its_chance_bound_is_shown_in_bold() -> None:
+    audit = {"seed_mia": 0.62, "seed_mia_null95": 0.58, "density_mia": 0.55, "density_mia_null95": 0.6}
+    assert report._attack(audit, "seed_mia") == "<b>0.620 (0.580)</b>"
+    assert report._attack(audit, "density_mia") == "0.550 (0.600)"
+    assert report._attack({"population_mia": 0.5}, "population_mia") == "0.500 (n/a)"  # a run of an older release

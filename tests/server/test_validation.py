@@ -226,6 +226,7 @@ FIDELITY = {
     "zero_fraction_synthetic": 0.1,
 }
 AUDIT = {"seed_mia": 0.6, "population_mia": 0.5, "density_mia": 0.55, "dcr_share": 0.5}
+AUDIT |= {"seed_mia_null95": 0.6, "population_mia_null95": 0.55, "density_mia_null95": 0.6}
 
 
 def _evaluate(

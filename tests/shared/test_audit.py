@@ -7,7 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from shared.audit import AUDIT_KEYS, audit, class_weights, dcr_share, density_mia, distance_mia, random_members
+from shared.audit import (
+    AUDIT_KEYS,
+    Scored,
+    audit,
+    class_weights,
+    dcr_share,
+    density_mia,
+    distance_mia,
+    null_bound,
+    random_members,
+)
 from shared.data import prepare_site, read_h5ad
 
 RNG = np.random.default_rng(0)
@@ -51,6 +61,7 @@ def test_copies_of_the_seed_cells_score_near_one(population: dict[str, np.ndarra
     m = population["members"]
     a = _audit(population, population["train"][m].astype(np.float32), m, aligned=True)
     assert a.seed_mia >= 0.95 and a.density_mia >= 0.95 and a.dcr_share >= 0.95, a
+    assert a.seed_mia_null95 < 0.65 and a.density_mia_null95 < 0.65, a  # the leak is far above chance
     assert a.population_mia < 0.7, a  # the population audit is blind to a few copies among many training cells
 
 
@@ -66,7 +77,10 @@ def test_independent_samples_score_about_one_half_despite_class_balanced_seeds(
     above 0.5."""
     a = _audit(population, population["fresh"], population["members"], aligned=True)
     for key in AUDIT_KEYS:
-        assert abs(getattr(a, key) - 0.5) < 0.1, (key, a)
+        if not key.endswith("_null95"):
+            assert abs(getattr(a, key) - 0.5) < 0.1, (key, a)
+    for key in ("seed_mia", "population_mia", "density_mia"):  # 160 members: chance reaches about 0.55
+        assert 0.5 < getattr(a, f"{key}_null95") < 0.6, (key, a)
 
 
 def test_class_weights_give_non_members_the_members_class_mix() -> None:
@@ -111,3 +125,33 @@ def test_copied_real_cells_are_caught_on_real_data(example_path) -> None:
     a = audit(train, y_train, members, test, y_test, val, train[members].toarray(), aligned=True)
     assert a.seed_mia >= 0.95 and a.density_mia >= 0.95 and a.dcr_share >= 0.95, a
     assert a.population_mia < 0.7, a
+    assert 0.5 < a.seed_mia_null95 < 0.7 and 0.5 < a.population_mia_null95 < a.seed_mia_null95, a  # more cells
+
+
+@pytest.mark.parametrize(("n", "low", "high"), [(60, 0.56, 0.62), (600, 0.515, 0.54)])
+def test_null_bound_is_the_chance_spread_of_an_auc_at_these_sizes(n: int, low: float, high: float) -> None:
+    """One class, n members and n non-members: the AUC without signal has sd sqrt((2n + 1) / (12 n^2)) (Mann-Whitney),
+    so its 95th percentile is 0.587 at 60 + 60 and 0.527 at 600 + 600."""
+    rng = np.random.default_rng(3)
+    s = Scored(rng.normal(size=n), rng.normal(size=n), np.zeros(n, np.int64), np.zeros(n, np.int64))
+    expected = 0.5 + 1.645 * math.sqrt((2 * n + 1) / (12 * n * n))
+    bound = null_bound(s, np.random.default_rng(0))
+    assert low < bound < high and abs(bound - expected) < 0.02, (bound, expected)
+    assert bound == null_bound(s, np.random.default_rng(0))  # seeded
+
+
+def test_null_bound_keeps_classes_apart() -> None:
+    """Scores that differ by class only, with members and non-members in opposite class mixes: exchanging cells across
+    classes would make a wide null; within classes the bound stays the chance spread of the members' count."""
+    rng = np.random.default_rng(4)
+    m_labels = np.repeat([0, 1], [80, 20])
+    o_labels = np.repeat([0, 1], [20, 80])
+    offset = np.array([0.0, 5.0])
+    s = Scored(offset[m_labels] + rng.normal(size=100), offset[o_labels] + rng.normal(size=100), m_labels, o_labels)
+    bound = null_bound(s, np.random.default_rng(0))
+    assert 0.53 < bound < 0.65, bound
+
+
+def test_null_bound_is_nan_where_the_auc_is() -> None:
+    s = Scored(np.zeros(3), np.zeros(30), np.zeros(3, np.int64), np.zeros(30, np.int64))
+    assert math.isnan(null_bound(s, np.random.default_rng(0)))

@@ -242,6 +242,7 @@ def test_evaluate_reply_roundtrip_keeps_nan_as_absent() -> None:
         "zero_fraction_synthetic": 0.1,
     }
     aud = {"seed_mia": 0.65, "population_mia": 0.55, "density_mia": nan, "dcr_share": 0.6}
+    aud |= {"seed_mia_null95": 0.6, "population_mia_null95": 0.53, "density_mia_null95": nan}
     local = {"mlp": {"accuracy": 0.91, "macro_f1": 0.85}, "logreg": {"accuracy": 0.93, "macro_f1": nan}}
     tuned = {"mlp": {"accuracy": 0.95, "macro_f1": nan}}
     reply = EvaluateReply(2, 40, scores, 0, val, fid, aud, local, {**fid, "marker_overlap": 0.61}, tuned)
