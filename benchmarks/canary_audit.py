@@ -15,8 +15,11 @@ held-out canaries (0.5 = nothing learned):
 - ``latent``: minus the distance of the canary's latent (the released VAE's encoder) to the closest decoded code latent;
 - ``reconstruction``: minus the released VAE's reconstruction error of the canary (a loss attack on the weights).
 
-``canary_mia`` (the largest) joins the site's ``audit`` block of the run's metrics.json; the three
-AUCs and the canary counts go to canary_audit.json in the run directory.
+``canary_mia`` (the largest) joins the site's ``audit`` block of the run's metrics.json with its chance bound
+``canary_mia_null95``: the 95th percentile of the largest of the three AUCs when which canaries were planted is drawn
+at random (``NULL_PERMUTATIONS`` times, the same draw for the three attacks); above it, the release remembers its
+canaries at the 5 % level. The three AUCs, the bound and the canary counts go to canary_audit.json in the run
+directory.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import scipy.sparse as sp
 import torch
 
 from server.cli.simulation import parse_overrides, simulate_file
+from shared.audit import NULL_PERMUTATIONS
 from shared.checkpoint import load_model
 from shared.data import prepare_site, read_h5ad
 from shared.io import write_json
@@ -68,24 +72,47 @@ def _min_dist(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     )
 
 
-@torch.no_grad()
+def max_null_bound(attacks: dict[str, tuple[np.ndarray, np.ndarray]], seed: int, q: float = 0.95) -> float:
+    """The ``q`` quantile of the largest AUC over ``attacks`` ((member scores, non-member scores) each) when membership
+    is exchanged at random, one permutation for all attacks per draw (their scores are of the same canaries)."""
+    rng = np.random.default_rng(seed)
+    n = len(next(iter(attacks.values()))[0])
+    pooled = [np.r_[m, o] for m, o in attacks.values()]
+    draws = []
+    for _ in range(NULL_PERMUTATIONS):
+        order = rng.permutation(len(pooled[0]))
+        draws.append(max(_auc(s[order[:n]], s[order[n:]]) for s in pooled))
+    return float(np.quantile(draws, q))
+
+
 def scores(run_dir: Path, members: np.ndarray, others: np.ndarray, site: str) -> dict[str, float]:
-    """The three attacks' AUCs (rows of members / others: log-normalised canaries on the plan genes)."""
+    """The three attacks' AUCs, their largest (``canary_mia``) and its chance bound (rows of members / others:
+    log-normalised canaries on the plan genes)."""
+    attacks = attack_scores(run_dir, members, others, site)
+    out = {name: _auc(m, o) for name, (m, o) in attacks.items()}
+    return out | {"canary_mia": max(out.values()), "canary_mia_null95": max_null_bound(attacks, seed=0)}
+
+
+@torch.no_grad()
+def attack_scores(
+    run_dir: Path, members: np.ndarray, others: np.ndarray, site: str
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per attack, the scores of the member and of the held-out canaries (higher: more member-like)."""
     # scdg.pt is loaded only to check that the run is whole: no attack uses it
     vae, _scdg = load_model(run_dir / "vae.pt"), load_model(run_dir / "scdg.pt")
     syn = ad.read_h5ad(run_dir / "synthetic.h5ad")
     Xs = syn.X.toarray() if sp.issparse(syn.X) else np.asarray(syn.X)
     mine = Xs[(syn.obs["site"].astype(str) == site).to_numpy()] if "site" in syn.obs else Xs
-    out = {"synthetic": _auc(-_min_dist(members, Xs), -_min_dist(others, Xs))}
+    out = {"synthetic": (-_min_dist(members, Xs), -_min_dist(others, Xs))}
     z_syn = vae.encode(torch.as_tensor(mine, dtype=torch.float32))[0].numpy()
     z = lambda X: vae.encode(torch.as_tensor(X, dtype=torch.float32))[0].numpy()  # noqa: E731
-    out["latent"] = _auc(-_min_dist(z(members), z_syn), -_min_dist(z(others), z_syn))
+    out["latent"] = (-_min_dist(z(members), z_syn), -_min_dist(z(others), z_syn))
 
     def recon(X: np.ndarray) -> np.ndarray:
         x = torch.as_tensor(X, dtype=torch.float32)
         return ((vae.decode(vae.encode(x)[0]) - x) ** 2).sum(1).numpy()
 
-    out["reconstruction"] = _auc(-recon(members), -recon(others))
+    out["reconstruction"] = (-recon(members), -recon(others))
     return out
 
 
@@ -149,7 +176,6 @@ def main() -> None:
     others = held_prepared.X.toarray()
     result = scores(run_dir, members, others, args.site)
     result |= {
-        "canary_mia": max(result.values()),
         "members": len(members_idx),
         "held_out": int(others.shape[0]),
         "site": args.site,
@@ -157,7 +183,8 @@ def main() -> None:
     }
     write_json(run_dir / "canary_audit.json", result)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics["rounds"][-1]["sites"][args.site]["audit"]["canary_mia"] = result["canary_mia"]
+    for key in ("canary_mia", "canary_mia_null95"):
+        metrics["rounds"][-1]["sites"][args.site]["audit"][key] = result[key]
     write_json(run_dir / "metrics.json", metrics)
     print(json.dumps(result, indent=1))
 

@@ -1,12 +1,14 @@
-"""The benchmark scripts whose output the docs quote: the accounting table (dp_noise.py), the site-gains table and the
-decode-mode reference (decode_reference.py)."""
+"""The benchmark scripts whose output the docs quote: the accounting table (dp_noise.py), the site-gains table, the
+decode-mode reference (decode_reference.py), the canary audit's chance bound and dp_summary's audit counts."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,3 +132,45 @@ def test_decode_reference_compares_decode_modes_with_real_cells(tmp_path: Path, 
     assert weighed["real, all training cells"] == once["real, all training cells"]
     bad = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "not a finished run" in bad.stderr
+
+
+def _script(name: str):  # a benchmark script as a module (benchmarks/ is not a package)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_canary_bound_is_the_chance_spread_of_the_largest_of_the_attacks() -> None:
+    """30 planted vs 30 held-out canaries: one AUC's 95th percentile without signal is 0.5 + 1.645 sqrt(61 / 10800) =
+    0.624; the largest of three attacks that agree has the same bound, of three unrelated ones a higher one."""
+    canary = _script("canary_audit")
+    rng = np.random.default_rng(0)
+    one = (rng.normal(size=30), rng.normal(size=30))
+    same = canary.max_null_bound({"a": one, "b": one, "c": one}, seed=0)
+    apart = canary.max_null_bound({k: (rng.normal(size=30), rng.normal(size=30)) for k in "abc"}, seed=0)
+    assert abs(same - 0.624) < 0.03 and apart > same + 0.02, (same, apart)
+
+
+def test_dp_summary_counts_the_site_audits_above_their_chance_bound(tmp_path: Path) -> None:
+    sites = {
+        "a": {"audit": {"seed_mia": 0.62, "seed_mia_null95": 0.6, "density_mia": 0.55, "density_mia_null95": 0.6}},
+        "b": {"audit": {"seed_mia": 0.57, "seed_mia_null95": 0.6, "density_mia": 0.58, "density_mia_null95": 0.6}},
+    }
+    scores = {"mlp": {"accuracy": 0.8}, "logreg": {"accuracy": 0.8}}
+    metrics = {"rounds": [{"sites": sites, "aggregate": {"cell_weighted": scores}}], "privacy": {}}
+    run = tmp_path / "kang-eps8-seed0"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "kang-eps8-seed0.log").write_text("done\n")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "dp_summary.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert "| kang | 8 | 0.620 (1 of 2) |  | 0.580 (0 of 2) |" in out, out
