@@ -17,6 +17,7 @@ from shared.audit import (
     distance_mia,
     null_bound,
     random_members,
+    ranked_auc,
 )
 from shared.data import prepare_site, read_h5ad
 
@@ -155,3 +156,15 @@ def test_null_bound_keeps_classes_apart() -> None:
 def test_null_bound_is_nan_where_the_auc_is() -> None:
     s = Scored(np.zeros(3), np.zeros(30), np.zeros(3, np.int64), np.zeros(30, np.int64))
     assert math.isnan(null_bound(s, np.random.default_rng(0)))
+
+
+def test_ranked_auc_is_scikit_learns_weighted_auc_with_ties() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(5)
+    scores = rng.integers(0, 8, 60).astype(float)  # many ties
+    member = rng.random(60) < 0.4
+    w = rng.random(60) + 0.1
+    _, tie = np.unique(scores, return_inverse=True)
+    fast = ranked_auc(tie, np.where(member, w, 0.0), np.where(member, 0.0, w))
+    assert fast == pytest.approx(roc_auc_score(member, scores, sample_weight=w), abs=1e-12)
