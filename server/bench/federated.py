@@ -106,7 +106,9 @@ def read_run(run_dir: Path, *, classes: Sequence[str], label_key: str) -> Federa
     labels = np.array([lookup[str(c)] for c in syn.obs[label_key]], dtype=np.int64)
     last = metrics["rounds"][-1]
     sites = sorted(last["sites"])
-    audits = [Audit(**{k: float(last["sites"][s]["audit"][k]) for k in AUDIT_KEYS}) for s in sites]
+    audits = [  # a run of a release before the chance bounds lacks them: NaN
+        Audit(**{k: float(last["sites"][s]["audit"].get(k, float("nan"))) for k in AUDIT_KEYS}) for s in sites
+    ]
     upload = metrics.get("upload_bytes", {})
     pre_bytes = [upload.get(s, {}).get(MSG_PRETRAIN, 0) for s in sites]
     plan = json.loads((run_dir / "plan.json").read_text(encoding="utf-8"))
