@@ -121,7 +121,8 @@ def _auc(s: Scored) -> float:
     return float(roc_auc_score(y, np.r_[s.member, s.other], sample_weight=np.r_[w_member, w_other]))
 
 
-def _auc_of(s: Scored | None) -> float:
+def auc_of(s: Scored | None) -> float:
+    """The attack's AUC (``_auc``); NaN without scores (too few cells)."""
     return float("nan") if s is None else _auc(s)
 
 
@@ -175,25 +176,6 @@ def distance_scores(
     return Scored(
         -_nn_distance(X_syn, _dense(members)), -_nn_distance(X_syn, _dense(non_members)), member_labels, other_labels
     )
-
-
-def distance_mia(
-    members: Matrix, member_labels: np.ndarray, non_members: Matrix, other_labels: np.ndarray, X_syn: np.ndarray
-) -> float:
-    """AUC of minus the distance to the closest synthetic cell, members vs (class-matched) non-members."""
-    return _auc_of(distance_scores(members, member_labels, non_members, other_labels, X_syn))
-
-
-def density_mia(
-    members: Matrix,
-    member_labels: np.ndarray,
-    non_members: Matrix,
-    other_labels: np.ndarray,
-    reference: Matrix,
-    X_syn: np.ndarray,
-) -> float:
-    """DOMIAS-style AUC (``density_scores``)."""
-    return _auc_of(density_scores(members, member_labels, non_members, other_labels, reference, X_syn))
 
 
 def density_scores(
@@ -309,9 +291,9 @@ def audit(
     dens_s = density_scores(train[seeds], y_train[seeds], X_hold, y_hold, ref, X_syn)
     bound = lambda s: float("nan") if s is None else null_bound(s, rng)  # noqa: E731
     return Audit(
-        seed_mia=_auc_of(seed_s),
-        population_mia=_auc_of(pop_s),
-        density_mia=_auc_of(dens_s),
+        seed_mia=auc_of(seed_s),
+        population_mia=auc_of(pop_s),
+        density_mia=auc_of(dens_s),
         dcr_share=dcr_share(
             train, y_train, members, holdout, y_holdout, X_syn, aligned=aligned, max_n=max_n, seed=seed
         ),

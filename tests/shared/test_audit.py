@@ -10,11 +10,12 @@ import pytest
 from shared.audit import (
     AUDIT_KEYS,
     Scored,
+    auc_of,
     audit,
     class_weights,
     dcr_share,
-    density_mia,
-    distance_mia,
+    density_scores,
+    distance_scores,
     null_bound,
     random_members,
     ranked_auc,
@@ -94,20 +95,22 @@ def test_class_weights_give_non_members_the_members_class_mix() -> None:
 def test_held_out_copies_do_not_look_like_members(population: dict[str, np.ndarray]) -> None:
     m, p = population["members"], population
     copies = p["holdout"][:200].astype(np.float32)
-    assert distance_mia(p["train"][m], p["y_train"][m], p["holdout"], p["y_holdout"], copies) < 0.5
+    assert auc_of(distance_scores(p["train"][m], p["y_train"][m], p["holdout"], p["y_holdout"], copies)) < 0.5
     assert dcr_share(p["train"], p["y_train"], m, p["holdout"], p["y_holdout"], copies) < 0.2
 
 
 def test_too_few_cells_give_nan_not_a_number_that_looks_safe(population: dict[str, np.ndarray]) -> None:
     p, syn = population, population["fresh"]
     y3 = np.zeros(3, np.int64)
-    assert math.isnan(distance_mia(p["train"][:3], y3, p["holdout"], p["y_holdout"], syn))
+    assert math.isnan(auc_of(distance_scores(p["train"][:3], y3, p["holdout"], p["y_holdout"], syn)))
     assert math.isnan(
-        density_mia(p["train"][:50], p["y_train"][:50], p["holdout"], p["y_holdout"], p["reference"][:2], syn)
+        auc_of(
+            density_scores(p["train"][:50], p["y_train"][:50], p["holdout"], p["y_holdout"], p["reference"][:2], syn)
+        )
     )
     assert math.isnan(dcr_share(p["train"], p["y_train"], np.arange(3), p["holdout"][:3], p["y_holdout"][:3], syn))
     assert math.isnan(
-        distance_mia(p["train"], p["y_train"], p["holdout"], p["y_holdout"], np.zeros((0, 20), np.float32))
+        auc_of(distance_scores(p["train"], p["y_train"], p["holdout"], p["y_holdout"], np.zeros((0, 20), np.float32)))
     )
 
 
