@@ -1,4 +1,4 @@
-"""Privacy audit of a synthetic set, run where the real cells are (a site): only the four numbers leave.
+"""Privacy audit of a synthetic set, run where the real cells are (a site): only the numbers leave.
 
 - ``seed_mia``: seed-targeted membership inference. Members are the cells that seeded the synthetic
   cells (whose latents initialised codes, or that a coreset / DM picked), non-members held-out

@@ -25,8 +25,9 @@ from shared.privacy.spec import DPSpec
 # the evaluate reply; 4: count input in the profile, per-class library statistics in the distill reply; 5: DP settings
 # in the spec, the DP report in the distill reply; 6: keep-optimizer and balanced-heads in the pretrain request; 7: the
 # class-means pretrain stage; 8: the plan's DP center; 9: fine-tuned scores in the evaluate reply; 10: the MLP training
-# rule in the evaluate request; 11: SCAFFOLD's control variates in the pretrain request and reply
-SCHEMA_VERSION = 11
+# rule in the evaluate request; 11: SCAFFOLD's control variates in the pretrain request and reply; 12: the audit's
+# chance bounds in the evaluate reply
+SCHEMA_VERSION = 12
 MSG_PROFILE = "query.profile"
 MSG_PRETRAIN = "train.pretrain"
 MSG_DISTILL = "train.distill"

@@ -380,7 +380,8 @@ class EvaluateReply:
     computable).
 
     Schema 2 added validation scores, the four-part privacy audit (``shared.audit``) and two fidelity numbers
-    (per-gene variance correlation, marker-gene overlap); schema 3 the local-only scores, schema 9 the fine-tuned ones.
+    (per-gene variance correlation, marker-gene overlap); schema 3 the local-only scores, schema 9 the fine-tuned ones,
+    schema 12 the audit's chance bounds (``*_null95``).
     """
 
     round: int
