@@ -16,6 +16,10 @@ AUDITS = ("seed_mia", "population_mia", "density_mia")
 
 
 def main() -> None:
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
+        raise SystemExit(
+            f"usage: python benchmarks/dp_summary.py OUT_DIR (a benchmarks/dp_curve.sh folder); got {sys.argv[1:]}"
+        )
     out = Path(sys.argv[1])
     rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
     audits: dict[tuple[str, str], dict[str, float]] = {}
