@@ -270,7 +270,7 @@ def audit(
     max_n: int = 2000,
     seed: int = 0,
 ) -> Audit:
-    """All four scores for one site.
+    """All four scores for one site, and the chance bounds of its three AUCs (`null_bound`, drawn from `seed`).
 
     ``train``, ``y_train``: the site's training cells and labels; ``members``: row indices into
     ``train`` of the cells that seeded the synthetic set; ``holdout``, ``y_holdout``: held-out
