@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import KMeans
 
 from shared.errors import ConfigError
 from shared.fitting import dense_rows, encode, model_device
@@ -20,7 +21,7 @@ from shared.models.vae import DecodeMode
 
 logger = logging.getLogger(__name__)
 
-Init = Literal["real", "noise"]
+Init = Literal["real", "noise", "kmeans"]  # random cells' latents | pure noise | k-means centres of the latents
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ class DistillConfig:
                 f"got k={self.k}, iterations={self.iterations}, lr={self.lr}"
             )
             raise ConfigError(msg)
-        if self.init not in ("real", "noise"):
-            msg = f"init must be 'real' or 'noise', got {self.init!r}"
+        if self.init not in ("real", "noise", "kmeans"):
+            msg = f"init must be 'real', 'noise' or 'kmeans', got {self.init!r}"
             raise ConfigError(msg)
 
 
@@ -160,7 +161,12 @@ def _init_codes(
     pick_gen = torch.Generator().manual_seed(cfg.seed + 1) if cfg.init == "noise" else gen
     for c, n in counts.items():
         pool = np.flatnonzero(y_real == c)
-        pick = pool[torch.randperm(len(pool), generator=pick_gen)[:n].numpy()]
+        if cfg.init == "kmeans":
+            start, pick = cluster_centres(zs_real[pool], n, cfg.seed + c)
+            pick = pool[pick]
+        else:
+            pick = pool[torch.randperm(len(pool), generator=pick_gen)[:n].numpy()]
+            start = zs_real[pick]
         picks.append(pick)
         noise = torch.randn(n, zs_real.shape[1], generator=gen).to(
             zs_real.device
@@ -169,8 +175,20 @@ def _init_codes(
             rows.append(noise)
         else:
             t = torch.full((n,), t_star, dtype=torch.long, device=zs_real.device)
-            rows.append(scdg.q_sample(zs_real[pick], t, noise))
+            rows.append(scdg.q_sample(start, t, noise))
     return torch.cat(rows), np.concatenate(picks).astype(np.int64)
+
+
+def cluster_centres(zs: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """``n`` k-means centres of one class's latents, and for each the row of the cell nearest to it (the cell the
+    seed-targeted audit treats as its seed). scikit-learn's KMeans (k-means++ start, 3 restarts, seeded)."""
+    z = zs.detach().cpu().numpy().astype(np.float64)
+    if n >= len(z):
+        return zs[:n], np.arange(min(n, len(z)))
+    km = KMeans(n_clusters=n, n_init=3, random_state=seed).fit(z)
+    centres = torch.as_tensor(km.cluster_centers_, dtype=zs.dtype, device=zs.device)
+    nearest = np.argmin(km.transform(z), axis=0)  # (cells, centres) distances
+    return centres, nearest
 
 
 def _mmd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

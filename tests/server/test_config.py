@@ -103,7 +103,7 @@ def test_kebab_case_maps_and_ints_pass_as_floats() -> None:
         ({"num-pretrain-rounds": 0}, "pretrained-path"),
         ({"round-timeout-s": 0}, "round-timeout-s"),
         ({"latent-dim": 1}, "latent-dim must be auto"),
-        ({"distill-init": "zeros"}, "distill-init must be one of real, noise"),
+        ({"distill-init": "zeros"}, "distill-init must be one of real, noise, kmeans"),
         ({"distill-guidance": -0.5}, "distill-guidance must be within 0..10"),
         ({"distill-guidance": 11.0}, "distill-guidance must be within 0..10"),
         ({"pretrain-lr": -1.0}, "pretrain-lr must be > 0"),

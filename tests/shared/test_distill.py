@@ -10,7 +10,7 @@ import torch
 
 from server.bench.baselines import coreset, distribution_matching, gaussian
 from shared.data import read_h5ad
-from shared.distill import Codes, DistillConfig, distill_codes, generate, resolve_t_star
+from shared.distill import Codes, DistillConfig, cluster_centres, distill_codes, generate, resolve_t_star
 from shared.distill import warm_start_fits as codes_fit_again
 from shared.errors import ConfigError
 from shared.evaluation import fidelity, fit_predict, score
@@ -115,6 +115,29 @@ def test_t_star_resolution_and_config_errors() -> None:
         DistillConfig(k=0)
     with pytest.raises(ConfigError, match="init"):
         DistillConfig(init="zeros")  # type: ignore[arg-type]
+
+
+def test_kmeans_codes_start_fromcluster_centres(fed: Federation, pre) -> None:
+    """A class of two distant groups of latents gets one centre in each (random cells land in one group alone in
+    about half the draws), each code's seed row is the cell nearest its centre, and a distillation started that way
+    is seeded from those cells."""
+    rng = np.random.default_rng(0)
+    zs = torch.as_tensor(np.r_[rng.normal(-5.0, 0.1, (40, 6)), rng.normal(5.0, 0.1, (10, 6))], dtype=torch.float32)
+    centres, nearest = cluster_centres(zs, 2, seed=0)
+    means = np.sort([zs[:40].mean().item(), zs[40:].mean().item()])
+    np.testing.assert_allclose(np.sort(centres.mean(1).numpy()), means, atol=1e-4)
+    for centre, row in zip(centres.numpy(), nearest, strict=True):
+        assert np.linalg.norm(zs.numpy() - centre, axis=1).argmin() == row
+    small, rows = cluster_centres(zs[:3], 5, seed=0)  # fewer cells than codes: the cells themselves
+    assert torch.equal(small, zs[:3]) and rows.tolist() == [0, 1, 2]
+
+    X, y = fed.train(0)
+    cfg = DistillConfig(k=3, iterations=0, seed=2, init="kmeans")
+    km = distill_codes(pre.vae, pre.scdg, X, y, cfg)
+    real = distill_codes(pre.vae, pre.scdg, X, y, replace(cfg, init="real"))
+    assert km.codes.shape == real.codes.shape and not np.allclose(km.codes, real.codes)
+    assert km.seed_rows is not None and len(np.unique(km.seed_rows)) == len(km.seed_rows)
+    assert (y[km.seed_rows] == km.labels).all()  # each seed is a cell of its code's class
 
 
 def test_scdd_beats_random_real_cells_at_k1(fed: Federation, pre) -> None:
