@@ -8,11 +8,14 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
 .PHONY: setup demo lint test test-fast benchmark clean
 
+# pip byte-compiles what it installs one file at a time (65 s of a 125 s setup on 2 cores); compileall does it on
+# every core and skips the packages' own test folders, which nothing here imports (29 s).
 $(BIN)/scdd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-compile torch==2.13.0
+	$(BIN)/pip install --quiet --no-compile -e ".[dev]"
+	$(BIN)/python -m compileall -q -j 0 -x '/(tests?|testing)/' $(VENV)/lib
 	@touch $@
 
 setup: $(BIN)/scdd
