@@ -180,14 +180,18 @@ def _init_codes(
 
 
 def cluster_centres(zs: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
-    """``n`` k-means centres of one class's latents, and for each the row of the cell nearest to it (the cell the
+    """``n`` k-means centres of one class's latents, and for each a distinct row of a cell nearest to it (the cell the
     seed-targeted audit treats as its seed). scikit-learn's KMeans (k-means++ start, 3 restarts, seeded)."""
     z = zs.detach().cpu().numpy().astype(np.float64)
     if n >= len(z):
         return zs[:n], np.arange(min(n, len(z)))
     km = KMeans(n_clusters=n, n_init=3, random_state=seed).fit(z)
     centres = torch.as_tensor(km.cluster_centers_, dtype=zs.dtype, device=zs.device)
-    nearest = np.argmin(km.transform(z), axis=0)  # (cells, centres) distances
+    dist = km.transform(z)  # (cells, centres)
+    nearest = np.empty(n, dtype=np.int64)
+    for j in np.argsort(dist.min(0)):  # one distinct cell per centre, the closest centres choosing first
+        nearest[j] = int(np.argmin(dist[:, j]))
+        dist[nearest[j]] = np.inf
     return centres, nearest
 
 

@@ -128,6 +128,8 @@ def test_kmeans_codes_start_fromcluster_centres(fed: Federation, pre) -> None:
     np.testing.assert_allclose(np.sort(centres.mean(1).numpy()), means, atol=1e-4)
     for centre, row in zip(centres.numpy(), nearest, strict=True):
         assert np.linalg.norm(zs.numpy() - centre, axis=1).argmin() == row
+    _, rows = cluster_centres(torch.randn(500, 62, generator=torch.Generator().manual_seed(0)), 10, seed=0)
+    assert len(set(rows.tolist())) == 10  # in one high-dimensional blob 2 of 10 centres share a nearest cell
     small, rows = cluster_centres(zs[:3], 5, seed=0)  # fewer cells than codes: the cells themselves
     assert torch.equal(small, zs[:3]) and rows.tolist() == [0, 1, 2]
 
