@@ -232,10 +232,16 @@ def benchmark(args: argparse.Namespace) -> int:
                     bm.EVALUATORS.index(r["evaluator"]),
                 ),
             )
+            earlier = old.get("merged") or {}
+            kept_methods = sorted({r["method"] for r in kept})
             merged_from = {
                 "rerun_methods": list(cfg.methods),
-                "kept_methods": sorted({r["method"] for r in kept}),
+                "kept_methods": kept_methods,
                 "kept_wall_seconds": old.get("wall_seconds"),
+                # methods an earlier --merge reran whose rows are kept: the header keeps saying so
+                "earlier_reruns": sorted(
+                    {*earlier.get("rerun_methods", []), *earlier.get("earlier_reruns", [])} & set(kept_methods)
+                ),
             }
         result = {
             "dataset": name,
@@ -266,6 +272,8 @@ def benchmark(args: argparse.Namespace) -> int:
                 f" Rows of {', '.join(cfg.methods)} rerun with this version and merged into the earlier results "
                 "(--merge)."
             )
+            if merged_from["earlier_reruns"]:
+                header += f" Rows of {', '.join(merged_from['earlier_reruns'])} came from an earlier such rerun."
         write_json(out / name / "results.json", result)
         pre = "; ".join(
             f"seed {s['seed']}: VAE {s['pooled_pretrain_seconds']['vae']:.1f} s, "
@@ -277,6 +285,8 @@ def benchmark(args: argparse.Namespace) -> int:
         write_text(out / name / "results.md", md)
         summary[name] = rows
         print(md)
+    if args.merge and (out / "summary.json").is_file():  # the other datasets' rows stay
+        summary = {**json.loads((out / "summary.json").read_text(encoding="utf-8")), **summary}
     write_json(out / "summary.json", summary)
     print(f"wrote {out}/<dataset>/results.md and results.json")
     return 0

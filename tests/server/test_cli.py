@@ -279,6 +279,14 @@ def test_benchmark_merge_reruns_one_method_and_keeps_the_others(tmp_path: Path, 
         "gaussian",
     ]  # the benchmark's method order
     assert "merged into the earlier results" in (tmp_path / "kang_pbmc_muscat" / "results.md").read_text()
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "other_file": [{"method": "dm"}]}))
+    assert main([*common, "--methods", "random", "--merge"]) == 0  # a second merge: gaussian was rerun before
+    again = json.loads(path.read_text())["merged"]
+    assert again["rerun_methods"] == ["random"] and again["earlier_reruns"] == ["gaussian"]
+    md = (tmp_path / "kang_pbmc_muscat" / "results.md").read_text()
+    assert "Rows of gaussian came from an earlier such rerun" in md
+    assert set(json.loads(summary.read_text())) == {"kang_pbmc_muscat", "other_file"}  # other datasets kept
     assert main([*common, "--methods", "gaussian"]) == 0  # without --merge the file holds this run only
     assert {r["method"] for r in json.loads(path.read_text())["rows"]} == {"gaussian"}
     assert (
