@@ -179,13 +179,19 @@ def _init_codes(
     return torch.cat(rows), np.concatenate(picks).astype(np.int64)
 
 
+KMEANS_MAX_CELLS = 20_000  # a larger class's centres are fitted on a sample of this many of its cells
+
+
 def cluster_centres(zs: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
     """``n`` k-means centres of one class's latents, and for each a distinct row of a cell nearest to it (the cell the
     seed-targeted audit treats as its seed). scikit-learn's KMeans (k-means++ start, 3 restarts, seeded)."""
     z = zs.detach().cpu().numpy().astype(np.float64)
     if n >= len(z):
         return zs[:n], np.arange(min(n, len(z)))
-    km = KMeans(n_clusters=n, n_init=3, random_state=seed).fit(z)
+    fit_on = z
+    if len(z) > KMEANS_MAX_CELLS:  # a seeded sample: 100,000 cells took 16.6 s, 20,000 take a fifth of that
+        fit_on = z[np.random.default_rng(seed).choice(len(z), KMEANS_MAX_CELLS, replace=False)]
+    km = KMeans(n_clusters=n, n_init=3, random_state=seed).fit(fit_on)
     centres = torch.as_tensor(km.cluster_centers_, dtype=zs.dtype, device=zs.device)
     dist = km.transform(z)  # (cells, centres)
     nearest = np.empty(n, dtype=np.int64)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import shared.distill as distill_module
 from server.bench.baselines import coreset, distribution_matching, gaussian
 from shared.data import read_h5ad
 from shared.distill import Codes, DistillConfig, cluster_centres, distill_codes, generate, resolve_t_star
@@ -115,6 +116,25 @@ def test_t_star_resolution_and_config_errors() -> None:
         DistillConfig(k=0)
     with pytest.raises(ConfigError, match="init"):
         DistillConfig(init="zeros")  # type: ignore[arg-type]
+
+
+def test_kmeans_of_a_large_class_fits_a_sample_and_seeds_from_all_its_cells(monkeypatch) -> None:
+    monkeypatch.setattr(distill_module, "KMEANS_MAX_CELLS", 100)
+    fitted: list[int] = []
+
+    class Recorded(distill_module.KMeans):
+        def fit(self, X, y=None, sample_weight=None):
+            fitted.append(len(X))
+            return super().fit(X, y, sample_weight)
+
+    monkeypatch.setattr(distill_module, "KMeans", Recorded)
+    rng = np.random.default_rng(1)
+    zs = torch.as_tensor(np.r_[rng.normal(-5.0, 1.0, (400, 4)), rng.normal(5.0, 1.0, (600, 4))], dtype=torch.float32)
+    centres, nearest = cluster_centres(zs, 2, seed=0)
+    assert sorted(np.round(centres.mean(1).numpy())) == [-5.0, 5.0]  # one centre per group, from the sample
+    d = torch.cdist(centres, zs)  # the seeds are looked for among all 1000 cells, not the 100 of the sample
+    assert nearest.tolist() == d.argmin(1).tolist()
+    assert fitted == [100]
 
 
 def test_kmeans_codes_start_from_cluster_centres(fed: Federation, pre) -> None:
