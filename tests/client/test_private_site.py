@@ -68,11 +68,10 @@ def _changed_cell(site: SiteData) -> SiteData:
     return dataclasses.replace(site, X=sp.csr_matrix(X))
 
 
-def _distill(site: SiteData, plan: Plan, dp: SiteDP, k: int) -> np.ndarray:
+def _distill(site: SiteData, plan: Plan, dp: SiteDP, k: int, **config: str) -> np.ndarray:
     vae, scdg = fresh_models(plan, latent_dim=8, seed=0)
-    req = DistillRequest(
-        1, state_of(vae), model_json(vae), state_of(scdg), model_json(scdg), plan, {"k": k, "iterations": 3}, 3
-    )
+    fields = {"k": k, "iterations": 3, **config}
+    req = DistillRequest(1, state_of(vae), model_json(vae), state_of(scdg), model_json(scdg), plan, fields, 3)
     reply, _ = tasks.distill_site(site, req, dp)
     assert reply.privacy is not None and 0 < reply.privacy["epsilon"] <= DP.epsilon * 1.001
     return reply.codes
@@ -94,6 +93,9 @@ def test_codes_under_dp_depend_on_one_cell_only_through_the_released_means(
     # reads no cell, and the class counts come from the (unchanged) noised release
     monkeypatch.setattr(privacy, "class_gene_means", lambda *a, **kw: released[0])
     assert np.array_equal(_distill(_changed_cell(site), plan, _dp(tmp_path), k=10), a)
+    # a request for codes started from real cells' latents or their k-means centres is answered from noise all the same
+    for init in ("real", "kmeans"):
+        assert np.array_equal(_distill(_changed_cell(site), plan, _dp(tmp_path), k=10, init=init), a)
 
 
 def _models(plan: Plan) -> tuple:
