@@ -3,16 +3,17 @@ learns from the released means. A tuning script: it scores its own held-out cell
 
     python benchmarks/dp_clip_screen.py DATA.h5ad PLAN.json [--sites batch|dirichlet] [--clips 30 40] [--epsilon 8]
 
-PLAN.json is a finished DP run's plan (its genes). Sites are the file's ``batch`` column, or 3 Dirichlet(0.5)
-label-skewed sites. 70 % of each site's cells are training cells, 15 % held out (seeded). For each variant and 3
-noise draws: each site releases noised counts and class sums as ``client.privacy`` does, the means are denoised
-(``denoise_means``), cells are drawn around them as ``server.dp_pretrain.draw_cells`` draws them, and a logistic
-regression trained on the drawn cells is scored on the held-out cells. Variants: the even split of epsilon with cells
-clipped to 60 (the previous default); the class means at half the other releases' noise, clipped to 60; the same,
-each cell's difference to the center (the pooled mean of the sites' noised profiles) clipped to each of ``--clips``;
-with ``--support-scales``, other ratios of the other releases' noise to the class means' (centered, first clip);
-with ``--site-delta``, the class means' noise each site's accountant gives them (``spend_rest``: the run spends the
-target at the site's delta from its noised count; centered, first clip). The noise draws are shared across variants.
+PLAN.json is a finished DP run's plan (its genes). Sites are the file's ``batch`` column, or 3 Dirichlet(0.5) label-
+skewed sites. 70 % of each site's cells are training cells, 15 % held out (seeded). For each variant and 3 noise draws:
+each site releases noised counts and class sums as ``client.privacy`` does, the means are denoised
+(``shared.privacy.denoise.soft_threshold_means``), cells are drawn around them as ``server.dp_pretrain.draw_cells``
+draws them, and a logistic regression trained on the drawn cells is scored on the held-out cells. Variants: the even
+split of epsilon with cells clipped to 60 (the previous default); the class means at half the other releases' noise,
+clipped to 60; the same, each cell's difference to the center (the pooled mean of the sites' noised profiles) clipped to
+each of ``--clips``; with ``--support-scales``, other ratios of the other releases' noise to the class means' (centered,
+first clip); with ``--site-delta``, the class means' noise each site's accountant gives them (``spend_rest``: the run
+spends the target at the site's delta from its noised count; centered, first clip). The noise draws are shared across
+variants.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 
-from client.privacy import denoise_means
 from server.dp_pretrain import MIN_CELLS, draw_cells
 from shared.data import normalize
 from shared.privacy import mechanisms as mech
 from shared.privacy.accounting import PRIMARY, SUPPORT_SCALE, release_noise, site_calibration, stats_noise
+from shared.privacy.denoise import soft_threshold_means as denoise_means
 from shared.privacy.spec import DPSpec
 
 DRAWS = 3

@@ -21,6 +21,7 @@ from shared.errors import ProtocolError, SiteDataError
 from shared.privacy import ledger
 from shared.privacy import mechanisms as mech
 from shared.privacy.accounting import PRIMARY, Noise, Schedule, epsilon, release_noise, site_calibration
+from shared.privacy.denoise import soft_threshold_means
 from shared.privacy.sgd import DPSGD
 from shared.privacy.spec import DPSpec
 from shared.protocol import Plan, ProfileReply
@@ -29,7 +30,6 @@ from shared.protocol.rounds import LIBRARY_STATS
 SQRT3 = math.sqrt(3.0)
 # per latent dimension (posterior means of a VAE with a standard-normal prior); sqrt(d) x this clips a cell's latent
 LATENT_BOUND = 3.0
-SHRINK = 1.0  # released class means: differences to the site mean are soft-thresholded at this x their noise sd
 MIN_CELLS = 5  # classes with fewer (noised) cells get the site's pooled library statistics, as without DP
 
 
@@ -220,50 +220,40 @@ def class_gene_sums(
 
 
 def class_gene_means(
-    X: sp.csr_matrix, y: np.ndarray, counts: np.ndarray, dp: SiteDP, sigma: float, center: np.ndarray | None = None
+    X: sp.csr_matrix,
+    y: np.ndarray,
+    counts: np.ndarray,
+    dp: SiteDP,
+    sigma: float,
+    center: np.ndarray | None = None,
+    *,
+    raw: bool = False,
 ) -> np.ndarray:
-    """(C, G) per-class mean expression from the ``class_gene_sums`` release and the released ``counts``, denoised
-    (``denoise_means``; rows of unreleased classes are 0)."""
+    """(C, G) per-class mean expression from the ``class_gene_sums`` release and the released ``counts``: denoised at
+    this site alone (``shared.privacy.denoise.soft_threshold_means``), or with ``raw`` the noised sums over the counts
+    as they are (what the coordinator denoises with every site's release, ``joint_denoise``); rows of unreleased classes
+    are 0."""
     counts = np.asarray(counts)
     sums = class_gene_sums(X, y, len(counts), dp, sigma, center)
-    bound = mech.GENE_NORM
     if center is not None:  # back to sums of cells, with the released counts (post-processing)
         sums = sums + counts[:, None].astype(np.float64) * np.asarray(center, np.float64)
-        bound = mech.CENTERED_NORM
-    return denoise_means(sums, counts, sigma * bound).astype(np.float32)
+    if raw:
+        out = np.zeros_like(sums)
+        released = counts > 0
+        out[released] = sums[released] / counts[released, None]
+        return out.astype(np.float32)
+    return soft_threshold_means(sums, counts, sigma * mech.class_sums_bound(center)).astype(np.float32)
 
 
 def class_means_release(
-    X: sp.csr_matrix, y: np.ndarray, counts: np.ndarray, plan: Plan, dp: SiteDP, b: Budget
+    X: sp.csr_matrix, y: np.ndarray, counts: np.ndarray, plan: Plan, dp: SiteDP, b: Budget, *, raw: bool = False
 ) -> np.ndarray:
     """The site's one release of per-class gene means in this run (pretraining and distillation both use it; the same
-    noise, no extra cost). The ledger ties it to the plan: the same noise over other genes or around another center
-    would let the coordinator subtract two releases, so a second plan is refused."""
+    noise, no extra cost; ``raw``: see ``class_gene_means``). The ledger ties it to the plan: the same noise over other
+    genes or around another center would let the coordinator subtract two releases, so a second plan is refused."""
     dp.claim("class-means", plan.digest())
     center = np.asarray(plan.center, np.float64) if plan.center else None
-    return class_gene_means(X, y, counts, dp, b.sigma(PRIMARY), center)
-
-
-def denoise_means(sums: np.ndarray, counts: np.ndarray, noise_sd: float, threshold: float = SHRINK) -> np.ndarray:
-    """Class means from released class sums (Gaussian noise of sd ``noise_sd`` per entry) and released counts: each
-    class's difference to the site's mean is soft-thresholded at ``threshold`` x its noise sd per gene, so that only
-    genes whose difference stands out of the noise keep it. Post-processing of the release (no privacy cost).
-
-    Most genes do not tell one class from another; their noised differences are noise. Chosen on validation cells
-    (logistic regression on cells drawn around the means, epsilon 8, 3 noise draws, benchmarks/results/dp_curve.md):
-    thresholds 0 / 1 / 2 / 3 gave kang 0.643 / 0.731 / 0.701 / 0.398, cbmc 0.751 / 0.775 / 0.783 / 0.750, kidney
-    0.863 / 0.879 / 0.874 / 0.819.
-    """
-    released = counts > 0
-    out = np.zeros_like(sums, dtype=np.float64)
-    if not released.any():
-        return out
-    n = np.maximum(counts[released], 1).astype(np.float64)[:, None]
-    site_mean = sums[released].sum(0) / n.sum()
-    diff = sums[released] / n - site_mean
-    kept = np.sign(diff) * np.maximum(np.abs(diff) - threshold * noise_sd / n, 0.0)
-    out[released] = np.maximum(site_mean + kept, 0.0)
-    return out
+    return class_gene_means(X, y, counts, dp, b.sigma(PRIMARY), center, raw=raw)
 
 
 def report(b: Budget, dp: SiteDP) -> dict[str, object]:

@@ -165,7 +165,8 @@ def pretrain_site(
             msg = "refused: per-class gene means are released only under DP (dp-epsilon > 0)"
             raise ProtocolError(msg)
         counts = privacy.plan_counts(site, req.plan, dp)
-        means = privacy.class_means_release(X, y, counts, req.plan, dp, b)
+        # raw: the coordinator denoises every site's release together (shared.privacy.denoise.joint_denoise)
+        means = privacy.class_means_release(X, y, counts, req.plan, dp, b, raw=True)
         return PretrainReply("class-means", req.round, n_cells, 0.0, class_means=means, class_counts=counts)
     if req.stage == "latent-stats":
         Z = encode(_model("vae", req.model_config, req.weights).to(dev), X).astype(np.float64)
@@ -303,7 +304,12 @@ def distill_site(
         classes = np.flatnonzero(counts > 0)
         given = (classes, np.minimum(counts[classes], cfg.k))
         if resolve_gene_mean_weight(cfg) > 0:
-            means = privacy.class_means_release(X, y, counts, req.plan, dp, b)
+            # the coordinator's denoising of every site's release when it sent it (post-processing), else this site's
+            means = (
+                req.class_means
+                if req.class_means is not None
+                else privacy.class_means_release(X, y, counts, req.plan, dp, b)
+            )
         report = privacy.report(b, dp)
     else:
         counts = np.bincount(y, minlength=n_classes).astype(np.int64)

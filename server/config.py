@@ -111,6 +111,10 @@ class FederationConfig:
     # server trains the VAE and SCDG on cells drawn around them: server.dp_pretrain) or "dp-sgd" (FedAvg rounds of
     # DP-SGD at the sites). Chosen on validation cells: benchmarks/results/dp_curve.md
     dp_pretraining: Literal["statistics", "dp-sgd"] = "statistics"
+    # with statistics pretraining, how the coordinator denoises the sites' released class means (post-processing):
+    # "joint" (every site's release together: shared directions across sites and classes, shared.privacy.denoise) or
+    # "site" (each site's alone, the previous release). Chosen on validation cells: benchmarks/results/dp_curve.md
+    dp_denoise: Literal["joint", "site"] = "joint"
     # server-side fine-tuning and evaluation models
     finetune_steps: int = 20
     finetune_lr: float = 1e-5
@@ -314,8 +318,13 @@ class FederationConfig:
         benchmarks/results/dp_curve.md), DECODE_MODE otherwise."""
         if self.decode_mode is not None:
             return self.decode_mode
-        statistics = self.dp_epsilon > 0 and self.dp_pretraining == "statistics" and not self.pretrained_path
-        return "gaussian" if statistics else DECODE_MODE
+        return "gaussian" if self.statistics_pretraining else DECODE_MODE
+
+    @property
+    def statistics_pretraining(self) -> bool:
+        """Under DP, the server trains the models on cells drawn around the sites' released class means
+        (server.dp_pretrain) rather than FedAvg or stored models."""
+        return self.dp_epsilon > 0 and self.dp_pretraining == "statistics" and not self.pretrained_path
 
     @property
     def site_dim(self) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +35,8 @@ from shared.fitting import TrainConfig, encode, fit_scdg, fit_vae, set_latent_st
 from shared.models import SCDG, VAE
 from shared.models.vae import CELL_VAR_RATIO, LOG_MAX
 from shared.pretrain import PretrainConfig
+from shared.privacy import mechanisms as mech
+from shared.privacy.denoise import joint_denoise, soft_threshold_means
 from shared.protocol import Plan
 
 logger = logging.getLogger(__name__)
@@ -69,19 +72,47 @@ def draw_cells(
     return sp.vstack(blocks, format="csr"), np.concatenate(labels)
 
 
+def released_means(
+    link: Link, plan: Plan, cfg: FederationConfig, latent_dim: int, noise: Mapping[str, float]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """Every site's one release of its class means (``train.pretrain`` stage "class-means"), denoised as
+    ``dp-denoise`` says: per site, its (C, G) means and (C,) released counts; and what the denoising did.
+
+    ``noise``: per site, the noise multiplier of its class means (``server.privacy.privacy_plan``, computed from the
+    counts the site released, as the site computes it). Asking again (a resumed run) gets the same numbers: the request
+    is the same (an untrained VAE seeded by the run) and a site's noise is keyed by the release."""
+    vae, _ = fresh_models(plan, latent_dim=latent_dim, seed=cfg.seed)
+    release = StageBudget(0, budgets(cfg)[0].lr, 1)  # no steps: the request names the plan, the reply holds the release
+    replies = stage_round(link, plan, "class-means", 0, vae, release, seed=cfg.seed, latent_dim=latent_dim)
+    bound = mech.class_sums_bound(plan.center)
+    raw = [np.asarray(r.payload.class_means, np.float64) for r in replies]
+    counts = [np.asarray(r.payload.class_counts, np.int64) for r in replies]
+    sds = [noise[r.site] * bound for r in replies]
+    if cfg.dp_denoise == "joint":
+        means, kept = joint_denoise(raw, counts, sds)
+    else:
+        means = [soft_threshold_means(m * n[:, None], n, sd) for m, n, sd in zip(raw, counts, sds, strict=True)]
+        kept = 0
+    sites = [r.site for r in replies]
+    info = {"mode": cfg.dp_denoise, "shared_directions": kept}
+    return (
+        {site: m.astype(np.float32) for site, m in zip(sites, means, strict=True)},
+        dict(zip(sites, counts, strict=True)),
+        info,
+    )
+
+
 def statistics_pretrain(
-    link: Link, plan: Plan, cfg: FederationConfig, latent_dim: int
-) -> tuple[VAE, SCDG, dict[str, Any]]:
-    """Ask every site for its released class means, train a fresh VAE + SCDG on cells drawn around them; the models and
-    the run's pretraining metrics."""
+    link: Link, plan: Plan, cfg: FederationConfig, latent_dim: int, noise: Mapping[str, float]
+) -> tuple[VAE, SCDG, dict[str, Any], dict[str, np.ndarray]]:
+    """Ask every site for its released class means, train a fresh VAE + SCDG on cells drawn around them (denoised:
+    ``released_means``); the models, the run's pretraining metrics and the denoised means per site (the distillation
+    matches them)."""
     t0 = time.perf_counter()
     vae, scdg = fresh_models(plan, latent_dim=latent_dim, seed=cfg.seed)
     vae_cfg, scdg_cfg = server_budgets(cfg)
-    release = StageBudget(0, vae_cfg.lr, 1)  # no steps: the request names the plan, the reply holds the release
-    replies = stage_round(link, plan, "class-means", 0, vae, release, seed=cfg.seed, latent_dim=latent_dim)
-    means = [r.payload.class_means for r in replies]
-    counts = [r.payload.class_counts for r in replies]
-    X, y = draw_cells(means, counts, seed=cfg.seed)  # type: ignore[arg-type]  # a class-means reply carries both
+    means, counts, denoise = released_means(link, plan, cfg, latent_dim, noise)
+    X, y = draw_cells(list(means.values()), list(counts.values()), seed=cfg.seed)
     t1 = time.perf_counter()
     fit_vae(vae, X, y, vae_cfg)
     vae.eval()
@@ -92,7 +123,7 @@ def statistics_pretrain(
     t2 = time.perf_counter()
     logger.info(
         "pretrained under DP on released class means: %d sites, %d drawn cells, VAE %d and SCDG %d steps in %.1f s",
-        len(replies),
+        len(means),
         X.shape[0],
         vae_cfg.steps,
         scdg_cfg.steps,
@@ -100,12 +131,13 @@ def statistics_pretrain(
     )
     history = {
         "source": "dp-statistics",
-        "sites": [r.site for r in replies],
+        "sites": list(means),
         "drawn_cells": int(X.shape[0]),
+        "denoise": denoise,
         "schedule": {"vae_steps": vae_cfg.steps, "scdg_steps": scdg_cfg.steps, "var_ratio": VAR_RATIO},
         "seconds": {"release": t1 - t0, "train": t2 - t1},
     }
-    return vae, scdg, history
+    return vae, scdg, history, means
 
 
 def server_budgets(cfg: FederationConfig) -> tuple[TrainConfig, TrainConfig]:
@@ -119,4 +151,4 @@ def server_budgets(cfg: FederationConfig) -> tuple[TrainConfig, TrainConfig]:
     )
 
 
-__all__ = ["MIN_CELLS", "draw_cells", "server_budgets", "statistics_pretrain"]
+__all__ = ["MIN_CELLS", "draw_cells", "released_means", "server_budgets", "statistics_pretrain"]

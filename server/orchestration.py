@@ -78,6 +78,9 @@ class Run:
     )  # each site's latest codes, sent back to it for the warm start
     # site-covariate: each site's own VAE site vector (the VAE keeps their average)
     site_vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    # DP statistics pretraining: each site's released class means as the server denoised them (server.dp_pretrain);
+    # sent back to that site for its distillation. Not checkpointed: a resumed run asks the sites again (same release)
+    dp_means: dict[str, np.ndarray] = field(default_factory=dict)
     completed: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(
         default_factory=lambda: {"rounds": [], "phase_seconds": {}, "upload_bytes": {}, "dropped": []}
@@ -173,10 +176,10 @@ def pretrain(run: Run) -> None:
         run.vae, run.scdg = load_model(base / "vae.pt", "vae"), load_model(base / "scdg.pt", "scdg")  # type: ignore[assignment]
         run.metrics["pretrain"] = {"source": "checkpoint", "path": str(base)}
         return
-    if cfg.dp_epsilon > 0 and cfg.dp_pretraining == "statistics":
+    if cfg.statistics_pretraining:
         latent_dim = cfg.latent_dim or latent_dim_for(len(run.plan.genes))
-        run.vae, run.scdg, run.metrics["pretrain"] = dp_pretrain.statistics_pretrain(
-            run.link, run.plan, cfg, latent_dim
+        run.vae, run.scdg, run.metrics["pretrain"], run.dp_means = dp_pretrain.statistics_pretrain(
+            run.link, run.plan, cfg, latent_dim, _means_noise(run)
         )
         return
     init: dict[str, Any] | None = None
@@ -201,6 +204,21 @@ def pretrain(run: Run) -> None:
     )
     if init is not None:
         run.metrics["pretrain"]["init"] = init
+
+
+def _means_noise(run: Run) -> dict[str, float]:
+    """Per site, the noise multiplier of its released class means (the run's privacy plan)."""
+    return {site: float(p["noise_multiplier_class_means"]) for site, p in run.metrics["privacy_plan"].items()}
+
+
+def _site_means(run: Run) -> dict[str, np.ndarray]:
+    """Under DP statistics pretraining, every site's denoised class means (asked again after a resume)."""
+    if not run.cfg.statistics_pretraining:
+        return {}
+    if not run.dp_means:
+        plan, vae, _ = run.ready()
+        run.dp_means = dp_pretrain.released_means(run.link, plan, run.cfg, vae.config.latent_dim, _means_noise(run))[0]
+    return run.dp_means
 
 
 def distill_config(cfg: FederationConfig) -> DistillConfig:
@@ -230,6 +248,7 @@ def distill(run: Run, rnd: int) -> list[SiteCodes]:
     fields = {k: v for k, v in wire_fields(dcfg).items() if k != "seed"}
     vae_state, scdg_state, vae_json, scdg_json = state_of(vae), state_of(scdg), model_json(vae), model_json(scdg)
     warm = run.warm_codes if run.cfg.distill_warm_start else {}
+    means = _site_means(run)
     requests = {}
     for node in sorted(run.link.nodes):
         last = warm.get(run.link.name(node))  # this site's own codes of its last round, never another site's
@@ -245,6 +264,7 @@ def distill(run: Run, rnd: int) -> list[SiteCodes]:
             run.cfg.distill_warm_start,
             warm_codes=last.codes if last is not None else None,
             warm_labels=last.labels.astype(np.int32) if last is not None else None,
+            class_means=means.get(run.link.name(node)),
         )
 
     def check(node: int, rd: RecordDict, wire: int) -> DistillReply:

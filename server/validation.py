@@ -116,15 +116,22 @@ def validate_pretrain(reply: PretrainReply, req: PretrainRequest, *, latent_dim:
         _same_state(reply.control_delta or {}, req.control, f"{req.stage} control-variate")
 
 
+MAX_RAW_MEAN = 1e6  # a raw released mean is a log-normalised mean plus noise: far below this
+
+
 def _class_means(reply: PretrainReply, plan: Plan) -> None:
-    """(C, G) non-negative means and (C,) non-negative counts for the plan; a class without cells has a zero row."""
+    """(C, G) finite means (raw: noise can make a mean negative) and (C,) non-negative counts for the plan; a class
+    without cells has a zero row."""
     means, counts = reply.class_means, reply.class_counts
     shape = (len(plan.classes), len(plan.genes))
     if means is None or counts is None or means.shape != shape or counts.shape != shape[:1]:
         msg = f"class means must be a {shape[0]} x {shape[1]} matrix (plan classes x genes) with {shape[0]} counts"
         raise ProtocolError(msg)
-    if np.any(means < 0) or np.any(counts < 0) or not np.any(counts > 0):
-        msg = "class means and counts must be non-negative, with at least one class released"
+    if not np.all(np.isfinite(means)) or np.any(np.abs(means) > MAX_RAW_MEAN):
+        msg = f"class means must be finite and within +-{MAX_RAW_MEAN:g}"
+        raise ProtocolError(msg)
+    if np.any(counts < 0) or not np.any(counts > 0):
+        msg = "class counts must be non-negative, with at least one class released"
         raise ProtocolError(msg)
     if np.any(means[counts == 0] != 0):
         msg = "a class released with 0 cells must have a zero row of means"

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,14 @@ PROFILE_BOUNDS = (GENE_NORM, GENE_SQ_NORM, DETECTED_NORM)  # the profile's parts
 # than the cell (kang: median 35 vs 54, cbmc 42 vs 46 over the plan genes): half GENE_NORM, chosen on validation
 # cells (benchmarks/results/dp_curve.md).
 CENTERED_NORM = 30.0
+
+
+def class_sums_bound(center: Sequence[float] | np.ndarray | None) -> float:
+    """The L2 bound on one cell's contribution to the released class sums (their noise sd is the noise multiplier x
+    this): its difference to the plan's center when the plan has one, else the cell itself."""
+    return CENTERED_NORM if center is not None and len(center) else GENE_NORM
+
+
 LOG_LIBRARY_MAX = 15.0  # log total counts: above e^15 = 3.3 million counts per cell nothing is expected
 
 

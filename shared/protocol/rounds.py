@@ -15,6 +15,7 @@ from shared.protocol.codec import (
     ABSENT,
     ABSENT_CORR,
     EVALUATORS,
+    KEY_CLASS_MEANS,
     KEY_CODES,
     KEY_CONFIG,
     KEY_DISTILL,
@@ -74,6 +75,9 @@ class DistillRequest:
     # a resume); absent in round 1. Only the site that made them receives them.
     warm_codes: np.ndarray | None = None  # float32 (n, d)
     warm_labels: np.ndarray | None = None  # int32 (n,)
+    # Under DP: this site's class means as the coordinator denoised every site's release together
+    # (shared.privacy.denoise); the objective matches them instead of the site's own denoising of its release.
+    class_means: np.ndarray | None = None  # float32 (C, G), non-negative
 
     def to_record(self) -> RecordDict:
         """Encode."""
@@ -102,18 +106,22 @@ class DistillRequest:
                     "labels": Array(np.asarray(self.warm_labels, np.int32)),
                 }
             )
+        if self.class_means is not None:
+            rd[KEY_CLASS_MEANS] = ArrayRecord({"means": Array(np.ascontiguousarray(self.class_means, np.float32))})
         return rd
 
     @classmethod
     def from_record(cls, rd: RecordDict) -> DistillRequest:
         """Decode strictly."""
         where = "distill request"
-        warm = KEY_WARM in rd
+        warm, means = KEY_WARM in rd, KEY_CLASS_MEANS in rd
         check_records(
             rd,
             where,
             configs=[KEY_CONFIG, KEY_DISTILL, KEY_PLAN],
-            arrays=[KEY_VAE, KEY_SCDG, KEY_PLAN_GENES] + ([KEY_WARM] if warm else []),
+            arrays=[KEY_VAE, KEY_SCDG, KEY_PLAN_GENES]
+            + ([KEY_WARM] if warm else [])
+            + ([KEY_CLASS_MEANS] if means else []),
         )
         cfg = rd[KEY_CONFIG]
         check_keys(cfg, {SCHEMA_KEY, "round", "vae-config", "scdg-config", "seed", "warm-start"}, where)
@@ -125,23 +133,36 @@ class DistillRequest:
         ]
         if bad or not isinstance(distill.get("k"), int) or distill["k"] < 1:
             raise fail(where, f"distill config needs an integer k >= 1 and finite scalar values (bad: {sorted(bad)})")
+        plan = Plan.from_records(rd, where)
         return cls(
             round=check_round(get_value(cfg, "round", int, where), where),
             vae=state_from_record(array_record(rd, KEY_VAE), where),
             vae_config=get_value(cfg, "vae-config", str, where),
             scdg=state_from_record(array_record(rd, KEY_SCDG), where),
             scdg_config=get_value(cfg, "scdg-config", str, where),
-            plan=Plan.from_records(rd, where),
+            plan=plan,
             distill=distill,
             seed=get_value(cfg, "seed", int, where),
             warm_start=get_value(cfg, "warm-start", bool, where),
             **(_warm_arrays(array_record(rd, KEY_WARM), where) if warm else {}),
+            class_means=_class_means(array_record(rd, KEY_CLASS_MEANS), plan, where) if means else None,
         )
 
     @property
     def k(self) -> int:
         """Codes per class."""
         return int(self.distill["k"])
+
+
+def _class_means(record: ArrayRecord, plan: Plan, where: str) -> np.ndarray:
+    check_keys(record, {"means"}, where)
+    means = get_array(record, "means", "float32", 2, where)
+    shape = (len(plan.classes), len(plan.genes))
+    if means.shape != shape or np.any(means < 0):  # get_array refuses NaN and Inf
+        raise fail(
+            where, f"class means must be a finite, non-negative {shape[0]} x {shape[1]} matrix (classes x genes)"
+        )
+    return means
 
 
 def _warm_arrays(record: ArrayRecord, where: str) -> dict[str, np.ndarray]:

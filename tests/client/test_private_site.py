@@ -17,6 +17,7 @@ from server.synthesis import fresh_models
 from shared.checkpoint import model_json, state_of
 from shared.errors import ProtocolError
 from shared.privacy.accounting import PRIMARY
+from shared.privacy.denoise import soft_threshold_means
 from shared.privacy.mechanisms import LOG_LIBRARY_MAX, site_secret
 from shared.privacy.spec import DPSpec
 from shared.protocol import DistillRequest, Plan, PretrainRequest, SiteSpec
@@ -103,6 +104,24 @@ def _models(plan: Plan) -> tuple:
     return state_of(vae), model_json(vae), state_of(scdg), model_json(scdg)
 
 
+def test_codes_match_the_coordinators_denoised_means_when_it_sends_them(site: SiteData, tmp_path: Path) -> None:
+    """Under statistics pretraining the coordinator denoises every site's release together and sends each site its own
+    rows: the site matches those (post-processing of releases), and its own denoising only when none came."""
+    plan = _plan(site)
+    vae, scdg = fresh_models(plan, latent_dim=8, seed=0)
+    req = DistillRequest(1, state_of(vae), model_json(vae), state_of(scdg), model_json(scdg), plan, {"k": 10}, 3)
+    dp = _dp(tmp_path)
+    y, ok = site.global_labels(plan.classes)
+    idx = site.train_idx[ok[site.train_idx]]
+    counts = privacy.plan_counts(site, plan, dp)
+    own = privacy.class_gene_means(site.X[idx], y[idx], counts, dp, privacy.budget(site, plan, dp).sigma(PRIMARY))
+    alone = tasks.distill_site(site, req, dp)[0].codes
+    same = tasks.distill_site(site, dataclasses.replace(req, class_means=own), dp)[0].codes
+    assert np.array_equal(same, alone)
+    other = tasks.distill_site(site, dataclasses.replace(req, class_means=own * 1.5), dp)[0].codes
+    assert not np.allclose(other, alone)
+
+
 def test_class_means_move_by_at_most_the_clipping_bound(site: SiteData, tmp_path: Path) -> None:
     plan = _plan(site)
     dp = _dp(tmp_path)
@@ -116,7 +135,7 @@ def test_class_means_move_by_at_most_the_clipping_bound(site: SiteData, tmp_path
     moved = np.linalg.norm(a - b)
     assert 0 < moved <= 2 * 60.0 + 1e-3  # two clipped rows (the old cell out, the new one in) of norm <= GENE_NORM
     means = privacy.class_gene_means(X_plan, y[idx], counts, dp, sigma)  # post-processing of the same release
-    assert np.array_equal(means, privacy.denoise_means(a, counts, sigma * 60.0).astype(np.float32))
+    assert np.array_equal(means, soft_threshold_means(a, counts, sigma * 60.0).astype(np.float32))
     # around the plan's center each cell's difference to it is clipped to CENTERED_NORM (30): half the noise
     center = np.asarray(X_plan.mean(0)).ravel()
     a = privacy.class_gene_sums(X_plan, y[idx], 3, dp, sigma, center)
@@ -124,26 +143,7 @@ def test_class_means_move_by_at_most_the_clipping_bound(site: SiteData, tmp_path
     assert 0 < np.linalg.norm(a - b) <= 2 * 30.0 + 1e-3
     means = privacy.class_gene_means(X_plan, y[idx], counts, dp, sigma, center)
     sums = a + counts[:, None] * center  # back to sums of cells with the released counts
-    assert np.array_equal(means, privacy.denoise_means(sums, counts, sigma * 30.0).astype(np.float32))
-
-
-def test_denoising_keeps_the_differences_that_stand_out_of_the_noise() -> None:
-    sums = np.array([[10.0, 40.0, 20.0], [30.0, 20.0, 20.0], [5.0, 5.0, 5.0]])
-    counts = np.array([10, 10, 0])  # site mean (2, 3, 2); class 2 not released
-    exact = privacy.denoise_means(sums, counts, 0.0)
-    assert np.allclose(exact[:2], sums[:2] / 10) and np.all(exact[2] == 0)
-    shrunk = privacy.denoise_means(sums, counts, 5.0)  # threshold 1 x 5 / 10 = 0.5 per gene
-    assert np.allclose(shrunk[0], [1.5, 3.5, 2.0]) and np.allclose(shrunk[1], [2.5, 2.5, 2.0])
-    # on noised sums of real-looking data the denoised means are closer to the truth than the raw ones
-    rng = np.random.default_rng(0)
-    truth = np.zeros((5, 500))
-    truth[:, :] = rng.gamma(0.5, 1.0, 500)
-    for c in range(5):
-        truth[c, rng.choice(500, 20, replace=False)] += 3.0  # a few markers per class
-    n = np.full(5, 50)
-    noisy = truth * n[:, None] + rng.normal(0.0, 60.0, truth.shape)
-    raw_err = np.abs(noisy / n[:, None] - truth).mean()
-    assert np.abs(privacy.denoise_means(noisy, n, 60.0) - truth).mean() < 0.7 * raw_err
+    assert np.array_equal(means, soft_threshold_means(sums, counts, sigma * 30.0).astype(np.float32))
 
 
 def test_pretraining_stays_within_the_dp_plan(site: SiteData, tmp_path: Path) -> None:
@@ -193,9 +193,14 @@ def test_the_class_means_release_is_the_one_distillation_matches(site: SiteData,
     counts = privacy.plan_counts(site, plan, dp)
     y, ok = site.global_labels(plan.classes)
     idx = site.train_idx[ok[site.train_idx]]
-    matched = privacy.class_gene_means(site.X[idx], y[idx], counts, dp, privacy.budget(site, plan, dp).sigma(PRIMARY))
+    sigma = privacy.budget(site, plan, dp).sigma(PRIMARY)
+    matched = privacy.class_gene_means(site.X[idx], y[idx], counts, dp, sigma, raw=True)
     assert reply.class_means is not None and reply.class_counts is not None
     assert np.array_equal(reply.class_counts, counts) and np.array_equal(reply.class_means, matched)
+    # raw: the coordinator denoises it (with every site's); the site's own denoising is post-processing of the same
+    own = privacy.class_gene_means(site.X[idx], y[idx], counts, dp, sigma)
+    redone = soft_threshold_means(reply.class_means.astype(np.float64) * counts[:, None], counts, sigma * 60.0)
+    assert np.allclose(own, redone, atol=1e-4) and not np.allclose(own, reply.class_means, atol=1e-3)
     assert reply.loss == 0.0 and reply.weights is None
     exact = np.stack([np.asarray(site.X[idx][y[idx] == c].mean(0)).ravel() for c in range(3)])
     assert not np.allclose(reply.class_means, exact)  # noised

@@ -15,7 +15,18 @@ from server.config import FederationConfig
 from server.privacy import check_report, privacy_plan
 from shared.errors import ConfigError, ProtocolError
 from shared.privacy.spec import DPSpec
-from shared.protocol import MSG_DISTILL, MSG_PRETRAIN, DistillReply, Plan, PretrainReply, ProfileReply, SiteSpec
+from shared.privacy.denoise import joint_denoise
+from shared.protocol import (
+    MSG_DISTILL,
+    MSG_PRETRAIN,
+    MSG_PROFILE,
+    DistillReply,
+    DistillRequest,
+    Plan,
+    PretrainReply,
+    ProfileReply,
+    SiteSpec,
+)
 
 
 @pytest.mark.slow
@@ -148,6 +159,32 @@ def test_under_statistics_pretraining_no_model_update_leaves_a_site(
     ]
     assert len(replies) == 3 and all(r.stage == "class-means" and r.weights is None for r in replies)
     assert metrics["pretrain"]["source"] == "dp-statistics" and metrics["pretrain"]["drawn_cells"] > 0
+    # the server denoises every site's raw release together and sends each site its own rows for its distillation
+    assert metrics["pretrain"]["denoise"]["mode"] == "joint"
+    raw = {
+        e.node_id: PretrainReply.from_record(e.reply.content)
+        for e in grid.log
+        if e.message_type == MSG_PRETRAIN and e.reply is not None
+    }
+    sent = {
+        e.node_id: DistillRequest.from_record(e.instruction.content).class_means
+        for e in grid.log
+        if e.message_type == MSG_DISTILL
+    }
+    order = sorted(raw)
+    name = {
+        e.node_id: ProfileReply.from_record(e.reply.content).site_name
+        for e in grid.log
+        if e.message_type == MSG_PROFILE and e.reply is not None
+    }
+    noise = [metrics["privacy_plan"][name[n]]["noise_multiplier_class_means"] * 30.0 for n in order]  # clip bound 30
+    expected, kept = joint_denoise(
+        [raw[n].class_means.astype(np.float64) for n in order], [raw[n].class_counts for n in order], noise
+    )
+    assert kept == metrics["pretrain"]["denoise"]["shared_directions"]
+    for n, want in zip(order, expected, strict=True):
+        assert sent[n] is not None and np.allclose(sent[n], want, atol=1e-5)
+        assert np.any(raw[n].class_means < 0) or not np.allclose(sent[n], raw[n].class_means, atol=1e-3)
     plan = json.loads(
         (Path(str(cfg["out-dir"])) / "tiny" / "plan.json").read_text()
     )  # the center the sites clip around

@@ -202,9 +202,13 @@ def test_class_means_must_fit_the_plan() -> None:
         return decode(rd, PretrainReply)
 
     validate_pretrain(reply(means, counts), req, latent_dim=D)
+    raw = means.copy()
+    raw[0, 1] = -0.3  # raw released means: noise can make one negative (the coordinator denoises them)
+    validate_pretrain(reply(raw, counts), req, latent_dim=D)
     for m, n, what in (
         (means[:, :2], counts, "matrix"),
-        (-means, counts, "non-negative"),
+        (means * 1e7, counts, "within"),
+        (means, -counts, "non-negative"),
         (means + 1, counts, "zero row"),  # a class released with 0 cells
         (means, counts * 0, "at least one class"),
     ):

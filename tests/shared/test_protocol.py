@@ -173,6 +173,19 @@ def test_distill_request_carries_the_sites_previous_codes_back_and_checks_them()
         DistillRequest.from_record(bad.to_record())
 
 
+def test_distill_request_carries_the_coordinators_class_means_and_checks_them() -> None:
+    shape = (len(PLAN.classes), len(PLAN.genes))
+    means = RNG.gamma(1.0, 1.0, shape).astype(np.float32)
+    back = DistillRequest.from_record(
+        DistillRequest(1, STATE, "{}", STATE, "{}", PLAN, {"k": 2}, 1, class_means=means).to_record()
+    )
+    assert back.class_means is not None and np.array_equal(back.class_means, means)
+    for bad, why in ((means[:, :2], "finite, non-negative"), (-means, "finite, non-negative"), (means * np.nan, "NaN")):
+        req = DistillRequest(1, STATE, "{}", STATE, "{}", PLAN, {"k": 2}, 1, class_means=np.ascontiguousarray(bad))
+        with pytest.raises(ProtocolError, match=why):
+            DistillRequest.from_record(req.to_record())
+
+
 def test_distill_reply_roundtrip_and_size() -> None:
     library = np.array(
         [[7.5, 0.4, 0.6], [np.nan, np.nan, np.nan], [8.0, 0.2, 0.7]], np.float32
