@@ -2,6 +2,7 @@
 learns from the released means. A tuning script: it scores its own held-out cells, never a run's test cells.
 
     python benchmarks/dp_clip_screen.py DATA.h5ad PLAN.json [--sites batch|dirichlet] [--clips 30 40] [--epsilon 8]
+        [--joint]
 
 PLAN.json is a finished DP run's plan (its genes). Sites are the file's ``batch`` column, or 3 Dirichlet(0.5) label-
 skewed sites. 70 % of each site's cells are training cells, 15 % held out (seeded). For each variant and 3 noise draws:
@@ -13,7 +14,9 @@ clipped to 60; the same, each cell's difference to the center (the pooled mean o
 each of ``--clips``; with ``--support-scales``, other ratios of the other releases' noise to the class means' (centered,
 first clip); with ``--site-delta``, the class means' noise each site's accountant gives them (``spend_rest``: the run
 spends the target at the site's delta from its noised count; centered, first clip). The noise draws are shared across
-variants.
+variants. With ``--joint`` it screens the coordinator's denoising instead (site's delta, centered, first clip): each
+site's release alone, every site's together (``shared.privacy.denoise.joint_denoise``, the ``dp-denoise = "joint"``
+default), and only the shared directions that joint denoising keeps.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from server.dp_pretrain import MIN_CELLS, draw_cells
 from shared.data import normalize
 from shared.privacy import mechanisms as mech
 from shared.privacy.accounting import PRIMARY, SUPPORT_SCALE, release_noise, site_calibration, stats_noise
-from shared.privacy.denoise import soft_threshold_means as denoise_means
+from shared.privacy.denoise import SHRINK, joint_denoise, soft_threshold_means
 from shared.privacy.spec import DPSpec
 
 DRAWS = 3
@@ -65,6 +68,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--site-delta", action="store_true", help="also screen the class means at the noise each site's delta allows"
+    )
+    ap.add_argument(
+        "--joint",
+        action="store_true",
+        help="screen the coordinator's denoising instead: each site's release alone, all sites together "
+        "(shared.privacy.denoise.joint_denoise), and their shared directions only (site's delta, centered, first clip)",
     )
     ap.add_argument("--label-key", default="cell_type")
     args = ap.parse_args()
@@ -101,8 +110,11 @@ def main() -> None:
         site_sched, noise = site_calibration(args.epsilon, delta, spec.schedule(n, has_counts=True))
         return noise.stats * site_sched.scale(PRIMARY)
 
-    def score(sig_means: float | None, sig_other: float, clip: float, centered: bool, draw: int) -> float:
-        """sig_means None: each site's own (``at_site_delta``)."""
+    def score(
+        sig_means: float | None, sig_other: float, clip: float, centered: bool, draw: int, denoise: str = "site"
+    ) -> float:
+        """sig_means None: each site's own (``at_site_delta``). denoise: "site" (each site's release alone), "joint"
+        (every site's together, ``joint_denoise``) or "directions" (joint, the shared directions only)."""
         rng = np.random.default_rng(100 + draw)
         center = np.zeros(len(genes))
         if centered:  # the pooled mean of every site's noised profile sums (their full-gene clipped release)
@@ -113,34 +125,52 @@ def main() -> None:
                 total += (part + rng.normal(0.0, sig_other, len(genes))) * mech.GENE_NORM * math.sqrt(3.0)
                 n += int(m.sum())
             center = np.maximum(total / n, 0.0)
-        means, counts = [], []
+        means, counts, raw, sds = [], [], [], []
         for k in np.unique(site):
             m = train & (site == k)
             cnt = np.bincount(y[m], minlength=len(classes)) + rng.normal(0.0, sig_other, len(classes))
             cnt = np.where(cnt >= MIN_CELLS, np.rint(cnt), 0).astype(np.int64)
             sig = at_site_delta(float(max(cnt.sum(), 1))) if sig_means is None else sig_means
             sums = mech.noisy_class_sums((X[m] - center) / clip, y[m], len(classes), sig, rng) * clip
-            means.append(denoise_means(sums + cnt[:, None] * center, cnt, sig * clip))
+            means.append(soft_threshold_means(sums + cnt[:, None] * center, cnt, sig * clip))
+            raw.append((sums + cnt[:, None] * center) / np.maximum(cnt, 1)[:, None] * (cnt > 0)[:, None])
             counts.append(cnt)
+            sds.append(sig * clip)
+        if denoise != "site":
+            means = joint_denoise(raw, counts, sds, threshold=math.inf if denoise == "directions" else SHRINK)[0]
         Xd, yd = draw_cells(means, counts, seed=draw)
         return float(LogisticRegression(max_iter=300).fit(Xd.toarray(), yd).score(X[held], y[held]))
 
-    variants = [("even split, clip 60", even, even, 60.0, False)]
-    variants += [("split, clip 60", split_main, split_other, 60.0, False)]
-    variants += [(f"split, centered, clip {c:g}", split_main, split_other, c, True) for c in args.clips]
+    variants: list[tuple[str, float | None, float, float, bool, str]] = []
+    if args.joint:  # the shipped calibration (site's delta, centered, first clip), denoised three ways
+        variants += [
+            (f"site's delta, clip {args.clips[0]:g}, {what}", None, split_other, args.clips[0], True, how)
+            for what, how in (
+                ("each site alone", "site"),
+                ("all sites together", "joint"),
+                ("all sites together, shared directions only", "directions"),
+            )
+        ]
+    variants += [("even split, clip 60", even, even, 60.0, False, "site")]
+    variants += [("split, clip 60", split_main, split_other, 60.0, False, "site")]
+    variants += [(f"split, centered, clip {c:g}", split_main, split_other, c, True, "site") for c in args.clips]
     for ratio in args.support_scales:  # the class means at 1 / ratio of the other releases' noise
         scales = tuple(1.0 if name == PRIMARY else ratio for name in sched.one_shot)
         base = stats_noise(args.epsilon, len(sched.one_shot), 1.0, scales)
-        variants.append((f"ratio {ratio:g}, centered, clip {args.clips[0]:g}", base, base * ratio, args.clips[0], True))
+        variants.append(
+            (f"ratio {ratio:g}, centered, clip {args.clips[0]:g}", base, base * ratio, args.clips[0], True, "site")
+        )
     if args.site_delta:
         variants.append(
-            (f"split, centered, clip {args.clips[0]:g}, site's delta", None, split_other, args.clips[0], True)
+            (f"split, centered, clip {args.clips[0]:g}, site's delta", None, split_other, args.clips[0], True, "site")
         )
     print(f"{args.data}: {len(genes)} genes, {len(np.unique(site))} sites, epsilon {args.epsilon:g}")
     print("| variant | held-out LR accuracy (mean of 3 noise draws) | draws |")
     print("|---|---|---|")
-    for name, s_means, s_other, clip, centered in variants:
-        accs = [score(s_means, s_other, clip, centered, d) for d in range(DRAWS)]
+    if args.joint:
+        variants = variants[:3]  # the denoising screen alone
+    for name, s_means, s_other, clip, centered, how in variants:
+        accs = [score(s_means, s_other, clip, centered, d, how) for d in range(DRAWS)]
         print(f"| {name} | {np.mean(accs):.3f} | {' / '.join(f'{v:.3f}' for v in accs)} |", flush=True)
 
 

@@ -21,7 +21,7 @@ def main() -> None:
             f"usage: python benchmarks/dp_summary.py OUT_DIR (a benchmarks/dp_curve.sh folder); got {sys.argv[1:]}"
         )
     out = Path(sys.argv[1])
-    rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    rows: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
     audits: dict[tuple[str, str], dict[str, float]] = {}
     above: dict[tuple[str, str, str], list[bool]] = {}  # (file, epsilon, attack) -> per site audit: above its bound?
     print(
@@ -55,7 +55,8 @@ def main() -> None:
         ]
         spent = max((p["epsilon"] for p in mt.get("privacy", {}).values()), default=float("nan"))
         vmlp = val.get("mlp", {}).get("accuracy", float("nan"))
-        rows.setdefault((name, eps), []).append((cw["mlp"]["accuracy"], cw["logreg"]["accuracy"]))
+        vlr = val.get("logreg", {}).get("accuracy", float("nan"))
+        rows.setdefault((name, eps), []).append((cw["mlp"]["accuracy"], cw["logreg"]["accuracy"], vmlp, vlr))
         worst = audits.setdefault((name, eps), {})
         for site in mt["rounds"][-1]["sites"].values():
             for key in AUDITS:
@@ -71,14 +72,17 @@ def main() -> None:
             f"{sum(local) / max(len(local), 1):.3f} | {spent:.3f} | {len(mt['rounds'][-1]['sites'])} |"
         )
 
-    print("\nMean over seeds (test cells, cell-weighted over sites):\n")
-    print("| file | epsilon | seeds | MLP | LR |")
-    print("|---|---|---|---|---|")
+    print("\nMean over seeds (cell-weighted over sites; choices are made on the validation columns):\n")
+    print("| file | epsilon | seeds | MLP | LR | validation MLP | validation LR |")
+    print("|---|---|---|---|---|---|---|")
     for (name, eps), vals in sorted(
         rows.items(), key=lambda kv: (kv[0][0], -float(kv[0][1]) if float(kv[0][1]) > 0 else -1e9)
     ):
-        mlp, lr = (sum(v[i] for v in vals) / len(vals) for i in (0, 1))
-        print(f"| {name} | {eps if float(eps) > 0 else 'off'} | {len(vals)} | {mlp:.3f} | {lr:.3f} |")
+        mlp, lr, vmlp, vlr = (sum(v[i] for v in vals) / len(vals) for i in range(4))
+        print(
+            f"| {name} | {eps if float(eps) > 0 else 'off'} | {len(vals)} | {mlp:.3f} | {lr:.3f} | {vmlp:.3f} "
+            f"| {vlr:.3f} |"
+        )
 
     print("\nMembership audits, the largest over sites and seeds (AUC; 0.5 = nothing learned):\n")
     print("In brackets: site audits above their own chance bound (95th percentile without signal), of all scored.\n")

@@ -3,9 +3,11 @@
 Each site releases its per-class gene means once: a Gaussian mechanism on clipped cells
 (``client.privacy.class_gene_means``), the very release its distillation matches later (the noise
 is keyed by run, site and release, so the second use costs nothing), with the noised cell counts
-its profile already released. The server draws cells around every released mean and trains the
-VAE and the SCDG on them as pooled pretraining: post-processing of released statistics, no further
-privacy cost and no model update leaving a site.
+its profile already released. The server denoises every site's release together
+(``shared.privacy.denoise``, run config ``dp-denoise``), draws cells around every denoised mean and
+trains the VAE and the SCDG on them as pooled pretraining, and sends each site its denoised means for
+its distillation: post-processing of released statistics, no further privacy cost and no model update
+leaving a site.
 
 Why not DP-SGD: at sites of a few hundred to a few thousand cells the noise that DP-SGD needs for a
 useful epsilon drowns the models' gradients (kang at epsilon 8: 0.23 accuracy, chance is 0.2), while

@@ -161,7 +161,11 @@ def test_dp_summary_counts_the_site_audits_above_their_chance_bound(tmp_path: Pa
         "b": {"audit": {"seed_mia": 0.57, "seed_mia_null95": 0.6, "density_mia": 0.58, "density_mia_null95": 0.6}},
     }
     scores = {"mlp": {"accuracy": 0.8}, "logreg": {"accuracy": 0.8}}
-    metrics = {"rounds": [{"sites": sites, "aggregate": {"cell_weighted": scores}}], "privacy": {}}
+    validation = {"cell_weighted": {"mlp": {"accuracy": 0.7}, "logreg": {"accuracy": 0.75}}}
+    metrics = {
+        "rounds": [{"sites": sites, "aggregate": {"cell_weighted": scores, "validation": validation}}],
+        "privacy": {},
+    }
     run = tmp_path / "kang-eps8-seed0"
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps(metrics))
@@ -174,3 +178,4 @@ def test_dp_summary_counts_the_site_audits_above_their_chance_bound(tmp_path: Pa
         timeout=60,
     ).stdout
     assert "| kang | 8 | 0.620 (1 of 2) |  | 0.580 (0 of 2) |" in out, out
+    assert "| kang | 8 | 1 | 0.800 | 0.800 | 0.700 | 0.750 |" in out, out  # the mean over seeds, validation beside test

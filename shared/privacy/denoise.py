@@ -15,11 +15,14 @@ released count). Two ways to denoise them:
   soft-thresholded as one site alone would. With no direction above the edge this is exactly
   ``soft_threshold_means`` at every site.
 
-Chosen offline (``benchmarks/dp_denoise_screen.py``: a logistic regression trained on cells drawn around the denoised
-means, scored on held-out cells, 3 noise draws; ``benchmarks/results/dp_curve.md``): at epsilon 8 kang 0.864 -> 0.891,
-cbmc 0.834 -> 0.843, kidney 0.918 -> 0.921; at epsilon 2 0.629 -> 0.651, 0.735 -> 0.747, 0.862 -> 0.873. The kept
-directions alone, without the thresholded rest, were better at epsilon 8 (0.894 / 0.849 / 0.928) and worse at epsilon 2
-on kang and cbmc (0.543 / 0.717).
+Screened offline (``benchmarks/dp_clip_screen.py DATA PLAN --joint``: a logistic regression trained on cells drawn
+around the denoised means, scored on held-out cells, 3 noise draws; ``benchmarks/results/dp_curve.md``): at epsilon 8
+kang 0.864 -> 0.891, cbmc 0.834 -> 0.843, kidney 0.918 -> 0.921; at epsilon 2 0.629 -> 0.651, 0.735 -> 0.747, 0.862 ->
+0.873. The kept directions alone, without the thresholded rest, tied at epsilon 8 (0.886 / 0.845 / 0.921) and lost at
+epsilon 2 (0.583 / 0.727 / 0.856). Chosen on the federation's validation cells (``benchmarks/dp_denoise_pair.sh``, 3
+seeds of the three files at epsilon 8, both ways with the same DP noise): MLP / LR 0.841 / 0.856 against 0.838 / 0.847
+site by site; kidney gains (0.898 / 0.912 against 0.879 / 0.880), cbmc (0.789 / 0.802 against 0.790 / 0.810) and kang
+(0.837 / 0.854 against 0.845 / 0.849) do not.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from server.cli.simulation import run_in_process
 from server.config import FederationConfig
 from server.privacy import check_report, privacy_plan
 from shared.errors import ConfigError, ProtocolError
-from shared.privacy.spec import DPSpec
 from shared.privacy.denoise import joint_denoise
+from shared.privacy.spec import DPSpec
 from shared.protocol import (
     MSG_DISTILL,
     MSG_PRETRAIN,
@@ -236,3 +236,51 @@ def test_run_config_dp_keys() -> None:
         with pytest.raises(ConfigError, match="dp-"):
             FederationConfig.from_run_config(bad)
     FederationConfig.from_run_config({"dp-epsilon": 1, "dp-pretraining": "dp-sgd", "init-path": "/some/reference"})
+
+
+@pytest.mark.slow
+def test_a_resumed_dp_run_asks_the_sites_for_the_same_class_means_again(
+    tiny_config: dict[str, object], site_cache: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The denoised class means are not checkpointed: after a resume the coordinator asks every site for its release
+    again (the same request, so the same noised numbers and nothing new for the accountant) and sends each its rows."""
+    from server import orchestration
+
+    cfg = {**tiny_config, "dp-epsilon": 50.0, "num-distill-rounds": 2, "cells-per-class": 3}
+    real_round = orchestration.run_round
+
+    def stop_at_round_2(run: orchestration.Run, rnd: int) -> None:
+        if rnd == 2:
+            raise KeyboardInterrupt
+        real_round(run, rnd)
+
+    monkeypatch.setattr(orchestration, "run_round", stop_at_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_in_process(cfg, num_nodes=3, node_configs=[site_cache] * 3)
+    monkeypatch.setattr(orchestration, "run_round", real_round)
+    grid = run_in_process({**cfg, "resume": True}, num_nodes=3, node_configs=[site_cache] * 3, record=True)
+    asked = {
+        e.node_id: PretrainReply.from_record(e.reply.content)
+        for e in grid.log
+        if e.message_type == MSG_PRETRAIN and e.reply is not None
+    }
+    assert len(asked) == 3 and all(r.stage == "class-means" for r in asked.values())  # asked again, nothing trained
+    metrics = json.loads((Path(str(cfg["out-dir"])) / "tiny" / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2] and not metrics["dropped"]  # no site refused the request
+    name = {
+        e.node_id: ProfileReply.from_record(e.reply.content).site_name
+        for e in grid.log
+        if e.message_type == MSG_PROFILE and e.reply is not None
+    }
+    order = sorted(asked)
+    noise = [metrics["privacy_plan"][name[n]]["noise_multiplier_class_means"] * 30.0 for n in order]
+    expected, _ = joint_denoise(
+        [asked[n].class_means.astype(np.float64) for n in order], [asked[n].class_counts for n in order], noise
+    )
+    sent = {
+        e.node_id: DistillRequest.from_record(e.instruction.content).class_means
+        for e in grid.log
+        if e.message_type == MSG_DISTILL
+    }
+    for n, want in zip(order, expected, strict=True):
+        assert sent[n] is not None and np.allclose(sent[n], want, atol=1e-5)
