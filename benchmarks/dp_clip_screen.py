@@ -15,8 +15,8 @@ each of ``--clips``; with ``--support-scales``, other ratios of the other releas
 first clip); with ``--site-delta``, the class means' noise each site's accountant gives them (``spend_rest``: the run
 spends the target at the site's delta from its noised count; centered, first clip). The noise draws are shared across
 variants. With ``--joint`` it screens the coordinator's denoising instead (site's delta, centered, first clip): each
-site's release alone, every site's together (``shared.privacy.denoise.joint_denoise``, the ``dp-denoise = "joint"``
-default), and only the shared directions that joint denoising keeps.
+site's release alone (the ``dp-denoise = "site"`` default), every site's together (``"joint"``,
+``shared.privacy.denoise.joint_denoise``), and the same with the shared directions shrunk.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from server.dp_pretrain import MIN_CELLS, draw_cells
 from shared.data import normalize
 from shared.privacy import mechanisms as mech
 from shared.privacy.accounting import PRIMARY, SUPPORT_SCALE, release_noise, site_calibration, stats_noise
-from shared.privacy.denoise import SHRINK, joint_denoise, soft_threshold_means
+from shared.privacy.denoise import joint_denoise, soft_threshold_means
 from shared.privacy.spec import DPSpec
 
 DRAWS = 3
@@ -73,7 +73,8 @@ def main() -> None:
         "--joint",
         action="store_true",
         help="screen the coordinator's denoising instead: each site's release alone, all sites together "
-        "(shared.privacy.denoise.joint_denoise), and their shared directions only (site's delta, centered, first clip)",
+        "(shared.privacy.denoise.joint_denoise), and the same with the shared directions shrunk (site's delta, "
+        "centered, first clip)",
     )
     ap.add_argument("--label-key", default="cell_type")
     args = ap.parse_args()
@@ -114,7 +115,7 @@ def main() -> None:
         sig_means: float | None, sig_other: float, clip: float, centered: bool, draw: int, denoise: str = "site"
     ) -> float:
         """sig_means None: each site's own (``at_site_delta``). denoise: "site" (each site's release alone), "joint"
-        (every site's together, ``joint_denoise``) or "directions" (joint, the shared directions only)."""
+        (every site's together, ``joint_denoise``) or "shrunk" (joint, the shared directions shrunk)."""
         rng = np.random.default_rng(100 + draw)
         center = np.zeros(len(genes))
         if centered:  # the pooled mean of every site's noised profile sums (their full-gene clipped release)
@@ -137,7 +138,7 @@ def main() -> None:
             counts.append(cnt)
             sds.append(sig * clip)
         if denoise != "site":
-            means = joint_denoise(raw, counts, sds, threshold=math.inf if denoise == "directions" else SHRINK)[0]
+            means = joint_denoise(raw, counts, sds, shrink=denoise == "shrunk")[0]
         Xd, yd = draw_cells(means, counts, seed=draw)
         return float(LogisticRegression(max_iter=300).fit(Xd.toarray(), yd).score(X[held], y[held]))
 
@@ -147,8 +148,8 @@ def main() -> None:
             (f"site's delta, clip {args.clips[0]:g}, {what}", None, split_other, args.clips[0], True, how)
             for what, how in (
                 ("each site alone", "site"),
-                ("all sites together", "joint"),
-                ("all sites together, shared directions only", "directions"),
+                ("all sites together (dp-denoise = joint)", "joint"),
+                ("all sites together, shared directions shrunk", "shrunk"),
             )
         ]
     variants += [("even split, clip 60", even, even, 60.0, False, "site")]

@@ -2,7 +2,7 @@
 # Paired screen of dp-denoise (joint vs site) in the shipped federation: both arms run with the same run key, so every
 # site draws the same DP noise for every release (the noise is keyed by run key and release) and only the coordinator's
 # denoising of the class means differs. One seed, one epsilon; VALIDATION cells choose (metrics.json's validation blocks).
-#   benchmarks/dp_denoise_pair.sh FILE OUT_DIR SEED EPSILON [KEY=VALUE ...]
+#   [MODES="joint site"] benchmarks/dp_denoise_pair.sh FILE OUT_DIR SEED EPSILON [KEY=VALUE ...]
 # then: python benchmarks/dp_summary.py OUT_DIR/joint; python benchmarks/dp_summary.py OUT_DIR/site
 set -euo pipefail
 file=$1; out=$2; seed=$3; eps=$4; shift 4
@@ -10,7 +10,7 @@ export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME
 name=$(basename "$file" .h5ad)
 sets=()
 for kv in "$@"; do sets+=(--set "$kv"); done
-for mode in joint site; do
+for mode in ${MODES:-joint site}; do
   run="$out/$mode/$name-eps$eps-seed$seed"  # the same folder name in both arms: the run key starts with it
   if [ -f "$run/metrics.json" ]; then echo "done: $run"; continue; fi
   mkdir -p "$out/$mode"

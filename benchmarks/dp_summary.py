@@ -25,10 +25,10 @@ def main() -> None:
     audits: dict[tuple[str, str], dict[str, float]] = {}
     above: dict[tuple[str, str, str], list[bool]] = {}  # (file, epsilon, attack) -> per site audit: above its bound?
     print(
-        "| file | epsilon (target) | seed | MLP test acc | LR test acc | MLP validation acc | local-only MLP "
-        "| epsilon spent (max over sites) | sites |"
+        "| file | epsilon (target) | seed | MLP test acc | LR test acc | MLP validation acc | LR validation acc "
+        "| local-only MLP | epsilon spent (max over sites) | sites |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for log in sorted(out.glob("*-eps*-seed*.log")):
         m = re.match(r"(.+)-eps([\d.]+)-seed(\d+)\.log$", log.name)
         if not m:
@@ -39,12 +39,12 @@ def main() -> None:
             last = (log.read_text().strip().splitlines()[-1:] or [""])[0]
             print(
                 f"| {name} | {eps} | {seed} "
-                f"| stopped: {last.partition('error: ')[2][:150] or 'still running or killed'} | | | | | |"
+                f"| stopped: {last.partition('error: ')[2][:150] or 'still running or killed'} | | | | | | |"
             )
             continue
         mt = json.loads(metrics.read_text())
         if not mt.get("rounds"):
-            print(f"| {name} | {eps} | {seed} | stopped: {mt.get('stopped', {}).get('reason', '?')} | | | | | |")
+            print(f"| {name} | {eps} | {seed} | stopped: {mt.get('stopped', {}).get('reason', '?')} | | | | | | |")
             continue
         agg = mt["rounds"][-1]["aggregate"]
         cw, val = agg["cell_weighted"], agg.get("validation", {}).get("cell_weighted", {})
@@ -68,7 +68,7 @@ def main() -> None:
                         above.setdefault((name, eps, key), []).append(value > bound)
         print(
             f"| {name} | {eps if float(eps) > 0 else 'off'} | {seed} | {cw['mlp']['accuracy']:.3f} "
-            f"| {cw['logreg']['accuracy']:.3f} | {vmlp:.3f} | "
+            f"| {cw['logreg']['accuracy']:.3f} | {vmlp:.3f} | {vlr:.3f} | "
             f"{sum(local) / max(len(local), 1):.3f} | {spent:.3f} | {len(mt['rounds'][-1]['sites'])} |"
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,26 @@ def tiny_config(three_site_h5ad: Path, tmp_path: Path) -> dict[str, object]:
 def site_cache(tmp_path: Path) -> dict[str, str]:
     """node_config entry pointing the site cache at a per-test folder."""
     return {"cache-dir": str(tmp_path / "site-cache")}
+
+
+@pytest.fixture
+def interrupt_at_round(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], Callable[[], None]]:
+    """``interrupt_at_round(r)`` makes the next federation stop (KeyboardInterrupt) when it reaches distillation round
+    r, as a coordinator killed there would; it returns the function that lets later runs go through."""
+    from server import orchestration
+
+    real = orchestration.run_round
+
+    def install(rnd: int) -> Callable[[], None]:
+        def stop(run: orchestration.Run, r: int) -> None:
+            if r == rnd:
+                raise KeyboardInterrupt
+            real(run, r)
+
+        monkeypatch.setattr(orchestration, "run_round", stop)
+        return lambda: monkeypatch.setattr(orchestration, "run_round", real)
+
+    return install
 
 
 # ----------------------------------------------------------------------------- test order (make test runs 2 workers)

@@ -59,11 +59,18 @@ def soft_threshold_means(
 
 
 def joint_denoise(
-    means: Sequence[np.ndarray], counts: Sequence[np.ndarray], noise_sd: Sequence[float], threshold: float = SHRINK
+    means: Sequence[np.ndarray],
+    counts: Sequence[np.ndarray],
+    noise_sd: Sequence[float],
+    threshold: float = SHRINK,
+    *,
+    shrink: bool = False,
 ) -> tuple[list[np.ndarray], int]:
     """Every site's denoised (C, G) class means from its raw released means (its noised class sums over its released
     counts; rows of classes with count 0 are ignored and come back 0), its counts and the noise sd of its sums; and the
-    number of shared directions kept. Means are clipped at 0."""
+    number of shared directions kept. Means are clipped at 0. The kept directions keep their size (the class
+    differences along them are not pulled towards the site's mean); ``shrink`` shrinks their singular values to
+    sqrt(s^2 - edge^2), which is closer to the truth in squared error and was worse in the federation."""
     rows: list[np.ndarray] = []
     row_sd: list[float] = []
     where: list[tuple[int, int]] = []
@@ -92,7 +99,7 @@ def joint_denoise(
         edge = math.sqrt(W.shape[1]) + math.sqrt(W.shape[0])
         kept: int = int((s > edge).sum())
         projected = (U[:, :kept] * s[:kept]) @ Vt[:kept]
-        shrunk = (U[:, :kept] * np.sqrt(s[:kept] ** 2 - edge**2)) @ Vt[:kept]
+        shrunk = (U[:, :kept] * np.sqrt(s[:kept] ** 2 - edge**2)) @ Vt[:kept] if shrink else projected
         D = (shrunk + _soft(W - projected, threshold)) * sds[:, None]
     else:  # no noise to remove (a test, or a site that released without noise)
         kept = 0

@@ -383,18 +383,9 @@ def test_duplicated_site_name_is_rejected(tiny_config: dict, site_cache: dict[st
 
 
 def test_interrupted_run_resumes_from_the_last_completed_phase(
-    tiny_config: dict, site_cache: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    tiny_config: dict, site_cache: dict[str, str], interrupt_at_round: Callable[[int], Callable[[], None]]
 ) -> None:
-    from server import orchestration
-
-    real_round = orchestration.run_round
-
-    def stop_at_round_2(run: orchestration.Run, rnd: int) -> None:
-        if rnd == 2:
-            raise KeyboardInterrupt
-        real_round(run, rnd)
-
-    monkeypatch.setattr(orchestration, "run_round", stop_at_round_2)
+    let_through = interrupt_at_round(2)
     with pytest.raises(KeyboardInterrupt):
         run_in_process(tiny_config, num_nodes=3, node_configs=[site_cache] * 3)
     run_dir = Path(str(tiny_config["out-dir"])) / "tiny"
@@ -404,7 +395,7 @@ def test_interrupted_run_resumes_from_the_last_completed_phase(
     assert checkpoint is not None
     round1_codes = dict(checkpoint.codes)
     assert sorted(round1_codes) == ["site_a", "site_b", "site_c"]
-    monkeypatch.setattr(orchestration, "run_round", real_round)
+    let_through()
     grid = run_in_process({**tiny_config, "resume": True}, num_nodes=3, node_configs=[site_cache] * 3, record=True)
     assert not any(ex.message_type == MSG_PRETRAIN for ex in grid.log)  # pretraining was not redone
     assert sum(ex.message_type == MSG_DISTILL for ex in grid.log) == 3  # round 2 only

@@ -4,6 +4,7 @@ run early."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from server.cli.simulation import run_in_process
 from server.config import FederationConfig
 from server.privacy import check_report, privacy_plan
 from shared.errors import ConfigError, ProtocolError
-from shared.privacy.denoise import joint_denoise
+from shared.privacy.denoise import joint_denoise, soft_threshold_means
 from shared.privacy.spec import DPSpec
 from shared.protocol import (
     MSG_DISTILL,
@@ -159,8 +160,9 @@ def test_under_statistics_pretraining_no_model_update_leaves_a_site(
     ]
     assert len(replies) == 3 and all(r.stage == "class-means" and r.weights is None for r in replies)
     assert metrics["pretrain"]["source"] == "dp-statistics" and metrics["pretrain"]["drawn_cells"] > 0
-    # the server denoises every site's raw release together and sends each site its own rows for its distillation
-    assert metrics["pretrain"]["denoise"]["mode"] == "joint"
+    # the sites send their raw releases; the server denoises each site's alone (dp-denoise = "site", the default) and
+    # sends each site its own rows for its distillation
+    assert metrics["pretrain"]["denoise"] == {"mode": "site", "shared_directions": 0}
     raw = {
         e.node_id: PretrainReply.from_record(e.reply.content)
         for e in grid.log
@@ -178,10 +180,12 @@ def test_under_statistics_pretraining_no_model_update_leaves_a_site(
         if e.message_type == MSG_PROFILE and e.reply is not None
     }
     noise = [metrics["privacy_plan"][name[n]]["noise_multiplier_class_means"] * 30.0 for n in order]  # clip bound 30
-    expected, kept = joint_denoise(
-        [raw[n].class_means.astype(np.float64) for n in order], [raw[n].class_counts for n in order], noise
-    )
-    assert kept == metrics["pretrain"]["denoise"]["shared_directions"]
+    expected = [
+        soft_threshold_means(
+            raw[n].class_means.astype(np.float64) * raw[n].class_counts[:, None], raw[n].class_counts, sd
+        )
+        for n, sd in zip(order, noise, strict=True)
+    ]
     for n, want in zip(order, expected, strict=True):
         assert sent[n] is not None and np.allclose(sent[n], want, atol=1e-5)
         assert np.any(raw[n].class_means < 0) or not np.allclose(sent[n], raw[n].class_means, atol=1e-3)
@@ -240,24 +244,18 @@ def test_run_config_dp_keys() -> None:
 
 @pytest.mark.slow
 def test_a_resumed_dp_run_asks_the_sites_for_the_same_class_means_again(
-    tiny_config: dict[str, object], site_cache: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    tiny_config: dict[str, object],
+    site_cache: dict[str, str],
+    interrupt_at_round: Callable[[int], Callable[[], None]],
 ) -> None:
     """The denoised class means are not checkpointed: after a resume the coordinator asks every site for its release
-    again (the same request, so the same noised numbers and nothing new for the accountant) and sends each its rows."""
-    from server import orchestration
-
-    cfg = {**tiny_config, "dp-epsilon": 50.0, "num-distill-rounds": 2, "cells-per-class": 3}
-    real_round = orchestration.run_round
-
-    def stop_at_round_2(run: orchestration.Run, rnd: int) -> None:
-        if rnd == 2:
-            raise KeyboardInterrupt
-        real_round(run, rnd)
-
-    monkeypatch.setattr(orchestration, "run_round", stop_at_round_2)
+    again (the same request, so the same noised numbers and nothing new for the accountant), denoises them together
+    (dp-denoise = "joint") and sends each its rows."""
+    cfg = {**tiny_config, "dp-epsilon": 50.0, "num-distill-rounds": 2, "cells-per-class": 3, "dp-denoise": "joint"}
+    let_through = interrupt_at_round(2)
     with pytest.raises(KeyboardInterrupt):
         run_in_process(cfg, num_nodes=3, node_configs=[site_cache] * 3)
-    monkeypatch.setattr(orchestration, "run_round", real_round)
+    let_through()
     grid = run_in_process({**cfg, "resume": True}, num_nodes=3, node_configs=[site_cache] * 3, record=True)
     asked = {
         e.node_id: PretrainReply.from_record(e.reply.content)
@@ -274,9 +272,10 @@ def test_a_resumed_dp_run_asks_the_sites_for_the_same_class_means_again(
     }
     order = sorted(asked)
     noise = [metrics["privacy_plan"][name[n]]["noise_multiplier_class_means"] * 30.0 for n in order]
-    expected, _ = joint_denoise(
+    expected, kept = joint_denoise(
         [asked[n].class_means.astype(np.float64) for n in order], [asked[n].class_counts for n in order], noise
     )
+    assert metrics["pretrain"]["denoise"] == {"mode": "joint", "shared_directions": kept}
     sent = {
         e.node_id: DistillRequest.from_record(e.instruction.content).class_means
         for e in grid.log

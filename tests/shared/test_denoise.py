@@ -54,22 +54,58 @@ def _noised(means: list[np.ndarray], counts: list[np.ndarray], sd: float, seed: 
     ]
 
 
-def test_joint_denoising_recovers_real_class_means_better_than_each_site_alone(example_path: Path) -> None:
+def test_shrunk_joint_denoising_recovers_real_class_means_better_than_each_site_alone(example_path: Path) -> None:
     """Kang's four sites, class sums noised as a site of this size releases them at epsilon 8 (noise multiplier about
     0.7 x the clipping bound of 30): the same cell types at four sites share their marker genes, which the joint
-    denoising finds; it is closer to the exact means than each site denoising its own release."""
+    denoising finds; with its shared directions shrunk it is closer to the exact means (squared error) than each site
+    denoising its own release."""
     truth, counts = _site_class_means(example_path)
     sd = 0.7 * 30.0
     joint_err, site_err, kept_all = [], [], []
     for seed in range(3):
         raw = _noised(truth, counts, sd, seed)
-        joint, kept = joint_denoise(raw, counts, [sd] * len(raw))
+        joint, kept = joint_denoise(raw, counts, [sd] * len(raw), shrink=True)
         alone = [soft_threshold_means(m * n[:, None], n, sd) for m, n in zip(raw, counts, strict=True)]
         joint_err.append(sum(np.linalg.norm(j - t) for j, t in zip(joint, truth, strict=True)))
         site_err.append(sum(np.linalg.norm(s - t) for s, t in zip(alone, truth, strict=True)))
         kept_all.append(kept)
     assert all(1 <= k <= 20 for k in kept_all)  # a few shared directions, not all 20 rows
     assert np.mean(joint_err) < 0.85 * np.mean(site_err)  # measured: 0.80 (71 vs 89 in Frobenius norm)
+
+
+def test_joint_means_tell_real_held_out_cells_apart_better_than_each_site_alone(example_path: Path) -> None:
+    """What the federation needs from the means: cells drawn around them must keep the cell types apart. Kang's four
+    sites, means of half of each site's cells noised as at epsilon 8; the other half classified by the nearest
+    (site, class) mean of its own site. Joint denoising (the shared directions kept at their size) beats each site
+    alone (measured: 0.814 against 0.794 over 5 noise draws; exact means 0.906)."""
+    a = ad.read_h5ad(example_path)
+    X = np.asarray(normalize(a.X, "counts").toarray(), np.float64)
+    classes, y = np.unique(a.obs["cell_type"].astype(str).to_numpy(), return_inverse=True)
+    sites = a.obs["batch"].astype(str).to_numpy()
+    half = np.random.default_rng(0).random(len(y)) < 0.5
+    truth, counts, held = [], [], []
+    for s in np.unique(sites):
+        m = (sites == s) & half
+        n = np.bincount(y[m], minlength=len(classes))
+        truth.append(np.stack([X[m][y[m] == c].mean(0) if n[c] else np.zeros(X.shape[1]) for c in range(len(classes))]))
+        counts.append(n)
+        held.append((sites == s) & ~half)
+
+    def accuracy(means: list[np.ndarray]) -> float:
+        right = 0
+        for mu, n, m in zip(means, counts, held, strict=True):
+            rel = np.flatnonzero(n > 0)
+            nearest = rel[((X[m][:, None, :] - mu[rel][None]) ** 2).sum(-1).argmin(1)]
+            right += int((nearest == y[m]).sum())
+        return right / sum(int(m.sum()) for m in held)
+
+    sd = 0.7 * 30.0
+    joint, alone = [], []
+    for seed in range(5):
+        raw = _noised(truth, counts, sd, seed)
+        joint.append(accuracy(joint_denoise(raw, counts, [sd] * len(raw))[0]))
+        alone.append(accuracy([soft_threshold_means(m * n[:, None], n, sd) for m, n in zip(raw, counts, strict=True)]))
+    assert np.mean(joint) > np.mean(alone) + 0.01, (np.mean(joint), np.mean(alone))
 
 
 def test_without_a_shared_direction_it_is_each_site_alone() -> None:
@@ -95,7 +131,9 @@ def test_without_a_shared_direction_it_is_each_site_alone() -> None:
     scale = 0.95 * edge / np.linalg.svd(W, compute_uv=False)[0]  # linear in the noise: every direction under the edge
     raw = [np.where((n > 0)[:, None], b + scale * z, 0.0) for b, z, n in zip(base, noise, counts, strict=True)]
     out, kept = joint_denoise(raw, counts, sds)
-    assert kept == 0
+    assert kept == 0 and all(
+        np.array_equal(o, p) for o, p in zip(out, joint_denoise(raw, counts, sds, shrink=True)[0], strict=True)
+    )
     for o, m, n, sd in zip(out[:2], raw[:2], counts[:2], sds[:2], strict=True):
         assert np.allclose(o, soft_threshold_means(m * n[:, None], n, sd))
         assert np.all(o[n == 0] == 0) and np.all(o >= 0)
