@@ -3,8 +3,8 @@
 Each site releases its per-class gene means once: a Gaussian mechanism on clipped cells
 (``client.privacy.class_gene_means``), the very release its distillation matches later (the noise
 is keyed by run, site and release, so the second use costs nothing), with the noised cell counts
-its profile already released. The server denoises every site's release together
-(``shared.privacy.denoise``, run config ``dp-denoise``), draws cells around every denoised mean and
+its profile already released. The server denoises the releases (``shared.privacy.denoise``, run
+config ``dp-denoise``: each site's alone or all together), draws cells around every denoised mean and
 trains the VAE and the SCDG on them as pooled pretraining, and sends each site its denoised means for
 its distillation: post-processing of released statistics, no further privacy cost and no model update
 leaving a site.

@@ -7,22 +7,19 @@ released count). Two ways to denoise them:
 - ``soft_threshold_means`` (one site alone): each class's difference to the site's mean cell is soft-thresholded gene by
   gene at ``threshold`` x its noise sd. Most genes do not tell one class from another; their noised differences are
   noise, and only genes whose difference stands out of the noise keep it.
-- ``joint_denoise`` (the coordinator, every site's release at once): cell types differ along a few shared expression
-  programmes, and the same class at several sites differs in the same genes. The matrix of every (site, class)
-  difference, each row divided by its noise sd (so the noise is white), is low-rank signal plus white noise. Its
-  singular directions above the largest singular value that white noise of that shape reaches (about sqrt(genes) +
-  sqrt(rows)) are kept, their singular values shrunk to sqrt(s^2 - edge^2); what the kept directions leave is
-  soft-thresholded as one site alone would. With no direction above the edge this is exactly
-  ``soft_threshold_means`` at every site.
+- ``joint_denoise`` (the coordinator, every site's release at once; run config ``dp-denoise = "joint"``): cell types
+  differ along a few shared expression programmes, and the same class at several sites differs in the same genes. The
+  matrix of every (site, class) difference, each row divided by its noise sd (so the noise is white), is low-rank
+  signal plus white noise. Its singular directions above the largest singular value that white noise of that shape
+  reaches (about sqrt(genes) + sqrt(rows)) are kept at their size; what they leave is soft-thresholded as one site
+  alone would. With no direction above the edge this is exactly ``soft_threshold_means`` at every site.
 
-Screened offline (``benchmarks/dp_clip_screen.py DATA PLAN --joint``: a logistic regression trained on cells drawn
-around the denoised means, scored on held-out cells, 3 noise draws; ``benchmarks/results/dp_curve.md``): at epsilon 8
-kang 0.864 -> 0.891, cbmc 0.834 -> 0.843, kidney 0.918 -> 0.921; at epsilon 2 0.629 -> 0.651, 0.735 -> 0.747, 0.862 ->
-0.873. The kept directions alone, without the thresholded rest, tied at epsilon 8 (0.886 / 0.845 / 0.921) and lost at
-epsilon 2 (0.583 / 0.727 / 0.856). Chosen on the federation's validation cells (``benchmarks/dp_denoise_pair.sh``, 3
-seeds of the three files at epsilon 8, both ways with the same DP noise): MLP / LR 0.841 / 0.856 against 0.838 / 0.847
-site by site; kidney gains (0.898 / 0.912 against 0.879 / 0.880), cbmc (0.789 / 0.802 against 0.790 / 0.810) and kang
-(0.837 / 0.854 against 0.845 / 0.849) do not.
+Screened (``benchmarks/results/dp_curve.md``): offline (``benchmarks/dp_clip_screen.py DATA PLAN --joint``, a logistic
+regression on cells drawn around the means) and in the federation, paired (``benchmarks/dp_denoise_pair.sh``, the same
+DP noise in both arms). In the federation ``joint`` was ahead on validation cells at epsilon 8 (MLP / LR 0.854 / 0.869
+against 0.838 / 0.847 over 9 runs of kang, cbmc and kidney) and behind at epsilon 4 and 2 (LR 0.789 against 0.799), so
+the default stays site by site. Shrinking the kept directions (``shrink``: closer to the true means in squared error)
+was worse in the federation at every epsilon below 8.
 """
 
 from __future__ import annotations
