@@ -75,8 +75,8 @@ class DistillRequest:
     # a resume); absent in round 1. Only the site that made them receives them.
     warm_codes: np.ndarray | None = None  # float32 (n, d)
     warm_labels: np.ndarray | None = None  # int32 (n,)
-    # Under DP: this site's class means as the coordinator denoised every site's release together
-    # (shared.privacy.denoise); the objective matches them instead of the site's own denoising of its release.
+    # Under DP statistics pretraining: this site's released class means as the coordinator denoised them (alone or with
+    # every site's, run config dp-denoise; shared.privacy.denoise); the objective matches them.
     class_means: np.ndarray | None = None  # float32 (C, G), non-negative
 
     def to_record(self) -> RecordDict:
