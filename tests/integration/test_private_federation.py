@@ -235,6 +235,7 @@ def test_run_config_dp_keys() -> None:
         {"dp-epsilon": 1, "dp-delta": 0.5},
         {"dp-epsilon": 1, "dp-max-grad-norm": 0},
         {"dp-epsilon": 1, "dp-pretraining": "sgd"},
+        {"dp-epsilon": 1, "dp-denoise": "both"},  # site or joint
         {"dp-epsilon": 1, "init-path": "/some/reference"},  # init-path starts FedAvg, which statistics replaces
     ):
         with pytest.raises(ConfigError, match="dp-"):
