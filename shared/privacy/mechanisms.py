@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from shared.errors import SiteDataError
-from shared.io import atomic_path
 
 SECRET_FILE = "dp-secret"
 SECRET_BYTES = 32
@@ -57,10 +57,14 @@ def site_secret(cache: Path) -> bytes:
     """The site's noise secret (created once, mode 0600, in its private cache folder)."""
     path = cache / SECRET_FILE
     if not path.exists():
-        with atomic_path(cache / f"{SECRET_FILE}.new") as tmp:  # mkstemp: mode 0600
-            tmp.write_bytes(os.urandom(SECRET_BYTES))
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{SECRET_FILE}.")  # mode 0600, a name of its own per process
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(SECRET_BYTES))
             with contextlib.suppress(FileExistsError):
                 os.link(tmp, path)  # exclusive: of two processes creating it at once, one secret wins for both
+        finally:
+            os.unlink(tmp)  # no second copy of the secret left behind
     data = path.read_bytes()
     if len(data) != SECRET_BYTES:
         msg = (

@@ -206,6 +206,7 @@ def test_site_secret_is_private_stable_and_keys_the_noise(tmp_path) -> None:
     secret = mech.site_secret(tmp_path)
     assert len(secret) == mech.SECRET_BYTES and mech.site_secret(tmp_path) == secret
     assert stat.S_IMODE(os.stat(tmp_path / mech.SECRET_FILE).st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [mech.SECRET_FILE]  # no second copy of it (a temp file) left behind
     a, b = mech.noise_rng(secret, ["run", "x"]).normal(size=3), mech.noise_rng(secret, ["run", "x"]).normal(size=3)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, mech.noise_rng(secret, ["run", "y"]).normal(size=3))
