@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+from server.config import FederationConfig
 from shared.errors import ConfigError
 from shared.privacy.accounting import PRIMARY, epsilon, site_calibration
 from shared.privacy.mechanisms import name_threshold
-from shared.privacy.spec import DPSpec
 
 
 def main() -> None:
@@ -24,15 +24,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--vae-steps", type=int, default=100)
     ap.add_argument("--scdg-steps", type=int, default=50)
-    ap.add_argument("--counts", action="store_true", help="count input (one more release: library statistics)")
+    ap.add_argument("--counts", action="store_true", help="count input (with DP-SGD, one more release: library statistics)")
     ap.add_argument(
         "--statistics", action="store_true", help="dp-pretraining=statistics: class means released, no DP-SGD rounds"
     )
     args = ap.parse_args()
-    rounds = 0 if args.statistics else args.rounds
+
+    def spec_at(eps: float):  # noqa: ANN202 - the DP plan the coordinator sends (server.config), not a copy of it
+        return FederationConfig.from_run_config(
+            {
+                "dp-epsilon": eps,
+                "dp-pretraining": "statistics" if args.statistics else "dp-sgd",
+                "num-pretrain-rounds": args.rounds,
+                "vae-local-steps": args.vae_steps,
+                "scdg-local-steps": args.scdg_steps,
+            }
+        ).dp_spec("table")
+
+    first = spec_at(args.epsilons[0])
     print(
-        f"schedule: {rounds} DP-SGD rounds x {args.vae_steps} VAE steps (batch 128) + "
-        f"{args.scdg_steps} SCDG steps (batch 256); count input: {args.counts}; class means: {args.statistics}"
+        f"schedule: {first.rounds} DP-SGD rounds x {first.vae_steps} VAE steps (batch {first.vae_batch}) + "
+        f"{first.scdg_steps} SCDG steps (batch {first.scdg_batch}); count input: {args.counts}; class means: "
+        f"{first.class_means}; library statistics released: {args.counts and first.library_stats}"
     )
     print(
         "| cells | epsilon | delta | one-shot noise: class means | other one-shot releases | label threshold (cells) "
@@ -41,9 +54,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for n in args.cells:
         for eps in args.epsilons:
-            spec = DPSpec(
-                eps, None, 1.0, "table", rounds, args.vae_steps, 128, args.scdg_steps, 256, class_means=args.statistics
-            )
+            spec = spec_at(eps)
             sched, delta = spec.schedule(n, has_counts=args.counts), spec.site_delta(n)
             try:
                 sched, noise = site_calibration(eps, delta, sched)  # the class means spend what the rest left

@@ -317,8 +317,8 @@ def distill_site(
     t0 = time.perf_counter()
     codes = distill_codes(vae, scdg, X, y, cfg, init_codes=init, counts=given, gene_means=means)
     seconds = time.perf_counter() - t0
-    if not site.has_counts:
-        library = np.full((n_classes, LIBRARY_STATS), np.nan, np.float32)
+    if not site.has_counts or (dp is not None and not dp.spec.library_stats):
+        library = np.full((n_classes, LIBRARY_STATS), np.nan, np.float32)  # none, or none the run may release
     elif dp is not None and b is not None:
         library = privacy.library_stats(X, site.library[idx], y, counts, dp, b.sigma("library statistics"))
     else:

@@ -310,6 +310,7 @@ class FederationConfig:
             scdg.steps,
             scdg.batch_size,
             statistics or resolve_gene_mean_weight(DistillConfig(k=self.cells_per_class), private=True) > 0,
+            library_stats=not statistics,  # models trained on drawn cells have no count head: nothing would read them
         )
 
     @property

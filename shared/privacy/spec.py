@@ -32,6 +32,9 @@ class DPSpec:
     scdg_steps: int = 0
     scdg_batch: int = 0
     class_means: bool = False  # distillation matches per-class gene means (k <= 2): one more released statistic
+    # sites with count input release per-class library statistics (what synthetic counts are sampled with); off when
+    # the models get no count head (statistics pretraining), so that no epsilon is spent on a release nothing reads
+    library_stats: bool = True
 
     @property
     def enabled(self) -> bool:
@@ -51,6 +54,7 @@ class DPSpec:
             "dp-scdg-steps": int(self.scdg_steps),
             "dp-scdg-batch": int(self.scdg_batch),
             "dp-class-means": bool(self.class_means),
+            "dp-library-stats": bool(self.library_stats),
         }
 
     @classmethod
@@ -67,6 +71,7 @@ class DPSpec:
             get(rec, "dp-scdg-steps", int),
             get(rec, "dp-scdg-batch", int),
             get(rec, "dp-class-means", bool),
+            get(rec, "dp-library-stats", bool),
         )
         spec.check()
         return spec
@@ -103,7 +108,7 @@ class DPSpec:
         one_shot = ["profile gene statistics", "label counts"]
         if self.rounds > 0:  # without DP-SGD rounds the server takes its latent moments from the models it trained
             one_shot.append("latent moments")
-        if has_counts:
+        if has_counts and self.library_stats:
             one_shot.append("library statistics")
         if self.class_means:
             one_shot.append("class gene means")

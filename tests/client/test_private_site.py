@@ -257,3 +257,20 @@ def test_noised_library_statistics_stay_within_what_the_coordinator_accepts(site
         _check_library(stats, counts)
         sds.append(stats[:, 1])
     assert np.max(sds) == pytest.approx(0.5 * LOG_LIBRARY_MAX)  # the bound is reached: without it the check above fails
+
+
+def test_a_run_without_a_count_head_gets_no_library_statistics(site: SiteData, tmp_path: Path) -> None:
+    """Under statistics pretraining (``library_stats`` off) a count site sends NaN library rows, as a site without
+    counts does, and its accountant counts no such release; with it on the same site releases them."""
+    assert site.has_counts
+    stats_only = dataclasses.replace(DP, rounds=0, library_stats=False)
+    for spec, released in ((stats_only, False), (dataclasses.replace(stats_only, library_stats=True), True)):
+        plan = _plan(site, spec)
+        vae, scdg = fresh_models(plan, latent_dim=8, seed=0)
+        req = DistillRequest(1, state_of(vae), model_json(vae), state_of(scdg), model_json(scdg), plan, {"k": 2}, 3)
+        reply = tasks.distill_site(site, req, _dp(tmp_path / str(released), spec))[0]
+        assert bool(np.isfinite(reply.library).any()) is released
+        assert reply.privacy is not None
+        named = any("library statistics" in m for m in reply.privacy["mechanisms"])
+        assert named is released
+        assert float(reply.privacy["epsilon"]) == pytest.approx(spec.epsilon, rel=0.01)

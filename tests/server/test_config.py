@@ -73,6 +73,13 @@ def test_decode_mode_auto_draws_gaussian_cells_only_under_dp_statistics_pretrain
     assert read({"decode-mode": "auto"}).to_run_config()["decode-mode"] == "auto"
 
 
+def test_library_statistics_are_released_only_where_a_count_head_reads_them() -> None:
+    read = FederationConfig.from_run_config
+    assert not read({"dp-epsilon": 8.0}).dp_spec("k").library_stats  # statistics pretraining: no count head
+    assert read({"dp-epsilon": 8.0, "dp-pretraining": "dp-sgd"}).dp_spec("k").library_stats
+    assert read({"dp-epsilon": 8.0, "pretrained-path": "/models"}).dp_spec("k").library_stats
+
+
 def test_auto_and_empty_read_as_none_and_write_back() -> None:
     cfg = FederationConfig.from_run_config({"latent-dim": "auto", "distill-init": "auto", "out-dir": ""})
     assert cfg.latent_dim is None and cfg.distill_init is None and cfg.out_dir is None

@@ -3,6 +3,7 @@ ledger."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import stat
@@ -28,6 +29,7 @@ from shared.privacy.accounting import (
     calibrate,
     epsilon,
     release_noise,
+    site_calibration,
     spend_rest,
 )
 from shared.privacy.sgd import DPSGD, clipped_sum, noisy_step_grads
@@ -82,6 +84,24 @@ def test_releases_with_different_noise_compose_as_one_gaussian() -> None:
     assert {sgd.scale(name) for name in sgd.one_shot} == {1.0}
     with pytest.raises(KeyError, match="latent moments"):
         sched.scale("latent moments")
+
+
+def test_a_run_without_a_count_head_spends_nothing_on_library_statistics() -> None:
+    """Statistics pretraining trains models with no count head, so nothing reads library statistics: the schedule
+    leaves them out and the class means get the epsilon they would have cost (same target, same delta)."""
+    cells = 300.0
+    with_lib = DPSpec(8.0, None, 1.0, "r", class_means=True)
+    without = dataclasses.replace(with_lib, library_stats=False)
+    assert "library statistics" in with_lib.schedule(cells, has_counts=True).one_shot
+    sched = without.schedule(cells, has_counts=True)
+    assert "library statistics" not in sched.one_shot and sched == without.schedule(cells, has_counts=False)
+    delta = with_lib.site_delta(cells)
+    (s1, n1), (s0, n0) = (site_calibration(8.0, delta, s.schedule(cells, has_counts=True)) for s in (with_lib, without))
+    assert epsilon(s0, n0, delta) == pytest.approx(8.0, rel=2e-3) == epsilon(s1, n1, delta)
+    assert n0.stats * s0.scale(PRIMARY) < 0.97 * n1.stats * s1.scale(PRIMARY)  # 0.635 against 0.667 here
+    assert n0.stats < 0.95 * n1.stats  # the profile and label counts gain too
+    # the wire carries the choice
+    assert DPSpec.from_items(without.items(), lambda r, k, t: t(r[k])) == without
 
 
 @pytest.mark.parametrize("cells", [60.0, 270.0, 2500.0, 20_000.0, 100_000.0])
