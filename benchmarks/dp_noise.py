@@ -15,6 +15,7 @@ from server.config import FederationConfig
 from shared.errors import ConfigError
 from shared.privacy.accounting import PRIMARY, epsilon, site_calibration
 from shared.privacy.mechanisms import name_threshold
+from shared.privacy.spec import DPSpec
 
 
 def main() -> None:
@@ -24,13 +25,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--vae-steps", type=int, default=100)
     ap.add_argument("--scdg-steps", type=int, default=50)
-    ap.add_argument("--counts", action="store_true", help="count input (with DP-SGD, one more release: library statistics)")
+    ap.add_argument(
+        "--counts", action="store_true", help="count input (with DP-SGD, one more release: library statistics)"
+    )
     ap.add_argument(
         "--statistics", action="store_true", help="dp-pretraining=statistics: class means released, no DP-SGD rounds"
     )
     args = ap.parse_args()
 
-    def spec_at(eps: float):  # noqa: ANN202 - the DP plan the coordinator sends (server.config), not a copy of it
+    def spec_at(eps: float) -> DPSpec:  # the DP plan the coordinator sends (server.config), not a copy of it
         return FederationConfig.from_run_config(
             {
                 "dp-epsilon": eps,

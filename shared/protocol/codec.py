@@ -26,7 +26,8 @@ from shared.privacy.spec import DPSpec
 # in the spec, the DP report in the distill reply; 6: keep-optimizer and balanced-heads in the pretrain request; 7: the
 # class-means pretrain stage; 8: the plan's DP center; 9: fine-tuned scores in the evaluate reply; 10: the MLP training
 # rule in the evaluate request; 11: SCAFFOLD's control variates in the pretrain request and reply; 12: the audit's
-# chance bounds in the evaluate reply; 13: whether DP sites release library statistics (not under statistics pretraining)
+# chance bounds in the evaluate reply; 13: whether DP sites release library statistics (none under statistics
+# pretraining)
 SCHEMA_VERSION = 13
 MSG_PROFILE = "query.profile"
 MSG_PRETRAIN = "train.pretrain"

@@ -199,7 +199,17 @@ def test_under_statistics_pretraining_no_model_update_leaves_a_site(
         primary = metrics["privacy_plan"][site]["noise_multiplier_class_means"]
         assert primary < rep["noise_multiplier_stats"]  # small sites: less noise than the public calibration's
         assert f"Gaussian (noise multiplier {primary:.3g}): class gene means" in rep["mechanisms"]
-        assert not any("DP-SGD" in m or "latent moments" in m for m in rep["mechanisms"])
+        # no count head reads library statistics here: count sites release none (with DP-SGD they would)
+        assert not any(w in m for w in ("DP-SGD", "latent moments", "library statistics") for m in rep["mechanisms"])
+    assert (
+        metrics["count_input"]
+        and "counts" not in read_h5ad(Path(str(cfg["out-dir"])) / "tiny" / "synthetic.h5ad").layers
+    )
+    assert all(
+        np.isnan(DistillReply.from_record(e.reply.content).library).all()
+        for e in grid.log
+        if e.message_type == MSG_DISTILL and e.reply is not None
+    )
     assert metrics["rounds"][-1]["aggregate"]["cell_weighted"]["mlp"]["accuracy"] > 0
     # decode-mode auto: each code becomes samples-per-code (10) cells drawn around its expected expression
     codes = sum(
