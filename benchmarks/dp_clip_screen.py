@@ -16,7 +16,8 @@ first clip); with ``--site-delta``, the class means' noise each site's accountan
 spends the target at the site's delta from its noised count; centered, first clip). The noise draws are shared across
 variants. With ``--joint`` it screens the coordinator's denoising instead (site's delta, centered, first clip): each
 site's release alone (the ``dp-denoise = "site"`` default), every site's together (``"joint"``,
-``shared.privacy.denoise.joint_denoise``), and the same with the shared directions shrunk.
+``shared.privacy.denoise.joint_denoise``), the same with the shared directions shrunk, and each class pooled over
+the sites that have it (``"class"``, ``shared.privacy.denoise.class_denoise``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from server.dp_pretrain import MIN_CELLS, draw_cells
 from shared.data import normalize
 from shared.privacy import mechanisms as mech
 from shared.privacy.accounting import PRIMARY, SUPPORT_SCALE, release_noise, site_calibration, stats_noise
-from shared.privacy.denoise import joint_denoise, soft_threshold_means
+from shared.privacy.denoise import class_denoise, joint_denoise, soft_threshold_means
 from shared.privacy.spec import DPSpec
 
 DRAWS = 3
@@ -115,7 +116,8 @@ def main() -> None:
         sig_means: float | None, sig_other: float, clip: float, centered: bool, draw: int, denoise: str = "site"
     ) -> float:
         """sig_means None: each site's own (``at_site_delta``). denoise: "site" (each site's release alone), "joint"
-        (every site's together, ``joint_denoise``) or "shrunk" (joint, the shared directions shrunk)."""
+        (every site's together, ``joint_denoise``), "shrunk" (joint, the shared directions shrunk) or "class" (each
+        class pooled over the sites, ``class_denoise``)."""
         rng = np.random.default_rng(100 + draw)
         center = np.zeros(len(genes))
         if centered:  # the pooled mean of every site's noised profile sums (their full-gene clipped release)
@@ -137,7 +139,9 @@ def main() -> None:
             raw.append((sums + cnt[:, None] * center) / np.maximum(cnt, 1)[:, None] * (cnt > 0)[:, None])
             counts.append(cnt)
             sds.append(sig * clip)
-        if denoise != "site":
+        if denoise == "class":
+            means = class_denoise(raw, counts, sds)
+        elif denoise != "site":
             means = joint_denoise(raw, counts, sds, shrink=denoise == "shrunk")[0]
         Xd, yd = draw_cells(means, counts, seed=draw)
         return float(LogisticRegression(max_iter=300).fit(Xd.toarray(), yd).score(X[held], y[held]))
@@ -150,6 +154,7 @@ def main() -> None:
                 ("each site alone", "site"),
                 ("all sites together (dp-denoise = joint)", "joint"),
                 ("all sites together, shared directions shrunk", "shrunk"),
+                ("each class pooled over sites (dp-denoise = class)", "class"),
             )
         ]
     variants += [("even split, clip 60", even, even, 60.0, False, "site")]
@@ -169,7 +174,7 @@ def main() -> None:
     print("| variant | held-out LR accuracy (mean of 3 noise draws) | draws |")
     print("|---|---|---|")
     if args.joint:
-        variants = variants[:3]  # the denoising screen alone
+        variants = variants[:4]  # the denoising screen alone
     for name, s_means, s_other, clip, centered, how in variants:
         accs = [score(s_means, s_other, clip, centered, d, how) for d in range(DRAWS)]
         print(f"| {name} | {np.mean(accs):.3f} | {' / '.join(f'{v:.3f}' for v in accs)} |", flush=True)

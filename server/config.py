@@ -112,10 +112,10 @@ class FederationConfig:
     # DP-SGD at the sites). Chosen on validation cells: benchmarks/results/dp_curve.md
     dp_pretraining: Literal["statistics", "dp-sgd"] = "statistics"
     # with statistics pretraining, how the coordinator denoises the sites' released class means (post-processing):
-    # "site" (each site's release alone) or "joint" (every site's together: the directions the sites' classes share
-    # are kept, shared.privacy.denoise). Chosen on validation cells: benchmarks/results/dp_curve.md ("joint" is ahead
-    # at epsilon 8 and behind below it)
-    dp_denoise: Literal["site", "joint"] = "site"
+    # "site" (each site's release alone), "joint" (every site's together: the directions the sites' classes share
+    # are kept) or "class" (each class pooled over the sites that released it, site effects apart;
+    # shared.privacy.denoise). Chosen on validation cells: benchmarks/results/dp_curve.md
+    dp_denoise: Literal["site", "joint", "class"] = "site"
     # server-side fine-tuning and evaluation models
     finetune_steps: int = 20
     finetune_lr: float = 1e-5

@@ -4,9 +4,9 @@ Each site releases its per-class gene means once: a Gaussian mechanism on clippe
 (``client.privacy.class_gene_means``), the very release its distillation matches later (the noise
 is keyed by run, site and release, so the second use costs nothing), with the noised cell counts
 its profile already released. The server denoises the releases (``shared.privacy.denoise``, run
-config ``dp-denoise``: each site's alone or all together), draws cells around every denoised mean and
-trains the VAE and the SCDG on them as pooled pretraining, and sends each site its denoised means for
-its distillation: post-processing of released statistics, no further privacy cost and no model update
+config ``dp-denoise``: each site's alone, all together, or each class over the sites), draws cells around
+every denoised mean and trains the VAE and the SCDG on them as pooled pretraining, and sends each site its
+denoised means for its distillation: post-processing of released statistics, no further privacy cost and no model update
 leaving a site.
 
 Why not DP-SGD: at sites of a few hundred to a few thousand cells the noise that DP-SGD needs for a
@@ -38,7 +38,7 @@ from shared.models import SCDG, VAE
 from shared.models.vae import CELL_VAR_RATIO, LOG_MAX
 from shared.pretrain import PretrainConfig
 from shared.privacy import mechanisms as mech
-from shared.privacy.denoise import joint_denoise, soft_threshold_means
+from shared.privacy.denoise import class_denoise, joint_denoise, soft_threshold_means
 from shared.protocol import Plan
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ def released_means(
     sds = [noise[r.site] * bound for r in replies]
     if cfg.dp_denoise == "joint":
         means, kept = joint_denoise(raw, counts, sds)
+    elif cfg.dp_denoise == "class":
+        means, kept = class_denoise(raw, counts, sds), 0
     else:
         means = [soft_threshold_means(m * n[:, None], n, sd) for m, n, sd in zip(raw, counts, sds, strict=True)]
         kept = 0

@@ -2,7 +2,7 @@
 
 Each site releases, once per run, per-class gene means with Gaussian noise of a known standard deviation
 (``client.privacy.class_gene_sums``: the noise sd of a class's sum is public, so the sd of its mean is that over the
-released count). Two ways to denoise them:
+released count). Three ways to denoise them:
 
 - ``soft_threshold_means`` (one site alone): each class's difference to the site's mean cell is soft-thresholded gene by
   gene at ``threshold`` x its noise sd. Most genes do not tell one class from another; their noised differences are
@@ -13,6 +13,11 @@ released count). Two ways to denoise them:
   signal plus white noise. Its singular directions above the largest singular value that white noise of that shape
   reaches (about sqrt(genes) + sqrt(rows)) are kept at their size; what they leave is soft-thresholded as one site
   alone would. With no direction above the edge this is exactly ``soft_threshold_means`` at every site.
+- ``class_denoise`` (the coordinator; ``dp-denoise = "class"``): cell types are named alike at every site, so each
+  class's means at the sites that released it are pooled (weighted by their inverse noise variance) after an additive
+  site effect is taken out; the class effect, the site effects and each (site, class) rest are soft-thresholded at 1
+  noise sd each. A small class at one site borrows its type's signal from the sites where that type is large. With
+  one site it is exactly ``soft_threshold_means``.
 
 Screened (``benchmarks/results/dp_curve.md``): offline (``benchmarks/dp_clip_screen.py DATA PLAN --joint``, a logistic
 regression on cells drawn around the means) and in the federation, paired (``benchmarks/dp_denoise_pair.sh``, the same
@@ -108,4 +113,62 @@ def joint_denoise(
     return out, kept
 
 
-__all__ = ["SHRINK", "joint_denoise", "soft_threshold_means"]
+def class_denoise(
+    means: Sequence[np.ndarray],
+    counts: Sequence[np.ndarray],
+    noise_sd: Sequence[float],
+    threshold: float = SHRINK,
+) -> list[np.ndarray]:
+    """Every site's denoised (C, G) class means, each class pooled over the sites that released it.
+
+    Cell types are named the same at every site, so a class's mean at one site and at another differ by the sites'
+    effects and noise. Per gene, an additive model ``mean[site, class] = class effect + site effect + rest`` is fitted
+    by weighted least squares (weights: the inverse noise variance of each released mean, ``(count / noise_sd)^2``;
+    the site effects cell-weighted to 0). Each part is soft-thresholded at ``threshold`` x its own noise
+    sd: the class effect's difference to the overall mean cell (its noise falls with every site that has the class),
+    the site effect, and each (site, class) rest. A class at one site only is thresholded against the overall mean
+    cell instead of its site's. Inputs as ``joint_denoise``; means are clipped at 0; unreleased rows come back 0.
+    """
+    n_sites = len(means)
+    out = [np.zeros(np.shape(m), np.float64) for m in means]
+    if n_sites == 0:
+        return out
+    M = np.stack([np.asarray(m, np.float64) for m in means])  # (S, C, G)
+    N = np.stack([np.asarray(n, np.float64) for n in counts])  # (S, C)
+    sd = np.asarray(noise_sd, np.float64)
+    given = N > 0
+    if not given.any():
+        return out
+    if np.any(sd <= 0):  # no noise to remove: the releases are the means
+        for i in range(n_sites):
+            out[i][given[i]] = np.maximum(M[i][given[i]], 0.0)
+        return out
+    w = np.where(given, (N / sd[:, None]) ** 2, 0.0)  # inverse noise variance of each mean, per gene
+    overall = (M * N[:, :, None]).sum((0, 1)) / N.sum()  # the mean cell over every released cell
+    # weighted least squares, every gene at once (the weights do not depend on the gene): one row per released mean
+    rows_i, rows_c = np.nonzero(given)
+    A = np.zeros((rows_i.size, M.shape[1] + n_sites))
+    A[np.arange(rows_i.size), rows_c] = 1.0
+    A[np.arange(rows_i.size), M.shape[1] + rows_i] = 1.0
+    root = np.sqrt(w[rows_i, rows_c])[:, None]
+    theta = np.linalg.lstsq(A * root, M[rows_i, rows_c] * root, rcond=None)[0]
+    cls, site = theta[: M.shape[1]], theta[M.shape[1] :]
+    shift = (N.sum(1) / N.sum()) @ site  # the site effects cell-weighted to 0: the class effects are the average site's
+    site, cls = site - shift, cls + shift
+    wc, ws = w.sum(0), w.sum(1)  # (C,), (S,)
+    has = wc > 0
+    cls_sd = np.zeros(len(wc))
+    cls_sd[has] = 1.0 / np.sqrt(wc[has])
+    site_sd = 1.0 / np.sqrt(np.maximum(ws, 1e-300))
+    cls_d = overall + _soft(cls - overall, threshold * cls_sd[:, None])
+    site_d = _soft(site, threshold * site_sd[:, None])
+    for i in range(n_sites):
+        for c in np.flatnonzero(given[i]):
+            rest_sd = math.sqrt(max(1.0 / w[i, c] - 1.0 / wc[c], 0.0))  # the rest's noise, less what the class shares
+            rest = M[i, c] - cls[c] - site[i]
+            out[i][c] = np.maximum(cls_d[c] + site_d[i] + _soft(rest, threshold * rest_sd), 0.0)
+    logger.info("DP class means: %d classes pooled over %d sites", int(has.sum()), n_sites)
+    return out
+
+
+__all__ = ["SHRINK", "class_denoise", "joint_denoise", "soft_threshold_means"]

@@ -15,7 +15,7 @@ from server.cli.simulation import run_in_process
 from server.config import FederationConfig
 from server.privacy import check_report, privacy_plan
 from shared.errors import ConfigError, ProtocolError
-from shared.privacy.denoise import joint_denoise, soft_threshold_means
+from shared.privacy.denoise import class_denoise, joint_denoise, soft_threshold_means
 from shared.privacy.spec import DPSpec
 from shared.protocol import (
     MSG_DISTILL,
@@ -245,7 +245,7 @@ def test_run_config_dp_keys() -> None:
         {"dp-epsilon": 1, "dp-delta": 0.5},
         {"dp-epsilon": 1, "dp-max-grad-norm": 0},
         {"dp-epsilon": 1, "dp-pretraining": "sgd"},
-        {"dp-epsilon": 1, "dp-denoise": "both"},  # site or joint
+        {"dp-epsilon": 1, "dp-denoise": "both"},  # site, joint or class
         {"dp-epsilon": 1, "init-path": "/some/reference"},  # init-path starts FedAvg, which statistics replaces
     ):
         with pytest.raises(ConfigError, match="dp-"):
@@ -254,15 +254,17 @@ def test_run_config_dp_keys() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["joint", "class"])
 def test_a_resumed_dp_run_asks_the_sites_for_the_same_class_means_again(
+    mode: str,
     tiny_config: dict[str, object],
     site_cache: dict[str, str],
     interrupt_at_round: Callable[[int], Callable[[], None]],
 ) -> None:
     """The denoised class means are not checkpointed: after a resume the coordinator asks every site for its release
     again (the same request, so the same noised numbers and nothing new for the accountant), denoises them together
-    (dp-denoise = "joint") and sends each its rows."""
-    cfg = {**tiny_config, "dp-epsilon": 50.0, "num-distill-rounds": 2, "cells-per-class": 3, "dp-denoise": "joint"}
+    (dp-denoise = "joint", or "class": each class over the sites) and sends each its rows."""
+    cfg = {**tiny_config, "dp-epsilon": 50.0, "num-distill-rounds": 2, "cells-per-class": 3, "dp-denoise": mode}
     let_through = interrupt_at_round(2)
     with pytest.raises(KeyboardInterrupt):
         run_in_process(cfg, num_nodes=3, node_configs=[site_cache] * 3)
@@ -283,10 +285,13 @@ def test_a_resumed_dp_run_asks_the_sites_for_the_same_class_means_again(
     }
     order = sorted(asked)
     noise = [metrics["privacy_plan"][name[n]]["noise_multiplier_class_means"] * 30.0 for n in order]
-    expected, kept = joint_denoise(
-        [asked[n].class_means.astype(np.float64) for n in order], [asked[n].class_counts for n in order], noise
+    raw = [asked[n].class_means.astype(np.float64) for n in order]
+    expected, kept = (
+        joint_denoise(raw, [asked[n].class_counts for n in order], noise)
+        if mode == "joint"
+        else (class_denoise(raw, [asked[n].class_counts for n in order], noise), 0)
     )
-    assert metrics["pretrain"]["denoise"] == {"mode": "joint", "shared_directions": kept}
+    assert metrics["pretrain"]["denoise"] == {"mode": mode, "shared_directions": kept}
     sent = {
         e.node_id: DistillRequest.from_record(e.instruction.content).class_means
         for e in grid.log
