@@ -57,6 +57,7 @@ def site_secret(cache: Path) -> bytes:
     """The site's noise secret (created once, mode 0600, in its private cache folder)."""
     path = cache / SECRET_FILE
     if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{SECRET_FILE}.")  # mode 0600, a name of its own per process
         try:
             with os.fdopen(fd, "wb") as f:

@@ -234,6 +234,8 @@ def test_site_secret_is_private_stable_and_keys_the_noise(tmp_path) -> None:
     (tmp_path / mech.SECRET_FILE).write_bytes(b"short")
     with pytest.raises(Exception, match="damaged"):
         mech.site_secret(tmp_path)
+    fresh = tmp_path / "not" / "there"  # a cache folder not made yet is made, private
+    assert len(mech.site_secret(fresh)) == mech.SECRET_BYTES and stat.S_IMODE(fresh.stat().st_mode) == 0o700
 
 
 def test_ledger_allows_a_retry_and_refuses_a_second_release(tmp_path) -> None:
