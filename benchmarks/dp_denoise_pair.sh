@@ -4,6 +4,9 @@
 # denoising of the class means differs. One seed, one epsilon; VALIDATION cells choose (metrics.json's validation blocks).
 #   [MODES="joint site"] benchmarks/dp_denoise_pair.sh FILE OUT_DIR SEED EPSILON [KEY=VALUE ...]
 # then: python benchmarks/dp_summary.py OUT_DIR/joint; python benchmarks/dp_summary.py OUT_DIR/site
+# Arms whose releases differ (another noise calibration: code of another commit) must not share a site cache: each
+# site's ledger refuses a second, different release under one run key. Give each such arm its own TMPDIR holding a
+# copy of the sites' fedscdd-cache-$UID/dp-secret (same secret, same noise draws; a fresh ledger).
 set -euo pipefail
 file=$1; out=$2; seed=$3; eps=$4; shift 4
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

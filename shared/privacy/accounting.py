@@ -43,10 +43,11 @@ NAMES_DELTA_SHARE = 0.1  # share of delta for releasing a label name only above 
 # does not converge at high sampling rates, and small sites train at rates near 1).
 ORDERS = (*range(2, 129), 160, 192, 256, 384, 512, 1024)
 PRIMARY = "class gene means"  # without DP-SGD, the release every model and code is fitted to
-# Without DP-SGD, each other one-shot release (plan profile, label counts, library statistics) gets this many times the
-# class means' noise. 2 was compared with 1 (the even split) on validation cells; 1.5 to 8 were screened offline later
-# (3-4 gain about 0.008 there, but the label-name threshold rises with it: not adopted without the federation's runs;
-# benchmarks/results/dp_curve.md). The composition stays exact.
+# Without DP-SGD, each other one-shot release (plan profile, label counts) gets this many times the class means' noise.
+# 2 was compared with 1 (the even split) on validation cells; 1.5 to 8 were screened offline later (3-4 gain about 0.008
+# there), and 3 in the federation (paired, 15 runs: validation MLP +0.010 at epsilon 8, but -0.030 / LR -0.043 at
+# epsilon 2, where a label name then needs 38 cells instead of 28; benchmarks/results/dp_curve.md). The composition
+# stays exact.
 SUPPORT_SCALE = 2.0
 
 
