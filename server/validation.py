@@ -179,8 +179,12 @@ def validate_distill(
     if not math.isfinite(reply.distill_seconds) or reply.distill_seconds < 0:
         msg = "distill-seconds must be a non-negative number"
         raise ProtocolError(msg)
+    dp = req.plan.spec.dp
+    if dp.enabled and not dp.library_stats and np.isfinite(reply.library).any():
+        msg = "library statistics from a site whose DP plan releases none (statistics pretraining): unbudgeted"
+        raise ProtocolError(msg)
     _check_library(reply.library, counts)
-    check_report(reply.privacy, dp_on=req.plan.spec.dp.enabled, target=req.plan.spec.dp.epsilon)
+    check_report(reply.privacy, dp_on=dp.enabled, target=dp.epsilon)
 
 
 def _check_library(library: np.ndarray, class_counts: np.ndarray) -> None:

@@ -19,6 +19,7 @@ from server.validation import (
     validate_profile,
 )
 from shared.errors import ProtocolError
+from shared.privacy.spec import DPSpec
 from shared.protocol import (
     EVALUATORS,
     DistillReply,
@@ -29,6 +30,7 @@ from shared.protocol import (
     PretrainReply,
     PretrainRequest,
     ProfileReply,
+    SiteSpec,
     wire_bytes,
 )
 from shared.protocol.codec import KEY_CODES, KEY_CONFIG, KEY_LATENT, KEY_METRICS, KEY_STATS, KEY_WEIGHTS, SCHEMA_KEY
@@ -104,6 +106,28 @@ def test_the_valid_reply_passes() -> None:
     check_distill(_distill())
     check_distill(_distill(np.full((3, 3), np.nan, np.float32)))  # a site without count input
     assert wire_bytes(_distill()) <= distill_budget(K, 3, D)
+
+
+def test_library_statistics_the_dp_plan_does_not_release_are_refused() -> None:
+    """Under DP statistics pretraining no site may send library statistics (its accountant did not count them)."""
+    dp = DPSpec(8.0, None, 1.0, "run", class_means=True, library_stats=False)
+    req = dataclasses.replace(DREQ, plan=Plan(PLAN.genes, PLAN.classes, SiteSpec(dp=dp)))
+    report = {
+        "epsilon": 8.0,
+        "delta": 1e-4,
+        "mechanisms": ["Gaussian: class gene means"],
+        "noise_multiplier_sgd": 0.0,
+        "noise_multiplier_stats": 1.5,
+    }
+    codes = np.arange(16, dtype=np.float32).reshape(4, D) / 16
+
+    def check(library: np.ndarray) -> None:
+        rd = DistillReply(1, codes, np.array([0, 0, 1, 1], np.int32), np.array([5, 5, 0]), 0.5, library, privacy=report)
+        validate_distill(decode(rd.to_record(), DistillReply), req, latent_dim=D, site_classes=SITE_CLASSES, wire=0)
+
+    check(np.full((3, 3), np.nan, np.float32))
+    with pytest.raises(ProtocolError, match="library statistics from a site whose DP plan releases none"):
+        check(LIBRARY)
 
 
 @pytest.mark.parametrize("case", sorted(DISTILL_CASES))
