@@ -1,6 +1,7 @@
-"""Markdown table of a dp_curve.sh folder: test accuracy (MLP, logistic regression), the epsilon each site's
-accountant spent, and the membership audits: the largest over sites and seeds, and how many site audits score above
-their own chance bound (``shared.audit.null_bound``; runs of releases without the bound count as n/a).
+"""Markdown table of a dp_curve.sh (or dp_denoise_pair.sh arm) folder: test and validation accuracy (MLP, logistic
+regression) and the epsilon each site's accountant spent per run; the means over seeds per file and over every run per
+epsilon; the membership audits: the largest over sites and seeds, and how many site audits score above their own
+chance bound (``shared.audit.null_bound``; runs of releases without the bound count as n/a).
 
 python benchmarks/dp_summary.py OUT_DIR
 """
@@ -83,6 +84,14 @@ def main() -> None:
             f"| {name} | {eps if float(eps) > 0 else 'off'} | {len(vals)} | {mlp:.3f} | {lr:.3f} | {vmlp:.3f} "
             f"| {vlr:.3f} |"
         )
+
+    print("\nMean over every run at each epsilon, all files together (what the paired screens compare):\n")
+    print("| epsilon | runs | MLP | LR | validation MLP | validation LR |")
+    print("|---|---|---|---|---|---|")
+    for eps in sorted({e for _, e in rows}, key=float, reverse=True):
+        runs = [v for (_, e), vals in rows.items() if e == eps for v in vals]
+        mlp, lr, vmlp, vlr = (sum(v[i] for v in runs) / len(runs) for i in range(4))
+        print(f"| {eps if float(eps) > 0 else 'off'} | {len(runs)} | {mlp:.3f} | {lr:.3f} | {vmlp:.3f} | {vlr:.3f} |")
 
     print("\nMembership audits, the largest over sites and seeds (AUC; 0.5 = nothing learned):\n")
     print("In brackets: site audits above their own chance bound (95th percentile without signal), of all scored.\n")

@@ -182,3 +182,4 @@ def test_dp_summary_counts_the_site_audits_above_their_chance_bound(tmp_path: Pa
     ).stdout
     assert "| kang | 8 | 0.620 (1 of 2) |  | 0.580 (0 of 2) |" in out, out
     assert "| kang | 8 | 1 | 0.800 | 0.800 | 0.700 | 0.750 |" in out, out  # the mean over seeds, validation beside test
+    assert "| 8 | 1 | 0.800 | 0.800 | 0.700 | 0.750 |" in out.splitlines(), out  # every run at that epsilon, all files
