@@ -131,6 +131,9 @@ def class_denoise(
     cell instead of its site's. Inputs as ``joint_denoise``; means are clipped at 0; unreleased rows come back 0.
     """
     n_sites = len(means)
+    if not len(counts) == len(noise_sd) == n_sites:
+        msg = f"{n_sites} sites' means, {len(counts)} sites' counts and {len(noise_sd)} noise sds: one of each per site"
+        raise ValueError(msg)
     out = [np.zeros(np.shape(m), np.float64) for m in means]
     if n_sites == 0:
         return out

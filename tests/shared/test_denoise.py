@@ -151,6 +151,8 @@ def test_noise_free_means_come_back_as_they_are() -> None:
 def test_sites_and_counts_must_match() -> None:
     with pytest.raises(ValueError):
         joint_denoise([np.ones((2, 3))], [np.array([1, 1]), np.array([1, 1])], [1.0])
+    with pytest.raises(ValueError, match="one of each per site"):
+        class_denoise([np.ones((2, 3))], [np.array([1, 1]), np.array([1, 1])], [1.0])
 
 
 def test_class_pooling_at_one_site_is_that_sites_own_threshold() -> None:
