@@ -14,6 +14,29 @@ import sys
 from pathlib import Path
 
 AUDITS = ("seed_mia", "population_mia", "density_mia")
+NAN = float("nan")
+
+
+def runs(out: Path) -> list[tuple[str, str, str, Path]]:
+    """(file name, epsilon, seed, log path) of every run log in ``out`` (``NAME-epsE-seedS.log``), sorted."""
+    found = []
+    for log in sorted(out.glob("*-eps*-seed*.log")):
+        m = re.match(r"(.+)-eps([\d.]+)-seed(\d+)\.log$", log.name)
+        if m:
+            found.append((*m.groups(), log))
+    return found
+
+
+def scores(mt: dict) -> tuple[float, float, float, float]:
+    """(test MLP, test LR, validation MLP, validation LR) of a finished run's last round, cell-weighted over sites."""
+    agg = mt["rounds"][-1]["aggregate"]
+    cw, val = agg["cell_weighted"], agg.get("validation", {}).get("cell_weighted", {})
+    return (
+        cw["mlp"]["accuracy"],
+        cw["logreg"]["accuracy"],
+        val.get("mlp", {}).get("accuracy", NAN),
+        val.get("logreg", {}).get("accuracy", NAN),
+    )
 
 
 def main() -> None:
@@ -30,11 +53,7 @@ def main() -> None:
         "| local-only MLP | epsilon spent (max over sites) | sites |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for log in sorted(out.glob("*-eps*-seed*.log")):
-        m = re.match(r"(.+)-eps([\d.]+)-seed(\d+)\.log$", log.name)
-        if not m:
-            continue
-        name, eps, seed = m.groups()
+    for name, eps, seed, log in runs(out):
         metrics = log.with_suffix("") / "metrics.json"
         if not metrics.is_file():
             last = (log.read_text().strip().splitlines()[-1:] or [""])[0]
@@ -47,17 +66,14 @@ def main() -> None:
         if not mt.get("rounds"):
             print(f"| {name} | {eps} | {seed} | stopped: {mt.get('stopped', {}).get('reason', '?')} | | | | | | |")
             continue
-        agg = mt["rounds"][-1]["aggregate"]
-        cw, val = agg["cell_weighted"], agg.get("validation", {}).get("cell_weighted", {})
+        mlp, lr, vmlp, vlr = scores(mt)
         local = [
             s["local_only"]["mlp"]["accuracy"]
             for s in mt["rounds"][-1]["sites"].values()
             if s.get("local_only", {}).get("mlp")
         ]
         spent = max((p["epsilon"] for p in mt.get("privacy", {}).values()), default=float("nan"))
-        vmlp = val.get("mlp", {}).get("accuracy", float("nan"))
-        vlr = val.get("logreg", {}).get("accuracy", float("nan"))
-        rows.setdefault((name, eps), []).append((cw["mlp"]["accuracy"], cw["logreg"]["accuracy"], vmlp, vlr))
+        rows.setdefault((name, eps), []).append((mlp, lr, vmlp, vlr))
         worst = audits.setdefault((name, eps), {})
         for site in mt["rounds"][-1]["sites"].values():
             for key in AUDITS:
@@ -68,8 +84,8 @@ def main() -> None:
                     if bound is not None and bound == bound:
                         above.setdefault((name, eps, key), []).append(value > bound)
         print(
-            f"| {name} | {eps if float(eps) > 0 else 'off'} | {seed} | {cw['mlp']['accuracy']:.3f} "
-            f"| {cw['logreg']['accuracy']:.3f} | {vmlp:.3f} | {vlr:.3f} | "
+            f"| {name} | {eps if float(eps) > 0 else 'off'} | {seed} | {mlp:.3f} "
+            f"| {lr:.3f} | {vmlp:.3f} | {vlr:.3f} | "
             f"{sum(local) / max(len(local), 1):.3f} | {spent:.3f} | {len(mt['rounds'][-1]['sites'])} |"
         )
 
@@ -89,9 +105,9 @@ def main() -> None:
     print("| epsilon | runs | MLP | LR | validation MLP | validation LR |")
     print("|---|---|---|---|---|---|")
     for eps in sorted({e for _, e in rows}, key=float, reverse=True):
-        runs = [v for (_, e), vals in rows.items() if e == eps for v in vals]
-        mlp, lr, vmlp, vlr = (sum(v[i] for v in runs) / len(runs) for i in range(4))
-        print(f"| {eps if float(eps) > 0 else 'off'} | {len(runs)} | {mlp:.3f} | {lr:.3f} | {vmlp:.3f} | {vlr:.3f} |")
+        every = [v for (_, e), vals in rows.items() if e == eps for v in vals]
+        mlp, lr, vmlp, vlr = (sum(v[i] for v in every) / len(every) for i in range(4))
+        print(f"| {eps if float(eps) > 0 else 'off'} | {len(every)} | {mlp:.3f} | {lr:.3f} | {vmlp:.3f} | {vlr:.3f} |")
 
     print("\nMembership audits, the largest over sites and seeds (AUC; 0.5 = nothing learned):\n")
     print("In brackets: site audits above their own chance bound (95th percentile without signal), of all scored.\n")
