@@ -116,6 +116,10 @@ class FederationConfig:
     # are kept) or "class" (each class pooled over the sites that released it, site effects apart;
     # shared.privacy.denoise). Chosen on validation cells: benchmarks/results/dp_curve.md
     dp_denoise: Literal["site", "joint", "class"] = "site"
+    # with statistics pretraining, each site's decoded cells of a class are shifted so that their mean is the class mean
+    # the site released, as denoised (post-processing: the decoder's error on that mean is taken out). Chosen on
+    # validation cells: benchmarks/results/dp_curve.md
+    dp_recenter: bool = True
     # server-side fine-tuning and evaluation models
     finetune_steps: int = 20
     finetune_lr: float = 1e-5

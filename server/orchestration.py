@@ -381,6 +381,7 @@ def run_round(run: Run, rnd: int) -> None:
         mode=mode,
         seed=run.cfg.seed + 10 * rnd,
         samples_per_code=run.cfg.samples_per_code,
+        class_means=_site_means(run) if run.cfg.dp_recenter else None,
     )
     t1 = time.perf_counter()
     losses = finetune_generator(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -19,7 +19,7 @@ from shared.distill import Codes, generate, latents
 from shared.evaluation import MLPTrainConfig, fit_logreg, train_mlp
 from shared.fitting import TrainConfig, fit_scdg
 from shared.models import SCDG, VAE, MLPClassifier
-from shared.models.vae import DecodeMode
+from shared.models.vae import LOG_MAX, DecodeMode, gaussian_cells
 from shared.pretrain import new_models
 from shared.protocol import Plan
 from shared.synthetic import fuse, to_anndata
@@ -63,6 +63,19 @@ def counts_available(parts: Sequence[SiteCodes], vae: VAE) -> bool:
     )
 
 
+def recenter(X: np.ndarray, labels: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """``X`` with each class's rows shifted so that their mean is that class's row of ``means`` (clipped to the
+    log-normalised range); a class whose row of ``means`` is all zero (its name was not released) is left alone."""
+    out = np.array(X, dtype=np.float32, copy=True)
+    for c in np.unique(labels):
+        target = np.asarray(means[c], dtype=np.float64)
+        if not np.any(target > 0):
+            continue
+        rows = labels == c
+        out[rows] += (target - out[rows].mean(axis=0, dtype=np.float64)).astype(np.float32)
+    return np.clip(out, 0.0, LOG_MAX)
+
+
 def fuse_round(
     parts: Sequence[SiteCodes],
     vae: VAE,
@@ -74,6 +87,7 @@ def fuse_round(
     mode: DecodeMode,
     seed: int,
     samples_per_code: int = 1,
+    class_means: Mapping[str, np.ndarray] | None = None,
 ) -> ad.AnnData:
     """Decode every site's codes with the generator they were made with and fuse them into one AnnData.
 
@@ -81,7 +95,10 @@ def fuse_round(
     decoder's expected expression (``layers["expected"]``); ``X`` holds what ``mode`` asks for, where
     "counts" (X = the sampled counts, log-normalised like the real cells) falls back to "expected"
     when counts are not available. The drawing modes (``DRAWING_MODES``) draw ``samples_per_code`` cells from every
-    code.
+    code. ``class_means`` (per site, (C, G): the class means it released, as the coordinator denoised them; DP
+    statistics pretraining with ``dp-recenter``): in the "expected" and "gaussian" modes, each class's expected
+    expression is shifted onto its mean (``recenter``) before X is taken or drawn from it; ``layers["expected"]``
+    keeps the decoder's own.
     """
     with_counts = counts_available(parts, vae)
     if mode == "counts" and not with_counts:
@@ -111,13 +128,18 @@ def fuse_round(
                 layers["counts"], counts_X = sample_counts(
                     site_vae, latents(scdg, codes), codes.labels, library, seed=seed_i
                 )
-            cells = (
-                counts_X
-                if mode == "counts"
-                else layers["expected"]
-                if mode == "expected"
-                else generate(site_vae, scdg, codes, mode=mode, seed=seed_i)
-            )
+            if class_means is not None and part.site in class_means and mode in ("expected", "gaussian"):
+                shifted = recenter(layers["expected"], codes.labels, class_means[part.site])
+                gen = torch.Generator().manual_seed(seed_i)  # the public cell model around it, as `generate` draws
+                cells = shifted if mode == "expected" else gaussian_cells(torch.as_tensor(shifted), gen).numpy()
+            else:
+                cells = (
+                    counts_X
+                    if mode == "counts"
+                    else layers["expected"]
+                    if mode == "expected"
+                    else generate(site_vae, scdg, codes, mode=mode, seed=seed_i)
+                )
         pieces.append(
             to_anndata(
                 cells,

@@ -28,6 +28,12 @@ CELL_VAR_RATIO = 0.5
 LOG_MAX = math.log1p(1e4)  # the largest log-normalised value a cell can have (all its counts on one gene)
 
 
+def gaussian_cells(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cells drawn around expected profiles ``x`` (n, G) with the public cell model (seeded through ``generator``)."""
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)  # on CPU: same on any device
+    return (x + torch.sqrt(CELL_VAR_RATIO * x) * noise).clamp(0.0, LOG_MAX)
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """Shape and loss weights of the latent autoencoder."""
@@ -191,9 +197,7 @@ class VAE(nn.Module):
         if mode == "expected":
             return torch.sigmoid(logit) * mean
         if mode == "gaussian":
-            x = torch.sigmoid(logit) * mean
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)  # on CPU: same on any device
-            return (x + torch.sqrt(CELL_VAR_RATIO * x) * noise).clamp(0.0, LOG_MAX)
+            return gaussian_cells(torch.sigmoid(logit) * mean, generator)
         if mode == "sample":
             return mean * torch.bernoulli(torch.sigmoid(logit), generator=generator)
         if mode == "sparse":

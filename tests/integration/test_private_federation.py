@@ -222,10 +222,25 @@ def test_under_statistics_pretraining_no_model_update_leaves_a_site(
     assert synthetic.n_obs == 10 * codes == metrics["rounds"][-1]["n_synthetic"]
     X, expected = synthetic.X.toarray(), synthetic.layers["expected"].toarray()
     assert (X >= 0).all() and not np.allclose(X, expected, atol=1e-3)
+    # dp-recenter (default true): each site's cells of a class are drawn around the class mean it released, as
+    # denoised and sent back to it, not around the decoder's own expression (kept in layers["expected"])
+    site_of = synthetic.obs["site"].to_numpy()
+    label_of = synthetic.obs["cell_type"].cat.codes.to_numpy()
+    closer = []  # per (site, class): mean |gap| to the sent mean of X's class mean, and of the expected layer's
+    for n in order:
+        for c in np.unique(label_of[site_of == name[n]]):
+            rows = (site_of == name[n]) & (label_of == c)
+            want = np.asarray(sent[n][c], np.float64)
+            closer.append(
+                (float(np.abs(X[rows].mean(0) - want).mean()), float(np.abs(expected[rows].mean(0) - want).mean()))
+            )
+    assert closer and all(x < 0.3 and x < 0.25 * e for x, e in closer)
 
 
 def test_run_config_dp_keys() -> None:
     stats = FederationConfig.from_run_config({"dp-epsilon": 4}).site_spec("run-x").dp
+    assert FederationConfig.from_run_config({"dp-epsilon": 4}).dp_recenter  # the default
+    assert not FederationConfig.from_run_config({"dp-epsilon": 4, "dp-recenter": False}).dp_recenter
     assert stats.rounds == 0 and stats.class_means  # the default: no DP-SGD, the class means released once
     cfg = FederationConfig.from_run_config(
         {"dp-epsilon": 4, "dp-delta": 1e-6, "dp-max-grad-norm": 0.5, "dp-pretraining": "dp-sgd"}

@@ -75,6 +75,36 @@ def test_gaussian_mode_draws_samples_per_code_cells_around_each_code() -> None:
     assert '"samples_per_code": 4' in fused.uns["fedscdd"]["provenance_json"]
 
 
+def test_recentering_moves_each_class_of_a_site_onto_the_mean_it_released() -> None:
+    vae, scdg = _models()
+    parts = _parts()
+    rng = np.random.default_rng(1)
+    means = {"site-a": rng.uniform(0.0, 2.0, (CLASSES, GENES)).astype(np.float32)}
+    means["site-a"][2] = 0.0  # a class whose name the site did not release: left as decoded
+    plain = fuse_round(parts, vae, scdg, PLAN, round_=1, provenance={}, mode="expected", seed=3)
+    fused = fuse_round(parts, vae, scdg, PLAN, round_=1, provenance={}, mode="expected", seed=3, class_means=means)
+    site = fused.obs["site"].to_numpy()
+    labels = fused.obs["cell_type"].cat.codes.to_numpy()
+    X, before = fused.X.toarray(), plain.X.toarray()
+    for c in range(2):  # the class's cells now average to the released mean (up to clipping at 0), spread unchanged
+        rows = (site == "site-a") & (labels == c)
+        unclipped = (X[rows] > 0).all(axis=0)
+        assert unclipped.mean() > 0.5
+        assert np.allclose(X[rows].mean(0)[unclipped], means["site-a"][c][unclipped], atol=1e-4)
+        assert np.allclose(X[rows].std(0)[unclipped], before[rows].std(0)[unclipped], atol=1e-4)
+    untouched = (site == "site-b") | (labels == 2)
+    assert np.allclose(X[untouched], before[untouched])
+    assert np.allclose(fused.layers["expected"].toarray(), before)  # the layer keeps the decoder's own expression
+    # gaussian cells are drawn around the shifted expression
+    drawn = fuse_round(
+        parts, vae, scdg, PLAN, round_=1, provenance={}, mode="gaussian", seed=3, samples_per_code=8, class_means=means
+    )
+    rows = (drawn.obs["site"].to_numpy() == "site-a") & (drawn.obs["cell_type"].cat.codes.to_numpy() == 0)
+    gap = drawn.X.toarray()[rows].mean(0) - means["site-a"][0]
+    assert abs(float(gap.mean())) < 0.05 and float(np.abs(gap).mean()) < 0.2
+    assert float(np.abs(drawn.layers["expected"].toarray()[rows].mean(0) - means["site-a"][0]).mean()) > 0.3
+
+
 def test_without_count_input_at_a_site_there_are_no_counts_and_x_falls_back(caplog: pytest.LogCaptureFixture) -> None:
     vae, scdg = _models()
     parts = _parts(np.full((CLASSES, 3), np.nan, np.float32))  # site-b holds log-normalised data only
