@@ -101,7 +101,10 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.runs.is_dir():
-        raise SystemExit(f"{args.runs}: no such folder; pass the folder benchmarks/dp_curve.sh wrote (OUT_DIR/site)")
+        raise SystemExit(
+            f"{args.runs}: no such folder; pass the OUT_DIR of benchmarks/dp_curve.sh, or OUT_DIR/site of "
+            "benchmarks/dp_denoise_pair.sh"
+        )
     found = collect(args.runs)
     if not found:
         raise SystemExit(f"{args.runs}: no finished DP run (NAME-epsE-seedS/metrics.json) in it")
