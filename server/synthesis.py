@@ -130,8 +130,11 @@ def fuse_round(
                 )
             if class_means is not None and part.site in class_means and mode in ("expected", "gaussian"):
                 shifted = recenter(layers["expected"], codes.labels, class_means[part.site])
-                gen = torch.Generator().manual_seed(seed_i)  # the public cell model around it, as `generate` draws
-                cells = shifted if mode == "expected" else gaussian_cells(torch.as_tensor(shifted), gen).numpy()
+                cells = (  # "gaussian": the public cell model around it, seeded as `generate` seeds it
+                    shifted
+                    if mode == "expected"
+                    else gaussian_cells(torch.as_tensor(shifted), torch.Generator().manual_seed(seed_i)).numpy()
+                )
             else:
                 cells = (
                     counts_X
