@@ -3,7 +3,7 @@ are made on its VALIDATION columns; the all-cells column, which includes test ce
 only).
 
     python benchmarks/decode_reference.py RUN_DIR [RUN_DIR ...] [--modes expected,counts] [--samples 10] [--draws 1]
-        [--weigh-draws] [--cache DIR]
+        [--weigh-draws] [--recenter MIN_CELLS] [--cache DIR]
 
 RUN_DIR is a finished ``scdd simulate`` run with one distillation round (its plan.json, config.json, metrics.json,
 pretrained/ and state/codes.npz); a DP run only without ``counts`` (its sites noised their library statistics, which
@@ -24,6 +24,10 @@ the run's evaluators (the run's MLP rule) trained on that set.
 ``--draws N`` averages every figure over N draws: the drawing modes decode their cells afresh each time (seeds
 seed + 10, + 11, ...) and the evaluators of every set train with seeds seed, seed + 1, ...: one draw of sampled cells
 moves the accuracy by about as much as the differences between modes do.
+
+``--recenter MIN_CELLS`` adds, for ``expected`` and ``gaussian``, the same cells moved onto each site's training-cell
+class means (classes of at least MIN_CELLS cells: what a site sends under the run config ``recenter``), once shifted
+and once scaled (``server.synthesis.recenter``).
 
 ``--weigh-draws`` fits the logistic regression on the drawing modes' cells with weight 1 / ``--samples`` per cell
 (``shared.evaluation.fit_logreg``'s sample_weight): its L2 penalty is fixed while its loss sums over rows, so ten
@@ -48,9 +52,10 @@ import torch
 
 from client.site import SiteData, cache_dir, load_site, resolve_source
 from server.run_store import RunStore
-from server.synthesis import DRAWING_MODES, SiteCodes, counts_available, fuse_round
+from server.synthesis import DRAWING_MODES, RecenterHow, SiteCodes, counts_available, fuse_round
 from shared.checkpoint import load_model
 from shared.counts import library_stats
+from shared.distill import class_gene_means
 from shared.evaluation import MLPTrainConfig, fit_logreg, marker_overlap, predict_mlp, train_mlp
 from shared.models import SCDG, VAE
 from shared.protocol import Plan
@@ -86,7 +91,15 @@ def _site_rows(site: SiteData, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.n
 Row = tuple[str, float, float, float, float, float]
 
 
-def study(run: Path, modes: list[str], samples: int, cache: Path, draws: int = 1, weigh: bool = False) -> list[Row]:
+def study(
+    run: Path,
+    modes: list[str],
+    samples: int,
+    cache: Path,
+    draws: int = 1,
+    weigh: bool = False,
+    recenter_min: int = 0,
+) -> list[Row]:
     """(set, marker overlap vs validation cells, vs all cells, zero fraction, MLP, LR) per set of one run, each the
     mean over ``draws`` draws of the drawing modes' cells and seeds of the evaluators (seed, seed + 1, ...);
     ``weigh``: the logistic regression weighs each drawn cell 1 / ``samples``."""
@@ -114,6 +127,7 @@ def study(run: Path, modes: list[str], samples: int, cache: Path, draws: int = 1
     n_classes = len(plan.classes)
     rng = np.random.default_rng(seed)
     parts: list[SiteCodes] = []
+    means: dict[str, np.ndarray] = {}
     train_X, train_y, few_X, few_y, val_X, val_y, all_X, all_y = ([] for _ in range(8))
     for partition in range(len(metrics["rounds"][-1]["sites"])):
         site = load_site(resolve_source({"partition-id": partition}, run_config), plan.spec, plan.genes, cache=cache)
@@ -131,6 +145,9 @@ def study(run: Path, modes: list[str], samples: int, cache: Path, draws: int = 1
             logger.warning(
                 "%s: site %s sent no codes (dropped from distillation); its cells are still scored", run, site.name
             )
+        if recenter_min:
+            # as a site sends them under recenter (client.tasks.distill_site), NaN rows as zero: left alone
+            means[site.name] = np.nan_to_num(class_gene_means(site.X[train], y[train], n_classes, recenter_min))
         train_X.append(site.X[train])
         train_y.append(y[train])
         picks = [
@@ -155,11 +172,15 @@ def study(run: Path, modes: list[str], samples: int, cache: Path, draws: int = 1
         f"real, {PER_CLASS} per class per site": (dense(few_X), np.concatenate(few_y)),
     }
     drawn: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [xy] for name, xy in sets.items()}
-    for mode in modes:
+    variants: list[tuple[str, dict[str, np.ndarray] | None, RecenterHow]] = [(m, None, "shift") for m in modes]
+    if recenter_min:
+        variants += [(m, means, how) for m in modes if m in ("expected", "gaussian") for how in ("shift", "scale")]
+    for mode, class_means, how in variants:
         if mode == "counts" and not counts_available(parts, vae):
             logger.warning("%s: no count input at every site, so no counts to decode; mode 'counts' skipped", run)
             continue
         label = mode if mode == "expected" else f"{mode}, {samples} per code" + (", weighted" if weigh else "")
+        label += f", recentred ({how})" if class_means is not None else ""
         drawn[label] = []
         for d in range(draws if mode in DRAWING_MODES else 1):  # a fresh draw of every cell each time
             fused = fuse_round(
@@ -172,6 +193,8 @@ def study(run: Path, modes: list[str], samples: int, cache: Path, draws: int = 1
                 mode=mode,  # type: ignore[arg-type]
                 seed=seed + 10 + d,
                 samples_per_code=samples,
+                class_means=class_means,
+                recenter_how=how,
             )
             drawn[label].append(
                 (
@@ -189,7 +212,7 @@ def study(run: Path, modes: list[str], samples: int, cache: Path, draws: int = 1
             axis=0,
         )
         # the evaluators' seed moves with each draw; a set that draws nothing is trained on again with the next seed
-        weight = 1.0 / samples if name.endswith(", weighted") else 1.0  # the drawing modes under --weigh-draws
+        weight = 1.0 / samples if ", weighted" in name else 1.0  # the drawing modes under --weigh-draws
         mlp, lr = np.mean(
             [_accuracy(*versions[d % len(versions)], val_set, n_classes, rule, seed + d, weight) for d in range(draws)],
             axis=0,
@@ -225,6 +248,14 @@ def main() -> None:
         action="store_true",
         help="the logistic regression weighs each cell of a drawing mode 1 / --samples (default: weight 1)",
     )
+    ap.add_argument(
+        "--recenter",
+        type=int,
+        default=0,
+        metavar="MIN_CELLS",
+        help="also decode expected / gaussian moved onto each site's training class means (classes of at least "
+        "MIN_CELLS cells), shifted and scaled (server.synthesis.recenter); default 0: not",
+    )
     ap.add_argument("--cache", type=Path, help="the sites' cache folder (default: the SuperNodes' default)")
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -249,7 +280,7 @@ def main() -> None:
     print("| run | set | markers vs validation cells | markers vs all cells | zero fraction | MLP | LR |")
     print("|---|---|---|---|---|---|---|")
     for run in args.runs:
-        rows = study(run, modes, args.samples, cache, args.draws, args.weigh_draws)
+        rows = study(run, modes, args.samples, cache, args.draws, args.weigh_draws, args.recenter)
         for name, ov_val, ov_all, zeros, mlp, lr in rows:
             print(
                 f"| {run.name} | {name} | {ov_val:.3f} | {ov_all:.3f} | {zeros:.3f} | {mlp:.3f} | {lr:.3f} |",

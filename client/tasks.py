@@ -21,11 +21,12 @@ from client.privacy import SiteDP
 from client.site import SiteData, SiteProfile, profile_of_site
 from shared.audit import audit
 from shared.checkpoint import build_model, load_state, state_of
-from shared.counts import library_stats
+from shared.counts import MIN_CELLS, library_stats
 from shared.distill import (
     ClassCounts,
     Codes,
     DistillConfig,
+    class_gene_means,
     distill_codes,
     resolve_gene_mean_weight,
     resolve_t_star,
@@ -313,6 +314,9 @@ def distill_site(
         report = privacy.report(b, dp)
     else:
         counts = np.bincount(y, minlength=n_classes).astype(np.int64)
+    if req.send_class_means and dp is not None:
+        msg = "refused under DP: class means leave a site only through its DP plan's release, not with the codes"
+        raise ProtocolError(msg)
     init = _warm_codes(req, y, vae.config.latent_dim, resolve_t_star(cfg, scdg.config.timesteps), cfg.guidance, given)
     t0 = time.perf_counter()
     codes = distill_codes(vae, scdg, X, y, cfg, init_codes=init, counts=given, gene_means=means)
@@ -338,6 +342,7 @@ def distill_site(
         seconds,
         library,
         privacy=report,
+        class_means=class_gene_means(X, y, n_classes, MIN_CELLS) if req.send_class_means else None,
     )
     seeds = None if init is not None or codes.seed_rows is None else idx[codes.seed_rows]
     return reply, seeds

@@ -120,6 +120,11 @@ class FederationConfig:
     # the site released, as denoised (post-processing: the decoder's error on that mean is taken out). Chosen on
     # validation cells: benchmarks/results/dp_curve.md
     dp_recenter: bool = True
+    # without DP, each site sends its training cells' per-class gene means with its codes (classes of at least
+    # shared.counts.MIN_CELLS cells; C x G floats) and its decoded cells of each class are shifted onto them (the shared
+    # decoder's error on a site's class mean taken out, the codes' spread kept). Chosen on validation cells:
+    # benchmarks/results/decode_screen.md
+    recenter: bool = True
     # server-side fine-tuning and evaluation models
     finetune_steps: int = 20
     finetune_lr: float = 1e-5

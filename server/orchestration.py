@@ -221,6 +221,22 @@ def _site_means(run: Run) -> dict[str, np.ndarray]:
     return run.dp_means
 
 
+def _sends_means(cfg: FederationConfig) -> bool:
+    """Whether the sites send their class means with their codes (recenter, without DP; under DP the means come from
+    the DP release only)."""
+    return cfg.recenter and cfg.dp_epsilon <= 0
+
+
+def _recentre_on(run: Run, parts: list[SiteCodes]) -> dict[str, np.ndarray] | None:
+    """Per site, the class means its decoded cells are shifted onto (``server.synthesis.recenter``; a zero row leaves
+    a class alone), or None: the denoised DP release (dp-recenter) or the means the sites sent (recenter)."""
+    if run.cfg.statistics_pretraining:
+        return _site_means(run) if run.cfg.dp_recenter else None
+    if not _sends_means(run.cfg):
+        return None
+    return {p.site: np.nan_to_num(p.class_means, nan=0.0) for p in parts if p.class_means is not None}
+
+
 def distill_config(cfg: FederationConfig) -> DistillConfig:
     """DistillConfig from the run config over the library's defaults (seed set per site later)."""
     over: dict[str, Any] = {
@@ -265,6 +281,7 @@ def distill(run: Run, rnd: int) -> list[SiteCodes]:
             warm_codes=last.codes if last is not None else None,
             warm_labels=last.labels.astype(np.int32) if last is not None else None,
             class_means=means.get(run.link.name(node)),
+            send_class_means=_sends_means(run.cfg),
         )
 
     def check(node: int, rd: RecordDict, wire: int) -> DistillReply:
@@ -297,6 +314,7 @@ def distill(run: Run, rnd: int) -> list[SiteCodes]:
             r.wire,
             r.payload.library,
             run.site_vectors.get(r.site) if run.cfg.site_covariate == "own" else None,
+            r.payload.class_means,
         )
         for r in replies
     ]
@@ -381,7 +399,8 @@ def run_round(run: Run, rnd: int) -> None:
         mode=mode,
         seed=run.cfg.seed + 10 * rnd,
         samples_per_code=run.cfg.samples_per_code,
-        class_means=_site_means(run) if run.cfg.dp_recenter else None,
+        class_means=_recentre_on(run, parts),
+        recenter_how="shift" if run.cfg.statistics_pretraining else "scale",
     )
     t1 = time.perf_counter()
     losses = finetune_generator(

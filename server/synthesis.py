@@ -7,7 +7,7 @@ import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import anndata as ad
 import numpy as np
@@ -51,6 +51,8 @@ class SiteCodes:
         None  # (C, 3) per-class library statistics (shared.counts); NaN rows without count input
     )
     site_vector: np.ndarray | None = None  # site-covariate "own": the site's VAE site vector its codes decode with
+    # recenter (without DP): (C, G) gene means of the site's training cells per class, NaN rows where it sent none
+    class_means: np.ndarray | None = None
 
 
 DRAWING_MODES = ("sample", "counts", "gaussian")  # decode modes that draw samples_per_code cells from every code
@@ -63,16 +65,32 @@ def counts_available(parts: Sequence[SiteCodes], vae: VAE) -> bool:
     )
 
 
-def recenter(X: np.ndarray, labels: np.ndarray, means: np.ndarray) -> np.ndarray:
-    """``X`` with each class's rows shifted so that their mean is that class's row of ``means`` (clipped to the
-    log-normalised range); a class whose row of ``means`` is all zero (its name was not released) is left alone."""
+RecenterHow = Literal["shift", "scale"]
+SCALE_CAP = 20.0  # "scale": no gene of a class is multiplied by more than this
+_FLAT = 1e-6  # "scale": a gene whose decoded class mean is at most this is shifted instead
+
+
+def recenter(X: np.ndarray, labels: np.ndarray, means: np.ndarray, how: RecenterHow = "shift") -> np.ndarray:
+    """``X`` with each class's rows moved so that their mean is that class's row of ``means`` (clipped to the
+    log-normalised range); a class whose row of ``means`` is all zero (its name was not released) is left alone.
+
+    "shift" adds the difference to every row; "scale" multiplies each gene's values by the ratio of the means (at most
+    ``SCALE_CAP``; a gene the decoder leaves at zero for the class is shifted), so that a zero stays a zero and a gene's
+    spread grows and shrinks with its mean.
+    """
     out = np.array(X, dtype=np.float32, copy=True)
     for c in np.unique(labels):
         target = np.asarray(means[c], dtype=np.float64)
         if not np.any(target > 0):
             continue
         rows = labels == c
-        out[rows] += (target - out[rows].mean(axis=0, dtype=np.float64)).astype(np.float32)
+        current = out[rows].mean(axis=0, dtype=np.float64)
+        if how == "shift":
+            out[rows] += (target - current).astype(np.float32)
+            continue
+        flat = current <= _FLAT
+        ratio = np.where(flat, 1.0, np.clip(target / np.maximum(current, _FLAT), 0.0, SCALE_CAP))
+        out[rows] = out[rows] * ratio.astype(np.float32) + np.where(flat, target - current, 0.0).astype(np.float32)
     return np.clip(out, 0.0, LOG_MAX)
 
 
@@ -88,6 +106,7 @@ def fuse_round(
     seed: int,
     samples_per_code: int = 1,
     class_means: Mapping[str, np.ndarray] | None = None,
+    recenter_how: RecenterHow = "shift",
 ) -> ad.AnnData:
     """Decode every site's codes with the generator they were made with and fuse them into one AnnData.
 
@@ -95,10 +114,11 @@ def fuse_round(
     decoder's expected expression (``layers["expected"]``); ``X`` holds what ``mode`` asks for, where
     "counts" (X = the sampled counts, log-normalised like the real cells) falls back to "expected"
     when counts are not available. The drawing modes (``DRAWING_MODES``) draw ``samples_per_code`` cells from every
-    code. ``class_means`` (per site, (C, G): the class means it released, as the coordinator denoised them; DP
-    statistics pretraining with ``dp-recenter``): in the "expected" and "gaussian" modes, each class's expected
-    expression is shifted onto its mean (``recenter``) before X is taken or drawn from it; ``layers["expected"]``
-    keeps the decoder's own.
+    code. ``class_means`` (per site, (C, G): the class means it released, as the coordinator denoised them under DP
+    statistics pretraining with ``dp-recenter``, or its training cells' means it sent with its codes under
+    ``recenter``; a zero row leaves its class alone): in the "expected" and "gaussian" modes, each class's expected
+    expression is moved onto its mean (``recenter``, as ``recenter_how`` says) before X is taken or drawn from it;
+    ``layers["expected"]`` keeps the decoder's own.
     """
     with_counts = counts_available(parts, vae)
     if mode == "counts" and not with_counts:
@@ -108,7 +128,8 @@ def fuse_round(
         )
         mode = "expected"
     repeat = samples_per_code if mode in DRAWING_MODES else 1
-    provenance = {**provenance, "decode": mode, "samples_per_code": repeat}
+    moved = recenter_how if class_means and mode in ("expected", "gaussian") else "off"
+    provenance = {**provenance, "decode": mode, "samples_per_code": repeat, "recenter": moved}
     pieces = []
     for i, part in enumerate(sorted(parts, key=lambda p: p.site)):
         seed_i = seed + 1000 * i
@@ -129,7 +150,7 @@ def fuse_round(
                     site_vae, latents(scdg, codes), codes.labels, library, seed=seed_i
                 )
             if class_means is not None and part.site in class_means and mode in ("expected", "gaussian"):
-                shifted = recenter(layers["expected"], codes.labels, class_means[part.site])
+                shifted = recenter(layers["expected"], codes.labels, class_means[part.site], recenter_how)
                 cells = (  # "gaussian": the public cell model around it, seeded as `generate` seeds it
                     shifted
                     if mode == "expected"

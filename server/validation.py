@@ -15,7 +15,9 @@ import numpy as np
 from flwr.app import RecordDict
 
 from server.privacy import check_report
+from shared.counts import MIN_CELLS
 from shared.errors import ProtocolError
+from shared.models.vae import LOG_MAX
 from shared.protocol import (
     DistillReply,
     DistillRequest,
@@ -43,10 +45,10 @@ class Decodable(Protocol):
 P = TypeVar("P", bound=Decodable)
 
 
-def distill_budget(k: int, n_classes: int, latent_dim: int) -> int:
-    """Most bytes a distill reply may occupy on the wire: k·C·d float32 values, C·3 library statistics, plus 4096
-    bytes."""
-    return (k * n_classes * latent_dim + n_classes * LIBRARY_STATS) * 4 + BUDGET_SLACK_BYTES
+def distill_budget(k: int, n_classes: int, latent_dim: int, n_genes: int = 0) -> int:
+    """Most bytes a distill reply may occupy on the wire: k·C·d float32 values, C·3 library statistics, C·``n_genes``
+    class means (when the request asked for them), plus 4096 bytes."""
+    return (k * n_classes * latent_dim + n_classes * (LIBRARY_STATS + n_genes)) * 4 + BUDGET_SLACK_BYTES
 
 
 def decode(content: RecordDict, payload: type[P]) -> P:
@@ -144,7 +146,7 @@ def validate_distill(
     """Codes (n, d) for classes the site reported, at most k (and at most its training cells) per class, counts of
     length C, within the byte budget."""
     n_classes, k = len(req.plan.classes), req.k
-    budget = distill_budget(k, n_classes, latent_dim)
+    budget = distill_budget(k, n_classes, latent_dim, len(req.plan.genes) if req.send_class_means else 0)
     if wire > budget:
         msg = f"distill reply is {wire} bytes, over the budget of {budget} (k·C·d·4 + {BUDGET_SLACK_BYTES})"
         raise ProtocolError(msg)
@@ -184,7 +186,32 @@ def validate_distill(
         msg = "library statistics from a site whose DP plan releases none (statistics pretraining): unbudgeted"
         raise ProtocolError(msg)
     _check_library(reply.library, counts)
+    _check_class_means(reply.class_means, counts, asked=req.send_class_means, n_genes=len(req.plan.genes))
     check_report(reply.privacy, dp_on=dp.enabled, target=dp.epsilon)
+
+
+def _check_class_means(means: np.ndarray | None, class_counts: np.ndarray, *, asked: bool, n_genes: int) -> None:
+    """Class means only when asked: a (C, G) matrix of complete rows within the log-normalised range, each for a class
+    of at least MIN_CELLS reported cells, NaN rows elsewhere."""
+    if means is None:
+        if asked:
+            msg = "the request asked for class means (recenter) and the reply has none"
+            raise ProtocolError(msg)
+        return
+    if not asked:
+        msg = "class means the request did not ask for: refused, they would leave the site unannounced"
+        raise ProtocolError(msg)
+    if means.shape != (class_counts.shape[0], n_genes):
+        msg = f"class means have shape {means.shape}, expected ({class_counts.shape[0]}, {n_genes}) (classes x genes)"
+        raise ProtocolError(msg)
+    given = np.isfinite(means)
+    rows = given.all(1)
+    if np.any(given.any(1) != rows) or np.any(rows & (class_counts < MIN_CELLS)):
+        msg = f"class means must be complete rows, and only for classes of at least {MIN_CELLS} training cells"
+        raise ProtocolError(msg)
+    if np.any(means[rows] < 0) or np.any(means[rows] > LOG_MAX):
+        msg = f"class means must lie within the log-normalised range [0, {LOG_MAX:.3f}]"
+        raise ProtocolError(msg)
 
 
 def _check_library(library: np.ndarray, class_counts: np.ndarray) -> None:

@@ -352,6 +352,17 @@ MEAN_BLOCK = (
 )
 
 
+def class_gene_means(X: sp.csr_matrix | np.ndarray, labels: np.ndarray, n_classes: int, min_cells: int) -> np.ndarray:
+    """(n_classes, G) float32 gene means of each class's rows of ``X``; NaN rows for classes of fewer than
+    ``min_cells`` rows (a mean of one or two cells comes close to describing them) and for absent classes."""
+    out = np.full((n_classes, X.shape[1]), np.nan, dtype=np.float32)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        if rows.size >= min_cells:
+            out[c] = _rows_mean(X, rows)
+    return out
+
+
 def _rows_mean(X: sp.csr_matrix | np.ndarray, rows: np.ndarray) -> np.ndarray:
     """(G,) float32 mean of the rows ``rows`` of X."""
     if rows.size <= MEAN_BLOCK:

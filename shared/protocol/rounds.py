@@ -78,6 +78,9 @@ class DistillRequest:
     # Under DP statistics pretraining: this site's released class means as the coordinator denoised them (alone or with
     # every site's, run config dp-denoise; shared.privacy.denoise); the objective matches them.
     class_means: np.ndarray | None = None  # float32 (C, G), non-negative
+    # Without DP, run config recenter: the site sends its training cells' per-class gene means with its codes (classes
+    # of at least shared.counts.MIN_CELLS cells), and the coordinator shifts its decoded cells of each class onto them.
+    send_class_means: bool = False
 
     def to_record(self) -> RecordDict:
         """Encode."""
@@ -88,6 +91,7 @@ class DistillRequest:
                 "scdg-config": self.scdg_config,
                 "seed": self.seed,
                 "warm-start": bool(self.warm_start),
+                "send-class-means": bool(self.send_class_means),
             }
         )
         rd = RecordDict(
@@ -124,7 +128,9 @@ class DistillRequest:
             + ([KEY_CLASS_MEANS] if means else []),
         )
         cfg = rd[KEY_CONFIG]
-        check_keys(cfg, {SCHEMA_KEY, "round", "vae-config", "scdg-config", "seed", "warm-start"}, where)
+        check_keys(
+            cfg, {SCHEMA_KEY, "round", "vae-config", "scdg-config", "seed", "warm-start", "send-class-means"}, where
+        )
         distill: dict[str, Any] = {k: v for k, v in rd[KEY_DISTILL].items() if k != SCHEMA_KEY}
         bad = [
             k
@@ -144,6 +150,7 @@ class DistillRequest:
             distill=distill,
             seed=get_value(cfg, "seed", int, where),
             warm_start=get_value(cfg, "warm-start", bool, where),
+            send_class_means=get_value(cfg, "send-class-means", bool, where),
             **(_warm_arrays(array_record(rd, KEY_WARM), where) if warm else {}),
             class_means=_class_means(array_record(rd, KEY_CLASS_MEANS), plan, where) if means else None,
         )
@@ -192,6 +199,9 @@ class DistillReply:
     # under DP: what the site's accountant says it spent over the run (PRIVACY_KEYS: epsilon, delta, noise multipliers;
     # "mechanisms": one line per release); None without DP
     privacy: Mapping[str, Any] | None = None
+    # when the request asked for them (send_class_means): float32 (C, G) per-class gene means of the site's training
+    # cells, NaN rows for classes of fewer than shared.counts.MIN_CELLS cells (and classes it does not have)
+    class_means: np.ndarray | None = None
 
     def to_record(self) -> RecordDict:
         """Encode."""
@@ -203,6 +213,8 @@ class DistillReply:
                 "library": Array(np.ascontiguousarray(self.library, np.float32)),
             }
         )
+        if self.class_means is not None:
+            arrays["class-means"] = Array(np.ascontiguousarray(self.class_means, np.float32))
         cfg: dict[str, Any] = {"round": self.round}
         metrics: dict[str, Any] = {"distill-seconds": float(self.distill_seconds)}
         if self.privacy is not None:
@@ -217,7 +229,10 @@ class DistillReply:
         check_records(rd, where, configs=[KEY_CONFIG], arrays=[KEY_CODES], metrics=[KEY_METRICS])
         private = "dp-mechanisms" in rd[KEY_CONFIG]
         check_keys(rd[KEY_CONFIG], {SCHEMA_KEY, "round", *(["dp-mechanisms"] if private else [])}, where)
-        check_keys(rd[KEY_CODES], {"codes", "labels", "class-counts", "library"}, where)
+        means = "class-means" in rd[KEY_CODES]
+        check_keys(
+            rd[KEY_CODES], {"codes", "labels", "class-counts", "library", *(["class-means"] if means else [])}, where
+        )
         check_keys(
             rd[KEY_METRICS], {"distill-seconds", *([f"dp-{_wire(k)}" for k in PRIVACY_KEYS] if private else [])}, where
         )
@@ -243,6 +258,11 @@ class DistillReply:
             distill_seconds=get_value(rd[KEY_METRICS], "distill-seconds", float, where),
             library=library,
             privacy=report,
+            class_means=(
+                get_array(array_record(rd, KEY_CODES), "class-means", "float32", 2, where, allow_nan=True)
+                if means
+                else None
+            ),
         )
 
 

@@ -108,6 +108,30 @@ def test_distill_returns_k_codes_per_class_and_warm_starts_from_codes_the_server
     assert DistillReply.from_record(_send(other_k.to_record(), "train.distill", ctx)).codes.shape == (9, 8)
 
 
+def test_distill_sends_its_training_class_means_only_when_asked(ctx: Context, plan: Plan) -> None:
+    """recenter: the reply carries each plan class's gene means over the site's training cells; without the request's
+    flag it carries none."""
+    vae, scdg = fresh_models(plan, latent_dim=8, seed=0)
+    args = (state_of(vae), model_json(vae), state_of(scdg), model_json(scdg), plan)
+    plain = DistillReply.from_record(
+        _send(DistillRequest(1, *args, {"k": 2, "iterations": 0}, 3).to_record(), "train.distill", ctx)
+    )
+    assert plain.class_means is None
+    req = DistillRequest(1, *args, {"k": 2, "iterations": 0}, 3, send_class_means=True)
+    reply = DistillReply.from_record(_send(req.to_record(), "train.distill", ctx))
+    site = site_mod.load_site(
+        site_mod.resolve_source(ctx.node_config, ctx.run_config),
+        plan.spec,
+        plan.genes,
+        cache=site_mod.cache_dir(ctx.node_config),
+    )
+    idx, y = tasks._train_rows(site, plan)
+    X = np.asarray(site.X[idx].toarray() if hasattr(site.X[idx], "toarray") else site.X[idx], np.float64)
+    expected = np.stack([X[y == c].mean(0) for c in range(3)])
+    assert reply.class_means is not None and reply.class_means.shape == (3, len(plan.genes))
+    assert np.all(np.bincount(y, minlength=3) >= 5) and np.allclose(reply.class_means, expected, atol=1e-5)
+
+
 def test_evaluate_scores_models_on_held_out_cells(ctx: Context, plan: Plan, monkeypatch: pytest.MonkeyPatch) -> None:
     from server.synthesis import train_evaluators
     from shared import evaluation

@@ -180,6 +180,10 @@ def test_objectives_that_read_cells_are_refused_under_dp(site: SiteData, tmp_pat
     req = DistillRequest(1, *_models(unbudgeted), unbudgeted, {"k": 10, "iterations": 1}, 3)
     with pytest.raises(ProtocolError, match="did not budget"):
         tasks.distill_site(site, req, _dp(tmp_path, unbudgeted.spec.dp))
+    # recenter's plain class means would bypass the DP release
+    req = DistillRequest(1, *_models(plan), plan, {"k": 10, "iterations": 1}, 3, send_class_means=True)
+    with pytest.raises(ProtocolError, match="only through its DP plan's release"):
+        tasks.distill_site(site, req, _dp(tmp_path))
 
 
 def test_the_class_means_release_is_the_one_distillation_matches(site: SiteData, tmp_path: Path) -> None:

@@ -24,7 +24,15 @@ from server.validation import distill_budget
 from shared.audit import AUDIT_KEYS
 from shared.checkpoint import load_model, model_hash
 from shared.pretrain import latent_dim_for
-from shared.protocol import MSG_DISTILL, MSG_EVALUATE, MSG_PRETRAIN, MSG_PROFILE, DistillRequest, ProfileReply
+from shared.protocol import (
+    MSG_DISTILL,
+    MSG_EVALUATE,
+    MSG_PRETRAIN,
+    MSG_PROFILE,
+    DistillReply,
+    DistillRequest,
+    ProfileReply,
+)
 from shared.protocol.codec import KEY_CODES, KEY_CONFIG, KEY_METRICS, KEY_STATS, KEY_WEIGHTS
 
 KANG = {
@@ -117,6 +125,37 @@ def test_kang_accuracy_is_well_above_chance_and_round_2_holds(kang: tuple[InProc
     assert acc[1] >= acc[0] - 0.06, acc  # round-to-round noise on kang is about +-0.04 (different code draws)
     assert set(metrics["rounds"][0]["sites"]) == {"ctrl101", "ctrl107", "stim101", "stim107"}
     assert not metrics["dropped"]
+
+
+def test_decoded_cells_of_each_site_and_class_average_to_the_class_mean_it_sent(
+    kang: tuple[InProcessGrid, Path, list[str]],
+) -> None:
+    """recenter (default true): a site's synthetic cells of a class are shifted onto the training-cell mean the site
+    sent with its codes; layers["expected"] keeps the decoder's own expression, which is farther from it."""
+    grid, run_dir, _ = kang
+    sent = {}
+    for ex in grid.log:
+        if ex.message_type == MSG_DISTILL and ex.reply is not None:
+            reply = DistillReply.from_record(ex.reply.content)
+            if reply.round == 2:
+                sent[ex.node_id] = reply.class_means
+    synth = ad.read_h5ad(run_dir / "synthetic.h5ad")
+    assert json.loads(synth.uns["fedscdd"]["provenance_json"])["decode"] == "expected"
+    X, expected = synth.X.toarray(), synth.layers["expected"].toarray()
+    sites, labels = synth.obs["site"].to_numpy(), synth.obs["cell_type"].cat.codes.to_numpy()
+    names = {
+        e.node_id: ProfileReply.from_record(e.reply.content).site_name
+        for e in grid.log
+        if e.message_type == MSG_PROFILE and e.reply is not None
+    }
+    gaps = []
+    for node, means in sent.items():
+        assert means is not None
+        for c in np.unique(labels[sites == names[node]]):
+            rows = (sites == names[node]) & (labels == c)
+            assert np.isfinite(means[c]).all()  # every kang class has >= 5 training cells at every site
+            gaps.append((np.abs(X[rows].mean(0) - means[c]).mean(), np.abs(expected[rows].mean(0) - means[c]).mean()))
+    assert len(gaps) == 4 * 5 and all(x < 0.02 and x < 0.5 * e for x, e in gaps), gaps
 
 
 def test_sites_report_validation_scores_and_the_privacy_audit(kang: tuple[InProcessGrid, Path, list[str]]) -> None:
@@ -227,9 +266,10 @@ def test_privacy_nothing_cell_level_leaves_a_site(
         elif ex.message_type == MSG_DISTILL:
             assert set(content.keys()) == {KEY_CONFIG, KEY_CODES, KEY_METRICS}
             arrays = content[KEY_CODES]
-            assert set(arrays.keys()) == {"codes", "labels", "class-counts", "library"}
+            assert set(arrays.keys()) == {"codes", "labels", "class-counts", "library", "class-means"}  # recenter
             assert arrays["codes"].numpy().shape[1] == d and arrays["class-counts"].numpy().shape == (n_classes,)
             assert arrays["library"].numpy().shape == (n_classes, 3)  # per-class aggregates, never per cell
+            assert arrays["class-means"].numpy().shape == (n_classes, n_genes)
             assert n_genes not in arrays["codes"].numpy().shape  # no expression rows
             rnd = int(content[KEY_CONFIG]["round"])
             distill_bytes[(ex.node_id, rnd)] = distill_bytes.get((ex.node_id, rnd), 0) + _wire(content)
@@ -242,7 +282,7 @@ def test_privacy_nothing_cell_level_leaves_a_site(
             assert ex.message_type == MSG_EVALUATE and set(content.keys()) == {KEY_CONFIG, KEY_METRICS}
             assert all(not isinstance(v, list) or len(v) == n_classes for v in content[KEY_METRICS].values())
     assert len(distill_bytes) == 4 * 2
-    assert max(distill_bytes.values()) <= distill_budget(K, n_classes, d)
+    assert max(distill_bytes.values()) <= distill_budget(K, n_classes, d, n_genes)
     assert not any(name in line for line in logs for name in list(obs_names)[:200])
 
 

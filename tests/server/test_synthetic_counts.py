@@ -105,6 +105,42 @@ def test_recentering_moves_each_class_of_a_site_onto_the_mean_it_released() -> N
     assert float(np.abs(drawn.layers["expected"].toarray()[rows].mean(0) - means["site-a"][0]).mean()) > 0.3
 
 
+def test_scaling_moves_each_class_onto_its_mean_and_keeps_zeros_and_relative_spread() -> None:
+    """recenter (without DP): each gene of a class is multiplied by target / decoded mean (capped), a zero stays a
+    zero, the coefficient of variation is kept; a gene the decoder leaves at zero is shifted to its target."""
+    from server.synthesis import SCALE_CAP, recenter
+
+    rng = np.random.default_rng(0)
+    X = rng.uniform(0.5, 1.5, (12, 6)).astype(np.float32)
+    X[0, 1] = 0.0
+    X[:6, 4] = 0.0  # class 0: the decoder leaves gene 4 at zero
+    X[:6, 5] = 0.01  # class 0: a tiny gene whose target asks for more than the cap
+    labels = np.repeat([0, 1], 6)
+    means = np.stack([np.full(6, 2.0), np.zeros(6)]).astype(np.float32)  # class 1 released nothing: left alone
+    out = recenter(X, labels, means, "scale")
+    assert np.allclose(out[:6, :4].mean(0), 2.0, atol=1e-5) and out[0, 1] == 0.0
+    cv = lambda a: a.std(0) / a.mean(0)  # noqa: E731
+    assert np.allclose(cv(out[:6, :4]), cv(X[:6, :4]), atol=1e-5)
+    assert np.allclose(out[:6, 4], 2.0) and np.allclose(out[:6, 5], 0.01 * SCALE_CAP)
+    assert np.array_equal(out[6:], X[6:])
+    shifted = recenter(X, labels, means, "shift")  # the DP path's form: same means, spread unchanged, zeros move
+    assert np.allclose(shifted[:6, :4].mean(0), 2.0, atol=1e-5) and shifted[0, 1] > 0
+    vae, scdg = _models()
+    fused = fuse_round(
+        _parts(),
+        vae,
+        scdg,
+        PLAN,
+        round_=1,
+        provenance={},
+        mode="expected",
+        seed=3,
+        class_means={"site-a": np.full((CLASSES, GENES), 1.0, np.float32)},
+        recenter_how="scale",
+    )
+    assert '"recenter": "scale"' in fused.uns["fedscdd"]["provenance_json"]
+
+
 def test_without_count_input_at_a_site_there_are_no_counts_and_x_falls_back(caplog: pytest.LogCaptureFixture) -> None:
     vae, scdg = _models()
     parts = _parts(np.full((CLASSES, 3), np.nan, np.float32))  # site-b holds log-normalised data only

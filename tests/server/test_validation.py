@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -394,3 +395,42 @@ def test_control_variates_must_come_back_exactly_when_sent_and_fit_the_sent_ones
         validate_pretrain(reply({"w": control["w"]}), req, latent_dim=D)
     with pytest.raises(ProtocolError, match="control-variate weights"):
         validate_pretrain(reply({"w": np.zeros((3, 2), np.float32), "b": control["b"]}), req, latent_dim=D)
+
+
+MEANS = np.array([[0.5, 1.0, 0.0], [2.0, 0.1, 0.3], [np.nan] * 3], np.float32)  # classes B, T (5 cells each); no mono
+
+
+def _with_means(means: np.ndarray | None, counts: tuple[int, ...] = (5, 5, 0)) -> DistillReply:
+    codes = np.arange(16, dtype=np.float32).reshape(4, D) / 16
+    return DistillReply(1, codes, np.array([0, 0, 1, 1], np.int32), np.array(counts), 0.5, LIBRARY, class_means=means)
+
+
+def test_class_means_pass_only_when_asked_for_and_only_for_classes_of_enough_cells() -> None:
+    """recenter: a site's class means come back decoded intact; they are refused unasked, missing when asked, for a
+    class under shared.counts.MIN_CELLS (5) cells, as partial rows, outside the log-normalised range or misshaped."""
+    asked = dataclasses.replace(DREQ, send_class_means=True)
+
+    def check(reply: DistillReply, req: DistillRequest = asked) -> None:
+        rd = reply.to_record()
+        back = decode(rd, DistillReply)
+        validate_distill(back, req, latent_dim=D, site_classes=SITE_CLASSES, wire=wire_bytes(rd))
+
+    back = decode(_with_means(MEANS).to_record(), DistillReply)
+    assert back.class_means is not None and np.array_equal(back.class_means, MEANS, equal_nan=True)
+    check(_with_means(MEANS))
+    check(_with_means(np.full((3, 3), np.nan, np.float32)))  # every class too small: nothing to shift
+    assert wire_bytes(_with_means(MEANS).to_record()) <= distill_budget(K, 3, D, n_genes=3)
+    bad = {
+        "the request did not ask": (_with_means(MEANS), DREQ),
+        "asked for class means": (_with_means(None), asked),
+        "at least 5 training cells": (_with_means(MEANS, counts=(5, 4, 0)), asked),
+        "complete rows": (_with_means(np.array([[0.5, np.nan, 0.0], *MEANS[1:]], np.float32)), asked),
+        "log-normalised range": (_with_means(np.array([[0.5, 12.0, 0.0], *MEANS[1:]], np.float32)), asked),
+        "negative": (_with_means(np.array([[-0.5, 1.0, 0.0], *MEANS[1:]], np.float32)), asked),
+        "expected (3, 3)": (_with_means(MEANS[:, :2]), asked),
+    }
+    for reason, (reply, req) in bad.items():
+        with pytest.raises(ProtocolError, match=re.escape(reason if reason != "negative" else "log-normalised range")):
+            check(reply, req)
+    request = decode(asked.to_record(), DistillRequest)
+    assert request.send_class_means and not decode(DREQ.to_record(), DistillRequest).send_class_means

@@ -265,3 +265,15 @@ def test_a_large_class_mean_is_summed_in_blocks_to_the_same_value(monkeypatch) -
     assert np.allclose(distill._rows_mean(X, rows), whole, rtol=1e-5) and np.allclose(
         whole, X[rows].toarray().mean(0), rtol=1e-5
     )
+
+
+def test_class_gene_means_leave_out_classes_of_too_few_cells() -> None:
+    """recenter's class means: each class's mean over its rows, NaN rows for a class under min_cells or absent."""
+    from shared.distill import class_gene_means
+
+    rng = np.random.default_rng(0)
+    X = rng.random((12, 4)).astype(np.float32)
+    labels = np.array([0] * 6 + [2] * 4 + [3] * 2)
+    means = class_gene_means(X, labels, 5, min_cells=4)
+    assert np.allclose(means[0], X[:6].mean(0)) and np.allclose(means[2], X[6:10].mean(0))
+    assert np.isnan(means[[1, 3, 4]]).all()  # absent, 2 cells, absent
