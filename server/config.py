@@ -121,8 +121,8 @@ class FederationConfig:
     # validation cells: benchmarks/results/dp_curve.md
     dp_recenter: bool = True
     # without DP, each site sends its training cells' per-class gene means with its codes (classes of at least
-    # shared.counts.MIN_CELLS cells; C x G floats) and its decoded cells of each class are shifted onto them (the shared
-    # decoder's error on a site's class mean taken out, the codes' spread kept). Chosen on validation cells:
+    # shared.counts.MIN_CELLS cells; C x G floats) and its decoded cells of each class are scaled onto them (the shared
+    # decoder's error on a site's class mean taken out, each gene's spread scaled with it). Chosen on validation cells:
     # benchmarks/results/decode_screen.md
     recenter: bool = True
     # server-side fine-tuning and evaluation models

@@ -228,7 +228,7 @@ def _sends_means(cfg: FederationConfig) -> bool:
 
 
 def _recentre_on(run: Run, parts: list[SiteCodes]) -> dict[str, np.ndarray] | None:
-    """Per site, the class means its decoded cells are shifted onto (``server.synthesis.recenter``; a zero row leaves
+    """Per site, the class means its decoded cells are moved onto (``server.synthesis.recenter``; a zero row leaves
     a class alone), or None: the denoised DP release (dp-recenter) or the means the sites sent (recenter)."""
     if run.cfg.statistics_pretraining:
         return _site_means(run) if run.cfg.dp_recenter else None

@@ -79,7 +79,7 @@ class DistillRequest:
     # every site's, run config dp-denoise; shared.privacy.denoise); the objective matches them.
     class_means: np.ndarray | None = None  # float32 (C, G), non-negative
     # Without DP, run config recenter: the site sends its training cells' per-class gene means with its codes (classes
-    # of at least shared.counts.MIN_CELLS cells), and the coordinator shifts its decoded cells of each class onto them.
+    # of at least shared.counts.MIN_CELLS cells), and the coordinator moves its decoded cells of each class onto them.
     send_class_means: bool = False
 
     def to_record(self) -> RecordDict:
